@@ -1,0 +1,45 @@
+"""lp_plugin: offload decoder layers of a Hugging Face causal LM to pinned host memory or disk
+and bring them back through residual hooks, exactly (alpha=1) or as a scaled residual (alpha<1).
+
+This module stays cheap to import: torch, transformers and accelerate are imported only when one
+of the public functions below is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily on first attribute access)
+_LAZY = {
+    "attach": "lp_plugin.engine",
+    "session": "lp_plugin.engine",
+    "get_handle": "lp_plugin.engine",
+    "OffloadHandle": "lp_plugin.engine",
+    "from_pretrained": "lp_plugin.loading",
+    "residual_offload_device_map": "lp_plugin.devicemap",
+    "resolve_layers": "lp_plugin.specs",
+    "OffloadPolicy": "lp_plugin.specs",
+    "Tier": "lp_plugin.tiers",
+    "LPPluginError": "lp_plugin.errors",
+    "OffloadSpecError": "lp_plugin.errors",
+    "OffloadFileError": "lp_plugin.errors",
+    "OffloadResourceError": "lp_plugin.errors",
+    "AttachError": "lp_plugin.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lp_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

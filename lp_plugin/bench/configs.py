@@ -1,0 +1,150 @@
+"""The ``--configs`` grammar of lp-bench (pure Python, no torch).
+
+    baseline[:new=N]                          the plain model
+    accelerate_cpu[:SPEC][:new=N]             Accelerate's dispatch_model with SPEC's layers on "cpu" (the peer)
+    MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold]
+                                              lp_plugin.attach(offload=SPEC, tier=TIER, mode=MODE, ...)
+
+MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
+``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
+``--new`` for that config (slow peers); ``cold`` drops the page cache of the offload files before
+every timed part (disk tier: cold-cache figures). Configs are separated by commas; a comma inside a
+layer list is fine (``stream:2,4,6:cpu``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+HEADS = ("baseline", "accelerate_cpu", "session", "stream")
+_DEFAULT_TIERS = ("cpu", "disk")
+
+
+class ConfigError(ValueError):
+    """A config string lp-bench cannot read."""
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    kind: str  # baseline | accelerate_cpu | lp
+    mode: str | None = None
+    spec: str | None = None
+    tier: str | None = None
+    alpha: float = 1.0
+    prefetch: int = 1
+    new: int | None = None
+    cold: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @property
+    def key(self) -> str:
+        """A file-system friendly name."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.name)
+
+
+def _tier_names() -> tuple:
+    try:
+        from lp_plugin.plugins import tier_names
+
+        names = tuple(tier_names())
+        return names or _DEFAULT_TIERS
+    except Exception:  # the plugin registry is not importable yet: fall back to the built-ins
+        return _DEFAULT_TIERS
+
+
+def split_configs(text: str) -> list:
+    """Split a ``--configs`` value on commas, gluing back commas that sit inside a layer list."""
+    pieces = [p.strip() for p in text.split(",")]
+    out: list = []
+    for piece in pieces:
+        if not piece:
+            continue
+        head = piece.split(":", 1)[0]
+        if head in HEADS or not out:
+            out.append(piece)
+        else:
+            out[-1] = out[-1] + "," + piece
+    return out
+
+
+def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
+    for opt in options:
+        if opt == "cold":
+            cfg.cold = True
+            continue
+        if "=" not in opt:
+            raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are alpha=A, prefetch=N, new=N, cold")
+        key, value = (s.strip() for s in opt.split("=", 1))
+        try:
+            if key == "alpha":
+                cfg.alpha = float(value)
+                if not 0.0 <= cfg.alpha <= 1.0:
+                    raise ValueError
+            elif key == "prefetch":
+                cfg.prefetch = int(value)
+                if cfg.prefetch < 0:
+                    raise ValueError
+            elif key == "new":
+                cfg.new = int(value)
+                if cfg.new < 1:
+                    raise ValueError
+            else:
+                raise ConfigError(f"unknown option {key!r} in config {text!r}; options are alpha=A, prefetch=N, new=N, cold")
+        except ValueError:
+            raise ConfigError(f"bad value {value!r} for {key} in config {text!r} (alpha in [0,1], prefetch >= 0, new >= 1)") from None
+    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold):
+        raise ConfigError(f"config {text!r}: alpha, prefetch and cold apply to session/stream configs only")
+
+
+def parse_config(text: str, tiers=None) -> BenchConfig:
+    """Parse one config string. Raises :class:`ConfigError` saying how to write it."""
+    text = text.strip()
+    tiers = tuple(tiers) if tiers is not None else _tier_names()
+    tokens = text.split(":")
+    head = tokens[0]
+    if head == "baseline":
+        cfg = BenchConfig(name=text, kind="baseline")
+        _apply_options(cfg, tokens[1:], text)
+        return cfg
+    if head == "accelerate_cpu":
+        rest = tokens[1:]
+        spec_tokens = [t for t in rest if "=" not in t and t != "cold"]
+        options = [t for t in rest if "=" in t or t == "cold"]
+        spec = ":".join(spec_tokens) or "even"
+        cfg = BenchConfig(name=text, kind="accelerate_cpu", spec=spec, tier="cpu")
+        _apply_options(cfg, options, text)
+        return cfg
+    if head in ("session", "stream"):
+        tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
+        if tier_at is None:
+            raise ConfigError(
+                f"config {text!r} names no tier; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], TIER one of {', '.join(tiers)}"
+            )
+        spec = ":".join(tokens[1:tier_at]).strip()
+        if not spec:
+            raise ConfigError(f"config {text!r} has an empty offload spec; e.g. {head}:even:{tokens[tier_at]}")
+        cfg = BenchConfig(name=text, kind="lp", mode=head, spec=spec, tier=tokens[tier_at])
+        _apply_options(cfg, tokens[tier_at + 1:], text)
+        return cfg
+    raise ConfigError(
+        f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], or MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
+        "with MODE session or stream (e.g. stream:even:cpu)"
+    )
+
+
+def parse_configs(text: str, tiers=None) -> list:
+    configs = [parse_config(piece, tiers) for piece in split_configs(text)]
+    if not configs:
+        raise ConfigError("--configs is empty; e.g. --configs baseline,session:even:cpu,stream:even:cpu")
+    names = [c.name for c in configs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"config(s) {dupes} listed twice")
+    return configs

@@ -1,0 +1,169 @@
+"""One flat byte buffer per offloaded layer, and bindings of a layer's tensors to views of it.
+
+A layer's *slots* are every tensor its forward reads: parameters, buffers and, for bitsandbytes
+4-bit weights, the tensors inside each ``QuantState`` (absmax, code, offset, nested state2).
+Its *layout* gives each slot an offset in one flat ``uint8`` buffer (256-byte aligned), so a layer
+moves host<->device as one contiguous copy. A *binding* points every slot at views of one such
+buffer (pinned host, GPU ring slot, session buffer, or the meta device) by swapping
+``param.data`` / buffers / quant states in place: the module objects never change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 256
+
+_QS_TENSORS = ("absmax", "code", "offset")
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # e.g. "mlp.up_proj.weight" or "mlp.up_proj.weight.quant_state.state2.absmax"
+    dtype: torch.dtype
+    shape: tuple
+    offset: int  # bytes into the flat buffer
+    nbytes: int
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _quant_state(param):
+    return getattr(param, "quant_state", None)
+
+
+def _qs_tensor_paths(qs, prefix=""):
+    """Yield (path, tensor) for the tensors of a bitsandbytes QuantState (recursing into state2)."""
+    for name in _QS_TENSORS:
+        t = getattr(qs, name, None)
+        if isinstance(t, torch.Tensor):
+            yield prefix + name, t
+    state2 = getattr(qs, "state2", None)
+    if state2 is not None:
+        yield from _qs_tensor_paths(state2, prefix + "state2.")
+
+
+class LayerSlots:
+    """The tensors of one decoder layer and where each one lives in the layer's flat buffer.
+
+    ``source`` optionally maps parameter/buffer keys to tensors holding the real values when the
+    module's own are placeholders (an Accelerate-offloaded layer keeps its params on ``meta`` and
+    the values in the hook's ``weights_map``)."""
+
+    def __init__(self, layer: torch.nn.Module, source=None):
+        self.layer = layer
+        self.params = []  # (module, name, key)
+        self.buffers = []  # (module, name, key)
+        self.qstates = []  # (module, name, key) of parameters that carry a QuantState
+        entries, offset = [], 0
+        self._tensors = {}
+
+        def add(key, t):
+            nonlocal offset
+            nbytes = t.numel() * t.element_size()
+            entries.append(Entry(key, t.dtype, tuple(t.shape), offset, nbytes))
+            self._tensors[key] = t
+            offset += _align(nbytes)
+
+        for mod_name, module in layer.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                key = f"{mod_name}.{name}" if mod_name else name
+                t = source[key] if source is not None and key in source else p
+                self.params.append((module, name, key))
+                add(key, t.detach())
+                qs = _quant_state(p)
+                if qs is not None:
+                    self.qstates.append((module, name, key))
+                    for path, qt in _qs_tensor_paths(qs):
+                        add(f"{key}.quant_state.{path}", qt)
+            for name, b in module.named_buffers(recurse=False):
+                if b is None:
+                    continue
+                key = f"{mod_name}.{name}" if mod_name else name
+                t = source[key] if source is not None and key in source else b
+                self.buffers.append((module, name, key))
+                add(key, t)
+        self.entries = tuple(entries)
+        self.nbytes = offset
+        # the QuantState objects as they were at attach time (restored by every binding)
+        self._orig_qs = {key: _quant_state(getattr(m, n)) for m, n, key in self.qstates}
+
+    # ------------------------------------------------------------------ packing
+    def layout_json(self) -> list:
+        return [e.to_json() for e in self.entries]
+
+    def pack_into(self, flat: torch.Tensor) -> None:
+        """Copy the layer's current values into ``flat`` (a uint8 tensor of ``nbytes``)."""
+        for e in self.entries:
+            src = self._tensors[e.key]
+            view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
+
+    def release_sources(self) -> None:
+        """Drop references to the source tensors (after they are packed), so their memory can go."""
+        self._tensors = {}
+
+    # ------------------------------------------------------------------ binding
+    def binding(self, flat: torch.Tensor | None, device=None) -> "Binding":
+        """Views of ``flat`` for every slot. With ``flat=None``: placeholders on ``device`` that own
+        no memory (one element expanded to the shape), for layers whose bytes live only on disk."""
+        views = {}
+        for e in self.entries:
+            if flat is None:
+                views[e.key] = torch.zeros((), dtype=e.dtype, device=device).expand(e.shape)
+            else:
+                views[e.key] = view(flat, e)
+        qstates = {}
+        for module, name, key in self.qstates:
+            qstates[key] = _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.")
+        return Binding(self, views, qstates)
+
+
+def _rebind_quant_state(qs, views, prefix):
+    new = copy.copy(qs)
+    for name in _QS_TENSORS:
+        if isinstance(getattr(qs, name, None), torch.Tensor):
+            setattr(new, name, views[prefix + name])
+    if getattr(qs, "state2", None) is not None:
+        new.state2 = _rebind_quant_state(qs.state2, views, prefix + "state2.")
+    return new
+
+
+def view(flat: torch.Tensor, e: Entry) -> torch.Tensor:
+    """A typed view of one entry inside a flat uint8 buffer."""
+    raw = flat[e.offset : e.offset + e.nbytes]
+    if e.nbytes == 0:
+        return torch.empty(e.shape, dtype=e.dtype, device=flat.device)
+    return raw.view(e.dtype).view(e.shape)
+
+
+class Binding:
+    """A precomputed assignment of a layer's slots to one set of views; ``apply()`` is the hot path."""
+
+    __slots__ = ("pairs", "buffers", "qpairs", "views")
+
+    def __init__(self, slots: LayerSlots, views: dict, qstates: dict):
+        self.views = views
+        self.pairs = [(m._parameters[n], views[k]) for m, n, k in slots.params]
+        self.buffers = [(m._buffers, n, views[k]) for m, n, k in slots.buffers]
+        self.qpairs = []
+        for m, n, k in slots.qstates:
+            self.qpairs.append((m, m._parameters[n], qstates[k]))
+
+    def apply(self) -> None:
+        for p, v in self.pairs:
+            p.data = v
+        for bufs, n, v in self.buffers:
+            bufs[n] = v
+        for module, p, qs in self.qpairs:
+            p.quant_state = qs
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = qs

@@ -1,0 +1,152 @@
+"""``lp_plugin.from_pretrained``: load a checkpoint straight into the offloaded layout.
+
+The model is loaded with an Accelerate device map that puts the resident modules on the main
+device and the offloaded layers in host memory, so peak GPU memory while loading is the resident
+part (plus one layer for NF4, see below), never the whole model; then :func:`lp_plugin.attach`
+takes the offloaded layers over from Accelerate into their tier.
+
+bitsandbytes 4-bit: transformers keeps host-mapped layers unquantized, so each offloaded layer is
+quantized here on the main device, one layer at a time, by the same ``Params4bit(...).to(device)``
+call transformers uses for resident layers (same bytes as a plain 4-bit load), then packed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from .errors import OffloadSpecError
+from .specs import PROTECT_FIRST, PROTECT_LAST, resolve_layers, validate_alpha, validate_mode, validate_prefetch
+
+log = logging.getLogger("lp_plugin")
+
+_CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
+
+
+def from_pretrained(
+    name_or_path,
+    offload="even",
+    tier: str = "cpu",
+    mode: str = "session",
+    alpha: float = 1.0,
+    offload_folder=None,
+    prefetch: int = 1,
+    protect_first: int = PROTECT_FIRST,
+    protect_last: int = PROTECT_LAST,
+    main_device=None,
+    **hf_kwargs,
+):
+    """Load ``name_or_path`` with ``AutoModelForCausalLM`` into the offloaded layout and attach.
+
+    ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``quantization_config``,
+    ``attn_implementation``, ...). The device map is built here: pass ``main_device`` (default
+    ``cuda:0`` if there is a GPU, else ``cpu``) rather than ``device_map``. Returns the model; its
+    handle is ``lp_plugin.get_handle(model)``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .devicemap import residual_offload_device_map
+    from .engine import attach
+    from .plugins import get_tier_class
+
+    # fail fast, before any weight is read
+    alpha = validate_alpha(alpha)
+    validate_mode(mode)
+    validate_prefetch(prefetch)
+    get_tier_class(tier)
+    if tier == "disk" and offload_folder is None:
+        raise OffloadSpecError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
+    if "device_map" in hf_kwargs:
+        raise OffloadSpecError(
+            "lp_plugin.from_pretrained builds the device map itself; drop device_map= and pass main_device= "
+            "(or load the model yourself and call lp_plugin.attach(model, ...))"
+        )
+    if main_device is None:
+        main_device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    main = torch.device(main_device)
+    if main.type == "cuda" and main.index is None:
+        main = torch.device("cuda", 0)
+    map_device = main.index if main.type == "cuda" else "cpu"
+
+    config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
+    device_map = residual_offload_device_map(config, offload, "cpu", map_device, protect_first, protect_last)
+    from .arch import num_layers_of
+
+    layers = resolve_layers(offload, num_layers_of(config), protect_first, protect_last)
+    qconfig = hf_kwargs.get("quantization_config")
+    quantize_here = qconfig is not None and getattr(qconfig, "load_in_4bit", False) and main.type == "cuda" and layers
+    if quantize_here:
+        user_qconfig = qconfig
+        qconfig = copy.deepcopy(qconfig)
+        qconfig.llm_int8_enable_fp32_cpu_offload = True
+        hf_kwargs = dict(hf_kwargs, quantization_config=qconfig)
+    elif qconfig is not None and getattr(qconfig, "load_in_8bit", False):
+        raise OffloadSpecError("8-bit (load_in_8bit) models are not supported; use load_in_4bit (NF4) or a float dtype")
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **hf_kwargs)
+    model.eval()
+    if quantize_here and alpha > 0:
+        _quantize_offloaded_layers(model, layers, user_qconfig, main)
+        model.config.quantization_config = user_qconfig
+    attach(model, offload=offload, tier=tier, mode=mode, alpha=alpha, offload_folder=offload_folder,
+           prefetch=prefetch, protect_first=protect_first, protect_last=protect_last, main_device=main)
+    return model
+
+
+def _quantize_offloaded_layers(model, layers, qconfig, device):
+    """Quantize each host-mapped layer to bitsandbytes 4-bit on ``device``, one layer at a time,
+    leaving its quantized tensors in host memory behind Accelerate's hook as before."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.nn as nn
+    from accelerate.hooks import remove_hook_from_module
+
+    from .arch import find_decoder_layers
+    from .engine import _accelerate_offload_hook
+
+    _, layer_list = find_decoder_layers(model)
+    skip = list(qconfig.llm_int8_skip_modules or [])
+    for i in layers:
+        layer = layer_list[i]
+        hook = _accelerate_offload_hook(layer)
+        if hook is not None:
+            values = {k: hook.weights_map[k] for k, _ in list(layer.named_parameters()) + list(layer.named_buffers())}
+            remove_hook_from_module(layer, recurse=True)
+            for name, value in values.items():
+                _set_tensor(layer, name, value.to(device))
+        else:
+            layer.to(device)
+        for name, child in list(layer.named_modules()):
+            if not isinstance(child, nn.Linear) or isinstance(child, bnb.nn.Linear4bit):
+                continue
+            if any(s in f"{i}.{name}" for s in skip):
+                continue
+            new = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, child.bias is not None, qconfig.bnb_4bit_compute_dtype,
+                compress_statistics=qconfig.bnb_4bit_use_double_quant, quant_type=qconfig.bnb_4bit_quant_type,
+                quant_storage=qconfig.bnb_4bit_quant_storage, device="meta",
+            )
+            value = child.weight.data
+            new.weight = bnb.nn.Params4bit(value, requires_grad=False, **new.weight.__dict__).to(value.device)
+            new.weight.module = new
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            new.requires_grad_(False)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
+        # host copies of the quantized layer for attach() to pack; the device copy is freed
+        layer.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _set_tensor(module, name, value):
+    import torch.nn as nn
+
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    if attr in parent._parameters:
+        parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        parent._buffers[attr] = value

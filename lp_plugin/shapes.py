@@ -1,0 +1,217 @@
+"""Named model shapes: real architecture config values with seeded random weights.
+
+Speed and memory do not depend on weight values, so ``lp-bench --model qwen2.5-3b-shape`` measures
+Qwen2.5-3B without downloading it. ``build_shape_model`` builds the model straight on the target
+device in the target dtype (no fp32, full-size detour on the host), seeded, so two builds with the
+same seed on the same device type are identical.
+
+Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B), ``smollm2-135m-shape`` (SmolLM2-135M, Llama) and two tiny
+ones for tests, ``tiny-qwen2`` and ``tiny-llama`` (8 layers: ``offload="even"`` picks layers 2 and 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+# Values copied from the models' config.json on the Hub (Qwen/Qwen2.5-3B, HuggingFaceTB/SmolLM2-135M).
+SHAPES: dict = {
+    "qwen2.5-3b-shape": {
+        "model_type": "qwen2",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 36,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+    },
+    "smollm2-135m-shape": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "head_dim": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+    "tiny-qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "tiny-llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+}
+
+
+def shape_names() -> list:
+    return sorted(SHAPES)
+
+
+def is_shape(name) -> bool:
+    return isinstance(name, str) and name in SHAPES
+
+
+def shape_config(name: str):
+    """The transformers config of a named shape (a fresh object each call)."""
+    if name not in SHAPES:
+        raise KeyError(f"unknown shape {name!r}; known shapes: {', '.join(shape_names())}")
+    from transformers import AutoConfig
+
+    values = dict(SHAPES[name])
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def _resolve_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 goes through build_shape_model_nf4)")
+    return table[dtype]
+
+
+@contextlib.contextmanager
+def _fork_rng(device):
+    """Seed inside a block without disturbing the caller's global RNG state."""
+    import torch
+
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
+
+
+def build_shape_model(name: str, dtype="bf16", device="cpu", seed: int = 0):
+    """Build the named shape with seeded random weights directly on ``device`` in ``dtype``.
+
+    Parameters are created on the device in the requested dtype (``torch.device`` context plus
+    transformers' dtype context), so a 3B bf16 model on a GPU never exists in fp32 or on the host.
+    Returns the model in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _resolve_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    config = shape_config(name)
+    with _fork_rng(device):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.name_or_path = name
+    model.name_or_path = name
+    return model
+
+
+def nf4_config(compute_dtype=None):
+    """The bitsandbytes NF4 config used throughout lp_plugin (double quant, bf16 compute)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
+    """The named shape, seeded random-init in bf16, then quantized to NF4 the way users get it.
+
+    The bf16 model is built on ``device``, saved as safetensors to a temporary folder (``/dev/shm``
+    when it exists: RAM, no disk round-trip) and loaded back with ``from_pretrained(...,
+    quantization_config=nf4_config())`` so the result is exactly what ``load_in_4bit`` gives for a
+    real checkpoint (``is_loaded_in_4bit``, ``hf_quantizer``, ``Linear4bit`` modules, tied lm_head
+    kept in bf16). Works on CPU (bitsandbytes CPU backend) and CUDA.
+    """
+    import gc
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if tmp_dir is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        tmp_dir = "/dev/shm"
+    folder = tempfile.mkdtemp(prefix=f"lp-shape-{name}-", dir=tmp_dir)
+    try:
+        model = build_shape_model(name, "bf16", device, seed)
+        model.save_pretrained(folder, safe_serialization=True)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=nf4_config(torch.bfloat16),
+            dtype=torch.bfloat16,
+            device_map={"": str(device) if device.type != "cuda" else device.index},
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.name_or_path = name
+    model.name_or_path = name
+    return model

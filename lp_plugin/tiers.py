@@ -1,0 +1,279 @@
+"""Storage tiers for offloaded layers: where a layer's flat buffer lives between uses.
+
+* ``cpu``: one pinned host buffer per layer (plain host memory when there is no CUDA), allocated
+  once at attach and never re-pinned; it is also the copy source for every transfer.
+* ``disk``: one safetensors file per layer in ``offload_folder`` holding the flat buffer as a single
+  ``uint8`` tensor, with the layout and a SHA-256 fingerprint of the source weights in its metadata.
+  Files are written atomically (temp file, fsync, rename, fsync of the folder) under a folder lock,
+  verified before use (stale, foreign, truncated, bit-flipped and missing files are detected and
+  rebuilt from the source weights) and read back with ``readinto`` into pinned staging buffers.
+
+Third-party tiers subclass :class:`Tier` and register through the ``register_tiers`` plugin hook.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+
+import torch
+
+from .errors import OffloadFileError, OffloadResourceError
+
+log = logging.getLogger("lp_plugin")
+
+FORMAT = "lp_plugin.layer/1"
+_GiB = 1024**3
+
+
+def allocate_host(nbytes: int, pin: bool, what: str) -> torch.Tensor:
+    """A flat uint8 host buffer, pinned when ``pin`` (clear error when the OS refuses)."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    except (RuntimeError, MemoryError) as exc:
+        kind = "pinned host memory" if pin else "host memory"
+        raise OffloadResourceError(
+            f"cannot allocate {nbytes / _GiB:.2f} GiB of {kind} for {what}: {exc}. "
+            "Free host memory, offload fewer layers, or use tier='disk' (which pins only small staging buffers)"
+        ) from exc
+
+
+def sha256_of(flat: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
+
+
+class Tier(ABC):
+    """Where offloaded layers are kept. Subclasses must provide :meth:`put` and :meth:`read_into`;
+    a tier that keeps a host buffer per layer also overrides :meth:`host_buffer` so transfers copy
+    from it directly (no staging)."""
+
+    name: str = ""
+
+    def __init__(self, *, pin: bool, offload_folder=None, model_tag: str = ""):
+        self.pin = pin
+        self.offload_folder = offload_folder
+        self.model_tag = model_tag
+
+    @abstractmethod
+    def put(self, index: int, flat: torch.Tensor, layout: list, sha256: str) -> None:
+        """Store layer ``index`` whose packed bytes are ``flat`` (host uint8, may be reused by the
+        caller afterwards unless :meth:`host_buffer` returns it)."""
+
+    @abstractmethod
+    def read_into(self, index: int, dst: torch.Tensor) -> None:
+        """Copy layer ``index``'s bytes into the host uint8 tensor ``dst``."""
+
+    def host_buffer(self, index: int):
+        """The host buffer holding layer ``index`` if the tier keeps one, else ``None``."""
+        return None
+
+    def wants_flat_ownership(self) -> bool:
+        """True when ``put`` keeps the ``flat`` buffer it is given (so the caller allocates a fresh one each time)."""
+        return False
+
+    def close(self) -> None:
+        """Release what the tier holds (called on detach and on a failed attach)."""
+
+
+class CpuTier(Tier):
+    name = "cpu"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._buffers: dict = {}
+
+    def wants_flat_ownership(self) -> bool:
+        return True
+
+    def put(self, index, flat, layout, sha256):
+        self._buffers[index] = flat
+
+    def read_into(self, index, dst):
+        dst.copy_(self._buffers[index])
+
+    def host_buffer(self, index):
+        return self._buffers[index]
+
+    def close(self):
+        self._buffers.clear()
+
+
+def _layer_file(folder: str, index: int) -> str:
+    return os.path.join(folder, f"layer_{index:05d}.safetensors")
+
+
+def _safetensors_header(nbytes: int, metadata: dict) -> bytes:
+    header = {"flat": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]},
+              "__metadata__": {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_header(fh) -> tuple:
+    """Parse a layer file's safetensors header: returns ``(metadata, data_start, nbytes)``.
+    Raises ValueError with the reason when it is not a well-formed lp_plugin layer file."""
+    fh.seek(0)
+    head = fh.read(8)
+    if len(head) < 8:
+        raise ValueError("file is shorter than a safetensors header (truncated or empty)")
+    (size,) = struct.unpack("<Q", head)
+    if size > 100 * 1024 * 1024:
+        raise ValueError(f"header claims {size} bytes: not a safetensors file")
+    raw = fh.read(size)
+    if len(raw) < size:
+        raise ValueError("header is truncated")
+    try:
+        header = json.loads(raw)
+        info, meta = header["flat"], header["__metadata__"]
+        start, end = info["data_offsets"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"header is not an lp_plugin layer file ({exc})") from None
+    if info.get("dtype") != "U8" or meta.get("format") != FORMAT or start != 0:
+        raise ValueError(f"not an lp_plugin layer file (format {meta.get('format')!r})")
+    return meta, 8 + size, end
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        folder = self.offload_folder
+        if folder is None:
+            raise OffloadFileError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
+        folder = os.path.abspath(os.fspath(folder))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise OffloadFileError(f"offload_folder {folder!r} is a file, not a folder; pass a folder path")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OffloadFileError(f"cannot create offload_folder {folder!r}: {exc.strerror}; pass a writable folder") from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OffloadFileError(f"offload_folder {folder!r} is not writable; pass a writable folder (or fix its permissions)")
+        self.offload_folder = folder
+        self._files: dict = {}  # index -> (open file object, data_start, nbytes)
+        self._io_lock = threading.Lock()
+        self.report: dict = {}  # index -> "reused" | "written" | "rebuilt: <why>"
+
+    @contextmanager
+    def _folder_lock(self):
+        """An exclusive lock on the folder while files are checked or written (other processes wait)."""
+        path = os.path.join(self.offload_folder, ".lp_plugin.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _check_existing(self, path, index, layout, sha256, scratch):
+        """Return None if ``path`` holds exactly this layer, else the reason it cannot be used."""
+        if not os.path.exists(path):
+            return "missing"
+        try:
+            with open(path, "rb") as fh:
+                meta, start, nbytes = read_header(fh)
+                if json.loads(meta.get("layout", "null")) != layout:
+                    return f"foreign (made from a different model or layer: {meta.get('model', '?')} layer {meta.get('layer', '?')})"
+                if meta.get("source_sha256") != sha256:
+                    return "stale (the source weights changed since it was written)"
+                if os.fstat(fh.fileno()).st_size != start + nbytes or nbytes != scratch.numel():
+                    return "truncated"
+                fh.seek(start)
+                got = fh.readinto(memoryview(scratch.numpy()))
+                if got != nbytes:
+                    return "truncated"
+                if sha256_of(scratch) != sha256:
+                    return "corrupt (its bytes do not match its fingerprint)"
+        except ValueError as exc:
+            return f"unreadable ({exc})"
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        return None
+
+    def put(self, index, flat, layout, sha256):
+        path = _layer_file(self.offload_folder, index)
+        with self._folder_lock():
+            scratch = torch.empty_like(flat)
+            why = self._check_existing(path, index, layout, sha256, scratch)
+            del scratch
+            if why is None:
+                self.report[index] = "reused"
+            else:
+                if why != "missing":
+                    log.warning("lp_plugin: offload file for layer %d at %s is %s; rebuilding it from the source weights", index, path, why)
+                self._write(path, index, flat, layout, sha256)
+                self.report[index] = "written" if why == "missing" else f"rebuilt: {why}"
+            self._open(index, path, sha256, layout)
+
+    def _write(self, path, index, flat, layout, sha256):
+        meta = {"format": FORMAT, "layer": str(index), "model": self.model_tag, "layout": layout,
+                "source_sha256": sha256}
+        header = _safetensors_header(flat.numel(), meta)
+        fd, tmp = tempfile.mkstemp(prefix=f".layer_{index:05d}.", suffix=".tmp", dir=self.offload_folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(header)
+                fh.write(memoryview(flat.numpy()))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dfd = os.open(self.offload_folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OffloadResourceError(
+                    f"out of disk space in {self.offload_folder!r} while writing layer {index} "
+                    f"({flat.numel() / _GiB:.2f} GiB); free space there or pass another offload_folder"
+                ) from exc
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise OffloadFileError(f"cannot write to offload_folder {self.offload_folder!r} ({exc.strerror}); pass a writable folder") from exc
+            raise OffloadFileError(f"writing layer {index} to {self.offload_folder!r} failed: {exc}") from exc
+
+    def _open(self, index, path, sha256, layout):
+        fh = open(path, "rb")  # kept open: a later replacement of the path cannot change what we read
+        meta, start, nbytes = read_header(fh)
+        if meta.get("source_sha256") != sha256:
+            fh.close()
+            raise OffloadFileError(f"layer {index}: {path} changed while it was being opened; retry")
+        self._files[index] = (fh, start, nbytes)
+
+    def read_into(self, index, dst):
+        entry = self._files.get(index)
+        if entry is None:
+            raise OffloadFileError(f"layer {index} is not in this disk tier")
+        fh, start, nbytes = entry
+        with self._io_lock:
+            got = os.preadv(fh.fileno(), [memoryview(dst.numpy())], start) if hasattr(os, "preadv") else None
+            if got is None:
+                fh.seek(start)
+                got = fh.readinto(memoryview(dst.numpy()))
+        if got != nbytes:
+            raise OffloadFileError(
+                f"layer {index}: read {got} of {nbytes} bytes from {fh.name} (was the file truncated?); "
+                "detach and attach again to rebuild it from the source weights"
+            )
+
+    def close(self):
+        for fh, _, _ in self._files.values():
+            fh.close()
+        self._files.clear()
