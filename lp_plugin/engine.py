@@ -60,8 +60,8 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _accelerate_offload_hook(module):
-    """The Accelerate hook that offloads ``module``'s weights, if any."""
+def _offload_hook_of(module):
+    """The Accelerate hook that offloads ``module``'s own weights, if any."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
     hook = getattr(module, "_hf_hook", None)
@@ -70,6 +70,53 @@ def _accelerate_offload_hook(module):
         if isinstance(h, AlignDevicesHook) and h.offload:
             return h
     return None
+
+
+def accelerate_offload_hooks(layer):
+    """``[(qualified name, submodule, hook)]`` for every Accelerate offload hook inside ``layer``
+    (Accelerate puts them on the submodules that own weights, e.g. ``self_attn.q_proj``)."""
+    found = []
+    for name, sub in layer.named_modules():
+        hook = _offload_hook_of(sub)
+        if hook is not None:
+            found.append((name, sub, hook))
+    return found
+
+
+def accelerate_values(layer, hooks):
+    """The real values of an Accelerate-offloaded layer, ``{key in layer: host tensor}``, read
+    from the hooks' ``weights_map``; also ``[(dict, full key)]`` of entries held in host memory."""
+    values, held = {}, []
+    for qual, sub, hook in hooks:
+        wm = hook.weights_map
+        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
+        if hook.offload_buffers:
+            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+        for n in names:
+            key = f"{qual}.{n}" if qual else n
+            values[key] = wm[n]
+            if isinstance(getattr(wm, "dataset", None), dict):
+                held.append((wm.dataset, wm.prefix + n, key))
+    return values, held
+
+
+def release_accelerate(layer, hooks, values, device):
+    """Remove Accelerate's offload hooks from ``layer`` and give its placeholder (meta) tensors
+    real ``values`` on ``device``. The caller keeps ``hooks`` to restore them later."""
+    import torch.nn as nn
+    from accelerate.hooks import remove_hook_from_module
+
+    for _, sub, hook in hooks:
+        remove_hook_from_module(sub)
+    for key, value in values.items():
+        parent_name, _, attr = key.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        value = value.to(device)
+        if attr in parent._parameters:
+            old = parent._parameters[attr]
+            parent._parameters[attr] = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad))
+        else:
+            parent._buffers[attr] = value
 
 
 def _main_device_of(model):
@@ -84,14 +131,14 @@ def _main_device_of(model):
 class _OffLayer:
     """Book-keeping of one offloaded layer."""
 
-    def __init__(self, index, module, slots, orig_device, accel_hook, weights_dict):
+    def __init__(self, index, module, slots, orig_device, accel_hooks, held):
         self.index = index
         self.module = module
         self.slots = slots
         self.nbytes = slots.nbytes
         self.orig_device = orig_device  # where detach puts the weights back (None: back to Accelerate's host copy)
-        self.accel_hook = accel_hook  # the Accelerate offload hook we took over, restored on detach
-        self.weights_dict = weights_dict  # (dict, prefix) of Accelerate's cpu weights we freed, or None
+        self.accel_hooks = accel_hooks  # Accelerate offload hooks we took over, restored on detach
+        self.held = held  # [(dict, full key, key)] Accelerate host copies we freed (detach puts them back)
         self.standby = None  # Binding used between uses (host views or meta)
         self.device_buf = None  # session mode: the layer's device buffer while a session is open
         self.added_hook = False
@@ -157,13 +204,19 @@ class OffloadHandle:
     # ------------------------------------------------------------------ sessions
     @contextlib.contextmanager
     def session(self):
+        """Offloaded layers resident (session mode) or the GPU ring allocated (stream mode) for the
+        block; re-entrant and thread-safe. Leaving the outermost block, also by an exception,
+        returns to standby: the device memory is freed."""
         self._check_attached()
-        if self.mode != "session" or not self.layers:
+        if not self.layers:
             yield self
             return
         with self._lock:
             if self._depth == 0:
-                self._load_all()
+                if self.mode == "session":
+                    self._load_all()
+                else:
+                    self.streamer.open()
             self._depth += 1
         try:
             yield self
@@ -171,7 +224,12 @@ class OffloadHandle:
             with self._lock:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._release_all()
+                    if self.mode == "session":
+                        self._release_all()
+                    else:
+                        self.streamer.close_ring()
+                    if _is_cuda(self.main_device):
+                        torch.cuda.empty_cache()
 
     @property
     def in_session(self) -> bool:
@@ -214,14 +272,16 @@ class OffloadHandle:
         for layer in self.layers:
             layer.standby.apply()
             layer.device_buf = None
-        if _is_cuda(self.main_device):
-            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ forward / generate wrappers
+    @contextlib.contextmanager
     def _forward_context(self):
         if self.mode == "stream":
-            return self._lock  # one forward at a time through the ring
-        return self.session()
+            with self._lock, self.session():  # one forward at a time through the ring
+                yield
+        else:
+            with self.session():
+                yield
 
     def _install_model_wrappers(self):
         """Wrap the forward of the module that runs the layer list (a session per bare forward in
@@ -291,12 +351,10 @@ class OffloadHandle:
                     qstates = {k: _restore_qs(layer.slots._orig_qs[k], restored, f"{k}.quant_state.")
                                for _, _, k in layer.slots.qstates}
                     Binding(layer.slots, restored, qstates).apply()
-                    if layer.weights_dict is not None:
-                        store, prefix = layer.weights_dict
-                        for m, n, key in layer.slots.params + layer.slots.buffers:
-                            store[prefix + key] = restored[key]
-                    if layer.accel_hook is not None:
-                        add_hook_to_module(layer.module, layer.accel_hook)
+                    for store, full_key, key in layer.held:
+                        store[full_key] = restored[key]
+                    for _, sub, hook in layer.accel_hooks:
+                        add_hook_to_module(sub, hook)
             for index, module, prev_forward in self.dropped:
                 if prev_forward is None:
                     module.__dict__.pop("forward", None)
@@ -357,7 +415,9 @@ class _Stager:
 
 
 class _Streamer:
-    """The ring of device buffers used in ``stream`` mode (see the module docstring)."""
+    """The ring of device buffers used in ``stream`` mode (see the module docstring). The ring is
+    allocated when a session opens (every ``generate()`` call and bare forward opens one) and freed
+    when it closes, so standby VRAM holds no ring."""
 
     def __init__(self, handle):
         self.h = handle
@@ -367,26 +427,42 @@ class _Streamer:
         self.nslots = self.prefetch + 1
         self.device = handle.main_device
         self.cuda = _is_cuda(self.device)
-        slot_bytes = max(l.nbytes for l in self.layers)
-        handle._check_device_room(self.nslots * slot_bytes, f"stream mode's ring of {self.nslots} layer buffers",
-                                  "lower prefetch, or offload fewer/smaller layers")
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
-        # bindings[pos][slot]: views of ring slot `slot` laid out for layer `pos`
-        self.bindings = [[l.slots.binding(s[: l.nbytes]) for s in self.slots] for l in self.layers]
+        self.slot_bytes = max(l.nbytes for l in self.layers)
         self.host = [handle.tier.host_buffer(l.index) for l in self.layers]
-        self.staging = None
-        self.executor = None
-        if any(h is None for h in self.host):
-            self.staging = [allocate_host(slot_bytes, handle.tier.pin, "stream staging buffers") for _ in range(self.nslots)]
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader")
+        self.needs_staging = any(h is None for h in self.host)
+        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader")
+                         if self.needs_staging else None)
         if self.cuda:
             self.side = torch.cuda.Stream(self.device)
+        self.slots = None
+        self.staging = None
+
+    @property
+    def is_open(self):
+        return self.slots is not None
+
+    def open(self):
+        self.h._check_device_room(self.nslots * self.slot_bytes, f"stream mode's ring of {self.nslots} layer buffers",
+                                  "lower prefetch, or offload fewer/smaller layers")
+        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.nslots)]
+        # bindings[pos][slot]: views of ring slot `slot` laid out for layer `pos`
+        self.bindings = [[l.slots.binding(s[: l.nbytes]) for s in self.slots] for l in self.layers]
+        if self.needs_staging and self.staging is None:
+            self.staging = [allocate_host(self.slot_bytes, self.h.tier.pin, "stream staging buffers")
+                            for _ in range(self.nslots)]
+        if self.cuda:
             self.loaded = [torch.cuda.Event() for _ in range(self.nslots)]
             self.freed = [torch.cuda.Event() for _ in range(self.nslots)]
             self.staged = [torch.cuda.Event() for _ in range(self.nslots)]
         self.pending = {}
         self.issued = 0  # next load number to issue; load n is layer n % k into slot n % nslots
         self.cur = 0  # load number the next acquire expects
+
+    def close_ring(self):
+        self._drain()
+        for l in self.layers:
+            l.standby.apply()
+        self.slots = self.bindings = None
 
     # load n: layer n % k into slot n % nslots
     def _copy(self, n, src):
@@ -420,15 +496,20 @@ class _Streamer:
             self.pending[n] = self.executor.submit(self._read_and_copy, n)
 
     def _drain(self):
-        for fut in self.pending.values():
+        for fut in getattr(self, "pending", {}).values():
             with contextlib.suppress(Exception):
                 fut.result()
-        self.pending.clear()
+        self.pending = {}
         if self.cuda:
             self.side.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
     def acquire(self, pos):
+        if self.slots is None:
+            raise AttachError(
+                f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
+                "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
+            )
         n = self.cur
         if n % self.k != pos:
             # a forward was cut short (exception) or layers ran out of order: start a fresh cycle
@@ -457,12 +538,11 @@ class _Streamer:
         self.cur = n + 1
 
     def close(self):
-        self._drain()
+        if self.is_open:
+            self.close_ring()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
-        for l in self.layers:
-            l.standby.apply()
-        self.slots = self.bindings = self.staging = None
+        self.staging = None
 
 
 # ---------------------------------------------------------------------------------------- attach
@@ -500,7 +580,7 @@ def attach(
 
     # Accelerate maps: offloaded layers may be taken over, anything else must be on the main device
     for i, layer in enumerate(layer_list):
-        if _accelerate_offload_hook(layer) is not None and i not in indices:
+        if accelerate_offload_hooks(layer) and i not in indices:
             raise AttachError(
                 f"layer {i} is offloaded by Accelerate's device map but is not in offload={offload!r}; "
                 f"build the map with lp_plugin.residual_offload_device_map(config, offload={offload!r}) "
@@ -542,9 +622,13 @@ def attach(
             dropped.append((i, module, module.__dict__.get("forward")))
             module.forward = _hooks.skip_forward
     for layer in offloaded:
-        if layer.accel_hook is not None:
+        if layer.accel_hooks:
             log.info("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
-            remove_hook_from_module(layer.module)
+            release_accelerate(layer.module, layer.accel_hooks, layer.slots.placeholders(), "cpu")
+            for held_dict, full_key, _ in layer.held:
+                held_dict.pop(full_key, None)  # our tier holds these bytes now
+        host = store.host_buffer(layer.index)
+        layer.standby = layer.slots.binding(host[: layer.nbytes] if host is not None else None, main_device)
         layer.standby.apply()
         layer.slots.release_sources()
     if mode == "stream" and offloaded:
@@ -576,36 +660,21 @@ def _layer_hooks(handle, pos):
 
 def _store_layer(store, index, module, main_device, pin) -> _OffLayer:
     """Pack one layer into a flat host buffer and hand it to the tier. Reads the model only."""
-    accel = _accelerate_offload_hook(module)
-    source, weights_dict = None, None
-    if accel is not None:
-        wm = accel.weights_map
-        dataset, prefix = getattr(wm, "dataset", None), getattr(wm, "prefix", "")
-        keys = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        source = {k: wm[k] for k in keys}
-        if isinstance(dataset, dict):
-            weights_dict = (dataset, prefix)
-    else:
-        meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
-        if meta:
-            raise AttachError(
-                f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
-                "their values; load the model's weights before attaching"
-            )
+    hooks = accelerate_offload_hooks(module)
+    source, held = None, []
+    if hooks:
+        source, held = accelerate_values(module, hooks)
+    meta = [n for n, p in module.named_parameters() if p.device.type == "meta" and (source is None or n not in source)]
+    if meta:
+        raise AttachError(
+            f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
+            "their values; load the model's weights before attaching"
+        )
     slots = LayerSlots(module, source)
     # detach puts weights back where the plain model runs them: on the main device, or behind
-    # the Accelerate hook we took over
-    orig_device = None if accel is not None else main_device
+    # the Accelerate hooks we take over
+    orig_device = None if hooks else main_device
     flat = allocate_host(slots.nbytes, pin, f"layer {index}")
     slots.pack_into(flat)
-    sha = sha256_of(flat)
-    store.put(index, flat, slots.layout_json(), sha)
-    host = store.host_buffer(index)
-    layer = _OffLayer(index, module, slots, orig_device, accel, weights_dict)
-    layer.standby = slots.binding(host[: slots.nbytes]) if host is not None else slots.binding(None, main_device)
-    if weights_dict is not None:
-        # Accelerate's cpu copy is no longer needed: our tier holds the bytes (detach puts them back)
-        dataset, prefix = weights_dict
-        for k in list(source):
-            dataset.pop(prefix + k, None)
-    return layer
+    store.put(index, flat, slots.layout_json(), sha256_of(flat))
+    return _OffLayer(index, module, slots, orig_device, hooks, held)

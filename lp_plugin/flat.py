@@ -107,6 +107,15 @@ class LayerSlots:
             src = self._tensors[e.key]
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
 
+    def placeholders(self) -> dict:
+        """Tiny host tensors (one element, expanded) standing in for each param/buffer, used to give
+        meta placeholders a real (host) tensor type before the first binding."""
+        out = {}
+        for e in self.entries:
+            if ".quant_state." not in e.key:
+                out[e.key] = torch.zeros((), dtype=e.dtype).expand(e.shape)
+        return out
+
     def release_sources(self) -> None:
         """Drop references to the source tensors (after they are packed), so their memory can go."""
         self._tensors = {}

@@ -100,21 +100,29 @@ def _quantize_offloaded_layers(model, layers, qconfig, device):
     import bitsandbytes as bnb
     import torch
     import torch.nn as nn
-    from accelerate.hooks import remove_hook_from_module
-
     from .arch import find_decoder_layers
-    from .engine import _accelerate_offload_hook
+    from .engine import accelerate_offload_hooks, accelerate_values, release_accelerate
+
+    import gc
 
     _, layer_list = find_decoder_layers(model)
     skip = list(qconfig.llm_int8_skip_modules or [])
+    # transformers keeps host-offloaded layers of a 4-bit model in fp32; a plain 4-bit load
+    # quantizes (and keeps norms/biases) in the checkpoint dtype, which a resident layer shows
+    reference = next(l for j, l in enumerate(layer_list) if j not in set(layers)) if len(layers) < len(layer_list) else None
+    ref_dtypes = {n: p.dtype for n, p in reference.named_parameters()} if reference is not None else {}
+    default_dtype = model.get_input_embeddings().weight.dtype
     for i in layers:
         layer = layer_list[i]
-        hook = _accelerate_offload_hook(layer)
-        if hook is not None:
-            values = {k: hook.weights_map[k] for k, _ in list(layer.named_parameters()) + list(layer.named_buffers())}
-            remove_hook_from_module(layer, recurse=True)
-            for name, value in values.items():
-                _set_tensor(layer, name, value.to(device))
+        hooks = accelerate_offload_hooks(layer)
+        if hooks:
+            values, held = accelerate_values(layer, hooks)
+            values = {k: v.to(_float_dtype(ref_dtypes.get(k), default_dtype)) if v.is_floating_point() else v
+                      for k, v in values.items()}
+            release_accelerate(layer, hooks, values, device)
+            for store, full_key, _ in held:
+                store.pop(full_key, None)  # the unquantized host copy is no longer needed
+            del values
         else:
             layer.to(device)
         for name, child in list(layer.named_modules()):
@@ -137,16 +145,18 @@ def _quantize_offloaded_layers(model, layers, qconfig, device):
             setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
         # host copies of the quantized layer for attach() to pack; the device copy is freed
         layer.to("cpu")
+        del hooks
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            log.debug("lp_plugin: quantized layer %d; %.3f GiB allocated", i, torch.cuda.memory_allocated(device) / 1024**3)
 
 
-def _set_tensor(module, name, value):
-    import torch.nn as nn
+def _float_dtype(reference, default):
+    """The dtype a plain 4-bit load gives a floating tensor: the resident layers' (uint8 for a
+    quantized weight, so fall back to the checkpoint dtype)."""
+    import torch
 
-    parent_name, _, attr = name.rpartition(".")
-    parent = module.get_submodule(parent_name) if parent_name else module
-    if attr in parent._parameters:
-        parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        parent._buffers[attr] = value
+    if reference is not None and reference.is_floating_point:
+        return reference
+    return default

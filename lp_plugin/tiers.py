@@ -22,8 +22,8 @@ import logging
 import os
 import struct
 import tempfile
-import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -33,6 +33,8 @@ from .errors import OffloadFileError, OffloadResourceError
 log = logging.getLogger("lp_plugin")
 
 FORMAT = "lp_plugin.layer/1"
+_CHUNK = 16 * 1024**2  # bytes per positional read
+_READERS = max(1, min(8, os.cpu_count() or 1))  # threads reading one layer in parallel
 _GiB = 1024**3
 
 
@@ -163,7 +165,7 @@ class DiskTier(Tier):
             raise OffloadFileError(f"offload_folder {folder!r} is not writable; pass a writable folder (or fix its permissions)")
         self.offload_folder = folder
         self._files: dict = {}  # index -> (open file object, data_start, nbytes)
-        self._io_lock = threading.Lock()
+        self._pool = None
         self.report: dict = {}  # index -> "reused" | "written" | "rebuilt: <why>"
 
     @contextmanager
@@ -258,22 +260,44 @@ class DiskTier(Tier):
         self._files[index] = (fh, start, nbytes)
 
     def read_into(self, index, dst):
+        """Read layer ``index`` into ``dst`` with parallel positional reads (page-cache copies scale
+        with threads; ``os.preadv`` releases the GIL)."""
         entry = self._files.get(index)
         if entry is None:
             raise OffloadFileError(f"layer {index} is not in this disk tier")
         fh, start, nbytes = entry
-        with self._io_lock:
-            got = os.preadv(fh.fileno(), [memoryview(dst.numpy())], start) if hasattr(os, "preadv") else None
-            if got is None:
-                fh.seek(start)
-                got = fh.readinto(memoryview(dst.numpy()))
-        if got != nbytes:
+        if dst.numel() != nbytes:
+            raise OffloadFileError(f"layer {index}: destination holds {dst.numel()} bytes, the file {nbytes}")
+        mv = memoryview(dst.numpy())
+        chunks = [(off, min(_CHUNK, nbytes - off)) for off in range(0, nbytes, _CHUNK)]
+        fd = fh.fileno()
+        if len(chunks) == 1:
+            got = [_pread_full(fd, mv, start, 0, nbytes)]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="lp_plugin-disk")
+            got = list(self._pool.map(lambda c: _pread_full(fd, mv, start, c[0], c[1]), chunks))
+        if sum(got) != nbytes:
             raise OffloadFileError(
-                f"layer {index}: read {got} of {nbytes} bytes from {fh.name} (was the file truncated?); "
+                f"layer {index}: read {sum(got)} of {nbytes} bytes from {fh.name} (was the file truncated?); "
                 "detach and attach again to rebuild it from the source weights"
             )
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for fh, _, _ in self._files.values():
             fh.close()
         self._files.clear()
+
+
+def _pread_full(fd, mv, file_start, off, size) -> int:
+    """Read ``size`` bytes at ``file_start + off`` into ``mv[off:]``, looping over short reads."""
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [mv[off + done : off + size]], file_start + off + done)
+        if n == 0:
+            break
+        done += n
+    return done
