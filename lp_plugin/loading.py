@@ -86,15 +86,44 @@ def from_pretrained(
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **hf_kwargs)
     model.eval()
-    if quantize_here and alpha > 0:
-        _quantize_offloaded_layers(model, layers, user_qconfig, main)
+    if quantize_here:
+        # llm_int8_enable_fp32_cpu_offload also loads every unquantized module in fp32; a plain
+        # 4-bit load keeps them in the checkpoint dtype: cast back (lossless: they came from it)
+        ckpt_dtype = _checkpoint_dtype(config, hf_kwargs)
+        if ckpt_dtype is not None:
+            _cast_unquantized(model, ckpt_dtype)
+        if alpha > 0:
+            _quantize_offloaded_layers(model, layers, user_qconfig, main, ckpt_dtype)
         model.config.quantization_config = user_qconfig
     attach(model, offload=offload, tier=tier, mode=mode, alpha=alpha, offload_folder=offload_folder,
            prefetch=prefetch, protect_first=protect_first, protect_last=protect_last, main_device=main)
     return model
 
 
-def _quantize_offloaded_layers(model, layers, qconfig, device):
+def _checkpoint_dtype(config, hf_kwargs):
+    import torch
+
+    dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
+    if dtype == "auto" or dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _cast_unquantized(model, dtype):
+    """Cast floating parameters that are not 4-bit weights (and not in ``_keep_in_fp32_modules``)
+    to ``dtype``. Offloaded layers behind Accelerate hooks sit on ``meta`` and are left alone."""
+    import torch.nn as nn
+
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, p in model.named_parameters():
+        if (type(p) is nn.Parameter and p.is_floating_point() and p.dtype != dtype and p.device.type != "meta"
+                and not any(k in name for k in keep)):
+            p.data = p.data.to(dtype)
+
+
+def _quantize_offloaded_layers(model, layers, qconfig, device, ckpt_dtype=None):
     """Quantize each host-mapped layer to bitsandbytes 4-bit on ``device``, one layer at a time,
     leaving its quantized tensors in host memory behind Accelerate's hook as before."""
     import bitsandbytes as bnb
@@ -111,7 +140,7 @@ def _quantize_offloaded_layers(model, layers, qconfig, device):
     # quantizes (and keeps norms/biases) in the checkpoint dtype, which a resident layer shows
     reference = next(l for j, l in enumerate(layer_list) if j not in set(layers)) if len(layers) < len(layer_list) else None
     ref_dtypes = {n: p.dtype for n, p in reference.named_parameters()} if reference is not None else {}
-    default_dtype = model.get_input_embeddings().weight.dtype
+    default_dtype = ckpt_dtype or model.get_input_embeddings().weight.dtype
     for i in layers:
         layer = layer_list[i]
         hooks = accelerate_offload_hooks(layer)
