@@ -98,8 +98,9 @@ def from_pretrained(
             _cast_unquantized(model, ckpt_dtype)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(text_config, "tie_word_embeddings", False):
-            # the fp32-offload load leaves lm_head as its own copy of the embeddings (measured:
-            # +0.5 GiB standby on Qwen2.5-3B NF4); a plain 4-bit load shares one tensor
+            # measured on an H200: the fp32-offload 4-bit load of Qwen2.5-3B-shape kept ~0.5 GiB more
+            # standby than expected, about one untied lm_head copy; a plain 4-bit load shares one
+            # tensor, so tie again (not yet re-measured on a GPU)
             model.tie_weights()
         if alpha > 0:
             _quantize_offloaded_layers(model, layers, user_qconfig, main, ckpt_dtype)
