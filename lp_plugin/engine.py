@@ -588,6 +588,8 @@ def attach(
             )
         if i not in indices:
             devices = {p.device for p in layer.parameters()}
+            if torch.device("meta") in devices:
+                raise AttachError(f"resident layer {i} has parameters on the meta device; load the model's weights before attaching")
             if devices and devices != {main_device}:
                 raise AttachError(
                     f"resident layer {i} is on {sorted(map(str, devices))}, not on the main device {main_device}; "

@@ -106,6 +106,9 @@ class LayerSlots:
         for e in self.entries:
             src = self._tensors[e.key]
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
+            # zero the alignment padding: ``flat`` comes from torch.empty, and its bytes are hashed
+            # into the disk tier's fingerprint (garbage there made every file look stale)
+            flat[e.offset + e.nbytes : _align(e.offset + e.nbytes)].zero_()
 
     def placeholders(self) -> dict:
         """Tiny host tensors (one element, expanded) standing in for each param/buffer, used to give

@@ -18,7 +18,8 @@ from .errors import OffloadSpecError
 
 PROTECT_FIRST = 2
 PROTECT_LAST = 3
-_RANGE = re.compile(r"^(\d+)-(\d+)(?::(\d+))?$")
+_RANGE = re.compile(r"^(\d+)-(\d+)(?::(\d+))?$", re.ASCII)
+_INT = re.compile(r"^-?\d+$", re.ASCII)
 
 
 class OffloadPolicy(ABC):
@@ -57,7 +58,7 @@ def _parse_explicit(spec: str, num_layers: int) -> list:
         part = part.strip()
         if not part:
             raise OffloadSpecError(f"empty item in offload spec {spec!r}; write e.g. '2,4,6' or '2-32:2'")
-        if part.lstrip("-").isdigit():
+        if _INT.match(part):
             layers.append(int(part))
             continue
         m = _RANGE.match(part)
@@ -69,6 +70,10 @@ def _parse_explicit(spec: str, num_layers: int) -> list:
         start, end, step = int(m[1]), int(m[2]), int(m[3] or 1)
         if step < 1 or end < start:
             raise OffloadSpecError(f"range {part!r} is empty or has a bad step; write START-END[:STEP] with START<=END and STEP>=1")
+        if start + (end - start) // step * step >= num_layers:  # before expanding: '0-99999999999' must not build a huge list
+            raise OffloadSpecError(
+                f"range {part!r} goes past the last layer of a model with {num_layers} decoder layers (valid: 0..{num_layers - 1})"
+            )
         layers.extend(range(start, end + 1, step))
     return layers
 

@@ -14,6 +14,7 @@ No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -187,12 +188,15 @@ class DiskTier(Tier):
         try:
             with open(path, "rb") as fh:
                 meta, start, nbytes = read_header(fh)
-                if json.loads(meta.get("layout", "null")) != layout:
+                if json.loads(meta.get("layout", "null")) != layout or meta.get("layer") != str(index):
                     return f"foreign (made from a different model or layer: {meta.get('model', '?')} layer {meta.get('layer', '?')})"
                 if meta.get("source_sha256") != sha256:
                     return "stale (the source weights changed since it was written)"
-                if os.fstat(fh.fileno()).st_size != start + nbytes or nbytes != scratch.numel():
-                    return "truncated"
+                if nbytes != scratch.numel():
+                    return "corrupt (its header's size does not match its layout)"
+                size = os.fstat(fh.fileno()).st_size
+                if size != start + nbytes:
+                    return "truncated" if size < start + nbytes else "corrupt (bytes after its payload)"
                 fh.seek(start)
                 got = fh.readinto(memoryview(scratch.numpy()))
                 if got != nbytes:
@@ -208,6 +212,11 @@ class DiskTier(Tier):
     def put(self, index, flat, layout, sha256):
         path = _layer_file(self.offload_folder, index)
         with self._folder_lock():
+            # temp files of this layer seen under the lock belong to a writer that died (kill -9)
+            for name in os.listdir(self.offload_folder):
+                if name.startswith(f".layer_{index:05d}.") and name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.offload_folder, name))
             scratch = torch.empty_like(flat)
             why = self._check_existing(path, index, layout, sha256, scratch)
             del scratch
@@ -279,8 +288,9 @@ class DiskTier(Tier):
             got = list(self._pool.map(lambda c: _pread_full(fd, mv, start, c[0], c[1]), chunks))
         if sum(got) != nbytes:
             raise OffloadFileError(
-                f"layer {index}: read {sum(got)} of {nbytes} bytes from {fh.name} (was the file truncated?); "
-                "detach and attach again to rebuild it from the source weights"
+                f"layer {index}: read {sum(got)} of {nbytes} bytes from {fh.name}: the file was truncated "
+                "after attach, and it was the only copy of this layer's weights; reload the "
+                "model (lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds the file"
             )
 
     def close(self):
