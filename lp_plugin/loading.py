@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from .errors import OffloadFileError, OffloadSpecError
+from .errors import OffloadSpecError
 from .specs import PROTECT_FIRST, PROTECT_LAST, resolve_layers, validate_alpha, validate_mode, validate_prefetch
 
 log = logging.getLogger("lp_plugin")
@@ -56,7 +56,7 @@ def from_pretrained(
     validate_prefetch(prefetch)
     get_tier_class(tier)
     if tier == "disk" and offload_folder is None:
-        raise OffloadFileError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
+        raise OffloadSpecError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
     if "device_map" in hf_kwargs:
         raise OffloadSpecError(
             "lp_plugin.from_pretrained builds the device map itself; drop device_map= and pass main_device= "

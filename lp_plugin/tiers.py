@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import OffloadFileError, OffloadResourceError
+from .errors import OffloadFileError, OffloadResourceError, OffloadSpecError
 
 log = logging.getLogger("lp_plugin")
 
@@ -154,7 +154,7 @@ class DiskTier(Tier):
         super().__init__(**kw)
         folder = self.offload_folder
         if folder is None:
-            raise OffloadFileError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
+            raise OffloadSpecError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
         folder = os.path.abspath(os.fspath(folder))
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise OffloadFileError(f"offload_folder {folder!r} is a file, not a folder; pass a folder path")
