@@ -271,7 +271,7 @@ def test_shapes_real_values_and_seeded():
 
 def test_nf4_shape_runs_on_cpu(tmp_path, capsys):
     """--dtype nf4 quantizes the shape through bitsandbytes (CPU backend here) and every config runs exactly."""
-    bnb = pytest.importorskip("bitsandbytes")  # noqa: F841
+    pytest.importorskip("bitsandbytes")
     out = tmp_path / "nf4.json"
     rc = cli.main(["--model", "tiny-llama", "--dtype", "nf4", "--configs", "baseline,stream:even:cpu",
                    "--out", str(out), *SMALL])

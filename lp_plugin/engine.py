@@ -28,7 +28,7 @@ import torch
 
 from . import hooks as _hooks
 from .arch import find_decoder_layers
-from .errors import AttachError, OffloadFileError, OffloadResourceError, OffloadSpecError
+from .errors import AttachError, OffloadResourceError, OffloadSpecError
 from .flat import LayerSlots
 from .plugins import get_tier_class
 from .specs import PROTECT_FIRST, PROTECT_LAST, resolve_layers, validate_alpha, validate_mode, validate_prefetch
@@ -616,7 +616,7 @@ def attach(
         protect_first=protect_first, protect_last=protect_last,
     )
     # --- from here on the model is changed
-    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    from accelerate.hooks import add_hook_to_module
 
     if alpha == 0:
         for i in indices:

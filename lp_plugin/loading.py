@@ -194,8 +194,6 @@ def _quantize_offloaded_layers(model, layers, qconfig, device, ckpt_dtype=None):
 def _float_dtype(reference, default):
     """The dtype a plain 4-bit load gives a floating tensor: the resident layers' (uint8 for a
     quantized weight, so fall back to the checkpoint dtype)."""
-    import torch
-
     if reference is not None and reference.is_floating_point:
         return reference
     return default

@@ -543,8 +543,6 @@ def run_bench(settings: BenchSettings, configs: list, log=None) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from lp_plugin import shapes
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = resolve_device(settings.device)
     started = time.time()
