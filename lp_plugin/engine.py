@@ -343,16 +343,11 @@ class OffloadHandle:
                             add_hook_to_module(layer.module, layer.prior_hook)
                         else:
                             remove_hook_from_module(layer.module)
-                    host = stager.host_copy(layer)
                     device = layer.orig_device if layer.orig_device is not None else torch.device("cpu")
-                    restored = {e.key: _independent(host, e, device) for e in layer.slots.entries}
-                    from .flat import Binding
-
-                    qstates = {k: _restore_qs(layer.slots._orig_qs[k], restored, f"{k}.quant_state.")
-                               for _, _, k in layer.slots.qstates}
-                    Binding(layer.slots, restored, qstates).apply()
+                    restored = layer.slots.binding(stager.host_copy(layer), device, copy=True)
+                    restored.apply()
                     for store, full_key, key in layer.held:
-                        store[full_key] = restored[key]
+                        store[full_key] = restored.views[key]
                     for _, sub, hook in layer.accel_hooks:
                         add_hook_to_module(sub, hook)
             for index, module, prev_forward in self.dropped:
@@ -364,18 +359,6 @@ class OffloadHandle:
             self.tier.close()
             self._attached = False
             self.model.__dict__.pop(_ATTR, None)
-
-
-def _independent(flat, entry, device):
-    from .flat import view
-
-    return view(flat, entry).to(device=device, copy=True)
-
-
-def _restore_qs(orig, tensors, prefix):
-    from .flat import _rebind_quant_state
-
-    return _rebind_quant_state(orig, tensors, prefix)
 
 
 class _Stager:

@@ -124,13 +124,17 @@ class LayerSlots:
         self._tensors = {}
 
     # ------------------------------------------------------------------ binding
-    def binding(self, flat: torch.Tensor | None, device=None) -> "Binding":
-        """Views of ``flat`` for every slot. With ``flat=None``: placeholders on ``device`` that own
-        no memory (one element expanded to the shape), for layers whose bytes live only on disk."""
+    def binding(self, flat: torch.Tensor | None, device=None, copy: bool = False) -> "Binding":
+        """Views of ``flat`` for every slot. With ``copy=True``: independent tensors on ``device``
+        holding those bytes (what ``detach`` gives back). With ``flat=None``: placeholders on
+        ``device`` that own no memory (one element expanded to the shape), for layers whose bytes
+        live only on disk."""
         views = {}
         for e in self.entries:
             if flat is None:
                 views[e.key] = torch.zeros((), dtype=e.dtype, device=device).expand(e.shape)
+            elif copy:
+                views[e.key] = view(flat, e).to(device=device, copy=True)
             else:
                 views[e.key] = view(flat, e)
         qstates = {}

@@ -81,19 +81,17 @@ def main(argv=None) -> int:
     for name in ("prompt", "new", "prefill", "ppl_tokens", "repeats", "bandwidth_mib"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    old = None
-    if args.compare:
+    def load_or_fail(flag, path):
         try:
-            old = load_results(args.compare)
+            return load_results(path)
         except (OSError, ValueError) as exc:
-            parser.error(f"--compare: {exc}")
+            parser.error(f"{flag}: {exc}")
+
+    old = load_or_fail("--compare", args.compare) if args.compare else None
 
     failed = False
     if args.results:
-        try:
-            out = load_results(args.results)
-        except (OSError, ValueError) as exc:
-            parser.error(f"--results: {exc}")
+        out = load_or_fail("--results", args.results)
     else:
         try:
             configs = parse_configs(args.configs)
