@@ -39,6 +39,24 @@ def _free():
     torch.cuda.empty_cache()
 
 
+def _resident(model) -> dict:
+    """GiB of distinct CUDA storage held by the model's tensors, by kind (where standby goes), and
+    whether lm_head shares the embedding's storage (a tied model)."""
+    seen, by = set(), {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "cuda":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        kind = "layers" if ".layers." in name else name.rsplit(".", 1)[0]
+        by[kind] = by.get(kind, 0) + t.untyped_storage().nbytes()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = bool(head is not None and head.weight.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr())
+    return {"resident_GiB": {k: round(v / GiB, 4) for k, v in sorted(by.items())}, "lm_head_tied": tied}
+
+
 def _measure(model, ids, ref=None):
     _free()
     standby = torch.cuda.memory_allocated() / GiB
@@ -54,7 +72,7 @@ def _measure(model, ids, ref=None):
     gen_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / GiB
     res = {"standby_GiB": round(standby, 4), "peak_inference_GiB": round(peak, 4),
-           "generate_tok_s_rough": round(32 / gen_s, 2)}
+           "generate_tok_s_rough": round(32 / gen_s, 2), **_resident(model)}
     gen_logits = torch.stack(out.logits)
     if ref is not None:
         res["logits_equal"] = bool(torch.equal(logits, ref[0]))

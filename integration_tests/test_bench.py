@@ -284,3 +284,32 @@ def test_nf4_shape_runs_on_cpu(tmp_path, capsys):
     # a 4-bit layer moves far fewer bytes than its bf16 size (hidden 64, intermediate 128)
     bf16_layer = 2 * (4 * 64 * 64 // 2 + 64 * 64 + 3 * 64 * 128)
     assert 0 < by["stream:even:cpu"]["layer_bytes"] < bf16_layer
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ([10.0, 20.0, 30.0], [10.0, 40.0, 30.0], {"median": 1.0, "min": 0.5, "max": 1.0}),
+    ([30.0, 40.0], [40.0, 40.0], {"median": 0.875, "min": 0.75, "max": 1.0}),
+    ([10.0, 20.0], [10.0, 20.0, 30.0], None),  # a config missing a round: no pairing
+    ([10.0], [0.0], None),
+])
+def test_paired_ratios_are_taken_round_by_round(a, b, expected):
+    """A drift between rounds cancels in the per-round ratio; the session goal uses it."""
+    from lp_plugin.bench.report import _paired, derive
+
+    got = _paired({"decode_tok_s": {"runs": a}}, {"decode_tok_s": {"runs": b}}, "decode_tok_s")
+    if expected is None:
+        assert got is None
+    else:
+        assert {k: got[k] for k in expected} == pytest.approx(expected)
+    if expected is not None and len(a) == 3:
+        # the session goal is judged on the per-round ratios (3, 0.5, 0.67), not on the ratio of medians
+        out = {"settings": {"dtype": "bf16"}, "configs": [
+            {"name": "baseline", "error": None, "config": {"kind": "baseline"},
+             "decode_tok_s": {"median": 20.0, "runs": [10.0, 20.0, 30.0]}},
+            {"name": "session:even:cpu", "error": None, "max_abs_logit_diff": 0.0,
+             "config": {"kind": "lp", "mode": "session", "tier": "cpu", "alpha": 1.0, "spec": "even", "prefetch": 1, "cold": False},
+             "decode_tok_s": {"median": 20.0 * 0.9, "runs": [30.0, 10.0, 20.0]}},
+        ]}
+        goal = [g for g in derive(out)["goals"] if g["goal"].startswith("session decode")][0]
+        assert goal["goal"] == "session decode vs baseline (median of per-round ratios)"
+        assert goal["value"] == pytest.approx(2 / 3) and goal["met"] is False

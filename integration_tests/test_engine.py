@@ -190,13 +190,20 @@ def test_accelerate_dispatched_model_is_upgraded_and_restored(tmp_path, device, 
         ref = model(PROMPT.to(device)).logits.cpu()  # the dispatched model's own logits
     n_hooks = len(accelerate_offload_hooks(model.model.layers[2]))
     assert n_hooks > 0
+
+    def hook_state():
+        return {(i, name): (id(h), dict(h.original_devices), set(h.tied_params_names))
+                for i in (2, 4) for name, _, h in accelerate_offload_hooks(model.model.layers[i])}
+
+    before = hook_state()
     handle = lp_plugin.attach(model, offload="even", mode=mode)
     assert not accelerate_offload_hooks(model.model.layers[2])
     with torch.no_grad():
         assert torch.equal(model(PROMPT.to(device)).logits.cpu(), ref)
     handle.detach()
     assert len(accelerate_offload_hooks(model.model.layers[2])) == n_hooks
-    assert model.model.layers[2].mlp.up_proj.weight.device.type == "meta"
+    assert hook_state() == before  # the same hooks, in the same state
+    assert {p.device.type for p in model.model.layers[2].parameters()} == {"meta"}
     with torch.no_grad():
         assert torch.equal(model(PROMPT.to(device)).logits.cpu(), ref)
 
@@ -222,3 +229,63 @@ def test_info_describes_the_layout(tmp_path, device):
     assert info["ring_slots"] == 3 and info["bytes_per_forward"] == info["offloaded_bytes"] > 0
     assert "layers=[3, 5, 7]" in repr(handle)
     handle.detach()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_disk_stream_lowers_the_gil_switch_interval_only_while_open(tmp_path, device, tier):
+    """A disk-tier ring's reader thread must get the GIL back quickly: the switch interval is 0.5 ms
+    while such a ring is open (nested and concurrent sessions too), restored after, and left alone
+    by the cpu tier or when the user set a shorter one."""
+    import sys
+
+    from conftest import build_tiny
+
+    model = build_tiny("qwen2").to(device)
+    handle = lp_plugin.attach(model, offload="even", tier=tier, mode="stream", offload_folder=tmp_path)
+    orig = sys.getswitchinterval()
+    try:
+        with lp_plugin.session(model):
+            inside = sys.getswitchinterval()
+            with lp_plugin.session(model), torch.no_grad():
+                model(PROMPT.to(device))
+                assert sys.getswitchinterval() == inside
+        assert inside == pytest.approx(0.0005 if tier == "disk" else orig)
+        assert sys.getswitchinterval() == orig
+        sys.setswitchinterval(0.0001)
+        with lp_plugin.session(model):
+            assert sys.getswitchinterval() == pytest.approx(0.0001)
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(orig)
+        handle.detach()
+
+
+RING_CASES = [  # (offload spec, prefetch): k offloaded layers through prefetch+1 slots
+    ("2", 0), ("2,4", 1), ("1,3,5", 1), ("1,2,3,4,5", 1), ("1,2,3,4,5", 2), ("1-6", 3), ("1,3,5", 5),
+]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("spec,prefetch", RING_CASES, ids=[f"{s}-p{p}" for s, p in RING_CASES])
+def test_stream_ring_exact_for_any_layer_count_and_prefetch(tmp_path, device, tier, spec, prefetch):
+    """Whether a layer keeps one ring slot (k % slots == 0) or moves between slots from one forward
+    to the next, generate() equals the plain model's, inside one long session and across sessions,
+    and leaving the session puts every offloaded tensor back on standby."""
+    from conftest import build_tiny
+
+    model = build_tiny("llama").to(device)
+    ids = PROMPT.to(device)
+    ref = _generate(model, ids)
+    handle = lp_plugin.attach(model, offload=spec, tier=tier, mode="stream", prefetch=prefetch,
+                              offload_folder=tmp_path, protect_first=0, protect_last=0)
+    with lp_plugin.session(model):
+        for _ in range(2):
+            got = _generate(model, ids)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    got = _generate(model, ids)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    for layer in handle.layers:
+        for p in layer.module.parameters():  # standby (host memory, or a placeholder owning no memory), not a ring slot
+            assert p.device.type == "cpu" or p.untyped_storage().nbytes() <= p.element_size()
+    handle.detach()
+    assert torch.equal(_generate(model, ids)[1], ref[1])

@@ -242,3 +242,38 @@ def test_layer_keys_do_not_confuse_1_and_10():
     expanded = expand_device_map(dmap, list(names))
     assert {v for k, v in expanded.items() if k.startswith("model.layers.1.")} == {"disk"}
     assert {v for k, v in expanded.items() if k.startswith("model.layers.10.")} == {"cpu"}
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(case=map_cases(), arch=st.sampled_from(["qwen2", "llama"]))
+@example(case=(36, 2, 3, "even"), arch="qwen2").via("Qwen2.5-3B: host key model.layers.2 also skipped resident 21..29")
+def test_nf4_load_map_quantizes_exactly_the_resident_layers(case, arch):
+    """The map ``from_pretrained`` uses for a 4-bit load: transformers' quantizer leaves every
+    host-mapped key unquantized and matches keys as regex prefixes without a boundary, so with it
+    every Linear of a resident layer is quantized and none of an offloaded one (which lp_plugin
+    quantizes itself), judged by transformers' own ``should_convert_module``; the map still covers
+    every tensor exactly once, also as transformers expands it."""
+    from transformers.integrations.accelerate import expand_device_map
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from lp_plugin.loading import bnb_safe_device_map
+
+    n, pf, pl, spec = case
+    config = _config(arch, n)
+    try:
+        layers = resolve_layers(spec, n, pf, pl)
+    except OffloadSpecError:
+        return
+    dmap = bnb_safe_device_map(config, residual_offload_device_map(config, spec, "cpu", 0, pf, pl), layers)
+    keys_on_cpu = [k for k, v in dmap.items() if v in ("cpu", "disk")]
+    linears = {n_.removesuffix(".weight") for n_ in _meta_names(arch, n) if n_.endswith("proj.weight")}
+    assert linears
+    for name in linears:
+        i = int(name.split(".")[2])
+        assert should_convert_module(name, keys_on_cpu) == (i not in layers), name
+    names = _meta_names(arch, n)
+    keys = list(dmap)
+    for name in names:
+        assert len(_owners(name, keys)) == 1, name
+    expanded = expand_device_map(dmap, list(names))
+    assert all((v == "cpu") == (int(k.split(".")[2]) in layers) for k, v in expanded.items() if k.startswith("model.layers."))

@@ -131,13 +131,16 @@ def _main_device_of(model):
 class _OffLayer:
     """Book-keeping of one offloaded layer."""
 
-    def __init__(self, index, module, slots, orig_device, accel_hooks, held):
+    def __init__(self, index, module, slots, orig_device, accel_hooks, held, accel_keys=()):
         self.index = index
         self.module = module
         self.slots = slots
         self.nbytes = slots.nbytes
         self.orig_device = orig_device  # where detach puts the weights back (None: back to Accelerate's host copy)
         self.accel_hooks = accel_hooks  # Accelerate offload hooks we took over, restored on detach
+        # [(hook, its original_devices)]: Accelerate's init_hook rewrites them when detach re-adds the hook
+        self.accel_devices = [(h, dict(getattr(h, "original_devices", None) or {})) for _, _, h in accel_hooks]
+        self.accel_keys = frozenset(accel_keys)  # tensors whose values Accelerate's weights_map holds
         self.held = held  # [(dict, full key, key)] Accelerate host copies we freed (detach puts them back)
         self.standby = None  # Binding used between uses (host views or meta)
         self.device_buf = None  # session mode: the layer's device buffer while a session is open
@@ -348,8 +351,18 @@ class OffloadHandle:
                     restored.apply()
                     for store, full_key, key in layer.held:
                         store[full_key] = restored.views[key]
-                    for _, sub, hook in layer.accel_hooks:
-                        add_hook_to_module(sub, hook)
+                    if layer.accel_hooks:
+                        # as dispatch left them: Accelerate's weights_map holds the values, the module
+                        # meta placeholders. (Handing init_hook real host tensors also let it take a
+                        # restored tensor whose address had been the tied embedding's host copy for a
+                        # tied weight: seen on an H100 as down_proj computing with up_proj's weight.)
+                        meta = layer.slots.binding(None, "meta")
+                        _apply_some(layer.slots, meta, layer.accel_keys)
+                        for _, sub, hook in layer.accel_hooks:
+                            add_hook_to_module(sub, hook)
+                        for hook, devices in layer.accel_devices:
+                            if devices:
+                                hook.original_devices = devices
             for index, module, prev_forward in self.dropped:
                 if prev_forward is None:
                     module.__dict__.pop("forward", None)
@@ -359,6 +372,19 @@ class OffloadHandle:
             self.tier.close()
             self._attached = False
             self.model.__dict__.pop(_ATTR, None)
+
+
+def _apply_some(slots, binding, keys):
+    """Apply the entries of ``binding`` named in ``keys`` (parameters and buffers) and no others."""
+    import torch.nn as nn
+
+    for module, name, key in slots.params:
+        if key in keys:
+            old = module._parameters[name]  # a new Parameter, as Accelerate itself moves one to meta
+            module._parameters[name] = nn.Parameter(binding.views[key], requires_grad=old.requires_grad)
+    for (module, name, key) in slots.buffers:
+        if key in keys:
+            module._buffers[name] = binding.views[key]
 
 
 class _Stager:
@@ -397,6 +423,44 @@ class _Stager:
         device_buf.copy_(src, non_blocking=src.is_pinned())
 
 
+class _GilSwitch:
+    """While a stream ring reads from a tier without a host buffer (disk), the reader thread needs
+    the GIL back after every read and copy, and the main thread holds it while it launches kernels:
+    a waiting thread gets it only after ``sys.getswitchinterval()`` (5 ms by default), longer than
+    a layer takes to move. So while such a ring is open the interval is lowered to 0.5 ms, and put
+    back when the last one closes (unless someone else changed it meanwhile)."""
+
+    INTERVAL = 0.0005
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    def enter(self):
+        import sys
+
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                if self._saved > self.INTERVAL:
+                    sys.setswitchinterval(self.INTERVAL)
+            self._users += 1
+
+    def leave(self):
+        import sys
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._saved is not None:
+                if self._saved > self.INTERVAL and abs(sys.getswitchinterval() - self.INTERVAL) < 1e-9:
+                    sys.setswitchinterval(self._saved)
+                self._saved = None
+
+
+_gil_switch = _GilSwitch()
+
+
 class _Streamer:
     """The ring of device buffers used in ``stream`` mode (see the module docstring). The ring is
     allocated when a session opens (every ``generate()`` call and bare forward opens one) and freed
@@ -413,10 +477,13 @@ class _Streamer:
         self.slot_bytes = max(l.nbytes for l in self.layers)
         self.host = [handle.tier.host_buffer(l.index) for l in self.layers]
         self.needs_staging = any(h is None for h in self.host)
-        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader")
-                         if self.needs_staging else None)
         if self.cuda:
             self.side = torch.cuda.Stream(self.device)
+        # the reader thread issues its copies on the side stream (its current stream, set once)
+        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader",
+                                            initializer=self._reader_init)
+                         if self.needs_staging else None)
+        self._fast_switch = False
         self.slots = None
         self.staging = None
 
@@ -436,16 +503,32 @@ class _Streamer:
         if self.cuda:
             self.loaded = [torch.cuda.Event() for _ in range(self.nslots)]
             self.freed = [torch.cuda.Event() for _ in range(self.nslots)]
-            self.staged = [torch.cuda.Event() for _ in range(self.nslots)]
+        if self.needs_staging and not self._fast_switch:
+            _gil_switch.enter()
+            self._fast_switch = True
         self.pending = {}
         self.issued = 0  # next load number to issue; load n is layer n % k into slot n % nslots
         self.cur = 0  # load number the next acquire expects
+        # bound[pos]: the ring slot layer pos's tensors point at (None: its standby binding). A layer
+        # keeps pointing at its slot after it ran (the slot then fills with other layers' bytes) until
+        # the ring closes: rebinding ~20 tensors twice per layer and forward cost ~0.1 ms of host time
+        # per layer in a launch-bound decode. When k % nslots == 0 a layer always gets the same slot,
+        # so it is bound once per ring.
+        self.bound = [None] * self.k
 
     def close_ring(self):
         self._drain()
         for l in self.layers:
             l.standby.apply()
-        self.slots = self.bindings = None
+        self.slots = self.bindings = self.bound = None
+        if self._fast_switch:
+            _gil_switch.leave()
+            self._fast_switch = False
+
+    def _reader_init(self):
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self.side)
 
     # load n: layer n % k into slot n % nslots
     def _copy(self, n, src):
@@ -456,19 +539,26 @@ class _Streamer:
                 self.side.wait_event(self.freed[slot])
                 dst.copy_(src, non_blocking=True)
                 self.loaded[slot].record(self.side)
-                if self.staging is not None:
-                    self.staged[slot].record(self.side)
         else:
             dst.copy_(src)
 
     def _read_and_copy(self, n):
+        """Reader thread (current stream: the side stream): staging buffer ``n % nslots`` from the
+        tier, then its copy into ring slot ``n % nslots``. Kept to a few calls, since each return
+        from a call that released the GIL waits for the GIL while the main thread launches kernels."""
         pos, slot = n % self.k, n % self.nslots
         layer = self.layers[pos]
         buf = self.staging[slot][: layer.nbytes]
-        if self.cuda:
-            self.staged[slot].synchronize()  # the last copy out of this staging buffer is done
+        if not self.cuda:
+            self.h.tier.read_into(layer.index, buf)
+            self.slots[slot][: layer.nbytes].copy_(buf)
+            return
+        # the previous copy out of this staging buffer was the previous load into this ring slot
+        self.loaded[slot].synchronize()
         self.h.tier.read_into(layer.index, buf)
-        self._copy(n, buf)
+        self.side.wait_event(self.freed[slot])
+        self.slots[slot][: layer.nbytes].copy_(buf, non_blocking=True)
+        self.loaded[slot].record(self.side)
 
     def _issue(self, n):
         pos = n % self.k
@@ -509,20 +599,25 @@ class _Streamer:
             except BaseException:
                 self.cur = -1  # force a resync next time
                 raise
+        slot = n % self.nslots
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.loaded[n % self.nslots])
-        self.bindings[pos][n % self.nslots].apply()
+            torch.cuda.current_stream(self.device).wait_event(self.loaded[slot])
+        if self.bound[pos] != slot:
+            self.bindings[pos][slot].apply()
+            self.bound[pos] = slot
 
     def release(self, pos):
         n = self.cur
         if self.cuda:
             self.freed[n % self.nslots].record(torch.cuda.current_stream(self.device))
-        self.layers[pos].standby.apply()
         self.cur = n + 1
 
     def close(self):
         if self.is_open:
             self.close_ring()
+        elif self._fast_switch:
+            _gil_switch.leave()
+            self._fast_switch = False
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.staging = None
@@ -662,4 +757,4 @@ def _store_layer(store, index, module, main_device, pin) -> _OffLayer:
     flat = allocate_host(slots.nbytes, pin, f"layer {index}")
     slots.pack_into(flat)
     store.put(index, flat, slots.layout_json(), sha256_of(flat))
-    return _OffLayer(index, module, slots, orig_device, hooks, held)
+    return _OffLayer(index, module, slots, orig_device, hooks, held, accel_keys=source or ())

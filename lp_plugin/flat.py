@@ -181,5 +181,5 @@ class Binding:
             bufs[n] = v
         for module, p, qs in self.qpairs:
             p.quant_state = qs
-            if getattr(module, "quant_state", None) is not None:
-                module.quant_state = qs
+            if module.__dict__.get("quant_state") is not None:  # a plain attribute: skip Module.__setattr__
+                module.__dict__["quant_state"] = qs

@@ -432,6 +432,9 @@ class _Setup:
         """Evict the offload files from the page cache (cold-cache figures for the disk tier)."""
         if not self.cfg.cold or not os.path.isdir(self.folder):
             return
+        tier = getattr(self.handle, "tier", None)
+        if hasattr(tier, "drop_page_cache"):
+            tier.drop_page_cache()  # also unmaps the pages the tier has mapped (else they stay cached)
         for root, _dirs, files in os.walk(self.folder):
             for f in files:
                 path = os.path.join(root, f)
@@ -457,39 +460,66 @@ def _new_cache(model):
         return DynamicCache()
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Collect garbage now and keep the collector off while timing (as ``timeit`` does): a
+    collection in a launch-bound decode loop shows up as a slow step."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def prefill_run(model, ids, device) -> float:
     """tokens/s of one forward over ``ids`` (batch 1) with a fresh KV cache, last logits only."""
     import torch
 
     with torch.no_grad():
         cache = _new_cache(model)
-        _sync(device)
-        t0 = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        dt = time.perf_counter() - t0
+        with _no_gc():
+            _sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            dt = time.perf_counter() - t0
     return ids.shape[1] / dt
 
 
-def bare_decode(model, prompt_ids, new: int, device):
-    """The one bare greedy loop used for every config: prefill the prompt into a DynamicCache
-    (not timed), then ``new`` single-token forwards with argmax, timed between two synchronizes.
-    Returns ``(tokens/s, generated token ids)``."""
+DECODE_WARM_STEPS = 4
+
+
+def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WARM_STEPS):
+    """The one bare greedy loop used for every config: prefill the prompt into a DynamicCache and
+    run ``warm_steps`` single-token steps (not timed: on a GPU the first steps after other work run
+    slow while clocks and caches settle), then ``new`` single-token forwards with argmax, timed
+    between two synchronizes with the garbage collector off.
+    Returns ``(tokens/s, generated token ids: the warm-up ones first)``."""
     import torch
+
+    def step(tok):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1)
 
     with torch.no_grad():
         cache = _new_cache(model)
         out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
         toks = [tok]
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(new):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(warm_steps):
+            tok = step(tok)
             toks.append(tok)
-        _sync(device)
-        dt = time.perf_counter() - t0
+        with _no_gc():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                tok = step(tok)
+                toks.append(tok)
+            _sync(device)
+            dt = time.perf_counter() - t0
     return new / dt, torch.cat(toks, dim=1)[0].tolist()
 
 
@@ -627,7 +657,8 @@ def run_bench(settings: BenchSettings, configs: list, log=None) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": None,
         "settings": dict(settings.to_dict(), device=str(device), configs=[c.name for c in configs],
-                         decode_loop="model(input_ids, past_key_values=DynamicCache, use_cache=True) + argmax, timed between cuda synchronizes",
+                         decode_loop=("model(input_ids, past_key_values=DynamicCache, use_cache=True) + argmax, timed between cuda "
+                                      f"synchronizes with gc off, after {DECODE_WARM_STEPS} untimed steps (none for cold-cache configs)"),
                          generate="model.generate(greedy, min_new_tokens=max_new_tokens=new), called as a user would (opens its own session); tok/s include the prompt prefill",
                          warmup_rounds=1, interleaved=True),
         "env": env,
@@ -734,7 +765,8 @@ def _measure_once(model, cfg, st, res, r, device, prompt_ids, prefill_ids, ppl_i
         prefill = prefill_run(model, prefill_ids, device)
         phase("decode")
         st.drop_page_cache()
-        decode, toks = bare_decode(model, prompt_ids, new, device)
+        # a cold-cache config times its first (cold) steps: no warm-up steps there
+        decode, toks = bare_decode(model, prompt_ids, new, device, warm_steps=0 if cfg.cold else DECODE_WARM_STEPS)
     phase("generate")
     st.drop_page_cache()
     gen, gen_toks = generate_run(model, prompt_ids, new, device)
