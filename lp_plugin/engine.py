@@ -11,7 +11,10 @@ installs hooks:
 * ``stream`` mode: every forward pulls each offloaded layer through a ring of ``prefetch + 1``
   device buffers. Copies run on a side CUDA stream from pinned memory, ``prefetch`` layers ahead
   (wrapping into the next forward), ordered with events: the compute stream waits only for the
-  layer it needs, and a copy into a slot waits only for the layer that last used it.
+  layer it needs, and a copy into a slot waits only for the layer that last used it. While the ring
+  is open a layer's tensors stay bound to its slot between uses (rebound only when it moves to
+  another slot); closing the ring puts every layer back on its standby binding. A tier without a
+  host buffer (disk) is read by one reader thread into pinned staging buffers.
 
 On a machine without CUDA the same code runs with plain host copies (no streams, no pinning).
 """
