@@ -356,9 +356,9 @@ class OffloadHandle:
                         store[full_key] = restored.views[key]
                     if layer.accel_hooks:
                         # as dispatch left them: Accelerate's weights_map holds the values, the module
-                        # meta placeholders. (Handing init_hook real host tensors also let it take a
-                        # restored tensor whose address had been the tied embedding's host copy for a
-                        # tied weight: seen on an H100 as down_proj computing with up_proj's weight.)
+                        # meta placeholders, each hook its original_devices. (init_hook also looks a
+                        # real host tensor's data pointer up in its tied-parameter map, keyed by host
+                        # pointers that may since have been reused: meta tensors cannot match.)
                         meta = layer.slots.binding(None, "meta")
                         _apply_some(layer.slots, meta, layer.accel_keys)
                         for _, sub, hook in layer.accel_hooks:

@@ -120,8 +120,12 @@ class LayerSlots:
         return out
 
     def release_sources(self) -> None:
-        """Drop references to the source tensors (after they are packed), so their memory can go."""
+        """Drop references to the source tensors (after they are packed), so their memory can go.
+        The QuantState templates keep their fields but their tensors become meta placeholders: the
+        original absmax/code/offset tensors (about 1.2 MiB per NF4 layer of Qwen2.5-3B, on the GPU)
+        would otherwise stay allocated in standby."""
         self._tensors = {}
+        self._orig_qs = {key: _meta_quant_state(qs) for key, qs in self._orig_qs.items()}
 
     # ------------------------------------------------------------------ binding
     def binding(self, flat: torch.Tensor | None, device=None, copy: bool = False) -> "Binding":
@@ -141,6 +145,19 @@ class LayerSlots:
         for module, name, key in self.qstates:
             qstates[key] = _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.")
         return Binding(self, views, qstates)
+
+
+def _meta_quant_state(qs):
+    """A copy of a bitsandbytes QuantState whose tensors are meta placeholders of the same shape
+    and dtype (a template for :func:`_rebind_quant_state`, holding no memory)."""
+    new = copy.copy(qs)
+    for name in _QS_TENSORS:
+        t = getattr(qs, name, None)
+        if isinstance(t, torch.Tensor):
+            setattr(new, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+    if getattr(qs, "state2", None) is not None:
+        new.state2 = _meta_quant_state(qs.state2)
+    return new
 
 
 def _rebind_quant_state(qs, views, prefix):
