@@ -486,7 +486,6 @@ class _Streamer:
         self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader",
                                             initializer=self._reader_init)
                          if self.needs_staging else None)
-        self._fast_switch = False
         self.slots = None
         self.staging = None
 
@@ -506,9 +505,8 @@ class _Streamer:
         if self.cuda:
             self.loaded = [torch.cuda.Event() for _ in range(self.nslots)]
             self.freed = [torch.cuda.Event() for _ in range(self.nslots)]
-        if self.needs_staging and not self._fast_switch:
-            _gil_switch.enter()
-            self._fast_switch = True
+        if self.needs_staging:
+            _gil_switch.enter()  # left in close_ring
         self.pending = {}
         self.issued = 0  # next load number to issue; load n is layer n % k into slot n % nslots
         self.cur = 0  # load number the next acquire expects
@@ -524,9 +522,8 @@ class _Streamer:
         for l in self.layers:
             l.standby.apply()
         self.slots = self.bindings = self.bound = None
-        if self._fast_switch:
+        if self.needs_staging:
             _gil_switch.leave()
-            self._fast_switch = False
 
     def _reader_init(self):
         if self.cuda:
@@ -535,13 +532,18 @@ class _Streamer:
 
     # load n: layer n % k into slot n % nslots
     def _copy(self, n, src):
-        slot = n % self.nslots
+        """Main thread: enqueue the copy of ``src`` into ring slot ``n % nslots`` on the side stream."""
+        with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
+            self._enqueue(n % self.nslots, src)
+
+    def _enqueue(self, slot, src):
+        """Copy ``src`` into ring slot ``slot`` once the layer that last used it is done, and mark
+        it loaded. On CUDA the current stream must be the side stream."""
         dst = self.slots[slot][: src.numel()]
         if self.cuda:
-            with torch.cuda.stream(self.side):
-                self.side.wait_event(self.freed[slot])
-                dst.copy_(src, non_blocking=True)
-                self.loaded[slot].record(self.side)
+            self.side.wait_event(self.freed[slot])
+            dst.copy_(src, non_blocking=True)
+            self.loaded[slot].record(self.side)
         else:
             dst.copy_(src)
 
@@ -552,16 +554,11 @@ class _Streamer:
         pos, slot = n % self.k, n % self.nslots
         layer = self.layers[pos]
         buf = self.staging[slot][: layer.nbytes]
-        if not self.cuda:
-            self.h.tier.read_into(layer.index, buf)
-            self.slots[slot][: layer.nbytes].copy_(buf)
-            return
-        # the previous copy out of this staging buffer was the previous load into this ring slot
-        self.loaded[slot].synchronize()
+        if self.cuda:
+            # the previous copy out of this staging buffer was the previous load into this ring slot
+            self.loaded[slot].synchronize()
         self.h.tier.read_into(layer.index, buf)
-        self.side.wait_event(self.freed[slot])
-        self.slots[slot][: layer.nbytes].copy_(buf, non_blocking=True)
-        self.loaded[slot].record(self.side)
+        self._enqueue(slot, buf)
 
     def _issue(self, n):
         pos = n % self.k
@@ -618,9 +615,6 @@ class _Streamer:
     def close(self):
         if self.is_open:
             self.close_ring()
-        elif self._fast_switch:
-            _gil_switch.leave()
-            self._fast_switch = False
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.staging = None

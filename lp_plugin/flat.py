@@ -147,27 +147,27 @@ class LayerSlots:
         return Binding(self, views, qstates)
 
 
-def _meta_quant_state(qs):
-    """A copy of a bitsandbytes QuantState whose tensors are meta placeholders of the same shape
-    and dtype (a template for :func:`_rebind_quant_state`, holding no memory)."""
+def _map_quant_state(qs, fn, prefix=""):
+    """A copy of a bitsandbytes QuantState (nested ``state2`` too) whose tensors are ``fn(path,
+    tensor)``, ``path`` as :func:`_qs_tensor_paths` names it (``absmax``, ``state2.code``, ...)."""
     new = copy.copy(qs)
     for name in _QS_TENSORS:
         t = getattr(qs, name, None)
         if isinstance(t, torch.Tensor):
-            setattr(new, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+            setattr(new, name, fn(prefix + name, t))
     if getattr(qs, "state2", None) is not None:
-        new.state2 = _meta_quant_state(qs.state2)
+        new.state2 = _map_quant_state(qs.state2, fn, prefix + "state2.")
     return new
+
+
+def _meta_quant_state(qs):
+    """A template for rebinding: ``qs`` with meta tensors of the same shape and dtype (no memory)."""
+    return _map_quant_state(qs, lambda _, t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
 def _rebind_quant_state(qs, views, prefix):
-    new = copy.copy(qs)
-    for name in _QS_TENSORS:
-        if isinstance(getattr(qs, name, None), torch.Tensor):
-            setattr(new, name, views[prefix + name])
-    if getattr(qs, "state2", None) is not None:
-        new.state2 = _rebind_quant_state(qs.state2, views, prefix + "state2.")
-    return new
+    """``qs`` with its tensors taken from ``views`` (keys ``prefix + path``)."""
+    return _map_quant_state(qs, lambda path, _: views[prefix + path])
 
 
 def view(flat: torch.Tensor, e: Entry) -> torch.Tensor:

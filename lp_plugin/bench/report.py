@@ -34,10 +34,9 @@ def _paired(res, other, key):
     runs_b = b.get("runs") if isinstance(b, dict) else None
     if not runs_a or not runs_b or len(runs_a) != len(runs_b) or not all(runs_b):
         return None
-    r = sorted(x / y for x, y in zip(runs_a, runs_b))
-    mid = len(r) // 2
-    med = r[mid] if len(r) % 2 else (r[mid - 1] + r[mid]) / 2
-    return {"median": med, "min": r[0], "max": r[-1], "runs": [x / y for x, y in zip(runs_a, runs_b)]}
+    from .runner import stat  # stdlib only at import time
+
+    return stat([x / y for x, y in zip(runs_a, runs_b)])
 
 
 def derive(out: dict) -> dict:
@@ -135,11 +134,12 @@ def goals(out: dict) -> list:
 
 
 def _paired_or(ratios, key):
-    """The round-by-round ratio where the run has one, else the ratio of medians; and which it is."""
+    """The round-by-round ratio where the run has one, else the ratio of medians (None without
+    one); and which it is."""
     p = ratios.get(f"{key}_paired")
     if p is not None:
         return p["median"], " (median of per-round ratios)"
-    return ratios[key], ""
+    return ratios.get(key), ""
 
 
 # ----------------------------------------------------------------------------- terminal table
@@ -196,11 +196,11 @@ def format_table(out: dict) -> str:
             _fmt(c.get("perplexity"), "e"),
             _fmt(c.get("bytes_per_forward"), "mib"),
             _fmt(c.get("transfer_bound_tok_s"), "f", 1),
-            _fmt(_paired_or(r, "decode_vs_baseline")[0] if r.get("decode_vs_baseline") is not None else None, "x"),
+            _fmt(_paired_or(r, "decode_vs_baseline")[0], "x"),
             _fmt(r.get("decode_vs_transfer_bound"), "x"),
             _fmt(r.get("decode_vs_accelerate_cpu"), "x"),
             _fmt(r.get("peak_vs_budget"), "x"),
-            _fmt(_paired_or(r, "decode_vs_cpu_tier")[0] if r.get("decode_vs_cpu_tier") is not None else None, "x"),
+            _fmt(_paired_or(r, "decode_vs_cpu_tier")[0], "x"),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     sep = "  "

@@ -434,7 +434,8 @@ class _Setup:
             return
         tier = getattr(self.handle, "tier", None)
         if hasattr(tier, "drop_page_cache"):
-            tier.drop_page_cache()  # also unmaps the pages the tier has mapped (else they stay cached)
+            tier.drop_page_cache()  # also unmaps the pages it has mapped (else they stay cached)
+            return
         for root, _dirs, files in os.walk(self.folder):
             for f in files:
                 path = os.path.join(root, f)
