@@ -27,7 +27,7 @@ GiB = 1024**3
 
 def _qconfig(dtype):
     if dtype == "nf4":
-        from lp_plugin.shapes import nf4_config
+        from lp_plugin.quant import nf4_config
 
         return {"quantization_config": nf4_config()}
     return {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]}

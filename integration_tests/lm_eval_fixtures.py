@@ -16,35 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-VOCAB = 49152
-TINY_LAYERS = 8  # protect_first=2, protect_last=3 -> offload=even picks layers 2 and 4
 TINY_MAX_POSITIONS = 128  # small context: a pydoc topic needs several rolling windows
-
-TINY_CONFIGS = {
-    # Qwen2.5-style: GQA, qkv bias, tied embeddings
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        tie_word_embeddings=True,
-        rope_theta=1000000.0,
-    ),
-    # Llama-style: untied lm_head
-    "llama": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        tie_word_embeddings=False,
-    ),
-}
 
 
 def tokenizer_dir() -> str:
@@ -55,39 +27,15 @@ def tokenizer_dir() -> str:
 
 
 def build_tiny_model(kind: str, out_dir, seed: int = 0, initializer_range: float = 0.2) -> str:
-    """Save a random ``kind`` ("qwen2" or "llama") checkpoint (float32 safetensors) plus the
-    bundled tokenizer into ``out_dir`` and return it. Deterministic for a given seed.
+    """Save a random tiny ``kind`` checkpoint (one of :data:`shapes.ARCHS`, float32) with the bundled
+    tokenizer into ``out_dir`` and return it. Deterministic for a given seed.
 
     ``initializer_range`` is larger than usual so that the layers matter: perplexity then moves
     visibly when a layer is scaled (alpha<1) or dropped (alpha=0)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from shapes import save_tiny
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file():
-        return str(out)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    spec = dict(TINY_CONFIGS[kind])
-    model_type = spec.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        initializer_range=initializer_range,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        **spec,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return str(out)
+    return save_tiny(kind, out_dir, seed=seed, tokenizer_dir=tokenizer_dir(), initializer_range=initializer_range,
+                     max_positions=TINY_MAX_POSITIONS)
 
 
 # ---------------------------------------------------------------------------- running lm_eval

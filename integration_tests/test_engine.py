@@ -182,7 +182,7 @@ def test_accelerate_dispatched_model_is_upgraded_and_restored(tmp_path, device, 
     from accelerate import dispatch_model
     from conftest import build_tiny
 
-    from lp_plugin.engine import accelerate_offload_hooks
+    from lp_plugin.accel import offload_hooks as accelerate_offload_hooks
 
     if accel_tier == "cpu" and not device.startswith("cuda"):
         pytest.skip("Accelerate adds no cpu-offload hooks when the main device is the cpu itself")
@@ -311,7 +311,7 @@ def test_nf4_standby_holds_no_tensor_outside_the_tier(tiny_checkpoints, mode):
                                       main_device="cpu", quantization_config=_nf4())
     handle = lp_plugin.get_handle(model)
     for layer in handle.layers:
-        host = handle.tier.host_buffer(layer.index)
+        host = handle.tier.host_view(layer.key)
         lo, hi = host.data_ptr(), host.data_ptr() + host.numel()
         reached = []
         for module in layer.module.modules():

@@ -15,7 +15,7 @@ import lp_plugin
 from lp_plugin import plugins
 from lp_plugin.errors import OffloadSpecError
 from lp_plugin.hookspecs import hookimpl
-from lp_plugin.specs import OffloadPolicy
+from lp_plugin.policies import OffloadPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "entry_points" / "lp-plugin-every-third"
@@ -44,7 +44,7 @@ def test_installed_plugin_policy_is_used_by_name(installed_example):
         "ref = m(ids).logits\n"
         "h = lp_plugin.attach(m, offload='every-third')\n"
         "print(json.dumps({'layers': h.info()['layers'], 'exact': bool(torch.equal(m(ids).logits, ref)),"
-        " 'policies': sorted(lp_plugin.plugins.get_policies())}))\n"
+        " 'policies': sorted(lp_plugin.plugins.policies())}))\n"
     ) % str(Path(__file__).parent)
     proc = _run(code, installed_example)
     assert proc.returncode == 0, proc.stderr
@@ -61,7 +61,7 @@ def test_without_the_plugin_the_name_is_unknown_and_the_error_lists_choices():
 
 
 def test_builtins_are_registered_through_the_hooks():
-    assert sorted(plugins.get_policies()) >= ["all", "even", "none", "odd"]
+    assert sorted(plugins.policies()) >= ["all", "even", "none", "odd"]
     assert plugins.tier_names() == sorted(set(plugins.tier_names()) | {"cpu", "disk"})
     assert plugins.pm.get_plugin("builtins") is not None or any(
         getattr(p, "__name__", "") == "lp_plugin.builtins" for p in plugins.pm.get_plugins())
@@ -87,19 +87,18 @@ class _BadObject:
 
 @pytest.mark.parametrize("plugin,error,match", [
     (_Clash(), OffloadSpecError, "offload policy 'even' is registered twice"),
-    (_BadObject(), TypeError, "register an instance of lp_plugin.specs.OffloadPolicy"),
+    (_BadObject(), TypeError, "register an instance of lp_plugin.policies.OffloadPolicy"),
 ])
 def test_bad_registrations_are_refused(plugin, error, match):
     plugins.reset_for_tests()
     try:
-        plugins._load()
-        plugins.pm.register(plugin, name="bad-plugin")
-        plugins._policies = None  # registries are rebuilt from every registered plugin
+        plugins.load()
+        plugins.pm.register(plugin, name="bad-plugin")  # registries are built from every registered plugin
         with pytest.raises(error, match=match):
-            plugins.get_policies()
+            plugins.policies()
     finally:
         plugins.reset_for_tests()
-    assert "even" in plugins.get_policies()  # a clean reload works again
+    assert "even" in plugins.policies()  # a clean reload works again
 
 
 def test_policy_subclass_must_name_itself():

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lp_plugin.devicemap import residual_offload_device_map
+from lp_plugin.plan import residual_offload_device_map
 from lp_plugin.errors import OffloadSpecError
-from lp_plugin.specs import resolve_layers
+from lp_plugin.plan import resolve_layers
 
 SETTINGS = settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 POLICIES = ("even", "odd", "all", "none")
@@ -256,7 +256,8 @@ def test_nf4_load_map_quantizes_exactly_the_resident_layers(case, arch):
     from transformers.integrations.accelerate import expand_device_map
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from lp_plugin.loading import bnb_safe_device_map
+    from lp_plugin.config import OffloadConfig
+    from lp_plugin.plan import OffloadPlan
 
     n, pf, pl, spec = case
     config = _config(arch, n)
@@ -264,7 +265,8 @@ def test_nf4_load_map_quantizes_exactly_the_resident_layers(case, arch):
         layers = resolve_layers(spec, n, pf, pl)
     except OffloadSpecError:
         return
-    dmap = bnb_safe_device_map(config, residual_offload_device_map(config, spec, "cpu", 0, pf, pl), layers)
+    plan = OffloadPlan.for_config(config, OffloadConfig(offload=spec, protect_first=pf, protect_last=pl, main_device=0))
+    dmap = plan.split_device_map(plan.device_map("cpu"))
     keys_on_cpu = [k for k, v in dmap.items() if v in ("cpu", "disk")]
     linears = {n_.removesuffix(".weight") for n_ in _meta_names(arch, n) if n_.endswith("proj.weight")}
     assert linears

@@ -1,4 +1,5 @@
-"""Architecture discovery: where a decoder-only HF model keeps its decoder layers.
+"""Architecture discovery: where a decoder-only HF model keeps its decoder layers, and the
+top-level modules around them.
 
 Supported: models whose decoder layers sit in one ``nn.ModuleList`` under the base model
 (``model.layers`` for Qwen2, Llama, Mistral, ...; ``transformer.h`` / ``gpt_neox.layers`` style
@@ -31,38 +32,34 @@ def find_decoder_layers(model):
     )
 
 
-def num_layers_of(model_or_config) -> int:
-    config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    if not isinstance(n, int) or n <= 0:
-        raise AttachError(f"config {type(config).__name__} has no num_hidden_layers; lp_plugin needs a decoder-only causal LM config")
-    return n
+def text_config(config):
+    """The text part of a (possibly multimodal) transformers config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def module_keys_from_config(config):
-    """Device-map keys of a decoder-only model built from ``config`` without allocating weights:
-    ``(layer_prefix, [top-level keys other than the layer list], num_layers)``."""
+def skeleton(config):
+    """The causal LM of ``config`` on the meta device: module names and shapes, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
         raise AttachError(f"cannot build a causal LM from config {type(config).__name__}: {exc}") from exc
-    return module_keys(model)
+
+
+def holds_tensors(module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def module_keys(model):
-    """``(layer_prefix, other_keys, num_layers)`` of a model instance. ``other_keys`` are the
-    leaf-most named children that hold parameters or buffers (embeddings, norm, rotary, lm_head)
-    and are not the decoder layer list or one of its ancestors."""
+    """``(layer_prefix, other_keys, num_layers)`` of a model (also on the meta device). ``other_keys``
+    are the leaf-most named children that hold parameters or buffers (embeddings, norm, rotary,
+    lm_head) and are neither the decoder layer list nor one of its ancestors."""
     prefix, layers = find_decoder_layers(model)
-    ancestors = set()
     parts = prefix.split(".")
-    for i in range(1, len(parts)):
-        ancestors.add(".".join(parts[:i]))
+    ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
     other = []
 
     def visit(module, name):
@@ -72,7 +69,7 @@ def module_keys(model):
                 continue
             if full in ancestors:
                 visit(child, full)
-            elif any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+            elif holds_tensors(child):
                 other.append(full)
         # direct parameters/buffers of an ancestor module get their own key
         for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .specs import AllPolicy, EvenPolicy, NonePolicy, OddPolicy
+from .policies import AllPolicy, EvenPolicy, NonePolicy, OddPolicy
 
 
 @hookimpl

@@ -179,12 +179,17 @@ def view(flat: torch.Tensor, e: Entry) -> torch.Tensor:
 
 
 class Binding:
-    """A precomputed assignment of a layer's slots to one set of views; ``apply()`` is the hot path."""
+    """A precomputed assignment of a layer's slots to one set of views; ``apply()`` is the hot path.
 
-    __slots__ = ("pairs", "buffers", "qpairs", "views")
+    On the CPU, bitsandbytes' first 4-bit forward repacks a weight for its CPU kernel and changes the
+    weight's QuantState in place (absmax, nested, a packing flag); a binding of host views therefore
+    hands out a fresh shallow copy of each QuantState every time it is applied."""
+
+    __slots__ = ("pairs", "buffers", "qpairs", "views", "fresh_qs")
 
     def __init__(self, slots: LayerSlots, views: dict, qstates: dict):
         self.views = views
+        self.fresh_qs = any(v.device.type == "cpu" for v in views.values())
         self.pairs = [(m._parameters[n], views[k]) for m, n, k in slots.params]
         self.buffers = [(m._buffers, n, views[k]) for m, n, k in slots.buffers]
         self.qpairs = []
@@ -197,6 +202,8 @@ class Binding:
         for bufs, n, v in self.buffers:
             bufs[n] = v
         for module, p, qs in self.qpairs:
+            if self.fresh_qs:
+                qs = copy.copy(qs)
             p.quant_state = qs
             if module.__dict__.get("quant_state") is not None:  # a plain attribute: skip Module.__setattr__
                 module.__dict__["quant_state"] = qs

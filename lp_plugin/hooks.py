@@ -1,53 +1,94 @@
-"""Accelerate ``ModelHook`` subclasses installed on offloaded decoder layers. Each does one thing:
+"""Accelerate ``ModelHook``s on offloaded and dropped decoder layers, and how they are added and
+removed by name. Each hook is a thin caller of the engine and owns its own setup and teardown:
 
-* :class:`ResidualHook` turns the layer's output ``L(x)`` into ``x + alpha * (L(x) - x)``
-  (installed only for ``0 < alpha < 1``; at ``alpha == 1`` nothing touches the output, so the
-  result is ``L(x)`` bit for bit).
-* :class:`SessionGuardHook` (session mode) refuses to run a layer outside a session.
-* :class:`StreamHook` asks the stream engine for the layer's weights before the forward and hands
-  its GPU slot back after it.
+* :class:`SessionHook` (session mode): refuses to run a layer whose weights are not resident.
+* :class:`StreamHook` (stream mode): takes the layer's weights from the ring before its forward
+  and hands the slot back after it.
+* :class:`ResidualHook` (``0 < alpha < 1``): the output ``L(x)`` becomes ``x + alpha * (L(x) - x)``;
+  at ``alpha == 1`` nothing touches the output, so it is ``L(x)`` bit for bit.
+* :class:`SkipHook` (``alpha == 0``): the layer is not run; its output is its input.
 
-They are chained after any hook already there with ``add_hook_to_module(..., append=True)``.
-Dropped layers (``alpha == 0``) are not hooked: their ``forward`` is replaced by
-:func:`skip_forward`, so they are never run and their weights never move.
+Hooks are chained after any hook already on the module (``add_hook_to_module(..., append=True)``)
+and removed without disturbing the others. Every hook keeps a reference to the offload handle, so
+``copy.deepcopy`` of an attached model reaches the handle and gets its clear error.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from accelerate.hooks import ModelHook
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+
+from .errors import AttachError
+
+PREFIX = "lp_plugin."
 
 
-def _hidden_states_arg(args, kwargs):
-    if args:
-        return args[0]
-    return kwargs["hidden_states"]
+def _hidden_states(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
 
 
-class ResidualHook(ModelHook):
-    """``out = x + alpha * (L(x) - x)`` for the layer's hidden states, shape [batch, seq, hidden]."""
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
-    def __init__(self, alpha: float):
+
+class _Hook(ModelHook):
+    name = ""
+
+    def __init__(self, handle):
         super().__init__()
-        self.alpha = alpha
-        self._inputs = []  # stack: a layer may be re-entered (e.g. gradient checkpointing)
+        self.handle = handle
+
+
+class _GradGuard:
+    """Gradients through an offloaded layer are right only while its weights stay where the forward
+    read them: a backward that reaches the layer raises unless the session that ran the forward is
+    still open (session mode; stream mode reuses the ring at once)."""
+
+    def _guard(self, layer, output):
+        if not (torch.is_grad_enabled() and layer.trainable):
+            return
+        out = _first(output)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(functools.partial(_backward_check, self.handle, self.handle.grad_token(), layer.index))
+
+
+def _backward_check(handle, token, index, grad):
+    if token is None or not handle.grad_token_valid(token):
+        raise AttachError(
+            f"backward reached offloaded layer {index} after its weights left the device, so its gradients would be "
+            "wrong; in mode='session' run forward and backward inside one `with lp_plugin.session(model):` block "
+            "(stream mode does not support gradients), or detach() before training"
+        )
+    return grad
+
+
+class SessionHook(_Hook, _GradGuard):
+    name = PREFIX + "session"
+
+    def __init__(self, handle, layer):
+        super().__init__(handle)
+        self.layer = layer
 
     def pre_forward(self, module, *args, **kwargs):
-        self._inputs.append(_hidden_states_arg(args, kwargs))
+        if not self.handle.resident:
+            raise AttachError(
+                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on the device; "
+                "call the model itself, or wrap the call in `with lp_plugin.session(model):`"
+            )
         return args, kwargs
 
     def post_forward(self, module, output):
-        x = self._inputs.pop()
-        if isinstance(output, tuple):
-            return (torch.lerp(x.to(output[0].dtype), output[0], self.alpha),) + tuple(output[1:])
-        return torch.lerp(x.to(output.dtype), output, self.alpha)
+        self._guard(self.layer, output)
+        return output
 
 
-class StreamHook(ModelHook):
-    """Bind the layer to a GPU ring slot before its forward; free the slot after it."""
+class StreamHook(_Hook, _GradGuard):
+    name = PREFIX + "stream"
 
-    def __init__(self, streamer, position: int):
-        super().__init__()
+    def __init__(self, handle, streamer, position: int):
+        super().__init__(handle)
         self.streamer = streamer
         self.position = position  # index of this layer among the streamed layers, in execution order
 
@@ -57,31 +98,83 @@ class StreamHook(ModelHook):
 
     def post_forward(self, module, output):
         self.streamer.release(self.position)
+        self._guard(self.streamer.layers[self.position], output)
         return output
 
 
-class SessionGuardHook(ModelHook):
-    """Session mode: refuse to run an offloaded layer whose weights are not resident (a layer
-    called directly, bypassing the model forward that opens a session)."""
+class ResidualHook(_Hook):
+    """``out = x + alpha * (L(x) - x)`` for the layer's hidden states, shape [batch, seq, hidden]."""
 
-    def __init__(self, handle, index: int):
-        super().__init__()
-        self.handle = handle
-        self.index = index
+    name = PREFIX + "residual"
+
+    def __init__(self, handle, alpha: float):
+        super().__init__(handle)
+        self.alpha = alpha
+        self._inputs = []  # a stack: a layer may be re-entered (gradient checkpointing)
 
     def pre_forward(self, module, *args, **kwargs):
-        if not self.handle.in_session:
-            from .errors import AttachError
-
-            raise AttachError(
-                f"offloaded layer {self.index} was called outside a session, so its weights are not on the device; "
-                "call the model itself, or wrap the call in `with lp_plugin.session(model):`"
-            )
+        self._inputs.append(_hidden_states(args, kwargs))
         return args, kwargs
+
+    def post_forward(self, module, output):
+        x = self._inputs.pop()
+        if isinstance(output, tuple):
+            return (torch.lerp(x.to(output[0].dtype), output[0], self.alpha),) + tuple(output[1:])
+        return torch.lerp(x.to(output.dtype), output, self.alpha)
+
+
+class SkipHook(_Hook):
+    """The layer is not run: while the hook is on, Accelerate's wrapper calls :func:`skip_forward`
+    instead of the layer's own forward (swapped in ``init_hook``, swapped back in ``detach_hook``)."""
+
+    name = PREFIX + "skip"
+
+    def init_hook(self, module):
+        self._forward = module._old_forward
+        module._old_forward = skip_forward
+        return module
+
+    def detach_hook(self, module):
+        module._old_forward = self._forward
+        return module
 
 
 def skip_forward(hidden_states=None, *args, **kwargs):
     """The forward of a dropped layer: its output is its input (``x + 0 * (L(x) - x)``)."""
-    if hidden_states is None:
-        hidden_states = kwargs["hidden_states"]
-    return hidden_states
+    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+
+
+# -------------------------------------------------------------------------------- registration by name
+def _chain(module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(hook.hooks) if isinstance(hook, SequentialHook) else [hook]
+
+
+def add(module, hook) -> None:
+    """Chain ``hook`` after the hooks already on ``module``."""
+    add_hook_to_module(module, hook, append=True)
+
+
+def names(module) -> list:
+    return [getattr(h, "name", type(h).__name__) for h in _chain(module)]
+
+
+def remove(module) -> None:
+    """Remove lp_plugin's hooks from ``module`` (each runs its own ``detach_hook``); any other hook
+    stays on, untouched."""
+    chain = _chain(module)
+    ours = [h for h in chain if isinstance(h, _Hook)]
+    if not ours:
+        return
+    others = [h for h in chain if not isinstance(h, _Hook)]
+    if not others:
+        remove_hook_from_module(module)
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+            del module.forward  # the class's own forward again, as before any hook
+        return
+    for hook in reversed(ours):
+        hook.detach_hook(module)
+    module._hf_hook = others[0] if len(others) == 1 else SequentialHook(*others)

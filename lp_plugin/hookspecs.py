@@ -15,7 +15,7 @@ hookimpl = pluggy.HookimplMarker("lp_plugin")
 
 @hookspec
 def register_policies(register):
-    """Contribute offload policies: ``register(policy)`` with an ``lp_plugin.specs.OffloadPolicy``
+    """Contribute offload policies: ``register(policy)`` with an ``lp_plugin.policies.OffloadPolicy``
     instance. Its ``name`` becomes a valid ``offload=`` spec."""
 
 

@@ -159,19 +159,6 @@ def build_shape_model(name: str, dtype="bf16", device="cpu", seed: int = 0):
     return model
 
 
-def nf4_config(compute_dtype=None):
-    """The bitsandbytes NF4 config used throughout lp_plugin (double quant, bf16 compute)."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
 def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
     """The named shape, seeded random-init in bf16, then quantized to NF4 the way users get it.
 
@@ -188,6 +175,8 @@ def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
 
     import torch
     from transformers import AutoModelForCausalLM
+
+    from .quant import nf4_config
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

@@ -28,7 +28,6 @@ import os
 import struct
 import sys
 import tempfile
-import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
@@ -73,21 +72,31 @@ class Tier(ABC):
         self.model_tag = model_tag
 
     @abstractmethod
-    def put(self, index: int, flat: torch.Tensor, layout: list, sha256: str) -> None:
-        """Store layer ``index`` whose packed bytes are ``flat`` (host uint8, may be reused by the
-        caller afterwards unless :meth:`host_buffer` returns it)."""
+    def put(self, key: str, flat: torch.Tensor, layout: list, sha256: str) -> None:
+        """Store one offloaded unit (``key``: ``layer_00004``) whose packed bytes are ``flat`` (host
+        uint8, pinned when the tier pins). The tier may keep ``flat`` itself (the cpu tier does)."""
 
     @abstractmethod
-    def read_into(self, index: int, dst: torch.Tensor) -> None:
-        """Copy layer ``index``'s bytes into the host uint8 tensor ``dst``."""
+    def host_view(self, key: str) -> torch.Tensor:
+        """A host uint8 tensor holding the unit's bytes, valid until :meth:`close`: what the model's
+        offloaded tensors point at between uses, so everything the model hands out (``state_dict``,
+        ``named_parameters``) is the real weights. Writes through it change memory, never a file."""
 
-    def host_buffer(self, index: int):
-        """The host buffer holding layer ``index`` if the tier keeps one, else ``None``."""
-        return None
-
-    def wants_flat_ownership(self) -> bool:
-        """True when ``put`` keeps the ``flat`` buffer it is given (so the caller allocates a fresh one each time)."""
+    def direct(self, key: str) -> bool:
+        """True when :meth:`host_view` is itself the source of transfers (the cpu tier: pinned when
+        there is a GPU); else they go through a pinned staging buffer filled by :meth:`read_into`."""
         return False
+
+    def read_into(self, key: str, dst: torch.Tensor) -> None:
+        """Copy the unit's bytes into the host uint8 tensor ``dst`` (after :meth:`check`)."""
+        self.check(key)
+        src = self.host_view(key)
+        if dst.numel() != src.numel():
+            raise OffloadFileError(f"{describe(key)}: destination holds {dst.numel()} bytes, the tier {src.numel()}")
+        dst.copy_(src)
+
+    def check(self, key: str) -> None:
+        """Raise :class:`OffloadFileError` if what backs ``key`` changed since it was verified."""
 
     def close(self) -> None:
         """Release what the tier holds (called on detach and on a failed attach)."""
@@ -100,24 +109,27 @@ class CpuTier(Tier):
         super().__init__(**kw)
         self._buffers: dict = {}
 
-    def wants_flat_ownership(self) -> bool:
+    def put(self, key, flat, layout, sha256):
+        self._buffers[key] = flat
+
+    def host_view(self, key):
+        return self._buffers[key]
+
+    def direct(self, key):
         return True
-
-    def put(self, index, flat, layout, sha256):
-        self._buffers[index] = flat
-
-    def read_into(self, index, dst):
-        dst.copy_(self._buffers[index])
-
-    def host_buffer(self, index):
-        return self._buffers[index]
 
     def close(self):
         self._buffers.clear()
 
 
-def _layer_file(folder: str, index: int) -> str:
-    return os.path.join(folder, f"layer_{index:05d}.safetensors")
+def describe(key: str) -> str:
+    """How messages name a unit: ``layer_00004`` is "layer 4"."""
+    kind, _, number = key.rpartition("_")
+    return f"{kind} {int(number)}" if kind and number.isdigit() else key
+
+
+def _layer_file(folder: str, key: str) -> str:
+    return os.path.join(folder, f"{key}.safetensors")
 
 
 def _safetensors_header(nbytes: int, metadata: dict) -> bytes:
@@ -154,6 +166,7 @@ def read_header(fh) -> tuple:
 
 class DiskTier(Tier):
     name = "disk"
+    needs_folder = True
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -170,8 +183,8 @@ class DiskTier(Tier):
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OffloadFileError(f"offload_folder {folder!r} is not writable; pass a writable folder (or fix its permissions)")
         self.offload_folder = folder
-        self._files: dict = {}  # index -> _Mapped
-        self.report: dict = {}  # index -> "reused" | "written" | "rebuilt: <why>"
+        self._files: dict = {}  # key -> _Mapped
+        self.report: dict = {}  # key -> "reused" | "written" | "rebuilt: <why>"
 
     @contextmanager
     def _folder_lock(self):
@@ -185,15 +198,15 @@ class DiskTier(Tier):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def _check_existing(self, path, index, layout, sha256, scratch):
-        """Return None if ``path`` holds exactly this layer, else the reason it cannot be used."""
+    def _check_existing(self, path, key, layout, sha256, scratch):
+        """Return None if ``path`` holds exactly this unit, else the reason it cannot be used."""
         if not os.path.exists(path):
             return "missing"
         try:
             with open(path, "rb") as fh:
                 meta, start, nbytes = read_header(fh)
-                if json.loads(meta.get("layout", "null")) != layout or meta.get("layer") != str(index):
-                    return f"foreign (made from a different model or layer: {meta.get('model', '?')} layer {meta.get('layer', '?')})"
+                if json.loads(meta.get("layout", "null")) != layout or meta.get("layer") != key:
+                    return "foreign (made from a different model or layer)"
                 if meta.get("source_sha256") != sha256:
                     return "stale (the source weights changed since it was written)"
                 if nbytes != scratch.numel():
@@ -213,31 +226,31 @@ class DiskTier(Tier):
             return f"unreadable ({exc.strerror})"
         return None
 
-    def put(self, index, flat, layout, sha256):
-        path = _layer_file(self.offload_folder, index)
+    def put(self, key, flat, layout, sha256):
+        path = _layer_file(self.offload_folder, key)
         with self._folder_lock():
-            # temp files of this layer seen under the lock belong to a writer that died (kill -9)
+            # temp files of this unit seen under the lock belong to a writer that died (kill -9)
             for name in os.listdir(self.offload_folder):
-                if name.startswith(f".layer_{index:05d}.") and name.endswith(".tmp"):
+                if name.startswith(f".{key}.") and name.endswith(".tmp"):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.offload_folder, name))
             scratch = torch.empty_like(flat)
-            why = self._check_existing(path, index, layout, sha256, scratch)
+            why = self._check_existing(path, key, layout, sha256, scratch)
             del scratch
             if why is None:
-                self.report[index] = "reused"
+                self.report[key] = "reused"
             else:
                 if why != "missing":
-                    log.warning("lp_plugin: offload file for layer %d at %s is %s; rebuilding it from the source weights", index, path, why)
-                self._write(path, index, flat, layout, sha256)
-                self.report[index] = "written" if why == "missing" else f"rebuilt: {why}"
-            self._open(index, path, sha256, layout)
+                    log.warning("lp_plugin: offload file %s is %s; rebuilding it from the source weights", path, why)
+                self._write(path, key, flat, layout, sha256)
+                self.report[key] = "written" if why == "missing" else f"rebuilt: {why}"
+            self._open(key, path, sha256)
 
-    def _write(self, path, index, flat, layout, sha256):
-        meta = {"format": FORMAT, "layer": str(index), "model": self.model_tag, "layout": layout,
+    def _write(self, path, key, flat, layout, sha256):
+        meta = {"format": FORMAT, "layer": key, "model": self.model_tag, "layout": layout,
                 "source_sha256": sha256}
         header = _safetensors_header(flat.numel(), meta)
-        fd, tmp = tempfile.mkstemp(prefix=f".layer_{index:05d}.", suffix=".tmp", dir=self.offload_folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.offload_folder)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(header)
@@ -257,44 +270,47 @@ class DiskTier(Tier):
                 pass
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OffloadResourceError(
-                    f"out of disk space in {self.offload_folder!r} while writing layer {index} "
+                    f"out of disk space in {self.offload_folder!r} while writing {describe(key)} "
                     f"({flat.numel() / _GiB:.2f} GiB); free space there or pass another offload_folder"
                 ) from exc
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise OffloadFileError(f"cannot write to offload_folder {self.offload_folder!r} ({exc.strerror}); pass a writable folder") from exc
-            raise OffloadFileError(f"writing layer {index} to {self.offload_folder!r} failed: {exc}") from exc
+            raise OffloadFileError(f"writing {describe(key)} to {self.offload_folder!r} failed: {exc}") from exc
 
-    def _open(self, index, path, sha256, layout):
+    def _open(self, key, path, sha256):
         fh = open(path, "rb")  # kept open: a later replacement of the path cannot change what we read
         try:
             meta, start, nbytes = read_header(fh)
             if meta.get("source_sha256") != sha256:
-                raise OffloadFileError(f"layer {index}: {path} changed while it was being opened; retry")
+                raise OffloadFileError(f"{describe(key)}: {path} changed while it was being opened; retry")
             size = os.fstat(fh.fileno()).st_size
             if size < start + nbytes:
-                raise OffloadFileError(f"layer {index}: {path} was truncated while it was being opened; retry")
-            self._files[index] = _Mapped(fh, start, nbytes)
+                raise OffloadFileError(f"{describe(key)}: {path} was truncated while it was being opened; retry")
+            self._files[key] = _Mapped(fh, start, nbytes)
         except BaseException:
             fh.close()
             raise
 
-    def read_into(self, index, dst):
-        """Copy layer ``index`` into the host uint8 tensor ``dst`` from its mapped file."""
-        entry = self._files.get(index)
+    def host_view(self, key):
+        return self._entry(key).data
+
+    def _entry(self, key):
+        entry = self._files.get(key)
         if entry is None:
-            raise OffloadFileError(f"layer {index} is not in this disk tier")
-        if dst.numel() != entry.nbytes:
-            raise OffloadFileError(f"layer {index}: destination holds {dst.numel()} bytes, the file {entry.nbytes}")
-        # reading a mapped page past the end of a truncated file would kill the process (SIGBUS):
-        # check first (one fstat; a truncation racing with the copy itself is not caught)
+            raise OffloadFileError(f"{describe(key)} is not in this disk tier")
+        return entry
+
+    def check(self, key):
+        """Reading a mapped page past the end of a truncated file would kill the process (SIGBUS):
+        one fstat before each use (a truncation racing with the copy itself is not caught)."""
+        entry = self._entry(key)
         size = os.fstat(entry.fh.fileno()).st_size
         if size < entry.start + entry.nbytes:
             raise OffloadFileError(
-                f"layer {index}: {entry.fh.name} holds {max(0, size - entry.start)} of its {entry.nbytes} bytes: the file "
-                "was truncated after attach, and it was the only copy of this layer's weights; reload the "
+                f"{describe(key)}: {entry.fh.name} holds {max(0, size - entry.start)} of its {entry.nbytes} bytes: the file "
+                "was truncated after attach, and it was the only copy of these weights; reload the "
                 "model (lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds the file"
             )
-        dst.copy_(entry.data)
 
     def drop_page_cache(self) -> None:
         """Unmap this tier's file pages and evict them from the page cache, so that the next read of
@@ -318,7 +334,9 @@ class _Mapped:
 
     def __init__(self, fh, start, nbytes):
         self.fh, self.start, self.nbytes = fh, start, nbytes
-        self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if nbytes else None
+        # copy-on-write: the model's tensors point here in standby, so a write through them must
+        # change memory only (a read-only map would crash the process), never the file
+        self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if nbytes else None
         if self.map is not None:
             # map every page now (the file was just verified, so it sits in the page cache): the
             # first forward then takes no page faults; where the kernel lacks MADV_POPULATE_READ
@@ -331,9 +349,7 @@ class _Mapped:
                     break
                 except (OSError, ValueError):
                     continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "buffer is not writable": we only ever read it
-                self.data = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=start)
+            self.data = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=start)
         else:
             self.data = torch.empty(0, dtype=torch.uint8)
 

@@ -198,7 +198,9 @@ def load_model(name: str, dtype: str, device, seed: int):
     device_map = {"": device.index if _is_cuda(device) else "cpu"}
     kwargs = {}
     if dtype == "nf4":
-        kwargs["quantization_config"] = shapes.nf4_config(torch.bfloat16)
+        from lp_plugin.quant import nf4_config
+
+        kwargs["quantization_config"] = nf4_config(torch.bfloat16)
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = shapes._resolve_dtype(dtype)
@@ -359,7 +361,7 @@ class _Setup:
 
     def _attach_accelerate(self) -> None:
         from accelerate import dispatch_model
-        from lp_plugin.specs import resolve_layers
+        from lp_plugin.plan import resolve_layers
 
         if any(type(p).__name__ == "Params4bit" for p in self.model.parameters()):
             # measured: dispatch_model dies half-way (bitsandbytes QuantState on meta: "Tensor.item()

@@ -1,15 +1,15 @@
-"""Offload specs: which decoder layers go to the offload tier.
+"""Offload policies and the offload spec grammar: which decoder layers go to the offload tier.
 
 A spec is a registered policy name (built-ins: ``even``, ``odd``, ``none``, ``all``; plugins may
 add more), an explicit list ``"2,4,6"``, ranges ``"2-32:2"`` (inclusive, optional step), a mix of
 lists and ranges, or a sequence of ints. Named policies honour ``protect_first``/``protect_last``
 (defaults 2 and 3: the first two and last three layers are never offloaded); explicit layers are
-taken as given but must be in range and unique. Pure Python: no torch import.
+taken as given but must be in range and unique. Pure Python: no torch import, no plugin registry
+(:mod:`lp_plugin.plan` passes the registered policies in).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
@@ -78,15 +78,18 @@ def _parse_explicit(spec: str, num_layers: int) -> list:
     return layers
 
 
-def resolve_layers(
+def select_layers(
     spec,
     num_layers: int,
     protect_first: int = PROTECT_FIRST,
     protect_last: int = PROTECT_LAST,
+    *,
+    policies: dict,
 ) -> tuple:
     """Turn an offload spec into a sorted tuple of distinct layer indices in ``[0, num_layers)``.
 
-    ``resolve_layers("even", 36) == (2, 4, ..., 32)``; ``resolve_layers("none", n) == ()``.
+    ``select_layers("even", 36, policies=...) == (2, 4, ..., 32)``; ``"none"`` selects ``()``.
+    ``policies`` maps names to :class:`OffloadPolicy` instances (:func:`lp_plugin.plugins.policies`).
     Raises :class:`OffloadSpecError` with the fix for anything it cannot accept.
     """
     _validate_counts(num_layers, protect_first, protect_last)
@@ -94,9 +97,6 @@ def resolve_layers(
         raise OffloadSpecError("offload spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
     if isinstance(spec, str):
         text = spec.strip()
-        from .plugins import get_policies
-
-        policies = get_policies()
         if text in policies:
             lo, hi = protect_first, num_layers - 1 - protect_last
             chosen = sorted(int(i) for i in policies[text].select(num_layers, lo, hi))
@@ -140,42 +140,6 @@ def resolve_layers(
     return tuple(sorted(layers))
 
 
-def validate_alpha(alpha) -> float:
-    """alpha must be a real number in [0, 1]; returns it as float."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise OffloadSpecError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
-    alpha = float(alpha)
-    if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-        raise OffloadSpecError(f"alpha must be in [0, 1] (1 = exact offloading, 0 = drop the layers), got {alpha!r}")
-    return alpha
-
-
-MODES = ("session", "stream")
-
-
-def validate_mode(mode) -> str:
-    if mode not in MODES:
-        raise OffloadSpecError(f"unknown mode {mode!r}; choose 'session' (layers resident for a session) or 'stream' (ring of GPU buffers)")
-    return mode
-
-
-def validate_prefetch(prefetch) -> int:
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int):
-        try:
-            if isinstance(prefetch, str) and prefetch.strip().lstrip("-").isdigit():
-                prefetch = int(prefetch)
-            else:
-                raise ValueError
-        except ValueError:
-            raise OffloadSpecError(f"prefetch must be an int >= 0, got {prefetch!r}") from None
-    if prefetch < 0:
-        raise OffloadSpecError(f"prefetch must be >= 0 (layers copied ahead in stream mode), got {prefetch}")
-    return prefetch
-
-
 # ----------------------------------------------------------------------------- built-in policies
 class EvenPolicy(OffloadPolicy):
     name = "even"
@@ -195,7 +159,7 @@ class OddPolicy(OffloadPolicy):
 
 class AllPolicy(OffloadPolicy):
     name = "all"
-    description = "every layer between the protected ends"
+    description = "every layer between the protected ends (the first protect_first and last protect_last stay resident)"
 
     def select(self, num_layers, lo, hi):
         return list(range(lo, hi + 1))

@@ -1,0 +1,158 @@
+"""``OffloadedLayer``: one offloaded module, its bytes on a tier, and where its tensors point.
+
+Between uses (standby) a layer's tensors are views of the tier's host copy (pinned memory, or the
+verified file's mapping), so everything the model hands out is the real weights. ``onload_`` copies
+the bytes into a device buffer and points the tensors there; ``offload_`` points them back, first
+writing back an in-place edit made while they were on the device (tracked by the tensors' version
+counters); ``restore`` gives the module independent tensors again (detach).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import accel
+from .errors import AttachError
+from .flat import LayerSlots
+from .tiers import allocate_host, sha256_of
+
+
+class OffloadedLayer:
+    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=()):
+        self.index = index
+        self.module = module
+        self.key = key  # the tier's name for these bytes ("layer_00004")
+        self.slots = slots
+        self.nbytes = slots.nbytes
+        self.tier = tier
+        self.main_device = main_device
+        self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
+        self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
+        self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
+        self.suspended = []
+        self.standby = None
+        self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
+        self._versions = ()
+
+    # ------------------------------------------------------------------ attach
+    @classmethod
+    def pack(cls, index, module, tier, main_device, pin, key=None) -> "OffloadedLayer":
+        """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
+        hooks = accel.offload_hooks(module)
+        values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
+        meta = [n for n, p in module.named_parameters() if p.device.type == "meta" and (values is None or n not in values)]
+        if meta:
+            raise AttachError(
+                f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
+                "their values; load the model's weights before attaching"
+            )
+        slots = LayerSlots(module, values)
+        key = key or f"layer_{index:05d}"
+        flat = allocate_host(slots.nbytes, pin, f"layer {index}")
+        slots.pack_into(flat)
+        tier.put(key, flat, slots.layout_json(), sha256_of(flat))
+        return cls(index, module, key, slots, tier, main_device, hooks, held, values or ())
+
+    def install(self) -> None:
+        """Point the layer's tensors at the tier's copy (the model changes from here on)."""
+        if self.accel_hooks:
+            self.suspended = accel.take_over(self.module, self.accel_hooks, self.slots.placeholders())
+            for store, full_key, _ in self.held:
+                store.pop(full_key, None)  # the tier holds these bytes now
+        self.standby = self.slots.binding(self.tier.host_view(self.key))
+        self.standby.apply()
+        self.slots.release_sources()
+        self._record()
+
+    # ------------------------------------------------------------------ moving
+    def onload_(self, device_buf, source) -> None:
+        """Copy the layer into ``device_buf`` from the host tensor ``source`` and point it there."""
+        device_buf.copy_(source, non_blocking=source.is_pinned())
+        self.bind_(self.slots.binding(device_buf), device_buf)
+
+    def bind_(self, binding, flat) -> None:
+        binding.apply()
+        self.bound_flat = flat
+        self._record()
+
+    def offload_(self) -> None:
+        """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
+        if self.bound_flat is not None and self.edited():
+            self.tier.host_view(self.key).copy_(self.bound_flat)
+        self.standby.apply()
+        self.bound_flat = None
+        self._record()
+
+    def _record(self) -> None:
+        self._versions = tuple(t._version for t in self._tensors())
+
+    def _tensors(self):
+        for module, name, _ in self.slots.params:
+            yield module._parameters[name]
+        for module, name, _ in self.slots.buffers:
+            yield module._buffers[name]
+
+    def edited(self) -> bool:
+        """True if a tensor of the layer was changed in place since it was last bound (``with
+        torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
+        return tuple(t._version for t in self._tensors()) != self._versions
+
+    @property
+    def trainable(self) -> bool:
+        return any(module._parameters[name].requires_grad for module, name, _ in self.slots.params)
+
+    def check_intact(self) -> None:
+        """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
+        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back."""
+        for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
+            now = module._parameters.get(name)
+            if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):
+                raise AttachError(
+                    f"offloaded layer {self.index}: {key} was replaced after attach; lp_plugin keeps that layer's "
+                    "weights itself, so detach() before assigning or re-binding its tensors, then attach again"
+                )
+
+    # ------------------------------------------------------------------ detach
+    def restore(self, source) -> None:
+        """Give the module independent tensors holding its bytes (from the host tensor ``source``):
+        on the main device, or back behind the Accelerate hooks taken over at install."""
+        device = torch.device("cpu") if self.accel_hooks else self.main_device
+        restored = self.slots.binding(source, device, copy=True)
+        restored.apply()
+        if self.accel_hooks:
+            meta = self.slots.binding(None, "meta").views
+            accel.give_back(self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views)
+        self.bound_flat = None
+
+
+class Stager:
+    """Host-side source of a layer's bytes for one-off copies (session load, detach): the tier's own
+    pinned copy, or a pinned staging buffer filled from the tier (one buffer, reused)."""
+
+    def __init__(self, layers, pin: bool, device):
+        self.layers = layers
+        self.pin = pin
+        self.device = device
+        self.buf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._wait()
+        self.buf = None
+
+    def _wait(self):
+        if self.buf is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def source(self, layer) -> torch.Tensor:
+        if layer.tier.direct(layer.key) or not self.pin:
+            layer.tier.check(layer.key)
+            return layer.tier.host_view(layer.key)
+        self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
+        if self.buf is None:
+            self.buf = allocate_host(max(l.nbytes for l in self.layers), True, "a staging buffer")
+        dst = self.buf[: layer.nbytes]
+        layer.tier.read_into(layer.key, dst)
+        return dst

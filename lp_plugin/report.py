@@ -1,0 +1,45 @@
+"""What lp_plugin prints and writes: JSON-ready values, byte units, and the offload summary table
+printed at the end of an lm-eval run (a Markdown table, like lm-eval's own results table)."""
+
+from __future__ import annotations
+
+GIB = 1024**3
+
+
+def jsonable(value):
+    """``value`` with every dict key a str and every leaf a JSON scalar (anything else as its str)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+def gib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / GIB:.2f} GiB"
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def offload_table(info: dict) -> str:
+    """The offload summary of one run (``config.residual_offload`` of lm-eval's results JSON)."""
+    layers = info.get("layers") or []
+    rows = [
+        ("layers", f"{','.join(map(str, layers)) or 'none'} ({len(layers)}; offload={info.get('offload')})"),
+        ("tier / mode", f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})"),
+        ("offloaded", gib(info.get("offloaded_bytes"))),
+        ("standby VRAM", gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)"),
+        ("peak VRAM", gib(info.get("peak_inference_vram_bytes")) if info.get("peak_inference_vram_bytes") is not None else "- (cpu)"),
+        ("tokens", f"{info.get('tokens_processed', 0):,} in {info.get('forward_calls', 0):,} forwards"),
+        ("tok/s (forwards)", _rate(info.get("tokens_per_second"))),
+        ("tok/s (evaluation)", _rate(info.get("tokens_per_second_eval"))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    lines = ["", "hf-residual-offload:", f"|{'offload'.ljust(width)}|{'value'.ljust(vwidth)}|", f"|{'-' * width}|{'-' * vwidth}|"]
+    lines += [f"|{k.ljust(width)}|{v.ljust(vwidth)}|" for k, v in rows]
+    return "\n".join(lines) + "\n"
