@@ -79,7 +79,7 @@ class OffloadHandle:
 
     @property
     def layer_indices(self):
-        return [l.index for l in self.layers]
+        return [l.index for l in self.layers if not l.stand_in]
 
     def info(self) -> dict:
         c = self.config
@@ -87,8 +87,10 @@ class OffloadHandle:
         return {
             "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
             "layers": list(self.plan.selected),
-            "offloaded_layers": self.layer_indices,
+            "offloaded_layers": [l.index for l in self.layers if not l.stand_in],
             "dropped_layers": [i for i, _ in self.dropped],
+            "skipped_layers": list(self.plan.skips.layers),
+            "stand_ins": {str(l.index): type(l.module).__name__ for l in self.layers if l.stand_in},
             "tier": c.tier,
             "mode": c.mode,
             "alpha": c.alpha,
@@ -242,7 +244,8 @@ class OffloadHandle:
                 hooks.remove(module)
             with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
                 for layer in self.layers:
-                    layer.restore(stager.source(layer))
+                    if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
+                        layer.restore(stager.source(layer))
             for s in reversed(self.suspended):
                 s.restore()
             if self._device_map is not None:
@@ -273,6 +276,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         raise AttachError("this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again")
     if plan is None:
         plan = OffloadPlan.for_model(model, OffloadConfig.from_options(config, **options))
+    plan = plan.with_skips(model)
     config = plan.config
     _, layer_list = find_decoder_layers(model)
     _check_model(model, plan, layer_list)
@@ -280,10 +284,13 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     pin = plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
+    # what moves between tier and device, in execution order: offloaded layers and skipped layers' stand-ins
+    units = sorted([(i, layer_list[i], False) for i in plan.offloaded] + [(i, m, True) for i, m in plan.skips.stand_ins.items()],
+                   key=lambda unit: unit[0])
     layers = []
     try:
-        for i in plan.offloaded:
-            layers.append(OffloadedLayer.pack(i, layer_list[i], tier, plan.main_device, pin))
+        for i, module, stand_in in units:
+            layers.append(OffloadedLayer.pack(i, module, tier, plan.main_device, pin, stand_in=stand_in))
     except BaseException:
         tier.close()
         raise
@@ -309,8 +316,9 @@ def _install(handle, model, layer_list):
     if hasattr(model, "hf_device_map"):
         handle._device_map = (True, model.hf_device_map)
         model.hf_device_map = _computing_map(model.hf_device_map, plan)
-    for _, module in handle.dropped:
-        hooks.add(module, hooks.SkipHook(handle))
+    stand_ins = {l.index: l.module for l in handle.layers if l.stand_in}
+    for i, module in handle.dropped:
+        hooks.add(module, hooks.SkipHook(handle, stand_ins.get(i)))
     if config.mode == "stream" and handle.layers:
         handle.ring = Ring(handle.layers, config.prefetch, plan.main_device, handle.check_device_room)
     for pos, layer in enumerate(handle.layers):
@@ -321,7 +329,8 @@ def _install(handle, model, layer_list):
         if 0 < config.alpha < 1:
             hooks.add(layer.module, hooks.ResidualHook(handle, config.alpha))
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
-    handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers], _ancestors(model, plan.layer_prefix))
+    handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers if not l.stand_in],
+                              _ancestors(model, plan.layer_prefix))
     handle.entry.install()
 
 

@@ -18,9 +18,10 @@ from .tiers import allocate_host, sha256_of
 
 
 class OffloadedLayer:
-    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=()):
+    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
         self.module = module
+        self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
         self.key = key  # the tier's name for these bytes ("layer_00004")
         self.slots = slots
         self.nbytes = slots.nbytes
@@ -36,7 +37,7 @@ class OffloadedLayer:
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def pack(cls, index, module, tier, main_device, pin, key=None) -> "OffloadedLayer":
+    def pack(cls, index, module, tier, main_device, pin, stand_in=False) -> "OffloadedLayer":
         """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
         hooks = accel.offload_hooks(module)
         values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
@@ -47,11 +48,11 @@ class OffloadedLayer:
                 "their values; load the model's weights before attaching"
             )
         slots = LayerSlots(module, values)
-        key = key or f"layer_{index:05d}"
+        key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
         flat = allocate_host(slots.nbytes, pin, f"layer {index}")
         slots.pack_into(flat)
         tier.put(key, flat, slots.layout_json(), sha256_of(flat))
-        return cls(index, module, key, slots, tier, main_device, hooks, held, values or ())
+        return cls(index, module, key, slots, tier, main_device, hooks, held, values or (), stand_in)
 
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""

@@ -125,13 +125,18 @@ class ResidualHook(_Hook):
 
 class SkipHook(_Hook):
     """The layer is not run: while the hook is on, Accelerate's wrapper calls :func:`skip_forward`
-    instead of the layer's own forward (swapped in ``init_hook``, swapped back in ``detach_hook``)."""
+    instead of the layer's own forward (swapped in ``init_hook``, swapped back in ``detach_hook``),
+    which runs the layer's stand-in if it has one."""
 
     name = PREFIX + "skip"
 
+    def __init__(self, handle, stand_in=None):
+        super().__init__(handle)
+        self.stand_in = stand_in
+
     def init_hook(self, module):
         self._forward = module._old_forward
-        module._old_forward = skip_forward
+        module._old_forward = functools.partial(skip_forward, self.stand_in)
         return module
 
     def detach_hook(self, module):
@@ -139,9 +144,10 @@ class SkipHook(_Hook):
         return module
 
 
-def skip_forward(hidden_states=None, *args, **kwargs):
-    """The forward of a dropped layer: its output is its input (``x + 0 * (L(x) - x)``)."""
-    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+def skip_forward(stand_in, hidden_states=None, *args, **kwargs):
+    """The forward of a dropped layer: its input (``x + 0 * (L(x) - x)``), or what its stand-in makes of it."""
+    x = kwargs["hidden_states"] if hidden_states is None else hidden_states
+    return x if stand_in is None else stand_in(x)
 
 
 # -------------------------------------------------------------------------------- registration by name
