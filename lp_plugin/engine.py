@@ -30,6 +30,7 @@ from .group import OffloadedLayer, Stager
 from .plan import OffloadPlan, map_value
 from .plugins import tier_class
 from .stream import Ring
+from .vmm import device_buffer
 
 log = logging.getLogger("lp_plugin")
 
@@ -62,8 +63,10 @@ class OffloadHandle:
         self.tier = tier
         self.main_device = plan.main_device
         self.ring = None
+        self.session_buffer = None  # session mode: one device buffer for every offloaded layer, at a fixed address
         self.entry = None
         self.suspended = []  # Accelerate dispatch hooks taken off the main device's modules
+        self.torch_hooks = []  # state-dict hooks of streamed layers (removed by detach)
         self._device_map = None  # (model had hf_device_map, its value) before attach
         self._depth = 0
         self._epoch = 0
@@ -114,6 +117,13 @@ class OffloadHandle:
             "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each copy"
         )
 
+    @property
+    def mapped_bytes(self) -> int:
+        """Device memory held outside PyTorch's allocator (not in ``torch.cuda.memory_allocated``): the
+        session buffer or the ring while a session is open."""
+        buffer = self.session_buffer if self.ring is None else self.ring
+        return buffer.mapped_bytes if buffer is not None else 0
+
     def offloaded_dtypes(self) -> set:
         return {e.dtype for l in self.layers for e in l.slots.entries if ".quant_state." not in e.key}
 
@@ -158,6 +168,7 @@ class OffloadHandle:
                 else:
                     for layer in self.layers:
                         layer.offload_()
+                    self.session_buffer.unmap()
                 if self.main_device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -208,14 +219,19 @@ class OffloadHandle:
                                "use mode='stream', or offload fewer layers")
         loaded = []
         try:
+            if self.session_buffer is None:
+                self.session_buffer = device_buffer(sum(l.nbytes for l in self.layers), self.main_device)
+            flat, offset = self.session_buffer.map(), 0
             with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
                 for layer in self.layers:
-                    buf = torch.empty(layer.nbytes, dtype=torch.uint8, device=self.main_device)
-                    layer.onload_(buf, stager.source(layer))
+                    layer.onload_(flat[offset: offset + layer.nbytes], stager.source(layer))
+                    offset += layer.nbytes
                     loaded.append(layer)
         except BaseException:
             for layer in loaded:
                 layer.offload_()
+            if self.session_buffer is not None:
+                self.session_buffer.unmap()
             raise
         self.stats["sessions"] += 1
         self.stats["session_load_s"] += time.perf_counter() - t0
@@ -236,8 +252,12 @@ class OffloadHandle:
                 raise AttachError("cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first")
             if self.ring is not None:
                 self.ring.close()
+            if self.session_buffer is not None:
+                self.session_buffer.close()
             if self.entry is not None:
                 self.entry.remove()
+            for h in self.torch_hooks:
+                h.remove()
             for layer in self.layers:
                 hooks.remove(layer.module)
             for _, module in self.dropped:
@@ -324,6 +344,8 @@ def _install(handle, model, layer_list):
     for pos, layer in enumerate(handle.layers):
         if handle.ring is not None:
             hooks.add(layer.module, hooks.StreamHook(handle, handle.ring, pos))
+            handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
+                                   layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
         else:
             hooks.add(layer.module, hooks.SessionHook(handle, layer))
         if 0 < config.alpha < 1:

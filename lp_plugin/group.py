@@ -32,6 +32,7 @@ class OffloadedLayer:
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
         self.suspended = []
         self.standby = None
+        self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
         self._versions = ()
 
@@ -73,8 +74,18 @@ class OffloadedLayer:
 
     def bind_(self, binding, flat) -> None:
         binding.apply()
-        self.bound_flat = flat
+        self.binding, self.bound_flat = binding, flat
         self._record()
+
+    def show_standby(self) -> None:
+        """Point the tensors at the tier's copy for a moment (``state_dict`` inside a stream ring,
+        whose slots hold other layers' bytes between uses); :meth:`show_bound` points them back."""
+        if self.bound_flat is not None:
+            self.standby.apply()
+
+    def show_bound(self) -> None:
+        if self.bound_flat is not None:
+            self.binding.apply()
 
     def offload_(self) -> None:
         """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
