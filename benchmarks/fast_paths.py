@@ -113,6 +113,9 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--prompt", type=int, default=100)
     p.add_argument("--static", default="plain,fp_session,fp_stream", help="configs measured with a static cache")
+    p.add_argument("--compile-forward", action="store_true",
+                   help="torch.compile(model.forward, mode='reduce-overhead') for the static runs (transformers does not "
+                        "auto-compile bitsandbytes 4-bit models)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -147,7 +150,14 @@ def main(argv=None):
     for n in static:
         gc.collect()
         torch.cuda.empty_cache()
-        first, toks = _static_generate(models[n], ids, args.new)  # compiles
+        if args.compile_forward:
+            models[n].forward = torch.compile(models[n].forward, mode="reduce-overhead")
+        try:
+            first, toks = _static_generate(models[n], ids, args.new)  # compiles
+        except Exception as exc:  # noqa: BLE001 - recorded: whether this stack can compile it at all
+            out["configs"][n]["static_error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            static_tokens[n] = None
+            continue
         runs = []
         for _ in range(3):
             junk = [torch.empty(int(64e6), dtype=torch.uint8, device=device) for _ in range(3)]  # move the allocator around
@@ -163,8 +173,10 @@ def main(argv=None):
         static_tokens[n] = toks
     for n in static:
         c = out["configs"][n]
+        if "static_tok_s" not in c or "static_tok_s" not in out["configs"]["plain"]:
+            continue
         c["static_vs_plain"] = c["static_tok_s"]["median"] / out["configs"]["plain"]["static_tok_s"]["median"]
-        c["static_tokens_equal_plain_compiled"] = static_tokens[n] is not None and static_tokens[n] == static_tokens["plain"]
+        c["static_tokens_equal_plain_compiled"] = static_tokens[n] is not None and static_tokens[n] == static_tokens.get("plain")
     for n in names:
         h = lp_plugin.get_handle(models[n])
         out["configs"][n]["standby_GiB_note"] = "see engine_memory.py"

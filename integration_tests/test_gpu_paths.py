@@ -32,7 +32,7 @@ def test_stable_buffer_keeps_its_address_and_frees_its_memory():
         junk = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # other allocations in between
         del junk
         torch.cuda.empty_cache()
-        assert torch.cuda.mem_get_info(device)[0] >= free0 - (64 << 20)
+        assert torch.cuda.mem_get_info(device)[0] >= free0 - (192 << 20)  # the 512 MiB went back
     assert len(set(ptrs)) == 1
     buf.close()
 

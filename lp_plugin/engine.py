@@ -259,7 +259,8 @@ class OffloadHandle:
             for h in self.torch_hooks:
                 h.remove()
             for layer in self.layers:
-                hooks.remove(layer.module)
+                for module in {id(m): m for m in [layer.module, *layer.stream_modules]}.values():
+                    hooks.remove(module)
             for _, module in self.dropped:
                 hooks.remove(module)
             with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
@@ -343,7 +344,8 @@ def _install(handle, model, layer_list):
         handle.ring = Ring(handle.layers, config.prefetch, plan.main_device, handle.check_device_room)
     for pos, layer in enumerate(handle.layers):
         if handle.ring is not None:
-            hooks.add(layer.module, hooks.StreamHook(handle, handle.ring, pos))
+            for module in layer.stream_modules:
+                hooks.add(module, hooks.StreamHook(handle, handle.ring, pos))
             handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
                                    layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
         else:

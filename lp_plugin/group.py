@@ -110,6 +110,11 @@ class OffloadedLayer:
         return tuple(t._version for t in self._tensors()) != self._versions
 
     @property
+    def stream_modules(self) -> list:
+        """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
+        return self.slots.linears or [self.module]
+
+    @property
     def trainable(self) -> bool:
         return any(module._parameters[name].requires_grad for module, name, _ in self.slots.params)
 

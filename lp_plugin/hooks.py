@@ -86,29 +86,33 @@ class SessionHook(_Hook, _GradGuard):
 
 
 class StreamHook(_Hook, _GradGuard):
-    """Wait for the layer's ring slot before its forward, free the slot after it: through the ops of
-    ``ops.py``, which a compiled forward keeps in place."""
+    """On each Linear module of a streamed layer: before the layer's first one runs, wait for the
+    layer's ring slot; after its last one, free the slot. Through the ops of ``ops.py`` when compiling
+    (a compiled forward keeps them at the Linear modules' inputs and outputs, kernel boundaries
+    already), by direct calls otherwise (the ops' dispatch costs ~15 us a call in a launch-bound decode)."""
 
     name = PREFIX + "stream"
 
     def __init__(self, handle, ring, position: int):
         super().__init__(handle)
         self.ring = ring
-        self.position = position  # index of this layer among the streamed layers, in execution order
+        self.position = position  # index of the layer among the streamed layers, in execution order
 
     def pre_forward(self, module, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            torch.ops.lp_plugin.ring_wait(_hidden_states(args, kwargs), self.ring.id, self.position)
-        else:  # the same call without the op's dispatch (~15 us a call in a launch-bound decode)
-            self.ring.wait(self.position)
+        if self.ring.enter(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_wait(args[0] if args else kwargs["input"], self.ring.id, self.position)
+            else:
+                self.ring.wait(self.position)
         return args, kwargs
 
     def post_forward(self, module, output):
-        if torch.compiler.is_compiling():
-            torch.ops.lp_plugin.ring_done(_first(output), self.ring.id, self.position)
-        else:
-            self.ring.done(self.position)
-        self._guard(self.ring.layers[self.position], output)
+        if self.ring.leave(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_done(_first(output), self.ring.id, self.position)
+            else:
+                self.ring.done(self.position)
+            self._guard(self.ring.layers[self.position], output)
         return output
 
 

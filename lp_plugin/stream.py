@@ -2,11 +2,11 @@
 
 Layer ``pos`` (in execution order) always uses ring slot ``pos % slots`` and its tensors stay bound
 to that slot while the ring is open, so a compiled forward replayed as a CUDA graph finds the same
-addresses every step. Copies run on a side CUDA stream from pinned host memory: when layer ``pos`` is
-done, layer ``pos + prefetch`` is copied into its slot (the slot's previous user, layer ``pos - 1``,
-is already done); after the last offloaded layer the first ``prefetch`` layers of the next forward are
-copied, and the end of the forward joins them (a captured graph must join its side-stream work). The
-compute stream waits only for the slot it needs. Each copy forks from the compute stream with a fresh
+addresses every step. Copies run on a side CUDA stream from pinned host memory: when layer ``pos``'s
+Linear modules are done, the slot's next user (layer ``pos + slots``) is copied in; the last users of
+the slots start the next forward's first loads, which the end of the forward joins (a captured graph
+must join its side-stream work) — all but the last slot's, which the next forward starts with, so the
+copy engine has work from its first moment. The compute stream waits only for the slot it needs. Each copy forks from the compute stream with a fresh
 event, so the same code runs eagerly and inside a CUDA graph capture (the ops in ``ops.py`` are what a
 compiled forward calls; the compiler cannot reorder them around the layer they belong to).
 
@@ -74,6 +74,11 @@ class Ring:
         self.cuda = device.type == "cuda"
         self.room_check = room_check
         self.slot_bytes = max(l.nbytes for l in layers)
+        # the tensors a layer reads outside its Linear modules (norm weights: a few KiB) stay on the
+        # device while the ring is open, so the ring's ops sit only at the Linear modules' inputs and
+        # outputs, where a compiled forward has a kernel boundary anyway (same kernels, same numerics)
+        self.other_bytes = [l.slots.other_nbytes for l in layers]
+        self.nlinear = [len(l.stream_modules) for l in layers]
         # a direct copy source per layer (the tier's pinned host copy), or None: read through staging
         self.host = [l.tier.host_view(l.key) if l.tier.direct(l.key) else None for l in layers]
         self.needs_staging = any(h is None for h in self.host)
@@ -94,9 +99,14 @@ class Ring:
         self.room_check(self.nslots * self.slot_bytes, f"stream mode's ring of {self.nslots} layer buffers",
                         "lower prefetch, or offload fewer/smaller layers")
         if self.buffer is None:
-            self.buffer = device_buffer(self.nslots * self.slot_bytes, self.device)
+            self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
         flat = self.buffer.map()
         self.slots = [flat[i * self.slot_bytes: (i + 1) * self.slot_bytes] for i in range(self.nslots)]
+        others, offset = [], self.nslots * self.slot_bytes
+        for layer, nbytes in zip(self.layers, self.other_bytes):
+            others.append(flat[offset: offset + nbytes])
+            layer.slots.copy_other(others[-1], layer.tier.host_view(layer.key))
+            offset += nbytes
         if self.needs_staging and self.staging is None:
             self.staging = [allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)]
         if self.needs_staging:
@@ -106,9 +116,10 @@ class Ring:
         self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
         self.pending = {}  # pos -> reader-thread future
         self.holds = [None] * self.nslots  # the layer each slot was last loaded with
+        self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
         for pos, layer in enumerate(self.layers):
             slot = self.slots[pos % self.nslots]
-            layer.bind_(layer.slots.binding(slot[: layer.nbytes]), slot)
+            layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], others[pos]), slot)
         for pos in range(min(self.nslots, self.k)):
             self._issue(pos)
 
@@ -195,9 +206,22 @@ class Ring:
             self.side.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
-    # ------------------------------------------------------------------ what the ops call
+    # ------------------------------------------------------------------ what the hooks and ops call
+    def enter(self, pos) -> bool:
+        """A Linear module of layer ``pos`` is about to run; True for the layer's first one in this forward."""
+        first = self.calls[pos] == 0
+        self.calls[pos] += 1
+        return first
+
+    def leave(self, pos) -> bool:
+        """A Linear module of layer ``pos`` ran; True for the layer's last one in this forward."""
+        if self.calls[pos] < self.nlinear[pos]:
+            return False
+        self.calls[pos] = 0
+        return True
+
     def wait(self, pos):
-        """Before layer ``pos`` runs: its bytes are in its slot."""
+        """Before layer ``pos`` reads its weights: its bytes are in its slot."""
         if self.slots is None:
             raise AttachError(
                 f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
@@ -205,10 +229,9 @@ class Ring:
             )
         slot = pos % self.nslots
         if self.holds[slot] != pos:
-            # a forward was cut short (an exception) or layers ran out of order: start a fresh cycle here
-            self._drain()
-            for nxt in range(pos, min(pos + self.nslots, self.k)):
-                self._issue(nxt)
+            # the last slot's first layer is loaded as a forward starts (the copy engine then has work at
+            # once); or a forward was cut short (an exception): a copy queues behind the side stream's others
+            self._issue(pos)
         fut = self.pending.pop(pos, None)
         if fut is not None:
             fut.result()
@@ -225,9 +248,13 @@ class Ring:
             stream.wait_stream(self.side)  # the event was recorded inside a capture: not usable here
 
     def done(self, pos):
-        """After layer ``pos`` ran, its slot is free: load the slot's next user, in this forward or the next."""
+        """After layer ``pos`` read its weights, its slot is free: load the slot's next user in this
+        forward, or in the next one (but for the last slot, whose load starts the next forward)."""
         nxt = pos + self.nslots
-        self._issue(nxt if nxt < self.k else pos % self.nslots)
+        if nxt < self.k:
+            self._issue(nxt)
+        elif pos % self.nslots < self.nslots - 1:
+            self._issue(pos % self.nslots)
 
     def join(self):
         """End of a forward: the compute stream waits for the loads of the next forward's first layers
@@ -236,7 +263,7 @@ class Ring:
             return
         stream = torch.cuda.current_stream(self.device)
         capturing = torch.cuda.is_current_stream_capturing()
-        for pos in range(min(self.nslots, self.k)):
+        for pos in range(min(self.nslots - 1, self.k)):
             slot = pos % self.nslots
             if pos in self.pending or self.holds[slot] != pos:
                 continue  # a reader-thread load (the layer waits for it itself), or a forward cut short
