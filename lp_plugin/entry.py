@@ -44,7 +44,7 @@ class ModelEntry:
                 ring = handle.ring
                 if ring is not None and output is not None and torch.compiler.is_compiling():
                     torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
-                elif ring is not None and ring.is_open:
+                elif ring is not None:
                     ring.join()
             finally:
                 if not torch.compiler.is_compiling():

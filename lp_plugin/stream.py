@@ -79,6 +79,7 @@ class Ring:
         # outputs, where a compiled forward has a kernel boundary anyway (same kernels, same numerics)
         self.other_bytes = [l.slots.other_nbytes for l in layers]
         self.nlinear = [len(l.stream_modules) for l in layers]
+        self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
         # a direct copy source per layer (the tier's pinned host copy), or None: read through staging
         self.host = [l.tier.host_view(l.key) if l.tier.direct(l.key) else None for l in layers]
         self.needs_staging = any(h is None for h in self.host)
@@ -116,7 +117,7 @@ class Ring:
         self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
         self.pending = {}  # pos -> reader-thread future
         self.holds = [None] * self.nslots  # the layer each slot was last loaded with
-        self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
+        self.calls = [0] * self.k
         for pos, layer in enumerate(self.layers):
             slot = self.slots[pos % self.nslots]
             layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], others[pos]), slot)
@@ -259,6 +260,7 @@ class Ring:
     def join(self):
         """End of a forward: the compute stream waits for the loads of the next forward's first layers
         (a CUDA graph must join its side-stream work before its capture ends)."""
+        self.calls = [0] * self.k  # (a forward cut short by an exception leaves counts behind)
         if self.slots is None or not self.cuda:
             return
         stream = torch.cuda.current_stream(self.device)
