@@ -296,9 +296,9 @@ def test_stream_ring_exact_for_any_layer_count_and_prefetch(tmp_path, device, ti
 
 
 def _qs_tensors(qs):
-    from lp_plugin.flat import _qs_tensor_paths
+    from lp_plugin.flat import quant_state_tensors
 
-    return [t for _, t in _qs_tensor_paths(qs)]
+    return [t for _, t in quant_state_tensors(qs)]
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])

@@ -106,6 +106,7 @@ class OffloadHandle:
             "layer_bytes": max((l.nbytes for l in self.layers), default=0),
             "bytes_per_forward": offloaded if c.mode == "stream" else 0,
             "ring_slots": self.ring.nslots if self.ring else 0,
+            "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
     def __repr__(self):

@@ -33,7 +33,7 @@ class Entry:
                 "offset": self.offset, "nbytes": self.nbytes}
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -41,7 +41,7 @@ def _quant_state(param):
     return getattr(param, "quant_state", None)
 
 
-def _qs_tensor_paths(qs, prefix=""):
+def quant_state_tensors(qs, prefix=""):
     """Yield (path, tensor) for the tensors of a bitsandbytes QuantState (recursing into state2)."""
     for name in _QS_TENSORS:
         t = getattr(qs, name, None)
@@ -49,7 +49,7 @@ def _qs_tensor_paths(qs, prefix=""):
             yield prefix + name, t
     state2 = getattr(qs, "state2", None)
     if state2 is not None:
-        yield from _qs_tensor_paths(state2, prefix + "state2.")
+        yield from quant_state_tensors(state2, prefix + "state2.")
 
 
 class LayerSlots:
@@ -72,7 +72,7 @@ class LayerSlots:
             nbytes = t.numel() * t.element_size()
             entries.append(Entry(key, t.dtype, tuple(t.shape), offset, nbytes))
             self._tensors[key] = t
-            offset += _align(nbytes)
+            offset += aligned(nbytes)
 
         for mod_name, module in layer.named_modules():
             for name, p in module.named_parameters(recurse=False):
@@ -83,7 +83,7 @@ class LayerSlots:
                 qs = _quant_state(p)
                 if qs is not None:
                     self.qstates.append((module, name, key))
-                    for path, qt in _qs_tensor_paths(qs):
+                    for path, qt in quant_state_tensors(qs):
                         add(f"{key}.quant_state.{path}", qt)
             for name, b in module.named_buffers(recurse=False):
                 if b is None:
@@ -106,7 +106,7 @@ class LayerSlots:
         for e in self.entries:
             if e.key.split(".quant_state.")[0] not in linear_keys:
                 self.other.append((e, other))
-                other += _align(e.nbytes)
+                other += aligned(e.nbytes)
         self.other_nbytes = other
 
     # ------------------------------------------------------------------ packing
@@ -120,7 +120,7 @@ class LayerSlots:
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
             # zero the alignment padding: ``flat`` comes from torch.empty, and its bytes are hashed
             # into the disk tier's fingerprint (garbage there made every file look stale)
-            flat[e.offset + e.nbytes : _align(e.offset + e.nbytes)].zero_()
+            flat[e.offset + e.nbytes : aligned(e.offset + e.nbytes)].zero_()
 
     def placeholders(self) -> dict:
         """Tiny host tensors (one element, expanded) standing in for each param/buffer, used to give
@@ -176,7 +176,7 @@ class LayerSlots:
 
 def _map_quant_state(qs, fn, prefix=""):
     """A copy of a bitsandbytes QuantState (nested ``state2`` too) whose tensors are ``fn(path,
-    tensor)``, ``path`` as :func:`_qs_tensor_paths` names it (``absmax``, ``state2.code``, ...)."""
+    tensor)``, ``path`` as :func:`quant_state_tensors` names it (``absmax``, ``state2.code``, ...)."""
     new = copy.copy(qs)
     for name in _QS_TENSORS:
         t = getattr(qs, name, None)

@@ -84,6 +84,27 @@ def _check_args(kwargs: dict) -> None:
             raise OffloadSpecError(f"{MODEL_NAME}: model_args {name}={kwargs[name]!r} is not supported: {why}")
 
 
+def budget_options(options: dict, hflm_kwargs: dict) -> dict:
+    """The engine options of ``options`` (lp_plugin's model_args). ``batch_size`` is HFLM's and stays in
+    ``hflm_kwargs``; with ``offload=auto`` the plan also holds HFLM's ``batch_size`` and ``max_length``
+    (unless ``max_context`` is given) and plans for loglikelihood work (lm-eval's full logits) unless
+    ``work`` says otherwise."""
+    options = dict(options)
+    if "batch_size" in options:
+        hflm_kwargs["batch_size"] = options.pop("batch_size")
+    if str(options.get("offload", "")).strip() != "auto":
+        return options
+    batch = hflm_kwargs.get("batch_size", 1)
+    if not str(batch).strip().isdigit():
+        raise OffloadSpecError(f"offload=auto plans for a fixed batch size, but batch_size={batch!r} probes ever larger "
+                               "batches: pass an int batch_size (e.g. --batch_size 4)")
+    options["batch_size"] = int(batch)
+    if "max_context" not in options and hflm_kwargs.get("max_length") is not None:
+        options["max_context"] = hflm_kwargs["max_length"]
+    options.setdefault("work", "loglikelihood")
+    return options
+
+
 def _as_bool(name, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -126,7 +147,7 @@ class ResidualOffloadLM(HFLM):
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
         options, kwargs = OffloadConfig.split(kwargs)
-        self._lp_config = OffloadConfig.from_strings(options)  # checked before any weight is read
+        self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
         self._lp_quant = quantization_config(kwargs, kwargs.get("dtype", "auto"))
         self._lp_stats = dict(tokens=0, forwards=0, forward_s=0.0, eval_s=0.0, sessions=0)
         self._lp_depth = 0
@@ -134,6 +155,7 @@ class ResidualOffloadLM(HFLM):
         super().__init__(pretrained, **kwargs)
         if lp_plugin.get_handle(self._model) is None:  # a ready PreTrainedModel was passed in
             lp_plugin.attach(self._model, dataclasses.replace(self._lp_config, main_device=self._lp_device()))
+        self._lp_config = lp_plugin.get_handle(self._model).config  # offload="auto": the planned layers and mode
         self._lp_mark_standby()
         eval_logger.info(f"{MODEL_NAME}: {jsonable(lp_plugin.get_handle(self._model).info())}")
 

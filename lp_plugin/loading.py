@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .config import OffloadConfig
 from .errors import OffloadSpecError
+from .footprint import load_format
 from .plan import OffloadPlan
 from .quant import Nf4Load
 
@@ -38,7 +39,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
             "(or load the model yourself and call lp_plugin.attach(model, ...))"
         )
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
-    plan = OffloadPlan.for_config(hf_config, config)
+    plan = OffloadPlan.for_config(hf_config, config, weights=load_format(hf_config, hf_kwargs))
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=nf4.device_map(plan.device_map("cpu")),
                                                  **nf4.hf_kwargs)

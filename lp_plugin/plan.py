@@ -3,14 +3,16 @@
 Data flows one way: model (or config) -> plan -> Accelerate device map -> offloaded layers and
 hooks -> tiers. The plan says which decoder layers are offloaded or dropped and where the resident
 part runs; :func:`residual_offload_device_map`, ``from_pretrained`` and ``attach`` all read it and
-never resolve the spec again.
+never resolve the spec again. ``offload="auto"`` is resolved here too, by :mod:`lp_plugin.budget`: the
+plan's config then names the chosen layers and mode, and ``plan.budget`` holds the prediction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from . import arch
+from . import arch, footprint
+from .budget import plan_offload
 from .config import OffloadConfig
 from .errors import OffloadSpecError
 from .plugins import policies
@@ -67,24 +69,32 @@ class OffloadPlan:
     main_device: object  # torch.device the resident part runs on
     skeleton: object = field(default=None, repr=False, compare=False)  # meta model, when planned from a config
     skips: object = field(default=None, compare=False)  # SkipPlan; None until resolved against the loaded model
+    budget: object = field(default=None, compare=False)  # lp_plugin.budget.BudgetPlan behind offload="auto"
 
     @classmethod
     def for_model(cls, model, config: OffloadConfig) -> "OffloadPlan":
         prefix, other, n = arch.module_keys(model)
         main = normalize_device(config.main_device) if config.main_device is not None else main_device_of(model)
-        return cls._make(config, prefix, other, n, main).with_skips(model)
+        budget = _budget(model, config, main) if config.offload == "auto" else None  # the model's real tensors
+        config = budget.resolved(config) if budget is not None else config
+        return cls._make(config, prefix, other, n, main, budget=budget).with_skips(model)
 
     @classmethod
-    def for_config(cls, hf_config, config: OffloadConfig) -> "OffloadPlan":
+    def for_config(cls, hf_config, config: OffloadConfig, weights=None) -> "OffloadPlan":
+        """``weights``: the format the model will be loaded in (``"bf16"``, ``"nf4"``, a torch dtype, a
+        ``BitsAndBytesConfig``; default: the checkpoint's dtype), which ``offload="auto"`` plans with."""
         meta = arch.skeleton(hf_config)
         prefix, other, n = arch.module_keys(meta)
-        return cls._make(config, prefix, other, n, normalize_device(config.main_device), meta)
+        main = normalize_device(config.main_device)
+        budget = _budget(hf_config, config, main, weights, meta) if config.offload == "auto" else None
+        config = budget.resolved(config) if budget is not None else config
+        return cls._make(config, prefix, other, n, main, meta, budget)
 
     @classmethod
-    def _make(cls, config, prefix, other, n, main, skeleton=None):
+    def _make(cls, config, prefix, other, n, main, skeleton=None, budget=None):
         chosen = resolve_layers(config.offload, n, config.protect_first, config.protect_last)
         offloaded, dropped = (chosen, ()) if config.alpha > 0 else ((), chosen)
-        return cls(config, prefix, n, tuple(other), offloaded, dropped, main, skeleton)
+        return cls(config, prefix, n, tuple(other), offloaded, dropped, main, skeleton, budget=budget)
 
     def with_skips(self, model) -> "OffloadPlan":
         """This plan with the ``skip`` option resolved against the loaded ``model`` (skip policies and
@@ -132,6 +142,38 @@ class OffloadPlan:
             for name, _ in list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False)):
                 out[f"{key}.{name}"] = device
         return out
+
+
+def _budget(source, config, main, weights=None, skeleton=None, **speed):
+    """The :class:`lp_plugin.budget.BudgetPlan` of ``config`` for a loaded model (its real tensors) or
+    a transformers config (loaded in ``weights``)."""
+    import torch.nn as nn
+
+    if isinstance(source, nn.Module):
+        fp, hf_config = footprint.from_model(source), source.config
+    else:
+        fp, hf_config = footprint.from_config(source, weights, skeleton), source
+    name = str(getattr(hf_config, "_name_or_path", "") or getattr(hf_config, "model_type", "model"))
+    return plan_offload(config, fp, main, name=name, **speed)
+
+
+def fit_budget(model_or_config, config: OffloadConfig | None = None, *, weights=None, bandwidth=None,
+               compute_tok_s=None, **options):
+    """What ``offload="auto"`` would do: the :class:`lp_plugin.budget.BudgetPlan` for a loaded model or
+    a transformers config (no weights; loaded in ``weights``: ``"bf16"``, ``"fp16"``, ``"fp32"``, ``"nf4"``,
+    a torch dtype or a ``BitsAndBytesConfig``; default the checkpoint's dtype). ``options`` are
+    :class:`OffloadConfig`'s (``max_memory``, ``max_context``, ``batch_size``, ``work``, ``prefetch``,
+    ...); ``bandwidth`` (GB/s) replaces the measured or nominal link bandwidth, ``compute_tok_s``
+    (``(decode, prefill)``, measured on the plain model) caps the predicted speeds. Raises
+    :class:`lp_plugin.BudgetError` when nothing fits."""
+    import torch.nn as nn
+
+    config = OffloadConfig.from_options(config, **{"offload": "auto", **options})
+    if isinstance(model_or_config, nn.Module) and config.main_device is None:
+        main = main_device_of(model_or_config)
+    else:
+        main = normalize_device(config.main_device)
+    return _budget(model_or_config, config, main, weights, bandwidth=bandwidth, compute_tok_s=compute_tok_s)
 
 
 def residual_offload_device_map(
