@@ -18,7 +18,7 @@ from .tiers import allocate_host, sha256_of
 
 
 class OffloadedLayer:
-    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=(), stand_in=False):
+    def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
         self.module = module
         self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
@@ -26,7 +26,7 @@ class OffloadedLayer:
         self.slots = slots
         self.nbytes = slots.nbytes
         self.tier = tier
-        self.main_device = main_device
+        self.device = device  # where the layer computes
         self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
         self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
@@ -38,7 +38,7 @@ class OffloadedLayer:
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def pack(cls, index, module, tier, main_device, pin, stand_in=False) -> "OffloadedLayer":
+    def pack(cls, index, module, tier, device, pin, stand_in=False) -> "OffloadedLayer":
         """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
         hooks = accel.offload_hooks(module)
         values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
@@ -53,7 +53,7 @@ class OffloadedLayer:
         flat = allocate_host(slots.nbytes, pin, f"layer {index}")
         slots.pack_into(flat)
         tier.put(key, flat, slots.layout_json(), sha256_of(flat))
-        return cls(index, module, key, slots, tier, main_device, hooks, held, values or (), stand_in)
+        return cls(index, module, key, slots, tier, device, hooks, held, values or (), stand_in)
 
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""
@@ -132,8 +132,8 @@ class OffloadedLayer:
     # ------------------------------------------------------------------ detach
     def restore(self, source) -> None:
         """Give the module independent tensors holding its bytes (from the host tensor ``source``):
-        on the main device, or back behind the Accelerate hooks taken over at install."""
-        device = torch.device("cpu") if self.accel_hooks else self.main_device
+        on its device, or back behind the Accelerate hooks taken over at install."""
+        device = torch.device("cpu") if self.accel_hooks else self.device
         restored = self.slots.binding(source, device, copy=True)
         restored.apply()
         if self.accel_hooks:

@@ -116,6 +116,23 @@ class StreamHook(_Hook, _GradGuard):
         return output
 
 
+class DeviceHook(_Hook):
+    """On an offloaded layer of a model spread over several devices: its inputs move to the device it
+    computes on (what Accelerate's hook on that layer did before lp_plugin took the layer over)."""
+
+    name = PREFIX + "device"
+
+    def __init__(self, handle, device, skip_keys=None):
+        super().__init__(handle)
+        self.device = device
+        self.skip_keys = skip_keys
+
+    def pre_forward(self, module, *args, **kwargs):
+        from accelerate.utils import send_to_device
+
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device, skip_keys=self.skip_keys)
+
+
 class ResidualHook(_Hook):
     """``out = x + alpha * (L(x) - x)`` for the layer's hidden states, shape [batch, seq, hidden]."""
 
