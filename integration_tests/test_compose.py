@@ -64,3 +64,49 @@ def test_from_pretrained_keeps_a_cpu_base_map(tmp_path, mode):
         assert torch.equal(model(ids).logits, ref)
     with pytest.raises(lp_plugin.OffloadSpecError, match="device_map='balanced'"):
         lp_plugin.from_pretrained(path, device_map="balanced")
+
+
+_RANK = r"""
+import json, os, sys, torch
+sys.path.insert(0, {tests!r})
+import lp_plugin
+from shapes import build_tiny
+model = build_tiny("llama")
+ids = torch.tensor([[5, 17, 42, 99, 3]])
+with torch.no_grad():
+    ref = model(ids).logits
+handle = lp_plugin.attach(model, offload="even", tier="cpu", mode={mode!r})
+maps = sorted({{line.split()[-2] if line.endswith("(deleted)") else line.split()[-1]
+               for line in open("/proc/self/maps") if "lp_plugin-" in line}})
+inodes = sorted({{line.split()[4] for line in open("/proc/self/maps") if "lp_plugin-" in line}})
+with torch.no_grad():
+    exact = bool(torch.equal(model(ids).logits, ref))
+print(json.dumps(dict(maps=maps, inodes=inodes, host_bytes=handle.tier.host_bytes(), exact=exact)))
+sys.stdout.flush()
+input()  # hold the mapping until the parent has read both ranks
+handle.detach()
+"""
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_local_ranks_share_one_host_copy(tmp_path, mode):
+    """Two processes of one host (LOCAL_WORLD_SIZE=2, as accelerate launch sets it) attach the same model:
+    both map the same /dev/shm pages for each offloaded layer (one copy per host), hold no host memory
+    of their own for the tier, stay exact, and leave nothing in /dev/shm."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, LOCAL_WORLD_SIZE="2")
+    code = _RANK.format(tests=str(Path(__file__).parent), mode=mode)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [json.loads(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.communicate("\n", timeout=120)
+        assert p.returncode == 0
+    assert all(o["exact"] and o["host_bytes"] == 0 for o in outs)
+    assert len(outs[0]["inodes"]) == 2 and outs[0]["inodes"] == outs[1]["inodes"]  # layers 2 and 4, the same pages
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("lp_plugin-")]

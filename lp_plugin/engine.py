@@ -75,6 +75,7 @@ class OffloadHandle:
         self._forwards = threading.local()  # per thread: bare forwards whose session is open
         self._attached = True
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
+        self.peak_mapped_bytes = 0  # the most device memory the session buffers or rings held at once
 
     # ------------------------------------------------------------------ description
     mode = property(lambda self: self.config.mode)
@@ -173,6 +174,7 @@ class OffloadHandle:
                         mover.release()
                     raise
                 self._epoch += 1
+                self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
             self._depth += 1
 
     def _close(self):

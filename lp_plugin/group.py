@@ -50,7 +50,7 @@ class OffloadedLayer:
             )
         slots = LayerSlots(module, values)
         key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
-        flat = allocate_host(slots.nbytes, pin, f"layer {index}")
+        flat = allocate_host(slots.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
         slots.pack_into(flat)
         tier.put(key, flat, slots.layout_json(), sha256_of(flat))
         return cls(index, module, key, slots, tier, device, hooks, held, values or (), stand_in)
@@ -89,11 +89,17 @@ class OffloadedLayer:
 
     def offload_(self) -> None:
         """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
-        if self.bound_flat is not None and self.edited():
+        edited = self.bound_flat is not None and self.edited()
+        if edited and not self.tier.read_only:
             self.tier.host_view(self.key).copy_(self.bound_flat)
         self.standby.apply()
         self.bound_flat = None
         self._record()
+        if edited and self.tier.read_only:
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place during the session, and its host copy is shared "
+                "read-only by the ranks of this host, so the change was dropped; change the weights before attaching"
+            )
 
     def _record(self) -> None:
         self._versions = tuple(t._version for t in self._tensors())
@@ -120,7 +126,13 @@ class OffloadedLayer:
 
     def check_intact(self) -> None:
         """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
-        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back."""
+        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back; and,
+        where the tier's host copy is shared read-only (data-parallel ranks), one edited in place."""
+        if self.tier.read_only and self.bound_flat is None and self.edited():
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
+                "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
+            )
         for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
             now = module._parameters.get(name)
             if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):

@@ -198,16 +198,21 @@ class ResidualOffloadLM(HFLM):
             self._lp_stats["eval_s"] += time.perf_counter() - t0
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._lp_request(super().generate_until, requests, disable_tqdm)
+
+    def _lp_request(self, method, requests, disable_tqdm):
         with self._lp_block():
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            out = method(requests, disable_tqdm=disable_tqdm)
+        if self.world_size > 1 and getattr(self, "accelerator", None) is not None:
+            # every rank runs each request type: collect each rank's figures (rank 0 writes the results)
+            self._lp_ranks = self.accelerator.gather_object([self._lp_rank_figures()])
+        return out
 
     def _detect_batch_size(self, *args, **kwargs):
         """``--batch_size auto`` probes with forwards of growing batches: not evaluation work."""
@@ -234,8 +239,25 @@ class ResidualOffloadLM(HFLM):
         return out
 
     # ------------------------------------------------------------------ reporting
+    def _lp_rank_figures(self) -> dict:
+        dev, s = self._lp_cuda(), self._lp_stats
+        handle = lp_plugin.get_handle(self._model)
+        return dict(rank=self.rank, device=str(dev) if dev is not None else "cpu", tokens_processed=s["tokens"],
+                    forward_seconds=s["forward_s"], eval_seconds=s["eval_s"],
+                    tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
+                    standby_vram_bytes=self._lp_standby,
+                    peak_inference_vram_bytes=self._lp_peak(dev, handle),
+                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None)
+
+    def _lp_peak(self, dev, handle):
+        """Peak VRAM of the evaluation: PyTorch's allocations plus the engine's mapped session/ring buffers."""
+        if dev is None:
+            return None
+        return int(torch.cuda.max_memory_allocated(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+
     def residual_offload_info(self) -> dict:
-        """Offload layout, VRAM and throughput of this run (JSON-ready)."""
+        """Offload layout, VRAM and throughput of this run (JSON-ready); under data parallelism, every
+        rank's figures and the totals."""
         handle = lp_plugin.get_handle(self._model)
         engine = handle.info() if handle is not None else {}
         dev, s = self._lp_cuda(), self._lp_stats
@@ -246,7 +268,7 @@ class ResidualOffloadLM(HFLM):
             device=str(self.device),
             vram_device=str(dev) if dev is not None else "cpu",
             standby_vram_bytes=self._lp_standby,
-            peak_inference_vram_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev is not None else None,
+            peak_inference_vram_bytes=self._lp_peak(dev, handle),
             tokens_processed=s["tokens"],
             forward_calls=s["forwards"],
             forward_seconds=round(s["forward_s"], 6),
@@ -259,6 +281,17 @@ class ResidualOffloadLM(HFLM):
         )
         if dev is None:
             info["note"] = "ran on cpu: no VRAM to report"
+        ranks = getattr(self, "_lp_ranks", None)
+        if ranks:
+            wall = max(r["eval_seconds"] for r in ranks)
+            info["ranks"] = ranks
+            info["totals"] = {
+                "ranks": len(ranks),
+                "tokens_processed": sum(r["tokens_processed"] for r in ranks),
+                "tokens_per_second": sum(r["tokens_processed"] for r in ranks) / wall if wall > 0 else None,
+                "peak_inference_vram_bytes": [r["peak_inference_vram_bytes"] for r in ranks],
+                "host_tier_bytes_per_rank": [r["host_tier_bytes"] for r in ranks],
+            }
         return jsonable(info)
 
     def get_model_info(self) -> dict:

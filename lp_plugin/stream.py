@@ -97,6 +97,8 @@ class Ring:
 
     # ------------------------------------------------------------------ open / close
     def open(self):
+        for layer in self.layers:
+            layer.check_intact()
         self.room_check(self.nslots * self.slot_bytes, self.device, f"stream mode's ring of {self.nslots} layer buffers",
                         "lower prefetch, or offload fewer/smaller layers")
         if self.buffer is None:

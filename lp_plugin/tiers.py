@@ -33,6 +33,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import shm
 from .errors import OffloadFileError, OffloadResourceError, OffloadSpecError
 
 log = logging.getLogger("lp_plugin")
@@ -98,19 +99,42 @@ class Tier(ABC):
     def check(self, key: str) -> None:
         """Raise :class:`OffloadFileError` if what backs ``key`` changed since it was verified."""
 
+    def host_bytes(self) -> int:
+        """Host memory this process holds for the tier (not the page cache, nor memory shared with others)."""
+        return 0
+
+    keeps_flat = False  # True when put() keeps the packed buffer itself (it is then allocated pinned)
+    read_only = False  # True when the host copy the model points at in standby must not be written
     def close(self) -> None:
         """Release what the tier holds (called on detach and on a failed attach)."""
 
 
 class CpuTier(Tier):
+    """Pinned host memory, one flat buffer per layer. Data-parallel ranks of one host share one copy
+    (``shm.py``); then the weights are read-only in standby."""
+
     name = "cpu"
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self._buffers: dict = {}
+        self._shared: dict = {}
+        self.shared = shm.sharing()
+
+    @property
+    def keeps_flat(self) -> bool:
+        return not self.shared
+
+    @property
+    def read_only(self) -> bool:
+        return self.shared
 
     def put(self, key, flat, layout, sha256):
-        self._buffers[key] = flat
+        if self.shared:
+            self._shared[key] = shm.SharedBuffer(flat, sha256, self.pin)
+            self._buffers[key] = self._shared[key].tensor
+        else:
+            self._buffers[key] = flat
 
     def host_view(self, key):
         return self._buffers[key]
@@ -118,8 +142,14 @@ class CpuTier(Tier):
     def direct(self, key):
         return True
 
+    def host_bytes(self):
+        return 0 if self.shared else sum(b.numel() for b in self._buffers.values())
+
     def close(self):
         self._buffers.clear()
+        for buf in self._shared.values():
+            buf.close()
+        self._shared.clear()
 
 
 def describe(key: str) -> str:
