@@ -120,10 +120,6 @@ class OffloadedLayer:
         """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
         return self.slots.linears or [self.module]
 
-    @property
-    def trainable(self) -> bool:
-        return any(module._parameters[name].requires_grad for module, name, _ in self.slots.params)
-
     def check_intact(self) -> None:
         """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
         assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back; and,

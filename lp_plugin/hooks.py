@@ -43,12 +43,13 @@ class _Hook(ModelHook):
 
 
 class _GradGuard:
-    """Gradients through an offloaded layer are right only while its weights stay where the forward
-    read them: a backward that reaches the layer raises unless the session that ran the forward is
-    still open (session mode; stream mode reuses the ring at once)."""
+    """Gradients through an offloaded layer (for its weights, or for what came before it) are right
+    only while its weights stay where the forward read them: a backward that reaches the layer raises
+    unless the session that ran the forward is still open (session mode; stream mode reuses the ring
+    at once)."""
 
     def _guard(self, layer, output):
-        if not (torch.is_grad_enabled() and layer.trainable):
+        if not torch.is_grad_enabled():
             return
         out = _first(output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
