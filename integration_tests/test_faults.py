@@ -782,9 +782,9 @@ def test_accelerate_map_with_other_layers_is_taken_over(tmp_path):
     assert torch.equal(logits(model), ref)
 
 
-def test_from_pretrained_rejects_device_map(tiny_checkpoints, tmp_path):
-    with pytest.raises(OffloadSpecError, match=re.escape("lp_plugin.from_pretrained builds the device map itself; drop device_map= "
-                                                         "and pass main_device=")):
+def test_from_pretrained_refuses_bad_options_before_loading(tiny_checkpoints, tmp_path):
+    with pytest.raises(OffloadSpecError, match=re.escape("device_map='cpu': lp_plugin keeps a base placement given as 'auto' "
+                                                         "(with max_memory) or as a dict {module: device}")):
         lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], device_map="cpu")
     with pytest.raises(OffloadSpecError, match=re.escape("tier='disk' needs offload_folder=DIR")):
         lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], tier="disk")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .errors import OffloadSpecError
+from .plugins import tier_class, tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
 
 MODES = ("session", "stream")
@@ -52,8 +53,6 @@ class OffloadConfig:
     def __post_init__(self):
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
-        from .plugins import tier_class
-
         if getattr(tier_class(self.tier), "needs_folder", False) and self.offload_folder is None:
             raise OffloadSpecError(
                 f"tier={self.tier!r} needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)"
@@ -135,8 +134,6 @@ def _check_stand_in(value):
 
 
 def _check_tier(value):
-    from .plugins import tier_names
-
     if not isinstance(value, str):
         raise OffloadSpecError(f"tier must be a tier name such as 'cpu' or 'disk', got {value!r}")
     names = tier_names()

@@ -33,6 +33,7 @@ import lp_plugin
 from .config import OffloadConfig
 from .errors import OffloadSpecError
 from .devices import normalize_device
+from .quant import nf4_config
 from .report import jsonable, offload_table
 
 eval_logger = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ def _as_bool(name, value) -> bool:
 
 def quantization_config(kwargs: dict, dtype):
     """Pop the bitsandbytes model_args and build a 4-bit config (or None)."""
-    from .quant import nf4_config
-
     load = _as_bool("load_in_4bit", kwargs.pop("load_in_4bit", False))
     given = {name: kwargs.pop(name) for name in QUANT_ARGS[1:] if name in kwargs}
     if not load:

@@ -9,6 +9,7 @@ the dispatch hooks off. 4-bit loads go through :class:`lp_plugin.quant.Nf4Load`.
 from __future__ import annotations
 
 from .config import OffloadConfig
+from .engine import attach
 from .errors import OffloadSpecError
 from .plan import OffloadPlan, auto_base_map
 from .quant import Nf4Load, checkpoint_dtype
@@ -28,8 +29,6 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     is one, else the CPU). Returns the model; its handle is ``lp_plugin.get_handle(model)``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .engine import attach
 
     options, hf_kwargs = OffloadConfig.split(kwargs)
     config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read

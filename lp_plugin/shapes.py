@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 
+from .quant import nf4_config
+
 # Values copied from the models' config.json on the Hub (Qwen/Qwen2.5-3B, HuggingFaceTB/SmolLM2-135M).
 SHAPES: dict = {
     "qwen2.5-3b-shape": {
@@ -175,8 +177,6 @@ def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
 
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .quant import nf4_config
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
