@@ -30,6 +30,10 @@ class OffloadConfig:
     prefetch: stream mode: layers copied ahead (a ring of ``prefetch + 1`` buffers).
     protect_first / protect_last: layers a named policy never offloads at either end.
     main_device: where resident layers run (default: the model's embeddings' device, or the current GPU).
+    skip: layers not run at all (training-free layer skipping): a layer list or range, or a skip policy
+        (see ``lp_plugin.skipping``); composes with ``offload``, which then applies to the other layers.
+    stand_in: what runs in place of a skipped layer: ``none`` (its output is its input) or a fitted stand-in.
+    calib: calibration text for skip policies and stand-ins (see ``lp_plugin.skipping``).
     """
 
     offload: object = "even"
@@ -41,6 +45,9 @@ class OffloadConfig:
     protect_first: int = PROTECT_FIRST
     protect_last: int = PROTECT_LAST
     main_device: object = None
+    skip: object = None
+    stand_in: str = "none"
+    calib: object = None
 
     def __post_init__(self):
         for name, check in _CHECKS.items():
@@ -81,8 +88,9 @@ class OffloadConfig:
         (``offload=none`` as None, ``offload=3`` as 3, ``alpha=1`` as 1). Explicit layer lists use
         ``;`` (``offload=2;4;6``) because ``,`` separates model_args."""
         values = dict(values)
-        if "offload" in values:
-            values["offload"] = _offload_from_string(values["offload"])
+        for name in ("offload", "skip"):
+            if name in values:
+                values[name] = _offload_from_string(values[name])
         for name in ("prefetch", "protect_first", "protect_last"):
             if isinstance(values.get(name), str):
                 values[name] = _int_from_string(name, values[name])
@@ -114,6 +122,16 @@ def _check_offload(value):
             raise OffloadSpecError("offload layer list is empty; use offload='none' to offload nothing")
         return tuple(int(i) for i in items)
     raise OffloadSpecError(f"offload spec must be a str or a list of ints, got {type(value).__name__}")
+
+
+def _check_skip(value):
+    return None if value is None else _check_offload(value)
+
+
+def _check_stand_in(value):
+    if not isinstance(value, str) or not value.strip():
+        raise OffloadSpecError(f"stand_in must be a name such as 'none', 'mean' or 'linear', got {value!r}")
+    return value.strip()
 
 
 def _check_tier(value):
@@ -181,6 +199,9 @@ _CHECKS = {
     "protect_first": _non_negative_int("protect_first", "leading layers a named policy keeps resident"),
     "protect_last": _non_negative_int("protect_last", "trailing layers a named policy keeps resident"),
     "main_device": _check_main_device,
+    "skip": _check_skip,
+    "stand_in": _check_stand_in,
+    "calib": lambda value: value,  # its forms are read by lp_plugin.skipping, which checks them
 }
 
 

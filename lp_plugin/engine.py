@@ -30,6 +30,7 @@ from .group import OffloadedLayer, Stager
 from .plan import OffloadPlan, map_value
 from .plugins import tier_class
 from .stream import Ring
+from .vmm import device_buffer
 
 log = logging.getLogger("lp_plugin")
 
@@ -62,8 +63,10 @@ class OffloadHandle:
         self.tier = tier
         self.main_device = plan.main_device
         self.ring = None
+        self.session_buffer = None  # session mode: one device buffer for every offloaded layer, at a fixed address
         self.entry = None
         self.suspended = []  # Accelerate dispatch hooks taken off the main device's modules
+        self.torch_hooks = []  # state-dict hooks of streamed layers (removed by detach)
         self._device_map = None  # (model had hf_device_map, its value) before attach
         self._depth = 0
         self._epoch = 0
@@ -79,7 +82,7 @@ class OffloadHandle:
 
     @property
     def layer_indices(self):
-        return [l.index for l in self.layers]
+        return [l.index for l in self.layers if not l.stand_in]
 
     def info(self) -> dict:
         c = self.config
@@ -87,8 +90,10 @@ class OffloadHandle:
         return {
             "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
             "layers": list(self.plan.selected),
-            "offloaded_layers": self.layer_indices,
+            "offloaded_layers": [l.index for l in self.layers if not l.stand_in],
             "dropped_layers": [i for i, _ in self.dropped],
+            "skipped_layers": list(self.plan.skips.layers),
+            "stand_ins": {str(l.index): type(l.module).__name__ for l in self.layers if l.stand_in},
             "tier": c.tier,
             "mode": c.mode,
             "alpha": c.alpha,
@@ -111,6 +116,13 @@ class OffloadHandle:
             "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
             "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each copy"
         )
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Device memory held outside PyTorch's allocator (not in ``torch.cuda.memory_allocated``): the
+        session buffer or the ring while a session is open."""
+        buffer = self.session_buffer if self.ring is None else self.ring
+        return buffer.mapped_bytes if buffer is not None else 0
 
     def offloaded_dtypes(self) -> set:
         return {e.dtype for l in self.layers for e in l.slots.entries if ".quant_state." not in e.key}
@@ -156,6 +168,7 @@ class OffloadHandle:
                 else:
                     for layer in self.layers:
                         layer.offload_()
+                    self.session_buffer.unmap()
                 if self.main_device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -206,14 +219,19 @@ class OffloadHandle:
                                "use mode='stream', or offload fewer layers")
         loaded = []
         try:
+            if self.session_buffer is None:
+                self.session_buffer = device_buffer(sum(l.nbytes for l in self.layers), self.main_device)
+            flat, offset = self.session_buffer.map(), 0
             with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
                 for layer in self.layers:
-                    buf = torch.empty(layer.nbytes, dtype=torch.uint8, device=self.main_device)
-                    layer.onload_(buf, stager.source(layer))
+                    layer.onload_(flat[offset: offset + layer.nbytes], stager.source(layer))
+                    offset += layer.nbytes
                     loaded.append(layer)
         except BaseException:
             for layer in loaded:
                 layer.offload_()
+            if self.session_buffer is not None:
+                self.session_buffer.unmap()
             raise
         self.stats["sessions"] += 1
         self.stats["session_load_s"] += time.perf_counter() - t0
@@ -234,15 +252,21 @@ class OffloadHandle:
                 raise AttachError("cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first")
             if self.ring is not None:
                 self.ring.close()
+            if self.session_buffer is not None:
+                self.session_buffer.close()
             if self.entry is not None:
                 self.entry.remove()
+            for h in self.torch_hooks:
+                h.remove()
             for layer in self.layers:
-                hooks.remove(layer.module)
+                for module in {id(m): m for m in [layer.module, *layer.stream_modules]}.values():
+                    hooks.remove(module)
             for _, module in self.dropped:
                 hooks.remove(module)
             with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
                 for layer in self.layers:
-                    layer.restore(stager.source(layer))
+                    if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
+                        layer.restore(stager.source(layer))
             for s in reversed(self.suspended):
                 s.restore()
             if self._device_map is not None:
@@ -273,6 +297,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         raise AttachError("this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again")
     if plan is None:
         plan = OffloadPlan.for_model(model, OffloadConfig.from_options(config, **options))
+    plan = plan.with_skips(model)
     config = plan.config
     _, layer_list = find_decoder_layers(model)
     _check_model(model, plan, layer_list)
@@ -280,10 +305,13 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     pin = plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
+    # what moves between tier and device, in execution order: offloaded layers and skipped layers' stand-ins
+    units = sorted([(i, layer_list[i], False) for i in plan.offloaded] + [(i, m, True) for i, m in plan.skips.stand_ins.items()],
+                   key=lambda unit: unit[0])
     layers = []
     try:
-        for i in plan.offloaded:
-            layers.append(OffloadedLayer.pack(i, layer_list[i], tier, plan.main_device, pin))
+        for i, module, stand_in in units:
+            layers.append(OffloadedLayer.pack(i, module, tier, plan.main_device, pin, stand_in=stand_in))
     except BaseException:
         tier.close()
         raise
@@ -309,19 +337,24 @@ def _install(handle, model, layer_list):
     if hasattr(model, "hf_device_map"):
         handle._device_map = (True, model.hf_device_map)
         model.hf_device_map = _computing_map(model.hf_device_map, plan)
-    for _, module in handle.dropped:
-        hooks.add(module, hooks.SkipHook(handle))
+    stand_ins = {l.index: l.module for l in handle.layers if l.stand_in}
+    for i, module in handle.dropped:
+        hooks.add(module, hooks.SkipHook(handle, stand_ins.get(i)))
     if config.mode == "stream" and handle.layers:
         handle.ring = Ring(handle.layers, config.prefetch, plan.main_device, handle.check_device_room)
     for pos, layer in enumerate(handle.layers):
         if handle.ring is not None:
-            hooks.add(layer.module, hooks.StreamHook(handle, handle.ring, pos))
+            for module in layer.stream_modules:
+                hooks.add(module, hooks.StreamHook(handle, handle.ring, pos))
+            handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
+                                   layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
         else:
             hooks.add(layer.module, hooks.SessionHook(handle, layer))
         if 0 < config.alpha < 1:
             hooks.add(layer.module, hooks.ResidualHook(handle, config.alpha))
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
-    handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers], _ancestors(model, plan.layer_prefix))
+    handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers if not l.stand_in],
+                              _ancestors(model, plan.layer_prefix))
     handle.entry.install()
 
 

@@ -2,7 +2,8 @@
 
 * a forward pre-hook and an always-called forward hook on the module that runs the decoder layers
   open and close a session around a bare forward (exception-safe, and a no-op while compiling: a
-  compiled forward runs inside the session that ``generate`` opened);
+  compiled forward runs inside the session that ``generate`` opened); in stream mode the hook also
+  ends the forward with the ring's join;
 * ``generate`` is wrapped so one call is one session (not one per decode step);
 * ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
@@ -39,8 +40,15 @@ class ModelEntry:
                 handle.enter_forward()
 
         def post(module, args, output):
-            if not torch.compiler.is_compiling():
-                handle.exit_forward()
+            try:
+                ring = handle.ring
+                if ring is not None and output is not None and torch.compiler.is_compiling():
+                    torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
+                elif ring is not None:
+                    ring.join()
+            finally:
+                if not torch.compiler.is_compiling():
+                    handle.exit_forward()
 
         self._torch_hooks = [self.base.register_forward_pre_hook(pre), self.base.register_forward_hook(post, always_call=True)]
         if hasattr(self.model, "generate"):
@@ -81,6 +89,13 @@ class ModelEntry:
                     f"{probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() first, "
                     "convert the model, then attach again"
                 )
+
+
+def _first_tensor(output):
+    """The hidden states of a base model's output (a ModelOutput, a tuple or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
 
 
 def _guarded_apply(entry, module, fn, *args, **kwargs):

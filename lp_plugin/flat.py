@@ -96,6 +96,18 @@ class LayerSlots:
         self.nbytes = offset
         # the QuantState objects as they were at attach time (restored by every binding)
         self._orig_qs = {key: _quant_state(getattr(m, n)) for m, n, key in self.qstates}
+        # the layer's Linear modules (bitsandbytes' 4-bit ones too), and the entries they own; the others
+        # (norm weights, a few KiB) get a compact layout of their own (see :meth:`split_binding`)
+        self.linears = [m for _, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        owned = {id(m) for m in self.linears}
+        linear_keys = {k for m, _, k in self.params + self.buffers if id(m) in owned}
+        self.other = []  # (entry, offset in the compact buffer)
+        other = 0
+        for e in self.entries:
+            if e.key.split(".quant_state.")[0] not in linear_keys:
+                self.other.append((e, other))
+                other += _align(e.nbytes)
+        self.other_nbytes = other
 
     # ------------------------------------------------------------------ packing
     def layout_json(self) -> list:
@@ -145,6 +157,21 @@ class LayerSlots:
         for module, name, key in self.qstates:
             qstates[key] = _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.")
         return Binding(self, views, qstates)
+
+
+    def split_binding(self, linear_flat: torch.Tensor, other_flat: torch.Tensor) -> "Binding":
+        """Views of ``linear_flat`` (laid out like the whole layer) for the Linear modules' tensors, and
+        of ``other_flat`` (the compact layout of :attr:`other`) for the rest."""
+        views = {e.key: view(linear_flat, e) for e in self.entries}
+        for e, offset in self.other:
+            views[e.key] = view(other_flat, Entry(e.key, e.dtype, e.shape, offset, e.nbytes))
+        qstates = {key: _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.") for _, _, key in self.qstates}
+        return Binding(self, views, qstates)
+
+    def copy_other(self, other_flat: torch.Tensor, source: torch.Tensor) -> None:
+        """Fill ``other_flat`` (compact) from ``source`` (a whole-layer buffer)."""
+        for e, offset in self.other:
+            other_flat[offset: offset + e.nbytes].copy_(source[e.offset: e.offset + e.nbytes])
 
 
 def _map_quant_state(qs, fn, prefix=""):

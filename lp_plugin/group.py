@@ -18,9 +18,10 @@ from .tiers import allocate_host, sha256_of
 
 
 class OffloadedLayer:
-    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=()):
+    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
         self.module = module
+        self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
         self.key = key  # the tier's name for these bytes ("layer_00004")
         self.slots = slots
         self.nbytes = slots.nbytes
@@ -31,12 +32,13 @@ class OffloadedLayer:
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
         self.suspended = []
         self.standby = None
+        self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
         self._versions = ()
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def pack(cls, index, module, tier, main_device, pin, key=None) -> "OffloadedLayer":
+    def pack(cls, index, module, tier, main_device, pin, stand_in=False) -> "OffloadedLayer":
         """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
         hooks = accel.offload_hooks(module)
         values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
@@ -47,11 +49,11 @@ class OffloadedLayer:
                 "their values; load the model's weights before attaching"
             )
         slots = LayerSlots(module, values)
-        key = key or f"layer_{index:05d}"
+        key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
         flat = allocate_host(slots.nbytes, pin, f"layer {index}")
         slots.pack_into(flat)
         tier.put(key, flat, slots.layout_json(), sha256_of(flat))
-        return cls(index, module, key, slots, tier, main_device, hooks, held, values or ())
+        return cls(index, module, key, slots, tier, main_device, hooks, held, values or (), stand_in)
 
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""
@@ -72,8 +74,18 @@ class OffloadedLayer:
 
     def bind_(self, binding, flat) -> None:
         binding.apply()
-        self.bound_flat = flat
+        self.binding, self.bound_flat = binding, flat
         self._record()
+
+    def show_standby(self) -> None:
+        """Point the tensors at the tier's copy for a moment (``state_dict`` inside a stream ring,
+        whose slots hold other layers' bytes between uses); :meth:`show_bound` points them back."""
+        if self.bound_flat is not None:
+            self.standby.apply()
+
+    def show_bound(self) -> None:
+        if self.bound_flat is not None:
+            self.binding.apply()
 
     def offload_(self) -> None:
         """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
@@ -96,6 +108,11 @@ class OffloadedLayer:
         """True if a tensor of the layer was changed in place since it was last bound (``with
         torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
         return tuple(t._version for t in self._tensors()) != self._versions
+
+    @property
+    def stream_modules(self) -> list:
+        """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
+        return self.slots.linears or [self.module]
 
     @property
     def trainable(self) -> bool:

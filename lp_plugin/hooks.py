@@ -20,6 +20,7 @@ import functools
 import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 
+from . import ops  # noqa: F401  (registers the torch.ops.lp_plugin ops the hooks call)
 from .errors import AttachError
 
 PREFIX = "lp_plugin."
@@ -85,20 +86,33 @@ class SessionHook(_Hook, _GradGuard):
 
 
 class StreamHook(_Hook, _GradGuard):
+    """On each Linear module of a streamed layer: before the layer's first one runs, wait for the
+    layer's ring slot; after its last one, free the slot. Through the ops of ``ops.py`` when compiling
+    (a compiled forward keeps them at the Linear modules' inputs and outputs, kernel boundaries
+    already), by direct calls otherwise (the ops' dispatch costs ~15 us a call in a launch-bound decode)."""
+
     name = PREFIX + "stream"
 
-    def __init__(self, handle, streamer, position: int):
+    def __init__(self, handle, ring, position: int):
         super().__init__(handle)
-        self.streamer = streamer
-        self.position = position  # index of this layer among the streamed layers, in execution order
+        self.ring = ring
+        self.position = position  # index of the layer among the streamed layers, in execution order
 
     def pre_forward(self, module, *args, **kwargs):
-        self.streamer.acquire(self.position)
+        if self.ring.enter(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_wait(args[0] if args else kwargs["input"], self.ring.id, self.position)
+            else:
+                self.ring.wait(self.position)
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.streamer.release(self.position)
-        self._guard(self.streamer.layers[self.position], output)
+        if self.ring.leave(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_done(_first(output), self.ring.id, self.position)
+            else:
+                self.ring.done(self.position)
+            self._guard(self.ring.layers[self.position], output)
         return output
 
 
@@ -125,13 +139,18 @@ class ResidualHook(_Hook):
 
 class SkipHook(_Hook):
     """The layer is not run: while the hook is on, Accelerate's wrapper calls :func:`skip_forward`
-    instead of the layer's own forward (swapped in ``init_hook``, swapped back in ``detach_hook``)."""
+    instead of the layer's own forward (swapped in ``init_hook``, swapped back in ``detach_hook``),
+    which runs the layer's stand-in if it has one."""
 
     name = PREFIX + "skip"
 
+    def __init__(self, handle, stand_in=None):
+        super().__init__(handle)
+        self.stand_in = stand_in
+
     def init_hook(self, module):
         self._forward = module._old_forward
-        module._old_forward = skip_forward
+        module._old_forward = functools.partial(skip_forward, self.stand_in)
         return module
 
     def detach_hook(self, module):
@@ -139,9 +158,10 @@ class SkipHook(_Hook):
         return module
 
 
-def skip_forward(hidden_states=None, *args, **kwargs):
-    """The forward of a dropped layer: its output is its input (``x + 0 * (L(x) - x)``)."""
-    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+def skip_forward(stand_in, hidden_states=None, *args, **kwargs):
+    """The forward of a dropped layer: its input (``x + 0 * (L(x) - x)``), or what its stand-in makes of it."""
+    x = kwargs["hidden_states"] if hidden_states is None else hidden_states
+    return x if stand_in is None else stand_in(x)
 
 
 # -------------------------------------------------------------------------------- registration by name

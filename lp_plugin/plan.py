@@ -8,13 +8,14 @@ never resolve the spec again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import arch
 from .config import OffloadConfig
 from .errors import OffloadSpecError
 from .plugins import policies
 from .policies import PROTECT_FIRST, PROTECT_LAST, select_layers
+from .skipping import resolve_skips
 
 
 def normalize_device(device=None):
@@ -65,12 +66,13 @@ class OffloadPlan:
     dropped: tuple  # layers never run (alpha == 0)
     main_device: object  # torch.device the resident part runs on
     skeleton: object = field(default=None, repr=False, compare=False)  # meta model, when planned from a config
+    skips: object = field(default=None, compare=False)  # SkipPlan; None until resolved against the loaded model
 
     @classmethod
     def for_model(cls, model, config: OffloadConfig) -> "OffloadPlan":
         prefix, other, n = arch.module_keys(model)
         main = normalize_device(config.main_device) if config.main_device is not None else main_device_of(model)
-        return cls._make(config, prefix, other, n, main)
+        return cls._make(config, prefix, other, n, main).with_skips(model)
 
     @classmethod
     def for_config(cls, hf_config, config: OffloadConfig) -> "OffloadPlan":
@@ -84,9 +86,19 @@ class OffloadPlan:
         offloaded, dropped = (chosen, ()) if config.alpha > 0 else ((), chosen)
         return cls(config, prefix, n, tuple(other), offloaded, dropped, main, skeleton)
 
+    def with_skips(self, model) -> "OffloadPlan":
+        """This plan with the ``skip`` option resolved against the loaded ``model`` (skip policies and
+        stand-ins need its weights): skipped layers are dropped, and no longer offloaded."""
+        if self.skips is not None:
+            return self
+        skips = resolve_skips(model, self.config, self.num_layers)
+        skipped = set(skips.layers)
+        return replace(self, offloaded=tuple(i for i in self.offloaded if i not in skipped),
+                       dropped=tuple(sorted(set(self.dropped) | skipped)), skips=skips)
+
     @property
     def selected(self) -> tuple:
-        """Every layer the spec names (offloaded or dropped)."""
+        """Every layer the plan touches (offloaded or dropped)."""
         return tuple(sorted(self.offloaded + self.dropped))
 
     def device_map(self, host: str = "cpu") -> dict:
