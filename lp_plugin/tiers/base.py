@@ -81,7 +81,8 @@ class Tier(ABC):
     def host_view(self, key: str) -> torch.Tensor:
         """A host uint8 tensor holding the unit's bytes, valid until :meth:`close`: what the model's
         offloaded tensors point at between uses, so everything the model hands out (``state_dict``,
-        ``named_parameters``) is the real weights. Writes through it change memory, never a file."""
+        ``named_parameters``) is the real weights. Writes through it change memory, never a file.
+        A tier whose bytes can change behind it (files) runs :meth:`check` here too."""
 
     def direct(self, key: str) -> bool:
         """True when :meth:`host_view` is itself the source of transfers (the cpu tier: pinned when

@@ -124,7 +124,12 @@ class DiskTier(Tier):
             entry.close()
 
     def host_view(self, key):
-        return self._entry(key).data
+        """The mapped payload, after :meth:`check`: whoever reads the file through the mapping (a
+        copy the engine makes itself, a write-back into it) never touches pages of a truncated file
+        (SIGBUS) nor bytes changed since verification."""
+        entry = self._entry(key)
+        entry.check()
+        return entry.data
 
     def check(self, key):
         self._entry(key).check()

@@ -8,7 +8,8 @@ What is caught:
   between the ``fstat`` before and after), and, because a file's times advance in clock ticks, a
   change in the same tick as its last one: a file whose times are that recent is hashed again once
   the tick has passed;
-* at every :meth:`MappedFile.check` (before each copy out of the file, and at detach): a truncation
+* at every :meth:`MappedFile.check` (before each copy out of the file, each time the disk tier hands
+  out the mapped payload, and at detach): a truncation
   (an error at once: reading a mapped page past the end would kill the process with SIGBUS), and any
   other change of size, mtime or ctime (an in-place rewrite, of the same size too; ``utime`` cannot
   hide one, since it moves the ctime). A changed stamp costs one hash of the payload read from the
