@@ -371,27 +371,22 @@ def test_second_process_changing_the_file_never_reaches_the_logits(tmp_path, oth
     proc.start()
     assert started.wait(30)
     outcomes = {"exact": 0, "error": 0}
+    model = first.model
     try:
         deadline = time.monotonic() + 20
         while sum(outcomes.values()) < 40 and time.monotonic() < deadline:
-            model = first.model
+            if lp_plugin.get_handle(model) is not None:
+                # the file changed after the model's weights went to it (its only copy): that model is
+                # lost, as the error said; go on with a fresh one
+                model = build_tiny("qwen2")
             try:
                 h = lp_plugin.attach(model, offload="even", tier="disk", mode=mode, offload_folder=folder)
-            except OffloadFileError:
-                outcomes["error"] += 1
-                continue
-            for _ in range(3):
-                try:
+                for _ in range(3):
                     assert torch.equal(logits(model), first.ref), "wrong logits reached the caller"
                     outcomes["exact"] += 1
-                except OffloadFileError:
-                    outcomes["error"] += 1
-            try:
                 h.detach()
             except OffloadFileError:
                 outcomes["error"] += 1
-                first = Attached(tmp_path / f"fresh{sum(outcomes.values())}")  # that model is lost: start over
-                first.handle.detach()
     finally:
         stop.set()
         proc.join(30)
