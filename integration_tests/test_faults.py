@@ -746,7 +746,9 @@ def test_offloaded_layer_called_directly(tiny, mode, fragment):
     assert_unchanged(tiny.model, tiny.ref, tiny.state)
 
 
-def test_incompatible_accelerate_map(tmp_path):
+def test_accelerate_map_with_other_layers_is_taken_over(tmp_path):
+    """Accelerate offloads layer 3, the spec names 2 and 4: attach takes all three, exactly; with alpha=0
+    the spec's layers are dropped and Accelerate keeps its own offload of layer 3."""
     from accelerate import dispatch_model
 
     model = build_tiny("qwen2")
@@ -754,14 +756,13 @@ def test_incompatible_accelerate_map(tmp_path):
     dmap = lp_plugin.residual_offload_device_map(model, offload="odd", tier="disk", main_device="cpu")
     dispatch_model(model, dmap, offload_dir=str(tmp_path / "accel"))
     assert torch.equal(logits(model), ref)
-    with pytest.raises(AttachError, match=re.escape("layer 3 is offloaded by Accelerate's device map but is not in offload='even'; "
-                                                    "build the map with lp_plugin.residual_offload_device_map(config, offload='even')")):
-        lp_plugin.attach(model, offload="even")
-    assert lp_plugin.get_handle(model) is None
-    assert torch.equal(logits(model), ref)  # Accelerate's offload still in place and exact
-    h = lp_plugin.attach(model, offload="odd", tier="disk", offload_folder=tmp_path / "off")  # the matching spec works
-    assert h.layer_indices == [3]
+    h = lp_plugin.attach(model, offload="even", tier="disk", offload_folder=tmp_path / "off")
+    assert h.layer_indices == [2, 3, 4]
     assert torch.equal(logits(model), ref)
+    h.detach()
+    assert torch.equal(logits(model), ref)  # Accelerate's offload back in place and exact
+    h = lp_plugin.attach(model, offload="even", alpha=0)
+    assert h.layer_indices == [] and h.info()["dropped_layers"] == [2, 4]
     h.detach()
     assert torch.equal(logits(model), ref)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .config import OffloadConfig
 from .errors import OffloadSpecError
-from .plan import OffloadPlan
-from .quant import Nf4Load
+from .plan import OffloadPlan, auto_base_map
+from .quant import Nf4Load, checkpoint_dtype
 
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
 
@@ -22,9 +22,10 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     lp_plugin's options (:class:`OffloadConfig`: ``offload``, ``tier``, ``mode``, ``alpha``,
     ``offload_folder``, ``prefetch``, ``main_device``, ...) are taken out of ``kwargs``; the rest goes
     to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``quantization_config``,
-    ``attn_implementation``, ...). The device map is built here: pass ``main_device`` (default: the
-    current GPU if there is one, else the CPU) rather than ``device_map``. Returns the model; its
-    handle is ``lp_plugin.get_handle(model)``.
+    ``attn_implementation``, ...). ``device_map`` (``"auto"`` with ``max_memory``, or a dict) is kept as
+    the base placement: each layer computes where it puts it, and only the chosen layers move to the
+    tier. Without one, everything resident goes on ``main_device`` (default: the current GPU if there
+    is one, else the CPU). Returns the model; its handle is ``lp_plugin.get_handle(model)``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -32,13 +33,14 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
 
     options, hf_kwargs = OffloadConfig.split(kwargs)
     config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read
-    if "device_map" in hf_kwargs:
-        raise OffloadSpecError(
-            "lp_plugin.from_pretrained builds the device map itself; drop device_map= and pass main_device= "
-            "(or load the model yourself and call lp_plugin.attach(model, ...))"
-        )
+    base_map, max_memory = hf_kwargs.pop("device_map", None), hf_kwargs.pop("max_memory", None)
+    if not (base_map is None or base_map == "auto" or isinstance(base_map, dict)):
+        raise OffloadSpecError(f"device_map={base_map!r}: lp_plugin keeps a base placement given as 'auto' (with max_memory) "
+                               "or as a dict {module: device}")
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
-    plan = OffloadPlan.for_config(hf_config, config)
+    if base_map == "auto":
+        base_map = auto_base_map(hf_config, max_memory, checkpoint_dtype(hf_config, hf_kwargs))
+    plan = OffloadPlan.for_config(hf_config, config, base_map=base_map)
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=nf4.device_map(plan.device_map("cpu")),
                                                  **nf4.hf_kwargs)

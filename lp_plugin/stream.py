@@ -97,7 +97,9 @@ class Ring:
 
     # ------------------------------------------------------------------ open / close
     def open(self):
-        self.room_check(self.nslots * self.slot_bytes, f"stream mode's ring of {self.nslots} layer buffers",
+        for layer in self.layers:
+            layer.check_intact()
+        self.room_check(self.nslots * self.slot_bytes, self.device, f"stream mode's ring of {self.nslots} layer buffers",
                         "lower prefetch, or offload fewer/smaller layers")
         if self.buffer is None:
             self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
@@ -111,7 +113,7 @@ class Ring:
         if self.needs_staging and self.staging is None:
             self.staging = [allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)]
         if self.needs_staging:
-            gil_switch.enter()  # left in close_ring
+            gil_switch.enter()  # left in release
         self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
         self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
         self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
@@ -124,7 +126,8 @@ class Ring:
         for pos in range(min(self.nslots, self.k)):
             self._issue(pos)
 
-    def close_ring(self):
+    def release(self):
+        """End of the session: layers back on standby, the ring's memory given back."""
         self._drain()
         for layer in self.layers:
             layer.bound_flat = None  # nothing to write back: a slot is refilled from the tier every forward
@@ -136,7 +139,7 @@ class Ring:
 
     def close(self):
         if self.is_open:
-            self.close_ring()
+            self.release()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         if self.buffer is not None:

@@ -55,14 +55,18 @@ class Tier(ABC):
       the unit, including the one :meth:`OffloadHandle.detach` makes.
 
     And for the whole tier: :meth:`close` (detach, failed attach), :meth:`drop_page_cache`
-    (cold-cache benchmarks) and ``report``: key -> ``"reused"``, ``"written"`` or
-    ``"rebuilt: <why>"`` for tiers that keep files (empty for the others).
+    (cold-cache benchmarks), :meth:`host_bytes` (host memory it holds), ``keeps_flat`` (True when
+    :meth:`put` keeps the packed buffer itself, which is then allocated pinned), ``read_only`` (True
+    when the host copy the model points at in standby must not be written) and ``report``: key ->
+    ``"reused"``, ``"written"`` or ``"rebuilt: <why>"`` for tiers that keep files (empty for the others).
 
     Third-party tiers subclass this class and register through the ``register_tiers`` plugin hook.
     """
 
     name: str = ""
     needs_folder: bool = False
+    keeps_flat: bool = False
+    read_only: bool = False
 
     def __init__(self, *, pin: bool, offload_folder=None, model_tag: str = ""):
         self.pin = pin
@@ -103,6 +107,10 @@ class Tier(ABC):
     def check(self, key: str) -> None:
         """Raise :class:`OffloadFileError` if what backs ``key`` changed since it was verified
         (nothing can change behind a tier that keeps the bytes in its own memory)."""
+
+    def host_bytes(self) -> int:
+        """Host memory this process holds for the tier (not the page cache, nor memory shared with others)."""
+        return 0
 
     def close(self) -> None:
         """Release what the tier holds (called on detach and on a failed attach)."""
