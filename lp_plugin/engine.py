@@ -239,6 +239,8 @@ class OffloadHandle:
         with self._lock:
             if self._depth:
                 raise AttachError("cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first")
+            for layer in self.layers:  # every copy detach reads is still the verified one, before anything changes
+                layer.tier.check(layer.key)
             for mover in self.movers:
                 mover.close()
             if self.entry is not None:
@@ -347,11 +349,13 @@ def _install(handle, model, layer_list):
 def _hook_layer(handle, layer, mover, pos, skip_keys):
     if not handle.plan.single_device and not layer.stand_in:
         hooks.add(layer.module, hooks.DeviceHook(handle, layer.device, skip_keys))
+    # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other layers'
+    # bytes between uses): it is checked against its file first
+    handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
+                           layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
     if isinstance(mover, Ring):
         for module in layer.stream_modules:
             hooks.add(module, hooks.StreamHook(handle, mover, pos))
-        handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
-                               layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
     else:
         hooks.add(layer.module, hooks.SessionHook(handle, layer))
     if 0 < handle.config.alpha < 1 and not layer.stand_in:

@@ -34,6 +34,7 @@ class OffloadedLayer:
         self.standby = None
         self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
+        self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
         self._versions = ()
 
     # ------------------------------------------------------------------ attach
@@ -78,13 +79,15 @@ class OffloadedLayer:
         self._record()
 
     def show_standby(self) -> None:
-        """Point the tensors at the tier's copy for a moment (``state_dict`` inside a stream ring,
-        whose slots hold other layers' bytes between uses); :meth:`show_bound` points them back."""
-        if self.bound_flat is not None:
+        """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
+        layers' bytes between uses) the tensors point at it for a moment; :meth:`show_bound` points them back."""
+        if self.bound_flat is None or self.streamed:
+            self.tier.check(self.key)
+        if self.bound_flat is not None and self.streamed:
             self.standby.apply()
 
     def show_bound(self) -> None:
-        if self.bound_flat is not None:
+        if self.bound_flat is not None and self.streamed:
             self.binding.apply()
 
     def offload_(self) -> None:
@@ -172,12 +175,12 @@ class Stager:
             torch.cuda.current_stream(self.device).synchronize()
 
     def source(self, layer) -> torch.Tensor:
-        if layer.tier.direct(layer.key) or not self.pin:
+        if layer.tier.direct(layer.key):
             layer.tier.check(layer.key)
             return layer.tier.host_view(layer.key)
         self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
         if self.buf is None:
-            self.buf = allocate_host(max(l.nbytes for l in self.layers), True, "a staging buffer")
+            self.buf = allocate_host(max(l.nbytes for l in self.layers), self.pin, "a staging buffer")
         dst = self.buf[: layer.nbytes]
         layer.tier.read_into(layer.key, dst)
         return dst
