@@ -137,6 +137,8 @@ def test_plot_written(bench_run):
     (["--tolerance", "bogus=1"], "unknown tolerance"),
     (["--tolerance", "speed=0.5"], "factor >= 1"),
     (["--repeats", "0"], "at least 1"),
+    (["--model", "/no/such/folder"], "cannot be loaded"),
+    (["--model", "nothing-like-a-model"], "neither a folder"),
 ])
 def test_bad_arguments_exit_2(ckpt, capsys, args, message):
     rc, _ = bench(["--model", ckpt, *SMALL, *args])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from lp_plugin.report import GIB
 
@@ -125,6 +126,10 @@ def _run(parser, args) -> dict:
         out = run_bench(settings, configs)
     except SetupError as exc:
         parser.error(str(exc))
+    except Exception:  # noqa: BLE001 - the run itself broke: exit 3 (failed), never 1 (a regression)
+        traceback.print_exc()
+        print("lp-bench: the run failed before any config could be measured", file=sys.stderr)
+        return None
     if args.out:
         write_json(out, args.out)
     return out
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
     tol = _check_args(parser, args)
     old = _load(parser, "--compare", args.compare) if args.compare else None
     out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
+    if out is None:
+        return 3
     print(format_table(out))
     if args.out and not args.results:
         print(f"results: {args.out}")

@@ -148,6 +148,8 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
     v = median_of(r.get("decode_vs_baseline"))
     if cfg["mode"] == "session" and v is not None:
         add(name, "session decode vs baseline (median of per-round ratios)", v, ">= 0.98", v >= 0.98)
+    if c.get("static_error"):
+        add(name, "static-cache generate runs", c["static_error"], "no error", False)
     v = median_of(r.get("static_vs_baseline"))
     if cfg["mode"] == "session" and v is not None:
         add(name, "session static-cache generate vs baseline (median of per-round ratios)", v, ">= 0.95", v >= 0.95)

@@ -24,13 +24,20 @@ def sync(device) -> None:
 
 
 def allocated(device):
-    """Bytes allocated on a CUDA device after freeing what can be freed (None on the CPU)."""
+    """Bytes allocated on a CUDA device after freeing what can be freed (None on the CPU).
+
+    cuBLAS keeps a workspace per stream in the caching allocator (32 MiB on Hopper), and CUDA graph
+    captures (a compiled static-cache generate) drop them, so they come and go between configs:
+    they are dropped before every reading, and no figure counts them."""
     import torch
 
     if device.type != "cuda":
         return None
     gc.collect()
     torch.cuda.synchronize(device)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
     torch.cuda.empty_cache()
     return int(torch.cuda.memory_allocated(device))
 
@@ -140,20 +147,34 @@ def generate_run(model, prompt_ids, new: int, device, static: bool = False):
 def static_runs(model, prompt_ids, new: int, device) -> dict:
     """The static-cache figures of one model: on CUDA a first, untimed call compiles (its time is
     kept as ``first_s``), then one timed call. ``compiled`` says whether transformers compiled the
-    forward (it refuses to for some models, e.g. ones it thinks are offloaded)."""
+    forward (it refuses to for some models, e.g. ones it thinks are offloaded). Every config compiles
+    its own graphs, as a fresh process would, and they are dropped afterwards (:func:`release_compiled`)."""
+    first_s = None
+    try:
+        if device.type == "cuda":
+            t0 = time.perf_counter()
+            generate_run(model, prompt_ids, new, device, static=True)
+            first_s = time.perf_counter() - t0
+        tok_s, tokens = generate_run(model, prompt_ids, new, device, static=True)
+        compiled = "_compiled_call" in model.__dict__
+    finally:
+        release_compiled(model, device)
+    return {"tok_s": tok_s, "tokens": tokens, "first_s": first_s, "compiled": compiled}
+
+
+def release_compiled(model, device) -> None:
+    """Drop what a static-cache ``generate`` left behind: the compiled forward transformers keeps on
+    the model, a kept static cache (older releases), dynamo's caches and CUDA graph pools. Left in
+    place, they would count in the next config's standby VRAM, and the recompiles of one model object
+    across configs would hit dynamo's recompile limit (after which it silently runs eager)."""
     import torch
 
-    first_s = None
+    model.__dict__.pop("_compiled_call", None)
+    model.__dict__.pop("_cache", None)
     if device.type == "cuda":
-        # every config compiles its own graphs, as a fresh process would; without a reset the
-        # recompiles of one model object across configs and rounds hit dynamo's recompile limit
-        torch._dynamo.reset()
-        model.__dict__.pop("_compiled_call", None)
-        t0 = time.perf_counter()
-        generate_run(model, prompt_ids, new, device, static=True)
-        first_s = time.perf_counter() - t0
-    tok_s, tokens = generate_run(model, prompt_ids, new, device, static=True)
-    return {"tok_s": tok_s, "tokens": tokens, "first_s": first_s, "compiled": "_compiled_call" in model.__dict__}
+        torch._dynamo.reset()  # also resets the CUDA graph trees
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def logits_of(model, ids):

@@ -39,14 +39,14 @@ def _span(res, key, kind="f", digits=1):
 
 def _row(c) -> list:
     if c.get("error"):
-        return [c["name"], "ERROR: " + c["error"][:100]] + [""] * (len(HEAD) - 2)
+        return [c["name"], "ERROR: " + c["error"].splitlines()[0][:160]] + [""] * (len(HEAD) - 2)
     if c.get("not_applicable"):
         return [c["name"], "n/a: " + c["not_applicable"]] + [""] * (len(HEAD) - 2)
     r = c.get("ratios") or {}
     return [
         c["name"] + (" (noise)" if c["config"].get("twin") else ""),
         _span(c, "standby_vram_bytes", "gib"), _span(c, "peak_vram_bytes", "gib"), _span(c, "prefill_tok_s", "f", 0),
-        _span(c, "decode_tok_s"), _span(c, "generate_tok_s"), _span(c, "static_tok_s"),
+        _span(c, "decode_tok_s"), _span(c, "generate_tok_s"), "failed" if c.get("static_error") else _span(c, "static_tok_s"),
         _fmt(c.get("max_abs_logit_diff"), "e"), _fmt(c.get("argmax_agreement"), "f", 3), _fmt(c.get("perplexity"), "e"),
         _fmt(c.get("bytes_per_forward"), "mib"), _fmt(c.get("transfer_bound_tok_s")),
         _fmt(median_of(r.get("decode_vs_baseline")), "x"), _fmt(median_of(r.get("generate_vs_baseline")), "x"),
@@ -98,6 +98,9 @@ def format_table(out: dict) -> str:
             lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
         else:
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    for c in out["configs"]:
+        if c.get("static_error"):
+            lines.append(f"{c['name']}: static-cache generate failed: {c['static_error']}")
     if out.get("goals"):
         lines += ["", "goals:"]
         for g in out["goals"]:

@@ -40,6 +40,7 @@ class Run:
         import torch
 
         self.settings, self.configs, self.log = settings, configs, log
+        self.threads_before = torch.get_num_threads()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = resolve_device(settings.device)
@@ -50,13 +51,17 @@ class Run:
         need_ckpt = any(c.kind == "lp" and c.load == "pretrained" for c in configs)
         self.base = BaseModel(settings, self.device, need_ckpt)
         self.build_s = time.perf_counter() - t0
-        self.layers = decoder_layers(self.base.model)
-        self.layer_sizes = [layer_bytes(layer) for layer in self.layers]
-        self._make_inputs()
-        self.bandwidth = self._bandwidth()
-        self._reference()
         self.offload_root = settings.offload_dir or tempfile.mkdtemp(prefix="lp-bench-offload-")
-        os.makedirs(self.offload_root, exist_ok=True)
+        try:
+            os.makedirs(self.offload_root, exist_ok=True)
+            self.layers = decoder_layers(self.base.model)
+            self.layer_sizes = [layer_bytes(layer) for layer in self.layers]
+            self._make_inputs()
+            self.bandwidth = self._bandwidth()
+            self._reference()
+        except BaseException:
+            self.close()  # no temporary checkpoint or offload folder is left behind
+            raise
 
     def _make_inputs(self):
         import torch
@@ -98,9 +103,12 @@ class Run:
         self.base_allocated = measure.allocated(self.device)
 
     def close(self):
+        import torch
+
         if not self.settings.offload_dir:
             shutil.rmtree(self.offload_root, ignore_errors=True)
         self.base.close()
+        torch.set_num_threads(self.threads_before)
 
 
 def run_bench(settings, configs: list, log=None) -> dict:
@@ -163,7 +171,7 @@ def _measure_safely(run, place, results, r, bar) -> None:
     try:
         measure_once(run, place, res, r, lambda p: bar.set_postfix_str(p, refresh=True))
     except Exception as exc:  # noqa: BLE001 - record, keep the other configs going
-        res["error"] = f"{type(exc).__name__}: {exc}"
+        res["error"] = f"{type(exc).__name__}: {exc}".strip()
         res["traceback"] = traceback.format_exc()
         run.log(f"\nlp-bench: config {place.cfg.name!r} failed in {'warm-up' if r == 0 else f'round {r}'}: {res['error']}")
         with contextlib.suppress(Exception):
@@ -176,12 +184,18 @@ def _measure_safely(run, place, results, r, bar) -> None:
                     other["error"] = f"skipped: the plain model was left broken by {place.cfg.name!r} ({why})"
 
 
+def first_line(exc) -> str:
+    """``Type: first line of the message`` (compiler errors run to pages)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _empty_result(cfg) -> dict:
     out = {"name": cfg.name, "config": cfg.to_dict(), "error": None, "traceback": None, "not_applicable": None,
            "layers": None, "offloaded_bytes": None, "bytes_per_forward": None, "layer_bytes": None, "info": None,
            "max_abs_logit_diff": None, "logits_equal": None, "argmax_agreement": None, "perplexity": None,
            "decode_tokens_agree": None, "generate_tokens_agree": None, "static_tokens_agree": None,
-           "static_compiled": None}
+           "static_compiled": None, "static_error": None}
     out.update({key: [] for key in TIMED})
     return out
 
@@ -215,12 +229,17 @@ def _timed(run, place, res, new, phase) -> dict:
     phase("generate")
     place.drop_page_cache()
     got["generate_tok_s"], got["generate_tokens"] = measure.generate_run(model, ids["prompt"], new, device)
-    if run.static:
+    if run.static and res["static_error"] is None:
         phase("static cache")
         place.drop_page_cache()
-        st = measure.static_runs(model, ids["prompt"], new, device)
-        got.update(static_tok_s=st["tok_s"], static_first_s=st["first_s"], static_tokens=st["tokens"])
-        res["static_compiled"] = st["compiled"] if res["static_compiled"] is None else res["static_compiled"] and st["compiled"]
+        try:
+            st = measure.static_runs(model, ids["prompt"], new, device)
+        except Exception as exc:  # noqa: BLE001 - a config that cannot generate with a static cache keeps its other figures
+            res["static_error"] = first_line(exc)
+            run.log(f"\nlp-bench: {place.cfg.name!r}: static-cache generate failed: {res['static_error']}")
+        else:
+            got.update(static_tok_s=st["tok_s"], static_first_s=st["first_s"], static_tokens=st["tokens"])
+            res["static_compiled"] = st["compiled"] if res["static_compiled"] is None else res["static_compiled"] and st["compiled"]
     return got
 
 

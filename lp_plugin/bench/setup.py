@@ -104,7 +104,10 @@ class BaseModel:
     def _load(self, settings, shapes, need_checkpoint):
         name, dtype = settings.model, settings.dtype
         if self.kind == "pretrained":
-            return shapes.load_checkpoint(name, dtype, self.device)
+            try:
+                return shapes.load_checkpoint(name, dtype, self.device)
+            except OSError as exc:
+                raise SetupError(f"--model {name!r} cannot be loaded: {exc}") from None
         if not need_checkpoint:
             if dtype == "nf4":
                 return shapes.build_shape_model_nf4(name, self.device, settings.seed)
