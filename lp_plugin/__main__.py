@@ -3,12 +3,16 @@
     python -m lp_plugin tasks-path       # folder to pass to lm_eval --include_path
     python -m lp_plugin bundled-model    # convert (once) and print the bundled SmolLM2-135M folder
                   [--force | --check] [--verify]   # convert again / only check; hash every file
+    python -m lp_plugin compare-lm-eval BASE.json CANDIDATE.json [--tolerance 1e-6]
+                                         # gate lm-eval results: exit 0 equal, 1 regression, 2 bad input
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import gate_lm_eval
 
 
 def tasks_path() -> str:
@@ -56,6 +60,9 @@ def main(argv=None) -> int:
                       help="only check the cache, never convert: print its path and exit 0 if intact, else say why and exit 1")
     bm.add_argument("--verify", action="store_true",
                     help="hash every cached file (SHA-256) even when their sizes, inodes and times are unchanged")
+    cmp = sub.add_parser("compare-lm-eval", help="gate one lm-eval results file against another (metrics, throughput)",
+                         description=gate_lm_eval.__doc__.split("\n\n")[0])
+    gate_lm_eval.add_arguments(cmp)
     args = parser.parse_args(argv)
 
     if args.command == "tasks-path":
@@ -63,6 +70,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "bundled-model":
         return bundled_model(args)
+    if args.command == "compare-lm-eval":
+        return gate_lm_eval.run(args, err=lambda msg: print(msg, file=sys.stderr))
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 
