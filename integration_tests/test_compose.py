@@ -39,6 +39,15 @@ def test_base_map_keeps_its_placement(base, offload, values, offloaded):
     assert plan.main_device == torch.device("cuda", 0)
 
 
+def test_tied_modules_stay_together():
+    """A tied lm_head goes where the input embeddings go, whatever the base map says: one tensor
+    cannot compute on two devices."""
+    config = tiny_config("qwen2")  # tie_word_embeddings
+    base = dict(TWO_GPUS, lm_head=1)
+    assert lp_plugin.residual_offload_device_map(config, base_map=base)["lm_head"] == 0
+    assert lp_plugin.residual_offload_device_map(tiny_config("llama"), base_map=base)["lm_head"] == 1  # untied
+
+
 def test_bad_base_maps_are_refused():
     config = tiny_config("llama")
     with pytest.raises(lp_plugin.OffloadSpecError, match="places no module at 'lm_head'"):

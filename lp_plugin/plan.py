@@ -71,7 +71,7 @@ class OffloadPlan:
         prefix, other, n = arch.module_keys(meta)
         if base_map is None:
             return cls._make(config, prefix, other, n, normalize_device(config.main_device), meta)
-        placed = BaseMap(base_map, prefix)
+        placed = BaseMap(base_map, prefix, _tied_modules(meta, other))
         main = normalize_device(config.main_device) if config.main_device is not None else placed.main(other)
         devices = {i: d for i, d in enumerate(placed.layer_devices(n, main)) if d != main}
         return cls._make(config, prefix, other, n, main, meta, devices=devices, base=placed)
@@ -143,17 +143,20 @@ class OffloadPlan:
 class BaseMap:
     """An Accelerate device map to keep: where each module goes, looked up at '.' boundaries."""
 
-    def __init__(self, device_map: dict, layer_prefix: str):
+    def __init__(self, device_map: dict, layer_prefix: str, tied=()):
         if not isinstance(device_map, dict) or not device_map:
             raise OffloadSpecError(f"a base device map must be a non-empty dict {{module: device}}, got {device_map!r}")
         self.map = dict(device_map)
         self.prefix = layer_prefix
+        # modules sharing a tensor (a tied lm_head and input embedding) go where the first of them goes
+        self.tied = {key: group[0] for group in tied for key in group[1:]}
         # with a GPU in the map, "cpu" means Accelerate's host offload; on a CPU-only map it is the compute device
         gpu = any(isinstance(v, int) and not isinstance(v, bool) or str(v).startswith("cuda") for v in self.map.values())
         self.host = ("cpu", "disk") if gpu else ("disk",)
 
     def value(self, key: str):
         """The map's value for module ``key``: its own entry, else its closest ancestor's."""
+        key = self.tied.get(key, key)
         best = None
         for k, v in self.map.items():
             if k == "" or key == k or key.startswith(k + "."):
@@ -186,6 +189,19 @@ class BaseMap:
             if value not in self.host:
                 return normalize_device(value)
         return normalize_device(None)
+
+
+def _tied_modules(meta, other_keys) -> list:
+    """Groups of top-level module keys that share a parameter, each in forward order (the embeddings first)."""
+    from accelerate.utils import find_tied_parameters
+
+    order = {key: i for i, key in enumerate(other_keys)}
+    groups = []
+    for names in find_tied_parameters(meta):
+        keys = {next((k for k in other_keys if n == k or n.startswith(k + ".")), None) for n in names} - {None}
+        if len(keys) > 1:
+            groups.append(sorted(keys, key=order.get))
+    return groups
 
 
 def auto_base_map(hf_config, max_memory=None, dtype=None) -> dict:
