@@ -3,7 +3,8 @@
 For each case ``DTYPE:BUDGET:CONTEXT`` it plans (``lp_plugin.fit_budget``), loads the model through
 ``lp_plugin.from_pretrained(offload="auto", max_memory={0: BUDGET}, ...)`` from a saved shape
 checkpoint, runs the work the plan assumed, and writes predicted against measured standby VRAM, peak
-VRAM (``torch.cuda.max_memory_allocated`` + the engine's mapped buffers, read inside a session) and
+VRAM (``torch.cuda.max_memory_allocated`` + the engine's ``peak_mapped_bytes``; the work runs inside a
+session, so the ring or session buffer is mapped throughout, as the plan assumes) and
 decode tok/s. For the same budget it also tries a few hand-picked specs on one plain model (attach,
 measure, detach) and keeps the fastest whose measured peak fits, to compare decode speed.
 
@@ -163,10 +164,10 @@ def measure(model, args, context: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     with lp_plugin.session(model):
         run_work(model, args, context, vocab)
-        handle = lp_plugin.get_handle(model)
-        mapped = handle.mapped_bytes if handle is not None else 0
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() + mapped
+    handle = lp_plugin.get_handle(model)
+    mapped = handle.peak_mapped_bytes if handle is not None else 0
+    peak = torch.cuda.max_memory_allocated() + mapped
     return {"standby_bytes": standby, "peak_bytes": peak, "mapped_bytes": mapped, "decode_tok_s": decode_rate(model, args, vocab)}
 
 

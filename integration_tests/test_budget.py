@@ -242,7 +242,7 @@ def test_device_budgets(max_memory, device, expected):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(offload="even", max_memory="6GiB"), r"\['max_memory'\] only apply with offload='auto'"),
+    (dict(offload="even", max_context=512, work="generate"), r"\['max_context', 'work'\] only apply with offload='auto'"),
     (dict(offload="auto"), "offload='auto' needs max_memory"),
     (dict(offload="auto", max_memory="6GiB", alpha=0), "alpha=0 would drop them"),
     (dict(offload="auto", max_memory="6GiB", skip="3"), "does not know which layers skip="),

@@ -54,6 +54,16 @@ def test_attach_auto(arch, budget, mode, expected):
     handle.detach()
 
 
+def test_max_memory_without_a_reader_is_refused(tiny_checkpoints):
+    """An explicit spec reads max_memory only through a device_map='auto' base placement."""
+    with pytest.raises(OffloadSpecError, match="nothing would read it"):
+        lp_plugin.attach(build_tiny("qwen2"), offload="even", max_memory="6GiB")
+    with pytest.raises(OffloadSpecError, match="nothing would read it"):
+        lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], offload="even", max_memory="6GiB")
+    with pytest.raises(OffloadSpecError, match="offload='auto' fits the main device alone"):
+        lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], offload="auto", max_memory={"cpu": "1GiB"}, device_map="auto")
+
+
 def test_attach_auto_refuses_what_cannot_fit():
     model = build_tiny("llama")
     with pytest.raises(BudgetError, match="nothing fits max_memory 100.00 KiB on cpu") as info:

@@ -64,3 +64,31 @@ def test_compiled_static_decode_is_exact_across_sessions(mode):
     assert plain_compiled and hasattr(model, "_compiled_call")  # transformers compiled the offloaded model too
     assert len(set(addresses)) == 1
     handle.detach()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_two_gpu_base_map_is_exact(tmp_path, mode):
+    """device_map="auto" across two GPUs kept as the base placement: the chosen layers move to the tier
+    and each is brought back to the GPU that runs it; logits and generate() equal the plain model
+    dispatched with the same base map."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lp_plugin.plan import auto_base_map
+    from shapes import save_tiny
+
+    path = save_tiny("llama", tmp_path / "ckpt", dtype=torch.bfloat16, num_layers=12)
+    base = auto_base_map(AutoConfig.from_pretrained(path), max_memory={0: "500KiB", 1: "2GiB"}, dtype=torch.bfloat16)
+    assert {v for v in base.values()} == {0, 1}
+    ids = PROMPT.cuda(0)
+    plain = AutoModelForCausalLM.from_pretrained(path, device_map=base, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = plain(ids).logits
+    ref_gen = plain.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model = lp_plugin.from_pretrained(path, device_map=base, offload="even", mode=mode, dtype=torch.bfloat16)
+    handle = lp_plugin.get_handle(model)
+    assert {str(l.device) for l in handle.layers} == {"cuda:0", "cuda:1"}  # layers 2, 4 on GPU 0; 6, 8 on GPU 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref_gen)
+    handle.detach()

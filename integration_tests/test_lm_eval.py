@@ -55,7 +55,7 @@ BAD_ARGS = {
     "bad-alpha": ({"alpha": 2}, "alpha must be in [0, 1]"),
     "disk-without-folder": ({"tier": "disk"}, "needs offload_folder"),
     "bad-layer": ({"offload": 99}, "out of range"),
-    "parallelize": ({"parallelize": True}, "parallelize=True is not supported"),
+    "tensor-parallel": ({"tp_plan": "auto"}, "tp_plan='auto' is not supported"),
     "bnb-without-4bit": ({"bnb_4bit_use_double_quant": True}, "only apply with load_in_4bit=True"),
 }
 CLI_BAD = ["unknown-arg", "bad-spec"]  # the rest are checked in-process (same constructor, no indexing)

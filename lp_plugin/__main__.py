@@ -3,6 +3,8 @@
     python -m lp_plugin tasks-path       # folder to pass to lm_eval --include_path
     python -m lp_plugin bundled-model    # convert (once) and print the bundled SmolLM2-135M folder
                   [--force | --check] [--verify]   # convert again / only check; hash every file
+    python -m lp_plugin compare-lm-eval BASE.json CANDIDATE.json [--tolerance 1e-6]
+                                         # gate lm-eval results: exit 0 equal, 1 regression, 2 bad input
     python -m lp_plugin plan --model PATH|SHAPE --max-memory 0=6GiB [--max-memory cpu=30GiB]
                   --context 8192 [--batch 1] [--dtype nf4] [--work generate|loglikelihood] [--json]
                              # what offload="auto" would do, without loading weights
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from . import gate_lm_eval
 
 
 def tasks_path() -> str:
@@ -130,6 +134,9 @@ def main(argv=None) -> int:
                       help="only check the cache, never convert: print its path and exit 0 if intact, else say why and exit 1")
     bm.add_argument("--verify", action="store_true",
                     help="hash every cached file (SHA-256) even when their sizes, inodes and times are unchanged")
+    cmp = sub.add_parser("compare-lm-eval", help="gate one lm-eval results file against another (metrics, throughput)",
+                         description=gate_lm_eval.__doc__.split("\n\n")[0])
+    gate_lm_eval.add_arguments(cmp)
     _plan_parser(sub)
     args = parser.parse_args(argv)
 
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "bundled-model":
         return bundled_model(args)
+    if args.command == "compare-lm-eval":
+        return gate_lm_eval.run(args, err=lambda msg: print(msg, file=sys.stderr))
     if args.command == "plan":
         return plan(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

@@ -9,6 +9,8 @@ attributes are saved and removed, and put back exactly as they were. Neither Acc
 
 from __future__ import annotations
 
+from .devices import normalize_device
+
 _HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")
 
 
@@ -115,6 +117,4 @@ def suspend_dispatch_hooks(model, main_device) -> list:
 
 
 def _same(execution_device, main_device) -> bool:
-    from .plan import normalize_device
-
     return execution_device is None or normalize_device(execution_device) == main_device

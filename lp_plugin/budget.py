@@ -32,7 +32,8 @@ Assumptions, each a place where a prediction can be wrong:
 * Standby = resident weights. Not counted anywhere: the CUDA context (~0.5 GiB a process on an H100)
   and blocks the caching allocator keeps free: on a real N GiB card, leave room for them.
 * Host memory: the cpu tier pins one buffer per offloaded layer, which PyTorch's pinned allocator rounds
-  up to a power of two (a 147 MiB layer takes 256 MiB); the disk tier pins one staging buffer per ring
+  up to a power of two (a 147 MiB layer takes 256 MiB; data-parallel ranks sharing one copy in
+  /dev/shm need only the packed bytes, once per host); the disk tier pins one staging buffer per ring
   slot and keeps the layers in files.
 * Speed: each forward moves every offloaded layer's packed bytes over the link once, overlapped with
   compute: decode tok/s = min(the plain model's rate, batch x bandwidth / offloaded bytes), prefill
@@ -58,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench.runner import h2d_bandwidth
+from .bench.measure import h2d_bandwidth
 from .config import OffloadConfig
 from .errors import BudgetError, OffloadSpecError
 from .footprint import Footprint, Work, work_peak

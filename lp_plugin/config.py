@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .errors import OffloadSpecError
+from .plugins import tier_class, tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
 
 MODES = ("session", "stream")
 WORKS = ("generate", "loglikelihood")
-BUDGET_OPTIONS = ("max_memory", "max_context", "batch_size", "work")
+BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
 _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
@@ -40,7 +41,8 @@ class OffloadConfig:
 
     With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.budget``):
     max_memory: Accelerate's form: ``{0: "6GiB", "cpu": "30GiB"}``, ints of bytes, or a bare ``"6GiB"``
-        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). Required.
+        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). Required with
+        ``offload="auto"``; with another spec it bounds ``from_pretrained(device_map="auto")``'s placement.
     max_context / batch_size: the work the budget must hold (default: the model's
         max_position_embeddings, as lm-eval's HFLM picks max_length; batch 1).
     work: ``generate`` (logits of the last token; the default) or ``loglikelihood`` (lm-eval's full
@@ -70,8 +72,6 @@ class OffloadConfig:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
         self._check_budget()
-        from .plugins import tier_class
-
         if getattr(tier_class(self.tier), "needs_folder", False) and self.offload_folder is None:
             raise OffloadSpecError(
                 f"tier={self.tier!r} needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)"
@@ -85,7 +85,7 @@ class OffloadConfig:
                     f"{given} only apply with offload='auto' (they are what it plans for); with offload={self.offload!r} "
                     "they would be ignored: drop them, or pass offload='auto'"
                 )
-            return
+            return  # max_memory may still bound a device_map="auto" base placement (from_pretrained checks its use)
         if self.max_memory is None:
             raise OffloadSpecError("offload='auto' needs max_memory, e.g. max_memory='6GiB' (the main device) or "
                                    "{0: '6GiB', 'cpu': '30GiB'}")
@@ -250,8 +250,6 @@ def _check_stand_in(value):
 
 
 def _check_tier(value):
-    from .plugins import tier_names
-
     if not isinstance(value, str):
         raise OffloadSpecError(f"tier must be a tier name such as 'cpu' or 'disk', got {value!r}")
     names = tier_names()

@@ -41,11 +41,12 @@ class ModelEntry:
 
         def post(module, args, output):
             try:
-                ring = handle.ring
-                if ring is not None and output is not None and torch.compiler.is_compiling():
-                    torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
-                elif ring is not None:
-                    ring.join()
+                for ring in handle.rings:
+                    if torch.compiler.is_compiling():
+                        if output is not None:
+                            torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
+                    else:
+                        ring.join()
             finally:
                 if not torch.compiler.is_compiling():
                     handle.exit_forward()
@@ -80,15 +81,15 @@ class ModelEntry:
     def check_conversion(self, fn) -> None:
         """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
         offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
-        main = self.handle.main_device
-        for dtype in self.handle.offloaded_dtypes():
-            probe = fn(torch.empty(0, dtype=dtype, device=main))
-            if probe.dtype != dtype or probe.device != main:
-                raise AttachError(
-                    f"this conversion would turn the offloaded layers' {dtype} tensors on {main} into {probe.dtype} on "
-                    f"{probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() first, "
-                    "convert the model, then attach again"
-                )
+        for device in {layer.device for layer in self.handle.layers} or {self.handle.main_device}:
+            for dtype in self.handle.offloaded_dtypes():
+                probe = fn(torch.empty(0, dtype=dtype, device=device))
+                if probe.dtype != dtype or probe.device != device:
+                    raise AttachError(
+                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} into {probe.dtype} "
+                        f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
+                        "first, convert the model, then attach again"
+                    )
 
 
 def _first_tensor(output):

@@ -43,12 +43,13 @@ class _Hook(ModelHook):
 
 
 class _GradGuard:
-    """Gradients through an offloaded layer are right only while its weights stay where the forward
-    read them: a backward that reaches the layer raises unless the session that ran the forward is
-    still open (session mode; stream mode reuses the ring at once)."""
+    """Gradients through an offloaded layer (for its weights, or for what came before it) are right
+    only while its weights stay where the forward read them: a backward that reaches the layer raises
+    unless the session that ran the forward is still open (session mode; stream mode reuses the ring
+    at once)."""
 
     def _guard(self, layer, output):
-        if not (torch.is_grad_enabled() and layer.trainable):
+        if not torch.is_grad_enabled():
             return
         out = _first(output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -114,6 +115,23 @@ class StreamHook(_Hook, _GradGuard):
                 self.ring.done(self.position)
             self._guard(self.ring.layers[self.position], output)
         return output
+
+
+class DeviceHook(_Hook):
+    """On an offloaded layer of a model spread over several devices: its inputs move to the device it
+    computes on (what Accelerate's hook on that layer did before lp_plugin took the layer over)."""
+
+    name = PREFIX + "device"
+
+    def __init__(self, handle, device, skip_keys=None):
+        super().__init__(handle)
+        self.device = device
+        self.skip_keys = skip_keys
+
+    def pre_forward(self, module, *args, **kwargs):
+        from accelerate.utils import send_to_device
+
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device, skip_keys=self.skip_keys)
 
 
 class ResidualHook(_Hook):

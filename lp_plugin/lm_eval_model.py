@@ -32,7 +32,8 @@ import lp_plugin
 
 from .config import OffloadConfig
 from .errors import OffloadSpecError
-from .plan import normalize_device
+from .devices import normalize_device
+from .quant import nf4_config
 from .report import jsonable, offload_table
 
 eval_logger = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ QUANT_ARGS = ("load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_qua
 HF_EXTRA_ARGS = ("attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors", "low_cpu_mem_usage")
 #: HFLM arguments that would fight the engine's placement of the layers
 REJECTED_ARGS = {
-    "parallelize": "the offload engine places every module itself on one GPU",
-    "tp_plan": "tensor parallelism is not supported with residual offloading",
-    "device_map": "the offload engine builds the device map; choose layers with offload=... instead",
-    "max_memory_per_gpu": "the offload engine builds the device map; choose layers with offload=... instead",
-    "max_cpu_memory": "the offload engine builds the device map; choose layers with offload=... instead",
+    "tp_plan": "tensor parallelism is not supported with residual offloading; use parallelize=True (a device map across GPUs)",
     "peft": "PEFT adapters are not supported with residual offloading yet; merge the adapter first",
     "delta": "delta weights are not supported with residual offloading; merge them first",
     "autogptq": "AutoGPTQ models are not supported with residual offloading",
@@ -57,7 +54,7 @@ REJECTED_ARGS = {
     "(for the bundled SmolLM2: pretrained=$(python -m lp_plugin bundled-model))",
     "load_in_8bit": "8-bit bitsandbytes is not supported; use load_in_4bit=True (NF4)",
 }
-_FALSY_OK = {"parallelize", "autogptq", "gptqmodel", "load_in_8bit"}
+_FALSY_OK = {"autogptq", "gptqmodel", "load_in_8bit"}
 
 
 def _hflm_arg_names() -> set:
@@ -117,8 +114,6 @@ def _as_bool(name, value) -> bool:
 
 def quantization_config(kwargs: dict, dtype):
     """Pop the bitsandbytes model_args and build a 4-bit config (or None)."""
-    from .quant import nf4_config
-
     load = _as_bool("load_in_4bit", kwargs.pop("load_in_4bit", False))
     given = {name: kwargs.pop(name) for name in QUANT_ARGS[1:] if name in kwargs}
     if not load:
@@ -164,10 +159,21 @@ class ResidualOffloadLM(HFLM):
         return str(normalize_device(device))
 
     def _create_model(self, pretrained, revision="main", dtype="auto", trust_remote_code=False, quantization_config=None,
-                      subfolder="", **kwargs) -> None:
-        for name in ("parallelize", "gpus", "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "tp_plan", "peft",
-                     "delta", "autogptq", "gptqmodel", "gguf_file"):
-            kwargs.pop(name, None)  # HFLM's own placement options: refused in __init__ when set
+                      subfolder="", parallelize=False, gpus=None, max_memory_per_gpu=None, max_cpu_memory=None,
+                      **kwargs) -> None:
+        for name in ("offload_folder", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
+            kwargs.pop(name, None)  # refused in __init__ when set (offload_folder is ours: in the OffloadConfig)
+        config = dataclasses.replace(self._lp_config, main_device=self._lp_device())
+        device_map = kwargs.pop("device_map", None)
+        if parallelize:
+            # HFLM's own placement (device_map="auto" within max_memory_per_gpu/max_cpu_memory) is the base map:
+            # each layer computes on the GPU it gives it, and only the chosen layers move to the tier
+            placement = self._get_accelerate_args(parallelize=True, device_map=device_map, max_memory_per_gpu=max_memory_per_gpu,
+                                                  max_cpu_memory=max_cpu_memory, offload_folder=None, gpus=gpus)
+            device_map, kwargs["max_memory"] = placement["device_map"], placement["max_memory"]
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+            config = dataclasses.replace(config, main_device=None)
         if self._lp_quant is not None:
             if quantization_config is not None:
                 raise OffloadSpecError(f"{pretrained} is already quantized ({type(quantization_config).__name__}); drop load_in_4bit")
@@ -176,7 +182,6 @@ class ResidualOffloadLM(HFLM):
             kwargs["quantization_config"] = quantization_config
         if subfolder:
             kwargs["subfolder"] = subfolder
-        config = dataclasses.replace(self._lp_config, main_device=self._lp_device())
         self._model = lp_plugin.from_pretrained(pretrained, config, revision=revision, dtype=get_dtype(dtype),
                                                 trust_remote_code=trust_remote_code, **kwargs)
 
@@ -214,16 +219,21 @@ class ResidualOffloadLM(HFLM):
             self._lp_stats["eval_s"] += time.perf_counter() - t0
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._lp_request(super().generate_until, requests, disable_tqdm)
+
+    def _lp_request(self, method, requests, disable_tqdm):
         with self._lp_block():
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            out = method(requests, disable_tqdm=disable_tqdm)
+        if self.world_size > 1 and getattr(self, "accelerator", None) is not None:
+            # every rank runs each request type: collect each rank's figures (rank 0 writes the results)
+            self._lp_ranks = self.accelerator.gather_object([self._lp_rank_figures()])
+        return out
 
     def _detect_batch_size(self, *args, **kwargs):
         """``--batch_size auto`` probes with forwards of growing batches: not evaluation work."""
@@ -250,8 +260,25 @@ class ResidualOffloadLM(HFLM):
         return out
 
     # ------------------------------------------------------------------ reporting
+    def _lp_rank_figures(self) -> dict:
+        dev, s = self._lp_cuda(), self._lp_stats
+        handle = lp_plugin.get_handle(self._model)
+        return dict(rank=self.rank, device=str(dev) if dev is not None else "cpu", tokens_processed=s["tokens"],
+                    forward_seconds=s["forward_s"], eval_seconds=s["eval_s"],
+                    tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
+                    standby_vram_bytes=self._lp_standby,
+                    peak_inference_vram_bytes=self._lp_peak(dev, handle),
+                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None)
+
+    def _lp_peak(self, dev, handle):
+        """Peak VRAM of the evaluation: PyTorch's allocations plus the engine's mapped session/ring buffers."""
+        if dev is None:
+            return None
+        return int(torch.cuda.max_memory_allocated(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+
     def residual_offload_info(self) -> dict:
-        """Offload layout, VRAM and throughput of this run (JSON-ready)."""
+        """Offload layout, VRAM and throughput of this run (JSON-ready); under data parallelism, every
+        rank's figures and the totals."""
         handle = lp_plugin.get_handle(self._model)
         engine = handle.info() if handle is not None else {}
         dev, s = self._lp_cuda(), self._lp_stats
@@ -262,7 +289,7 @@ class ResidualOffloadLM(HFLM):
             device=str(self.device),
             vram_device=str(dev) if dev is not None else "cpu",
             standby_vram_bytes=self._lp_standby,
-            peak_inference_vram_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev is not None else None,
+            peak_inference_vram_bytes=self._lp_peak(dev, handle),
             tokens_processed=s["tokens"],
             forward_calls=s["forwards"],
             forward_seconds=round(s["forward_s"], 6),
@@ -275,6 +302,17 @@ class ResidualOffloadLM(HFLM):
         )
         if dev is None:
             info["note"] = "ran on cpu: no VRAM to report"
+        ranks = getattr(self, "_lp_ranks", None)
+        if ranks:
+            wall = max(r["eval_seconds"] for r in ranks)
+            info["ranks"] = ranks
+            info["totals"] = {
+                "ranks": len(ranks),
+                "tokens_processed": sum(r["tokens_processed"] for r in ranks),
+                "tokens_per_second": sum(r["tokens_processed"] for r in ranks) / wall if wall > 0 else None,
+                "peak_inference_vram_bytes": [r["peak_inference_vram_bytes"] for r in ranks],
+                "host_tier_bytes_per_rank": [r["host_tier_bytes"] for r in ranks],
+            }
         return jsonable(info)
 
     def get_model_info(self) -> dict:

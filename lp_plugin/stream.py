@@ -97,46 +97,58 @@ class Ring:
 
     # ------------------------------------------------------------------ open / close
     def open(self):
-        self.room_check(self.nslots * self.slot_bytes, f"stream mode's ring of {self.nslots} layer buffers",
+        for layer in self.layers:
+            layer.check_intact()
+        sources = [layer.tier.host_view(layer.key) for layer in self.layers]  # (each checked against its file)
+        self.room_check(self.nslots * self.slot_bytes, self.device, f"stream mode's ring of {self.nslots} layer buffers",
                         "lower prefetch, or offload fewer/smaller layers")
-        if self.buffer is None:
-            self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
-        flat = self.buffer.map()
-        self.slots = [flat[i * self.slot_bytes: (i + 1) * self.slot_bytes] for i in range(self.nslots)]
-        others, offset = [], self.nslots * self.slot_bytes
-        for layer, nbytes in zip(self.layers, self.other_bytes):
-            others.append(flat[offset: offset + nbytes])
-            layer.slots.copy_other(others[-1], layer.tier.host_view(layer.key))
-            offset += nbytes
         if self.needs_staging and self.staging is None:
             self.staging = [allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)]
-        if self.needs_staging:
-            gil_switch.enter()  # left in close_ring
         self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
         self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
         self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
         self.pending = {}  # pos -> reader-thread future
         self.holds = [None] * self.nslots  # the layer each slot was last loaded with
         self.calls = [0] * self.k
-        for pos, layer in enumerate(self.layers):
-            slot = self.slots[pos % self.nslots]
-            layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], others[pos]), slot)
-        for pos in range(min(self.nslots, self.k)):
-            self._issue(pos)
+        if self.buffer is None:
+            self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
+        flat = self.buffer.map()
+        try:
+            self.slots = [flat[i * self.slot_bytes: (i + 1) * self.slot_bytes] for i in range(self.nslots)]
+            offset = self.nslots * self.slot_bytes
+            for pos, (layer, nbytes) in enumerate(zip(self.layers, self.other_bytes)):
+                other = flat[offset: offset + nbytes]
+                layer.slots.copy_other(other, sources[pos])
+                offset += nbytes
+                slot = self.slots[pos % self.nslots]
+                layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], other), slot)
+                layer.streamed = True
+            for pos in range(min(self.nslots, self.k)):
+                self._issue(pos)
+        except BaseException:
+            self._drain()
+            self._unbind()
+            raise
+        if self.needs_staging:
+            gil_switch.enter()  # left in release
 
-    def close_ring(self):
-        self._drain()
+    def _unbind(self):
         for layer in self.layers:
-            layer.bound_flat = None  # nothing to write back: a slot is refilled from the tier every forward
+            layer.bound_flat, layer.streamed = None, False  # nothing to write back: slots are refilled from the tier
             layer.offload_()
         self.slots = None
         self.buffer.unmap()
+
+    def release(self):
+        """End of the session: layers back on standby, the ring's memory given back."""
+        self._drain()
+        self._unbind()
         if self.needs_staging:
             gil_switch.leave()
 
     def close(self):
         if self.is_open:
-            self.close_ring()
+            self.release()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         if self.buffer is not None:

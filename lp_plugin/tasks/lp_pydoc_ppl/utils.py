@@ -2,13 +2,16 @@
 
 Documents: ``pydoc_data.topics.topics`` (topic name -> help text, shipped with CPython), sorted by
 topic name, one document per topic, topics shorter than ``MIN_CHARS`` characters dropped. The text
-is used verbatim (no detokenization needed, unlike wikitext).
+is used verbatim (no detokenization needed, unlike wikitext). :class:`PydocPerplexityTask` builds
+the dataset itself (lm-eval's ``custom_dataset`` hook would print a warning on every run).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+
+from lm_eval.api.task import ConfigurableTask
 
 MIN_CHARS = 500
 
@@ -25,12 +28,18 @@ def pydoc_documents(min_chars: int = MIN_CHARS) -> list:
     ]
 
 
-def load_pydoc_topics(**kwargs):
-    """``custom_dataset`` hook: lm-eval calls it with the task metadata (and, through the
-    TaskManager, the run's model_args) as keyword arguments; they are ignored."""
-    import datasets
+class PydocPerplexityTask(ConfigurableTask):
+    """The task as the YAML configures it, with its documents from :func:`pydoc_documents`."""
 
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(pydoc_documents())})
+    def __init__(self, config=None, **kwargs):
+        # lm-eval hands a ``class:`` task its whole YAML, the ``class`` key included, which the
+        # task config itself does not take
+        super().__init__(config={k: v for k, v in (config or {}).items() if k != "class"}, **kwargs)
+
+    def download(self, dataset_kwargs=None, **kwargs) -> None:
+        import datasets
+
+        self.dataset = datasets.DatasetDict({"test": datasets.Dataset.from_list(pydoc_documents())})
 
 
 def doc_to_target(doc) -> str:
