@@ -71,9 +71,13 @@ def hooked_values(layer, hooks) -> tuple:
 
 
 def take_over(layer, hooks, values: dict) -> list:
-    """Suspend Accelerate's offload hooks inside ``layer`` and give its meta placeholders real
-    ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
-    suspended = [SuspendedHook(sub) for _, sub, _ in hooks]
+    """Suspend Accelerate's hooks inside ``layer`` (its offload hooks, and the hook that moves the
+    layer's inputs to where Accelerate would run it: lp_plugin decides that now) and give its meta
+    placeholders real ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
+    from accelerate.hooks import AlignDevicesHook
+
+    suspended = [SuspendedHook(sub) for _, sub in layer.named_modules()
+                 if _hooks_of(sub) and all(isinstance(h, AlignDevicesHook) for h in _hooks_of(sub))]
     _assign(layer, values)
     return suspended
 
