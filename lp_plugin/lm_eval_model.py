@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from accelerate.utils import gather_object
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
@@ -232,7 +233,7 @@ class ResidualOffloadLM(HFLM):
             out = method(requests, disable_tqdm=disable_tqdm)
         if self.world_size > 1 and getattr(self, "accelerator", None) is not None:
             # every rank runs each request type: collect each rank's figures (rank 0 writes the results)
-            self._lp_ranks = self.accelerator.gather_object([self._lp_rank_figures()])
+            self._lp_ranks = gather_object([self._lp_rank_figures()])
         return out
 
     def _detect_batch_size(self, *args, **kwargs):
