@@ -4,7 +4,7 @@ times out of 20, fails against ratios made 10x better, fails when stream mode is
 model's own nondeterminism.
 
 Test builds of the engine are injected into a fresh lp-bench process through a ``sitecustomize``
-module on PYTHONPATH (a slower ``Ring.acquire``, a nudged logit, a noisy RMSNorm); the package
+module on PYTHONPATH (a slower ``Ring.wait``, a nudged logit, a noisy RMSNorm); the package
 itself is never changed.
 """
 
@@ -18,7 +18,7 @@ from bench_helpers import SMALL, bench, bench_process, config, read
 CONFIGS = "baseline,session:even:cpu,stream:even:cpu"
 
 SLOW_SITE = '''
-"""Test build: every Ring.acquire (stream mode bringing one offloaded layer in) takes LP_TEST_DELAY_S
+"""Test build: every Ring.wait (stream mode waiting for one offloaded layer's weights) takes LP_TEST_DELAY_S
 longer: a busy wait, because time.sleep overshoots delays below a millisecond by tens of percent."""
 import os
 import time
@@ -26,17 +26,17 @@ import time
 import lp_plugin.stream as _stream
 
 _delay = float(os.environ["LP_TEST_DELAY_S"])
-_acquire = _stream.Ring.acquire
+_wait = _stream.Ring.wait
 
 
-def acquire(self, pos):
-    _acquire(self, pos)
+def wait(self, pos):
+    _wait(self, pos)
     end = time.perf_counter() + _delay
     while time.perf_counter() < end:
         pass
 
 
-_stream.Ring.acquire = acquire
+_stream.Ring.wait = wait
 '''
 
 ULP_SITE = '''
@@ -149,7 +149,7 @@ def test_absolute_speeds_only_when_asked(reference, tmp_path):
 
 
 def test_fails_when_stream_mode_is_slowed_by_20_percent(ckpt, tmp_path):
-    """A reference run, then the same run in a process whose Ring.acquire waits long enough to make
+    """A reference run, then the same run in a process whose Ring.wait waits long enough to make
     a stream decode step 20% longer (two offloaded layers per step): the gate names stream decode.
     15 rounds: on a loaded 2-core machine the rounds of the plain model spread by up to ~8%, and the
     gate only fails a drop it can tell from that."""
