@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 
 import torch
+from tqdm.auto import tqdm
 
 from . import accel, hooks
 from .arch import find_decoder_layers
@@ -301,7 +303,8 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
                    key=lambda unit: unit[0])
     layers = []
     try:
-        for i, module, stand_in in units:
+        for i, module, stand_in in tqdm(units, desc=f"lp_plugin: packing layers ({config.tier} tier)", unit="layer",
+                                        leave=False, disable=not sys.stderr.isatty()):
             layers.append(OffloadedLayer.pack(i, module, tier, plan.device_of(i), pin, stand_in=stand_in))
     except BaseException:
         tier.close()
