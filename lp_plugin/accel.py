@@ -70,7 +70,7 @@ def hooked_values(layer, hooks) -> tuple:
     return values, held
 
 
-def take_over(layer, hooks, values: dict) -> list:
+def take_over(layer, values: dict) -> list:
     """Suspend Accelerate's hooks inside ``layer`` (its offload hooks, and the hook that moves the
     layer's inputs to where Accelerate would run it: lp_plugin decides that now) and give its meta
     placeholders real ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""

@@ -59,7 +59,7 @@ class OffloadedLayer:
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""
         if self.accel_hooks:
-            self.suspended = accel.take_over(self.module, self.accel_hooks, self.slots.placeholders())
+            self.suspended = accel.take_over(self.module, self.slots.placeholders())
             for store, full_key, _ in self.held:
                 store.pop(full_key, None)  # the tier holds these bytes now
         self.standby = self.slots.binding(self.tier.host_view(self.key))

@@ -116,7 +116,7 @@ def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):
             values, held = accel.hooked_values(layer, hooks)
             values = {k: v.to(device=device, dtype=_float_dtype(ref_dtypes.get(k), default_dtype)) if v.is_floating_point()
                       else v.to(device) for k, v in values.items()}
-            accel.take_over(layer, hooks, values)  # the hooks are dropped: attach packs the quantized layer
+            accel.take_over(layer, values)  # the hooks are dropped: attach packs the quantized layer
             for store, full_key, _ in held:
                 store.pop(full_key, None)  # the unquantized host copy is no longer needed
             del values
