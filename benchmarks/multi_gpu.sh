@@ -4,7 +4,9 @@
 #   1. parallelize=True with max_memory_per_gpu (the model split across both GPUs by device_map="auto"):
 #      --model hf against --model hf-residual-offload (offload=even), perplexity must be equal;
 #   2. data parallel: accelerate launch --num_processes 1 and 2 of hf-residual-offload, tokens/s
-#      from config.residual_offload.totals, host memory held per rank.
+#      from config.residual_offload.totals, host memory per rank and per host; on lp_pydoc_chunks
+#      (109 documents of similar length) and lp_pydoc_ppl (70 topics of very different lengths:
+#      lm-eval gives each rank an equal number of documents, not of tokens).
 # Needs lp_plugin installed as a wheel (its .pth registers the model type for `-m lm_eval`):
 #   WHEEL=.gpu/whl/lp_plugin-*.whl TOKENIZER=.gpu/tok OUT=dir bash benchmarks/multi_gpu.sh
 set -euo pipefail
@@ -13,7 +15,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SY
 OUT="${OUT:?output folder}"
 CKPT="${CKPT:-/dev/shm/lp-qwen2.5-3b-shape}"
 LIMIT_PAR="${LIMIT_PAR:-8}"
-LIMIT_DP="${LIMIT_DP:-96}"
+DP_TASKS="${DP_TASKS:-lp_pydoc_chunks lp_pydoc_ppl}"
 python3 - "$CKPT" "${TOKENIZER:?}" <<'PY'
 import sys, os
 from transformers import AutoTokenizer
@@ -31,35 +33,43 @@ for run in "hf:" "hf-residual-offload:,offload=even,mode=stream,tier=cpu"; do
   python3 -m lm_eval --model "$model" --model_args "pretrained=$CKPT,dtype=bfloat16,parallelize=True,max_memory_per_gpu=4GiB$extra" \
     "${common[@]}" --limit "$LIMIT_PAR" --output_path "$OUT/par-$model" 2>&1 | grep -E "word_perplexity|hf-residual|layers|VRAM|tok/s|Error" | head -20
 done
-for np in 1 2; do
-  echo "=== data parallel, $np process(es)"
-  accelerate launch --num_processes "$np" --num_machines 1 --mixed_precision no --dynamo_backend no -m lm_eval \
-    --model hf-residual-offload --model_args "pretrained=$CKPT,dtype=bfloat16,offload=even,mode=stream,tier=cpu" \
-    "${common[@]}" --limit "$LIMIT_DP" --output_path "$OUT/dp-$np" 2>&1 | grep -E "word_perplexity|layers|VRAM|tok/s|Error" | head -20
+for task in $DP_TASKS; do
+  for np in 1 2; do
+    echo "=== data parallel, $task, $np process(es)"
+    accelerate launch --num_processes "$np" --num_machines 1 --mixed_precision no --dynamo_backend no -m lm_eval \
+      --model hf-residual-offload --model_args "pretrained=$CKPT,dtype=bfloat16,offload=even,mode=stream,tier=cpu" \
+      --tasks "$task" --include_path "$TASKS" --batch_size 1 --output_path "$OUT/dp-$task-$np" 2>&1 \
+      | grep -E "word_perplexity|layers|VRAM|tok/s|Error" | head -20
+  done
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" $DP_TASKS <<'PY'
 import json, sys, glob
-out = sys.argv[1]
+out, dp_tasks = sys.argv[1], sys.argv[2:]
 def load(d):
     f = sorted(glob.glob(f"{out}/{d}/**/results_*.json", recursive=True))[-1]
     return json.load(open(f))
 summary = {}
-for d in ("par-hf", "par-hf-residual-offload", "dp-1", "dp-2"):
+runs = [("par-hf", "lp_pydoc_ppl"), ("par-hf-residual-offload", "lp_pydoc_ppl")]
+runs += [(f"dp-{t}-{n}", t) for t in dp_tasks for n in (1, 2)]
+for d, task in runs:
     try:
         r = load(d)
     except IndexError:
         summary[d] = "missing"; continue
     info = r["config"].get("residual_offload", {})
-    summary[d] = {"word_perplexity": r["results"]["lp_pydoc_ppl"]["word_perplexity,none"],
+    summary[d] = {"word_perplexity": r["results"][task]["word_perplexity,none"], "documents": r["n-samples"][task]["effective"],
                   "totals": info.get("totals"), "tokens_per_second_eval": info.get("tokens_per_second_eval"),
-                  "ranks": info.get("ranks"), "devices": info.get("engine", {}).get("devices")}
+                  "ranks": info.get("ranks"), "devices": info.get("engine", {}).get("devices"),
+                  "offloaded_bytes": info.get("offloaded_bytes")}
 p, q = summary.get("par-hf"), summary.get("par-hf-residual-offload")
 if isinstance(p, dict) and isinstance(q, dict):
     summary["parallelize_exact"] = p["word_perplexity"] == q["word_perplexity"]
-d1, d2 = summary.get("dp-1"), summary.get("dp-2")
-if isinstance(d1, dict) and isinstance(d2, dict) and d2.get("totals"):
-    summary["dp_speedup"] = d2["totals"]["tokens_per_second"] / d1["tokens_per_second_eval"]
-    summary["dp_same_perplexity"] = d1["word_perplexity"] == d2["word_perplexity"]
+for t in dp_tasks:
+    d1, d2 = summary.get(f"dp-{t}-1"), summary.get(f"dp-{t}-2")
+    if isinstance(d1, dict) and isinstance(d2, dict) and d2.get("totals"):
+        summary[f"dp_speedup_{t}"] = d2["totals"]["tokens_per_second"] / d1["tokens_per_second_eval"]
+        summary[f"dp_same_perplexity_{t}"] = d1["word_perplexity"] == d2["word_perplexity"]
+        summary[f"dp_rank_token_share_{t}"] = [r["tokens_processed"] / d2["totals"]["tokens_processed"] for r in d2["ranks"]]
 json.dump(summary, open(f"{out}/multi_gpu_summary.json", "w"), indent=1)
-print(json.dumps({k: v for k, v in summary.items() if k in ("parallelize_exact", "dp_speedup", "dp_same_perplexity")}))
+print(json.dumps({k: v for k, v in summary.items() if k.startswith(("parallelize", "dp_"))}))
 PY

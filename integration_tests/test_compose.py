@@ -5,6 +5,8 @@ test_gpu_paths.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -90,7 +92,8 @@ maps = sorted({{line.split()[-2] if line.endswith("(deleted)") else line.split()
 inodes = sorted({{line.split()[4] for line in open("/proc/self/maps") if "lp_plugin-" in line}})
 with torch.no_grad():
     exact = bool(torch.equal(model(ids).logits, ref))
-print(json.dumps(dict(maps=maps, inodes=inodes, host_bytes=handle.tier.host_bytes(), exact=exact)))
+print(json.dumps(dict(maps=maps, inodes=inodes, host_bytes=handle.tier.host_bytes(),
+                      shared=handle.tier.shared_host_bytes(), offloaded=handle.info()["offloaded_bytes"], exact=exact)))
 sys.stdout.flush()
 input()  # hold the mapping until the parent has read both ranks
 handle.detach()
@@ -116,6 +119,24 @@ def test_local_ranks_share_one_host_copy(tmp_path, mode):
     for p in procs:
         p.communicate("\n", timeout=120)
         assert p.returncode == 0
-    assert all(o["exact"] and o["host_bytes"] == 0 for o in outs)
+    assert all(o["exact"] and o["host_bytes"] == 0 and o["shared"] == o["offloaded"] > 0 for o in outs)
     assert len(outs[0]["inodes"]) == 2 and outs[0]["inodes"] == outs[1]["inodes"]  # layers 2 and 4, the same pages
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("lp_plugin-")]
+
+
+def test_data_parallel_totals_count_a_host_copy_once():
+    """The results JSON's per-host figure: private host memory of every rank, plus a shared copy once."""
+    from lp_plugin.lm_eval_model import _per_host
+
+    ranks = [dict(host="a", host_tier_bytes=0, shared_host_tier_bytes=100), dict(host="a", host_tier_bytes=0, shared_host_tier_bytes=100),
+             dict(host="b", host_tier_bytes=100, shared_host_tier_bytes=0), dict(host="b", host_tier_bytes=100, shared_host_tier_bytes=0)]
+    assert _per_host(ranks) == {"a": 100, "b": 200}
+
+
+@pytest.mark.parametrize("value,shared", [("1", True), ("0", False), ("off", False)])
+def test_sharing_the_host_copy_can_be_turned_off(monkeypatch, value, shared):
+    from lp_plugin import shm
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LP_PLUGIN_SHARE_HOST_COPY", value)
+    assert shm.sharing() is (shared and os.path.isdir(shm.SHM) and os.access(shm.SHM, os.W_OK))

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import socket
 import sys
 import time
 
@@ -56,6 +57,17 @@ REJECTED_ARGS = {
     "load_in_8bit": "8-bit bitsandbytes is not supported; use load_in_4bit=True (NF4)",
 }
 _FALSY_OK = {"autogptq", "gptqmodel", "load_in_8bit"}
+
+
+def _per_host(ranks: list) -> dict:
+    """Host memory for the offloaded layers on each host: what every rank holds privately, plus the copy
+    the ranks of that host share counted once."""
+    hosts: dict = {}
+    for r in ranks:
+        h = hosts.setdefault(r.get("host") or "?", {"private": 0, "shared": 0})
+        h["private"] += r.get("host_tier_bytes") or 0
+        h["shared"] = max(h["shared"], r.get("shared_host_tier_bytes") or 0)
+    return {name: h["private"] + h["shared"] for name, h in hosts.items()}
 
 
 def _hflm_arg_names() -> set:
@@ -269,7 +281,9 @@ class ResidualOffloadLM(HFLM):
                     tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
                     standby_vram_bytes=self._lp_standby,
                     peak_inference_vram_bytes=self._lp_peak(dev, handle),
-                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None)
+                    host=socket.gethostname(),
+                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None,
+                    shared_host_tier_bytes=handle.tier.shared_host_bytes() if handle is not None else None)
 
     def _lp_peak(self, dev, handle):
         """Peak VRAM of the evaluation: PyTorch's allocations plus the engine's mapped session/ring buffers."""
@@ -313,6 +327,7 @@ class ResidualOffloadLM(HFLM):
                 "tokens_per_second": sum(r["tokens_processed"] for r in ranks) / wall if wall > 0 else None,
                 "peak_inference_vram_bytes": [r["peak_inference_vram_bytes"] for r in ranks],
                 "host_tier_bytes_per_rank": [r["host_tier_bytes"] for r in ranks],
+                "host_tier_bytes_per_host": _per_host(ranks),
             }
         return jsonable(info)
 

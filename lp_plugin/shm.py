@@ -35,6 +35,10 @@ def local_ranks() -> int:
 
 
 def sharing() -> bool:
+    """Whether this process shares its host copy with the other local ranks: under a launcher with
+    several local ranks, unless ``LP_PLUGIN_SHARE_HOST_COPY=0`` (one private pinned copy per rank)."""
+    if os.environ.get("LP_PLUGIN_SHARE_HOST_COPY", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     return local_ranks() > 1 and os.path.isdir(SHM) and os.access(SHM, os.W_OK)
 
 

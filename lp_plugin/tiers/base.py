@@ -112,6 +112,10 @@ class Tier(ABC):
         """Host memory this process holds for the tier (not the page cache, nor memory shared with others)."""
         return 0
 
+    def shared_host_bytes(self) -> int:
+        """Host memory this process maps from the copy the ranks of one host share (counted once per host)."""
+        return 0
+
     def close(self) -> None:
         """Release what the tier holds (called on detach and on a failed attach)."""
 

@@ -41,6 +41,9 @@ class CpuTier(Tier):
     def host_bytes(self):
         return 0 if self.shared else sum(b.numel() for b in self._buffers.values())
 
+    def shared_host_bytes(self):
+        return sum(b.nbytes for b in self._shared.values())
+
     def close(self):
         self._buffers.clear()
         for buf in self._shared.values():
