@@ -2,7 +2,7 @@
 alone and overlapped with the host-to-device copies the stream engine issues, against a plain
 pinned host-to-device copy of the same bytes. Two readers, by thread count:
 
-* ``mmap``: the real ``DiskTier.read_into`` (the file mapped read-only, one ``Tensor.copy_`` on
+* ``mmap``: the real ``DiskTier.read_into`` (the file mapped copy-on-write, one ``Tensor.copy_`` on
   ``torch.set_num_threads(n)`` intra-op threads);
 * ``pread``: ``os.preadv`` of ``n`` equal pieces from a pool of ``n`` Python threads (what the
   tier did before).
@@ -34,6 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from lp_plugin.tiers import DiskTier, sha256_of
 
 
+def _key(i):
+    return f"layer_{i:05d}"
+
+
 def _stat(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
@@ -58,7 +62,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     for i in range(args.layers):
         flat.random_(0, 256, generator=g)
-        tier.put(i, flat, layout, sha256_of(flat))
+        tier.put(_key(i), flat, layout, sha256_of(flat))
     staging = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     out = {
         "gpu": torch.cuda.get_device_name() if cuda else None,
@@ -69,21 +73,21 @@ def main(argv=None):
     pools = {}
 
     def pread_into(i, dst, n):
-        fh = tier._files[i].fh
+        entry = tier._files[_key(i)]
         mv = memoryview(dst.numpy())
         step = -(-nbytes // n)
-        start = tier._files[i].start
+        start = entry.start
         pool = pools.setdefault(n, ThreadPoolExecutor(max_workers=n))
 
         def piece(off):
             size = min(step, nbytes - off)
-            return os.preadv(fh.fileno(), [mv[off:off + size]], start + off)
+            return os.preadv(entry.fd, [mv[off:off + size]], start + off)
 
         assert sum(pool.map(piece, range(0, nbytes, step))) == nbytes
 
     def mmap_into(i, dst, n):
         torch.set_num_threads(n)
-        tier.read_into(i, dst)
+        tier.read_into(_key(i), dst)
 
     def read_pass(method, n, with_h2d, busy=False, switch=None):
         read = mmap_into if method == "mmap" else pread_into

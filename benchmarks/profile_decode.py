@@ -12,18 +12,18 @@ import time
 import torch
 
 import lp_plugin
-from lp_plugin.bench.runner import _new_cache
+from lp_plugin.bench.measure import cache_kwargs
 from lp_plugin.shapes import build_shape_model, build_shape_model_nf4
 
 
 def loop(model, ids, n):
     with torch.no_grad():
-        cache = _new_cache(model)
-        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        kw = cache_kwargs(model)
+        tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, **kw).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 

@@ -16,7 +16,7 @@ import statistics
 import torch
 
 import lp_plugin
-from lp_plugin.bench.runner import bare_decode
+from lp_plugin.bench.measure import bare_decode
 from lp_plugin.shapes import build_shape_model, build_shape_model_nf4
 
 
@@ -37,7 +37,7 @@ def main():
         for name in speeds:
             h = lp_plugin.attach(model, offload="even", mode="stream") if name == "stream" else None
             with lp_plugin.session(model):
-                tok_s, _ = bare_decode(model, ids, args.tokens, device)
+                tok_s = bare_decode(model, ids, args.tokens, device)["tok_s"]
             if h:
                 h.detach()
             if r:

@@ -212,15 +212,28 @@ def test_accelerate_dispatched_model_is_upgraded_and_restored(tmp_path, device, 
         assert torch.equal(model(PROMPT.to(device)).logits.cpu(), ref)
 
 
-def test_attach_refuses_a_map_that_offloads_other_layers(tmp_path):
+def test_attach_takes_over_what_accelerate_offloads(tmp_path):
+    """A model dispatched by Accelerate with other layers on the disk than the spec names: attach takes
+    those over too (each computing where Accelerate ran it), exactly, and detach gives them back."""
     from accelerate import dispatch_model
     from conftest import build_tiny
 
-    model = build_tiny("qwen2")
+    from lp_plugin.accel import offload_hooks
+
+    model = build_tiny("llama")
     dispatch_model(model, lp_plugin.residual_offload_device_map(model, offload="odd", tier="disk", main_device="cpu"),
-                   offload_dir=str(tmp_path))
-    with pytest.raises(lp_plugin.AttachError, match="layer 3 is offloaded by Accelerate's device map"):
-        lp_plugin.attach(model, offload="even")
+                   offload_dir=str(tmp_path / "accel"))
+    with torch.no_grad():
+        ref = model(PROMPT).logits
+    handle = lp_plugin.attach(model, offload="even")
+    assert handle.info()["offloaded_layers"] == [2, 3, 4]
+    assert not any(offload_hooks(model.model.layers[i]) for i in (2, 3, 4))
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref)
+    handle.detach()
+    assert offload_hooks(model.model.layers[3]) and not offload_hooks(model.model.layers[2])
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref)
 
 
 def test_info_describes_the_layout(tmp_path, device):
@@ -296,9 +309,9 @@ def test_stream_ring_exact_for_any_layer_count_and_prefetch(tmp_path, device, ti
 
 
 def _qs_tensors(qs):
-    from lp_plugin.flat import _qs_tensor_paths
+    from lp_plugin.flat import quant_state_tensors
 
-    return [t for _, t in _qs_tensor_paths(qs)]
+    return [t for _, t in quant_state_tensors(qs)]
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])

@@ -35,7 +35,7 @@ import torch
 
 import lp_plugin
 from lp_plugin.errors import AttachError, OffloadFileError, OffloadResourceError, OffloadSpecError
-from lp_plugin.tiers import read_header
+from lp_plugin.tiers.journal import NAME as JOURNAL
 
 from conftest import build_tiny
 
@@ -93,14 +93,17 @@ def assert_unchanged(model, ref, state, tmp_path=None):
 
 
 def verify_layer_file(path):
-    """Independent check of one layer file: well-formed header, exact size, payload hash equal to the
-    fingerprint it records. Returns its metadata."""
-    with open(path, "rb") as fh:
-        meta, start, nbytes = read_header(fh)
-        assert os.fstat(fh.fileno()).st_size == start + nbytes, f"{path}: size does not match its header"
-        fh.seek(start)
-        payload = fh.read()
-    assert hashlib.sha256(payload).hexdigest() == meta["source_sha256"], f"{path}: payload does not match its fingerprint"
+    """Independent check of one layer file with the safetensors library: a well-formed header that
+    covers the file exactly, one uint8 tensor, a payload hash equal to the fingerprint it records.
+    Returns its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == ["flat"], f"{path}: holds other tensors"
+        payload = f.get_tensor("flat")
+    assert payload.dtype == torch.uint8 and meta["format"] == "lp_plugin.layer/1"
+    assert hashlib.sha256(payload.numpy()).hexdigest() == meta["source_sha256"], f"{path}: payload does not match its fingerprint"
     return meta
 
 
@@ -255,7 +258,9 @@ def _flip_header_sha(model, folder):
     path = layer_file(folder, 2)
     raw = path.read_bytes()
     at = raw.index(b'"source_sha256":"') + len(b'"source_sha256":"')
-    _flip_bit(path, at, bit=0)  # one hex digit of the recorded fingerprint
+    with open(path, "r+b") as fh:  # another hex digit in the recorded fingerprint
+        fh.seek(at)
+        fh.write(b"0" if raw[at] != ord("0") else b"1")
 
 
 def _flip_header_size(model, folder):
@@ -278,20 +283,15 @@ def _garbage_small_header(model, folder):
     layer_file(folder, 2).write_bytes((16).to_bytes(8, "little") + b"not json at all!" + b"\0" * 100)
 
 
-def _plain_safetensors(model, folder):
-    from safetensors.torch import save_file
+def _plain_safetensors_in_place(model, folder):
+    from safetensors.torch import save
 
-    save_file({"flat": torch.zeros(16, dtype=torch.uint8)}, str(layer_file(folder, 2)))
+    # written over lp_plugin's file in place (same inode): lp_plugin's file, damaged
+    layer_file(folder, 2).write_bytes(save({"flat": torch.zeros(16, dtype=torch.uint8)}))
 
 
 def _missing(model, folder):
     layer_file(folder, 2).unlink()
-
-
-def _symlink_to_other_layer(model, folder):
-    path = layer_file(folder, 2)
-    path.unlink()
-    path.symlink_to(layer_file(folder, 4))
 
 
 # (case id, damage(model, folder) applied after a first attach/detach, expected report of layer 2)
@@ -300,19 +300,18 @@ DAMAGED = [
     ("foreign-other-model", _foreign_model, "rebuilt: foreign (made from a different model or layer)"),
     ("foreign-same-arch-other-weights", _foreign_same_arch, "rebuilt: stale (the source weights changed since it was written)"),
     ("foreign-other-layer", _other_layer, "rebuilt: foreign (made from a different model or layer)"),
-    ("symlink-to-other-layer", _symlink_to_other_layer, "rebuilt: foreign (made from a different model or layer)"),
-    ("truncated-payload", _truncate_to(-1000), "rebuilt: truncated"),
-    ("truncated-in-header", _truncate_to(20), "rebuilt: unreadable (header is truncated)"),
-    ("empty-file", _truncate_to(0), "rebuilt: unreadable (file is shorter than a safetensors header (truncated or empty))"),
-    ("bytes-appended", _append, "rebuilt: corrupt (bytes after its payload)"),
+    ("truncated-payload", _truncate_to(-1000), "rebuilt: truncated or extended (its size does not match its header)"),
+    ("truncated-in-header", _truncate_to(20), "rebuilt: unreadable (its header runs past the end of the file: truncated)"),
+    ("empty-file", _truncate_to(0), "rebuilt: unreadable (shorter than a safetensors header: truncated or empty)"),
+    ("bytes-appended", _append, "rebuilt: truncated or extended (its size does not match its header)"),
     ("bitflip-payload", _flip_payload, "rebuilt: corrupt (its bytes do not match its fingerprint)"),
-    ("bitflip-header-json", _flip_header_json, "rebuilt: unreadable (header is not an lp_plugin layer file"),
+    ("bitflip-header-json", _flip_header_json, "rebuilt: unreadable (its header is not a safetensors header"),
     ("bitflip-header-fingerprint", _flip_header_sha, "rebuilt: stale (the source weights changed since it was written)"),
-    ("bitflip-header-length", _flip_header_size, "rebuilt: unreadable (header claims"),
-    ("header-payload-length-edited", _flip_header_offsets, "rebuilt: corrupt (its header's size does not match its layout)"),
+    ("bitflip-header-length", _flip_header_size, "rebuilt: unreadable (its header length is implausible"),
+    ("header-payload-length-edited", _flip_header_offsets, "rebuilt: unreadable (its tensor entry's shape, type and offsets disagree)"),
     ("garbage-file", _garbage, "rebuilt: unreadable ("),
-    ("garbage-json-header", _garbage_small_header, "rebuilt: unreadable (header is not an lp_plugin layer file"),
-    ("plain-safetensors-not-ours", _plain_safetensors, "rebuilt: unreadable (header is not an lp_plugin layer file"),
+    ("garbage-json-header", _garbage_small_header, "rebuilt: unreadable (its header is not a safetensors header"),
+    ("plain-safetensors-written-in-place", _plain_safetensors_in_place, "rebuilt: unreadable (not an lp_plugin layer file"),
     ("missing-after-previous-run", _missing, "written"),
 ]
 
@@ -360,7 +359,7 @@ def test_fingerprint_ignores_allocator_garbage(tiny, tmp_path, monkeypatch):
 def test_layer_path_is_a_directory(tiny, tmp_path):
     folder = tmp_path / "off"
     layer_file(folder, 2).mkdir(parents=True)
-    with pytest.raises(OffloadFileError, match=r"writing layer 2 to .* failed: .*Is a directory"):
+    with pytest.raises(OffloadFileError, match=r"layer 2: .*layer_00002.safetensors is a directory, not a regular file; .*move it out of the folder"):
         lp_plugin.attach(tiny.model, offload="even", tier="disk", offload_folder=folder)
     assert temp_files(folder) == []
     assert_unchanged(tiny.model, tiny.ref, tiny.state, tmp_path)
@@ -398,7 +397,7 @@ def test_file_truncated_after_attach_fails_clearly(tiny, tmp_path, mode):
     # a fresh model rebuilds the file
     fresh = Tiny()
     h2 = lp_plugin.attach(fresh.model, offload="even", tier="disk", offload_folder=folder)
-    assert h2.tier.report == {"layer_00002": "reused", "layer_00004": "rebuilt: truncated"}
+    assert h2.tier.report == {"layer_00002": "reused", "layer_00004": "rebuilt: truncated or extended (its size does not match its header)"}
     assert torch.equal(logits(fresh.model), fresh.ref)
 
 
@@ -443,7 +442,7 @@ def test_read_only_folder(tiny, tmp_path):
 
 
 class _FailingAlloc:
-    """Stands in for torch inside lp_plugin.tiers: the n-th host buffer allocation fails like a
+    """Stands in for torch inside lp_plugin.tiers.base: the n-th host buffer allocation fails like a
     refused cudaHostAlloc / an exhausted host."""
 
     def __init__(self, fail_at):
@@ -462,9 +461,9 @@ class _FailingAlloc:
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 def test_host_memory_allocation_fails(tiny, tmp_path, monkeypatch, tier):
-    import lp_plugin.tiers as tiers
+    import lp_plugin.tiers.base as tiers_base
 
-    monkeypatch.setattr(tiers, "torch", _FailingAlloc(fail_at=2))  # the second layer's buffer
+    monkeypatch.setattr(tiers_base, "torch", _FailingAlloc(fail_at=2))  # the second layer's buffer
     with pytest.raises(OffloadResourceError, match=r"cannot allocate 0.00 GiB of host memory for layer 4: .*out of memory "
                                                    r"\(injected\)\. Free host memory, offload fewer layers, or use tier='disk'"):
         lp_plugin.attach(tiny.model, offload="even", tier=tier, offload_folder=tmp_path / "off")
@@ -518,36 +517,22 @@ def _writer_child(model, folder, point, bump, ready):
     rewriting every layer in a loop."""
     torch.set_num_threads(1)
 
-    def stop(*_):
+    def stop(*_, **__):
         ready.set()
         time.sleep(600)
 
-    if point.startswith("partial-payload"):  # "partial-payload:0.37": die after writing 37% of the payload
+    if point.startswith("partial-payload"):  # "partial-payload:0.37": die with 37% of the file written
+        import lp_plugin.tiers.layerfile as layerfile
+
         fraction = float(point.partition(":")[2])
-        real_fdopen = os.fdopen
+        real_write = layerfile.write
 
-        class HalfWriter:
-            def __init__(self, fh):
-                self.fh = fh
+        def write_part(path, flat, metadata):
+            real_write(path, flat, metadata)
+            os.truncate(path, int(os.path.getsize(path) * fraction))
+            stop()
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return self.fh.__exit__(*exc)
-
-            def write(self, data):
-                mv = memoryview(data)
-                if mv.nbytes > 1 << 20:  # the payload: write a part of it, then wait for the kill
-                    self.fh.write(mv[: int(mv.nbytes * fraction)])
-                    self.fh.flush()
-                    stop()
-                return self.fh.write(data)
-
-            def __getattr__(self, name):
-                return getattr(self.fh, name)
-
-        os.fdopen = lambda *a, **k: HalfWriter(real_fdopen(*a, **k))
+        layerfile.write = write_part
     elif point == "before-fsync":
         os.fsync = stop
     elif point == "before-rename":
@@ -555,8 +540,8 @@ def _writer_child(model, folder, point, bump, ready):
     elif point == "after-rename":
         real_replace = os.replace
 
-        def replace_then_stop(*a):
-            real_replace(*a)
+        def replace_then_stop(*a, **k):
+            real_replace(*a, **k)
             stop()
 
         os.replace = replace_then_stop
@@ -582,7 +567,7 @@ def _check_folder_invariant(folder, n_layers, clean_sha):
         state[i] = "clean" if meta["source_sha256"] == clean_sha[i] else "other"
     stray = [p.name for p in pathlib.Path(folder).iterdir()
              if not (p.name.startswith("layer_") and p.name.endswith(".safetensors"))
-             and p.name != ".lp_plugin.lock" and not p.name.endswith(".tmp")]
+             and p.name != JOURNAL and not p.name.endswith(".tmp")]
     assert stray == []
     return state
 
@@ -761,7 +746,9 @@ def test_offloaded_layer_called_directly(tiny, mode, fragment):
     assert_unchanged(tiny.model, tiny.ref, tiny.state)
 
 
-def test_incompatible_accelerate_map(tmp_path):
+def test_accelerate_map_with_other_layers_is_taken_over(tmp_path):
+    """Accelerate offloads layer 3, the spec names 2 and 4: attach takes all three, exactly; with alpha=0
+    the spec's layers are dropped and Accelerate keeps its own offload of layer 3."""
     from accelerate import dispatch_model
 
     model = build_tiny("qwen2")
@@ -769,21 +756,20 @@ def test_incompatible_accelerate_map(tmp_path):
     dmap = lp_plugin.residual_offload_device_map(model, offload="odd", tier="disk", main_device="cpu")
     dispatch_model(model, dmap, offload_dir=str(tmp_path / "accel"))
     assert torch.equal(logits(model), ref)
-    with pytest.raises(AttachError, match=re.escape("layer 3 is offloaded by Accelerate's device map but is not in offload='even'; "
-                                                    "build the map with lp_plugin.residual_offload_device_map(config, offload='even')")):
-        lp_plugin.attach(model, offload="even")
-    assert lp_plugin.get_handle(model) is None
-    assert torch.equal(logits(model), ref)  # Accelerate's offload still in place and exact
-    h = lp_plugin.attach(model, offload="odd", tier="disk", offload_folder=tmp_path / "off")  # the matching spec works
-    assert h.layer_indices == [3]
+    h = lp_plugin.attach(model, offload="even", tier="disk", offload_folder=tmp_path / "off")
+    assert h.layer_indices == [2, 3, 4]
     assert torch.equal(logits(model), ref)
+    h.detach()
+    assert torch.equal(logits(model), ref)  # Accelerate's offload back in place and exact
+    h = lp_plugin.attach(model, offload="even", alpha=0)
+    assert h.layer_indices == [] and h.info()["dropped_layers"] == [2, 4]
     h.detach()
     assert torch.equal(logits(model), ref)
 
 
-def test_from_pretrained_rejects_device_map(tiny_checkpoints, tmp_path):
-    with pytest.raises(OffloadSpecError, match=re.escape("lp_plugin.from_pretrained builds the device map itself; drop device_map= "
-                                                         "and pass main_device=")):
+def test_from_pretrained_refuses_bad_options_before_loading(tiny_checkpoints, tmp_path):
+    with pytest.raises(OffloadSpecError, match=re.escape("device_map='cpu': lp_plugin keeps a base placement given as 'auto' "
+                                                         "(with max_memory) or as a dict {module: device}")):
         lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], device_map="cpu")
     with pytest.raises(OffloadSpecError, match=re.escape("tier='disk' needs offload_folder=DIR")):
         lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], tier="disk")

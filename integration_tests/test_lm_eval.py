@@ -55,7 +55,7 @@ BAD_ARGS = {
     "bad-alpha": ({"alpha": 2}, "alpha must be in [0, 1]"),
     "disk-without-folder": ({"tier": "disk"}, "needs offload_folder"),
     "bad-layer": ({"offload": 99}, "out of range"),
-    "parallelize": ({"parallelize": True}, "parallelize=True is not supported"),
+    "tensor-parallel": ({"tp_plan": "auto"}, "tp_plan='auto' is not supported"),
     "bnb-without-4bit": ({"bnb_4bit_use_double_quant": True}, "only apply with load_in_4bit=True"),
 }
 CLI_BAD = ["unknown-arg", "bad-spec"]  # the rest are checked in-process (same constructor, no indexing)
@@ -239,6 +239,30 @@ def test_registration_is_idempotent_and_upgrades_to_the_class():
 def test_tasks_path_cli():
     path = Path(fx.tasks_path())
     assert (path / "lp_pydoc_ppl" / "lp_pydoc_ppl.yaml").is_file()
+    assert (path / "lp_pydoc_ppl" / "lp_pydoc_chunks.yaml").is_file()
+
+
+def test_pydoc_chunks_cover_the_text_in_similar_sizes():
+    sys.path.insert(0, str(Path(fx.tasks_path()) / "lp_pydoc_ppl"))
+    try:
+        import utils as task_utils
+    finally:
+        sys.path.pop(0)
+    from pydoc_data.topics import topics
+
+    chunks = task_utils.pydoc_chunks()
+    assert "\n\n".join(c["text"] for c in chunks) == "\n\n".join(topics[name] for name in sorted(topics))
+    sizes = sorted(len(c["text"]) for c in chunks)
+    assert len(chunks) >= 60 and all(len(c["text"]) >= task_utils.CHUNK_CHARS - 2 for c in chunks[:-1])
+    assert sizes[len(sizes) // 2] < 1.5 * task_utils.CHUNK_CHARS
+
+
+def test_chunks_task_runs_through_lm_eval(tiny_models, tmp_path):
+    """``lp_pydoc_chunks`` through the stock CLI: the offloaded model gives the plain model's perplexity."""
+    args = {"pretrained": tiny_models["qwen2"], "dtype": "float32"}
+    _, plain = fx.run_lm_eval("hf", args, tmp_path / "hf", task="lp_pydoc_chunks", limit=2)
+    _, off = fx.run_lm_eval("hf-residual-offload", {**args, "offload": "even"}, tmp_path / "off", task="lp_pydoc_chunks", limit=2)
+    assert fx.perplexities(off, "lp_pydoc_chunks") == fx.perplexities(plain, "lp_pydoc_chunks")
 
 
 def test_pydoc_documents_are_deterministic():

@@ -20,6 +20,7 @@ _LAZY = {
     "from_pretrained": "lp_plugin.loading",
     "residual_offload_device_map": "lp_plugin.plan",
     "resolve_layers": "lp_plugin.plan",
+    "fit_budget": "lp_plugin.plan",
     "OffloadConfig": "lp_plugin.config",
     "OffloadPlan": "lp_plugin.plan",
     "OffloadPolicy": "lp_plugin.policies",
@@ -32,6 +33,7 @@ _LAZY = {
     "importance": "lp_plugin.skipping.metrics",
     "Importance": "lp_plugin.skipping.metrics",
     "SkipPolicy": "lp_plugin.skipping.policies",
+    "BudgetError": "lp_plugin.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

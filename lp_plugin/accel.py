@@ -9,6 +9,8 @@ attributes are saved and removed, and put back exactly as they were. Neither Acc
 
 from __future__ import annotations
 
+from .devices import normalize_device
+
 _HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")
 
 
@@ -68,10 +70,14 @@ def hooked_values(layer, hooks) -> tuple:
     return values, held
 
 
-def take_over(layer, hooks, values: dict) -> list:
-    """Suspend Accelerate's offload hooks inside ``layer`` and give its meta placeholders real
-    ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
-    suspended = [SuspendedHook(sub) for _, sub, _ in hooks]
+def take_over(layer, values: dict) -> list:
+    """Suspend Accelerate's hooks inside ``layer`` (its offload hooks, and the hook that moves the
+    layer's inputs to where Accelerate would run it: lp_plugin decides that now) and give its meta
+    placeholders real ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
+    from accelerate.hooks import AlignDevicesHook
+
+    suspended = [SuspendedHook(sub) for _, sub in layer.named_modules()
+                 if _hooks_of(sub) and all(isinstance(h, AlignDevicesHook) for h in _hooks_of(sub))]
     _assign(layer, values)
     return suspended
 
@@ -115,6 +121,4 @@ def suspend_dispatch_hooks(model, main_device) -> list:
 
 
 def _same(execution_device, main_device) -> bool:
-    from .plan import normalize_device
-
     return execution_device is None or normalize_device(execution_device) == main_device

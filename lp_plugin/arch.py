@@ -44,9 +44,11 @@ def skeleton(config):
 
     try:
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
         raise AttachError(f"cannot build a causal LM from config {type(config).__name__}: {exc}") from exc
+    model.tie_weights()  # tied as a loaded model is (from_config leaves that to loading)
+    return model
 
 
 def holds_tensors(module) -> bool:

@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .errors import OffloadSpecError
+from .plugins import tier_class, tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
 from .skipping.spec import check_calib, parse_stand_in
 
 MODES = ("session", "stream")
+WORKS = ("generate", "loglikelihood")
+BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
+_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,17 @@ class OffloadConfig:
         ``linear`` (``linear:RANK``: low rank), fitted on the calibration data (see ``lp_plugin.skipping.standins``).
     calib: calibration data for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a text
         file path, or a list of token ids (see ``lp_plugin.skipping.calib``).
+
+    With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.budget``):
+    max_memory: Accelerate's form: ``{0: "6GiB", "cpu": "30GiB"}``, ints of bytes, or a bare ``"6GiB"``
+        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). Required with
+        ``offload="auto"``; with another spec it bounds ``from_pretrained(device_map="auto")``'s placement.
+    max_context / batch_size: the work the budget must hold (default: the model's
+        max_position_embeddings, as lm-eval's HFLM picks max_length; batch 1).
+    work: ``generate`` (logits of the last token; the default) or ``loglikelihood`` (lm-eval's full
+        logits over the context; the default of the lm-eval model type).
+    ``mode="session"`` (the default) lets the planner pick session or stream; ``mode="stream"`` keeps it
+    to stream mode.
     """
 
     offload: object = "even"
@@ -51,16 +66,38 @@ class OffloadConfig:
     skip: object = None
     stand_in: str = "none"
     calib: object = None
+    max_memory: object = None
+    max_context: int | None = None
+    batch_size: int | None = None
+    work: str | None = None
 
     def __post_init__(self):
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
-        from .plugins import tier_class
-
+        self._check_budget()
         if getattr(tier_class(self.tier), "needs_folder", False) and self.offload_folder is None:
             raise OffloadSpecError(
                 f"tier={self.tier!r} needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)"
             )
+
+    def _check_budget(self):
+        given = [name for name in BUDGET_OPTIONS if getattr(self, name) is not None]
+        if self.offload != "auto":
+            if given:
+                raise OffloadSpecError(
+                    f"{given} only apply with offload='auto' (they are what it plans for); with offload={self.offload!r} "
+                    "they would be ignored: drop them, or pass offload='auto'"
+                )
+            return  # max_memory may still bound a device_map="auto" base placement (from_pretrained checks its use)
+        if self.max_memory is None:
+            raise OffloadSpecError("offload='auto' needs max_memory, e.g. max_memory='6GiB' (the main device) or "
+                                   "{0: '6GiB', 'cpu': '30GiB'}")
+        if self.alpha == 0:
+            raise OffloadSpecError("offload='auto' picks layers to offload and run; alpha=0 would drop them instead: "
+                                   "pass an explicit layer list to drop, or alpha > 0")
+        if self.skip is not None:
+            raise OffloadSpecError("offload='auto' plans every layer's memory and does not know which layers skip= "
+                                   "leaves out: pass an explicit offload spec with skip=")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -94,7 +131,7 @@ class OffloadConfig:
         for name in ("offload", "skip"):
             if name in values:
                 values[name] = _offload_from_string(values[name])
-        for name in ("prefetch", "protect_first", "protect_last"):
+        for name in ("prefetch", "protect_first", "protect_last", "max_context", "batch_size"):
             if isinstance(values.get(name), str):
                 values[name] = _int_from_string(name, values[name])
         if isinstance(values.get("alpha"), str):
@@ -105,7 +142,85 @@ class OffloadConfig:
         d = asdict(self)
         d["offload"] = self.offload if isinstance(self.offload, str) else list(self.offload)
         d["main_device"] = None if self.main_device is None else str(self.main_device)
+        d["max_memory"] = None if self.max_memory is None else {str(k): v for k, v in self.max_memory}
         return d
+
+
+# ---------------------------------------------------------------------------------- memory sizes
+def parse_size(value, what: str = "max_memory") -> int:
+    """Bytes of ``value``: an int, a digit string, or a number with a unit, read like Accelerate's
+    ``convert_file_size_to_int``: ``GiB``/``MiB``/``KiB`` are powers of 2, ``GB``/``MB``/``KB`` powers
+    of 10 (case-insensitive), and a unit ending in a lower-case ``b`` (``"5Gb"``) counts bits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if text and text.isascii():
+        if text.isdigit():
+            return int(text)
+        for unit, factor in _UNITS:
+            if text.upper().endswith(unit):
+                try:
+                    number = float(text[: -len(unit)])
+                except ValueError:
+                    break
+                if not math.isfinite(number) or number < 0:
+                    break
+                size = int(number * factor)
+                bits = not unit.endswith("IB") and text.endswith("b")  # "5Gb": gigabits, as Accelerate reads it
+                return size // 8 if bits else size
+    raise OffloadSpecError(
+        f"{what}: cannot read {value!r} as a memory size; write bytes as an int or a number with a unit such as "
+        "'6GiB', '6144MiB' or '6.5GB'"
+    )
+
+
+def _memory_key(key):
+    """Accelerate's device keys: a GPU index (``0``, ``"0"``, ``"cuda:0"``) or ``"cpu"``."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    if isinstance(key, str):
+        text = key.strip().lower()
+        if text == "cpu":
+            return "cpu"
+        index = text.removeprefix("cuda:")
+        if index.isascii() and index.isdigit():
+            return int(index)
+    if key == "disk":
+        raise OffloadSpecError("max_memory has no 'disk' entry here: the disk tier is chosen with tier='disk' and offload_folder=DIR")
+    raise OffloadSpecError(f"max_memory key {key!r} is not a device; use a GPU index (0, 'cuda:0') or 'cpu'")
+
+
+def parse_max_memory(value):
+    """``max_memory`` as a tuple of ``(key, bytes)``: key a GPU index, ``"cpu"`` (host memory for
+    offloaded layers), or ``"main"`` (a bare size: the main device). Takes a dict, a bare size, or a
+    string ``"0:6GiB;cpu:30GiB"`` (``=`` also separates key and size; ``,`` also separates entries)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in value):
+        value = dict(value)  # already parsed
+    if isinstance(value, str) and any(sep in value for sep in ":=;,"):
+        items = {}
+        for part in (p.strip() for p in value.replace(",", ";").split(";")):
+            if not part:
+                continue
+            sep = "=" if "=" in part else ":"
+            key, found, size = part.rpartition(sep)
+            key = key if found else "main"
+            if key in items:
+                raise OffloadSpecError(f"max_memory names {key!r} twice in {value!r}")
+            items[key] = size
+        value = items
+    if not isinstance(value, dict):
+        return (("main", parse_size(value)),)
+    if not value:
+        raise OffloadSpecError("max_memory is empty; give at least the main device's budget, e.g. max_memory='6GiB'")
+    out = {}
+    for key, size in value.items():
+        norm = key if key == "main" else _memory_key(key)
+        if norm in out:
+            raise OffloadSpecError(f"max_memory names device {norm!r} twice ({list(value)})")
+        out[norm] = parse_size(size, f"max_memory[{key!r}]")
+    return tuple(sorted(out.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]))))
 
 
 # ---------------------------------------------------------------------------------- one check per option
@@ -136,8 +251,6 @@ def _check_stand_in(value):
 
 
 def _check_tier(value):
-    from .plugins import tier_names
-
     if not isinstance(value, str):
         raise OffloadSpecError(f"tier must be a tier name such as 'cpu' or 'disk', got {value!r}")
     names = tier_names()
@@ -190,6 +303,21 @@ def _check_main_device(value):
     raise OffloadSpecError(f"main_device must be a device such as 'cuda:0', 0 or 'cpu', got {value!r}")
 
 
+def _optional_positive_int(name, what):
+    def check(value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OffloadSpecError(f"{name} must be an int >= 1 ({what}), got {value!r}")
+        return value
+
+    return check
+
+
+def _check_work(value):
+    if value is not None and value not in WORKS:
+        raise OffloadSpecError(f"work must be 'generate' (last-token logits) or 'loglikelihood' (lm-eval's full logits), got {value!r}")
+    return value
+
+
 _CHECKS = {
     "offload": _check_offload,
     "tier": _check_tier,
@@ -203,6 +331,10 @@ _CHECKS = {
     "skip": _check_skip,
     "stand_in": _check_stand_in,
     "calib": check_calib,
+    "max_memory": parse_max_memory,
+    "max_context": _optional_positive_int("max_context", "tokens of context the budget must hold"),
+    "batch_size": _optional_positive_int("batch_size", "sequences per forward the budget must hold"),
+    "work": _check_work,
 }
 
 

@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
-import time
 
 import torch
+from tqdm.auto import tqdm
 
 from . import accel, hooks
 from .arch import find_decoder_layers
 from .config import OffloadConfig
+from .checks import check_model
 from .entry import ModelEntry
 from .errors import AttachError, OffloadResourceError
 from .group import OffloadedLayer, Stager
-from .plan import OffloadPlan, map_value
+from .devices import map_value
+from .plan import OffloadPlan
 from .plugins import tier_class
+from .resident import Residency
 from .stream import Ring
 
 log = logging.getLogger("lp_plugin")
@@ -61,9 +65,11 @@ class OffloadHandle:
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
         self.main_device = plan.main_device
-        self.ring = None
+        # per device the offloaded layers compute on: a Ring (stream mode) or a Residency (session mode)
+        self.movers = []
         self.entry = None
         self.suspended = []  # Accelerate dispatch hooks taken off the main device's modules
+        self.torch_hooks = []  # state-dict hooks of streamed layers (removed by detach)
         self._device_map = None  # (model had hf_device_map, its value) before attach
         self._depth = 0
         self._epoch = 0
@@ -71,6 +77,7 @@ class OffloadHandle:
         self._forwards = threading.local()  # per thread: bare forwards whose session is open
         self._attached = True
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
+        self.peak_mapped_bytes = 0  # the most device memory the session buffers or rings held at once
 
     # ------------------------------------------------------------------ description
     mode = property(lambda self: self.config.mode)
@@ -102,7 +109,9 @@ class OffloadHandle:
             "offloaded_bytes": offloaded,
             "layer_bytes": max((l.nbytes for l in self.layers), default=0),
             "bytes_per_forward": offloaded if c.mode == "stream" else 0,
-            "ring_slots": self.ring.nslots if self.ring else 0,
+            "ring_slots": sum(r.nslots for r in self.rings),
+            "devices": sorted({str(l.device) for l in self.layers}) or [str(self.main_device)],
+            "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
     def __repr__(self):
@@ -113,6 +122,22 @@ class OffloadHandle:
             "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
             "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each copy"
         )
+
+    @property
+    def rings(self) -> list:
+        return [m for m in self.movers if isinstance(m, Ring)]
+
+    @property
+    def ring(self):
+        """The ring of a model whose offloaded layers compute on one device (stream mode), else None."""
+        rings = self.rings
+        return rings[0] if len(rings) == 1 else None
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Device memory held outside PyTorch's allocator (not in ``torch.cuda.memory_allocated``): the
+        session buffers or rings while a session is open."""
+        return sum(m.mapped_bytes for m in self.movers)
 
     def offloaded_dtypes(self) -> set:
         return {e.dtype for l in self.layers for e in l.slots.entries if ".quant_state." not in e.key}
@@ -141,34 +166,37 @@ class OffloadHandle:
     def _open(self):
         self._check_attached()
         with self._lock:
-            if self._depth == 0 and self.layers:
-                if self.ring is not None:
-                    self.ring.open()
-                else:
-                    self._load_all()
+            if self._depth == 0:
+                opened = []
+                try:
+                    for mover in self.movers:
+                        mover.open()
+                        opened.append(mover)
+                except BaseException:
+                    for mover in opened:
+                        mover.release()
+                    raise
                 self._epoch += 1
+                self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
             self._depth += 1
 
     def _close(self):
         with self._lock:
             self._depth -= 1
-            if self._depth == 0 and self.layers:
-                if self.ring is not None:
-                    self.ring.close_ring()
-                else:
-                    for layer in self.layers:
-                        layer.offload_()
-                if self.main_device.type == "cuda":
+            if self._depth == 0:
+                for mover in self.movers:
+                    mover.release()
+                if self.movers and torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
     def enter_forward(self):
         """A bare forward of the model: a session of its own; in stream mode one forward at a time."""
-        if self.ring is not None:
+        if self.rings:
             self._lock.acquire()
         try:
             self._open()
         except BaseException:
-            if self.ring is not None:
+            if self.rings:
                 self._lock.release()
             raise
         self._forwards.depth = getattr(self._forwards, "depth", 0) + 1
@@ -182,43 +210,23 @@ class OffloadHandle:
         try:
             self._close()
         finally:
-            if self.ring is not None:
+            if self.rings:
                 self._lock.release()
 
     def grad_token(self):
         """What a backward through an offloaded layer checks: the session the forward ran in (None in
         stream mode, whose ring slots are reused at once)."""
-        return self._epoch if self.ring is None and self._depth > 0 else None
+        return self._epoch if not self.rings and self._depth > 0 else None
 
     def grad_token_valid(self, token) -> bool:
         return self._depth > 0 and self._epoch == token
 
-    def check_device_room(self, nbytes, what, fix):
-        free = _free_bytes(self.main_device)
+    def check_device_room(self, nbytes, device, what, fix):
+        free = _free_bytes(device)
         if free is not None and nbytes + _DEVICE_MARGIN > free:
             raise OffloadResourceError(
-                f"{what} needs {nbytes / _GiB:.2f} GiB on {self.main_device} but only {free / _GiB:.2f} GiB is free; {fix}"
+                f"{what} needs {nbytes / _GiB:.2f} GiB on {device} but only {free / _GiB:.2f} GiB is free; {fix}"
             )
-
-    def _load_all(self):
-        t0 = time.perf_counter()
-        for layer in self.layers:
-            layer.check_intact()
-        self.check_device_room(sum(l.nbytes for l in self.layers), "a session (all offloaded layers resident)",
-                               "use mode='stream', or offload fewer layers")
-        loaded = []
-        try:
-            with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
-                for layer in self.layers:
-                    buf = torch.empty(layer.nbytes, dtype=torch.uint8, device=self.main_device)
-                    layer.onload_(buf, stager.source(layer))
-                    loaded.append(layer)
-        except BaseException:
-            for layer in loaded:
-                layer.offload_()
-            raise
-        self.stats["sessions"] += 1
-        self.stats["session_load_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ detach
     def _check_attached(self):
@@ -234,18 +242,24 @@ class OffloadHandle:
         with self._lock:
             if self._depth:
                 raise AttachError("cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first")
-            if self.ring is not None:
-                self.ring.close()
+            for layer in self.layers:  # every copy detach reads is still the verified one, before anything changes
+                layer.tier.check(layer.key)
+            for mover in self.movers:
+                mover.close()
             if self.entry is not None:
                 self.entry.remove()
+            for h in self.torch_hooks:
+                h.remove()
             for layer in self.layers:
-                hooks.remove(layer.module)
+                for module in {id(m): m for m in [layer.module, *layer.stream_modules]}.values():
+                    hooks.remove(module)
             for _, module in self.dropped:
                 hooks.remove(module)
-            with Stager(self.layers, self.main_device.type == "cuda", self.main_device) as stager:
-                for layer in self.layers:
-                    if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
-                        layer.restore(stager.source(layer))
+            for device, layers in _by_device(self.layers).items():
+                with Stager(layers, device.type == "cuda", device) as stager:
+                    for layer in layers:
+                        if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
+                            layer.restore(stager.source(layer))
             for s in reversed(self.suspended):
                 s.restore()
             if self._device_map is not None:
@@ -279,9 +293,9 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     plan = plan.with_skips(model)
     config = plan.config
     _, layer_list = find_decoder_layers(model)
-    _check_model(model, plan, layer_list)
+    check_model(model, plan, layer_list)
 
-    pin = plan.main_device.type == "cuda"
+    pin = any(plan.device_of(i).type == "cuda" for i in range(plan.num_layers)) or plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
     # what moves between tier and device, in execution order: offloaded layers and skipped layers' stand-ins
@@ -289,8 +303,9 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
                    key=lambda unit: unit[0])
     layers = []
     try:
-        for i, module, stand_in in units:
-            layers.append(OffloadedLayer.pack(i, module, tier, plan.main_device, pin, stand_in=stand_in))
+        for i, module, stand_in in tqdm(units, desc=f"lp_plugin: packing layers ({config.tier} tier)", unit="layer",
+                                        leave=False, disable=not sys.stderr.isatty()):
+            layers.append(OffloadedLayer.pack(i, module, tier, plan.device_of(i), pin, stand_in=stand_in))
     except BaseException:
         tier.close()
         raise
@@ -312,26 +327,51 @@ def _install(handle, model, layer_list):
         if layer.accel_hooks:
             log.info("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
         layer.install()
-    handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)
+    if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
+        handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)
     if hasattr(model, "hf_device_map"):
         handle._device_map = (True, model.hf_device_map)
         model.hf_device_map = _computing_map(model.hf_device_map, plan)
     stand_ins = {l.index: l.module for l in handle.layers if l.stand_in}
     for i, module in handle.dropped:
         hooks.add(module, hooks.SkipHook(handle, stand_ins.get(i)))
-    if config.mode == "stream" and handle.layers:
-        handle.ring = Ring(handle.layers, config.prefetch, plan.main_device, handle.check_device_room)
-    for pos, layer in enumerate(handle.layers):
-        if handle.ring is not None:
-            hooks.add(layer.module, hooks.StreamHook(handle, handle.ring, pos))
+    skip_keys = getattr(model, "_skip_keys_device_placement", None)
+    for device, layers in _by_device(handle.layers).items():
+        if config.mode == "stream":
+            mover = Ring(layers, config.prefetch, device, handle.check_device_room)
         else:
-            hooks.add(layer.module, hooks.SessionHook(handle, layer))
-        if 0 < config.alpha < 1:
-            hooks.add(layer.module, hooks.ResidualHook(handle, config.alpha))
+            mover = Residency(layers, device, handle.check_device_room, handle.stats)
+        handle.movers.append(mover)
+        for pos, layer in enumerate(layers):
+            _hook_layer(handle, layer, mover, pos, skip_keys)
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
     handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers if not l.stand_in],
                               _ancestors(model, plan.layer_prefix))
     handle.entry.install()
+
+
+def _hook_layer(handle, layer, mover, pos, skip_keys):
+    if not handle.plan.single_device and not layer.stand_in:
+        hooks.add(layer.module, hooks.DeviceHook(handle, layer.device, skip_keys))
+    # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other layers'
+    # bytes between uses): it is checked against its file first
+    handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
+                           layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
+    if isinstance(mover, Ring):
+        for module in layer.stream_modules:
+            hooks.add(module, hooks.StreamHook(handle, mover, pos))
+    else:
+        hooks.add(layer.module, hooks.SessionHook(handle, layer))
+    if 0 < handle.config.alpha < 1 and not layer.stand_in:
+        hooks.add(layer.module, hooks.ResidualHook(handle, handle.config.alpha))
+
+
+def _by_device(layers) -> dict:
+    """device -> its layers, in execution order."""
+    out = {}
+    for layer in layers:
+        out.setdefault(layer.device, []).append(layer)
+    return out
 
 
 def _ancestors(model, prefix):
@@ -340,60 +380,12 @@ def _ancestors(model, prefix):
 
 
 def _computing_map(device_map: dict, plan) -> dict:
-    """``hf_device_map`` as it is once attached: the offloaded layers compute on the main device."""
-    main = map_value(plan.main_device)
-    prefixes = tuple(f"{plan.layer_prefix}.{i}" for i in plan.offloaded)
-    return {k: (main if v in ("cpu", "disk") and (k in prefixes or k.startswith(tuple(p + "." for p in prefixes))) else v)
-            for k, v in device_map.items()}
+    """``hf_device_map`` as it is once attached: each offloaded layer computes on its device."""
+    def where(key, value):
+        for i in plan.offloaded:
+            prefix = f"{plan.layer_prefix}.{i}"
+            if value in ("cpu", "disk") and (key == prefix or key.startswith(prefix + ".")):
+                return map_value(plan.device_of(i))
+        return value
 
-
-def _check_model(model, plan, layer_list):
-    """Refuse what attach cannot follow, before anything changes."""
-    chosen = set(plan.selected)
-    counts = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        counts[id(module)] = counts.get(id(module), 0) + 1
-    for i, layer in enumerate(layer_list):
-        if accel.offload_hooks(layer) and i not in chosen:
-            raise AttachError(
-                f"layer {i} is offloaded by Accelerate's device map but is not in offload={plan.config.offload!r}; "
-                f"build the map with lp_plugin.residual_offload_device_map(config, offload={plan.config.offload!r}) "
-                "so both agree, or load the model without offloading"
-            )
-        if i in chosen and counts[id(layer)] > 1:
-            raise AttachError(f"layer {i} appears more than once in the model (the same module object twice); "
-                              "lp_plugin cannot offload a shared layer: leave it resident (offload=... without it)")
-        if i in plan.offloaded:
-            continue
-        devices = {p.device for p in layer.parameters()}
-        if torch.device("meta") in devices:
-            raise AttachError(f"resident layer {i} has parameters on the meta device; load the model's weights before attaching")
-        if devices and devices != {plan.main_device}:
-            raise AttachError(
-                f"resident layer {i} is on {sorted(map(str, devices))}, not on the main device {plan.main_device}; "
-                "lp_plugin needs every resident layer on one device: use lp_plugin.residual_offload_device_map(...) "
-                "or pass main_device="
-            )
-    _check_not_shared(model, [layer_list[i] for i in plan.offloaded], plan.offloaded)
-
-
-def _check_not_shared(model, modules, indices):
-    """An offloaded layer must own its tensors: one shared with a module that stays resident would be
-    moved under that module's feet (the same Parameter, or another one over the same memory)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    owners = {}  # id(param) or storage pointer -> (layer index, its name inside the layer, layer prefix)
-    for i, module in zip(indices, modules):
-        for name, p in module.named_parameters(remove_duplicate=False):
-            owner = (i, name, names[id(module)] + ".")
-            owners[id(p)] = owner
-            if p.device.type != "meta" and p.numel():
-                owners[("ptr", p.device, p.data_ptr())] = owner
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owner = owners.get(id(p))
-        if owner is None and p.device.type != "meta" and p.numel():
-            owner = owners.get(("ptr", p.device, p.data_ptr()))
-        if owner is not None and not name.startswith(owner[2]):
-            raise AttachError(
-                f"offloaded layer {owner[0]} shares its parameter {owner[1]} with {name}; lp_plugin cannot offload a "
-                "tensor another module uses: leave that layer resident, or untie the parameter first"
-            )
+    return {k: where(k, v) for k, v in device_map.items()}

@@ -2,7 +2,8 @@
 
 * a forward pre-hook and an always-called forward hook on the module that runs the decoder layers
   open and close a session around a bare forward (exception-safe, and a no-op while compiling: a
-  compiled forward runs inside the session that ``generate`` opened);
+  compiled forward runs inside the session that ``generate`` opened); in stream mode the hook also
+  ends the forward with the ring's join;
 * ``generate`` is wrapped so one call is one session (not one per decode step);
 * ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
@@ -39,8 +40,16 @@ class ModelEntry:
                 handle.enter_forward()
 
         def post(module, args, output):
-            if not torch.compiler.is_compiling():
-                handle.exit_forward()
+            try:
+                for ring in handle.rings:
+                    if torch.compiler.is_compiling():
+                        if output is not None:
+                            torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
+                    else:
+                        ring.join()
+            finally:
+                if not torch.compiler.is_compiling():
+                    handle.exit_forward()
 
         self._torch_hooks = [self.base.register_forward_pre_hook(pre), self.base.register_forward_hook(post, always_call=True)]
         if hasattr(self.model, "generate"):
@@ -72,15 +81,22 @@ class ModelEntry:
     def check_conversion(self, fn) -> None:
         """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
         offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
-        main = self.handle.main_device
-        for dtype in self.handle.offloaded_dtypes():
-            probe = fn(torch.empty(0, dtype=dtype, device=main))
-            if probe.dtype != dtype or probe.device != main:
-                raise AttachError(
-                    f"this conversion would turn the offloaded layers' {dtype} tensors on {main} into {probe.dtype} on "
-                    f"{probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() first, "
-                    "convert the model, then attach again"
-                )
+        for device in {layer.device for layer in self.handle.layers} or {self.handle.main_device}:
+            for dtype in self.handle.offloaded_dtypes():
+                probe = fn(torch.empty(0, dtype=dtype, device=device))
+                if probe.dtype != dtype or probe.device != device:
+                    raise AttachError(
+                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} into {probe.dtype} "
+                        f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
+                        "first, convert the model, then attach again"
+                    )
+
+
+def _first_tensor(output):
+    """The hidden states of a base model's output (a ModelOutput, a tuple or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
 
 
 def _guarded_apply(entry, module, fn, *args, **kwargs):

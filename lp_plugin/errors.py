@@ -21,3 +21,15 @@ class OffloadFileError(LPPluginError, RuntimeError):
 
 class OffloadResourceError(LPPluginError, RuntimeError):
     """Not enough disk space, pinned host memory or GPU memory for the requested layout."""
+
+
+class BudgetError(OffloadSpecError):
+    """Nothing fits the memory budget. ``min_bytes`` is the smallest main-device budget that fits (None
+    when the host budget is what fails), ``smallest`` the plan at that budget, ``host_bytes`` the host
+    memory it needs."""
+
+    def __init__(self, message, min_bytes=None, smallest=None, host_bytes=None):
+        super().__init__(message)
+        self.min_bytes = min_bytes
+        self.smallest = smallest
+        self.host_bytes = host_bytes

@@ -33,7 +33,7 @@ class Entry:
                 "offset": self.offset, "nbytes": self.nbytes}
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -41,7 +41,7 @@ def _quant_state(param):
     return getattr(param, "quant_state", None)
 
 
-def _qs_tensor_paths(qs, prefix=""):
+def quant_state_tensors(qs, prefix=""):
     """Yield (path, tensor) for the tensors of a bitsandbytes QuantState (recursing into state2)."""
     for name in _QS_TENSORS:
         t = getattr(qs, name, None)
@@ -49,7 +49,7 @@ def _qs_tensor_paths(qs, prefix=""):
             yield prefix + name, t
     state2 = getattr(qs, "state2", None)
     if state2 is not None:
-        yield from _qs_tensor_paths(state2, prefix + "state2.")
+        yield from quant_state_tensors(state2, prefix + "state2.")
 
 
 class LayerSlots:
@@ -72,7 +72,7 @@ class LayerSlots:
             nbytes = t.numel() * t.element_size()
             entries.append(Entry(key, t.dtype, tuple(t.shape), offset, nbytes))
             self._tensors[key] = t
-            offset += _align(nbytes)
+            offset += aligned(nbytes)
 
         for mod_name, module in layer.named_modules():
             for name, p in module.named_parameters(recurse=False):
@@ -83,7 +83,7 @@ class LayerSlots:
                 qs = _quant_state(p)
                 if qs is not None:
                     self.qstates.append((module, name, key))
-                    for path, qt in _qs_tensor_paths(qs):
+                    for path, qt in quant_state_tensors(qs):
                         add(f"{key}.quant_state.{path}", qt)
             for name, b in module.named_buffers(recurse=False):
                 if b is None:
@@ -96,6 +96,18 @@ class LayerSlots:
         self.nbytes = offset
         # the QuantState objects as they were at attach time (restored by every binding)
         self._orig_qs = {key: _quant_state(getattr(m, n)) for m, n, key in self.qstates}
+        # the layer's Linear modules (bitsandbytes' 4-bit ones too), and the entries they own; the others
+        # (norm weights, a few KiB) get a compact layout of their own (see :meth:`split_binding`)
+        self.linears = [m for _, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        owned = {id(m) for m in self.linears}
+        linear_keys = {k for m, _, k in self.params + self.buffers if id(m) in owned}
+        self.other = []  # (entry, offset in the compact buffer)
+        other = 0
+        for e in self.entries:
+            if e.key.split(".quant_state.")[0] not in linear_keys:
+                self.other.append((e, other))
+                other += aligned(e.nbytes)
+        self.other_nbytes = other
 
     # ------------------------------------------------------------------ packing
     def layout_json(self) -> list:
@@ -108,7 +120,7 @@ class LayerSlots:
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
             # zero the alignment padding: ``flat`` comes from torch.empty, and its bytes are hashed
             # into the disk tier's fingerprint (garbage there made every file look stale)
-            flat[e.offset + e.nbytes : _align(e.offset + e.nbytes)].zero_()
+            flat[e.offset + e.nbytes : aligned(e.offset + e.nbytes)].zero_()
 
     def placeholders(self) -> dict:
         """Tiny host tensors (one element, expanded) standing in for each param/buffer, used to give
@@ -147,9 +159,24 @@ class LayerSlots:
         return Binding(self, views, qstates)
 
 
+    def split_binding(self, linear_flat: torch.Tensor, other_flat: torch.Tensor) -> "Binding":
+        """Views of ``linear_flat`` (laid out like the whole layer) for the Linear modules' tensors, and
+        of ``other_flat`` (the compact layout of :attr:`other`) for the rest."""
+        views = {e.key: view(linear_flat, e) for e in self.entries}
+        for e, offset in self.other:
+            views[e.key] = view(other_flat, Entry(e.key, e.dtype, e.shape, offset, e.nbytes))
+        qstates = {key: _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.") for _, _, key in self.qstates}
+        return Binding(self, views, qstates)
+
+    def copy_other(self, other_flat: torch.Tensor, source: torch.Tensor) -> None:
+        """Fill ``other_flat`` (compact) from ``source`` (a whole-layer buffer)."""
+        for e, offset in self.other:
+            other_flat[offset: offset + e.nbytes].copy_(source[e.offset: e.offset + e.nbytes])
+
+
 def _map_quant_state(qs, fn, prefix=""):
     """A copy of a bitsandbytes QuantState (nested ``state2`` too) whose tensors are ``fn(path,
-    tensor)``, ``path`` as :func:`_qs_tensor_paths` names it (``absmax``, ``state2.code``, ...)."""
+    tensor)``, ``path`` as :func:`quant_state_tensors` names it (``absmax``, ``state2.code``, ...)."""
     new = copy.copy(qs)
     for name in _QS_TENSORS:
         t = getattr(qs, name, None)

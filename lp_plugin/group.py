@@ -18,7 +18,7 @@ from .tiers import allocate_host, sha256_of
 
 
 class OffloadedLayer:
-    def __init__(self, index, module, key, slots, tier, main_device, hooks=(), held=(), accel_keys=(), stand_in=False):
+    def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
         self.module = module
         self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
@@ -26,18 +26,20 @@ class OffloadedLayer:
         self.slots = slots
         self.nbytes = slots.nbytes
         self.tier = tier
-        self.main_device = main_device
+        self.device = device  # where the layer computes
         self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
         self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
         self.suspended = []
         self.standby = None
+        self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
+        self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
         self._versions = ()
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def pack(cls, index, module, tier, main_device, pin, stand_in=False) -> "OffloadedLayer":
+    def pack(cls, index, module, tier, device, pin, stand_in=False) -> "OffloadedLayer":
         """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
         hooks = accel.offload_hooks(module)
         values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
@@ -49,15 +51,15 @@ class OffloadedLayer:
             )
         slots = LayerSlots(module, values)
         key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
-        flat = allocate_host(slots.nbytes, pin, f"layer {index}")
+        flat = allocate_host(slots.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
         slots.pack_into(flat)
         tier.put(key, flat, slots.layout_json(), sha256_of(flat))
-        return cls(index, module, key, slots, tier, main_device, hooks, held, values or (), stand_in)
+        return cls(index, module, key, slots, tier, device, hooks, held, values or (), stand_in)
 
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""
         if self.accel_hooks:
-            self.suspended = accel.take_over(self.module, self.accel_hooks, self.slots.placeholders())
+            self.suspended = accel.take_over(self.module, self.slots.placeholders())
             for store, full_key, _ in self.held:
                 store.pop(full_key, None)  # the tier holds these bytes now
         self.standby = self.slots.binding(self.tier.host_view(self.key))
@@ -73,16 +75,34 @@ class OffloadedLayer:
 
     def bind_(self, binding, flat) -> None:
         binding.apply()
-        self.bound_flat = flat
+        self.binding, self.bound_flat = binding, flat
         self._record()
+
+    def show_standby(self) -> None:
+        """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
+        layers' bytes between uses) the tensors point at it for a moment; :meth:`show_bound` points them back."""
+        if self.bound_flat is None or self.streamed:
+            self.tier.check(self.key)
+        if self.bound_flat is not None and self.streamed:
+            self.standby.apply()
+
+    def show_bound(self) -> None:
+        if self.bound_flat is not None and self.streamed:
+            self.binding.apply()
 
     def offload_(self) -> None:
         """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
-        if self.bound_flat is not None and self.edited():
+        edited = self.bound_flat is not None and self.edited()
+        if edited and not self.tier.read_only:
             self.tier.host_view(self.key).copy_(self.bound_flat)
         self.standby.apply()
         self.bound_flat = None
         self._record()
+        if edited and self.tier.read_only:
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place during the session, and its host copy is shared "
+                "read-only by the ranks of this host, so the change was dropped; change the weights before attaching"
+            )
 
     def _record(self) -> None:
         self._versions = tuple(t._version for t in self._tensors())
@@ -99,12 +119,19 @@ class OffloadedLayer:
         return tuple(t._version for t in self._tensors()) != self._versions
 
     @property
-    def trainable(self) -> bool:
-        return any(module._parameters[name].requires_grad for module, name, _ in self.slots.params)
+    def stream_modules(self) -> list:
+        """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
+        return self.slots.linears or [self.module]
 
     def check_intact(self) -> None:
         """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
-        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back."""
+        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back; and,
+        where the tier's host copy is shared read-only (data-parallel ranks), one edited in place."""
+        if self.tier.read_only and self.bound_flat is None and self.edited():
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
+                "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
+            )
         for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
             now = module._parameters.get(name)
             if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):
@@ -116,8 +143,8 @@ class OffloadedLayer:
     # ------------------------------------------------------------------ detach
     def restore(self, source) -> None:
         """Give the module independent tensors holding its bytes (from the host tensor ``source``):
-        on the main device, or back behind the Accelerate hooks taken over at install."""
-        device = torch.device("cpu") if self.accel_hooks else self.main_device
+        on its device, or back behind the Accelerate hooks taken over at install."""
+        device = torch.device("cpu") if self.accel_hooks else self.device
         restored = self.slots.binding(source, device, copy=True)
         restored.apply()
         if self.accel_hooks:
@@ -148,12 +175,12 @@ class Stager:
             torch.cuda.current_stream(self.device).synchronize()
 
     def source(self, layer) -> torch.Tensor:
-        if layer.tier.direct(layer.key) or not self.pin:
+        if layer.tier.direct(layer.key):
             layer.tier.check(layer.key)
             return layer.tier.host_view(layer.key)
         self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
         if self.buf is None:
-            self.buf = allocate_host(max(l.nbytes for l in self.layers), True, "a staging buffer")
+            self.buf = allocate_host(max(l.nbytes for l in self.layers), self.pin, "a staging buffer")
         dst = self.buf[: layer.nbytes]
         layer.tier.read_into(layer.key, dst)
         return dst

@@ -20,6 +20,7 @@ import functools
 import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 
+from . import ops  # noqa: F401  (registers the torch.ops.lp_plugin ops the hooks call)
 from .errors import AttachError
 
 PREFIX = "lp_plugin."
@@ -42,12 +43,13 @@ class _Hook(ModelHook):
 
 
 class _GradGuard:
-    """Gradients through an offloaded layer are right only while its weights stay where the forward
-    read them: a backward that reaches the layer raises unless the session that ran the forward is
-    still open (session mode; stream mode reuses the ring at once)."""
+    """Gradients through an offloaded layer (for its weights, or for what came before it) are right
+    only while its weights stay where the forward read them: a backward that reaches the layer raises
+    unless the session that ran the forward is still open (session mode; stream mode reuses the ring
+    at once)."""
 
     def _guard(self, layer, output):
-        if not (torch.is_grad_enabled() and layer.trainable):
+        if not torch.is_grad_enabled():
             return
         out = _first(output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -85,21 +87,51 @@ class SessionHook(_Hook, _GradGuard):
 
 
 class StreamHook(_Hook, _GradGuard):
+    """On each Linear module of a streamed layer: before the layer's first one runs, wait for the
+    layer's ring slot; after its last one, free the slot. Through the ops of ``ops.py`` when compiling
+    (a compiled forward keeps them at the Linear modules' inputs and outputs, kernel boundaries
+    already), by direct calls otherwise (the ops' dispatch costs ~15 us a call in a launch-bound decode)."""
+
     name = PREFIX + "stream"
 
-    def __init__(self, handle, streamer, position: int):
+    def __init__(self, handle, ring, position: int):
         super().__init__(handle)
-        self.streamer = streamer
-        self.position = position  # index of this layer among the streamed layers, in execution order
+        self.ring = ring
+        self.position = position  # index of the layer among the streamed layers, in execution order
 
     def pre_forward(self, module, *args, **kwargs):
-        self.streamer.acquire(self.position)
+        if self.ring.enter(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_wait(args[0] if args else kwargs["input"], self.ring.id, self.position)
+            else:
+                self.ring.wait(self.position)
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.streamer.release(self.position)
-        self._guard(self.streamer.layers[self.position], output)
+        if self.ring.leave(self.position):
+            if torch.compiler.is_compiling():
+                torch.ops.lp_plugin.ring_done(_first(output), self.ring.id, self.position)
+            else:
+                self.ring.done(self.position)
+            self._guard(self.ring.layers[self.position], output)
         return output
+
+
+class DeviceHook(_Hook):
+    """On an offloaded layer of a model spread over several devices: its inputs move to the device it
+    computes on (what Accelerate's hook on that layer did before lp_plugin took the layer over)."""
+
+    name = PREFIX + "device"
+
+    def __init__(self, handle, device, skip_keys=None):
+        super().__init__(handle)
+        self.device = device
+        self.skip_keys = skip_keys
+
+    def pre_forward(self, module, *args, **kwargs):
+        from accelerate.utils import send_to_device
+
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device, skip_keys=self.skip_keys)
 
 
 class ResidualHook(_Hook):

@@ -20,10 +20,12 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import socket
 import sys
 import time
 
 import torch
+from accelerate.utils import gather_object
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
@@ -32,7 +34,8 @@ import lp_plugin
 
 from .config import OffloadConfig
 from .errors import OffloadSpecError
-from .plan import normalize_device
+from .devices import normalize_device
+from .quant import nf4_config
 from .report import jsonable, offload_table
 
 eval_logger = logging.getLogger(__name__)
@@ -44,11 +47,7 @@ QUANT_ARGS = ("load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_qua
 HF_EXTRA_ARGS = ("attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors", "low_cpu_mem_usage")
 #: HFLM arguments that would fight the engine's placement of the layers
 REJECTED_ARGS = {
-    "parallelize": "the offload engine places every module itself on one GPU",
-    "tp_plan": "tensor parallelism is not supported with residual offloading",
-    "device_map": "the offload engine builds the device map; choose layers with offload=... instead",
-    "max_memory_per_gpu": "the offload engine builds the device map; choose layers with offload=... instead",
-    "max_cpu_memory": "the offload engine builds the device map; choose layers with offload=... instead",
+    "tp_plan": "tensor parallelism is not supported with residual offloading; use parallelize=True (a device map across GPUs)",
     "peft": "PEFT adapters are not supported with residual offloading yet; merge the adapter first",
     "delta": "delta weights are not supported with residual offloading; merge them first",
     "autogptq": "AutoGPTQ models are not supported with residual offloading",
@@ -57,7 +56,18 @@ REJECTED_ARGS = {
     "(for the bundled SmolLM2: pretrained=$(python -m lp_plugin bundled-model))",
     "load_in_8bit": "8-bit bitsandbytes is not supported; use load_in_4bit=True (NF4)",
 }
-_FALSY_OK = {"parallelize", "autogptq", "gptqmodel", "load_in_8bit"}
+_FALSY_OK = {"autogptq", "gptqmodel", "load_in_8bit"}
+
+
+def _per_host(ranks: list) -> dict:
+    """Host memory for the offloaded layers on each host: what every rank holds privately, plus the copy
+    the ranks of that host share counted once."""
+    hosts: dict = {}
+    for r in ranks:
+        h = hosts.setdefault(r.get("host") or "?", {"private": 0, "shared": 0})
+        h["private"] += r.get("host_tier_bytes") or 0
+        h["shared"] = max(h["shared"], r.get("shared_host_tier_bytes") or 0)
+    return {name: h["private"] + h["shared"] for name, h in hosts.items()}
 
 
 def _hflm_arg_names() -> set:
@@ -84,6 +94,27 @@ def _check_args(kwargs: dict) -> None:
             raise OffloadSpecError(f"{MODEL_NAME}: model_args {name}={kwargs[name]!r} is not supported: {why}")
 
 
+def budget_options(options: dict, hflm_kwargs: dict) -> dict:
+    """The engine options of ``options`` (lp_plugin's model_args). ``batch_size`` is HFLM's and stays in
+    ``hflm_kwargs``; with ``offload=auto`` the plan also holds HFLM's ``batch_size`` and ``max_length``
+    (unless ``max_context`` is given) and plans for loglikelihood work (lm-eval's full logits) unless
+    ``work`` says otherwise."""
+    options = dict(options)
+    if "batch_size" in options:
+        hflm_kwargs["batch_size"] = options.pop("batch_size")
+    if str(options.get("offload", "")).strip() != "auto":
+        return options
+    batch = hflm_kwargs.get("batch_size", 1)
+    if not str(batch).strip().isdigit():
+        raise OffloadSpecError(f"offload=auto plans for a fixed batch size, but batch_size={batch!r} probes ever larger "
+                               "batches: pass an int batch_size (e.g. --batch_size 4)")
+    options["batch_size"] = int(batch)
+    if "max_context" not in options and hflm_kwargs.get("max_length") is not None:
+        options["max_context"] = hflm_kwargs["max_length"]
+    options.setdefault("work", "loglikelihood")
+    return options
+
+
 def _as_bool(name, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -96,8 +127,6 @@ def _as_bool(name, value) -> bool:
 
 def quantization_config(kwargs: dict, dtype):
     """Pop the bitsandbytes model_args and build a 4-bit config (or None)."""
-    from .quant import nf4_config
-
     load = _as_bool("load_in_4bit", kwargs.pop("load_in_4bit", False))
     given = {name: kwargs.pop(name) for name in QUANT_ARGS[1:] if name in kwargs}
     if not load:
@@ -126,7 +155,7 @@ class ResidualOffloadLM(HFLM):
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
         options, kwargs = OffloadConfig.split(kwargs)
-        self._lp_config = OffloadConfig.from_strings(options)  # checked before any weight is read
+        self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
         self._lp_quant = quantization_config(kwargs, kwargs.get("dtype", "auto"))
         self._lp_stats = dict(tokens=0, forwards=0, forward_s=0.0, eval_s=0.0, sessions=0)
         self._lp_depth = 0
@@ -134,6 +163,7 @@ class ResidualOffloadLM(HFLM):
         super().__init__(pretrained, **kwargs)
         if lp_plugin.get_handle(self._model) is None:  # a ready PreTrainedModel was passed in
             lp_plugin.attach(self._model, dataclasses.replace(self._lp_config, main_device=self._lp_device()))
+        self._lp_config = lp_plugin.get_handle(self._model).config  # offload="auto": the planned layers and mode
         self._lp_mark_standby()
         eval_logger.info(f"{MODEL_NAME}: {jsonable(lp_plugin.get_handle(self._model).info())}")
 
@@ -142,10 +172,21 @@ class ResidualOffloadLM(HFLM):
         return str(normalize_device(device))
 
     def _create_model(self, pretrained, revision="main", dtype="auto", trust_remote_code=False, quantization_config=None,
-                      subfolder="", **kwargs) -> None:
-        for name in ("parallelize", "gpus", "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "tp_plan", "peft",
-                     "delta", "autogptq", "gptqmodel", "gguf_file"):
-            kwargs.pop(name, None)  # HFLM's own placement options: refused in __init__ when set
+                      subfolder="", parallelize=False, gpus=None, max_memory_per_gpu=None, max_cpu_memory=None,
+                      **kwargs) -> None:
+        for name in ("offload_folder", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
+            kwargs.pop(name, None)  # refused in __init__ when set (offload_folder is ours: in the OffloadConfig)
+        config = dataclasses.replace(self._lp_config, main_device=self._lp_device())
+        device_map = kwargs.pop("device_map", None)
+        if parallelize:
+            # HFLM's own placement (device_map="auto" within max_memory_per_gpu/max_cpu_memory) is the base map:
+            # each layer computes on the GPU it gives it, and only the chosen layers move to the tier
+            placement = self._get_accelerate_args(parallelize=True, device_map=device_map, max_memory_per_gpu=max_memory_per_gpu,
+                                                  max_cpu_memory=max_cpu_memory, offload_folder=None, gpus=gpus)
+            device_map, kwargs["max_memory"] = placement["device_map"], placement["max_memory"]
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+            config = dataclasses.replace(config, main_device=None)
         if self._lp_quant is not None:
             if quantization_config is not None:
                 raise OffloadSpecError(f"{pretrained} is already quantized ({type(quantization_config).__name__}); drop load_in_4bit")
@@ -154,7 +195,6 @@ class ResidualOffloadLM(HFLM):
             kwargs["quantization_config"] = quantization_config
         if subfolder:
             kwargs["subfolder"] = subfolder
-        config = dataclasses.replace(self._lp_config, main_device=self._lp_device())
         self._model = lp_plugin.from_pretrained(pretrained, config, revision=revision, dtype=get_dtype(dtype),
                                                 trust_remote_code=trust_remote_code, **kwargs)
 
@@ -192,16 +232,21 @@ class ResidualOffloadLM(HFLM):
             self._lp_stats["eval_s"] += time.perf_counter() - t0
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        with self._lp_block():
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return self._lp_request(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._lp_request(super().generate_until, requests, disable_tqdm)
+
+    def _lp_request(self, method, requests, disable_tqdm):
         with self._lp_block():
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            out = method(requests, disable_tqdm=disable_tqdm)
+        if self.world_size > 1 and getattr(self, "accelerator", None) is not None:
+            # every rank runs each request type: collect each rank's figures (rank 0 writes the results)
+            self._lp_ranks = gather_object([self._lp_rank_figures()])
+        return out
 
     def _detect_batch_size(self, *args, **kwargs):
         """``--batch_size auto`` probes with forwards of growing batches: not evaluation work."""
@@ -228,8 +273,27 @@ class ResidualOffloadLM(HFLM):
         return out
 
     # ------------------------------------------------------------------ reporting
+    def _lp_rank_figures(self) -> dict:
+        dev, s = self._lp_cuda(), self._lp_stats
+        handle = lp_plugin.get_handle(self._model)
+        return dict(rank=self.rank, device=str(dev) if dev is not None else "cpu", tokens_processed=s["tokens"],
+                    forward_seconds=s["forward_s"], eval_seconds=s["eval_s"],
+                    tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
+                    standby_vram_bytes=self._lp_standby,
+                    peak_inference_vram_bytes=self._lp_peak(dev, handle),
+                    host=socket.gethostname(),
+                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None,
+                    shared_host_tier_bytes=handle.tier.shared_host_bytes() if handle is not None else None)
+
+    def _lp_peak(self, dev, handle):
+        """Peak VRAM of the evaluation: PyTorch's allocations plus the engine's mapped session/ring buffers."""
+        if dev is None:
+            return None
+        return int(torch.cuda.max_memory_allocated(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+
     def residual_offload_info(self) -> dict:
-        """Offload layout, VRAM and throughput of this run (JSON-ready)."""
+        """Offload layout, VRAM and throughput of this run (JSON-ready); under data parallelism, every
+        rank's figures and the totals."""
         handle = lp_plugin.get_handle(self._model)
         engine = handle.info() if handle is not None else {}
         dev, s = self._lp_cuda(), self._lp_stats
@@ -240,7 +304,7 @@ class ResidualOffloadLM(HFLM):
             device=str(self.device),
             vram_device=str(dev) if dev is not None else "cpu",
             standby_vram_bytes=self._lp_standby,
-            peak_inference_vram_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev is not None else None,
+            peak_inference_vram_bytes=self._lp_peak(dev, handle),
             tokens_processed=s["tokens"],
             forward_calls=s["forwards"],
             forward_seconds=round(s["forward_s"], 6),
@@ -253,6 +317,18 @@ class ResidualOffloadLM(HFLM):
         )
         if dev is None:
             info["note"] = "ran on cpu: no VRAM to report"
+        ranks = getattr(self, "_lp_ranks", None)
+        if ranks:
+            wall = max(r["eval_seconds"] for r in ranks)
+            info["ranks"] = ranks
+            info["totals"] = {
+                "ranks": len(ranks),
+                "tokens_processed": sum(r["tokens_processed"] for r in ranks),
+                "tokens_per_second": sum(r["tokens_processed"] for r in ranks) / wall if wall > 0 else None,
+                "peak_inference_vram_bytes": [r["peak_inference_vram_bytes"] for r in ranks],
+                "host_tier_bytes_per_rank": [r["host_tier_bytes"] for r in ranks],
+                "host_tier_bytes_per_host": _per_host(ranks),
+            }
         return jsonable(info)
 
     def get_model_info(self) -> dict:

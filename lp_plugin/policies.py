@@ -41,7 +41,7 @@ class OffloadPolicy(ABC):
         protecting the first and last ones. ``num_layers`` is the model's total."""
 
 
-def _validate_counts(num_layers: int, protect_first: int, protect_last: int) -> None:
+def check_counts(num_layers: int, protect_first: int, protect_last: int) -> None:
     for label, value in (("num_layers", num_layers), ("protect_first", protect_first), ("protect_last", protect_last)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise OffloadSpecError(f"{label} must be a non-negative int, got {value!r}")
@@ -92,7 +92,7 @@ def select_layers(
     ``policies`` maps names to :class:`OffloadPolicy` instances (:func:`lp_plugin.plugins.policies`).
     Raises :class:`OffloadSpecError` with the fix for anything it cannot accept.
     """
-    _validate_counts(num_layers, protect_first, protect_last)
+    check_counts(num_layers, protect_first, protect_last)
     if spec is None:
         raise OffloadSpecError("offload spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
     if isinstance(spec, str):

@@ -53,7 +53,7 @@ class Nf4Load:
         if qconfig is not None and getattr(qconfig, "load_in_8bit", False):
             raise OffloadSpecError("8-bit (load_in_8bit) models are not supported; use load_in_4bit (NF4) or a float dtype")
         self.active = (qconfig is not None and getattr(qconfig, "load_in_4bit", False)
-                       and plan.main_device.type == "cuda" and bool(plan.selected))
+                       and plan.main_device.type == "cuda" and bool(plan.selected))  # (the CPU backend quantizes host layers)
         self.user_qconfig = qconfig
         self.hf_kwargs = dict(hf_kwargs)
         if self.active:
@@ -81,7 +81,7 @@ class Nf4Load:
             # a plain 4-bit load shares one tensor between lm_head and the embeddings; keep them shared
             model.tie_weights()
         if self.plan.offloaded:
-            _quantize_offloaded_layers(model, self.plan.offloaded, self.user_qconfig, self.plan.main_device, ckpt)
+            _quantize_offloaded_layers(model, self.plan, self.user_qconfig, ckpt)
         model.config.quantization_config = self.user_qconfig
 
 
@@ -97,11 +97,12 @@ def _cast_unquantized(model, dtype):
             p.data = p.data.to(dtype)
 
 
-def _quantize_offloaded_layers(model, layers, qconfig, device, ckpt_dtype=None):
-    """Quantize each host-mapped layer to bitsandbytes 4-bit on ``device``, one layer at a time, leaving
-    its quantized tensors in host memory for ``attach`` to pack."""
+def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):
+    """Quantize each host-mapped layer to bitsandbytes 4-bit on the device it computes on, one layer at a
+    time, leaving its quantized tensors in host memory for ``attach`` to pack."""
     import torch
 
+    layers = plan.offloaded
     _, layer_list = find_decoder_layers(model)
     # transformers keeps host-offloaded layers of a 4-bit model in fp32; a plain 4-bit load quantizes
     # (and keeps norms/biases) in the checkpoint dtype, which a resident layer shows
@@ -109,13 +110,13 @@ def _quantize_offloaded_layers(model, layers, qconfig, device, ckpt_dtype=None):
     ref_dtypes = {n: p.dtype for n, p in resident[0].named_parameters()} if resident else {}
     default_dtype = ckpt_dtype or model.get_input_embeddings().weight.dtype
     for i in layers:
-        layer = layer_list[i]
+        layer, device = layer_list[i], plan.device_of(i)
         hooks = accel.offload_hooks(layer)
         if hooks:
             values, held = accel.hooked_values(layer, hooks)
             values = {k: v.to(device=device, dtype=_float_dtype(ref_dtypes.get(k), default_dtype)) if v.is_floating_point()
                       else v.to(device) for k, v in values.items()}
-            accel.take_over(layer, hooks, values)  # the hooks are dropped: attach packs the quantized layer
+            accel.take_over(layer, values)  # the hooks are dropped: attach packs the quantized layer
             for store, full_key, _ in held:
                 store.pop(full_key, None)  # the unquantized host copy is no longer needed
             del values

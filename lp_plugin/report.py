@@ -3,6 +3,8 @@ printed at the end of an lm-eval run (a Markdown table, like lm-eval's own resul
 
 from __future__ import annotations
 
+import math
+
 GIB = 1024**3
 
 
@@ -19,6 +21,20 @@ def jsonable(value):
 
 def gib(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / GIB:.2f} GiB"
+
+
+def size_text(nbytes: int, up: bool = False) -> str:
+    """``nbytes`` in GiB, MiB or KiB (the largest unit it reaches), two decimals. ``up`` rounds up, so
+    that the text read back as a size (``"6.29GiB"``) is at least ``nbytes``."""
+    if not nbytes:
+        return "0 B"
+    unit, factor = next((u, f) for u, f in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)) if nbytes >= f or u == "KiB")
+    value = nbytes / factor
+    if up:
+        value = math.ceil(value * 100) / 100
+        while int(value * factor) < nbytes:
+            value += 0.01
+    return f"{value:.2f} {unit}"
 
 
 def _rate(value) -> str:

@@ -5,13 +5,18 @@ Qwen2.5-3B without downloading it. ``build_shape_model`` builds the model straig
 device in the target dtype (no fp32, full-size detour on the host), seeded, so two builds with the
 same seed on the same device type are identical.
 
-Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B), ``smollm2-135m-shape`` (SmolLM2-135M, Llama) and two tiny
-ones for tests, ``tiny-qwen2`` and ``tiny-llama`` (8 layers: ``offload="even"`` picks layers 2 and 4).
+Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B) and ``smollm2-135m-shape`` (SmolLM2-135M, Llama). Any
+checkpoint folder (a saved shape, a real model) loads plainly through :func:`load_checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
+
+from .quant import nf4_config
 
 # Values copied from the models' config.json on the Hub (Qwen/Qwen2.5-3B, HuggingFaceTB/SmolLM2-135M).
 SHAPES: dict = {
@@ -54,39 +59,6 @@ SHAPES: dict = {
         "bos_token_id": 0,
         "eos_token_id": 0,
     },
-    "tiny-qwen2": {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "tie_word_embeddings": True,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 2048,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "tiny-llama": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "tie_word_embeddings": False,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048,
-        "hidden_act": "silu",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
 }
 
 
@@ -109,7 +81,8 @@ def shape_config(name: str):
     return AutoConfig.for_model(model_type, **values)
 
 
-def _resolve_dtype(dtype):
+def torch_dtype(dtype):
+    """The torch dtype of ``bf16``/``fp16``/``fp32`` (and their long names; a torch dtype passes through)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -117,7 +90,7 @@ def _resolve_dtype(dtype):
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 goes through build_shape_model_nf4)")
+        raise ValueError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 loads a checkpoint with load_checkpoint)")
     return table[dtype]
 
 
@@ -126,9 +99,7 @@ def _fork_rng(device):
     """Seed inside a block without disturbing the caller's global RNG state."""
     import torch
 
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    devices = [device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         yield
 
@@ -143,15 +114,14 @@ def build_shape_model(name: str, dtype="bf16", device="cpu", seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _resolve_dtype(dtype)
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    from .plan import normalize_device
+
+    device = normalize_device(device)
     config = shape_config(name)
     with _fork_rng(device):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     model.eval()
     model.requires_grad_(False)
     model.config.name_or_path = name
@@ -159,48 +129,57 @@ def build_shape_model(name: str, dtype="bf16", device="cpu", seed: int = 0):
     return model
 
 
-def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
-    """The named shape, seeded random-init in bf16, then quantized to NF4 the way users get it.
+def scratch_dir():
+    """Where temporary checkpoints go: ``/dev/shm`` (RAM, no disk round-trip) when it is writable,
+    else None (the system's temporary folder)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
-    The bf16 model is built on ``device``, saved as safetensors to a temporary folder (``/dev/shm``
-    when it exists: RAM, no disk round-trip) and loaded back with ``from_pretrained(...,
-    quantization_config=nf4_config())`` so the result is exactly what ``load_in_4bit`` gives for a
-    real checkpoint (``is_loaded_in_4bit``, ``hf_quantizer``, ``Linear4bit`` modules, tied lm_head
-    kept in bf16). Works on CPU (bitsandbytes CPU backend) and CUDA.
-    """
-    import gc
-    import os
-    import shutil
-    import tempfile
 
+def save_shape_checkpoint(name: str, folder, dtype="bf16", device="cpu", seed: int = 0):
+    """Build the named shape (as :func:`build_shape_model`) and save it as safetensors into ``folder``.
+    Returns the model (still on ``device``)."""
+    model = build_shape_model(name, dtype, device, seed)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model
+
+
+def load_checkpoint(path, dtype="bf16", device="cpu"):
+    """Load a checkpoint plainly onto one device (``dtype`` bf16/fp16/fp32, or nf4: bitsandbytes
+    4-bit with bf16 compute, the way ``load_in_4bit`` users get it). Eval mode, no gradients."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .quant import nf4_config
+    from .plan import map_value, normalize_device
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if tmp_dir is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        tmp_dir = "/dev/shm"
-    folder = tempfile.mkdtemp(prefix=f"lp-shape-{name}-", dir=tmp_dir)
-    try:
-        model = build_shape_model(name, "bf16", device, seed)
-        model.save_pretrained(folder, safe_serialization=True)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            quantization_config=nf4_config(torch.bfloat16),
-            dtype=torch.bfloat16,
-            device_map={"": str(device) if device.type != "cuda" else device.index},
-        )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    kwargs = {"dtype": torch.bfloat16, "quantization_config": nf4_config(torch.bfloat16)} if dtype == "nf4" else {
+        "dtype": torch_dtype(dtype)}
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map={"": map_value(normalize_device(device))}, **kwargs)
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def build_shape_model_nf4(name: str, device="cpu", seed: int = 0, tmp_dir=None):
+    """The named shape, seeded random-init in bf16, then quantized to NF4 the way users get it.
+
+    The bf16 model is saved as safetensors to a temporary folder (:func:`scratch_dir`) and loaded
+    back with :func:`load_checkpoint`, so the result is exactly what ``load_in_4bit`` gives for a real
+    checkpoint (``is_loaded_in_4bit``, ``hf_quantizer``, ``Linear4bit`` modules, tied lm_head kept in
+    bf16). Works on CPU (bitsandbytes CPU backend) and CUDA.
+    """
+    import gc
+
+    import torch
+
+    folder = tempfile.mkdtemp(prefix=f"lp-shape-{name}-", dir=tmp_dir or scratch_dir())
+    try:
+        save_shape_checkpoint(name, folder, "bf16", device, seed)  # the bf16 model is dropped right away
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model = load_checkpoint(folder, "nf4", device)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     model.config.name_or_path = name
     model.name_or_path = name
     return model

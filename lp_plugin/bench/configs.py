@@ -1,9 +1,13 @@
 """The ``--configs`` grammar of lp-bench (pure Python, no torch).
 
     baseline[:new=N]                          the plain model
+    baseline:twin                             the plain model again, measured last in every round: the
+                                              run's own noise (always added)
     accelerate_cpu[:SPEC][:new=N]             Accelerate's dispatch_model with SPEC's layers on "cpu" (the peer)
-    MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold]
-                                              lp_plugin.attach(offload=SPEC, tier=TIER, mode=MODE, ...)
+    MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
+                                              an offloaded model: lp_plugin.attach on the loaded plain model
+                                              (load=attach, the default) or lp_plugin.from_pretrained from
+                                              the checkpoint (load=pretrained, as users and lm-eval load)
 
 MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
 ``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
@@ -15,10 +19,13 @@ layer list is fine (``stream:2,4,6:cpu``).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 HEADS = ("baseline", "accelerate_cpu", "session", "stream")
+LOADS = ("attach", "pretrained")
+TWIN = "baseline:twin"
 _DEFAULT_TIERS = ("cpu", "disk")
+_LP_OPTIONS = "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained"
 
 
 class ConfigError(ValueError):
@@ -36,12 +43,11 @@ class BenchConfig:
     prefetch: int = 1
     new: int | None = None
     cold: bool = False
-    extra: dict = field(default_factory=dict)
+    load: str = "attach"
+    twin: bool = False
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
     @property
     def key(self) -> str:
@@ -50,57 +56,62 @@ class BenchConfig:
 
 
 def _tier_names() -> tuple:
-    try:
-        from lp_plugin.plugins import tier_names
+    from lp_plugin.plugins import tier_names
 
-        names = tuple(tier_names())
-        return names or _DEFAULT_TIERS
-    except Exception:  # the plugin registry is not importable yet: fall back to the built-ins
-        return _DEFAULT_TIERS
+    return tuple(tier_names()) or _DEFAULT_TIERS
 
 
 def split_configs(text: str) -> list:
     """Split a ``--configs`` value on commas, gluing back commas that sit inside a layer list."""
-    pieces = [p.strip() for p in text.split(",")]
     out: list = []
-    for piece in pieces:
+    for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        head = piece.split(":", 1)[0]
-        if head in HEADS or not out:
+        if piece.split(":", 1)[0] in HEADS or not out:
             out.append(piece)
         else:
             out[-1] = out[-1] + "," + piece
     return out
 
 
+def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
+    try:
+        if key == "alpha":
+            cfg.alpha = float(value)
+            if not 0.0 <= cfg.alpha <= 1.0:
+                raise ValueError
+        elif key == "prefetch":
+            cfg.prefetch = int(value)
+            if cfg.prefetch < 0:
+                raise ValueError
+        elif key == "new":
+            cfg.new = int(value)
+            if cfg.new < 1:
+                raise ValueError
+        elif key == "load":
+            if value not in LOADS:
+                raise ValueError
+            cfg.load = value
+        else:
+            raise ConfigError(f"unknown option {key!r} in config {text!r}; options are {_LP_OPTIONS}")
+    except ValueError:
+        raise ConfigError(f"bad value {value!r} for {key} in config {text!r} "
+                          "(alpha in [0,1], prefetch >= 0, new >= 1, load attach or pretrained)") from None
+
+
 def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
     for opt in options:
-        if opt == "cold":
-            cfg.cold = True
+        if opt in ("cold", "twin"):
+            setattr(cfg, opt, True)
             continue
         if "=" not in opt:
-            raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are alpha=A, prefetch=N, new=N, cold")
+            raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are {_LP_OPTIONS}")
         key, value = (s.strip() for s in opt.split("=", 1))
-        try:
-            if key == "alpha":
-                cfg.alpha = float(value)
-                if not 0.0 <= cfg.alpha <= 1.0:
-                    raise ValueError
-            elif key == "prefetch":
-                cfg.prefetch = int(value)
-                if cfg.prefetch < 0:
-                    raise ValueError
-            elif key == "new":
-                cfg.new = int(value)
-                if cfg.new < 1:
-                    raise ValueError
-            else:
-                raise ConfigError(f"unknown option {key!r} in config {text!r}; options are alpha=A, prefetch=N, new=N, cold")
-        except ValueError:
-            raise ConfigError(f"bad value {value!r} for {key} in config {text!r} (alpha in [0,1], prefetch >= 0, new >= 1)") from None
-    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold):
-        raise ConfigError(f"config {text!r}: alpha, prefetch and cold apply to session/stream configs only")
+        _set_option(cfg, key, value, text)
+    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold or cfg.load != "attach"):
+        raise ConfigError(f"config {text!r}: alpha, prefetch, cold and load apply to session/stream configs only")
+    if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
+        raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")
 
 
 def parse_config(text: str, tiers=None) -> BenchConfig:
@@ -115,11 +126,9 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
         return cfg
     if head == "accelerate_cpu":
         rest = tokens[1:]
-        spec_tokens = [t for t in rest if "=" not in t and t != "cold"]
-        options = [t for t in rest if "=" in t or t == "cold"]
-        spec = ":".join(spec_tokens) or "even"
+        spec = ":".join(t for t in rest if "=" not in t and t != "cold") or "even"
         cfg = BenchConfig(name=text, kind="accelerate_cpu", spec=spec, tier="cpu")
-        _apply_options(cfg, options, text)
+        _apply_options(cfg, [t for t in rest if "=" in t or t == "cold"], text)
         return cfg
     if head in ("session", "stream"):
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
@@ -140,6 +149,9 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
 
 
 def parse_configs(text: str, tiers=None) -> list:
+    """The configs of a ``--configs`` value, in measuring order: ``baseline`` first (added if missing:
+    every ratio is taken against it), ``baseline:twin`` last (added if missing: the plain model
+    measured against itself a whole round later gives the run's noise)."""
     configs = [parse_config(piece, tiers) for piece in split_configs(text)]
     if not configs:
         raise ConfigError("--configs is empty; e.g. --configs baseline,session:even:cpu,stream:even:cpu")
@@ -147,4 +159,10 @@ def parse_configs(text: str, tiers=None) -> list:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config(s) {dupes} listed twice")
-    return configs
+    base = next((c for c in configs if c.kind == "baseline" and not c.twin), None) or parse_config("baseline", tiers)
+    twin = next((c for c in configs if c.twin), None) or parse_config(TWIN, tiers)
+    twin.new = base.new  # the twin repeats the baseline exactly
+    middle = [c for c in configs if c is not base and c is not twin]
+    if any(c.kind == "baseline" for c in middle):
+        raise ConfigError("one plain config is measured (plus its twin): write baseline once (with new=N if needed)")
+    return [base, *middle, twin]

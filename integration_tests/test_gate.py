@@ -1,0 +1,240 @@
+"""The lp-bench gate on this CPU machine, with real runs: it passes a run against its own result 20
+times out of 20, fails against ratios made 10x better, fails when stream mode is really slowed by
+20%, fails on a one-ulp logit change of a deterministic model, and does not fail on the plain
+model's own nondeterminism.
+
+Test builds of the engine are injected into a fresh lp-bench process through a ``sitecustomize``
+module on PYTHONPATH (a slower ``Ring.wait``, a nudged logit, a noisy RMSNorm); the package
+itself is never changed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_helpers import SMALL, bench, bench_process, config, read
+
+CONFIGS = "baseline,session:even:cpu,stream:even:cpu"
+
+SLOW_SITE = '''
+"""Test build: every Ring.wait (stream mode waiting for one offloaded layer's weights) takes LP_TEST_DELAY_S
+longer: a busy wait, because time.sleep overshoots delays below a millisecond by tens of percent."""
+import os
+import time
+
+import lp_plugin.stream as _stream
+
+_delay = float(os.environ["LP_TEST_DELAY_S"])
+_wait = _stream.Ring.wait
+
+
+def wait(self, pos):
+    _wait(self, pos)
+    end = time.perf_counter() + _delay
+    while time.perf_counter() < end:
+        pass
+
+
+_stream.Ring.wait = wait
+'''
+
+ULP_SITE = '''
+"""Test build: while lp_plugin is attached to a model, the last logit of each forward is one ulp larger."""
+import torch
+
+import lp_plugin
+import lp_plugin.engine as _engine
+
+_attach = _engine.attach
+
+
+def _nudge(model, output):
+    if lp_plugin.get_handle(model) is not None:
+        output[0, -1, 0] = torch.nextafter(output[0, -1, 0], torch.tensor(float("inf"), dtype=output.dtype))
+    return output
+
+
+def attach(model, *args, **kwargs):
+    handle = _attach(model, *args, **kwargs)
+    if "_lp_test_nudge" not in model.__dict__:
+        head = model.get_output_embeddings()
+        model._lp_test_nudge = head.register_forward_hook(lambda module, inputs, output: _nudge(model, output))
+    return handle
+
+
+_engine.attach = attach
+'''
+
+NOISY_SITE = '''
+"""Test build: the plain model is nondeterministic, as some GPU kernels make it: every RMSNorm
+output gets noise of relative size 1e-6 from a generator the operating system seeds."""
+import os
+
+import torch
+from transformers.models.qwen2 import modeling_qwen2 as _qwen2
+
+_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+_forward = _qwen2.Qwen2RMSNorm.forward
+
+
+def forward(self, hidden_states):
+    out = _forward(self, hidden_states)
+    return out + 1e-6 * out.abs().mean() * torch.randn(out.shape, generator=_gen, dtype=out.dtype)
+
+
+_qwen2.Qwen2RMSNorm.forward = forward
+'''
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from shapes import save_tiny
+
+    return save_tiny("qwen2", tmp_path_factory.mktemp("gate") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory):
+    """One small run's results: the reference every small run below is gated against."""
+    out = tmp_path_factory.mktemp("gate-ref") / "ref.json"
+    rc, stdout = bench([*_small(ckpt), "--out", out])
+    assert rc == 0, stdout
+    return out
+
+
+def _small(ckpt, *extra):
+    return ["--model", ckpt, *SMALL, "--configs", CONFIGS, "--repeats", "5", *extra]
+
+
+def test_passes_against_its_own_result_20_of_20(ckpt, reference):
+    failures = []
+    for i in range(20):
+        rc, stdout = bench(_small(ckpt, "--compare", reference))
+        if rc != 0:
+            failures.append(f"run {i}: exit {rc}\n" + "\n".join(l for l in stdout.splitlines() if "REGRESSION" in l or l.startswith("  ")))
+    assert failures == []
+
+
+def _doctored(reference, tmp_path, factor, names):
+    data = read(reference)
+    for c in data["configs"]:
+        if c["name"] in names:
+            for key in ("prefill_tok_s", "decode_tok_s", "decode_step_tok_s", "generate_tok_s"):
+                c[key]["runs"] = [v * factor for v in c[key]["runs"]]
+    path = tmp_path / f"doctored-{factor}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_fails_against_ratios_made_10x_better(reference, tmp_path):
+    better = _doctored(reference, tmp_path, 10.0, {"session:even:cpu", "stream:even:cpu"})
+    rc, stdout = bench(["--results", reference, "--compare", better])
+    assert rc == 1, stdout
+    regressions = stdout.split("REGRESSION", 1)[1].splitlines()[1:]
+    for name in ("session:even:cpu", "stream:even:cpu"):
+        # each names the figure and by how much (figures whose rounds spread widely get a wider band)
+        assert any(line.startswith(f"  {name}: ") and " vs baseline: " in line and "0.100 of the reference" in line
+                   for line in regressions), name
+    assert not any(line.startswith("  baseline") for line in regressions)
+
+
+def test_absolute_speeds_only_when_asked(reference, tmp_path):
+    """Every config 10x faster in the reference (a faster machine): the ratios are unchanged, so
+    the gate passes; --absolute compares tokens/s too, and fails."""
+    faster = _doctored(reference, tmp_path, 10.0, {c["name"] for c in read(reference)["configs"]})
+    assert bench(["--results", reference, "--compare", faster])[0] == 0
+    rc, stdout = bench(["--results", reference, "--compare", faster, "--absolute"])
+    assert rc == 1 and "baseline: decode_tok_s (absolute): " in stdout
+
+
+def test_fails_when_stream_mode_is_slowed_by_20_percent(ckpt, tmp_path):
+    """A reference run, then the same run in a process whose Ring.wait waits long enough to make
+    a stream decode step 20% longer (two offloaded layers per step): the gate names stream decode.
+    15 rounds: on a loaded 2-core machine the rounds of the plain model spread by up to ~8%, and the
+    gate only fails a drop it can tell from that."""
+    args = ["--model", ckpt, *SMALL, "--configs", "baseline,stream:even:cpu", "--repeats", "15", "--new", "32"]
+    ref = tmp_path / "ref.json"
+    assert bench([*args, "--out", ref])[0] == 0
+    step_s = 1.0 / config(read(ref), "stream:even:cpu")["decode_step_tok_s"]["median"]
+    delay = 0.20 * step_s / 2
+    slow = bench_process([*args, "--compare", ref, "--out", tmp_path / "slow.json"], SLOW_SITE, tmp_path,
+                         env={"LP_TEST_DELAY_S": repr(delay)})
+    assert slow.returncode == 1, slow.stdout + slow.stderr
+    regressions = slow.stdout.split("REGRESSION", 1)[1].splitlines()[1:]
+    assert "  stream:even:cpu: decode_step vs baseline: " in slow.stdout
+    assert all(line.startswith("  stream:even:cpu: ") for line in regressions if line.startswith("  ")), regressions
+    ratio = config(read(tmp_path / "slow.json"), "stream:even:cpu")["ratios"]["decode_step_vs_baseline"]["median"]
+    before = config(read(ref), "stream:even:cpu")["ratios"]["decode_step_vs_baseline"]["median"]
+    assert ratio < before / 1.1
+
+
+def test_fails_on_a_one_ulp_logit_change(ckpt, reference, tmp_path):
+    out = tmp_path / "ulp.json"
+    proc = bench_process(_small(ckpt, "--compare", reference, "--out", out), ULP_SITE, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = read(out)
+    assert data["noise"]["logit"] == 0.0  # the plain model repeats exactly: nothing is allowed
+    for name in ("session:even:cpu", "stream:even:cpu"):
+        diff = config(data, name)["max_abs_logit_diff"]
+        assert 0 < diff < 1e-5, (name, diff)  # one ulp of one logit
+        assert f"  {name}: max abs logit diff vs the plain model: 0.0 -> {diff!r}" in proc.stdout
+    assert config(data, "baseline")["max_abs_logit_diff"] == 0.0
+
+
+def test_tolerates_the_plain_models_own_nondeterminism(ckpt, tmp_path):
+    """Both runs in processes whose plain model's logits really vary from call to call: the offloaded
+    configs differ from the plain reference (a zero-tolerance gate would fail), the gate measures that
+    drift in each run and passes."""
+    ref, new = tmp_path / "noisy-ref.json", tmp_path / "noisy-new.json"
+    first = bench_process(_small(ckpt, "--out", ref), NOISY_SITE, tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = bench_process(_small(ckpt, "--out", new, "--compare", ref), NOISY_SITE, tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    data = read(new)
+    assert data["noise"]["logit"] > 0 and any(d != 0 for d in data["noise"]["perplexity_runs"])
+    for name in ("session:even:cpu", "stream:even:cpu"):
+        assert config(data, name)["max_abs_logit_diff"] > 0, name
+    assert all(g["met"] for g in data["goals"] if g["goal"].startswith("logits vs the plain model"))
+
+
+def test_fail_on_miss_gates_on_goals(reference, tmp_path):
+    """A session config at half the plain model's speed misses its goal: reported without
+    --fail-on-miss, a failure with it; at the plain model's speed every goal is met."""
+    for factor, expect in ((0.5, 1), (1.0, 0)):
+        data = read(reference)
+        base, session = config(data, "baseline"), config(data, "session:even:cpu")
+        session["decode_tok_s"]["runs"] = [v * factor for v in base["decode_tok_s"]["runs"]]
+        path = tmp_path / f"goals-{factor}.json"
+        path.write_text(json.dumps(data))
+        rc, stdout = bench(["--results", path, "--fail-on-miss"])
+        assert rc == expect, stdout
+        assert ("session:even:cpu: missed goal: session decode vs baseline" in stdout) == (expect == 1)
+        assert bench(["--results", path])[0] == 0
+
+
+# ----------------------------------------------------------------------------- the decision itself
+@pytest.mark.parametrize("new,old,sigma,regressed", [
+    ([1.0] * 7, [1.0] * 7, 0.02, False),                        # no change
+    ([0.83] * 7, [1.0] * 7, 0.02, True),                        # 17% slower, quiet runs
+    ([0.95] * 7, [1.0] * 7, 0.0, False),                        # 5% slower: inside the factor 1.1
+    ([0.83] * 7, [1.0] * 7, 0.30, False),                       # 17% slower, but the runs swing by 30%
+    ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], 0.05, True),             # few rounds: Student's t widens the band, 2x still fails
+    ([0.83, 0.83, 0.83], [1.0, 1.0, 1.0], 0.05, False),         # ... a 17% drop with 3 rounds of 5% noise does not
+    ([0.8, 1.2, 0.8, 1.2, 0.8, 1.2, 0.8], [1.0] * 7, 0.0, False),  # the medians moved, the rounds overlap: no U test pass
+])
+def test_slower_needs_a_material_and_significant_drop(new, old, sigma, regressed):
+    from lp_plugin.bench.gate import slower
+
+    assert slower(new, old, sigma, sigma, 1.1)["regressed"] is regressed
+
+
+@pytest.mark.parametrize("a,b,p", [
+    (list(range(7)), list(range(7, 14)), 2 / 3432),   # complete separation of 7 and 7
+    ([1, 2, 3], [1, 2, 3], 1.0),
+    ([1, 2, 3, 9], [4, 5, 6, 7], 24 / 70),             # U = 4: 2 * P(U <= 4) = 2 * 12 / 70
+])
+def test_mann_whitney_exact_p(a, b, p):
+    from lp_plugin.bench.stats import mann_whitney_p
+
+    assert mann_whitney_p(a, b) == pytest.approx(p)

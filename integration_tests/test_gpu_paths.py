@@ -1,0 +1,94 @@
+"""CUDA-only checks of the fast paths: address-stable session buffers, and compiled static-cache
+decoding (transformers' CUDA-graph path) in session and stream mode staying exact across sessions with
+other allocations in between. Skipped without a GPU (CI); run on the GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lp_plugin
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
+
+
+def test_stable_buffer_keeps_its_address_and_frees_its_memory():
+    from lp_plugin.vmm import StableBuffer, vmm_supported
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert vmm_supported(device)
+    buf = StableBuffer(512 << 20, device)
+    free0 = torch.cuda.mem_get_info(device)[0]
+    ptrs = []
+    for i in range(3):
+        t = buf.map()
+        t.fill_(i)
+        assert int(t[-1]) == i and buf.mapped_bytes >= 512 << 20
+        assert torch.cuda.mem_get_info(device)[0] <= free0 - (500 << 20)
+        ptrs.append(t.data_ptr())
+        buf.unmap()
+        junk = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # other allocations in between
+        del junk
+        torch.cuda.empty_cache()
+        assert torch.cuda.mem_get_info(device)[0] >= free0 - (192 << 20)  # the 512 MiB went back
+    assert len(set(ptrs)) == 1
+    buf.close()
+
+
+def _generate_static(model, ids):
+    out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, cache_implementation="static",
+                         pad_token_id=0)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_compiled_static_decode_is_exact_across_sessions(mode):
+    from shapes import build_tiny
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_tiny("llama", num_layers=8).to(device=device, dtype=torch.bfloat16)
+    ids = PROMPT.to(device)
+    ref = _generate_static(model, ids)  # the plain compiled model
+    plain_compiled = hasattr(model, "_compiled_call")
+    del model._compiled_call
+    handle = lp_plugin.attach(model, offload="even", tier="cpu", mode=mode)
+    addresses = []
+    for i in range(3):
+        junk = [torch.empty((i + 1) << 20, dtype=torch.uint8, device=device) for _ in range(4)]
+        assert _generate_static(model, ids) == ref
+        del junk
+        addresses.append(handle.session_buffer.tensor.data_ptr() if mode == "session" else handle.ring.buffer.tensor.data_ptr())
+        assert not handle.in_session and handle.mapped_bytes == 0  # standby again: the memory is given back
+    assert plain_compiled and hasattr(model, "_compiled_call")  # transformers compiled the offloaded model too
+    assert len(set(addresses)) == 1
+    handle.detach()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_two_gpu_base_map_is_exact(tmp_path, mode):
+    """device_map="auto" across two GPUs kept as the base placement: the chosen layers move to the tier
+    and each is brought back to the GPU that runs it; logits and generate() equal the plain model
+    dispatched with the same base map."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lp_plugin.plan import auto_base_map
+    from shapes import save_tiny
+
+    path = save_tiny("llama", tmp_path / "ckpt", dtype=torch.bfloat16, num_layers=12)
+    base = auto_base_map(AutoConfig.from_pretrained(path), max_memory={0: "500KiB", 1: "2GiB"}, dtype=torch.bfloat16)
+    assert {v for v in base.values()} == {0, 1}
+    ids = PROMPT.cuda(0)
+    plain = AutoModelForCausalLM.from_pretrained(path, device_map=base, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = plain(ids).logits
+    ref_gen = plain.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model = lp_plugin.from_pretrained(path, device_map=base, offload="even", mode=mode, dtype=torch.bfloat16)
+    handle = lp_plugin.get_handle(model)
+    assert {str(l.device) for l in handle.layers} == {"cuda:0", "cuda:1"}  # layers 2, 4 on GPU 0; 6, 8 on GPU 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref_gen)
+    handle.detach()

@@ -1,0 +1,161 @@
+"""``python -m lp_plugin compare-lm-eval BASE CANDIDATE``: gate one lm-eval results file against another.
+
+For teams whose CI already runs lm-eval: evaluate the plain model (``--model hf``) and the offloaded
+one (``--model hf-residual-offload``), or one commit against the next, then compare the two results
+files. Every metric of every task in BASE must be in CANDIDATE and equal to it, or within the
+relative tolerance (``--tolerance 1e-6``, per metric ``--tolerance 1e-6,acc=0.01``); each line
+says which metric moved and by how much. When a file comes from ``hf-residual-offload``, its
+``config.residual_offload.tokens_per_second`` is shown, and the throughput ratio when both have
+it (``--min-throughput-ratio R`` makes a ratio below R fail).
+
+Exit status: 0 equal within tolerance, 1 a metric moved past it (or a task or metric is missing, or
+the throughput ratio is below ``--min-throughput-ratio``), 2 bad arguments or files that cannot be
+compared (unreadable, not lm-eval results, different sample counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+_NOT_METRICS = ("alias", "name", "sample_len", " ")
+
+
+class NotComparable(ValueError):
+    """Files the gate cannot compare (exit status 2)."""
+
+
+def load_results(path) -> dict:
+    """An lm-eval results dict from a ``results_*.json`` file, or the newest one under a folder (the
+    ``--output_path`` of an lm_eval run)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("results_*.json"), key=lambda f: f.stat().st_mtime)
+        if not files:
+            raise NotComparable(f"{path}: no results_*.json under this folder (lm_eval --output_path writes one)")
+        p = files[-1]
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise NotComparable(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise NotComparable(f"{p}: not an lm-eval results file (no 'results' table)")
+    data["_path"] = str(p)
+    return data
+
+
+def metrics(data: dict) -> dict:
+    """``{(task, "metric,filter"): number}`` of the numeric metrics (standard errors left out)."""
+    out = {}
+    for task, row in data["results"].items():
+        for key, value in row.items():
+            if key in _NOT_METRICS or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            out[(task, key)] = float(value)
+    return out
+
+
+def parse_tolerance(text: str) -> tuple:
+    """``"1e-6"`` or ``"1e-6,acc=0.01,word_perplexity=0"`` -> ``(default, {metric: tolerance})``;
+    relative tolerances (``|candidate - base| <= tol * |base|``), 0 meaning equal."""
+    default, per_metric = 0.0, {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        name, _, value = part.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise NotComparable(f"--tolerance: {part!r} is not a number (write 1e-6 or METRIC=1e-6)") from None
+        if number < 0 or not math.isfinite(number):
+            raise NotComparable(f"--tolerance: {part!r} must be a finite number >= 0")
+        if name:
+            per_metric[name] = number
+        else:
+            default = number
+    return default, per_metric
+
+
+def _sample_counts(data: dict) -> dict:
+    return {task: (row or {}).get("effective") for task, row in (data.get("n-samples") or {}).items()}
+
+
+def throughput(data: dict):
+    """``config.residual_offload.tokens_per_second`` of an ``hf-residual-offload`` run, else None."""
+    value = ((data.get("config") or {}).get("residual_offload") or {}).get("tokens_per_second")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
+    """``(report lines, regression lines)`` of CANDIDATE against BASE."""
+    default, per_metric = tolerance
+    counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
+    for task, n in counts_b.items():
+        if task in counts_c and n != counts_c[task]:
+            raise NotComparable(f"task {task}: BASE evaluated {n} samples, CANDIDATE {counts_c[task]} (run both with the same --limit)")
+    mb, mc = metrics(base), metrics(cand)
+    if not mb:
+        raise NotComparable(f"{base['_path']}: no numeric metric to compare")
+    report, regressions = [], []
+    for (task, key), b in sorted(mb.items()):
+        name = key.split(",", 1)[0]
+        if (task, key) not in mc:
+            regressions.append(f"{task} {key}: missing from CANDIDATE" if task in cand["results"] else f"{task}: task missing from CANDIDATE")
+            continue
+        c, tol = mc[(task, key)], per_metric.get(name, default)
+        diff = abs(c - b)
+        rel = diff / abs(b) if b else (0.0 if diff == 0 else math.inf)
+        line = f"{task} {key}: {b!r} -> {c!r}" + (" (equal)" if diff == 0 else f" (moved {c - b:+.6g}, relative {rel:.3g}; tolerance {tol:g})")
+        report.append(line)
+        if rel > tol:
+            regressions.append(line)
+    return report, regressions
+
+
+def _throughput_lines(base, cand, min_ratio) -> tuple:
+    tb, tc = throughput(base), throughput(cand)
+    lines, failed = [], []
+    for label, value in (("BASE", tb), ("CANDIDATE", tc)):
+        if value is not None:
+            lines.append(f"throughput {label}: {value:,.1f} tokens/s (config.residual_offload.tokens_per_second)")
+    if tb and tc:
+        ratio = tc / tb
+        lines.append(f"throughput CANDIDATE / BASE: {ratio:.3f}")
+        if min_ratio is not None and ratio < min_ratio:
+            failed.append(f"throughput ratio {ratio:.3f} < --min-throughput-ratio {min_ratio:g}")
+    elif min_ratio is not None:
+        raise NotComparable("--min-throughput-ratio needs config.residual_offload.tokens_per_second in both files "
+                            "(both from --model hf-residual-offload)")
+    return lines, failed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", metavar="BASE", help="lm-eval results JSON (or the --output_path folder holding it)")
+    parser.add_argument("candidate", metavar="CANDIDATE", help="the results to gate, same form")
+    parser.add_argument("--tolerance", default="0", help="relative tolerance, optionally per metric: 1e-6 or 1e-6,acc=0.01 (default 0: equal)")
+    parser.add_argument("--min-throughput-ratio", type=float, default=None,
+                        help="fail when CANDIDATE/BASE tokens_per_second is below this (both must be hf-residual-offload runs)")
+
+
+def run(args, out=print, err=print) -> int:
+    """Compare the files of parsed ``args``; print the findings; return the exit status."""
+    try:
+        base, cand = load_results(args.base), load_results(args.candidate)
+        report, regressions = compare(base, cand, parse_tolerance(args.tolerance))
+        lines, failed = _throughput_lines(base, cand, args.min_throughput_ratio)
+    except NotComparable as exc:
+        err(f"compare-lm-eval: error: {exc}")
+        return 2
+    out(f"compare-lm-eval: BASE {base['_path']}, CANDIDATE {cand['_path']}")
+    for line in report + lines:
+        out(f"  {line}")
+    regressions += failed
+    if regressions:
+        out(f"REGRESSION ({len(regressions)}):")
+        for line in regressions:
+            out(f"  {line}")
+        return 1
+    out("compare-lm-eval: every metric within tolerance")
+    return 0
