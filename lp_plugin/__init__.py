@@ -30,6 +30,9 @@ _LAZY = {
     "OffloadFileError": "lp_plugin.errors",
     "OffloadResourceError": "lp_plugin.errors",
     "AttachError": "lp_plugin.errors",
+    "importance": "lp_plugin.skipping.metrics",
+    "Importance": "lp_plugin.skipping.metrics",
+    "SkipPolicy": "lp_plugin.skipping.policies",
     "BudgetError": "lp_plugin.errors",
 }
 

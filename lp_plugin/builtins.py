@@ -1,4 +1,4 @@
-"""Built-in offload policies and tiers, registered through the same plugin hooks as third parties."""
+"""Built-in offload policies, tiers and skip policies, registered through the same plugin hooks as third parties."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def register_tiers(register):
     # lazy strings: registering a tier must not import torch
     register("cpu", "lp_plugin.tiers:CpuTier")
     register("disk", "lp_plugin.tiers:DiskTier")
+
+
+@hookimpl
+def register_skip_policies(register):
+    # lazy strings: registering a policy must not import torch
+    for name, cls in (("bi", "BlockInfluencePolicy"), ("angular", "AngularPolicy"), ("ppl", "PerplexityPolicy"),
+                      ("greedy", "GreedyPolicy")):
+        register(name, f"lp_plugin.skipping.policies:{cls}")

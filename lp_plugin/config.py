@@ -15,6 +15,7 @@ from typing import Sequence
 from .errors import OffloadSpecError
 from .plugins import tier_class, tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
+from .skipping.spec import check_calib, parse_stand_in
 
 MODES = ("session", "stream")
 WORKS = ("generate", "loglikelihood")
@@ -36,8 +37,10 @@ class OffloadConfig:
     main_device: where resident layers run (default: the model's embeddings' device, or the current GPU).
     skip: layers not run at all (training-free layer skipping): a layer list or range, or a skip policy
         (see ``lp_plugin.skipping``); composes with ``offload``, which then applies to the other layers.
-    stand_in: what runs in place of a skipped layer: ``none`` (its output is its input) or a fitted stand-in.
-    calib: calibration text for skip policies and stand-ins (see ``lp_plugin.skipping``).
+    stand_in: what runs in place of a skipped layer: ``none`` (its output is its input), ``mean`` or
+        ``linear`` (``linear:RANK``: low rank), fitted on the calibration data (see ``lp_plugin.skipping.standins``).
+    calib: calibration data for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a text
+        file path, or a list of token ids (see ``lp_plugin.skipping.calib``).
 
     With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.budget``):
     max_memory: Accelerate's form: ``{0: "6GiB", "cpu": "30GiB"}``, ints of bytes, or a bare ``"6GiB"``
@@ -244,9 +247,7 @@ def _check_skip(value):
 
 
 def _check_stand_in(value):
-    if not isinstance(value, str) or not value.strip():
-        raise OffloadSpecError(f"stand_in must be a name such as 'none', 'mean' or 'linear', got {value!r}")
-    return value.strip()
+    return str(parse_stand_in(value))
 
 
 def _check_tier(value):
@@ -329,7 +330,7 @@ _CHECKS = {
     "main_device": _check_main_device,
     "skip": _check_skip,
     "stand_in": _check_stand_in,
-    "calib": lambda value: value,  # its forms are read by lp_plugin.skipping, which checks them
+    "calib": check_calib,
     "max_memory": parse_max_memory,
     "max_context": _optional_positive_int("max_context", "tokens of context the budget must hold"),
     "batch_size": _optional_positive_int("batch_size", "sequences per forward the budget must hold"),

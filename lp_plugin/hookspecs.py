@@ -24,3 +24,12 @@ def register_tiers(register):
     """Contribute storage tiers: ``register(name, tier_class)`` where ``tier_class`` is an
     ``lp_plugin.tiers.Tier`` subclass or a lazy ``"module:Class"`` string. ``name`` becomes a
     valid ``tier=`` value."""
+
+
+@hookspec
+def register_skip_policies(register):
+    """Contribute skip policies: ``register(name, policy)`` where ``policy`` is an
+    ``lp_plugin.skipping.SkipPolicy`` instance or subclass, or a lazy ``"module:attr"`` string naming
+    one. ``name`` becomes a valid ``skip="NAME:COUNT"`` spec (``COUNT``: layers, or ``N%`` of them).
+    The policy's ``select(ctx, count)`` receives a ``lp_plugin.skipping.SkipContext``: the model, its
+    calibration token windows, the stand-in the chosen layers will get, and cached importance scores."""

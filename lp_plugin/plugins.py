@@ -1,7 +1,7 @@
 """The plugin manager of lp_plugin and the registries its hooks fill.
 
 Entry points of the ``lp_plugin`` group are loaded into the plugin manager once, lazily. The
-registries (offload policies, tiers) are built at the call site from the hooks every time they are
+registries (offload policies, tiers, skip policies) are built at the call site from the hooks every time they are
 asked for, so there is no cached registry to go stale: a plugin registered later is seen by the next
 call.
 """
@@ -78,16 +78,45 @@ def tier_names() -> list:
     return sorted(_registry("register_tiers", "tier", _check_tier))
 
 
+def _check_skip_policy(plugin, name, policy):
+    if not isinstance(name, str) or not name or not (name[0].isalpha() and name.replace("_", "").replace("-", "").isalnum()):
+        raise TypeError(f"plugin {plugin!r} registered a skip policy named {name!r}; use a name of letters, digits, '-' and '_' "
+                        "that starts with a letter")
+    return name, policy
+
+
+def skip_policy_names() -> list:
+    return sorted(_registry("register_skip_policies", "skip policy", _check_skip_policy))
+
+
+def skip_policy(name: str):
+    """The skip policy registered as ``name`` (an instance: a lazy ``module:attr`` string is imported
+    and a class instantiated here), or None if no plugin registers that name."""
+    target = _registry("register_skip_policies", "skip policy", _check_skip_policy).get(name)
+    if target is None:
+        return None
+    target = _resolve(target)
+    if isinstance(target, type):
+        target = target()
+    if not callable(getattr(target, "select", None)):
+        raise TypeError(f"skip policy {name!r} is {target!r}, which has no select(ctx, count) method; "
+                        "register an lp_plugin.skipping.SkipPolicy")
+    return target
+
+
+def _resolve(target):
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+    return target
+
+
 def tier_class(name: str):
     """The Tier subclass registered as ``name`` (a lazy ``module:Class`` string is imported here)."""
     tiers = _registry("register_tiers", "tier", _check_tier)
     if name not in tiers:
         raise OffloadSpecError(f"unknown tier {name!r}; choose one of {sorted(tiers)} (or install a plugin that registers it)")
-    target = tiers[name]
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-    return target
+    return _resolve(tiers[name])
 
 
 def reset_for_tests() -> None:

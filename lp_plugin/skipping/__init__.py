@@ -1,32 +1,45 @@
 """Training-free layer skipping: which layers to skip, and what stands in for them.
 
-:func:`resolve_skips` turns the ``skip`` / ``stand_in`` / ``calib`` options of an
-:class:`lp_plugin.OffloadConfig` into a :class:`SkipPlan` for one loaded model: the layers that are
-not run, and for each an optional stand-in module (``x -> x + f(x)``) that runs in its place. The
-engine stores stand-ins on the tier and moves them like layers. This module reads the model only.
+The engine calls :func:`resolve_skips` once per attach: it turns the ``skip`` / ``stand_in`` /
+``calib`` options of an :class:`lp_plugin.OffloadConfig` into a :class:`SkipPlan` for the loaded
+model: the layers that are not run, and for each an optional stand-in module (``x -> x + f(x)``)
+that runs in its place. The engine stores stand-ins on the tier and moves them like layers.
+
+Modules: ``spec`` (option grammar, no torch), ``calib`` (calibration and held-out text),
+``runner`` (forwards with layers swapped out), ``metrics`` (importance scores, the policies'
+context), ``standins`` (stand-in modules and their closed-form fit), ``fitting`` (fitting a set in
+order, cached), ``cache`` (fingerprints, verified cache files), ``policies`` (named skip policies),
+``resolve`` (the engine's entry point), ``sweep``/``cli`` (the ``lp-prune`` frontier sweep).
+
+Importing this package is cheap: torch is imported when one of the names below is first used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
 
-from ..errors import OffloadSpecError
-from ..plugins import policies
-from ..policies import select_layers
+_LAZY = {
+    "SkipPlan": "resolve",
+    "resolve_skips": "resolve",
+    "importance": "metrics",
+    "Importance": "metrics",
+    "SkipContext": "metrics",
+    "SkipPolicy": "policies",
+    "LinearStandIn": "standins",
+    "MeanStandIn": "standins",
+}
+
+__all__ = sorted(_LAZY)
 
 
-@dataclass(frozen=True)
-class SkipPlan:
-    layers: tuple = ()  # skipped layers, sorted
-    stand_ins: dict = field(default_factory=dict)  # layer index -> nn.Module run in its place
-    info: dict = field(default_factory=dict)  # how they were chosen and fitted (JSON-ready)
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lp_plugin.skipping' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 
-def resolve_skips(model, config, num_layers: int) -> SkipPlan:
-    """The skip plan of ``config`` for ``model``: an explicit layer list or range (``skip="5,9"``)."""
-    if config.skip is None:
-        return SkipPlan()
-    if config.stand_in != "none":
-        raise OffloadSpecError(f"stand_in={config.stand_in!r} is not available; use stand_in='none'")
-    layers = select_layers(config.skip, num_layers, 0, 0, policies=policies())
-    return SkipPlan(layers, {}, {"skip": config.skip, "stand_in": "none"})
+def __dir__():
+    return __all__

@@ -1,0 +1,409 @@
+"""Layer skipping: importance metrics on models whose answer is known, closed-form stand-ins on data
+they can fit exactly, the calibration/held-out split, caching, policies through attach, plugins and
+the stock lm_eval CLI, and bad specs. Tiny models, token-id calibration: every case runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lp_plugin
+from lp_plugin import plugins
+from lp_plugin.arch import find_decoder_layers
+from lp_plugin.errors import AttachError, OffloadSpecError
+from lp_plugin.hookspecs import hookimpl
+from lp_plugin.skipping import cache, calib, metrics, standins
+from lp_plugin.skipping.spec import StandInSpec
+from shapes import build_tiny
+
+IDENTITY = (3, 4)  # layers of the hand-built model whose output is exactly their input
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ids(n=512, seed=0, vocab=256):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _identity_layers(model, layers=IDENTITY):
+    """Zero the attention output and MLP down projections: the layer adds nothing to its input."""
+    _, layer_list = find_decoder_layers(model)
+    with torch.no_grad():
+        for i in layers:
+            layer_list[i].self_attn.o_proj.weight.zero_()
+            layer_list[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.fixture
+def known():
+    """A tiny Llama (weights large enough that every real layer matters) with layers 3 and 4 identities."""
+    return _identity_layers(build_tiny("llama", initializer_range=0.2))
+
+
+@pytest.fixture(scope="module")
+def sampled():
+    """Calibration tokens for :func:`known` (sampled from it)."""
+    return _sampled(_identity_layers(build_tiny("llama", initializer_range=0.2)))
+
+
+@torch.no_grad()
+def _sampled(model, windows=2, seed=0):
+    """Token ids sampled from ``model`` itself, one window per context, each after the document-start
+    token: on them the model's own distribution is the truth, so taking a real layer away raises the
+    perplexity and taking an identity layer away leaves it as it is."""
+    torch.manual_seed(seed)
+    length = model.config.max_position_embeddings
+    start = torch.full((windows, 1), calib.doc_start_token(model))
+    out = model.generate(start, do_sample=True, top_k=0, max_new_tokens=length, min_new_tokens=length,
+                         pad_token_id=start[0, 0].item())
+    return out[:, 1:].flatten().tolist()
+
+
+class LinearLayer(nn.Module):
+    """A decoder layer that really is linear: ``x + x A^T + b``."""
+
+    def __init__(self, hidden, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Parameter(0.3 * torch.randn(hidden, hidden, generator=g) / hidden ** 0.5)
+        self.b = nn.Parameter(0.1 * torch.randn(hidden, generator=g))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + nn.functional.linear(hidden_states, self.a, self.b)
+
+
+# ------------------------------------------------------------------------------------- metrics
+def test_metrics_find_the_identity_layers(known, sampled):
+    ids = sampled
+    bi = lp_plugin.importance(known, ids, "bi")
+    assert set(bi.order[:2]) == set(IDENTITY) and max(bi.scores[i] for i in IDENTITY) < 1e-6
+    assert min(s for i, s in enumerate(bi.scores) if i not in IDENTITY) > 1e-3
+    angular = lp_plugin.importance(known, ids, "angular", n=2)
+    assert angular.order[0] == IDENTITY[0] and angular.scores[IDENTITY[0]] < 1e-3
+    assert len(angular.scores) == 7  # block starts 0..6 of an 8-layer model
+    base = math.exp(metrics.SkipContext(known, ids).runner.nll())
+    ppl = lp_plugin.importance(known, ids, "ppl")
+    assert set(ppl.order[:2]) == set(IDENTITY)
+    assert all(ppl.scores[i] == pytest.approx(base, rel=1e-6) for i in IDENTITY)
+    greedy = lp_plugin.importance(known, ids, "greedy", steps=3)
+    assert set(greedy.order[:2]) == set(IDENTITY) and len(greedy.order) == 3
+    assert greedy.scores[greedy.order[1]] == pytest.approx(base, rel=1e-6)
+    assert sum(s is None for s in greedy.scores) == 5
+
+
+@pytest.mark.parametrize("skip,layers", [("bi:2", IDENTITY), ("ppl:2", IDENTITY), ("greedy:2", IDENTITY),
+                                         ("angular:2", IDENTITY), ("greedy:25%", IDENTITY), ("3-4", IDENTITY),
+                                         ("bi:0", ())])
+def test_policies_through_attach_skip_the_identity_layers_exactly(known, sampled, skip, layers):
+    x = torch.tensor([_ids(48, seed=1)])
+    ref = known(x).logits
+    handle = lp_plugin.attach(known, offload="even", skip=skip, calib=sampled)
+    assert handle.info()["skipped_layers"] == list(layers)
+    assert torch.equal(known(x).logits, ref)  # identity layers: skipping them changes nothing
+    handle.detach()
+
+
+# ------------------------------------------------------------------------------------- fitting
+def _linear_data(hidden=16, windows=6, tokens=40, rank=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(hidden, hidden, generator=g) / hidden ** 0.5
+    if rank is not None:
+        a = torch.randn(hidden, rank, generator=g) @ torch.randn(rank, hidden, generator=g) / hidden ** 0.5
+    b = torch.randn(hidden, generator=g)
+    xs = [torch.randn(tokens, hidden, generator=g) * (1 + torch.rand(tokens, 1, generator=g)) for _ in range(windows)]
+    return a, b, xs, [x + x @ a.T + b for x in xs]
+
+
+@pytest.mark.parametrize("spec,rank", [(StandInSpec("linear"), None), (StandInSpec("linear", 3), 3)])
+def test_linear_fit_recovers_a_linear_map(spec, rank):
+    a, b, xs, ts = _linear_data(rank=rank)
+    tensors, details = standins.fit(spec, xs, ts)
+    module = standins.build(spec, {k: v.float() for k, v in tensors.items()})
+    weight = tensors["weight"] if rank is None else tensors["up"] @ tensors["down"]
+    assert torch.allclose(weight.float(), a, atol=1e-3) and torch.allclose(tensors["bias"].float(), b, atol=1e-3)
+    assert details["explained"] > 0.999999 and details["ridge_median"] == standins.RIDGE_GRID[0]
+    x = torch.randn(5, 16)
+    assert torch.allclose(module(x), x + x @ a.T + b, atol=1e-3)
+
+
+def test_mean_fit_is_the_mean_update():
+    xs = [torch.randn(30, 8) for _ in range(3)]
+    shift = torch.arange(8.0)
+    tensors, _ = standins.fit(StandInSpec("mean"), xs, [x + shift for x in xs])
+    assert torch.allclose(tensors["bias"].float(), shift, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [(5,), (2, 5)])
+def test_a_really_linear_layer_is_recovered_through_attach(layers):
+    model = build_tiny("llama", initializer_range=0.2)
+    _, layer_list = find_decoder_layers(model)
+    layer_list[5] = LinearLayer(model.config.hidden_size)
+    if 2 in layers:
+        _identity_layers(model, (2,))
+    x = torch.tensor([_ids(48, seed=1)])
+    ref = model(x).logits
+    handle = lp_plugin.attach(model, offload="even", mode="stream", skip=",".join(map(str, layers)), stand_in="linear",
+                              calib=_ids())
+    assert handle.info()["stand_ins"] == {str(i): "LinearStandIn" for i in layers}
+    assert handle.info()["offloaded_layers"] == [i for i in (2, 4) if i not in layers]  # skipped: never offloaded
+    out = model(x).logits
+    handle.detach()
+    assert torch.allclose(out, ref, atol=2e-4), (out - ref).abs().max()
+
+
+# --------------------------------------------------------------------------- calibration split
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lm_eval_fixtures import tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir())
+
+
+def test_calibration_and_heldout_text_never_overlap(tokenizer):
+    text = calib.pydoc_text()
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = enc["input_ids"], enc["offset_mapping"]
+    start, end = calib.HELDOUT
+    assert calib.pydoc_calibration_ids(tokenizer) == ids[:start]
+    assert calib.pydoc_calibration_ids(tokenizer, 6000) == ids[:start] + ids[end:end + 6000 - start]
+    docs = calib.heldout_documents(tokenizer)
+    assert len(docs) == (end - start) // calib.WINDOW
+    held_chars = (spans[start][0], spans[end - 1][1])
+    calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[end][0], spans[end + 2000][1])]
+    assert all(b <= held_chars[0] or a >= held_chars[1] for a, b in calib_chars)  # disjoint character ranges
+    assert "".join(docs) == tokenizer.decode(ids[start:end])  # the documents are exactly that text
+
+
+def test_fitted_quantities_read_only_calibration_tokens(tmp_path, tokenizer):
+    from lm_eval_fixtures import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", tmp_path / "tiny"))
+    ctx = metrics.SkipContext(model, "pydoc:1024")
+    read = [t[0].tolist() for t in ctx.runner.inputs]
+    ids = calib.encode(tokenizer, calib.pydoc_text())
+    assert [t for w in ctx.calib.windows for t in w] == ids[:1024]
+    assert all(set(w[1:]) <= set(ids[:1024]) for w in read)  # the runner reads calibration windows only
+    assert ctx.calib.windows[0] == tuple(ids[:model.config.max_position_embeddings])  # windows fit the context
+
+
+# ----------------------------------------------------------------------------------- caching
+def _counting(monkeypatch):
+    calls = []
+    for name, fn in list(metrics._COMPUTE.items()):
+        monkeypatch.setitem(metrics._COMPUTE, name, lambda ctx, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(ctx, **kw))
+    return calls
+
+
+def test_importance_is_cached_and_recomputed_when_weights_change(known, monkeypatch):
+    calls = _counting(monkeypatch)
+    ids = _ids()
+    first = lp_plugin.importance(known, ids, "greedy", steps=2)
+    assert lp_plugin.importance(known, ids, "greedy", steps=2) == first and calls == ["greedy"]
+    assert lp_plugin.importance(known, ids, "greedy", steps=1).order == first.order[:1] and calls == ["greedy"]
+    lp_plugin.importance(known, ids[:256], "greedy", steps=2)  # other calibration tokens: measured again
+    lp_plugin.importance(known, ids, "greedy", steps=3)  # more steps than cached: measured again
+    bi = lp_plugin.importance(known, ids, "bi")
+    assert calls == ["greedy", "greedy", "greedy", "bi"]
+    _, layer_list = find_decoder_layers(known)
+    with torch.no_grad():
+        layer_list[6].mlp.down_proj.weight.zero_()  # in place: the same tensors, new values
+    changed = lp_plugin.importance(known, ids, "bi")
+    assert calls[-1] == "bi" and len(calls) == 5 and changed.scores[6] < bi.scores[6]
+    lp_plugin.importance(known, ids, "greedy", steps=2)
+    assert calls[-1] == "greedy" and len(calls) == 6
+
+
+def _standin_file():
+    files = sorted(cache.folder().glob("standins-*.safetensors"))
+    assert len(files) == 1
+    return files[0]
+
+
+def _attach_linear(model):
+    handle = lp_plugin.attach(model, offload="none", skip="bi:2", stand_in="linear:4", calib=_ids())
+    weights = {i: {k: v.clone() for k, v in handle.plan.skips.stand_ins[i].state_dict().items()} for i in handle.plan.skips.layers}
+    info = handle.plan.skips.info["stand_in_fit"]
+    handle.detach()
+    return weights, info
+
+
+def test_stand_ins_are_cached_verified_and_refitted(known, recwarn):
+    weights, info = _attach_linear(known)
+    assert info["cached"] is False
+    again, info = _attach_linear(known)
+    assert info["cached"] is True and all(torch.equal(weights[i][k], again[i][k]) for i in weights for k in weights[i])
+    path = _standin_file()
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits in the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"cached linear:4 stand-ins of layers \[3, 4\] .* not usable .*SHA-256"):
+        refit, info = _attach_linear(known)
+    assert info["cached"] is False and all(torch.equal(weights[i][k], refit[i][k]) for i in weights for k in weights[i])
+    assert _attach_linear(known)[1]["cached"] is True  # the rewritten file verifies again
+
+
+def test_tampered_importance_file_is_recomputed_with_a_warning(known, monkeypatch):
+    calls = _counting(monkeypatch)
+    first = lp_plugin.importance(known, _ids(), "bi")
+    path = next(cache.folder().glob("importance-*.json"))
+    doc = json.loads(path.read_text())
+    doc["payload"]["order"] = list(reversed(doc["payload"]["order"]))
+    path.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="does not match its SHA-256"):
+        assert lp_plugin.importance(known, _ids(), "bi") == first
+    assert calls == ["bi", "bi"]
+
+
+# ----------------------------------------------------------------------------------- plugins
+class _LastLayers:
+    """A third-party skip policy: the ``count`` layers before the last one, checked against the
+    calibration data it is handed."""
+
+    class Policy(lp_plugin.SkipPolicy):
+        name = "before-last"
+        seen = []
+
+        def select(self, ctx, count):
+            self.seen.append((ctx.num_layers, ctx.calib.num_tokens, str(ctx.stand_in), ctx.importance("bi").metric))
+            return range(ctx.num_layers - 1 - count, ctx.num_layers - 1)
+
+    @hookimpl
+    def register_skip_policies(self, register):
+        register("before-last", self.Policy)
+
+
+def test_a_plugin_contributes_a_skip_policy(known):
+    plugins.reset_for_tests()
+    try:
+        plugins.load()
+        plugins.pm.register(_LastLayers(), name="before-last-plugin")
+        assert {"bi", "angular", "ppl", "greedy", "before-last"} <= set(plugins.skip_policy_names())
+        handle = lp_plugin.attach(known, offload="none", skip="before-last:2", stand_in="mean", calib=_ids())
+        assert handle.info()["skipped_layers"] == [5, 6]
+        assert handle.info()["stand_ins"] == {"5": "MeanStandIn", "6": "MeanStandIn"}
+        assert _LastLayers.Policy.seen[-1] == (8, 512, "mean", "bi")
+        handle.detach()
+    finally:
+        plugins.reset_for_tests()
+    with pytest.raises(OffloadSpecError, match="unknown skip policy 'before-last'"):
+        lp_plugin.attach(known, offload="none", skip="before-last:2", calib=_ids())
+
+
+# ---------------------------------------------------------------------------------- bad specs
+@pytest.mark.parametrize("options,error,match", [
+    (dict(skip="greedy"), OffloadSpecError, r"needs a count: 'greedy:3'"),
+    (dict(skip="nosuch:3"), OffloadSpecError, r"unknown skip policy 'nosuch'.*'angular', 'bi', 'greedy', 'ppl'"),
+    (dict(skip="bi:150%"), OffloadSpecError, "between 0% and 100%"),
+    (dict(skip="bi:2.5"), OffloadSpecError, "whole number"),
+    (dict(skip="bi:8"), OffloadSpecError, "leave at least one layer"),
+    (dict(skip="3,9"), OffloadSpecError, "out of range"),
+    (dict(skip="bi:2", stand_in="cubic"), OffloadSpecError, "unknown stand_in 'cubic'"),
+    (dict(skip="bi:2", stand_in="linear:0"), OffloadSpecError, "RANK an int >= 1"),
+    (dict(skip="bi:2", stand_in="mean:4"), OffloadSpecError, "is not valid"),
+    (dict(stand_in="linear"), OffloadSpecError, "skip is not set"),
+    (dict(skip="bi:2", calib=3.5), OffloadSpecError, "calib must be"),
+    (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'pydoc'"),
+    (dict(skip="bi:2", calib=[5]), OffloadSpecError, "at least 2 ids"),
+    (dict(skip="bi:2", calib=[1, 999]), OffloadSpecError, r"out of range: \[999\]"),
+    (dict(skip="bi:2", calib="pydoc"), OffloadSpecError, "model.config.name_or_path"),
+    (dict(skip="bi:2", calib="pydoc:99999999"), OffloadSpecError, "model.config.name_or_path"),
+])
+def test_bad_specs_fail_clearly_and_leave_the_model_alone(known, options, error, match):
+    x = torch.tensor([[1, 2, 3]])
+    ref = known(x).logits
+    with pytest.raises(error, match=match):
+        lp_plugin.attach(known, offload="even", **options)
+    assert lp_plugin.get_handle(known) is None and torch.equal(known(x).logits, ref)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(metric="nope"), "unknown importance metric 'nope'"),
+                                          (dict(metric="angular", n=9), "block length n=9")])
+def test_bad_importance_arguments(known, kwargs, match):
+    with pytest.raises(OffloadSpecError, match=match):
+        lp_plugin.importance(known, _ids(), **kwargs)
+
+
+def test_importance_refuses_an_attached_model(known):
+    handle = lp_plugin.attach(known, offload="even")
+    with pytest.raises(AttachError, match="detach lp_plugin first"):
+        lp_plugin.importance(known, _ids())
+    handle.detach()
+
+
+# ------------------------------------------------------------------- the sweep, attach and lm_eval
+def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
+    """One policy with a fitted stand-in, measured three ways on the held-out documents: the lp-prune
+    sweep, a model attached in this process, and the stock lm_eval CLI (task lp_pydoc_heldout)."""
+    import lm_eval_fixtures as fx
+    from transformers import AutoModelForCausalLM
+
+    from lp_plugin.skipping import sweep
+
+    path = fx.build_tiny_model("llama", tmp_path / "tiny")
+    heldout = (4096, 4096 + 256, 64)  # four 64-token documents: each fits the tiny model's 128 positions
+    options = {"skip": "greedy:25%", "stand_in": "linear", "calib": "pydoc:1024"}
+    out = sweep.run_sweep(path, fractions=[0, 25], selections=["greedy"], stand_ins=["linear"], calib=options["calib"],
+                          engine={"offload": "even", "mode": "stream"}, hf_kwargs={"dtype": torch.float32},
+                          heldout=heldout, log=lambda msg: None)
+    plain, row = out["rows"]
+    assert row["skipped"] == 2 and row["skip_info"]["stand_in"] == "linear" and row["ppl"] != plain["ppl"]
+    assert row["bytes_per_forward"] > 0 and row["stand_in_bytes"] > 0
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    handle = lp_plugin.attach(model, offload="none", **options)
+    assert list(handle.plan.skips.layers) == row["layers"]
+    attached = sweep.evaluate(model, *sweep.heldout_ids(model, *heldout))
+    assert attached["ppl"] == pytest.approx(row["ppl"], rel=1e-5)
+    handle.detach()
+
+    args = {**options, "skip": "greedy:25%", "offload": "even", "mode": "stream"}
+    metadata = json.dumps({"heldout_start": heldout[0], "heldout_end": heldout[1], "heldout_window": heldout[2]})
+    _, results = fx.run_lm_eval("hf-residual-offload", {"pretrained": path, **args}, tmp_path / "lm_eval",
+                                task="lp_pydoc_heldout", limit=None, extra=["--metadata", metadata])
+    token_ppl = fx.metric(results, "token_perplexity", task="lp_pydoc_heldout")
+    assert token_ppl == pytest.approx(row["ppl"], rel=1e-5)
+    assert results["config"]["residual_offload"]["engine"]["skipped_layers"] == row["layers"]
+
+
+def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
+    import subprocess
+    import sys
+
+    import lm_eval_fixtures as fx
+
+    path = fx.build_tiny_model("qwen2", tmp_path / "tiny")
+    out = tmp_path / "results" / "tiny-prune"
+    cmd = [str(Path(sys.executable).parent / "lp-prune"), "--model", path, "--out", str(out), "--fractions", "0,25",
+           "--selections", "bi,angular", "--stand-ins", "none,mean", "--calib", "pydoc:512", "--heldout-window", "64",
+           "--targets", "25:1000000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=fx.offline_env(OMP_NUM_THREADS=1), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["skipped"], r["selection"], r["stand_in"]) for r in result["rows"]] == [
+        (0, "plain", "none"), (2, "bi", "none"), (2, "bi", "mean"), (2, "angular", "none"), (2, "angular", "mean")]
+    assert all(r["standby_vram_bytes"] is None and r["tokens_per_second"] > 0 for r in result["rows"])
+    assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06%: MET" in out.with_suffix(".txt").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    bad = subprocess.run(cmd[:-2] + ["--targets", "25"], capture_output=True, text=True, env=fx.offline_env())
+    assert bad.returncode == 2 and "write SHARE:RISE" in bad.stderr

@@ -1,0 +1,160 @@
+"""On-disk cache of importance scores and fitted stand-ins, keyed by what they were computed from.
+
+A key is a dict (the model's weight fingerprint, the calibration tokens' fingerprint, the metric or
+stand-in kind and its parameters, the cache format); its SHA-256 names the file under
+``lp_plugin.bundled.cache_root() / "skipping"``. Every file also records its full key and a SHA-256
+of its content, and is checked against both before use, like the disk tier's layer files: a
+foreign, truncated or edited file is recomputed with a warning that names it and the reason, never
+silently reused. Files are written atomically (temporary file, then rename). No pickle: JSON for
+scores, safetensors for tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import accel
+from ..arch import find_decoder_layers
+from ..bundled import cache_root
+
+FORMAT = "lp_plugin.skipping/1"
+
+
+def folder() -> Path:
+    return cache_root() / "skipping"
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 over every parameter and buffer of ``model``: names, dtypes, shapes and bytes (the
+    values Accelerate holds for layers it offloaded, where the module has placeholders)."""
+    held = {}
+    _, layers = find_decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        hooks = accel.offload_hooks(layer)
+        if hooks:
+            values, _ = accel.hooked_values(layer, hooks)
+            held.update({f"{names[id(layer)]}.{k}": v for k, v in values.items()})
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        tensor = held.get(name, tensor)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.device.type != "meta":
+            digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def canonical(key: dict) -> dict:
+    """``key`` as it reads back from JSON (tuples become lists), so stored and asked keys compare equal."""
+    return json.loads(json.dumps(key, sort_keys=True))
+
+
+def _name(kind: str, key: dict, suffix: str) -> Path:
+    blob = json.dumps({"format": FORMAT, **key}, sort_keys=True, separators=(",", ":")).encode()
+    return folder() / f"{kind}-{hashlib.sha256(blob).hexdigest()[:32]}{suffix}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _stale(what: str, path: Path, reason: str) -> None:
+    warnings.warn(f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=3)
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ JSON
+def load_json(kind: str, key: dict, what: str):
+    """The payload cached under ``key``, or None (missing; unusable: with a warning)."""
+    key = canonical(key)
+    path = _name(kind, key, ".json")
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT or doc.get("key") != key:
+            raise ValueError("written for other inputs")
+        if doc.get("sha256") != _digest(doc.get("payload")):
+            raise ValueError("its content does not match its SHA-256")
+    except (OSError, ValueError, AttributeError) as exc:
+        _stale(what, path, str(exc))
+        return None
+    return doc["payload"]
+
+
+def save_json(kind: str, key: dict, payload) -> Path:
+    key = canonical(key)
+    path = _name(kind, key, ".json")
+    doc = {"format": FORMAT, "key": key, "sha256": _digest(payload), "payload": payload}
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, sort_keys=True)))
+    return path
+
+
+# ------------------------------------------------------------------------------------ tensors
+def _tensors_digest(tensors: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
+
+
+def load_tensors(kind: str, key: dict, what: str):
+    """``(tensors, info)`` cached under ``key``, or None (missing; unusable: with a warning)."""
+    key = canonical(key)
+    path = _name(kind, key, ".safetensors")
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        if meta.get("format") != FORMAT or json.loads(meta.get("key", "null")) != key:
+            raise ValueError("written for other inputs")
+        if meta.get("sha256") != _tensors_digest(tensors):
+            raise ValueError("its tensors do not match their SHA-256")
+        info = json.loads(meta.get("info", "{}"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        _stale(what, path, str(exc))
+        return None
+    return tensors, info
+
+
+def save_tensors(kind: str, key: dict, tensors: dict, info: dict) -> Path:
+    key = canonical(key)
+    path = _name(kind, key, ".safetensors")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "key": json.dumps(key, sort_keys=True), "sha256": _tensors_digest(tensors),
+            "info": json.dumps(info, sort_keys=True)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path

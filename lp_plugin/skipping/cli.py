@@ -1,0 +1,96 @@
+"""``lp-prune``: sweep the share of layers skipped x selection x stand-in and draw the quality frontier.
+
+    lp-prune --model "$(python -m lp_plugin bundled-model)" --out benchmarks/results/cpu-smollm2-prune
+
+writes ``OUT.json`` (every row: held-out perplexity, tok/s, standby/peak VRAM, bytes moved per token,
+the layers chosen and how the stand-ins were fitted), ``OUT.txt`` (the tables and the targets) and
+``OUT.png`` (perplexity against layers skipped and against VRAM). Exit status: 0 every target met,
+1 a target missed, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ..errors import LPPluginError
+from ..report import jsonable
+from . import frontier
+from .spec import parse_stand_in
+from .calib import HELDOUT, WINDOW
+from .sweep import FRACTIONS, SELECTIONS, STAND_INS
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _list(text: str) -> list:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lp-prune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a transformers folder or hub id (its tokenizer is needed)")
+    p.add_argument("--out", required=True, help="output path without extension: OUT.json, OUT.txt, OUT.png")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="shares of the layers to skip, in %% (default %(default)s)")
+    p.add_argument("--selections", default=",".join(SELECTIONS), help="skip policies (default %(default)s)")
+    p.add_argument("--stand-ins", default=",".join(STAND_INS), help="stand-in kinds (default %(default)s)")
+    p.add_argument("--calib", default=None, help="calibration data: pydoc (default), pydoc:TOKENS or a text file")
+    p.add_argument("--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)")
+    p.add_argument("--mode", default="stream", choices=("session", "stream"))
+    p.add_argument("--tier", default="cpu")
+    p.add_argument("--offload-folder", default=None)
+    p.add_argument("--device", default=None, help="main device (default: the current GPU, else the CPU)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--heldout-window", type=int, default=WINDOW,
+                   help="tokens per held-out document (default %(default)s; at most the model's context)")
+    p.add_argument("--targets", default="10:10,20:30,30:60",
+                   help="SHARE:RISE pairs in %%: the best row at each share must raise perplexity by at most RISE (default %(default)s)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        targets = frontier.parse_targets(args.targets)
+        fractions = [float(f) for f in _list(args.fractions)]
+        stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
+    except (ValueError, LPPluginError) as exc:
+        print(f"lp-prune: error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from .sweep import run_sweep
+
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("lp_plugin").setLevel(logging.INFO)  # greedy reports each step: it can take a while
+
+    engine = {"offload": args.offload, "mode": args.mode, "tier": args.tier, "offload_folder": args.offload_folder,
+              "main_device": args.device}
+    try:
+        out = run_sweep(args.model, fractions=fractions, selections=_list(args.selections), stand_ins=stand_ins,
+                        calib=args.calib, engine=engine, hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
+                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except LPPluginError as exc:
+        print(f"lp-prune: error: {exc}", file=sys.stderr)
+        return 2
+    out["dtype"] = args.dtype
+    out["targets"] = frontier.check_targets(out, targets)
+    text = frontier.table(out) + "\n" + frontier.targets_text(out["targets"])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+    with open(f"{args.out}.json", "w") as fh:
+        json.dump(jsonable(out), fh, indent=1)
+        fh.write("\n")
+    with open(f"{args.out}.txt", "w") as fh:
+        fh.write(text)
+    if not args.no_plot:
+        frontier.plot(out, f"{args.out}.png")
+    print(text)
+    return 0 if all(t["met"] is not False for t in out["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

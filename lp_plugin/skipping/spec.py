@@ -1,0 +1,89 @@
+"""The grammar of the ``skip`` and ``stand_in`` options (pure Python, no torch).
+
+* ``stand_in``: ``none`` (a skipped layer's output is its input), ``mean`` (``x + b``) or ``linear``
+  (``x + W x + b``), ``linear:RANK`` for a low-rank ``W`` (``linear:64``).
+* ``skip`` policy specs: ``NAME:COUNT`` where ``COUNT`` is a number of layers (``greedy:6``) or a
+  share of the model's layers (``greedy:20%``: 6 of 30, rounded to the nearest layer). Explicit
+  layer lists and ranges (``"5,9"``, ``"5-7"``) are read by :func:`lp_plugin.policies.select_layers`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import OffloadSpecError
+
+STAND_IN_KINDS = ("none", "mean", "linear")
+_POLICY = re.compile(r"^([A-Za-z][\w-]*):\s*(\d+(?:\.\d+)?)\s*(%?)$", re.ASCII)
+
+
+@dataclass(frozen=True)
+class StandInSpec:
+    kind: str = "none"
+    rank: int | None = None  # linear only: rank of W (None: full rank)
+
+    def __str__(self):
+        return self.kind if self.rank is None else f"{self.kind}:{self.rank}"
+
+
+def parse_stand_in(text) -> StandInSpec:
+    """``"linear:64"`` -> ``StandInSpec("linear", 64)``; anything else gets an error naming the forms."""
+    forms = "use 'none', 'mean', 'linear' or 'linear:RANK' (RANK an int >= 1, e.g. 'linear:64')"
+    if not isinstance(text, str) or not text.strip():
+        raise OffloadSpecError(f"stand_in must be a name, got {text!r}; {forms}")
+    kind, sep, rank = text.strip().partition(":")
+    if kind not in STAND_IN_KINDS:
+        raise OffloadSpecError(f"unknown stand_in {text!r}; {forms}")
+    if not sep:
+        return StandInSpec(kind)
+    if kind != "linear" or not rank.strip().isdigit() or int(rank) < 1:
+        raise OffloadSpecError(f"stand_in {text!r} is not valid; {forms}")
+    return StandInSpec(kind, int(rank))
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    amount: float
+    percent: bool
+
+    def count(self, num_layers: int) -> int:
+        """How many layers the spec asks for in a model of ``num_layers`` layers."""
+        if not self.percent:
+            return int(self.amount)
+        return int(math.floor(self.amount * num_layers / 100 + 0.5))
+
+    def __str__(self):
+        amount = f"{self.amount:g}"
+        return f"{self.name}:{amount}%" if self.percent else f"{self.name}:{amount}"
+
+
+def parse_policy(text: str) -> PolicySpec | None:
+    """``"greedy:20%"`` -> ``PolicySpec("greedy", 20, True)``; None for text of another form (a
+    layer list, a range, or a bare name)."""
+    m = _POLICY.match(text.strip())
+    if not m:
+        return None
+    name, amount, percent = m[1], float(m[2]), bool(m[3])
+    if not percent and not amount.is_integer():
+        raise OffloadSpecError(f"skip={text!r}: a layer count must be a whole number; write e.g. '{name}:3' or '{name}:10%'")
+    if percent and not 0 <= amount <= 100:
+        raise OffloadSpecError(f"skip={text!r}: a share of the layers must be between 0% and 100%")
+    return PolicySpec(name, amount, percent)
+
+
+def check_calib(value):
+    """``calib`` as given, once its form is one lp_plugin reads: None (pydoc), a name or path, a
+    sequence of int token ids, or a 1-D tensor of them (checked against the model later)."""
+    if value is None or isinstance(value, os.PathLike) or type(value).__name__ == "Tensor":
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise OffloadSpecError("calib is empty; pass 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids")
+        return value.strip()
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return tuple(value)
+    raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")
