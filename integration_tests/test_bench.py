@@ -18,9 +18,9 @@ from bench_helpers import SMALL, bench, config
 from lp_plugin.bench.configs import TWIN, ConfigError, parse_config, parse_configs, split_configs
 
 CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
-           "stream:2,4:cpu:alpha=0.5:prefetch=2,accelerate_cpu:even")
+           "stream:2,4:cpu:alpha=0.5:prefetch=2,accelerate_cpu:even,session:even:cpu:skip=3,5")
 NAMES = ["baseline", "session:even:cpu", "session:even:cpu:load=pretrained", "stream:even:cpu", "stream:even:disk",
-         "stream:2,4:cpu:alpha=0.5:prefetch=2", "accelerate_cpu:even", TWIN]
+         "stream:2,4:cpu:alpha=0.5:prefetch=2", "accelerate_cpu:even", "session:even:cpu:skip=3,5", TWIN]
 EXACT = ["baseline", "session:even:cpu", "session:even:cpu:load=pretrained", "stream:even:cpu", "stream:even:disk", TWIN]
 
 
@@ -113,9 +113,13 @@ def test_exactness_figures(bench_run):
         assert c["decode_tokens_agree"] == c["generate_tokens_agree"] == c["static_tokens_agree"] == 1.0, name
     half = config(data, "stream:2,4:cpu:alpha=0.5:prefetch=2")
     assert half["max_abs_logit_diff"] > 0.0  # alpha < 1 changes the model, and the bench sees it
+    skipped = config(data, "session:even:cpu:skip=3,5")
+    assert skipped["max_abs_logit_diff"] > 0.0 and skipped["info"]["skipped_layers"] == [3, 5]
+    assert skipped["info"]["offloaded_layers"] == [2, 4]
     assert data["noise"]["logit"] == 0.0 and data["noise"]["perplexity_runs"] == [0.0, 0.0]
     met = {(g["config"], g["goal"]): g["met"] for g in data["goals"]}
     assert met[("stream:even:cpu", "logits vs the plain model: max abs diff")] is True
+    assert not [g for g in data["goals"] if g["config"] == "session:even:cpu:skip=3,5"]  # skipping is not held to exactness
 
 
 def test_pretrained_config_loads_through_from_pretrained(bench_run):
@@ -175,6 +179,10 @@ def test_config_grammar():
     assert parse_config(TWIN).twin is True
     assert split_configs("baseline,stream:2,4,6:cpu,session:even:disk") == ["baseline", "stream:2,4,6:cpu", "session:even:disk"]
     assert [c.spec for c in parse_configs("stream:2,4,6:cpu,accelerate_cpu:2,4")[1:-1]] == ["2,4,6", "2,4"]
+    c = parse_config("stream:2-32:2:cpu:skip=greedy:20%:stand_in=linear:calib=pydoc:32768:new=8")
+    assert (c.spec, c.skip, c.stand_in, c.calib, c.new, c.exact) == ("2-32:2", "greedy:20%", "linear", "pydoc:32768", 8, False)
+    assert parse_config("session:even:cpu").exact and not parse_config("session:even:cpu:alpha=0.5").exact
+    assert [c.skip for c in parse_configs("session:even:cpu:skip=3,5,stream:even:cpu")[1:-1]] == ["3,5", None]
 
 
 @pytest.mark.parametrize("text,names", [
@@ -190,7 +198,8 @@ def test_plain_model_first_and_its_twin_last(text, names):
 @pytest.mark.parametrize("bad", ["stream:even", "turbo:even:cpu", "stream::cpu", "stream:even:cpu:alpha=2",
                                  "stream:even:cpu:prefetch=-1", "stream:even:cpu:speed=3", "baseline:alpha=0.5",
                                  "baseline,baseline", "stream:even:cpu:load=disk", "baseline:load=pretrained",
-                                 "baseline:twin:new=4", "baseline:cold"])
+                                 "baseline:twin:new=4", "baseline:cold", "baseline:skip=3", "stream:even:cpu:skip=",
+                                 "accelerate_cpu:even:stand_in=linear"])
 def test_bad_configs_rejected(bad):
     with pytest.raises(ConfigError):
         parse_configs(bad)

@@ -15,7 +15,7 @@ from typing import Sequence
 from .errors import OffloadSpecError
 from .plugins import tier_class, tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
-from .skipping.spec import check_calib, parse_stand_in
+from .skipping.spec import check_calib, parse_policy, parse_stand_in
 
 MODES = ("session", "stream")
 WORKS = ("generate", "loglikelihood")
@@ -224,26 +224,34 @@ def parse_max_memory(value):
 
 
 # ---------------------------------------------------------------------------------- one check per option
-def _check_offload(value):
+def _check_offload(value, what: str = "offload"):
     if value is None:
-        raise OffloadSpecError("offload spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
+        raise OffloadSpecError(f"{what} spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
     if isinstance(value, str):
         if not value.strip():
-            raise OffloadSpecError("offload spec is empty; use offload='none' to offload nothing")
+            raise OffloadSpecError(f"{what} spec is empty; use {what}='none' to {what} nothing")
         return value.strip()
     if isinstance(value, (Sequence, set, frozenset)):
         items = list(value)
         for item in items:
             if isinstance(item, bool) or not isinstance(item, int):
-                raise OffloadSpecError(f"offload layer list must hold ints, got {item!r}")
+                raise OffloadSpecError(f"{what} layer list must hold ints, got {item!r}")
         if not items:
-            raise OffloadSpecError("offload layer list is empty; use offload='none' to offload nothing")
+            raise OffloadSpecError(f"{what} layer list is empty; use {what}='none' to {what} nothing")
         return tuple(int(i) for i in items)
-    raise OffloadSpecError(f"offload spec must be a str or a list of ints, got {type(value).__name__}")
+    raise OffloadSpecError(f"{what} spec must be a str or a list of ints, got {type(value).__name__}")
 
 
 def _check_skip(value):
-    return None if value is None else _check_offload(value)
+    if value is None:
+        return None
+    value = _check_offload(value, "skip")
+    if isinstance(value, str) and ":" in value and value.split(":", 1)[0].strip().isidentifier():
+        if parse_policy(value) is None:  # a policy name with an amount that is not a count or a share
+            name = value.split(":", 1)[0].strip()
+            raise OffloadSpecError(f"skip={value!r}: after '{name}:' give a number of layers (>= 0) or a share of them, "
+                                   f"e.g. '{name}:3' or '{name}:10%'")
+    return value
 
 
 def _check_stand_in(value):

@@ -70,7 +70,8 @@ class Placement:
         if cfg.tier != "cpu":
             os.makedirs(self.folder, exist_ok=True)
         return dict(offload=cfg.spec, tier=cfg.tier, mode=cfg.mode, alpha=cfg.alpha, prefetch=cfg.prefetch,
-                    offload_folder=self.folder if cfg.tier != "cpu" else None)
+                    offload_folder=self.folder if cfg.tier != "cpu" else None, skip=cfg.skip, stand_in=cfg.stand_in,
+                    calib=cfg.calib)
 
     def _load_pretrained(self) -> None:
         import lp_plugin

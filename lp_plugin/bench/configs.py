@@ -5,15 +5,19 @@
                                               run's own noise (always added)
     accelerate_cpu[:SPEC][:new=N]             Accelerate's dispatch_model with SPEC's layers on "cpu" (the peer)
     MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
+                  [:skip=SKIP][:stand_in=KIND][:calib=CALIB]
                                               an offloaded model: lp_plugin.attach on the loaded plain model
                                               (load=attach, the default) or lp_plugin.from_pretrained from
-                                              the checkpoint (load=pretrained, as users and lm-eval load)
+                                              the checkpoint (load=pretrained, as users and lm-eval load);
+                                              skip/stand_in/calib: training-free layer skipping, as the
+                                              options of the same names (``skip=greedy:20%``)
 
 MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
 ``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
 ``--new`` for that config (slow peers); ``cold`` drops the page cache of the offload files before
 every timed part (disk tier: cold-cache figures). Configs are separated by commas; a comma inside a
-layer list is fine (``stream:2,4,6:cpu``).
+layer list is fine (``stream:2,4,6:cpu``), and so is a colon inside a skip or calib value
+(``skip=greedy:20%``, ``calib=pydoc:32768``). A config with ``skip`` is not exact, like ``alpha < 1``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ HEADS = ("baseline", "accelerate_cpu", "session", "stream")
 LOADS = ("attach", "pretrained")
 TWIN = "baseline:twin"
 _DEFAULT_TIERS = ("cpu", "disk")
-_LP_OPTIONS = "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained"
+_LP_OPTIONS = "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, skip=SKIP, stand_in=KIND, calib=CALIB"
+_TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig when the config is applied
+_COLON_OPTIONS = ("skip", "calib")  # values that may hold a colon themselves
 
 
 class ConfigError(ValueError):
@@ -45,6 +51,14 @@ class BenchConfig:
     cold: bool = False
     load: str = "attach"
     twin: bool = False
+    skip: str | None = None
+    stand_in: str = "none"
+    calib: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the config must reproduce the plain model's logits (alpha 1, nothing skipped)."""
+        return self.alpha == 1.0 and self.skip is None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +106,10 @@ def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
             if value not in LOADS:
                 raise ValueError
             cfg.load = value
+        elif key in _TEXT_OPTIONS:
+            if not value:
+                raise ConfigError(f"empty value for {key} in config {text!r}")
+            setattr(cfg, key, value)
         else:
             raise ConfigError(f"unknown option {key!r} in config {text!r}; options are {_LP_OPTIONS}")
     except ValueError:
@@ -99,8 +117,19 @@ def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
                           "(alpha in [0,1], prefetch >= 0, new >= 1, load attach or pretrained)") from None
 
 
-def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
+def _glue(options: list) -> list:
+    """Options split on ':' with the colons inside skip/calib values put back (``skip=greedy``, ``20%``)."""
+    out: list = []
     for opt in options:
+        if out and "=" not in opt and opt not in ("cold", "twin") and out[-1].split("=", 1)[0].strip() in _COLON_OPTIONS:
+            out[-1] += ":" + opt
+        else:
+            out.append(opt)
+    return out
+
+
+def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
+    for opt in _glue(options):
         if opt in ("cold", "twin"):
             setattr(cfg, opt, True)
             continue
@@ -108,8 +137,10 @@ def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
             raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are {_LP_OPTIONS}")
         key, value = (s.strip() for s in opt.split("=", 1))
         _set_option(cfg, key, value, text)
-    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold or cfg.load != "attach"):
-        raise ConfigError(f"config {text!r}: alpha, prefetch, cold and load apply to session/stream configs only")
+    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold or cfg.load != "attach"
+                             or cfg.skip or cfg.stand_in != "none" or cfg.calib):
+        raise ConfigError(f"config {text!r}: alpha, prefetch, cold, load, skip, stand_in and calib apply to "
+                          "session/stream configs only")
     if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
         raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")
 

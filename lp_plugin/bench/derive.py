@@ -133,8 +133,8 @@ def goals(out: dict) -> list:
             add(c["name"], "runs without error", None, None, False)
             continue
         cfg, r = c["config"], c.get("ratios") or {}
-        if cfg["kind"] != "lp" or cfg["alpha"] != 1.0:
-            continue  # the goals are set for exact (alpha=1) offloading
+        if cfg["kind"] != "lp" or cfg["alpha"] != 1.0 or cfg.get("skip"):
+            continue  # the goals are set for exact offloading (alpha 1, nothing skipped)
         if c.get("max_abs_logit_diff") is not None:
             allowed = exact_allowance(nz.get("logit"))
             target = "== 0 (the plain model repeats exactly)" if allowed == 0 else f"<= {allowed:.3g} ({NOISE_MARGIN:g}x the plain model's drift)"

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="shares of the layers to skip, in %% (default %(default)s)")
     p.add_argument("--selections", default=",".join(SELECTIONS), help="skip policies (default %(default)s)")
     p.add_argument("--stand-ins", default=",".join(STAND_INS), help="stand-in kinds (default %(default)s)")
+    p.add_argument("--greedy-stand-ins", default=None,
+                   help="stand-in kinds of the greedy rows (default: --stand-ins); each kind runs greedy once, the sweep's slow part")
     p.add_argument("--calib", default=None, help="calibration data: pydoc (default), pydoc:TOKENS or a text file")
     p.add_argument("--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)")
     p.add_argument("--mode", default="stream", choices=("session", "stream"))
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
         targets = frontier.parse_targets(args.targets)
         fractions = [float(f) for f in _list(args.fractions)]
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
+        greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
     except (ValueError, LPPluginError) as exc:
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
               "main_device": args.device}
     try:
         out = run_sweep(args.model, fractions=fractions, selections=_list(args.selections), stand_ins=stand_ins,
-                        calib=args.calib, engine=engine, hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
+                        calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins, hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
                         heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except LPPluginError as exc:
         print(f"lp-prune: error: {exc}", file=sys.stderr)

@@ -111,23 +111,27 @@ def prepare(path, hf_kwargs: dict, calib, stand_ins, max_count: int, log) -> Non
 
 def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STAND_INS, calib=None,
               engine: dict | None = None, hf_kwargs: dict | None = None, heldout=(HELDOUT[0], HELDOUT[1], WINDOW),
-              log=print) -> dict:
-    """Measure every (fraction, selection, stand-in); returns the JSON-ready results."""
+              greedy_stand_ins=None, log=print) -> dict:
+    """Measure every (fraction, selection, stand-in); returns the JSON-ready results. ``greedy_stand_ins``
+    (default: ``stand_ins``) limits the stand-in kinds of the ``greedy`` rows: greedy measures every
+    candidate layer at every step, once per stand-in kind, which dominates the sweep's time."""
     from transformers import AutoConfig
 
     engine = dict(engine or {})
     hf_kwargs = dict(hf_kwargs or {})
     num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
     counts = sorted({int(math.floor(f * num_layers / 100 + 0.5)) for f in fractions})
+    greedy_stand_ins = list(stand_ins if greedy_stand_ins is None else greedy_stand_ins)
     if "greedy" in selections and max(counts) > 0:
-        prepare(path, hf_kwargs, calib, stand_ins, max(counts), log)
+        prepare(path, hf_kwargs, calib, greedy_stand_ins, max(counts), log)
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
     heldout_set = heldout_ids(plain, *heldout)
     del plain
     rows = []
-    plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections for si in stand_ins]
+    plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections
+                                  for si in (greedy_stand_ins if sel == "greedy" else stand_ins)]
     for k, selection, stand_in in plan:
         options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
         row = {"fraction": round(100 * k / num_layers, 1), "selection": selection or "plain", "stand_in": stand_in,
