@@ -410,3 +410,27 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     bad = subprocess.run(cmd[:-2] + ["--targets", "25"], capture_output=True, text=True, env=fx.offline_env())
     assert bad.returncode == 2 and "write SHARE:RISE" in bad.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fractions", "10,abc"], "--fractions: 'abc' is not a number"),
+    (["--fractions", "150"], "--fractions: '150' is not a share in [0, 100)"),
+    (["--selections", "nosuch"], "--selections: unknown skip policy 'nosuch'"),
+    (["--stand-ins", "cubic"], "unknown stand_in 'cubic'"),
+    (["--greedy-stand-ins", "linear:0"], "RANK an int >= 1"),
+    (["--targets", "10"], "cannot read target '10'"),
+    ([], "is not a model folder"),
+])
+def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    from lp_plugin.skipping import cli
+
+    assert cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_lp_prune_refuses_a_folder_without_a_model(tmp_path, capsys):
+    from lp_plugin.skipping import cli
+
+    assert cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder without config.json" in capsys.readouterr().err

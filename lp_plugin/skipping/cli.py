@@ -30,6 +30,42 @@ def _list(text: str) -> list:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _fractions(text: str) -> list:
+    out = []
+    for item in _list(text):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--fractions: {item!r} is not a number; write shares in percent, e.g. 0,10,20,30") from None
+        if not 0 <= value < 100:
+            raise ValueError(f"--fractions: {item!r} is not a share in [0, 100); e.g. 0,10,20,30")
+        out.append(value)
+    if not out:
+        raise ValueError("--fractions is empty; e.g. 0,10,20,30")
+    return out
+
+
+def _selections(text: str) -> list:
+    from ..plugins import skip_policy_names
+
+    names = _list(text)
+    unknown = [n for n in names if n not in skip_policy_names()]
+    if unknown or not names:
+        raise ValueError(f"--selections: unknown skip policy {unknown[0] if unknown else '(none)'!r}; choose from "
+                         f"{skip_policy_names()} (or install a plugin that registers one)")
+    return names
+
+
+def _check_model(model: str) -> None:
+    """A path must be a model folder (with config.json); anything else is taken as a hub id."""
+    hint = "pass a transformers model folder or a hub id (e.g. $(python -m lp_plugin bundled-model))"
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"--model {model!r} is a folder without config.json; {hint}")
+    elif model.startswith(("/", ".", "~")) or os.path.exists(model):
+        raise ValueError(f"--model {model!r} is not a model folder; {hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lp-prune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a transformers folder or hub id (its tokenizer is needed)")
@@ -58,9 +94,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         targets = frontier.parse_targets(args.targets)
-        fractions = [float(f) for f in _list(args.fractions)]
+        fractions = _fractions(args.fractions)
+        selections = _selections(args.selections)
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
         greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
+        _check_model(args.model)
     except (ValueError, LPPluginError) as exc:
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +112,7 @@ def main(argv=None) -> int:
     engine = {"offload": args.offload, "mode": args.mode, "tier": args.tier, "offload_folder": args.offload_folder,
               "main_device": args.device}
     try:
-        out = run_sweep(args.model, fractions=fractions, selections=_list(args.selections), stand_ins=stand_ins,
+        out = run_sweep(args.model, fractions=fractions, selections=selections, stand_ins=stand_ins,
                         calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins, hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
                         heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except LPPluginError as exc:
