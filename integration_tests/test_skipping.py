@@ -192,6 +192,20 @@ def test_calibration_and_heldout_text_never_overlap(tokenizer):
     calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[end][0], spans[end + 2000][1])]
     assert all(b <= held_chars[0] or a >= held_chars[1] for a, b in calib_chars)  # disjoint character ranges
     assert "".join(docs) == tokenizer.decode(ids[start:end])  # the documents are exactly that text
+    with pytest.raises(OffloadSpecError, match=r"must lie inside \[4096, 8192\), the range calibration never reads"):
+        calib.heldout_documents(tokenizer, 0, 4096)
+    with pytest.raises(OffloadSpecError, match="more tokens than the pydoc text has outside the held-out range"):
+        calib.pydoc_calibration_ids(tokenizer, 10**8)
+
+
+@pytest.mark.parametrize("spec", ["pydoc:0", "pydoc:1"])
+def test_too_little_pydoc_calibration_is_refused(tmp_path, spec):
+    from lm_eval_fixtures import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", tmp_path / "tiny"))
+    with pytest.raises(OffloadSpecError, match="ask for at least 2"):
+        lp_plugin.attach(model, offload="none", skip="bi:1", calib=spec)
 
 
 def test_fitted_quantities_read_only_calibration_tokens(tmp_path, tokenizer):
@@ -263,6 +277,55 @@ def test_stand_ins_are_cached_verified_and_refitted(known, recwarn):
     assert _attach_linear(known)[1]["cached"] is True  # the rewritten file verifies again
 
 
+def test_cache_key_holds_the_config_and_the_fit_settings(known, monkeypatch):
+    """Same weights, another rms_norm_eps: another forward, so another key; changed fit settings miss too."""
+    calls = _counting(monkeypatch)
+    ids = _ids()
+    lp_plugin.importance(known, ids, "ppl")
+    known.config.rms_norm_eps = 0.5
+    for module in known.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.5  # the norms follow the config
+    lp_plugin.importance(known, ids, "ppl")
+    assert calls == ["ppl", "ppl"]
+    monkeypatch.setitem(metrics.SETTINGS, "scored_windows", metrics.SCORED_WINDOWS + 1)
+    lp_plugin.importance(known, ids, "ppl")
+    assert calls == ["ppl", "ppl", "ppl"]
+
+
+def test_scores_do_not_depend_on_train_mode(known):
+    """Dropout in train mode would make scores random (and they are cached): measured in eval mode,
+    and the model's mode is left as it was."""
+    for module in known.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    ids = _ids()
+    known.eval()
+    ref = metrics.SkipContext(known, ids).runner.nll()
+    known.train()
+    assert metrics.SkipContext(known, ids).runner.nll() == ref and known.training
+
+
+def test_greedy_with_a_stand_in_on_one_calibration_window(known):
+    handle = lp_plugin.attach(known, offload="none", skip="greedy:2", stand_in="mean", calib=_ids(40))
+    assert len(handle.info()["skipped_layers"]) == 2
+    handle.detach()
+
+
+def test_unwritable_cache_warns_and_still_skips(known, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="cannot write the skipping cache .* point LP_PLUGIN_CACHE at a writable folder"):
+        handle = lp_plugin.attach(known, offload="none", skip="bi:2", stand_in="mean", calib=_ids())
+    assert handle.info()["skipped_layers"] == list(IDENTITY)
+    handle.detach()
+
+
+def test_cache_files_are_readable_by_others(known):
+    lp_plugin.importance(known, _ids(), "bi")
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in cache.folder().iterdir())
+
+
 def test_tampered_importance_file_is_recomputed_with_a_warning(known, monkeypatch):
     calls = _counting(monkeypatch)
     first = lp_plugin.importance(known, _ids(), "bi")
@@ -320,6 +383,8 @@ def test_a_plugin_contributes_a_skip_policy(known):
     (dict(skip=1.5), OffloadSpecError, "skip spec must be a str or a list of ints, got float"),
     (dict(skip=[]), OffloadSpecError, "skip layer list is empty"),
     (dict(skip="bi:8"), OffloadSpecError, "leave at least one layer"),
+    (dict(skip="0-7"), OffloadSpecError, "names all 8 of the model's layers; leave at least one"),
+    (dict(skip="all"), OffloadSpecError, "names all 8 of the model's layers; leave at least one"),
     (dict(skip="3,9"), OffloadSpecError, "out of range"),
     (dict(skip="bi:2", stand_in="cubic"), OffloadSpecError, "unknown stand_in 'cubic'"),
     (dict(skip="bi:2", stand_in="linear:0"), OffloadSpecError, "RANK an int >= 1"),

@@ -1,12 +1,14 @@
 """On-disk cache of importance scores and fitted stand-ins, keyed by what they were computed from.
 
-A key is a dict (the model's weight fingerprint, the calibration tokens' fingerprint, the metric or
-stand-in kind and its parameters, the cache format); its SHA-256 names the file under
+A key is a dict (the model's fingerprint: its weights and the config values that change its
+forward; the calibration tokens' fingerprint; the metric or stand-in kind and its parameters; the
+fitting algorithm's version and settings; the cache format); its SHA-256 names the file under
 ``lp_plugin.bundled.cache_root() / "skipping"``. Every file also records its full key and a SHA-256
 of its content, and is checked against both before use, like the disk tier's layer files: a
 foreign, truncated or edited file is recomputed with a warning that names it and the reason, never
-silently reused. Files are written atomically (temporary file, then rename). No pickle: JSON for
-scores, safetensors for tensors.
+silently reused. Files are written atomically (temporary file, then rename), readable by everyone
+(a shared cache); a cache that cannot be written is warned about once per file and the computed
+result is used anyway. No pickle: JSON for scores, safetensors for tensors.
 """
 
 from __future__ import annotations
@@ -41,9 +43,29 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+_CONFIG_IGNORED = ("_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures",
+                   "torch_dtype", "dtype", "use_cache")
+
+
+def _config_digest(model) -> str:
+    """The config values that can change the forward (rope, norms, attention implementation, ...),
+    without the ones that only say where the model came from."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    try:
+        values = config.to_dict()
+    except Exception:  # noqa: BLE001 - a config that cannot be listed: its repr
+        values = {"repr": repr(config)}
+    values = {k: v for k, v in values.items() if k not in _CONFIG_IGNORED}
+    values["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def model_fingerprint(model) -> str:
-    """SHA-256 over every parameter and buffer of ``model``: names, dtypes, shapes and bytes (the
-    values Accelerate holds for layers it offloaded, where the module has placeholders)."""
+    """SHA-256 over every parameter and buffer of ``model`` (names, dtypes, shapes and bytes; the
+    values Accelerate holds for layers it offloaded, where the module has placeholders) and over the
+    config values that change its forward."""
     held = {}
     _, layers = find_decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -52,7 +74,7 @@ def model_fingerprint(model) -> str:
         if hooks:
             values, _ = accel.hooked_values(layer, hooks)
             held.update({f"{names[id(layer)]}.{k}": v for k, v in values.items()})
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_config_digest(model).encode())
     for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
         tensor = held.get(name, tensor)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -71,17 +93,26 @@ def _name(kind: str, key: dict, suffix: str) -> Path:
     return folder() / f"{kind}-{hashlib.sha256(blob).hexdigest()[:32]}{suffix}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
+def _atomic_write(path: Path, write) -> Path | None:
+    """Write ``path`` through a temporary file; on a file-system error warn (naming the folder and
+    ``LP_PLUGIN_CACHE``) and return None: the result is still used, only not cached."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        return path
+    except OSError as exc:
+        warnings.warn(f"lp_plugin: cannot write the skipping cache in {path.parent} ({exc}); the result is used but "
+                      "not cached: point LP_PLUGIN_CACHE at a writable folder", stacklevel=3)
+        return None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _stale(what: str, path: Path, reason: str) -> None:
@@ -111,12 +142,11 @@ def load_json(kind: str, key: dict, what: str):
     return doc["payload"]
 
 
-def save_json(kind: str, key: dict, payload) -> Path:
+def save_json(kind: str, key: dict, payload) -> Path | None:
     key = canonical(key)
     path = _name(kind, key, ".json")
     doc = {"format": FORMAT, "key": key, "sha256": _digest(payload), "payload": payload}
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, sort_keys=True)))
-    return path
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, sort_keys=True)))
 
 
 # ------------------------------------------------------------------------------------ tensors
@@ -150,11 +180,10 @@ def load_tensors(kind: str, key: dict, what: str):
     return tensors, info
 
 
-def save_tensors(kind: str, key: dict, tensors: dict, info: dict) -> Path:
+def save_tensors(kind: str, key: dict, tensors: dict, info: dict) -> Path | None:
     key = canonical(key)
     path = _name(kind, key, ".safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "key": json.dumps(key, sort_keys=True), "sha256": _tensors_digest(tensors),
             "info": json.dumps(info, sort_keys=True)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return path
+    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -120,6 +120,11 @@ def pydoc_calibration_ids(tokenizer, tokens: int = CALIB_TOKENS) -> list:
 def heldout_documents(tokenizer, start: int = HELDOUT[0], end: int = HELDOUT[1], window: int = WINDOW) -> list:
     """The held-out documents: tokens ``[start, end)`` of the pydoc stream in ``window``-token pieces,
     each decoded back to text."""
+    if not HELDOUT[0] <= start < end <= HELDOUT[1]:
+        raise OffloadSpecError(f"held-out tokens [{start}, {end}) must lie inside [{HELDOUT[0]}, {HELDOUT[1]}), the range "
+                               "calibration never reads; pick a range inside it")
+    if window < 2:
+        raise OffloadSpecError(f"held-out window {window} is too short; use at least 2 tokens (default {WINDOW})")
     ids = encode(tokenizer, pydoc_text())
     if end > len(ids):
         raise OffloadSpecError(f"the pydoc text has {len(ids)} tokens, fewer than the held-out end {end}")
@@ -147,6 +152,8 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
     if name == PYDOC and (not count or count.isdigit()):
         tokenizer = tokenizer_for(model, f"calib={text!r}")
         tokens = int(count) if count else CALIB_TOKENS
+        if tokens < 2:
+            raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'pydoc:4096')")
         ids = pydoc_calibration_ids(tokenizer, tokens)
         return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer), f"pydoc, {len(ids)} tokens")
     path = os.path.expanduser(text)

@@ -4,8 +4,10 @@
 
 writes ``OUT.json`` (every row: held-out perplexity, tok/s, standby/peak VRAM, bytes moved per token,
 the layers chosen and how the stand-ins were fitted), ``OUT.txt`` (the tables and the targets) and
-``OUT.png`` (perplexity against layers skipped and against VRAM). Exit status: 0 every target met,
-1 a target missed, 2 bad arguments.
+``OUT.png`` (perplexity against layers skipped and against VRAM; needs matplotlib, the ``plot``
+extra). Arguments, the engine options and the output folder are checked before any work. Exit
+status: 0 no target missed (a target whose share the sweep did not measure is reported as not
+measured), 1 a target missed, 2 bad arguments or a model that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -56,6 +58,45 @@ def _selections(text: str) -> list:
     return names
 
 
+def _engine(args) -> dict:
+    """The engine options of every row, checked now against the model's config (not after the slow
+    greedy pass)."""
+    from transformers import AutoConfig
+
+    from ..config import OffloadConfig
+    from ..plan import OffloadPlan
+
+    engine = {"offload": args.offload, "mode": args.mode, "tier": args.tier, "offload_folder": args.offload_folder,
+              "main_device": args.device}
+    OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), OffloadConfig(**engine))
+    return engine
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("the frontier plot needs matplotlib: pip install 'lp_plugin[plot]', or pass --no-plot") from None
+
+
+def _out_folder(out: str) -> None:
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out!r}: cannot create its folder {folder!r} ({exc.strerror}); pass a path in a "
+                         "writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out!r}: its folder {folder!r} is not writable; pass a path in a writable folder")
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _check_model(model: str) -> None:
     """A path must be a model folder (with config.json); anything else is taken as a hub id."""
     hint = "pass a transformers model folder or a hub id (e.g. $(python -m lp_plugin bundled-model))"
@@ -84,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--heldout-window", type=int, default=WINDOW,
                    help="tokens per held-out document (default %(default)s; at most the model's context)")
-    p.add_argument("--targets", default="10:10,20:30,30:60",
+    p.add_argument("--targets", default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
                    help="SHARE:RISE pairs in %%: the best row at each share must raise perplexity by at most RISE (default %(default)s)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -99,7 +140,13 @@ def main(argv=None) -> int:
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
         greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
         _check_model(args.model)
-    except (ValueError, LPPluginError) as exc:
+        if args.heldout_window < 2:
+            raise ValueError(f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})")
+        engine = _engine(args)
+        if not args.no_plot:
+            _need_matplotlib()
+        _out_folder(args.out)
+    except (ValueError, OSError, LPPluginError) as exc:
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2
     import torch
@@ -109,24 +156,20 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("lp_plugin").setLevel(logging.INFO)  # greedy reports each step: it can take a while
 
-    engine = {"offload": args.offload, "mode": args.mode, "tier": args.tier, "offload_folder": args.offload_folder,
-              "main_device": args.device}
     try:
         out = run_sweep(args.model, fractions=fractions, selections=selections, stand_ins=stand_ins,
-                        calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins, hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
-                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except LPPluginError as exc:
+                        calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins,
+                        hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
+                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window),
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (LPPluginError, OSError) as exc:  # OSError: a model transformers cannot load (offline hub id, bad files)
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2
     out["dtype"] = args.dtype
     out["targets"] = frontier.check_targets(out, targets)
     text = frontier.table(out) + "\n" + frontier.targets_text(out["targets"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(f"{args.out}.json", "w") as fh:
-        json.dump(jsonable(out), fh, indent=1)
-        fh.write("\n")
-    with open(f"{args.out}.txt", "w") as fh:
-        fh.write(text)
+    _write(f"{args.out}.json", json.dumps(jsonable(out), indent=1) + "\n")
+    _write(f"{args.out}.txt", text)
     if not args.no_plot:
         frontier.plot(out, f"{args.out}.png")
     print(text)

@@ -13,12 +13,13 @@ Metrics (lower score = the layer is less needed = skipped first):
   context has one) leaves the lowest calibration perplexity, re-measuring every remaining layer
   after each removal; ``order`` is the removal order and a layer's score the perplexity after it
   went (``None`` for layers never removed within ``steps``). Perplexity is measured on the first
-  4096 calibration tokens (all of them when there are fewer); with stand-ins it is cross-fitted:
+  :data:`SCORED_WINDOWS` calibration windows (all of them when there are fewer); with stand-ins it is cross-fitted:
   those windows are dealt into two folds and each fold is scored with stand-ins fitted on every
   other calibration window, so a stand-in that fits its own tokens but not new ones scores as it
   will on new text.
 
-:func:`importance` caches results by the model's weight fingerprint and the calibration tokens.
+:func:`importance` caches results by the model's fingerprint (weights and config), the calibration
+tokens and the scoring settings.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from .spec import StandInSpec, parse_stand_in
 log = logging.getLogger("lp_plugin")
 
 METRICS = ("bi", "angular", "ppl", "greedy")
-SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows (4096 tokens)
+SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
+# what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, **standins.SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,9 @@ class SkipContext:
         return self.runner.layer_inputs(layers=sorted(set(layers)))
 
     def key(self, **parts) -> dict:
-        """A cache key: the model's weights, the calibration tokens, and ``parts``."""
-        return {"model": self.fingerprint, "calib": self.calib.fingerprint, **parts}
+        """A cache key: the model (weights and config), the calibration tokens, the settings of the
+        scoring and fitting code, and ``parts``."""
+        return {"model": self.fingerprint, "calib": self.calib.fingerprint, "settings": SETTINGS, **parts}
 
     def importance(self, metric: str, *, n: int = 1, stand_in=None, steps: int | None = None) -> Importance:
         """Cached scores of ``metric`` (see the module docstring); ``stand_in`` defaults to the
@@ -123,7 +127,10 @@ def _from_payload(payload: dict, steps) -> Importance:
         order = order[:steps]
         for i in dropped:
             scores[i] = None
-    return Importance(payload["metric"], tuple(scores), order, dict(payload["params"]), payload["calib"])
+    params = dict(payload["params"])
+    if steps is not None and "steps" in params:
+        params["steps"] = min(steps, params["steps"])
+    return Importance(payload["metric"], tuple(scores), order, params, payload["calib"])
 
 
 def importance(model, calib=None, metric: str = "bi", *, n: int = 1, stand_in: str = "none",
@@ -212,7 +219,9 @@ def _greedy(ctx, n, spec, steps) -> Importance:
                 continue
             total, tokens, fns = 0.0, 0, []
             for f, fold in enumerate(folds):
-                fns.append(replacement(ctx, spec, j, states[f][j], [w for w in every if w not in fold]))
+                # with one calibration window there is nothing to cross-fit on: fitted and scored on it
+                train = [w for w in every if w not in fold] or list(every)
+                fns.append(replacement(ctx, spec, j, states[f][j], train))
                 later = {i: g for i, g in pipes[f].items() if i > j}
                 nll, count = ctx.runner.nll_sum({**later, j: fns[-1]}, start=j, states=states[f][j], windows=fold)
                 total, tokens = total + nll, tokens + count

@@ -68,6 +68,9 @@ def resolve_skips(model, config, num_layers: int):
         layers, ctx = _policy_layers(spec, model, config, stand_in, num_layers)
     else:
         layers = _explicit_layers(config.skip, num_layers)
+        if len(layers) >= num_layers:
+            raise OffloadSpecError(f"skip={config.skip!r} names all {num_layers} of the model's layers; leave at least "
+                                   "one layer to run")
     info = {"skip": config.skip if isinstance(config.skip, str) else list(config.skip), "layers": list(layers),
             "stand_in": str(stand_in)}
     stand_ins = {}

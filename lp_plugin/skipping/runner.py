@@ -105,6 +105,8 @@ class Runner:
             handles.append(self.layers[i].register_forward_pre_hook(functools.partial(pre, i), with_kwargs=True))
         if n in record or stop == n:
             handles.append(self.layers[-1].register_forward_hook(post))
+        training = self.model.training
+        self.model.eval()  # dropout would make scores and fits random (and they are cached)
         try:
             with swapped_forwards(self.layers, forwards):
                 out = self.model(self.inputs[w], use_cache=False)
@@ -113,6 +115,7 @@ class Runner:
         finally:
             for h in handles:
                 h.remove()
+            self.model.train(training)
         return F.cross_entropy(out.logits[0].float(), self.targets[w], reduction="sum").item(), seen
 
     # ------------------------------------------------------------------ what callers use

@@ -33,6 +33,8 @@ from .spec import StandInSpec
 
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried, relative to the mean input power
 FOLDS = 4
+SETTINGS = {"fit": "ridge, 1/|target|^2 token weights, per-output strength by window cross-validation",
+            "ridge_grid": list(RIDGE_GRID), "ridge_folds": FOLDS}  # part of every cache key
 
 
 class MeanStandIn(nn.Module):
