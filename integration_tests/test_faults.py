@@ -1,4 +1,4 @@
-"""The fault table of issue 4: bad inputs and injected faults, each with its exact outcome.
+"""The fault table: bad inputs and injected faults, each with its exact outcome.
 
 Every case asserts one of:
 
