@@ -236,6 +236,16 @@ def test_registration_is_idempotent_and_upgrades_to_the_class():
     assert "ResidualOffloadLM True" in out.stdout
 
 
+def _pydoc_task_utils():
+    """The task folder's ``utils`` module, imported as lm-eval imports it (from the tasks path)."""
+    sys.path.insert(0, str(Path(fx.tasks_path()) / "lp_pydoc_ppl"))
+    try:
+        import utils
+    finally:
+        sys.path.pop(0)
+    return utils
+
+
 def test_tasks_path_cli():
     path = Path(fx.tasks_path())
     assert (path / "lp_pydoc_ppl" / "lp_pydoc_ppl.yaml").is_file()
@@ -243,11 +253,7 @@ def test_tasks_path_cli():
 
 
 def test_pydoc_chunks_cover_the_text_in_similar_sizes():
-    sys.path.insert(0, str(Path(fx.tasks_path()) / "lp_pydoc_ppl"))
-    try:
-        import utils as task_utils
-    finally:
-        sys.path.pop(0)
+    task_utils = _pydoc_task_utils()
     from pydoc_data.topics import topics
 
     chunks = task_utils.pydoc_chunks()
@@ -266,11 +272,7 @@ def test_chunks_task_runs_through_lm_eval(tiny_models, tmp_path):
 
 
 def test_pydoc_documents_are_deterministic():
-    sys.path.insert(0, str(Path(fx.tasks_path()) / "lp_pydoc_ppl"))
-    try:
-        import utils as task_utils
-    finally:
-        sys.path.pop(0)
+    task_utils = _pydoc_task_utils()
     docs = task_utils.pydoc_documents()
     again = task_utils.pydoc_documents()
     assert docs == again

@@ -34,6 +34,12 @@ _TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig when t
 _COLON_OPTIONS = ("skip", "calib")  # values that may hold a colon themselves
 
 
+def is_exact(cfg: dict) -> bool:
+    """Whether a config (as its results-JSON dict) must reproduce the plain model's logits: alpha 1,
+    nothing skipped."""
+    return cfg.get("alpha", 1.0) == 1.0 and not cfg.get("skip")
+
+
 class ConfigError(ValueError):
     """A config string lp-bench cannot read."""
 
@@ -57,8 +63,7 @@ class BenchConfig:
 
     @property
     def exact(self) -> bool:
-        """Whether the config must reproduce the plain model's logits (alpha 1, nothing skipped)."""
-        return self.alpha == 1.0 and self.skip is None
+        return is_exact(self.to_dict())
 
     def to_dict(self) -> dict:
         return asdict(self)

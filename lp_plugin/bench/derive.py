@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from lp_plugin.report import GIB
 
+from .configs import is_exact
 from .stats import log_rms, median_of, paired, runs_of
 
 PEAK_SLACK_BYTES = int(0.2 * GIB)  # activations allowed over standby + ring in stream mode
@@ -133,7 +134,7 @@ def goals(out: dict) -> list:
             add(c["name"], "runs without error", None, None, False)
             continue
         cfg, r = c["config"], c.get("ratios") or {}
-        if cfg["kind"] != "lp" or cfg["alpha"] != 1.0 or cfg.get("skip"):
+        if cfg["kind"] != "lp" or not is_exact(cfg):
             continue  # the goals are set for exact offloading (alpha 1, nothing skipped)
         if c.get("max_abs_logit_diff") is not None:
             allowed = exact_allowance(nz.get("logit"))

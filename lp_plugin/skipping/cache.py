@@ -116,7 +116,22 @@ def _atomic_write(path: Path, write) -> Path | None:
 
 
 def _stale(what: str, path: Path, reason: str) -> None:
-    warnings.warn(f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=3)
+    warnings.warn(f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=4)
+
+
+def _load(kind: str, key: dict, suffix: str, what: str, read):
+    """``read(path, key)`` of the file cached under ``key`` (it raises ValueError, OSError or
+    SafetensorError when the file is not what was asked for), or None: missing, or unusable (with a
+    warning naming the file and the reason)."""
+    key = canonical(key)
+    path = _name(kind, key, suffix)
+    if not path.is_file():
+        return None
+    try:
+        return read(path, key)
+    except (OSError, ValueError, AttributeError, SafetensorError) as exc:
+        _stale(what, path, str(exc))
+        return None
 
 
 def _digest(payload) -> str:
@@ -126,19 +141,15 @@ def _digest(payload) -> str:
 # ------------------------------------------------------------------------------------------ JSON
 def load_json(kind: str, key: dict, what: str):
     """The payload cached under ``key``, or None (missing; unusable: with a warning)."""
-    key = canonical(key)
-    path = _name(kind, key, ".json")
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT or doc.get("key") != key:
-            raise ValueError("written for other inputs")
-        if doc.get("sha256") != _digest(doc.get("payload")):
-            raise ValueError("its content does not match its SHA-256")
-    except (OSError, ValueError, AttributeError) as exc:
-        _stale(what, path, str(exc))
-        return None
+    return _load(kind, key, ".json", what, _read_json)
+
+
+def _read_json(path: Path, key: dict):
+    doc = json.loads(path.read_text())
+    if doc.get("format") != FORMAT or doc.get("key") != key:
+        raise ValueError("written for other inputs")
+    if doc.get("sha256") != _digest(doc.get("payload")):
+        raise ValueError("its content does not match its SHA-256")
     return doc["payload"]
 
 
@@ -161,23 +172,18 @@ def _tensors_digest(tensors: dict) -> str:
 
 def load_tensors(kind: str, key: dict, what: str):
     """``(tensors, info)`` cached under ``key``, or None (missing; unusable: with a warning)."""
-    key = canonical(key)
-    path = _name(kind, key, ".safetensors")
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path))
-        if meta.get("format") != FORMAT or json.loads(meta.get("key", "null")) != key:
-            raise ValueError("written for other inputs")
-        if meta.get("sha256") != _tensors_digest(tensors):
-            raise ValueError("its tensors do not match their SHA-256")
-        info = json.loads(meta.get("info", "{}"))
-    except (OSError, ValueError, SafetensorError) as exc:
-        _stale(what, path, str(exc))
-        return None
-    return tensors, info
+    return _load(kind, key, ".safetensors", what, _read_tensors)
+
+
+def _read_tensors(path: Path, key: dict):
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    tensors = load_file(str(path))
+    if meta.get("format") != FORMAT or json.loads(meta.get("key", "null")) != key:
+        raise ValueError("written for other inputs")
+    if meta.get("sha256") != _tensors_digest(tensors):
+        raise ValueError("its tensors do not match their SHA-256")
+    return tensors, json.loads(meta.get("info", "{}"))
 
 
 def save_tensors(kind: str, key: dict, tensors: dict, info: dict) -> Path | None:

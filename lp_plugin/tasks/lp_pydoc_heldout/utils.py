@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import re
-
 from lp_plugin.skipping.calib import HELDOUT, WINDOW, document_ids, heldout_documents
+from lp_plugin.tasks.lp_pydoc_ppl.utils import doc_to_target  # noqa: F401 - the YAML names it here
+from lp_plugin.tasks.lp_pydoc_ppl.utils import process_results as text_metrics
 
 
 def load_heldout(pretrained=None, tokenizer=None, heldout_start=HELDOUT[0], heldout_end=HELDOUT[1],
@@ -24,17 +24,7 @@ def load_heldout(pretrained=None, tokenizer=None, heldout_start=HELDOUT[0], held
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def doc_to_target(doc) -> str:
-    return doc["text"]
-
-
 def process_results(doc, results):
+    """lp_pydoc_ppl's metrics (lm-eval's wikitext conventions) plus the sweep's ``token_perplexity``."""
     (loglikelihood,) = results
-    words = len(re.split(r"\s+", doc["text"]))
-    nbytes = len(doc["text"].encode("utf-8"))
-    return {
-        "token_perplexity": (loglikelihood, doc["tokens"]),
-        "word_perplexity": (loglikelihood, words),
-        "byte_perplexity": (loglikelihood, nbytes),
-        "bits_per_byte": (loglikelihood, nbytes),
-    }
+    return {"token_perplexity": (loglikelihood, doc["tokens"]), **text_metrics(doc, results)}
