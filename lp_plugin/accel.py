@@ -12,14 +12,15 @@ from __future__ import annotations
 from .devices import normalize_device
 
 _HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")
+_MOVE_METHODS = ("to", "cuda", "npu", "xpu", "mlu", "sdaa", "musa", "neuron")  # what dispatch_model wraps
 
 
 class SuspendedHook:
     """The hook attributes of one module, taken off; :meth:`restore` puts them back."""
 
-    def __init__(self, module):
+    def __init__(self, module, names=_HOOK_ATTRS):
         self.module = module
-        self.attrs = {name: module.__dict__.pop(name) for name in _HOOK_ATTRS if name in module.__dict__}
+        self.attrs = {name: module.__dict__.pop(name) for name in names if name in module.__dict__}
 
     @property
     def hook(self):
@@ -118,6 +119,18 @@ def suspend_dispatch_hooks(model, main_device) -> list:
                          for h in hooks):
             out.append(SuspendedHook(module))
     return out
+
+
+def suspend_move_wrappers(model) -> list:
+    """``dispatch_model`` wraps ``model.to``/``model.cuda`` (and the like) to warn that its hooks would
+    fight a move. Once no Accelerate device hook is left active on the model, that warning is false
+    (lm-eval moves every model it gets): the wrappers are taken off, to be restored by detach."""
+    from accelerate.hooks import AlignDevicesHook
+
+    if any(isinstance(h, AlignDevicesHook) for m in model.modules() for h in _hooks_of(m)):
+        return []
+    names = [n for n in _MOVE_METHODS if hasattr(model.__dict__.get(n), "__wrapped__")]
+    return [SuspendedHook(model, names)] if names else []
 
 
 def _same(execution_device, main_device) -> bool:

@@ -329,6 +329,7 @@ def _install(handle, model, layer_list):
         layer.install()
     if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
         handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)
+        handle.suspended += accel.suspend_move_wrappers(model)
     if hasattr(model, "hf_device_map"):
         handle._device_map = (True, model.hf_device_map)
         model.hf_device_map = _computing_map(model.hf_device_map, plan)

@@ -28,10 +28,13 @@ import torch
 from accelerate.utils import gather_object
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils_hf import get_dtype
+from lm_eval.models.utils import Collator
+from lm_eval.models.utils_hf import get_dtype, pad_and_concat
+from tqdm import tqdm
 
 import lp_plugin
 
+from . import logprobs
 from .config import OffloadConfig
 from .errors import OffloadSpecError
 from .devices import normalize_device
@@ -43,6 +46,8 @@ eval_logger = logging.getLogger(__name__)
 MODEL_NAME = "hf-residual-offload"
 #: bitsandbytes 4-bit options (turned into a BitsAndBytesConfig)
 QUANT_ARGS = ("load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_type")
+#: lm-eval scoring options of this model type (not engine options)
+SCORING_ARGS = ("prefill_chunk",)
 #: transformers ``from_pretrained`` keywords passed through
 HF_EXTRA_ARGS = ("attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors", "low_cpu_mem_usage")
 #: HFLM arguments that would fight the engine's placement of the layers
@@ -77,7 +82,7 @@ def _hflm_arg_names() -> set:
 
 def valid_model_args() -> list:
     """Every model_args name ``hf-residual-offload`` accepts."""
-    names = _hflm_arg_names() | set(OffloadConfig.names()) | set(QUANT_ARGS) | set(HF_EXTRA_ARGS)
+    names = _hflm_arg_names() | set(OffloadConfig.names()) | set(QUANT_ARGS) | set(HF_EXTRA_ARGS) | set(SCORING_ARGS)
     return sorted(names - set(REJECTED_ARGS) - {"main_device"})
 
 
@@ -86,7 +91,8 @@ def _check_args(kwargs: dict) -> None:
     if unknown:
         raise OffloadSpecError(
             f"{MODEL_NAME}: unknown model_args {unknown}. Valid model_args: engine options "
-            f"{sorted(set(OffloadConfig.names()) - {'main_device'})}, quantization {list(QUANT_ARGS)}, transformers "
+            f"{sorted(set(OffloadConfig.names()) - {'main_device'})}, scoring {list(SCORING_ARGS)}, quantization "
+            f"{list(QUANT_ARGS)}, transformers "
             f"extras {list(HF_EXTRA_ARGS)}, and HFLM's {sorted(_hflm_arg_names() - set(REJECTED_ARGS) - set(OffloadConfig.names()))}"
         )
     for name, why in REJECTED_ARGS.items():
@@ -97,8 +103,8 @@ def _check_args(kwargs: dict) -> None:
 def budget_options(options: dict, hflm_kwargs: dict) -> dict:
     """The engine options of ``options`` (lp_plugin's model_args). ``batch_size`` is HFLM's and stays in
     ``hflm_kwargs``; with ``offload=auto`` the plan also holds HFLM's ``batch_size`` and ``max_length``
-    (unless ``max_context`` is given) and plans for loglikelihood work (lm-eval's full logits) unless
-    ``work`` says otherwise."""
+    (unless ``max_context`` is given; without either, the longest context up to the model's own that fits:
+    ``max_context=auto``) and plans for loglikelihood work unless ``work`` says otherwise."""
     options = dict(options)
     if "batch_size" in options:
         hflm_kwargs["batch_size"] = options.pop("batch_size")
@@ -109,10 +115,19 @@ def budget_options(options: dict, hflm_kwargs: dict) -> dict:
         raise OffloadSpecError(f"offload=auto plans for a fixed batch size, but batch_size={batch!r} probes ever larger "
                                "batches: pass an int batch_size (e.g. --batch_size 4)")
     options["batch_size"] = int(batch)
-    if "max_context" not in options and hflm_kwargs.get("max_length") is not None:
-        options["max_context"] = hflm_kwargs["max_length"]
+    if "max_context" not in options:
+        options["max_context"] = hflm_kwargs["max_length"] if hflm_kwargs.get("max_length") is not None else "auto"
     options.setdefault("work", "loglikelihood")
     return options
+
+
+def _positive_int_arg(name: str, value):
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise OffloadSpecError(f"{name} must be a whole number of tokens >= 1, got {value!r}")
+    return int(text)
 
 
 def _as_bool(name, value) -> bool:
@@ -145,6 +160,9 @@ def quantization_config(kwargs: dict, dtype):
     return nf4_config(compute, double_quant=double, quant_type=quant_type)
 
 
+_NO_LOGITS = torch.empty(1, 0, 0)  # what Collator.get_cache expands per cache hit: the scores are ours
+
+
 @register_model(MODEL_NAME)
 class ResidualOffloadLM(HFLM):
     """HFLM whose model comes from :func:`lp_plugin.from_pretrained` (or, for an already built
@@ -154,18 +172,29 @@ class ResidualOffloadLM(HFLM):
         _check_args(kwargs)
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
+        self._lp_prefill_chunk = _positive_int_arg("prefill_chunk", kwargs.pop("prefill_chunk", None))
         options, kwargs = OffloadConfig.split(kwargs)
+        self._lp_length_given = kwargs.get("max_length") is not None or "max_context" in options
         self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
         self._lp_quant = quantization_config(kwargs, kwargs.get("dtype", "auto"))
         self._lp_stats = dict(tokens=0, forwards=0, forward_s=0.0, eval_s=0.0, sessions=0)
         self._lp_depth = 0
-        self._lp_counting = True
+        self._lp_probing = False
         super().__init__(pretrained, **kwargs)
         if lp_plugin.get_handle(self._model) is None:  # a ready PreTrainedModel was passed in
             lp_plugin.attach(self._model, dataclasses.replace(self._lp_config, main_device=self._lp_device()))
-        self._lp_config = lp_plugin.get_handle(self._model).config  # offload="auto": the planned layers and mode
+        handle = lp_plugin.get_handle(self._model)
+        self._lp_config = handle.config  # offload="auto": the planned layers and mode
+        budget = handle.plan.budget
+        self._lp_length_source = "given" if self._lp_length_given else "the model's"
+        if budget is not None:
+            if budget.work.kind == "loglikelihood" and not self._lp_length_given:
+                self._max_length = budget.work.context  # the longest context the card holds
+                self._lp_length_source = budget.context_source
+            if self._lp_prefill_chunk is None:
+                self._lp_prefill_chunk = budget.prefill_chunk
         self._lp_mark_standby()
-        eval_logger.info(f"{MODEL_NAME}: {jsonable(lp_plugin.get_handle(self._model).info())}")
+        eval_logger.info(f"{MODEL_NAME}: {jsonable(handle.info())}")
 
     def _lp_device(self) -> str:
         device = self.accelerator.device if getattr(self, "accelerator", None) is not None else self.device
@@ -249,27 +278,136 @@ class ResidualOffloadLM(HFLM):
         return out
 
     def _detect_batch_size(self, *args, **kwargs):
-        """``--batch_size auto`` probes with forwards of growing batches: not evaluation work."""
-        self._lp_counting = False
+        """``--batch_size auto`` probes with forwards of growing batches through the same scoring path as the
+        evaluation (:meth:`_model_call` below); the probes are not counted as evaluation work."""
+        self._lp_probing = True
         try:
             with self._lp_block():
                 return super()._detect_batch_size(*args, **kwargs)
         finally:
-            self._lp_counting = True
+            self._lp_probing = False
             self._lp_mark_standby()
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        if not self._lp_counting:
-            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        """Only lm-eval's batch-size probe calls this for a causal model (scoring goes through
+        :meth:`_loglikelihood_tokens`): it gets the logits of one head chunk after a full forward, so the
+        probe needs what an evaluation batch needs."""
+        if not self._lp_probing or attn_mask is not None or labels is not None:
+            with self._lp_timed(inps.numel()):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with self._lp_scoring_context():
+            head = logprobs.head_of(self.model)
+            hidden = logprobs.final_hidden(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk)
+            size = hidden.element_size()
+            out_size = torch.empty((), dtype=self.softmax_dtype).element_size() if self.softmax_dtype is not None else size
+            rows = logprobs.head_rows(head.vocab, size, out_size)
+            return head(hidden.reshape(-1, hidden.shape[-1])[:rows]).unsqueeze(0)
+
+    @contextlib.contextmanager
+    def _lp_timed(self, tokens: int):
+        """Count ``tokens`` of evaluation work and the time it takes (synchronized); not while probing."""
+        if self._lp_probing:
+            yield
+            return
         dev = self._lp_cuda()
         t0 = time.perf_counter()
         with self._lp_block():
-            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            yield
         if dev is not None:
             torch.cuda.synchronize(dev)
         self._lp_stats["forward_s"] += time.perf_counter() - t0
-        self._lp_stats["tokens"] += int(inps.numel())
+        self._lp_stats["tokens"] += int(tokens)
         self._lp_stats["forwards"] += 1
+
+    def _lp_scoring_context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                           enabled=self.mixed_precision_dtype is not None))
+        return stack
+
+    # ------------------------------------------------------------------ scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """HFLM's loop (the same order, batches, truncation, one-token continuation cache and results), with
+        each continuation scored from the final hidden states chunk by chunk (:mod:`lp_plugin.logprobs`):
+        full-vocabulary logits are never materialized."""
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        re_ord = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),
+                          group_by="contexts" if self.logits_cache else None, group_fn=lambda req: req[-2] + req[-1][:-1])
+        auto = self.batch_size == "auto"
+        batch_size = self.batch_size if not auto else override_bs if override_bs is not None else 0
+        batch_fn = self._batch_scheduler if auto and len(re_ord) > 0 and not override_bs else None
+        if batch_fn is not None:
+            self.batch_sizes = {}  # as HFLM: detect again for this set of requests
+        res = []
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or (self.rank != 0)), desc="Running loglikelihood requests")
+        for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+            res.extend(self._lp_score_batch(chunk, re_ord, pbar))
+        pbar.close()
+        return re_ord.get_original(res)
+
+    def _lp_inputs(self, chunk) -> list:
+        """Each request's input ids, truncated from the left to ``max_length`` as HFLM does."""
+        inps = []
+        for _, context_enc, continuation_enc in chunk:
+            if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
+                raise ValueError(f"{MODEL_NAME}: a request needs a non-empty context and a continuation of 1 to "
+                                 f"max_length={self.max_length} tokens, got {len(context_enc)} and {len(continuation_enc)}")
+            total = len(context_enc) + len(continuation_enc)
+            if total > self.max_length + 1:
+                eval_logger.warning(
+                    f"Combined length of context ({len(context_enc)}) and continuation ({len(continuation_enc)}) "
+                    f"exceeds model's maximum length ({self.max_length}). "
+                    f"Truncating {total - self.max_length + 1} tokens from the left.")
+            inps.append(torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], dtype=torch.long,
+                                     device=self.device))
+        return inps
+
+    @staticmethod
+    def _lp_sharing(re_ord, context_enc, continuation_enc) -> list:
+        """The continuations of every request that lm-eval answers from this request's scores (its
+        one-token continuation cache entry), in the order ``Collator.get_cache`` yields them."""
+        if re_ord._group_by != "contexts":
+            return [continuation_enc]
+        return [req[-1] for _, req in re_ord._arr_with_indices[tuple(context_enc + continuation_enc[:-1])]]
+
+    def _lp_score_batch(self, chunk, re_ord, pbar) -> list:
+        inps = self._lp_inputs(chunk)
+        lengths = [len(inp) for inp in inps]
+        width = max(lengths)
+        batched = pad_and_concat(width, inps, padding_side="right")  # [batch, width] (pads the list in place)
+        # the rows of the [batch * width] positions to score (each continuation's), and at each the tokens of
+        # every request sharing it (lm-eval gathers a shorter continuation from the first positions)
+        shared = [self._lp_sharing(re_ord, ctx, cont) for _, ctx, cont in chunk]
+        k = max(len(s) for s in shared)
+        rows, targets = [], []
+        for b, ((_, _, cont), length, conts) in enumerate(zip(chunk, lengths, shared)):
+            start = b * width + length - len(cont)
+            for j in range(len(cont)):
+                rows.append(start + j)
+                targets.append([c[j] if j < len(c) else 0 for c in conts] + [0] * (k - len(conts)))
+        with self._lp_timed(batched.numel()), self._lp_scoring_context():
+            hidden = logprobs.final_hidden(logprobs.decoder_of(self.model), batched, self._lp_prefill_chunk)
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            values, greedy = logprobs.score(logprobs.head_of(self.model), hidden, torch.tensor(rows, device=hidden.device),
+                                            torch.tensor(targets, dtype=torch.long, device=hidden.device), self.softmax_dtype)
+            del hidden
+        out, at = [], 0
+        for request_str, ctx, cont in chunk:
+            n = len(cont)
+            vals, greedy_tokens = values[at:at + n], greedy[at:at + n].unsqueeze(0)  # [n, k], [1, n]
+            at += n
+            hits = re_ord.get_cache(req_str=request_str, cxt_toks=ctx, cont_toks=cont, logits=_NO_LOGITS)
+            for col, (req_str, cont_toks, _) in enumerate(hits):
+                length = len(cont_toks)
+                cont_t = torch.tensor(cont_toks, dtype=torch.long, device=greedy.device).unsqueeze(0)
+                answer = (float(vals[:length, col].reshape(1, length).contiguous().sum()),
+                          bool((greedy_tokens[:, -length:] == cont_t).all()))
+                out.append(answer)
+                if req_str is not None:  # loglikelihood_rolling's windows are cached per document instead
+                    self.cache_hook.add_partial("loglikelihood", req_str, answer)
+                pbar.update(1)
         return out
 
     # ------------------------------------------------------------------ reporting
@@ -300,6 +438,9 @@ class ResidualOffloadLM(HFLM):
         info = {key: engine.get(key) for key in ("offload", "layers", "tier", "mode", "alpha", "prefetch", "offload_folder",
                                                  "offloaded_bytes")}
         info.update(
+            max_length=self.max_length,
+            max_length_source=self._lp_length_source,
+            prefill_chunk=self._lp_prefill_chunk,
             load_in_4bit=self._lp_quant is not None,
             device=str(self.device),
             vram_device=str(dev) if dev is not None else "cpu",

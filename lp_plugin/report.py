@@ -48,6 +48,9 @@ def offload_table(info: dict) -> str:
         ("layers", f"{','.join(map(str, layers)) or 'none'} ({len(layers)}; offload={info.get('offload')})"),
         ("tier / mode", f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})"),
         ("offloaded", gib(info.get("offloaded_bytes"))),
+        *([("context", f"{info['max_length']:,} tokens ({info.get('max_length_source')})"
+                       + (f", prefill in chunks of {info['prefill_chunk']:,}" if info.get("prefill_chunk") else ""))]
+          if info.get("max_length") else []),
         ("standby VRAM", gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)"),
         ("peak VRAM", gib(info.get("peak_inference_vram_bytes")) if info.get("peak_inference_vram_bytes") is not None else "- (cpu)"),
         ("tokens", f"{info.get('tokens_processed', 0):,} in {info.get('forward_calls', 0):,} forwards"),
