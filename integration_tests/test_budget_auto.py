@@ -149,8 +149,9 @@ def test_cli_prints_the_plan():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for text in ("model qwen2.5-3b-shape: 36 decoder layers, bfloat16", "plan: stream mode, tier cpu", "cuda:0 (resident)",
-                 "cpu (pinned host memory): layers", "predicted standby VRAM", "predicted peak VRAM", "kv", "ring",
-                 "activations", "margin", "predicted decode", "bandwidth:"):
+                 "cpu (pinned host memory): layers", "card: cuda:0 6.00 GiB (max_memory)", "CUDA context + kernels",
+                 "allocator slack", "KV cache", "engine ring buffers", "activations", "workspaces", "= peak", "left",
+                 "predicted standby", "predicted decode", "bandwidth:"):
         assert text in out, (text, out)
 
 
@@ -174,11 +175,19 @@ def test_cli_json_and_the_smallest_budget(tmp_path):
     (["--model", "qwen2.5-3b-shape", "--max-memory", "6 gigs"], "cannot read '6 gigs'"),
     (["--model", "/nonexistent/model", "--max-memory", "6GiB"], "neither a shape"),
     (["--model", "qwen2.5-3b-shape", "--max-memory", "6GiB", "--tier", "disk"], "needs offload_folder"),
-    (["--model", "qwen2.5-3b-shape"], "--max-memory"),
+    (["--model", "qwen2.5-3b-shape", "--max-memory", "6GiB", "--context", "８"], "--context"),
 ])
 def test_cli_bad_arguments_exit_2(args, message):
     proc = _cli(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_cli_without_max_memory_plans_for_the_free_memory():
+    proc = _cli("--model", "qwen2.5-3b-shape", "--context", "512")
+    if torch.cuda.is_available():
+        assert proc.returncode in (0, 2) and "free on cuda:0 at load" in (proc.stdout + proc.stderr)
+    else:  # nothing to ask: one error line, exit 2
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "max_memory" in proc.stderr
 
 
 def test_cli_on_a_model_folder(tiny_checkpoints):

@@ -74,8 +74,8 @@ def plan(args) -> int:
                 raise LPPluginError(f"--model {args.model!r} is neither a shape ({', '.join(SHAPE_HINT)}) nor a model "
                                     f"folder with a config.json: {exc}") from None
         weights = args.dtype or ("bf16" if getattr(hf_config, "dtype", None) is None else None)
-        result = fit_budget(hf_config, weights=weights, max_memory=";".join(args.max_memory), max_context=args.context,
-                            batch_size=args.batch, work=args.work, prefetch=args.prefetch, protect_first=args.protect_first,
+        result = fit_budget(hf_config, weights=weights, max_memory=";".join(args.max_memory) if args.max_memory else None,
+                            max_context=_context_arg(args.context), batch_size=args.batch, work=args.work, prefetch=args.prefetch, protect_first=args.protect_first,
                             protect_last=args.protect_last, tier=args.tier, offload_folder=args.offload_folder,
                             mode=args.mode, main_device=args.device, bandwidth=args.bandwidth)
     except BudgetError as exc:
@@ -96,15 +96,27 @@ def plan(args) -> int:
 SHAPE_HINT = ("qwen2.5-3b-shape", "smollm2-135m-shape")
 
 
+def _context_arg(text):
+    """``--context``: a whole number of tokens or ``auto``."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    if not (text.isascii() and text.isdigit()):
+        from .errors import OffloadSpecError
+
+        raise OffloadSpecError(f"--context must be a whole number of tokens or 'auto', got {text!r}")
+    return int(text)
+
+
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="print what offload='auto' would do for a budget, without loading weights",
                        description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).")
     p.add_argument("--model", required=True, help="a model folder (its config.json) or a shape name such as qwen2.5-3b-shape")
-    p.add_argument("--max-memory", action="append", required=True, metavar="[DEVICE=]SIZE",
-                   help="budget per device, Accelerate's form: 0=6GiB (GPU 0), cpu=30GiB (host memory for the offloaded "
-                        "layers), or a bare 6GiB (the main device); repeat for several")
-    p.add_argument("--context", type=int, help="tokens of context the budget must hold (default: the model's "
-                                               "max_position_embeddings, as lm-eval picks max_length)")
+    p.add_argument("--max-memory", action="append", metavar="[DEVICE=]SIZE",
+                   help="the card, Accelerate's form: 0=6GiB (GPU 0: everything the process holds there counts), "
+                        "cpu=30GiB (host memory for the offloaded layers), or a bare 6GiB (the main device); repeat for "
+                        "several (default: what the device has free now)")
+    p.add_argument("--context", help="tokens of context the budget must hold (default: the model's "
+                                     "max_position_embeddings, as lm-eval picks max_length; auto: the longest that fits)")
     p.add_argument("--batch", type=int, help="sequences per forward (default 1)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "nf4"),
                    help="format the model is loaded in (default: the config's dtype, else bf16)")

@@ -1,53 +1,14 @@
-"""Fit a memory budget (``offload="auto"``): which decoder layers to offload, and in which mode, so
-that a model and the work it must do stay within ``max_memory`` on the main device.
+"""Fit a memory budget (``offload="auto"``): which decoder layers to offload, in which mode, and (for
+lm-eval's scoring) how long a window and in what prefill chunks, so that a model and its work fit the
+main device.
 
-What counts against the budget is the peak on the main device during inference, measured as
-``torch.cuda.max_memory_allocated()`` plus the engine's buffers mapped outside PyTorch's allocator
-(``OffloadHandle.mapped_bytes``). Predicted peak = resident weights + the engine's device buffer + the
-work's peak phase (KV cache, activations, logits: :func:`lp_plugin.footprint.work_phases`) + a margin.
-
-* session mode: a session brings every offloaded layer back, so its peak is the whole model's
-  whichever layers are offloaded. A session plan therefore offloads nothing (offloading would only
-  lower standby VRAM, at the price of a copy per session) and is chosen when the whole model and the
-  work fit: it runs at the plain model's speed.
-* stream mode: one device buffer holding a ring of ``min(prefetch + 1, k)`` slots of the largest
-  offloaded layer (as packed) plus every offloaded layer's non-Linear tensors. Chosen when session
-  does not fit, with the fewest offloaded layers ``k`` that fit (each streamed byte costs speed),
-  spread evenly between the protected ends (the most compute between two loads; offloading half the
-  candidate layers gives ``even``).
-* nothing fits: :class:`~lp_plugin.errors.BudgetError` names the smallest budget that fits (and its
-  layers and mode), and what prefetch=0 or no protected layers would need.
-
-Assumptions, each a place where a prediction can be wrong:
-
-* Weights: exact bytes (:mod:`lp_plugin.footprint`); the allocator's 512-byte rounding per tensor is
-  ignored. Engine buffers are mapped in 2 MiB granules (CUDA's recommended granularity on an H100).
-* Margin (on a GPU): 64 MiB for what a forward allocates besides tensors of the model: cuBLAS and
-  cuBLASLt workspaces (kept after the first matmul), attention kernels' log-sum-exp, nf4's dequantized
-  absmax.
-* Work: transformers' SDPA forward of Llama-style layers with no materialized mask (no padding: causal
-  SDPA, memory linear in the context) and a DynamicCache; lm-eval's log_softmax in the logits' dtype
-  (``softmax_dtype`` unset; float32 would add 8 bytes per logit); generate's prompt counted as the
-  whole ``max_context``; a stream ring open through the whole work (inside a session).
-* Standby = resident weights. Not counted anywhere: the CUDA context (~0.5 GiB a process on an H100)
-  and blocks the caching allocator keeps free: on a real N GiB card, leave room for them.
-* Host memory: the cpu tier pins one buffer per offloaded layer, which PyTorch's pinned allocator rounds
-  up to a power of two (a 147 MiB layer takes 256 MiB; data-parallel ranks sharing one copy in
-  /dev/shm need only the packed bytes, once per host); the disk tier pins one staging buffer per ring
-  slot and keeps the layers in files.
-* Speed: each forward moves every offloaded layer's packed bytes over the link once, overlapped with
-  compute: decode tok/s = min(the plain model's rate, batch x bandwidth / offloaded bytes), prefill
-  likewise with batch x context tokens per forward. The plain model's rate is not modelled (batch-1
-  decode is launch-bound): pass ``compute_tok_s`` (measured) to cap the prediction, else it is the
-  transfer bound. Bandwidth (only when something is streamed): one pinned 256 MiB copy to the main
-  GPU, measured once per process when CUDA is there (PyTorch keeps the pinned block cached, and the
-  first offloaded layer's buffer reuses it), else a nominal 25 GB/s (PCIe 4.0 x16), marked as such. The disk tier reads at
-  page-cache speed at best: its prediction is an upper bound.
-
-Without a GPU the main device is the CPU and the budget is its memory (``max_memory="6GiB"`` or
-``{"cpu": "6GiB"}``: there the "cpu" entry is the main device's, not a separate host budget). The
-arithmetic is the same (without the margin, which stands for CUDA's workspaces), but offloaded layers only move between two buffers of the same memory, so
-nothing real is saved; no bandwidth is measured and no speed predicted.
+``max_memory`` for a GPU is the card: everything this process holds on it counts (CUDA context and
+kernels, PyTorch's allocations and the caching allocator's slack, cuBLAS workspaces, the engine's mapped
+buffers). Without ``max_memory`` the budget is what the device has free at load (Accelerate's
+``get_max_memory``). Session mode brings every layer back, so it is planned only when the whole model
+fits; else stream mode with the fewest offloaded layers that fit, spread evenly, the protected ends
+given up (and said so) only when nothing else fits. What each term is and how it was calibrated:
+docs/card.md.
 """
 
 from __future__ import annotations
@@ -61,14 +22,18 @@ import torch
 
 from .bench.measure import h2d_bandwidth
 from .config import OffloadConfig
+from .devices import cuda_runtime, free_bytes
 from .errors import BudgetError, OffloadSpecError
 from .footprint import Footprint, Work, work_peak
 from .policies import check_counts
 from .report import GIB, jsonable, size_text
 
 MIB = 2**20
-MARGIN = 64 * MIB
+WORKSPACE = 64 * MIB  # cuBLAS/cuBLASLt workspaces, attention kernels' log-sum-exp, nf4's dequantized absmax
+SLACK_FRACTION = 0.03  # the caching allocator's reserved-but-free blocks, of what it holds at the peak
+SLACK_BYTES = 32 * MIB
 GRANULE = 2 * MIB
+MIN_PREFILL_CHUNK = 256  # the shortest chunk a loglikelihood window is prefilled in
 NOMINAL_GBPS = 25.0
 PROBE_BYTES = 256 * MIB
 DEFAULT_CONTEXT = 2048  # lm-eval's HFLM default max_length, for a config without a length
@@ -153,7 +118,7 @@ class BudgetPlan:
     standby_bytes: int
     peak_bytes: int
     phase: str  # the work's peak phase
-    breakdown: dict  # weights, buffer, kv, activations, logits, margin: sums to peak_bytes
+    breakdown: dict  # cuda runtime, allocator slack, weights, buffer, kv, activations, logits, workspace: sums to peak_bytes
     offloaded_bytes: int  # packed: moved per forward in stream mode
     host_bytes: int  # host memory the tier needs (pinned)
     disk_bytes: int
@@ -162,6 +127,17 @@ class BudgetPlan:
     decode_tok_s: float | None
     prefill_tok_s: float | None
     speed_basis: str
+    budget_source: str = "max_memory"  # or the free memory the device had at load
+    runtime_source: str = ""  # where the CUDA runtime figure comes from
+    prefill_chunk: int | None = None  # loglikelihood: tokens a window is prefilled in (None: whole)
+    context_source: str = "given"  # where work.context comes from
+
+    def __str__(self) -> str:
+        return describe(self)
+
+    @property
+    def left_bytes(self) -> int:
+        return self.budget_bytes - self.peak_bytes
 
     @property
     def resident(self) -> tuple:
@@ -179,16 +155,18 @@ class BudgetPlan:
 
     def summary(self) -> dict:
         """The figures ``OffloadHandle.info()`` reports under ``budget``."""
-        keys = ("budget_bytes", "mode", "standby_bytes", "peak_bytes", "phase", "breakdown", "host_bytes",
-                "bandwidth_gbps", "bandwidth_source", "decode_tok_s", "prefill_tok_s", "speed_basis", "notes")
+        keys = ("budget_bytes", "budget_source", "mode", "standby_bytes", "peak_bytes", "phase", "breakdown", "host_bytes",
+                "bandwidth_gbps", "bandwidth_source", "decode_tok_s", "prefill_tok_s", "speed_basis", "prefill_chunk",
+                "context_source", "notes")
         return jsonable({"work": dataclasses.asdict(self.work), **{k: getattr(self, k) for k in keys}})
 
 
 # ---------------------------------------------------------------------------------------- planning
-def work_of(config: OffloadConfig, fp: Footprint) -> tuple:
+def work_of(config: OffloadConfig, fp: Footprint, context: int | None = None) -> tuple:
     """``(Work, notes)``: the work the budget must hold, with the defaults said out loud."""
     notes = []
-    context = config.max_context
+    if context is None:
+        context = config.max_context if isinstance(config.max_context, int) else None
     if context is None:
         context = fp.max_positions or DEFAULT_CONTEXT
         where = "the model's max_position_embeddings" if fp.max_positions else "lm-eval's default"
@@ -198,6 +176,55 @@ def work_of(config: OffloadConfig, fp: Footprint) -> tuple:
     if config.work is None:
         notes.append("work=generate: the default; lm-eval's loglikelihood tasks need work=loglikelihood")
     return Work(config.work or "generate", context, config.batch_size or 1), tuple(notes)
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the main device holds besides the model's tensors, the work's and the engine's buffers."""
+
+    budget: int
+    budget_source: str
+    runtime: int  # CUDA context, kernels, library handles (0 on the CPU)
+    runtime_source: str
+    cuda: bool
+
+    def overhead(self, allocated: int) -> dict:
+        """The terms a GPU adds to ``allocated`` bytes of PyTorch tensors at the peak."""
+        if not self.cuda:
+            return {"cuda_runtime": 0, "allocator_slack": 0, "workspace": 0}
+        slack = SLACK_BYTES + int(SLACK_FRACTION * (allocated + WORKSPACE))
+        return {"cuda_runtime": self.runtime, "allocator_slack": slack, "workspace": WORKSPACE}
+
+
+def card_of(max_memory, main_device) -> tuple:
+    """``(Card, host budget or None)``: the main device's budget (``max_memory``'s entry, or the memory
+    free at load) and what the CUDA runtime takes of it."""
+    cuda = main_device.type == "cuda"
+    runtime, runtime_source = cuda_runtime(main_device) if cuda else (0, "none: the main device is the CPU")
+    if max_memory is not None:
+        vram, host = device_budgets(max_memory, main_device)
+        return Card(vram, "max_memory", runtime, runtime_source, cuda), host
+    if cuda and not torch.cuda.is_available():
+        raise OffloadSpecError(f"offload='auto' without max_memory plans for the memory {main_device} has free, but this "
+                               "machine has no GPU to ask: give max_memory (the card's size, e.g. max_memory='6GiB')")
+    free = free_bytes(main_device)
+    if cuda:  # the context this process holds by now (cuda_runtime made it) is part of the card, not of what is free
+        return Card(free + runtime, f"free on {main_device} at load ({size_text(free)}) + this process's CUDA runtime",
+                    runtime, runtime_source, True), None
+    return Card(free, f"available host memory at load ({size_text(free)})", 0, runtime_source, False), None
+
+
+@dataclass(frozen=True)
+class _Option:
+    peak: int
+    layers: tuple
+    mode: str
+    standby: int
+    buffer: int
+    phase: str
+    parts: dict  # kv, activations, logits
+    chunk: int | None
+    overhead: dict
 
 
 def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tuple:
@@ -212,17 +239,114 @@ def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tupl
     return standby, _round_up(buffer, GRANULE) if cuda else buffer
 
 
-def _margin(cuda: bool) -> int:
-    return MARGIN if cuda else 0
-
-
-def _scan(fp: Footprint, work_bytes: int, mode: str, prefetch: int, lo: int, hi: int, cuda: bool):
-    """``(peak, layers, mode, standby, buffer)`` for 0, 1, ... offloaded layers among ``lo..hi``."""
+def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: int, hi: int, chunk=None):
+    """:class:`_Option` for 0, 1, ... offloaded layers among ``lo..hi`` (fewest first)."""
+    phase, parts = work_peak(fp, work, chunk)
+    work_bytes = sum(parts.values())
     for k in range(max(hi - lo + 1, 0) + 1):
         layers = spread(k, lo, hi)
         m = "session" if k == 0 and mode == "session" else "stream"
-        standby, buffer = _layout(fp, layers, m, prefetch, cuda)
-        yield standby + buffer + work_bytes + _margin(cuda), layers, m, standby, buffer
+        standby, buffer = _layout(fp, layers, m, prefetch, card.cuda)
+        overhead = card.overhead(standby + work_bytes)
+        yield _Option(standby + buffer + work_bytes + sum(overhead.values()), layers, m, standby, buffer, phase, parts, chunk,
+                      overhead)
+
+
+def _chunks(work: Work) -> list:
+    """Prefill chunks to try for ``work``, longest first: the whole window, then halves down to
+    :data:`MIN_PREFILL_CHUNK` (loglikelihood only: generate's prefill is the caller's)."""
+    out = [None]
+    if work.kind == "loglikelihood" and work.context > MIN_PREFILL_CHUNK:
+        c = 1 << ((work.context - 1).bit_length() - 1)  # the largest power of two below the context
+        while c >= MIN_PREFILL_CHUNK:
+            out.append(c)
+            c //= 2
+    return out
+
+
+def _options(fp: Footprint, work: Work, card: Card, config: OffloadConfig):
+    """Every plan for ``work``, in the order of preference: the whole window before prefill chunks (exact
+    against the plain model, and faster), the protected ends kept before given up, fewest layers first."""
+    n = fp.num_layers
+    ranges = [(config.protect_first, n - 1 - config.protect_last)]
+    if config.protect_first or config.protect_last:
+        ranges.append((0, n - 1))
+    for chunk in _chunks(work):
+        for lo, hi in ranges:
+            yield from _scan(fp, work, card, config.mode, config.prefetch, lo, hi, chunk)
+
+
+def _first_fit(fp, work, card, config):
+    """``(the preferred option within the budget or None, the least-needing option)``."""
+    least = None
+    for option in _options(fp, work, card, config):
+        if option.peak <= card.budget:
+            return option, option
+        if least is None or option.peak < least.peak:
+            least = option
+    return None, least
+
+
+def longest_context(fp, config, card, upto: int) -> int:
+    """The longest context up to ``upto`` tokens whose work fits ``card`` (0: none)."""
+    lo, hi = 0, upto
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _first_fit(fp, work_of(config, fp, mid)[0], card, config)[0] is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str = "model", bandwidth=None,
+                 compute_tok_s=None) -> BudgetPlan:
+    """The plan for ``config`` (``offload="auto"`` and its budget options) on ``fp``, computing on
+    ``main_device`` (a ``torch.device``). Raises :class:`BudgetError` when nothing fits."""
+    check_counts(fp.num_layers, config.protect_first, config.protect_last)
+    card, host_budget = card_of(config.max_memory, main_device)
+    context, context_source = None, "given"
+    if config.max_context == "auto":
+        upto = fp.max_positions or DEFAULT_CONTEXT
+        context = longest_context(fp, config, card, upto) or upto
+        context_source = "the model's" if context == upto else f"the longest that fits (the model's is {upto:,})"
+    elif config.max_context is None:
+        context_source = "the model's"
+    work, notes = work_of(config, fp, context)
+    fit, best = _first_fit(fp, work, card, config)
+    n = fp.num_layers
+    if fit is not None and fit.layers and not set(fit.layers) <= set(range(config.protect_first, n - config.protect_last)):
+        notes += (f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
+                  "nothing fits with the ends resident",)
+    if fit is not None and fit.chunk:
+        notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
+    host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
+    moved = sum(fp.packed_bytes[i] for i in best.layers) if best.mode == "stream" else 0
+    gbps, source = link_bandwidth(main_device, bandwidth) if moved else (None, "not needed: nothing streamed")
+    decode, prefill, basis = _speeds(work, moved, gbps, compute_tok_s)
+    engine = {"ring" if best.mode == "stream" else "session_buffer": best.buffer}
+    plan = BudgetPlan(
+        model=name, format=fp.format, source=fp.source, main_device=str(main_device), num_layers=n,
+        budget_bytes=card.budget if fit else best.peak, host_budget_bytes=host_budget, work=work, notes=notes,
+        mode=best.mode, tier=config.tier, prefetch=config.prefetch, offloaded=best.layers, standby_bytes=best.standby,
+        peak_bytes=best.peak, phase=best.phase,
+        breakdown={"cuda_runtime": best.overhead["cuda_runtime"], "allocator_slack": best.overhead["allocator_slack"],
+                   "weights": best.standby, **engine, **best.parts, "workspace": best.overhead["workspace"]},
+        offloaded_bytes=moved, host_bytes=host, disk_bytes=disk, bandwidth_gbps=gbps, bandwidth_source=source,
+        decode_tok_s=decode, prefill_tok_s=prefill, speed_basis=basis, budget_source=card.budget_source,
+        runtime_source=card.runtime_source, prefill_chunk=best.chunk, context_source=context_source,
+    )
+    if fit is None:
+        raise BudgetError(_nothing_fits(plan, card, config, fp), min_bytes=best.peak, smallest=plan, host_bytes=host)
+    if host_budget is not None and host > host_budget:
+        raise BudgetError(
+            f"the plan for max_memory {size_text(card.budget)} on {main_device} offloads {len(best.layers)} layers, whose "
+            f"{config.tier} tier needs {size_text(host)} of pinned host memory, but max_memory['cpu'] is "
+            f"{size_text(host_budget)}: raise it to at least {size_text(host, up=True)}"
+            + (", or use tier='disk' (offload_folder=DIR), which pins only the ring's staging buffers"
+               if config.tier == "cpu" else ""),
+            smallest=plan, host_bytes=host)
+    return plan
 
 
 def _host_need(fp: Footprint, layers, mode: str, tier: str, prefetch: int, cuda: bool) -> tuple:
@@ -246,71 +370,32 @@ def _speeds(work: Work, moved: int, bandwidth, compute_tok_s) -> tuple:
     decode, prefill = work.batch / per_forward, work.batch * work.context / per_forward
     basis = f"transfer bound: {moved / GIB:.2f} GiB per forward at {bandwidth:.1f} GB/s"
     if compute_tok_s is None:
-        return decode, prefill, basis + " (the plain model's own rate caps it)"
+        return decode, prefill, basis + " (an upper bound: the model's own compute rate caps it, prefill most)"
     return (min(decode, decode_c) if decode_c else decode), (min(prefill, prefill_c) if prefill_c else prefill), \
         basis + ", capped by the given compute rate"
 
 
-def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str = "model", bandwidth=None,
-                 compute_tok_s=None) -> BudgetPlan:
-    """The plan for ``config`` (``offload="auto"`` and its budget options) on ``fp``, computing on
-    ``main_device`` (a ``torch.device``). Raises :class:`BudgetError` when nothing fits."""
-    vram, host_budget = device_budgets(config.max_memory, main_device)
-    work, notes = work_of(config, fp)
-    phase, parts = work_peak(fp, work)
-    cuda = main_device.type == "cuda"
-    check_counts(fp.num_layers, config.protect_first, config.protect_last)
-    lo, hi = config.protect_first, fp.num_layers - 1 - config.protect_last
-    scan = list(_scan(fp, sum(parts.values()), config.mode, config.prefetch, lo, hi, cuda))
-    fits = [c for c in scan if c[0] <= vram]
-    best = fits[0] if fits else min(scan, key=lambda c: c[0])
-    peak, layers, mode, standby, buffer = best
-    host, disk = _host_need(fp, layers, mode, config.tier, config.prefetch, cuda)
-    moved = sum(fp.packed_bytes[i] for i in layers) if mode == "stream" else 0
-    gbps, source = link_bandwidth(main_device, bandwidth) if moved else (None, "not needed: nothing streamed")
-    decode, prefill, basis = _speeds(work, moved, gbps, compute_tok_s)
-    plan = BudgetPlan(
-        model=name, format=fp.format, source=fp.source, main_device=str(main_device), num_layers=fp.num_layers,
-        budget_bytes=vram if fits else peak, host_budget_bytes=host_budget, work=work, notes=notes, mode=mode,
-        tier=config.tier, prefetch=config.prefetch, offloaded=layers, standby_bytes=standby, peak_bytes=peak, phase=phase,
-        breakdown={"weights": standby, "ring" if mode == "stream" else "session_buffer": buffer, **parts, "margin": _margin(cuda)},
-        offloaded_bytes=moved, host_bytes=host, disk_bytes=disk, bandwidth_gbps=gbps, bandwidth_source=source,
-        decode_tok_s=decode, prefill_tok_s=prefill, speed_basis=basis,
-    )
-    if not fits:
-        raise BudgetError(_nothing_fits(plan, vram, config, fp, parts, cuda), min_bytes=peak, smallest=plan, host_bytes=host)
-    if host_budget is not None and host > host_budget:
-        raise BudgetError(
-            f"the plan for max_memory {size_text(vram)} on {main_device} offloads {len(layers)} layers, whose {config.tier} tier needs "
-            f"{size_text(host)} of pinned host memory, but max_memory['cpu'] is {size_text(host_budget)}: raise it to at least "
-            f"{size_text(host, up=True)}" + (", or use tier='disk' (offload_folder=DIR), which pins only the ring's staging buffers"
-                                          if config.tier == "cpu" else ""),
-            smallest=plan, host_bytes=host)
-    return plan
+def _least(fp, work, card, config, **changes) -> int:
+    """The least peak of ``work`` with ``config`` changed (``prefetch=0``, no protected ends)."""
+    return min(o.peak for o in _options(fp, work, card, dataclasses.replace(config, **changes)))
 
 
-def _least(fp, parts, config, cuda, prefetch=None, protect=None) -> int:
-    """The least peak over every layer count, with ``prefetch`` or both protections changed."""
-    lo, hi = (config.protect_first, fp.num_layers - 1 - config.protect_last) if protect is None else (protect, fp.num_layers - 1 - protect)
-    prefetch = config.prefetch if prefetch is None else prefetch
-    return min(c[0] for c in _scan(fp, sum(parts.values()), config.mode, prefetch, lo, hi, cuda))
-
-
-def _nothing_fits(plan: BudgetPlan, vram: int, config, fp, parts, cuda) -> str:
+def _nothing_fits(plan: BudgetPlan, card: Card, config, fp) -> str:
     b, w = plan.breakdown, plan.work
     what = f"{w.kind}, {w.context} tokens of context, batch {w.batch}"
     layers = f"layers {compact(plan.offloaded)} offloaded ({len(plan.offloaded)} of {fp.num_layers})" if plan.offloaded else "nothing offloaded"
     parts_text = ", ".join(f"{k.replace('_', ' ')} {size_text(v)}" for k, v in b.items())
     fixes = [f"raise max_memory to at least {size_text(plan.peak_bytes, up=True)}"]
     if w.context > 1 or w.batch > 1:
-        fixes.append("plan for a shorter max_context or a smaller batch_size")
-    if w.kind == "loglikelihood":
-        fixes.append("work='generate' (last-token logits) needs less, if that is the work")
+        longest = longest_context(fp, config, card, w.context - 1) if w.context > 1 else 0
+        if longest:
+            fixes.append(f"a context of at most {longest} tokens fits")
+        elif w.batch > 1:
+            fixes.append("plan for a smaller batch_size")
     if config.prefetch > 0:
-        fixes.append(f"prefetch=0 needs {size_text(_least(fp, parts, config, cuda, prefetch=0), up=True)}")
-    if config.protect_first or config.protect_last:
-        fixes.append(f"protect_first=0, protect_last=0 needs {size_text(_least(fp, parts, config, cuda, protect=0), up=True)}")
-    return (f"nothing fits max_memory {size_text(vram)} on {plan.main_device} for {what} ({plan.format}): the least this needs is "
+        fixes.append(f"prefetch=0 needs {size_text(_least(fp, w, card, config, prefetch=0), up=True)}")
+    where = f"max_memory {size_text(card.budget)}" if card.budget_source == "max_memory" else card.budget_source
+    return (f"nothing fits {where} on {plan.main_device} for {what} ({plan.format}): the least this needs is "
             f"{size_text(plan.peak_bytes, up=True)} in {plan.mode} mode with {layers} (at its {plan.phase} peak: {parts_text}). "
             "To fit: " + "; or ".join(fixes))
 
@@ -329,24 +414,37 @@ def compact(layers) -> str:
     return ",".join(out) or "none"
 
 
+_CARD_ROWS = {  # breakdown key -> how the card view names it
+    "cuda_runtime": "CUDA context + kernels", "allocator_slack": "allocator slack", "weights": "weights (resident)",
+    "ring": "engine ring buffers", "session_buffer": "engine session buffer", "kv": "KV cache",
+    "activations": "activations", "logits": "logits", "workspace": "workspaces",
+}
+
+
 def describe(plan: BudgetPlan) -> str:
-    """The plan as the ``plan`` command prints it."""
+    """The plan as the ``plan`` command prints it: what runs where, then the card: each term of the
+    predicted peak and what is left."""
     w, rate = plan.work, (lambda v: "-" if v is None else f"{v:,.1f}")
     host = f"; host (cpu) {size_text(plan.host_budget_bytes)}" if plan.host_budget_bytes is not None else ""
     place = {"cpu": "cpu (pinned host memory)", "disk": "disk (files)"}.get(plan.tier, plan.tier)
+    chunk = f", prefill in chunks of {plan.prefill_chunk:,}" if plan.prefill_chunk else ""
     lines = [
         f"model {plan.model}: {plan.num_layers} decoder layers, {plan.format}, sizes from the {plan.source}",
-        f"budget: {plan.main_device} {size_text(plan.budget_bytes)}{host}",
-        f"work: {w.kind}, context {w.context} tokens, batch {w.batch}",
+        f"card: {plan.main_device} {size_text(plan.budget_bytes)} ({plan.budget_source}){host}",
+        f"work: {w.kind}, context {w.context:,} tokens ({plan.context_source}), batch {w.batch}{chunk}",
         *(f"  ({note})" for note in plan.notes),
         f"plan: {plan.mode} mode" + (f", tier {plan.tier}, prefetch {plan.prefetch}" if plan.offloaded else ", nothing offloaded"),
         f"  {plan.main_device} (resident): layers {compact(plan.resident)} ({len(plan.resident)})",
     ]
     if plan.offloaded:
         lines.append(f"  {place}: layers {compact(plan.offloaded)} ({len(plan.offloaded)}; offload={','.join(map(str, plan.offloaded))})")
-    lines += [f"predicted standby VRAM {size_text(plan.standby_bytes)}",
-              f"predicted peak VRAM    {size_text(plan.peak_bytes)} of {size_text(plan.budget_bytes)} (at the {plan.phase} phase)"]
-    lines += [f"  {k.replace('_', ' '):<15} {size_text(v)}" for k, v in plan.breakdown.items()]
+    lines.append(f"the card at the {plan.phase} peak (predicted):")
+    lines += [f"  {_CARD_ROWS.get(k, k.replace('_', ' ')):<24} {size_text(v):>11}" for k, v in plan.breakdown.items()]
+    lines.append(f"  {'= peak':<24} {size_text(plan.peak_bytes):>11}")
+    lines.append(f"  {'left':<24} {size_text(max(plan.left_bytes, 0)):>11}")
+    lines.append(f"predicted standby (between sessions): {size_text(plan.standby_bytes)} of weights")
+    if plan.runtime_source and plan.breakdown.get("cuda_runtime"):
+        lines.append(f"CUDA runtime: {plan.runtime_source}")
     if plan.offloaded:
         lines.append(f"host memory: {size_text(plan.host_bytes)} pinned" + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else ""))
     lines.append(f"predicted decode {rate(plan.decode_tok_s)} tok/s, prefill {rate(plan.prefill_tok_s)} tok/s: {plan.speed_basis}")

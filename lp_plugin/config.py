@@ -44,10 +44,12 @@ class OffloadConfig:
 
     With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.budget``):
     max_memory: Accelerate's form: ``{0: "6GiB", "cpu": "30GiB"}``, ints of bytes, or a bare ``"6GiB"``
-        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). Required with
-        ``offload="auto"``; with another spec it bounds ``from_pretrained(device_map="auto")``'s placement.
+        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). For a GPU it is
+        the card: everything the process holds there counts. Default with ``offload="auto"``: what the
+        device has free at load. With another spec it bounds ``from_pretrained(device_map="auto")``'s placement.
     max_context / batch_size: the work the budget must hold (default: the model's
-        max_position_embeddings, as lm-eval's HFLM picks max_length; batch 1).
+        max_position_embeddings, as lm-eval's HFLM picks max_length; batch 1). ``max_context="auto"``: the
+        longest context up to the model's own that fits.
     work: ``generate`` (logits of the last token; the default) or ``loglikelihood`` (lm-eval's full
         logits over the context; the default of the lm-eval model type).
     ``mode="session"`` (the default) lets the planner pick session or stream; ``mode="stream"`` keeps it
@@ -89,9 +91,6 @@ class OffloadConfig:
                     "they would be ignored: drop them, or pass offload='auto'"
                 )
             return  # max_memory may still bound a device_map="auto" base placement (from_pretrained checks its use)
-        if self.max_memory is None:
-            raise OffloadSpecError("offload='auto' needs max_memory, e.g. max_memory='6GiB' (the main device) or "
-                                   "{0: '6GiB', 'cpu': '30GiB'}")
         if self.alpha == 0:
             raise OffloadSpecError("offload='auto' picks layers to offload and run; alpha=0 would drop them instead: "
                                    "pass an explicit layer list to drop, or alpha > 0")
@@ -132,7 +131,7 @@ class OffloadConfig:
             if name in values:
                 values[name] = _offload_from_string(values[name])
         for name in ("prefetch", "protect_first", "protect_last", "max_context", "batch_size"):
-            if isinstance(values.get(name), str):
+            if isinstance(values.get(name), str) and not (name == "max_context" and values[name].strip().lower() == "auto"):
                 values[name] = _int_from_string(name, values[name])
         if isinstance(values.get("alpha"), str):
             values["alpha"] = _float_from_string("alpha", values["alpha"])
@@ -320,6 +319,12 @@ def _optional_positive_int(name, what):
     return check
 
 
+def _check_max_context(value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _optional_positive_int("max_context", "tokens of context the budget must hold; or 'auto'")(value)
+
+
 def _check_work(value):
     if value is not None and value not in WORKS:
         raise OffloadSpecError(f"work must be 'generate' (last-token logits) or 'loglikelihood' (lm-eval's full logits), got {value!r}")
@@ -340,7 +345,7 @@ _CHECKS = {
     "stand_in": _check_stand_in,
     "calib": check_calib,
     "max_memory": parse_max_memory,
-    "max_context": _optional_positive_int("max_context", "tokens of context the budget must hold"),
+    "max_context": _check_max_context,
     "batch_size": _optional_positive_int("batch_size", "sequences per forward the budget must hold"),
     "work": _check_work,
 }

@@ -34,3 +34,78 @@ def main_device_of(model):
         hook = getattr(emb, "_hf_hook", None)
         device = torch.device(getattr(hook, "execution_device", None) or "cpu")
     return normalize_device(device)
+
+
+# ---------------------------------------------------------------------------------- what a GPU holds
+#: CUDA context of one process, when it cannot be measured (0.51 GiB on an H200, torch 2.11+cu130)
+CONTEXT_BYTES = 528 * 2**20
+#: what the process adds on the device after its first allocation: kernel images loaded on first use,
+#: cuBLAS/cuBLASLt handles, attention kernels (measured on an H200; see docs/budgets.md)
+KERNELS_BYTES = 256 * 2**20
+_RUNTIME: dict = {}
+
+
+def _nvml_used(device) -> int | None:
+    """Bytes in use on ``device`` by every process, from the driver (NVML through ctypes; None where it
+    cannot be read). Needs no CUDA context."""
+    import ctypes
+
+    import torch
+
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if lib.nvmlInit_v2() != 0:
+            return None
+        index = torch.cuda._get_nvml_device_index(device) if hasattr(torch.cuda, "_get_nvml_device_index") else device.index
+        handle = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(handle)) != 0:
+            return None
+
+        class Memory(ctypes.Structure):
+            _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+        mem = Memory()
+        if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+            return None
+        return int(mem.used)
+    except (OSError, AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def cuda_runtime(device) -> tuple:
+    """``(bytes, source)``: what this process holds on the GPU ``device`` besides tensors and the engine's
+    buffers: its CUDA context (measured through the driver when this process had none yet, else
+    :data:`CONTEXT_BYTES`) plus :data:`KERNELS_BYTES`. Without a usable GPU here: the documented figures."""
+    import torch
+
+    key = str(device)
+    if key in _RUNTIME:
+        return _RUNTIME[key]
+    context, source = CONTEXT_BYTES, f"CUDA context {CONTEXT_BYTES / 2**30:.2f} GiB (documented figure)"
+    if torch.cuda.is_available() and device.index is not None and device.index < torch.cuda.device_count():
+        before = None if torch.cuda.is_initialized() else _nvml_used(device)
+        torch.cuda.mem_get_info(device)  # creates this process's context on the device
+        after = _nvml_used(device) if before is not None else None
+        if after is not None and after > before:
+            context, source = after - before, f"CUDA context {(after - before) / 2**30:.2f} GiB (measured)"
+    out = (context + KERNELS_BYTES, source + f" + {KERNELS_BYTES // 2**20} MiB kernels and library handles")
+    if torch.cuda.is_available():
+        _RUNTIME[key] = out
+    return out
+
+
+def free_bytes(device) -> int:
+    """What ``device`` can still give this process: free device memory plus the caching allocator's
+    reserved blocks (a GPU), or the host's available memory (the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_reserved(device))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

@@ -203,8 +203,8 @@ def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
 @dataclass(frozen=True)
 class Work:
     """What runs on the model: ``generate`` (a prefill of ``context`` tokens, then decoding with logits
-    of the last token) or ``loglikelihood`` (lm-eval: one forward of ``context`` tokens with the logits
-    of every position, then their log_softmax), ``batch`` sequences at a time."""
+    of the last token) or ``loglikelihood`` (lm-eval through lp_plugin's model type: windows of ``context``
+    tokens scored position by position), ``batch`` sequences at a time."""
 
     kind: str
     context: int
@@ -217,41 +217,58 @@ def kv_bytes(fp: Footprint, context: int, batch: int) -> int:
                for w in fp.kv_windows)
 
 
-def work_phases(fp: Footprint, work: Work) -> dict:
+def _layer_activations(fp: Footprint, bt: int) -> int:
+    """Bytes alive inside one decoder layer over ``bt`` tokens (its peak: the MLP's product, or attention)."""
+    s, h = fp.act_size, fp.hidden
+    mlp = 3 * bt * fp.intermediate * s
+    if fp.dequant_bytes and bt > 1:
+        mlp = max(mlp, 2 * bt * fp.intermediate * s + fp.dequant_bytes)
+    attn = bt * fp.head_dim * (4 * fp.heads + 3 * fp.kv_heads) * s
+    return max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
+
+
+def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> dict:
     """Bytes alive at each peak candidate of ``work``, split into kv / activations / logits:
 
     * ``prefill``: inside the last decoder layer. The model keeps its input embeddings and the layer's
       input alive; the layer its residual and normed input; the MLP ``down(act(gate(x)) * up(x))``
       holds three intermediates at its product (nf4: a weight dequantized for the matmul may stand in
       for one); attention and RMSNorm (float32 upcast) peaks are smaller for MLP-heavy layers but
-      counted; plus RoPE's cos/sin and the integer inputs; the cache of every layer is full.
-    * ``lm_head``: the cache, the final hidden states and the logits (every position for
-      loglikelihood; the last one, and generate's float32 copy of it, for generate).
-    * ``log_softmax`` (loglikelihood): lm-eval's ``F.log_softmax(logits, dtype=softmax_dtype)`` with the
-      default ``softmax_dtype=None``: a second tensor of the logits' size and dtype; the cache is gone
-      with the model's output.
+      counted; plus RoPE's cos/sin and the integer inputs.
+      ``generate``: the cache of every layer is full. ``loglikelihood`` (lp_plugin's lm-eval scoring,
+      :mod:`lp_plugin.logprobs`): a whole window runs without a cache; with ``prefill_chunk`` the window
+      runs that many tokens at a time through a cache of the whole window, each chunk attending to it
+      through a materialized mask and expanded keys and values, each chunk scored before the next.
+    * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
+      generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
+      and log_softmax (:func:`lp_plugin.logprobs.head_rows` positions), never the full vocabulary's.
     """
+    from .logprobs import head_rows
+
     s, b, t = fp.act_size, work.batch, work.context
     bt, h = b * t, fp.hidden
-    kv = kv_bytes(fp, t, b)
     inputs = 8 * t * (2 * b + 2)  # input_ids, attention_mask (B x T int64), position_ids, cache_position (T)
-    mlp = 3 * bt * fp.intermediate * s
-    if fp.dequant_bytes and bt > 1:
-        mlp = max(mlp, 2 * bt * fp.intermediate * s + fp.dequant_bytes)
-    attn = bt * fp.head_dim * (4 * fp.heads + 3 * fp.kv_heads) * s
-    layer = max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
     rope = 2 * t * fp.head_dim * s
-    phases = {"prefill": {"kv": kv, "activations": layer + rope + inputs, "logits": 0}}
     if work.kind == "loglikelihood":
-        phases["lm_head"] = {"kv": kv, "activations": bt * h * s + inputs, "logits": bt * fp.vocab * s}
-        phases["log_softmax"] = {"kv": 0, "activations": inputs, "logits": 2 * bt * fp.vocab * s}
-    else:
-        phases["lm_head"] = {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)}
-    return phases
+        chunk = prefill_chunk if prefill_chunk and prefill_chunk < t else None
+        if chunk is None:
+            prefill = {"kv": 0, "activations": _layer_activations(fp, bt) + rope + inputs + bt * h * s, "logits": 0}
+        else:
+            attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
+            prefill = {"kv": kv_bytes(fp, t, b),
+                       "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
+                       "logits": 0}
+        rows = min(bt, head_rows(fp.vocab, s, s))
+        held = bt * h * s if chunk is None else b * chunk * h * s  # the final hidden states being scored
+        return {"prefill": prefill, "lm_head": {"kv": kv_bytes(fp, t, b) if chunk else 0, "activations": held + inputs,
+                                                "logits": 2 * rows * fp.vocab * s}}
+    kv = kv_bytes(fp, t, b)
+    return {"prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
+            "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)}}
 
 
-def work_peak(fp: Footprint, work: Work) -> tuple:
+def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:
     """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` that needs the most."""
-    phases = work_phases(fp, work)
+    phases = work_phases(fp, work, prefill_chunk)
     name = max(phases, key=lambda k: sum(phases[k].values()))
     return name, phases[name]

@@ -297,7 +297,8 @@ class ResidualOffloadLM(HFLM):
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with self._lp_scoring_context():
             head = logprobs.head_of(self.model)
-            hidden = logprobs.final_hidden(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk)
+            for _, hidden in logprobs.hidden_chunks(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk):
+                pass  # the last chunk's hidden states (the probe needs the forward's memory, not its values)
             size = hidden.element_size()
             out_size = torch.empty((), dtype=self.softmax_dtype).element_size() if self.softmax_dtype is not None else size
             rows = logprobs.head_rows(head.vocab, size, out_size)
@@ -388,11 +389,9 @@ class ResidualOffloadLM(HFLM):
                 rows.append(start + j)
                 targets.append([c[j] if j < len(c) else 0 for c in conts] + [0] * (k - len(conts)))
         with self._lp_timed(batched.numel()), self._lp_scoring_context():
-            hidden = logprobs.final_hidden(logprobs.decoder_of(self.model), batched, self._lp_prefill_chunk)
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            values, greedy = logprobs.score(logprobs.head_of(self.model), hidden, torch.tensor(rows, device=hidden.device),
-                                            torch.tensor(targets, dtype=torch.long, device=hidden.device), self.softmax_dtype)
-            del hidden
+            values, greedy = logprobs.score_window(self.model, batched, torch.tensor(rows, device=batched.device),
+                                                   torch.tensor(targets, dtype=torch.long, device=batched.device),
+                                                   self.softmax_dtype, self._lp_prefill_chunk)
         out, at = [], 0
         for request_str, ctx, cont in chunk:
             n = len(cont)

@@ -3,7 +3,7 @@
 A causal LM's decoder gives the final hidden states; :class:`Head` turns a few positions at a time
 into logits, their ``log_softmax`` gives the target tokens' values and the greedy token, and the
 chunk is freed before the next (what Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy
-avoid too). :func:`final_hidden` runs the decoder over a window whole, or in chunks through its KV
+avoid too). :func:`score_window` runs the decoder over a window whole, or in chunks through its KV
 cache where one window's activations do not fit (chunked prefill). How this compares with lm-eval's
 full-logits path, number for number: docs/perplexity.md.
 """
@@ -73,20 +73,43 @@ def decoder_of(model) -> nn.Module:
     return base
 
 
-def final_hidden(decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: int | None = None) -> torch.Tensor:
-    """``[batch, tokens, hidden]`` final hidden states of ``input_ids`` (no attention mask: right padding
-    never reaches earlier positions, as in lm-eval's own forward). With ``prefill_chunk`` the window runs
-    ``prefill_chunk`` tokens at a time through the decoder's KV cache."""
+def hidden_chunks(decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: int | None = None):
+    """``(start, [batch, tokens, hidden])`` final hidden states of ``input_ids``: the whole window at once
+    (no attention mask: right padding never reaches earlier positions, as in lm-eval's own forward), or
+    with ``prefill_chunk`` that many tokens at a time through the decoder's KV cache."""
     total = input_ids.shape[1]
     if prefill_chunk is None or prefill_chunk >= total:
-        return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    parts, cache = [], None
+        yield 0, decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        return
+    cache = None
     for start in range(0, total, prefill_chunk):
         out = decoder(input_ids=input_ids[:, start:start + prefill_chunk], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        parts.append(out.last_hidden_state)
-    del cache
-    return torch.cat(parts, dim=1)
+        yield start, out.last_hidden_state
+        del out
+
+
+def score_window(model, input_ids: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 dtype: torch.dtype | None = None, prefill_chunk: int | None = None) -> tuple:
+    """:func:`score` for the positions ``rows`` (indices into the ``batch * tokens`` positions of
+    ``input_ids``): the decoder runs the window (whole, or in prefill chunks, each chunk's positions
+    scored before the next runs), then the head."""
+    head, decoder = head_of(model), decoder_of(model)
+    batch, total = input_ids.shape
+    values = greedy = None
+    for start, hidden in hidden_chunks(decoder, input_ids, prefill_chunk):
+        width = hidden.shape[1]
+        if width == total:
+            return score(head, hidden.reshape(batch * total, -1), rows, targets, dtype)
+        if values is None:
+            values = torch.empty(targets.shape, dtype=dtype or hidden.dtype, device=hidden.device)
+            greedy = torch.empty(rows.shape[0], dtype=torch.long, device=hidden.device)
+        pos = rows % total
+        here = ((pos >= start) & (pos < start + width)).nonzero().squeeze(1)
+        if here.numel():
+            local = (rows[here] // total) * width + pos[here] - start
+            values[here], greedy[here] = score(head, hidden.reshape(batch * width, -1), local, targets[here], dtype)
+    return values, greedy
 
 
 def head_rows(vocab: int, logits_size: int, out_size: int, cap: int = HEAD_CHUNK_BYTES) -> int:
