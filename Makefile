@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lp_plugin-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test gpu-test demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(STAMP)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest integration_tests
+
+# the CUDA tests (marked gpu), on a GPU machine whose Python already has torch and the dependencies
+# (no set-up here: such machines are often offline); PY selects the interpreter
+gpu-test:
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m gpu -p no:cacheprovider integration_tests
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py

@@ -9,7 +9,7 @@ import torch
 
 import lp_plugin
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
 
@@ -59,7 +59,7 @@ def test_compiled_static_decode_is_exact_across_sessions(mode):
         junk = [torch.empty((i + 1) << 20, dtype=torch.uint8, device=device) for _ in range(4)]
         assert _generate_static(model, ids) == ref
         del junk
-        addresses.append(handle.session_buffer.tensor.data_ptr() if mode == "session" else handle.ring.buffer.tensor.data_ptr())
+        addresses.append(handle.movers[0].buffer.tensor.data_ptr())  # the session buffer or the ring's
         assert not handle.in_session and handle.mapped_bytes == 0  # standby again: the memory is given back
     assert plain_compiled and hasattr(model, "_compiled_call")  # transformers compiled the offloaded model too
     assert len(set(addresses)) == 1
@@ -92,3 +92,28 @@ def test_two_gpu_base_map_is_exact(tmp_path, mode):
         assert torch.equal(model(ids).logits, ref)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref_gen)
     handle.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
+    """lp_plugin's lm-eval scoring (head chunk by chunk, more positions than one chunk) against lm-eval's
+    own: log_softmax over the full logits of the same forward, bit for bit."""
+    import torch.nn.functional as F
+
+    from lp_plugin import logprobs
+    from shapes import build_tiny
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_tiny("qwen2", num_layers=6, vocab_size=32000, max_positions=2048).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (2, 1500), generator=g).to(device)
+    rows = torch.arange(2 * 1500 - 1, device=device)
+    targets = torch.randint(0, 32000, (rows.shape[0], 3), generator=g).to(device)
+    with torch.no_grad():
+        full = F.log_softmax(model(ids).logits, dim=-1).reshape(-1, 32000)[rows]
+        lp_plugin.attach(model, offload="even", tier="cpu", mode=mode)
+        assert rows.shape[0] > logprobs.head_rows(32000, 2, 2)  # several head chunks
+        values, greedy = logprobs.score_window(model, ids, rows, targets)
+    assert torch.equal(values, full.gather(1, targets)) and torch.equal(greedy, full.argmax(dim=-1))
+    lp_plugin.get_handle(model).detach()

@@ -47,7 +47,7 @@ MODEL_NAME = "hf-residual-offload"
 #: bitsandbytes 4-bit options (turned into a BitsAndBytesConfig)
 QUANT_ARGS = ("load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "bnb_4bit_quant_type")
 #: lm-eval scoring options of this model type (not engine options)
-SCORING_ARGS = ("prefill_chunk",)
+SCORING_ARGS = ("prefill_chunk", "full_logits")
 #: transformers ``from_pretrained`` keywords passed through
 HF_EXTRA_ARGS = ("attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors", "low_cpu_mem_usage")
 #: HFLM arguments that would fight the engine's placement of the layers
@@ -173,6 +173,10 @@ class ResidualOffloadLM(HFLM):
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
         self._lp_prefill_chunk = _positive_int_arg("prefill_chunk", kwargs.pop("prefill_chunk", None))
+        # lm-eval's own scoring (full-vocabulary logits): a reference where `--model hf` cannot load the model
+        self._lp_full_logits = _as_bool("full_logits", kwargs.pop("full_logits", False))
+        if self._lp_full_logits and self._lp_prefill_chunk:
+            raise OffloadSpecError("prefill_chunk applies to lp_plugin's scoring; full_logits=True is lm-eval's own: pick one")
         options, kwargs = OffloadConfig.split(kwargs)
         self._lp_length_given = kwargs.get("max_length") is not None or "max_context" in options
         self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
@@ -292,7 +296,7 @@ class ResidualOffloadLM(HFLM):
         """Only lm-eval's batch-size probe calls this for a causal model (scoring goes through
         :meth:`_loglikelihood_tokens`): it gets the logits of one head chunk after a full forward, so the
         probe needs what an evaluation batch needs."""
-        if not self._lp_probing or attn_mask is not None or labels is not None:
+        if not self._lp_probing or self._lp_full_logits or attn_mask is not None or labels is not None:
             with self._lp_timed(inps.numel()):
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with self._lp_scoring_context():
@@ -332,7 +336,7 @@ class ResidualOffloadLM(HFLM):
         """HFLM's loop (the same order, batches, truncation, one-token continuation cache and results), with
         each continuation scored from the final hidden states chunk by chunk (:mod:`lp_plugin.logprobs`):
         full-vocabulary logits are never materialized."""
-        if self.backend != "causal":
+        if self.backend != "causal" or self._lp_full_logits:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         re_ord = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),
                           group_by="contexts" if self.logits_cache else None, group_fn=lambda req: req[-2] + req[-1][:-1])
