@@ -420,3 +420,34 @@ def test_bundled_alpha_half_differs(plan):
     got = fx.perplexities(plan.get("bundled", "alpha-0.5")["results"])
     assert all(fx.is_finite(v) for v in got.values())
     assert got["word_perplexity"] != base["word_perplexity"]
+
+
+def _lm_eval_peak_rss(model: str, args: dict, out_dir, **kw) -> tuple:
+    """``(results, peak resident set size in bytes)`` of one stock ``lm_eval`` process."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = fx.lm_eval_command() + ["--model", model, "--model_args", fx.model_args_string(args), "--include_path",
+                                  fx.tasks_path(), "--tasks", "lp_pydoc_ppl", "--device", "cpu", "--batch_size", "1",
+                                  "--output_path", str(out_dir), "--limit", str(kw.get("limit", 2))]
+    with open(out_dir / "stdout.txt", "w") as so, open(out_dir / "stderr.txt", "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=fx.offline_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, (out_dir / "stderr.txt").read_text()[-4000:]
+    return fx.read_results(out_dir), usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_bundled_perplexity_at_2048_without_full_logits(tmp_path):
+    """The bundled SmolLM2 at max_length=2048 (a 2,500-token document fills a window): hf-residual-offload
+    gives hf's perplexity exactly and needs >= 0.4 GB less memory, because it never materializes the
+    2048 x 49152 logits and their log_softmax (0.8 GB in float32)."""
+    path = fx.bundled_path() if hasattr(fx, "bundled_path") else None
+    if path is None:
+        from lp_plugin.bundled import bundled_model_path
+
+        path = bundled_model_path()
+    hf, hf_rss = _lm_eval_peak_rss("hf", {"pretrained": path, "max_length": 2048}, tmp_path / "hf")
+    ours, our_rss = _lm_eval_peak_rss("hf-residual-offload", {"pretrained": path, "max_length": 2048, "offload": "none"},
+                                      tmp_path / "ours")
+    assert fx.perplexities(ours) == fx.perplexities(hf)
+    assert hf_rss - our_rss >= 0.4e9, (hf_rss, our_rss)
