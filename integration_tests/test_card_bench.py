@@ -4,6 +4,7 @@ summary and verdict, and its refusal to run without a CUDA GPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,32 @@ def test_names_and_table():
     report["verdict"] = card.verdict(report)[2]
     text = card.table(report)
     assert "stream" in text and "2-3" in text and report["verdict"] in text
+
+
+def test_assemble_and_finish_write_one_report_with_lm_eval_copied_flat(tmp_path):
+    """The report from steps' results: plan, peaks, speed against the bound, lm-eval side by side (its results
+    JSONs copied flat next to the card JSON), verdict and exit status."""
+    results = {"lp_pydoc_ppl": {"alias": "lp_pydoc_ppl", "bits_per_byte,none": 4.28, "word_perplexity,none": 5.6e8}}
+    lm_json = {"results": results, "max_length": 1024, "config": {"residual_offload": {"tokens_per_second": 7000.0}}}
+    rounds = [{"decode_tok_s": d, "prefill_tok_s": 9000.0, "h2d_gbps": 50.0, "bytes_per_forward": 10**9,
+               "bound_tok_s": 50.0} for d in (46.0, 48.0, 44.0)]
+    w = {"ok": True, "outputs_equal": True, "context_bytes": 500 * 2**20, "max_reserved_bytes": 4 * GIB,
+         "peak_mapped_bytes": 256 * 2**20, "samples": 900, "device_peak_bytes": int(4.9 * GIB),
+         "plan": {"mode": "stream", "offloaded_layers": [2, 3, 4], "offloaded_compact": "2-4",
+                  "bytes_per_forward": 10**9, "budget": {"peak_bytes": int(4.8 * GIB)}}, "rounds": rounds}
+    report = {"model": "qwen2.5-3b-shape", "dtype": "bf16", "card": "5GiB", "card_bytes": 5 * GIB, "context": 1024,
+              "new_tokens": 16, "env": {"gpu": "test"}}
+    lm_runs = (({"ok": True, "request_seconds": 2.0, "device_peak_bytes": 7 * GIB}, lm_json),
+               ({"ok": True, "request_seconds": 2.5, "device_peak_bytes": int(4.5 * GIB)}, lm_json))
+    card.assemble(report, w, {"decode_tok_s": {"median": 60.0}}, "nvml", lm_runs, tmp_path, "t")
+    assert report["speed"]["ratio"] == {"median": 0.92, "min": 0.88, "max": 0.96, "n": 3}
+    assert report["peak"]["self_view_bytes"] == 500 * 2**20 + 4 * GIB + 256 * 2**20
+    assert report["peak"]["prediction_error"] == pytest.approx((4.8 - 4.9) / 4.9, abs=1e-9)
+    assert report["lm_eval"]["throughput_vs_plain"] == 0.8 and report["lm_eval"]["offload"]["max_length"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lmeval-offload-t.json", "lmeval-plain-t.json"]
+    assert card._finish(report, tmp_path) == 0 and report["passed"]
+    saved = json.loads((tmp_path / "card-qwen2.5-3b-shape-bf16-5GiB-1024.json").read_text())
+    assert saved["verdict"].startswith("PASS") and saved["checks"]["speed"]
+    w["device_peak_bytes"] = 5 * GIB + 1  # one byte over the card
+    card.assemble(report, w, None, "nvml", lm_runs, tmp_path, "t")
+    assert card._finish(report, tmp_path) == 1 and not report["checks"]["peak_within_card"]
