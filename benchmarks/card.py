@@ -9,9 +9,10 @@ first on the whole GPU as the reference for outputs and speed; ``--lm-eval`` add
 
     python benchmarks/card.py --card 6GiB --model qwen2.5-3b-shape --dtype bf16 --context 8192 --out DIR
 
-Writes DIR/card-<model>-<dtype>-<card>-<context>.json (everything, with a one-line verdict) and, with
-``--lm-eval``, lm-eval's results JSONs flat in DIR. Exit status: 0 every check passed, 1 a check failed or
-a step failed, 2 bad arguments or no CUDA GPU.
+Writes DIR/card-<model>-<dtype>-<card>-<context>.json (everything, lm-eval's results JSONs included, with a
+one-line verdict) and, with ``--lm-eval``, copies of lm-eval's results JSONs flat in DIR (``--no-lm-eval-files``:
+none). ``--max-memory SIZE`` passes a budget to the load instead of the device's free memory. Exit status:
+0 every check passed, 1 a check failed or a step failed, 2 bad arguments or no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                "--out results/  (add --lm-eval for the lm-eval step; --model llama-3-8b-shape or a folder)")
     ap.add_argument("--card", help="the emulated card: memory left free on the GPU, e.g. 6GiB, 4GiB, 5.5GiB")
     ap.add_argument("--model", default="qwen2.5-3b-shape",
-                    help="a shape (qwen2.5-3b-shape, llama-3-8b-shape: seeded random weights, saved once) or a checkpoint "
-                         "folder (default: %(default)s)")
-    ap.add_argument("--dtype", default="bf16", choices=DTYPES, help="bf16, fp16, or nf4 (bitsandbytes 4-bit, bf16 compute)")
+                    help="a shape (qwen2.5-3b-shape, llama-3-8b-shape: seeded random weights, saved once) or a "
+                         "checkpoint folder (default: %(default)s)")
+    ap.add_argument("--dtype", default="bf16", choices=DTYPES,
+                    help="bf16, fp16, or nf4 (bitsandbytes 4-bit, bf16 compute)")
     ap.add_argument("--context", type=int, default=8192,
-                    help="tokens of the generate work: a prompt of CONTEXT - NEW_TOKENS, then NEW_TOKENS greedy tokens; "
-                         "also the full-context prefill timed (default: %(default)s)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated and timed (default: %(default)s)")
+                    help="tokens of the generate work: a prompt of CONTEXT - NEW_TOKENS, then NEW_TOKENS greedy "
+                         "tokens; also the full-context prefill timed (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=int, default=32,
+                    help="greedy tokens generated and timed (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=5, help="paired timing rounds after a warm-up (default: %(default)s)")
     ap.add_argument("--out", help="folder for the card JSON (and lm-eval's results JSONs, flat)")
     ap.add_argument("--work-dir", help="intermediate files: step specs, results, logs, references (default: "
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lm-eval", action="store_true", help="add the lm-eval step (task lp_pydoc_ppl, batch 1)")
     ap.add_argument("--lm-eval-max-length", type=int, help="lm-eval's max_length for both runs (default: the model's)")
     ap.add_argument("--lm-eval-limit", type=int, help="lm-eval --limit (default: every document)")
+    ap.add_argument("--lm-eval-files", action=argparse.BooleanOptionalAction, default=True,
+                    help="also copy lm-eval's results JSONs flat into --out (they are in the card JSON either way)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the plain model; reuse its saved reference from --work-dir if there")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shape's weights and of the prompt")
@@ -215,8 +220,8 @@ def verdict(report: dict) -> tuple:
     failed = [k for k, ok in checks.items() if not ok]
     head = f"{report['model']} {report['dtype']} in a {report['card']} card at {report['context']} tokens"
     if not failed:
-        return True, checks, f"PASS {head}: no OOM, equal outputs, peak within the card, speed >= {SPEED_GOAL} of the " \
-                             f"bound, prediction within {PREDICTION_GOAL:.0%}" + (", lm-eval equal" if lm else "")
+        return True, checks, (f"PASS {head}: no OOM, equal outputs, peak within the card, speed >= {SPEED_GOAL} of "
+                              f"the bound, prediction within {PREDICTION_GOAL:.0%}" + (", lm-eval equal" if lm else ""))
     return False, checks, f"FAIL {head}: " + ", ".join(_why(k, report) for k in failed)
 
 
@@ -253,10 +258,12 @@ def table(report: dict) -> str:
         ("plan", f"mode {plan.get('mode')}, {len(plan.get('offloaded_layers') or [])} layers offloaded "
                  f"({plan.get('offloaded_compact')}), streams {gi(plan.get('bytes_per_forward'))} GiB/forward"),
         ("peak (device, NVML)", f"{gi(p.get('device_bytes'))} GiB via {p.get('source')}; predicted "
-                                f"{gi(p.get('predicted_bytes'))} GiB ({fl(_pct(p.get('prediction_error')), '{:+.1f}%')})"),
+                                f"{gi(p.get('predicted_bytes'))} GiB "
+                                f"({fl(_pct(p.get('prediction_error')), '{:+.1f}%')})"),
         ("peak (self view)", f"{gi(p.get('self_view_bytes'))} GiB = context {gi(p.get('context_bytes'))} + reserved "
                              f"{gi(p.get('max_reserved_bytes'))} + mapped {gi(p.get('peak_mapped_bytes'))}"),
-        ("outputs equal", f"{w.get('outputs_equal')} (last-step max |dlogit| {fl(w.get('max_abs_logit_diff'), '{:.3g}')})"),
+        ("outputs equal", f"{w.get('outputs_equal')} (last-step max |dlogit| "
+                          f"{fl(w.get('max_abs_logit_diff'), '{:.3g}')})"),
         ("decode tok/s", f"{fl((s.get('decode_tok_s') or {}).get('median'))} (plain "
                          f"{fl(s.get('plain_decode_tok_s'))}); bound {fl((s.get('bound_tok_s') or {}).get('median'))}"),
         ("prefill tok/s", f"{fl((s.get('prefill_tok_s') or {}).get('median'), '{:.0f}')} (plain "
@@ -318,8 +325,8 @@ def step_probe(spec: dict) -> dict:
     import torch
     import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda_available": torch.cuda.is_available(),
-           "python": sys.version.split()[0]}
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda_available": torch.cuda.is_available(), "python": sys.version.split()[0]}
     for name in ("lm_eval", "bitsandbytes", "accelerate"):
         try:
             env[name] = __import__(name).__version__
@@ -348,7 +355,8 @@ def step_checkpoint(spec: dict) -> dict:
         need = footprint.from_config(shape_config(name), "bf16").total_bytes
         folder = next((c for c in candidates if _room(os.path.dirname(c)) > 1.2 * need), None)
         if folder is None:
-            raise RuntimeError(f"no room for the {need / GiB:.1f} GiB checkpoint in {spec['dirs']}; pass --ckpt-dir DIR")
+            raise RuntimeError(f"no room for the {need / GiB:.1f} GiB checkpoint in {spec['dirs']}; "
+                               "pass --ckpt-dir DIR")
         shutil.rmtree(folder, ignore_errors=True)
         model = save_shape_checkpoint(name, folder, "bf16", "cuda", seed)
         del model
@@ -524,7 +532,8 @@ def step_workload(spec: dict) -> dict:
     out["rounds"] = _timing_rounds(model, spec, info.get("bytes_per_forward") or 0)
     with lp_plugin.session(model):
         out["mapped_bytes_in_session"] = handle.mapped_bytes
-    out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(), max_reserved_bytes=torch.cuda.max_memory_reserved(),
+    out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
+               max_reserved_bytes=torch.cuda.max_memory_reserved(),
                peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats))
     return out
 
@@ -738,7 +747,8 @@ class Sampler:
         except Exception:  # noqa: BLE001 - no NVML binding or driver: the monitor process samples instead
             self._nvml = None
         if self._nvml is None:
-            self._proc, _ = _spawn("monitor", work, "monitor", {}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self._proc, _ = _spawn("monitor", work, "monitor", {}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
             line = self._proc.stdout.readline()
             if line.strip() != "READY":
                 raise RuntimeError(f"the memory monitor did not start ({line!r})")
@@ -801,8 +811,8 @@ def sampled_step(sampler: Sampler, *a, **k) -> dict:
 
 
 def start_ballast(work: Path, card_bytes: int, timeout: int = 300):
-    proc, _ = _spawn("ballast", work, "ballast", {"card_bytes": card_bytes}, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-                     stdout=subprocess.PIPE, text=True)
+    proc, _ = _spawn("ballast", work, "ballast", {"card_bytes": card_bytes},
+                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, stdout=subprocess.PIPE, text=True)
     t0 = time.time()
     line = ""
     while time.time() - t0 < timeout:
@@ -828,10 +838,8 @@ def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
                        "bnb_4bit_use_double_quant=True"]
     if offload:
         model_args.append("offload=auto")
-        if args.max_memory:
+        if args.max_memory:  # (lm-eval's max_length, not --max-context, is what this run plans for)
             model_args.append(f"max_memory={args.max_memory}")
-        if args.max_context:
-            model_args.append(f"max_context={args.max_context}")
     elif args.dtype == "nf4":
         model_args.append("offload=none")
     if args.lm_eval_max_length:
@@ -924,8 +932,8 @@ def orchestrate(args) -> int:
     ref = None
     if not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
-        report["reference"] = {k: ref.get(k) for k in ("ok", "error", "decode_tok_s", "prefill_tok_s", "max_reserved_bytes",
-                                                       "rounds", "seconds")}
+        report["reference"] = {k: ref.get(k) for k in ("ok", "error", "decode_tok_s", "prefill_tok_s",
+                                                       "max_reserved_bytes", "rounds", "seconds")}
     lm_plain = None
     if args.lm_eval:
         path = work / f"lmeval-plain-{tag}"
@@ -958,35 +966,37 @@ def orchestrate(args) -> int:
             _stop(ballast)
             _CHILDREN.remove(ballast)
         sampler.close()
-    assemble(report, w, ref, sampler.source, (lm_plain, lm_off) if args.lm_eval else None, out, tag)
+    assemble(report, w, ref, sampler.source, (lm_plain, lm_off) if args.lm_eval else None, out, tag, args.lm_eval_files)
     return _finish(report, out)
 
 
-def assemble(report: dict, w: dict, ref: dict | None, source: str, lm_runs, out: Path, tag: str) -> dict:
+def assemble(report: dict, w: dict, ref: dict | None, source: str, lm_runs, out: Path, tag: str,
+             copy_lm_eval: bool = True) -> dict:
     """The card report's sections from the steps' results (``lm_runs``: the plain and the offload lm-eval runs,
-    each ``(step result, lm-eval results JSON or None)``; their results JSONs are copied flat into ``out``)."""
+    each ``(step result, lm-eval results JSON or None)``, kept whole in the report and, with ``copy_lm_eval``,
+    also copied flat into ``out``)."""
     report["workload"] = _workload_summary(w)
     report["plan"] = w.get("plan")
     report["peak"] = _peak_summary(w, source)
     report["speed"] = _speed_summary(w, ref)
     if lm_runs is not None:
-        report["lm_eval"] = _lm_eval_section(*lm_runs, out, tag)
+        report["lm_eval"] = _lm_eval_section(*lm_runs, out if copy_lm_eval else None, tag)
     return report
 
 
 def _driver_version():
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip().splitlines()[0]
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
 
 
 def _workload_summary(w: dict) -> dict:
     keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
-            "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes", "peak_mapped_bytes",
-            "mapped_bytes_in_session", "after_generate", "engine_stats", "samples", "device_baseline_bytes",
-            "device_max_used_bytes", "device_peak_bytes", "log")
+            "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
+            "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
+            "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
     return {k: w.get(k) for k in keys if k in w}
 
 
@@ -1018,7 +1028,7 @@ def _speed_summary(w: dict, ref: dict | None) -> dict:
             "ratios": ratios, "ratio": round_stats(ratios)}
 
 
-def _lm_eval_section(plain, offload, out: Path, tag: str) -> dict:
+def _lm_eval_section(plain, offload, out: Path | None, tag: str) -> dict:
     section = {}
     results = {}
     for label, pair in (("plain", plain), ("offload", offload)):
@@ -1027,11 +1037,14 @@ def _lm_eval_section(plain, offload, out: Path, tag: str) -> dict:
         run, res = pair
         section[label] = _lm_eval_summary(run, res)
         if res is not None:
-            dest = out / f"lmeval-{label}-{tag}.json"
-            dest.write_text(json.dumps(res, indent=1, default=str))
-            section[label]["results_file"] = dest.name
+            if out is not None:
+                dest = out / f"lmeval-{label}-{tag}.json"
+                dest.write_text(json.dumps(res, indent=1, default=str))
+                section[label]["results_file"] = dest.name
+            section[label]["results_json"] = res
             results[label] = res.get("results") or {}
-    section["metrics"] = compare_metrics(results.get("plain", {}), results.get("offload", {})) if len(results) == 2 else {}
+    both = len(results) == 2
+    section["metrics"] = compare_metrics(results["plain"], results["offload"]) if both else {}
     p, o = section.get("plain", {}), section.get("offload", {})
     if p.get("request_seconds") and o.get("request_seconds"):  # same documents, same max_length: same work
         section["throughput_vs_plain"] = p["request_seconds"] / o["request_seconds"]
@@ -1040,7 +1053,8 @@ def _lm_eval_section(plain, offload, out: Path, tag: str) -> dict:
 
 def _finish(report: dict, out: Path, failure: str | None = None) -> int:
     if failure:
-        report["verdict"], report["passed"] = f"FAIL {report['model']} {report['dtype']} {report['card']}: {failure}", False
+        report["verdict"] = f"FAIL {report['model']} {report['dtype']} {report['card']}: {failure}"
+        report["passed"] = False
     else:
         report["passed"], report["checks"], report["verdict"] = verdict(report)
     path = out / card_name(report["model"], report["dtype"], report["card"], report["context"])

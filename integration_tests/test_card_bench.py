@@ -32,8 +32,8 @@ def test_arguments_parsed_with_sizes_and_defaults(tmp_path):
             args.rounds, args.lm_eval) == (6 * GIB, int(5.5 * GIB), "qwen2.5-3b-shape", "bf16", 8192, 32, 5, True)
     args = card.parse_args(["--card", "4GiB", "--out", str(tmp_path), "--model", "llama-3-8b-shape", "--dtype", "nf4",
                             "--context", "1024", "--new-tokens", "8", "--rounds", "2", "--max-context", "2048"])
-    assert (args.model, args.dtype, args.context, args.new_tokens, args.rounds, args.max_context, args.max_memory_bytes) \
-        == ("llama-3-8b-shape", "nf4", 1024, 8, 2, 2048, None)
+    assert (args.model, args.dtype, args.context, args.new_tokens, args.rounds, args.max_context,
+            args.max_memory_bytes) == ("llama-3-8b-shape", "nf4", 1024, 8, 2, 2048, None)
 
 
 @pytest.mark.parametrize("argv", [
@@ -74,8 +74,8 @@ def test_refuses_to_run_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
-    proc = subprocess.run([sys.executable, "benchmarks/card.py", "--card", "6GiB", "--context", "64", "--new-tokens", "4",
-                           "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+    proc = subprocess.run([sys.executable, "benchmarks/card.py", "--card", "6GiB", "--context", "64", "--new-tokens",
+                           "4", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -190,6 +190,7 @@ def test_assemble_and_finish_write_one_report_with_lm_eval_copied_flat(tmp_path)
     assert card._finish(report, tmp_path) == 0 and report["passed"]
     saved = json.loads((tmp_path / "card-qwen2.5-3b-shape-bf16-5GiB-1024.json").read_text())
     assert saved["verdict"].startswith("PASS") and saved["checks"]["speed"]
+    assert report["lm_eval"]["plain"]["results_json"] == lm_json  # the card JSON holds everything
     w["device_peak_bytes"] = 5 * GIB + 1  # one byte over the card
-    card.assemble(report, w, None, "nvml", lm_runs, tmp_path, "t")
+    card.assemble(report, w, None, "nvml", lm_runs, tmp_path / "none", "t", copy_lm_eval=False)
     assert card._finish(report, tmp_path) == 1 and not report["checks"]["peak_within_card"]
