@@ -132,6 +132,10 @@ def check_args(args) -> None:
                        "a config.json")
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise ArgError(f"--tokenizer {args.tokenizer!r} is not a folder")
+    if args.lm_eval and not is_shape(args.model) and not any(
+            os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ArgError(f"--lm-eval needs a tokenizer in the model folder {args.model!r} (tokenizer.json); save one "
+                       "there, or drop --lm-eval")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ArgError(f"--out {args.out!r} is a file; give a folder")
 

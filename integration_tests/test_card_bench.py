@@ -58,6 +58,15 @@ def test_bad_arguments_refused_before_any_work(argv, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_lm_eval_on_a_folder_without_tokenizer_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argv = ["--card", "6GiB", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model")]
+    assert card.parse_args(argv).model == str(tmp_path / "model")  # fine without --lm-eval
+    with pytest.raises(card.ArgError):
+        card.parse_args(argv + ["--lm-eval"])
+
+
 def test_out_that_is_a_file_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(card.ArgError):

@@ -6,7 +6,8 @@ device in the target dtype (no fp32, full-size detour on the host), seeded, so t
 same seed on the same device type are identical.
 
 Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B), ``llama-3-8b-shape`` (Meta-Llama-3-8B) and
-``smollm2-135m-shape`` (SmolLM2-135M, Llama). Any checkpoint folder (a saved shape, a real model) loads plainly through :func:`load_checkpoint`.
+``smollm2-135m-shape`` (SmolLM2-135M, Llama). Any checkpoint folder (a saved shape, a real model) loads
+plainly through :func:`load_checkpoint`.
 """
 
 from __future__ import annotations
