@@ -933,11 +933,16 @@ def orchestrate(args) -> int:
     ref_file = str(work / f"reference-{card_name(args.model, args.dtype, 'ref', args.context)[5:-5]}-"
                           f"{args.new_tokens}-seed{args.seed}.pt")
     # b. the plain model on the whole GPU
-    ref = None
+    ref, ref_summary = None, Path(ref_file).with_suffix(".json")
     if not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
         report["reference"] = {k: ref.get(k) for k in ("ok", "error", "decode_tok_s", "prefill_tok_s",
                                                        "max_reserved_bytes", "rounds", "seconds")}
+        if ref.get("ok"):
+            _write_json(ref_summary, report["reference"])
+    elif ref_summary.exists():  # an earlier run's plain model (its outputs are read from ref_file by the workload)
+        ref = json.loads(ref_summary.read_text())
+        report["reference"] = {**ref, "reused": str(ref_summary)}
     lm_plain = None
     if args.lm_eval:
         path = work / f"lmeval-plain-{tag}"
