@@ -958,7 +958,10 @@ def orchestrate(args) -> int:
     sampler = Sampler(env, work)  # before the ballast: a monitor's own context is not taken from the card
     ballast = None
     try:
-        ballast, held = start_ballast(work, args.card_bytes)
+        try:
+            ballast, held = start_ballast(work, args.card_bytes)
+        except RuntimeError as exc:
+            return _finish(report, out, str(exc))
         report["ballast"] = held
         spec = {**base, "reference_file": ref_file, "free_at_start": held["free_bytes"],
                 "max_memory": args.max_memory_bytes, "max_context": args.max_context}
