@@ -209,7 +209,8 @@ def test_bad_configs_rejected(bad):
 def test_shapes_real_values():
     from lp_plugin.shapes import shape_config, shape_names
 
-    assert shape_names() == ["qwen2.5-3b-shape", "smollm2-135m-shape"]  # test shapes live in integration_tests
+    # (tiny test shapes live in integration_tests)
+    assert shape_names() == ["llama-3-8b-shape", "qwen2.5-3b-shape", "smollm2-135m-shape"]
     q = shape_config("qwen2.5-3b-shape")
     assert (q.hidden_size, q.intermediate_size, q.num_hidden_layers, q.num_attention_heads, q.num_key_value_heads,
             q.vocab_size, q.tie_word_embeddings, q.rms_norm_eps, q.max_position_embeddings) == (
@@ -217,6 +218,12 @@ def test_shapes_real_values():
     s = shape_config("smollm2-135m-shape")
     assert (s.model_type, s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.num_attention_heads,
             s.num_key_value_heads, s.vocab_size, s.tie_word_embeddings) == ("llama", 576, 1536, 30, 9, 3, 49152, True)
+    ll = shape_config("llama-3-8b-shape")
+    assert (ll.model_type, ll.hidden_size, ll.intermediate_size, ll.num_hidden_layers, ll.num_attention_heads,
+            ll.num_key_value_heads, ll.head_dim, ll.vocab_size, ll.tie_word_embeddings,
+            ll.rope_parameters["rope_theta"], ll.rms_norm_eps, ll.max_position_embeddings, ll.hidden_act,
+            ll.attention_bias, ll.mlp_bias, ll.bos_token_id, ll.eos_token_id) == ("llama", 4096, 14336, 32, 32, 8, 128, 128256, False, 500000.0, 1e-5, 8192, "silu",
+                                 False, False, 128000, 128001)
 
 
 @pytest.mark.parametrize("points,front", [

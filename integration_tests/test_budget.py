@@ -98,6 +98,13 @@ def test_qwen_shape_sizes_match_the_measured_standby():
     assert round(footprint.from_config(cfg, "nf4").total_bytes / GIB, 2) == 1.91
 
 
+def test_llama_3_8b_shape_size_from_its_config():
+    """Llama-3-8B has 8,030,261,248 parameters (untied lm_head): 2 bytes each in bf16, plus the rotary
+    embedding's two fp32 buffers of head_dim / 2 frequencies, from the config alone."""
+    fp = footprint.from_config(shape_config("llama-3-8b-shape"), "bf16")
+    assert fp.total_bytes == 8_030_261_248 * 2 + 2 * 64 * 4 and fp.num_layers == 32
+
+
 # ---------------------------------------------------------------------------------------- planning
 QWEN = {fmt: footprint.from_config(shape_config("qwen2.5-3b-shape"), fmt) for fmt in ("bf16", "nf4")}
 WORKS = [("generate", 512), ("generate", 8192), ("loglikelihood", 512), ("loglikelihood", 2048)]

@@ -93,7 +93,7 @@ def plan(args) -> int:
     return 0
 
 
-SHAPE_HINT = ("qwen2.5-3b-shape", "smollm2-135m-shape")
+SHAPE_HINT = ("qwen2.5-3b-shape", "llama-3-8b-shape", "smollm2-135m-shape")
 
 
 def _context_arg(text):

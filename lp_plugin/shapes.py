@@ -5,8 +5,9 @@ Qwen2.5-3B without downloading it. ``build_shape_model`` builds the model straig
 device in the target dtype (no fp32, full-size detour on the host), seeded, so two builds with the
 same seed on the same device type are identical.
 
-Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B) and ``smollm2-135m-shape`` (SmolLM2-135M, Llama). Any
-checkpoint folder (a saved shape, a real model) loads plainly through :func:`load_checkpoint`.
+Shapes: ``qwen2.5-3b-shape`` (Qwen2.5-3B), ``llama-3-8b-shape`` (Meta-Llama-3-8B) and
+``smollm2-135m-shape`` (SmolLM2-135M, Llama). Any checkpoint folder (a saved shape, a real model) loads
+plainly through :func:`load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import tempfile
 
 from .quant import nf4_config
 
-# Values copied from the models' config.json on the Hub (Qwen/Qwen2.5-3B, HuggingFaceTB/SmolLM2-135M).
+# Values copied from the models' config.json on the Hub (Qwen/Qwen2.5-3B, meta-llama/Meta-Llama-3-8B,
+# HuggingFaceTB/SmolLM2-135M).
 SHAPES: dict = {
     "qwen2.5-3b-shape": {
         "model_type": "qwen2",
@@ -39,6 +41,26 @@ SHAPES: dict = {
         "attention_dropout": 0.0,
         "bos_token_id": 151643,
         "eos_token_id": 151643,
+    },
+    "llama-3-8b-shape": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
     },
     "smollm2-135m-shape": {
         "model_type": "llama",

@@ -34,7 +34,8 @@ configs (comma separated; baseline is measured first and baseline:twin last in e
                                              model; load=pretrained: lp_plugin.from_pretrained from the checkpoint
                                              (a shape is saved once to a temporary folder); new=N overrides --new;
                                              cold evicts the offload files from the page cache before each timed part
-models: a checkpoint folder or hub id, or a shape with seeded random weights: qwen2.5-3b-shape, smollm2-135m-shape
+models: a checkpoint folder or hub id, or a shape with seeded random weights: qwen2.5-3b-shape, llama-3-8b-shape,
+  smollm2-135m-shape
 protocol: one plain model; each config put on -> measured -> taken off, round-robin; round 0 is a discarded
   warm-up (it also checks logits, perplexity and tokens against the plain model), then --repeats timed rounds;
   figures are median [min-max], ratios to the plain model medians of per-round ratios.

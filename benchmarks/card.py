@@ -1,0 +1,1107 @@
+"""Card emulation: run a model as a user with an N GiB GPU would, on a larger CUDA GPU.
+
+A ballast process holds all of the GPU but ``--card``; the workload then loads in a fresh process with
+``lp_plugin.from_pretrained(folder, offload="auto")`` (no other hint), generates, and is timed, while this
+parent samples the device's used memory (NVML, else a monitor process) every ~2 ms. The plain model runs
+first on the whole GPU as the reference for outputs and speed; ``--lm-eval`` adds the stock lm-eval CLI
+(``hf`` on the whole GPU, ``hf-residual-offload`` in the card). Every step runs in its own subprocess
+(``--step``); the parent never initialises CUDA, and kills the ballast on exit and on signals.
+
+    python benchmarks/card.py --card 6GiB --model qwen2.5-3b-shape --dtype bf16 --context 8192 --out DIR
+
+Writes DIR/card-<model>-<dtype>-<card>-<context>.json (everything, lm-eval's results JSONs included, with a
+one-line verdict) and, with ``--lm-eval``, copies of lm-eval's results JSONs flat in DIR (``--no-lm-eval-files``:
+none). ``--max-memory SIZE`` passes a budget to the load instead of the device's free memory. Exit status:
+0 every check passed, 1 a check failed or a step failed, 2 bad arguments or no CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MiB, GiB = 2**20, 2**30
+BALLAST_CHUNK = 256 * MiB
+BALLAST_TOLERANCE = 2 * MiB  # free memory left to the card, within this much of it
+SAMPLE_S = 0.002
+SPEED_GOAL = 0.9  # decode >= this fraction of the transfer bound (or of the plain model where nothing streams)
+PREDICTION_GOAL = 0.05  # predicted peak within this fraction of the measured device-level peak
+METRIC_RTOL = 1e-6  # lm-eval metrics, relative error against the plain model's
+DTYPES = ("bf16", "fp16", "nf4")
+STEPS = ("probe", "checkpoint", "reference", "ballast", "monitor", "workload", "lmeval")
+DECODE_PROMPT = 64  # tokens of context of the bare decode loop
+CKPT_MARKER = "lp-card-complete.json"  # written last: a folder without it is a save that did not finish
+HERE = Path(__file__).resolve()
+DEVICE = "cuda"  # where the steps run (the steps' helpers also run on "cpu", for checking them without a GPU)
+
+
+class ArgError(ValueError):
+    """A bad command line (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------- pure functions
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked (:class:`ArgError` naming the fix). No torch, no GPU."""
+    ap = argparse.ArgumentParser(
+        prog="card.py", description=__doc__.split("\n\n")[0],
+        epilog="example: python benchmarks/card.py --card 6GiB --model qwen2.5-3b-shape --dtype bf16 --context 8192 "
+               "--out results/  (add --lm-eval for the lm-eval step; --model llama-3-8b-shape or a folder)")
+    ap.add_argument("--card", help="the emulated card: memory left free on the GPU, e.g. 6GiB, 4GiB, 5.5GiB")
+    ap.add_argument("--model", default="qwen2.5-3b-shape",
+                    help="a shape (qwen2.5-3b-shape, llama-3-8b-shape: seeded random weights, saved once) or a "
+                         "checkpoint folder (default: %(default)s)")
+    ap.add_argument("--dtype", default="bf16", choices=DTYPES,
+                    help="bf16, fp16, or nf4 (bitsandbytes 4-bit, bf16 compute)")
+    ap.add_argument("--context", type=int, default=8192,
+                    help="tokens of the generate work: a prompt of CONTEXT - NEW_TOKENS, then NEW_TOKENS greedy "
+                         "tokens; also the full-context prefill timed (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=int, default=32,
+                    help="greedy tokens generated and timed (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5, help="paired timing rounds after a warm-up (default: %(default)s)")
+    ap.add_argument("--out", help="folder for the card JSON (and lm-eval's results JSONs, flat)")
+    ap.add_argument("--work-dir", help="intermediate files: step specs, results, logs, references (default: "
+                                       "$TMPDIR/lp-card-work)")
+    ap.add_argument("--ckpt-dir", help="where a shape is saved (default: /dev/shm when it has room, else $TMPDIR)")
+    ap.add_argument("--tokenizer", help="tokenizer folder saved with a shape for --lm-eval (default: the bundled "
+                                        "SmolLM2 tokenizer, `python -m lp_plugin bundled-model`'s; ids < the vocab)")
+    ap.add_argument("--max-memory", help="pass max_memory={0: SIZE} to the load (default: none, the card is what the "
+                                         "device has free)")
+    ap.add_argument("--max-context", type=int, help="pass max_context=N to the load (default: none, the model's own)")
+    ap.add_argument("--lm-eval", action="store_true", help="add the lm-eval step (task lp_pydoc_ppl, batch 1)")
+    ap.add_argument("--lm-eval-max-length", type=int, help="lm-eval's max_length for both runs (default: the model's)")
+    ap.add_argument("--lm-eval-limit", type=int, help="lm-eval --limit (default: every document)")
+    ap.add_argument("--lm-eval-files", action=argparse.BooleanOptionalAction, default=True,
+                    help="also copy lm-eval's results JSONs flat into --out (they are in the card JSON either way)")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="do not run the plain model; reuse its saved reference from --work-dir if there")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shape's weights and of the prompt")
+    ap.add_argument("--step-timeout", type=int, default=1800, help="seconds each step may run (default: %(default)s)")
+    ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.step is None:
+        check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Everything a run needs from its command line, before any heavy work (:class:`ArgError`)."""
+    from lp_plugin.config import parse_size
+    from lp_plugin.errors import OffloadSpecError
+    from lp_plugin.shapes import is_shape, shape_names
+
+    if not args.card:
+        raise ArgError("--card SIZE is required, e.g. --card 6GiB")
+    if not args.out:
+        raise ArgError("--out DIR is required (the card JSON goes there)")
+    try:
+        args.card_bytes = parse_size(args.card, "--card")
+        args.max_memory_bytes = None if args.max_memory is None else parse_size(args.max_memory, "--max-memory")
+    except OffloadSpecError as exc:
+        raise ArgError(str(exc)) from None
+    if args.card_bytes < 64 * MiB:
+        raise ArgError(f"--card {args.card} is below 64 MiB; give the card's size, e.g. --card 6GiB")
+    if args.new_tokens < 2:
+        raise ArgError("--new-tokens must be >= 2")
+    if args.context < args.new_tokens + 1:
+        raise ArgError(f"--context {args.context} leaves no prompt for {args.new_tokens} new tokens; "
+                       f"give --context > --new-tokens")
+    if args.rounds < 1:
+        raise ArgError("--rounds must be >= 1")
+    if args.max_context is not None and args.max_context < args.context:
+        raise ArgError(f"--max-context {args.max_context} is below --context {args.context}: the plan would not hold "
+                       "the work; drop it or raise it")
+    for name in ("lm_eval_max_length", "lm_eval_limit", "step_timeout"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ArgError(f"--{name.replace('_', '-')} must be >= 1")
+    if not is_shape(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ArgError(f"--model {args.model!r} is neither a shape ({', '.join(shape_names())}) nor a folder with "
+                       "a config.json")
+    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+        raise ArgError(f"--tokenizer {args.tokenizer!r} is not a folder")
+    if args.lm_eval and not is_shape(args.model) and not any(
+            os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ArgError(f"--lm-eval needs a tokenizer in the model folder {args.model!r} (tokenizer.json); save one "
+                       "there, or drop --lm-eval")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ArgError(f"--out {args.out!r} is a file; give a folder")
+
+
+def card_name(model: str, dtype: str, card: str, context: int) -> str:
+    """``card-<model>-<dtype>-<card>-<context>.json`` (a folder's last part as the model)."""
+    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"card-{base}-{dtype}-{card}-{context}") + ".json"
+
+
+def round_stats(values) -> dict | None:
+    """Median, min and max of per-round figures (None for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def transfer_bound(gbps, bytes_per_forward) -> float | None:
+    """Tokens/s a decode can reach when each token moves ``bytes_per_forward`` at ``gbps`` (1e9 B/s);
+    None where nothing streams."""
+    if not bytes_per_forward or not gbps:
+        return None
+    return gbps * 1e9 / bytes_per_forward
+
+
+def speed_ratios(rounds: list, plain_decode) -> list:
+    """Per round: decode / transfer bound, or decode / the plain model's decode where nothing streams."""
+    out = []
+    for r in rounds:
+        bound = transfer_bound(r.get("h2d_gbps"), r.get("bytes_per_forward"))
+        base = bound if bound is not None else plain_decode
+        out.append(r["decode_tok_s"] / base if base else None)
+    return out
+
+
+def device_peak(max_used: int, baseline: int) -> int:
+    """The workload's device-level peak: the most the device had in use while it ran, less what was in use
+    just before it started (ballast, monitor, other processes)."""
+    return max(max_used - baseline, 0)
+
+
+def relative_error(a, b) -> float:
+    if a == b:
+        return 0.0
+    return abs(a - b) / abs(b) if b else float("inf")
+
+
+def compare_metrics(plain: dict, offload: dict) -> dict:
+    """lm-eval ``results`` of both runs, metric by metric: values and relative error; a metric only one run
+    has counts as a mismatch (error inf)."""
+    out = {}
+    for task in sorted(set(plain) | set(offload)):
+        a, b = plain.get(task, {}), offload.get(task, {})
+        for key in sorted(set(a) | set(b)):
+            if "stderr" in key or key in ("alias", "name", "sample_len"):
+                continue
+            va, vb = a.get(key), b.get(key)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb)):
+                if va is None or vb is None:
+                    out[f"{task}/{key}"] = {"plain": va, "offload": vb, "rel_error": float("inf")}
+                continue
+            out[f"{task}/{key}"] = {"plain": va, "offload": vb, "rel_error": relative_error(vb, va)}
+    return out
+
+
+def verdict(report: dict) -> tuple:
+    """``(passed, {check: ok}, one line)`` from a card report: no OOM, equal outputs, device-level peak within the card,
+    decode >= 0.9 of the bound, prediction within 5% (and, with lm-eval, equal metrics in the card)."""
+    w = report.get("workload") or {}
+    checks = {}
+    checks["no_oom"] = bool(w.get("ok"))
+    checks["outputs_equal"] = w.get("outputs_equal") is True
+    peak = (report.get("peak") or {}).get("device_bytes")
+    checks["peak_within_card"] = peak is not None and peak <= report["card_bytes"]
+    ratio = (report.get("speed") or {}).get("ratio")
+    checks["speed"] = ratio is not None and ratio["median"] >= SPEED_GOAL
+    err = (report.get("peak") or {}).get("prediction_error")
+    checks["prediction"] = err is not None and abs(err) <= PREDICTION_GOAL
+    lm = report.get("lm_eval")
+    if lm is not None:
+        metrics = lm.get("metrics") or {}
+        checks["lm_eval_equal"] = bool(metrics) and all(m["rel_error"] <= METRIC_RTOL for m in metrics.values())
+        lm_peak = (lm.get("offload") or {}).get("device_peak_bytes")
+        checks["lm_eval_peak_within_card"] = lm_peak is not None and lm_peak <= report["card_bytes"]
+    failed = [k for k, ok in checks.items() if not ok]
+    head = f"{report['model']} {report['dtype']} in a {report['card']} card at {report['context']} tokens"
+    if not failed:
+        return True, checks, (f"PASS {head}: no OOM, equal outputs, peak within the card, speed >= {SPEED_GOAL} of "
+                              f"the bound, prediction within {PREDICTION_GOAL:.0%}" + (", lm-eval equal" if lm else ""))
+    return False, checks, f"FAIL {head}: " + ", ".join(_why(k, report) for k in failed)
+
+
+def _why(check: str, report: dict) -> str:
+    w, peak, speed = report.get("workload") or {}, report.get("peak") or {}, report.get("speed") or {}
+    if check == "no_oom":
+        return "workload failed (" + str(w.get("error") or "no result")[:160] + ")"
+    if check == "outputs_equal":
+        return "outputs not checked" if w.get("outputs_equal") is None else "outputs differ from the plain model's"
+    if check == "peak_within_card":
+        b = peak.get("device_bytes")
+        return "no device peak" if b is None else f"peak {b / GiB:.2f} GiB over the card"
+    if check == "speed":
+        r = speed.get("ratio")
+        return "no speed ratio" if r is None else f"decode {r['median']:.2f} of its bound"
+    if check == "prediction":
+        e = peak.get("prediction_error")
+        return "no prediction" if e is None else f"prediction off by {e:+.1%}"
+    if check == "lm_eval_equal":
+        return "lm-eval metrics differ (or missing)"
+    return "lm-eval peak over the card (or not measured)"
+
+
+def table(report: dict) -> str:
+    """A short text table of one card report."""
+    gi = lambda b: "-" if b is None else f"{b / GiB:.2f}"  # noqa: E731
+    fl = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    w, p, s = report.get("workload") or {}, report.get("peak") or {}, report.get("speed") or {}
+    plan = report.get("plan") or {}
+    r = s.get("ratio")
+    rows = [
+        ("card", f"{report['card']} ({gi(report['card_bytes'])} GiB) on {report.get('env', {}).get('gpu')}"),
+        ("model", f"{report['model']} {report['dtype']}, context {report['context']}, {report['new_tokens']} new"),
+        ("plan", f"mode {plan.get('mode')}, {len(plan.get('offloaded_layers') or [])} layers offloaded "
+                 f"({plan.get('offloaded_compact')}), streams {gi(plan.get('bytes_per_forward'))} GiB/forward"),
+        ("peak (device, NVML)", f"{gi(p.get('device_bytes'))} GiB via {p.get('source')}; predicted "
+                                f"{gi(p.get('predicted_bytes'))} GiB "
+                                f"({fl(_pct(p.get('prediction_error')), '{:+.1f}%')})"),
+        ("peak (self view)", f"{gi(p.get('self_view_bytes'))} GiB = context {gi(p.get('context_bytes'))} + reserved "
+                             f"{gi(p.get('max_reserved_bytes'))} + mapped {gi(p.get('peak_mapped_bytes'))}"),
+        ("outputs equal", f"{w.get('outputs_equal')} (last-step max |dlogit| "
+                          f"{fl(w.get('max_abs_logit_diff'), '{:.3g}')})"),
+        ("decode tok/s", f"{fl((s.get('decode_tok_s') or {}).get('median'))} (plain "
+                         f"{fl(s.get('plain_decode_tok_s'))}); bound {fl((s.get('bound_tok_s') or {}).get('median'))}"),
+        ("prefill tok/s", f"{fl((s.get('prefill_tok_s') or {}).get('median'), '{:.0f}')} (plain "
+                          f"{fl(s.get('plain_prefill_tok_s'), '{:.0f}')})"),
+        ("ratio (" + str(s.get("ratio_basis")) + ")",
+         "-" if r is None else f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] over {r['n']} rounds"),
+    ]
+    lm = report.get("lm_eval")
+    if lm is not None:
+        errs = [m["rel_error"] for m in (lm.get("metrics") or {}).values()]
+        off = lm.get("offload") or {}
+        rows.append(("lm-eval", f"max rel error {fl(max(errs) if errs else None, '{:.2e}')}, peak "
+                                f"{gi(off.get('device_peak_bytes'))} GiB, max_length {off.get('max_length')}, "
+                                f"{fl(off.get('tokens_per_second'), '{:.0f}')} tok/s, throughput "
+                                f"{fl(lm.get('throughput_vs_plain'), '{:.2f}')}x plain"))
+    rows.append(("verdict", report.get("verdict", "-")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+def compact(layers) -> str:
+    """``[2, 3, 4, 7]`` as ``"2-4,7"``."""
+    layers, parts, i = sorted(layers or []), [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts) or "none"
+
+
+# ---------------------------------------------------------------------------------------- child steps
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the parent dies (even by SIGKILL), so no ballast outlives a run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _load_kwargs(dtype: str) -> dict:
+    import torch
+
+    if dtype == "nf4":
+        from lp_plugin.quant import nf4_config
+
+        return {"quantization_config": nf4_config(torch.bfloat16), "dtype": torch.bfloat16}
+    return {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]}
+
+
+def step_probe(spec: dict) -> dict:
+    import torch
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda_available": torch.cuda.is_available(), "python": sys.version.split()[0]}
+    for name in ("lm_eval", "bitsandbytes", "accelerate"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - an optional package's absence is information here
+            env[name] = None
+    if env["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, total_bytes=props.total_memory, uuid=str(getattr(props, "uuid", "")),
+                   cuda=torch.version.cuda, free_bytes=torch.cuda.mem_get_info(0)[0])
+    return env
+
+
+def step_checkpoint(spec: dict) -> dict:
+    """The shape saved once (bf16, seeded, built on the GPU) with a tokenizer; reused when complete."""
+    import torch
+
+    from lp_plugin import footprint
+    from lp_plugin.shapes import save_shape_checkpoint, shape_config
+
+    name, seed = spec["model"], spec["seed"]
+    leaf = f"lp-card-{name}-seed{seed}"
+    candidates = [os.path.join(d, leaf) for d in spec["dirs"]]
+    folder = next((c for c in candidates if os.path.isfile(os.path.join(c, CKPT_MARKER))), None)
+    reused = folder is not None
+    if folder is None:
+        need = footprint.from_config(shape_config(name), "bf16").total_bytes
+        folder = next((c for c in candidates if _room(os.path.dirname(c)) > 1.2 * need), None)
+        if folder is None:
+            raise RuntimeError(f"no room for the {need / GiB:.1f} GiB checkpoint in {spec['dirs']}; "
+                               "pass --ckpt-dir DIR")
+        shutil.rmtree(folder, ignore_errors=True)
+        model = save_shape_checkpoint(name, folder, "bf16", "cuda", seed)
+        del model
+        torch.cuda.empty_cache()
+    tokenizer = None
+    if spec.get("tokenizer"):
+        if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(spec["tokenizer"]).save_pretrained(folder)
+        tokenizer = spec["tokenizer"]
+    if not reused:
+        with open(os.path.join(folder, CKPT_MARKER), "w") as f:
+            json.dump({"shape": name, "seed": seed, "dtype": "bf16"}, f)
+    return {"folder": folder, "reused": reused, "tokenizer": tokenizer}
+
+
+def _room(folder: str) -> int:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return shutil.disk_usage(folder).free if os.access(folder, os.W_OK) else 0
+    except OSError:
+        return 0
+
+
+def _prompt(vocab: int, length: int, seed: int):
+    import torch
+
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids, new_tokens: int):
+    """Greedy ``new_tokens`` tokens and the last step's scores (copied to the host at every step, so no logits
+    stay on the device)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class LastScores(LogitsProcessor):
+        last = None
+
+        def __call__(self, input_ids, scores):
+            LastScores.last = scores[0].detach().float().cpu()
+            return scores
+
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([LastScores()]))
+    return out[0, ids.shape[1]:].tolist(), LastScores.last
+
+
+def _decode_rate(model, vocab: int, steps: int, seed: int) -> float:
+    """Tokens/s of lp-bench's bare greedy decode loop (``lp_plugin.bench.measure.bare_decode``: a short
+    prompt, untimed warm steps, then ``steps`` timed single-token forwards), inside a session."""
+    import torch
+
+    import lp_plugin
+    from lp_plugin.bench.measure import bare_decode
+
+    ids = _prompt(vocab, DECODE_PROMPT, seed + 1).to(DEVICE)
+    with lp_plugin.session(model):
+        return bare_decode(model, ids, steps, torch.device(DEVICE))["tok_s"]
+
+
+def _prefill_rate(model, vocab: int, context: int, seed: int) -> float:
+    """Tokens/s of one full-context prefill into a fresh KV cache, last-token logits only (as generate's
+    prefill; ``lp_plugin.bench.measure.prefill_run``), inside a session."""
+    import torch
+
+    import lp_plugin
+    from lp_plugin.bench.measure import prefill_run
+
+    ids = _prompt(vocab, context, seed + 2).to(DEVICE)
+    with lp_plugin.session(model):
+        return prefill_run(model, ids, torch.device(DEVICE))
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
+def _h2d_gbps() -> float | None:
+    """Pinned host-to-device GB/s of a 64 MiB copy (None on the CPU)."""
+    import torch
+
+    from lp_plugin.bench.measure import h2d_bandwidth
+
+    measured = h2d_bandwidth(torch.device(DEVICE, 0) if DEVICE != "cpu" else torch.device("cpu"), 64 * MiB, pinned=True)
+    return measured["gbps"] if measured else None
+
+
+def _timing_rounds(model, spec: dict, bytes_per_forward: int) -> list:
+    vocab = model.config.vocab_size
+    rounds = []
+    for r in range(spec["rounds"] + 1):  # round 0 warms up and is dropped
+        row = {"decode_tok_s": _decode_rate(model, vocab, spec["new_tokens"], spec["seed"]),
+               "prefill_tok_s": _prefill_rate(model, vocab, spec["context"], spec["seed"]),
+               "h2d_gbps": _h2d_gbps(), "bytes_per_forward": bytes_per_forward}
+        row["bound_tok_s"] = transfer_bound(row["h2d_gbps"], bytes_per_forward)
+        if r:
+            rounds.append(row)
+    return rounds
+
+
+def step_reference(spec: dict) -> dict:
+    """The plain model on the whole GPU: tokens, last-step scores (saved for the workload) and its speed."""
+    import torch
+
+    from lp_plugin.shapes import load_checkpoint
+
+    model = load_checkpoint(spec["folder"], spec["dtype"], DEVICE)
+    vocab = model.config.vocab_size
+    ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
+    tokens, last = _generate(model, ids, spec["new_tokens"])
+    torch.save({"tokens": tokens, "last_scores": last, "spec": spec}, spec["reference_file"])
+    rounds = _timing_rounds(model, spec, 0)
+    return {"tokens": tokens, "rounds": rounds, "decode_tok_s": round_stats([r["decode_tok_s"] for r in rounds]),
+            "prefill_tok_s": round_stats([r["prefill_tok_s"] for r in rounds]),
+            "max_reserved_bytes": torch.cuda.max_memory_reserved() if DEVICE != "cpu" else None}
+
+
+def _max_abs_diff(a, b):
+    import torch
+
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(a[~fa], b[~fb]):
+        return float("inf")
+    return float((a[fa] - b[fb]).abs().max()) if fa.any() else 0.0
+
+
+def step_workload(spec: dict) -> dict:
+    """In the card: load with offload="auto", generate, compare with the reference, then the timing rounds."""
+    import torch
+
+    import lp_plugin
+
+    free0, total = torch.cuda.mem_get_info()  # this creates the CUDA context
+    out = {"free_after_init": free0, "total_bytes": total}
+    if spec.get("free_at_start") is not None:
+        out["context_bytes"] = spec["free_at_start"] - free0
+    options = {"offload": "auto", **_load_kwargs(spec["dtype"])}
+    if spec.get("max_memory") is not None:
+        options["max_memory"] = {0: spec["max_memory"]}
+    if spec.get("max_context") is not None:
+        options["max_context"] = spec["max_context"]
+    t0 = time.perf_counter()
+    model = lp_plugin.from_pretrained(spec["folder"], **options)
+    out["load_s"] = time.perf_counter() - t0
+    handle = lp_plugin.get_handle(model)
+    info = handle.info()
+    out["plan"] = {k: info.get(k) for k in ("mode", "tier", "prefetch", "offloaded_layers", "offloaded_bytes",
+                                            "layer_bytes", "bytes_per_forward", "ring_slots", "budget")}
+    out["plan"]["offloaded_compact"] = compact(info.get("offloaded_layers"))
+    out["num_layers"] = model.config.num_hidden_layers
+    vocab = model.config.vocab_size
+    ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
+    tokens, last = _generate(model, ids, spec["new_tokens"])
+    out["tokens"] = tokens
+    out["after_generate"] = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
+                             "max_reserved_bytes": torch.cuda.max_memory_reserved(),
+                             "peak_mapped_bytes": handle.peak_mapped_bytes}
+    ref = spec.get("reference_file")
+    if ref and os.path.isfile(ref):
+        saved = torch.load(ref)
+        out["outputs_equal"] = saved["tokens"] == tokens
+        out["first_mismatch"] = next((i for i, (a, b) in enumerate(zip(saved["tokens"], tokens)) if a != b), None)
+        out["max_abs_logit_diff"] = _max_abs_diff(saved["last_scores"], last)
+    else:
+        out["outputs_equal"] = None
+    out["rounds"] = _timing_rounds(model, spec, info.get("bytes_per_forward") or 0)
+    with lp_plugin.session(model):
+        out["mapped_bytes_in_session"] = handle.mapped_bytes
+    out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
+               max_reserved_bytes=torch.cuda.max_memory_reserved(),
+               peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats))
+    return out
+
+
+def step_ballast(spec: dict) -> None:
+    """Hold all of the GPU but ``card`` bytes (plain cudaMalloc: PYTORCH_NO_CUDA_MEMORY_CACHING=1) until killed."""
+    import torch
+
+    card = spec["card_bytes"]
+    parent = os.getppid()
+    held = []
+    free, total = torch.cuda.mem_get_info()
+    if free < card:
+        print(f"ERROR the GPU has {free / GiB:.2f} GiB free, less than the card's {card / GiB:.2f} GiB", flush=True)
+        sys.exit(3)
+    while True:
+        excess = torch.cuda.mem_get_info()[0] - card
+        if excess <= BALLAST_TOLERANCE:
+            break
+        n = min(BALLAST_CHUNK, excess) // (2 * MiB) * (2 * MiB)
+        try:
+            held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
+        except torch.OutOfMemoryError:
+            break
+    free = torch.cuda.mem_get_info()[0]
+    print(f"READY {sum(t.numel() for t in held)} {free} {total}", flush=True)
+    while os.getppid() == parent:  # hold until killed (or orphaned)
+        time.sleep(0.2)
+
+
+def step_monitor(spec: dict) -> None:
+    """Fallback sampler without NVML: polls ``mem_get_info`` every ~2 ms; stdin ``reset`` answers the device's used
+    bytes now and restarts the maximum, ``peak`` answers the maximum since (and the sample count)."""
+    import torch
+
+    torch.cuda.init()
+    state = {"max": 0, "n": 0}
+    lock = threading.Lock()
+
+    def poll():
+        while True:
+            free, total = torch.cuda.mem_get_info()
+            with lock:
+                state["max"] = max(state["max"], total - free)
+                state["n"] += 1
+                state["now"] = total - free
+            time.sleep(SAMPLE_S)
+
+    free, total = torch.cuda.mem_get_info()
+    state["now"] = state["max"] = total - free
+    threading.Thread(target=poll, daemon=True).start()
+    print("READY", flush=True)
+    for line in sys.stdin:
+        with lock:
+            if line.strip() == "reset":
+                print(state.get("now", 0), flush=True)
+                state["max"], state["n"] = state.get("now", 0), 0
+            elif line.strip() == "peak":
+                print(state["max"], state["n"], flush=True)
+
+
+def step_lmeval(spec: dict) -> dict:
+    """The stock lm-eval CLI in this process (with hf-residual-offload registered, as the .pth hook does)."""
+    import lp_plugin._lm_eval_register as register
+
+    register.install()
+    from lm_eval.__main__ import cli_evaluate
+
+    timing = _time_requests()
+    sys.argv = ["lm_eval", *spec["argv"]]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:  # the CLI's own exit: a failure unless it says 0
+        if exc.code not in (0, None):
+            raise RuntimeError(f"lm_eval exited with status {exc.code}") from None
+    return {"ok": True, "request_seconds": timing["seconds"], "request_calls": timing["calls"]}
+
+
+def _time_requests() -> dict:
+    """Wall time of HFLM's request methods (the outermost call, synchronized at its end): the evaluation without
+    loading, the same measure for ``hf`` and ``hf-residual-offload`` (whose request methods call HFLM's)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    timing, depth = {"seconds": 0.0, "calls": 0}, [0]
+
+    def timed(method):
+        def wrapper(self, *a, **k):
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return method(self, *a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    timing["seconds"] += time.perf_counter() - t0
+                    timing["calls"] += 1
+        return wrapper
+
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(HFLM, name, timed(getattr(HFLM, name)))
+    return timing
+
+
+def run_child(args) -> int:
+    _die_with_parent()
+    with open(args.spec) as f:
+        spec = json.load(f)
+    fn = globals()[f"step_{args.step}"]
+    try:
+        result = fn(spec)
+    except Exception as exc:  # noqa: BLE001 - the parent reads the failure from the result file
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                  "oom": type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError") and "out of memory" in str(exc)}
+        _write_json(args.result, result)
+        return 1
+    if args.result and result is not None:
+        result.setdefault("ok", True)
+        _write_json(args.result, result)
+    return 0
+
+
+def _write_json(path, data) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- the parent
+_CHILDREN: list = []
+
+
+def _spawn(step: str, work: Path, label: str, spec: dict, env=None, **popen):
+    spec_path, result_path = work / f"{label}-spec.json", work / f"{label}-result.json"
+    _write_json(spec_path, spec)
+    if result_path.exists():
+        result_path.unlink()
+    cmd = [sys.executable, str(HERE), "--step", step, "--spec", str(spec_path), "--result", str(result_path)]
+    base = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env={**os.environ, **base, **(env or {})}, **popen)
+    _CHILDREN.append(proc)
+    return proc, result_path
+
+
+def run_step(step: str, work: Path, label: str, spec: dict, timeout: int, env=None) -> dict:
+    """One step in a fresh process, to completion; its result file (plus ``rc``, and the log's tail on failure)."""
+    log_path = work / f"{label}.log"
+    print(f"[card] {label} ...", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc, result_path = _spawn(step, work, label, spec, env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            rc = "timeout"
+        _CHILDREN.remove(proc)  # (on a signal it stays listed, and main's finally stops it)
+    result = json.loads(result_path.read_text()) if result_path.exists() else {"ok": False}
+    result.update(rc=rc, seconds=round(time.perf_counter() - t0, 1), log=str(log_path))
+    if rc != 0:
+        result["ok"] = False
+        tail = log_path.read_text(errors="replace")[-3000:]
+        result.setdefault("error", f"exit status {rc}: " + tail[-600:])
+        print(f"[card] {label} FAILED ({rc}); log tail:\n{tail}", flush=True)
+    else:
+        print(f"[card] {label} done in {result['seconds']} s", flush=True)
+    return result
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Sampler:
+    """The device's used memory every ~2 ms: NVML in a thread of this process (no CUDA context here), else
+    a monitor subprocess (its own context is then part of every baseline)."""
+
+    def __init__(self, env: dict, work: Path):
+        self.source, self._nvml, self._proc = None, None, None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = None
+            uuid = env.get("uuid") or ""
+            for key in (uuid, f"GPU-{uuid}"):
+                try:
+                    handle = pynvml.nvmlDeviceGetHandleByUUID(key) if uuid else None
+                except pynvml.NVMLError:
+                    handle = None
+                if handle is not None:
+                    break
+            if handle is None and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            if handle is not None:
+                self._nvml, self._handle, self.source = pynvml, handle, "nvml"
+        except Exception:  # noqa: BLE001 - no NVML binding or driver: the monitor process samples instead
+            self._nvml = None
+        if self._nvml is None:
+            self._proc, _ = _spawn("monitor", work, "monitor", {}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+            line = self._proc.stdout.readline()
+            if line.strip() != "READY":
+                raise RuntimeError(f"the memory monitor did not start ({line!r})")
+            self.source = "monitor (torch.cuda.mem_get_info)"
+        self._stop = threading.Event()
+        self._max, self._n, self._thread = 0, 0, None
+
+    def _used(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self._used())
+            self._n += 1
+            time.sleep(SAMPLE_S)
+
+    def start(self) -> int:
+        """Begin a window; returns the baseline (used now)."""
+        if self._proc is not None:
+            self._proc.stdin.write("reset\n")
+            self._proc.stdin.flush()
+            return int(self._proc.stdout.readline())
+        self._stop.clear()
+        baseline = self._used()
+        self._max, self._n = baseline, 0
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return baseline
+
+    def stop(self) -> tuple:
+        """End the window: ``(max used, samples)``."""
+        if self._proc is not None:
+            self._proc.stdin.write("peak\n")
+            self._proc.stdin.flush()
+            peak, n = self._proc.stdout.readline().split()
+            return int(peak), int(n)
+        self._stop.set()
+        self._thread.join()
+        return self._max, self._n
+
+    def used_now(self):
+        return self._used() if self._nvml is not None else None
+
+    def close(self):
+        if self._proc is not None:
+            _stop(self._proc)
+            if self._proc in _CHILDREN:
+                _CHILDREN.remove(self._proc)
+
+
+def sampled_step(sampler: Sampler, *a, **k) -> dict:
+    baseline = sampler.start()
+    try:
+        result = run_step(*a, **k)
+    finally:
+        max_used, n = sampler.stop()
+    result.update(device_baseline_bytes=baseline, device_max_used_bytes=max_used, samples=n,
+                  device_peak_bytes=device_peak(max_used, baseline))
+    return result
+
+
+def start_ballast(work: Path, card_bytes: int, timeout: int = 300):
+    proc, _ = _spawn("ballast", work, "ballast", {"card_bytes": card_bytes},
+                     env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, stdout=subprocess.PIPE, text=True)
+    t0 = time.time()
+    line = ""
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line or line.startswith(("READY", "ERROR")):
+            break
+    if not line.startswith("READY"):
+        _stop(proc)
+        raise RuntimeError(f"the ballast did not get ready: {line.strip() or 'it exited'}")
+    _, held, free, total = line.split()
+    print(f"[card] ballast holds {int(held) / GiB:.2f} GiB; {int(free) / GiB:.3f} GiB free of {int(total) / GiB:.1f}",
+          flush=True)
+    return proc, {"held_bytes": int(held), "free_bytes": int(free), "total_bytes": int(total)}
+
+
+def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
+    from lp_plugin import __file__ as pkg
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "nf4": "bfloat16"}[args.dtype]
+    model_args = [f"pretrained={folder}", f"dtype={dtype}"]
+    if args.dtype == "nf4":  # stock hf cannot load 4-bit on transformers 5: the plain NF4 run is offload=none
+        model_args += ["load_in_4bit=True", "bnb_4bit_quant_type=nf4", "bnb_4bit_compute_dtype=bfloat16",
+                       "bnb_4bit_use_double_quant=True"]
+    if offload:
+        model_args.append("offload=auto")
+        if args.max_memory:  # (lm-eval's max_length, not --max-context, is what this run plans for)
+            model_args.append(f"max_memory={args.max_memory}")
+    elif args.dtype == "nf4":
+        model_args.append("offload=none")
+    if args.lm_eval_max_length:
+        model_args.append(f"max_length={args.lm_eval_max_length}")
+    kind = "hf-residual-offload" if offload or args.dtype == "nf4" else "hf"
+    argv = ["--model", kind, "--model_args", ",".join(model_args), "--tasks", "lp_pydoc_ppl",
+            "--include_path", str(Path(pkg).resolve().parent / "tasks"), "--batch_size", "1", "--device", "cuda:0",
+            "--output_path", str(out_path)]
+    if args.lm_eval_limit:
+        argv += ["--limit", str(args.lm_eval_limit)]
+    return argv
+
+
+def _lm_eval_result(path: Path) -> dict | None:
+    found = sorted(path.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def _lm_eval_summary(run: dict, results: dict | None) -> dict:
+    out = {k: run.get(k) for k in ("ok", "rc", "seconds", "device_peak_bytes", "device_baseline_bytes", "error",
+                                   "request_seconds")}
+    if results:
+        ro = (results.get("config") or {}).get("residual_offload") or {}
+        out.update(max_length=results.get("max_length"), total_evaluation_time_seconds=results.get(
+            "total_evaluation_time_seconds"), tokens_per_second=ro.get("tokens_per_second"),
+                   tokens_per_second_eval=ro.get("tokens_per_second_eval"), tokens_processed=ro.get("tokens_processed"),
+                   self_peak_bytes=ro.get("peak_inference_vram_bytes"), mode=(ro.get("engine") or {}).get("mode"),
+                   offloaded_layers=(ro.get("engine") or {}).get("offloaded_layers"))
+    return out
+
+
+def _tokenizer_for(args) -> str | None:
+    from lp_plugin.shapes import is_shape
+
+    if not (args.lm_eval and is_shape(args.model)):
+        return None
+    if args.tokenizer:
+        return os.path.abspath(args.tokenizer)
+    from lp_plugin.bundled import BundledModelError, bundled_tokenizer_path
+
+    try:
+        return bundled_tokenizer_path()
+    except BundledModelError as exc:
+        raise ArgError(f"--lm-eval on a shape needs a tokenizer: pass --tokenizer DIR ({exc})") from None
+
+
+def orchestrate(args) -> int:
+    from lp_plugin.shapes import is_shape
+
+    out = Path(args.out)
+    tokenizer = _tokenizer_for(args)
+    work = Path(args.work_dir or os.path.join(tempfile.gettempdir(), "lp-card-work"))
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    env = run_step("probe", work, "probe", {}, timeout=300)
+    if not env.get("ok"):
+        print(f"error: the probe step failed: {env.get('error')}", file=sys.stderr)
+        return 2
+    if not env.get("cuda_available"):
+        print("error: no CUDA GPU here: card.py emulates a card on a CUDA machine (the CPU has no card to emulate)",
+              file=sys.stderr)
+        return 2
+    if args.card_bytes >= env["free_bytes"]:
+        print(f"error: --card {args.card} is not below the GPU's {env['free_bytes'] / GiB:.2f} GiB free; nothing to "
+              "emulate", file=sys.stderr)
+        return 2
+    env["driver"] = _driver_version()
+    timeout = args.step_timeout
+    tag = card_name(args.model, args.dtype, args.card, args.context)[5:-5]
+    report = {"model": args.model, "dtype": args.dtype, "card": args.card, "card_bytes": args.card_bytes,
+              "context": args.context, "new_tokens": args.new_tokens, "rounds": args.rounds, "seed": args.seed,
+              "max_memory": args.max_memory, "max_context": args.max_context, "env": env,
+              "goals": {"speed": SPEED_GOAL, "prediction": PREDICTION_GOAL, "metric_rtol": METRIC_RTOL}}
+    # a. the checkpoint
+    if is_shape(args.model):
+        dirs = [args.ckpt_dir] if args.ckpt_dir else ["/dev/shm", tempfile.gettempdir()]
+        ck = run_step("checkpoint", work, "checkpoint", {"model": args.model, "seed": args.seed, "dirs": dirs,
+                                                         "tokenizer": tokenizer}, timeout)
+        if not ck.get("ok"):
+            return _finish(report, out, "checkpoint failed: " + str(ck.get("error"))[:300])
+        folder = ck["folder"]
+    else:
+        folder = os.path.abspath(args.model)
+    report["checkpoint"] = folder
+    base = {"folder": folder, "dtype": args.dtype, "context": args.context, "new_tokens": args.new_tokens,
+            "rounds": args.rounds, "seed": args.seed}
+    ref_file = str(work / f"reference-{card_name(args.model, args.dtype, 'ref', args.context)[5:-5]}-"
+                          f"{args.new_tokens}-seed{args.seed}.pt")
+    # b. the plain model on the whole GPU
+    ref, ref_summary = None, Path(ref_file).with_suffix(".json")
+    if not args.skip_reference:
+        ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
+        report["reference"] = {k: ref.get(k) for k in ("ok", "error", "decode_tok_s", "prefill_tok_s",
+                                                       "max_reserved_bytes", "rounds", "seconds")}
+        if ref.get("ok"):
+            _write_json(ref_summary, report["reference"])
+    elif ref_summary.exists():  # an earlier run's plain model (its outputs are read from ref_file by the workload)
+        ref = json.loads(ref_summary.read_text())
+        report["reference"] = {**ref, "reused": str(ref_summary)}
+    lm_plain = None
+    if args.lm_eval:
+        path = work / f"lmeval-plain-{tag}"
+        shutil.rmtree(path, ignore_errors=True)
+        sampler = Sampler(env, work)
+        try:
+            run = sampled_step(sampler, "lmeval", work, f"lmeval-plain-{tag}",
+                               {"argv": _lm_eval_args(args, folder, False, path)}, timeout)
+        finally:
+            sampler.close()
+        lm_plain = (run, _lm_eval_result(path))
+    # c.-f. the card
+    sampler = Sampler(env, work)  # before the ballast: a monitor's own context is not taken from the card
+    ballast = None
+    try:
+        try:
+            ballast, held = start_ballast(work, args.card_bytes)
+        except RuntimeError as exc:
+            return _finish(report, out, str(exc))
+        report["ballast"] = held
+        spec = {**base, "reference_file": ref_file, "free_at_start": held["free_bytes"],
+                "max_memory": args.max_memory_bytes, "max_context": args.max_context}
+        w = sampled_step(sampler, "workload", work, f"workload-{tag}", spec, timeout)
+        lm_off = None
+        if args.lm_eval:
+            path = work / f"lmeval-offload-{tag}"
+            shutil.rmtree(path, ignore_errors=True)
+            run = sampled_step(sampler, "lmeval", work, f"lmeval-offload-{tag}",
+                               {"argv": _lm_eval_args(args, folder, True, path)}, timeout)
+            lm_off = (run, _lm_eval_result(path))
+    finally:
+        if ballast is not None:
+            _stop(ballast)
+            _CHILDREN.remove(ballast)
+        sampler.close()
+    assemble(report, w, ref, sampler.source, (lm_plain, lm_off) if args.lm_eval else None, out, tag, args.lm_eval_files)
+    return _finish(report, out)
+
+
+def assemble(report: dict, w: dict, ref: dict | None, source: str, lm_runs, out: Path, tag: str,
+             copy_lm_eval: bool = True) -> dict:
+    """The card report's sections from the steps' results (``lm_runs``: the plain and the offload lm-eval runs,
+    each ``(step result, lm-eval results JSON or None)``, kept whole in the report and, with ``copy_lm_eval``,
+    also copied flat into ``out``)."""
+    report["workload"] = _workload_summary(w)
+    report["plan"] = w.get("plan")
+    report["peak"] = _peak_summary(w, source)
+    report["speed"] = _speed_summary(w, ref)
+    if lm_runs is not None:
+        report["lm_eval"] = _lm_eval_section(*lm_runs, out if copy_lm_eval else None, tag)
+    return report
+
+
+def _driver_version():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _workload_summary(w: dict) -> dict:
+    keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
+            "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
+            "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
+            "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
+    return {k: w.get(k) for k in keys if k in w}
+
+
+def _peak_summary(w: dict, source: str) -> dict:
+    device = w.get("device_peak_bytes") if w.get("samples") else None
+    budget = ((w.get("plan") or {}).get("budget") or {})
+    predicted = budget.get("peak_bytes")
+    parts = [w.get(k) for k in ("context_bytes", "max_reserved_bytes", "peak_mapped_bytes")]
+    return {"source": source, "device_bytes": device, "samples": w.get("samples"),
+            "self_view_bytes": sum(parts) if all(p is not None for p in parts) else None,
+            "context_bytes": parts[0], "max_reserved_bytes": parts[1], "peak_mapped_bytes": parts[2],
+            "max_allocated_bytes": w.get("max_allocated_bytes"), "predicted_bytes": predicted,
+            "predicted_standby_bytes": budget.get("standby_bytes"), "predicted_breakdown": budget.get("breakdown"),
+            "prediction_error": (predicted - device) / device if predicted and device else None}
+
+
+def _speed_summary(w: dict, ref: dict | None) -> dict:
+    rounds = w.get("rounds") or []
+    plain_decode = ((ref or {}).get("decode_tok_s") or {}).get("median")
+    bpf = (w.get("plan") or {}).get("bytes_per_forward") or 0
+    ratios = speed_ratios(rounds, plain_decode)
+    return {"rounds": rounds, "decode_tok_s": round_stats([r["decode_tok_s"] for r in rounds]),
+            "prefill_tok_s": round_stats([r["prefill_tok_s"] for r in rounds]),
+            "h2d_gbps": round_stats([r["h2d_gbps"] for r in rounds]),
+            "bound_tok_s": round_stats([r["bound_tok_s"] for r in rounds]),
+            "plain_decode_tok_s": plain_decode,
+            "plain_prefill_tok_s": ((ref or {}).get("prefill_tok_s") or {}).get("median"),
+            "ratio_basis": "vs transfer bound" if bpf else "vs plain decode, other process",
+            "ratios": ratios, "ratio": round_stats(ratios)}
+
+
+def _lm_eval_section(plain, offload, out: Path | None, tag: str) -> dict:
+    section = {}
+    results = {}
+    for label, pair in (("plain", plain), ("offload", offload)):
+        if pair is None:
+            continue
+        run, res = pair
+        section[label] = _lm_eval_summary(run, res)
+        if res is not None:
+            if out is not None:
+                dest = out / f"lmeval-{label}-{tag}.json"
+                dest.write_text(json.dumps(res, indent=1, default=str))
+                section[label]["results_file"] = dest.name
+            section[label]["results_json"] = res
+            results[label] = res.get("results") or {}
+    both = len(results) == 2
+    section["metrics"] = compare_metrics(results["plain"], results["offload"]) if both else {}
+    p, o = section.get("plain", {}), section.get("offload", {})
+    if p.get("request_seconds") and o.get("request_seconds"):  # same documents, same max_length: same work
+        section["throughput_vs_plain"] = p["request_seconds"] / o["request_seconds"]
+    return section
+
+
+def _finish(report: dict, out: Path, failure: str | None = None) -> int:
+    if failure:
+        report["verdict"] = f"FAIL {report['model']} {report['dtype']} {report['card']}: {failure}"
+        report["passed"] = False
+    else:
+        report["passed"], report["checks"], report["verdict"] = verdict(report)
+    path = out / card_name(report["model"], report["dtype"], report["card"], report["context"])
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if not failure:
+        print(table(report))
+    print(report["verdict"])
+    print(f"[card] wrote {path}", flush=True)
+    return 0 if report["passed"] else 1
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.step is not None:
+        return run_child(args)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    try:
+        return orchestrate(args)
+    except ArgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for proc in list(_CHILDREN):  # the ballast first of all: never leave the GPU held
+            _stop(proc)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent.parent))  # the repository's lp_plugin when run from a checkout
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The CPU-checkable parts of ``benchmarks/card.py`` (card emulation): its command line, the arithmetic of its
+summary and verdict, and its refusal to run without a CUDA GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def _card():
+    spec = importlib.util.spec_from_file_location("card_bench", ROOT / "benchmarks" / "card.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+card = _card()
+
+
+def test_arguments_parsed_with_sizes_and_defaults(tmp_path):
+    args = card.parse_args(["--card", "6GiB", "--out", str(tmp_path), "--max-memory", "5.5GiB", "--lm-eval"])
+    assert (args.card_bytes, args.max_memory_bytes, args.model, args.dtype, args.context, args.new_tokens,
+            args.rounds, args.lm_eval) == (6 * GIB, int(5.5 * GIB), "qwen2.5-3b-shape", "bf16", 8192, 32, 5, True)
+    args = card.parse_args(["--card", "4GiB", "--out", str(tmp_path), "--model", "llama-3-8b-shape", "--dtype", "nf4",
+                            "--context", "1024", "--new-tokens", "8", "--rounds", "2", "--max-context", "2048"])
+    assert (args.model, args.dtype, args.context, args.new_tokens, args.rounds, args.max_context,
+            args.max_memory_bytes) == ("llama-3-8b-shape", "nf4", 1024, 8, 2, 2048, None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--out", "OUT"],  # no card
+    ["--card", "6GiB"],  # no out
+    ["--card", "6 gigs", "--out", "OUT"],
+    ["--card", "1MiB", "--out", "OUT"],
+    ["--card", "6GiB", "--out", "OUT", "--context", "32", "--new-tokens", "32"],
+    ["--card", "6GiB", "--out", "OUT", "--new-tokens", "1"],
+    ["--card", "6GiB", "--out", "OUT", "--rounds", "0"],
+    ["--card", "6GiB", "--out", "OUT", "--max-context", "4096"],  # below the default --context 8192
+    ["--card", "6GiB", "--out", "OUT", "--max-memory", "lots"],
+    ["--card", "6GiB", "--out", "OUT", "--model", "no-such-shape-or-folder"],
+    ["--card", "6GiB", "--out", "OUT", "--tokenizer", "no-such-folder"],
+    ["--card", "6GiB", "--out", "OUT", "--lm-eval-limit", "0"],
+])
+def test_bad_arguments_refused_before_any_work(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert card.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_lm_eval_on_a_folder_without_tokenizer_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argv = ["--card", "6GiB", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model")]
+    assert card.parse_args(argv).model == str(tmp_path / "model")  # fine without --lm-eval
+    with pytest.raises(card.ArgError):
+        card.parse_args(argv + ["--lm-eval"])
+
+
+def test_out_that_is_a_file_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(card.ArgError):
+        card.parse_args(["--card", "6GiB", "--out", str(tmp_path / "f")])
+
+
+def test_argparse_choices_exit_2():
+    with pytest.raises(SystemExit) as exc:
+        card.parse_args(["--card", "6GiB", "--out", "x", "--dtype", "int3"])
+    assert exc.value.code == 2
+
+
+def test_refuses_to_run_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
+    proc = subprocess.run([sys.executable, "benchmarks/card.py", "--card", "6GiB", "--context", "64", "--new-tokens",
+                           "4", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not list((tmp_path / "out").glob("card-*.json"))  # no report from a run that did not happen
+
+
+# ---------------------------------------------------------------------------------------- arithmetic
+def test_round_stats_and_transfer_bound():
+    assert card.round_stats([3.0, 1.0, 2.0, None]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert card.round_stats([]) is None and card.round_stats([None]) is None
+    assert card.transfer_bound(50.0, 2 * 10**9) == 25.0  # 50 GB/s moving 2 GB a token
+    assert card.transfer_bound(50.0, 0) is None and card.transfer_bound(None, 10) is None
+
+
+def test_speed_ratios_against_the_bound_or_the_plain_model():
+    streaming = [{"decode_tok_s": 18.0, "h2d_gbps": 40.0, "bytes_per_forward": 2 * 10**9},
+                 {"decode_tok_s": 20.0, "h2d_gbps": 50.0, "bytes_per_forward": 2 * 10**9}]
+    assert card.speed_ratios(streaming, plain_decode=100.0) == [0.9, 0.8]  # bounds 20 and 25 tok/s
+    resident = [{"decode_tok_s": 45.0, "h2d_gbps": 50.0, "bytes_per_forward": 0}]
+    assert card.speed_ratios(resident, plain_decode=50.0) == [0.9]
+    assert card.speed_ratios(resident, plain_decode=None) == [None]  # nothing to compare with
+
+
+def test_device_peak_and_relative_error():
+    assert card.device_peak(10 * GIB, 4 * GIB) == 6 * GIB
+    assert card.device_peak(3 * GIB, 4 * GIB) == 0  # the device never went above its baseline
+    assert card.relative_error(1.0, 1.0) == 0.0 and card.relative_error(1.1, 1.0) == pytest.approx(0.1)
+    assert card.relative_error(1.0, 0.0) == float("inf")
+
+
+def test_compare_metrics_every_metric_and_missing_ones():
+    plain = {"lp_pydoc_ppl": {"alias": "lp_pydoc_ppl", "word_perplexity,none": 10.0, "bits_per_byte,none": 2.0,
+                              "bits_per_byte_stderr,none": "N/A", "sample_len": 8}}
+    same = card.compare_metrics(plain, {"lp_pydoc_ppl": dict(plain["lp_pydoc_ppl"])})
+    assert set(same) == {"lp_pydoc_ppl/word_perplexity,none", "lp_pydoc_ppl/bits_per_byte,none"}
+    assert all(m["rel_error"] == 0.0 for m in same.values())
+    off = {"lp_pydoc_ppl": {"word_perplexity,none": 10.00001, "bits_per_byte,none": 2.0}}
+    diff = card.compare_metrics(plain, off)
+    assert diff["lp_pydoc_ppl/word_perplexity,none"]["rel_error"] == pytest.approx(1e-6)
+    missing = card.compare_metrics(plain, {"lp_pydoc_ppl": {"bits_per_byte,none": 2.0}})
+    assert missing["lp_pydoc_ppl/word_perplexity,none"]["rel_error"] == float("inf")
+
+
+def _report(**over):
+    report = {"model": "qwen2.5-3b-shape", "dtype": "bf16", "card": "6GiB", "card_bytes": 6 * GIB, "context": 8192,
+              "new_tokens": 32, "workload": {"ok": True, "outputs_equal": True},
+              "peak": {"device_bytes": int(5.8 * GIB), "prediction_error": 0.02},
+              "speed": {"ratio": {"median": 0.95, "min": 0.9, "max": 0.97, "n": 5}}}
+    for key, value in over.items():
+        report[key] = {**report[key], **value} if isinstance(value, dict) and key in report else value
+    return report
+
+
+def test_verdict_passes_only_when_every_check_holds():
+    ok, checks, line = card.verdict(_report())
+    assert ok and all(checks.values()) and line.startswith("PASS")
+    for over, failed in [({"workload": {"ok": False, "error": "OutOfMemoryError"}}, "no_oom"),
+                         ({"workload": {"outputs_equal": False}}, "outputs_equal"),
+                         ({"workload": {"outputs_equal": None}}, "outputs_equal"),  # not compared: not a pass
+                         ({"peak": {"device_bytes": 6 * GIB + 1}}, "peak_within_card"),
+                         ({"peak": {"device_bytes": None}}, "peak_within_card"),
+                         ({"speed": {"ratio": {"median": 0.89, "min": 0.8, "max": 0.95, "n": 5}}}, "speed"),
+                         ({"speed": {"ratio": None}}, "speed"),
+                         ({"peak": {"prediction_error": -0.051}}, "prediction"),
+                         ({"peak": {"prediction_error": None}}, "prediction")]:
+        ok, checks, line = card.verdict(_report(**over))
+        assert not ok and [k for k, v in checks.items() if not v] == [failed] and line.startswith("FAIL")
+
+
+def test_verdict_with_lm_eval():
+    equal = {"metrics": {"t/m": {"plain": 1.0, "offload": 1.0, "rel_error": 0.0}},
+             "offload": {"device_peak_bytes": 5 * GIB}}
+    assert card.verdict(_report(lm_eval=equal))[0]
+    worse = {**equal, "metrics": {"t/m": {"plain": 1.0, "offload": 1.1, "rel_error": 0.1}}}
+    ok, checks, _ = card.verdict(_report(lm_eval=worse))
+    assert not ok and not checks["lm_eval_equal"] and checks["lm_eval_peak_within_card"]
+    ok, checks, _ = card.verdict(_report(lm_eval={"metrics": {}, "offload": {"device_peak_bytes": 7 * GIB}}))
+    assert not ok and not checks["lm_eval_equal"] and not checks["lm_eval_peak_within_card"]
+
+
+def test_names_and_table():
+    assert card.card_name("qwen2.5-3b-shape", "bf16", "6GiB", 8192) == "card-qwen2.5-3b-shape-bf16-6GiB-8192.json"
+    assert card.card_name("/models/My Model/", "nf4", "2GiB", 2048) == "card-My_Model-nf4-2GiB-2048.json"
+    assert card.compact([2, 3, 4, 7, 9, 10]) == "2-4,7,9-10" and card.compact([]) == "none"
+    report = _report(plan={"mode": "stream", "offloaded_layers": [2, 3], "offloaded_compact": "2-3"})
+    report["verdict"] = card.verdict(report)[2]
+    text = card.table(report)
+    assert "stream" in text and "2-3" in text and report["verdict"] in text
+
+
+def test_assemble_and_finish_write_one_report_with_lm_eval_copied_flat(tmp_path):
+    """The report from steps' results: plan, peaks, speed against the bound, lm-eval side by side (its results
+    JSONs copied flat next to the card JSON), verdict and exit status."""
+    results = {"lp_pydoc_ppl": {"alias": "lp_pydoc_ppl", "bits_per_byte,none": 4.28, "word_perplexity,none": 5.6e8}}
+    lm_json = {"results": results, "max_length": 1024, "config": {"residual_offload": {"tokens_per_second": 7000.0}}}
+    rounds = [{"decode_tok_s": d, "prefill_tok_s": 9000.0, "h2d_gbps": 50.0, "bytes_per_forward": 10**9,
+               "bound_tok_s": 50.0} for d in (46.0, 48.0, 44.0)]
+    w = {"ok": True, "outputs_equal": True, "context_bytes": 500 * 2**20, "max_reserved_bytes": 4 * GIB,
+         "peak_mapped_bytes": 256 * 2**20, "samples": 900, "device_peak_bytes": int(4.9 * GIB),
+         "plan": {"mode": "stream", "offloaded_layers": [2, 3, 4], "offloaded_compact": "2-4",
+                  "bytes_per_forward": 10**9, "budget": {"peak_bytes": int(4.8 * GIB)}}, "rounds": rounds}
+    report = {"model": "qwen2.5-3b-shape", "dtype": "bf16", "card": "5GiB", "card_bytes": 5 * GIB, "context": 1024,
+              "new_tokens": 16, "env": {"gpu": "test"}}
+    lm_runs = (({"ok": True, "request_seconds": 2.0, "device_peak_bytes": 7 * GIB}, lm_json),
+               ({"ok": True, "request_seconds": 2.5, "device_peak_bytes": int(4.5 * GIB)}, lm_json))
+    card.assemble(report, w, {"decode_tok_s": {"median": 60.0}}, "nvml", lm_runs, tmp_path, "t")
+    assert report["speed"]["ratio"] == {"median": 0.92, "min": 0.88, "max": 0.96, "n": 3}
+    assert report["peak"]["self_view_bytes"] == 500 * 2**20 + 4 * GIB + 256 * 2**20
+    assert report["peak"]["prediction_error"] == pytest.approx((4.8 - 4.9) / 4.9, abs=1e-9)
+    assert report["lm_eval"]["throughput_vs_plain"] == 0.8 and report["lm_eval"]["offload"]["max_length"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lmeval-offload-t.json", "lmeval-plain-t.json"]
+    assert card._finish(report, tmp_path) == 0 and report["passed"]
+    saved = json.loads((tmp_path / "card-qwen2.5-3b-shape-bf16-5GiB-1024.json").read_text())
+    assert saved["verdict"].startswith("PASS") and saved["checks"]["speed"]
+    assert report["lm_eval"]["plain"]["results_json"] == lm_json  # the card JSON holds everything
+    w["device_peak_bytes"] = 5 * GIB + 1  # one byte over the card
+    card.assemble(report, w, None, "nvml", lm_runs, tmp_path / "none", "t", copy_lm_eval=False)
+    assert card._finish(report, tmp_path) == 1 and not report["checks"]["peak_within_card"]
