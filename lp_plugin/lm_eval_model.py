@@ -37,7 +37,7 @@ import lp_plugin
 from . import logprobs
 from .config import OffloadConfig
 from .errors import OffloadSpecError
-from .devices import normalize_device
+from .devices import cuda_runtime, normalize_device
 from .quant import nf4_config
 from .report import jsonable, offload_table
 
@@ -432,6 +432,14 @@ class ResidualOffloadLM(HFLM):
             return None
         return int(torch.cuda.max_memory_allocated(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
 
+    def _lp_device_peak(self, dev, handle):
+        """The card's view of the peak: this process's CUDA runtime (context and kernels), the caching
+        allocator's reserved peak and the engine's mapped buffers."""
+        if dev is None:
+            return None
+        runtime, _ = cuda_runtime(dev)
+        return runtime + int(torch.cuda.max_memory_reserved(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+
     def residual_offload_info(self) -> dict:
         """Offload layout, VRAM and throughput of this run (JSON-ready); under data parallelism, every
         rank's figures and the totals."""
@@ -449,6 +457,7 @@ class ResidualOffloadLM(HFLM):
             vram_device=str(dev) if dev is not None else "cpu",
             standby_vram_bytes=self._lp_standby,
             peak_inference_vram_bytes=self._lp_peak(dev, handle),
+            peak_device_bytes=self._lp_device_peak(dev, handle),
             tokens_processed=s["tokens"],
             forward_calls=s["forwards"],
             forward_seconds=round(s["forward_s"], 6),

@@ -41,6 +41,26 @@ def _rate(value) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+_TERMS = (("cuda_runtime", "CUDA"), ("allocator_slack", "slack"), ("weights", "weights"), ("ring", "ring"),
+          ("session_buffer", "session buffer"), ("kv", "KV"), ("activations", "activations"), ("logits", "logits"),
+          ("workspace", "workspaces"))
+
+
+def _card_rows(info: dict) -> list:
+    """The card view of an ``offload=auto`` run: the budget, the predicted peak term by term, what is
+    left, and the peak as the card saw it (CUDA runtime + the allocator's reserved peak + mapped buffers)."""
+    budget = (info.get("engine") or {}).get("budget")
+    if not budget:
+        return []
+    b = budget["breakdown"]
+    rows = [("card", f"{gib(budget['budget_bytes'])} ({budget.get('budget_source', 'max_memory')}); predicted peak "
+                     f"{gib(budget['peak_bytes'])} at {budget['phase']}, left {gib(budget['budget_bytes'] - budget['peak_bytes'])}"),
+            ("card terms", " + ".join(f"{name} {b[key] / GIB:.2f}" for key, name in _TERMS if key in b) + " GiB")]
+    if info.get("peak_device_bytes") is not None:
+        rows.append(("peak (card view)", gib(info["peak_device_bytes"])))
+    return rows
+
+
 def offload_table(info: dict) -> str:
     """The offload summary of one run (``config.residual_offload`` of lm-eval's results JSON)."""
     layers = info.get("layers") or []
@@ -53,6 +73,7 @@ def offload_table(info: dict) -> str:
           if info.get("max_length") else []),
         ("standby VRAM", gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)"),
         ("peak VRAM", gib(info.get("peak_inference_vram_bytes")) if info.get("peak_inference_vram_bytes") is not None else "- (cpu)"),
+        *_card_rows(info),
         ("tokens", f"{info.get('tokens_processed', 0):,} in {info.get('forward_calls', 0):,} forwards"),
         ("tok/s (forwards)", _rate(info.get("tokens_per_second"))),
         ("tok/s (evaluation)", _rate(info.get("tokens_per_second_eval"))),
