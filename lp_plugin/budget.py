@@ -209,9 +209,9 @@ def card_of(max_memory, main_device) -> tuple:
                                "machine has no GPU to ask: give max_memory (the card's size, e.g. max_memory='6GiB')")
     free = free_bytes(main_device)
     if cuda:  # the context this process holds by now (cuda_runtime made it) is part of the card, not of what is free
-        return Card(free + runtime, f"free on {main_device} at load ({size_text(free)}) + this process's CUDA runtime",
+        return Card(free + runtime, f"free on {main_device} at load + this process's CUDA runtime",
                     runtime, runtime_source, True), None
-    return Card(free, f"available host memory at load ({size_text(free)})", 0, runtime_source, False), None
+    return Card(free, "available host memory at load", 0, runtime_source, False), None
 
 
 @dataclass(frozen=True)

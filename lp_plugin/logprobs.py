@@ -81,12 +81,20 @@ def hidden_chunks(decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: in
     if prefill_chunk is None or prefill_chunk >= total:
         yield 0, decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         return
+    name = _cache_argument(decoder)
     cache = None
     for start in range(0, total, prefill_chunk):
-        out = decoder(input_ids=input_ids[:, start:start + prefill_chunk], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = decoder(input_ids=input_ids[:, start:start + prefill_chunk], use_cache=True, **{name: cache})
+        cache = getattr(out, name)
         yield start, out.last_hidden_state
         del out
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """What the decoder's forward calls its KV cache: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def score_window(model, input_ids: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
