@@ -837,7 +837,7 @@ def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
 
     dtype = {"bf16": "bfloat16", "fp16": "float16", "nf4": "bfloat16"}[args.dtype]
     model_args = [f"pretrained={folder}", f"dtype={dtype}"]
-    if args.dtype == "nf4":  # stock hf cannot load 4-bit on transformers 5: the plain NF4 run is offload=none
+    if args.dtype == "nf4":  # stock hf cannot load 4-bit on transformers 5: the plain NF4 run is offload=none, full_logits
         model_args += ["load_in_4bit=True", "bnb_4bit_quant_type=nf4", "bnb_4bit_compute_dtype=bfloat16",
                        "bnb_4bit_use_double_quant=True"]
     if offload:
@@ -845,7 +845,7 @@ def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
         if args.max_memory:  # (lm-eval's max_length, not --max-context, is what this run plans for)
             model_args.append(f"max_memory={args.max_memory}")
     elif args.dtype == "nf4":
-        model_args.append("offload=none")
+        model_args += ["offload=none", "full_logits=True"]  # lm-eval's own scoring, nothing offloaded
     if args.lm_eval_max_length:
         model_args.append(f"max_length={args.lm_eval_max_length}")
     kind = "hf-residual-offload" if offload or args.dtype == "nf4" else "hf"
