@@ -17,6 +17,16 @@ from .flat import LayerSlots
 from .tiers import allocate_host, sha256_of
 
 
+def edit_error(layers) -> AttachError:
+    indices = [layer.index for layer in layers]
+    return AttachError(
+        f"offloaded layer(s) {indices} were changed in place inside a stream-mode session; stream mode refills its "
+        "ring buffers from the tier's copy, so the change was not kept (the tier's copy is unchanged). Change "
+        "offloaded weights outside a session (they land in the tier's copy), or attach with mode='session', "
+        "whose sessions write edits back"
+    )
+
+
 class OffloadedLayer:
     def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
@@ -81,6 +91,8 @@ class OffloadedLayer:
     def show_standby(self) -> None:
         """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
         layers' bytes between uses) the tensors point at it for a moment; :meth:`show_bound` points them back."""
+        if self.streamed and self.edited():
+            raise edit_error([self])
         if self.bound_flat is None or self.streamed:
             self.tier.check(self.key)
         if self.bound_flat is not None and self.streamed:

@@ -26,6 +26,7 @@ import torch
 
 from . import ops
 from .errors import AttachError
+from .group import edit_error
 from .tiers import allocate_host
 from .vmm import device_buffer
 
@@ -62,6 +63,7 @@ class GilSwitch:
 
 
 gil_switch = GilSwitch()
+
 
 
 class Ring:
@@ -139,12 +141,29 @@ class Ring:
         self.slots = None
         self.buffer.unmap()
 
+    def edited_layers(self) -> list:
+        """The layers changed in place while bound to the ring (their tensors' version counters moved)."""
+        return [layer for layer in self.layers if layer.bound_flat is not None and layer.edited()]
+
+    def check_unedited(self) -> None:
+        """Refuse an in-place edit of an offloaded layer made while the ring is open. Its tensors are
+        ring slots, refilled from the tier's copy and shared with other layers between uses: the edit
+        could neither be kept nor be used consistently (it may even have landed in another layer's
+        bytes), so nothing computes with it and the error says how to edit instead."""
+        edited = self.edited_layers()
+        if edited:
+            raise edit_error(edited)
+
     def release(self):
-        """End of the session: layers back on standby, the ring's memory given back."""
+        """End of the session: layers back on standby (an edit made inside it is refused: the tier's
+        copy is left as it was), the ring's memory given back."""
+        edited = self.edited_layers()
         self._drain()
         self._unbind()
         if self.needs_staging:
             gil_switch.leave()
+        if edited:
+            raise edit_error(edited)
 
     def close(self):
         if self.is_open:
@@ -240,6 +259,8 @@ class Ring:
                 f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
                 "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
+        if pos == 0 and not torch.compiler.is_compiling():
+            self.check_unedited()  # before any streamed layer of this forward reads its weights
         slot = pos % self.nslots
         if self.holds[slot] != pos:
             # the last slot's first layer is loaded as a forward starts (the copy engine then has work at
