@@ -107,8 +107,10 @@ class SkipContext:
         spec = self.stand_in if stand_in is None else parse_stand_in(str(stand_in))
         if metric in ("bi", "angular"):
             spec = StandInSpec()  # they read the plain model only
-        if not 1 <= n <= self.num_layers:
-            raise OffloadSpecError(f"block length n={n} must be between 1 and the model's {self.num_layers} layers")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
+            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's {self.num_layers} layers")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise OffloadSpecError(f"steps={steps!r} must be an int >= 1 (greedy removals; default half the layers)")
         steps = min(self.num_layers, self.num_layers // 2 if steps is None else steps)
         key = self.key(metric=metric, n=n if metric == "angular" else 1, stand_in=str(spec))
         what = f"{metric} importance"
