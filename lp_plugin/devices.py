@@ -12,9 +12,12 @@ def parse_device(device):
     from .errors import OffloadSpecError
 
     if isinstance(device, int) and not isinstance(device, bool):
-        if device < 0:
-            raise OffloadSpecError(f"device index must be >= 0, got {device!r}")
-        return torch.device("cuda", device)
+        try:
+            if device < 0:
+                raise ValueError
+            return torch.device("cuda", device)
+        except (RuntimeError, ValueError, OverflowError):
+            raise OffloadSpecError(f"a GPU index must be an int from 0, got {device!r}") from None
     if isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
