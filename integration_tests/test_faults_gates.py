@@ -276,3 +276,29 @@ def test_lm_eval_malformed_from_the_command_line_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert sum("error:" in line for line in proc.stderr.splitlines()) == 1
+
+
+def test_special_files_are_refused_without_blocking(reference, tmp_path):
+    """A FIFO given as a results file would block a reader forever: refused (exit 2) at once."""
+    import os
+    import signal
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    good = _write(tmp_path, "good.json", reference)
+
+    def hang(signum, frame):
+        raise TimeoutError("a gate blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        assert bench(["--results", good, "--compare", fifo])[0] == 2
+        parser = argparse.ArgumentParser()
+        gate_lm_eval.add_arguments(parser)
+        err = []
+        assert gate_lm_eval.run(parser.parse_args([str(fifo), good]), out=lambda _: None, err=err.append) == 2
+        assert len(err) == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

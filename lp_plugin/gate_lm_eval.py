@@ -38,6 +38,8 @@ def load_results(path) -> dict:
         if not files:
             raise NotComparable(f"{path}: no results_*.json under this folder (lm_eval --output_path writes one)")
         p = files[-1]
+    if p.exists() and not p.is_file():
+        raise NotComparable(f"{path}: not a regular file (a results_*.json file or the folder holding it)")
     try:
         data = json.loads(p.read_bytes())
     except (OSError, ValueError, RecursionError) as exc:

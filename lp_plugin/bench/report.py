@@ -135,6 +135,8 @@ def load_results(path: str) -> dict:
     """Read an lp-bench results file and derive its ratios, noise and goals again from the raw figures
     (so derived fields never disagree with the measurements they come from). Anything that is not a
     well-formed results file raises :class:`ResultsError`."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ResultsError(f"{path} is not a regular file")
     try:
         with open(path, "rb") as fh:
             data = json.loads(fh.read())
