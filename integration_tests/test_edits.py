@@ -127,15 +127,15 @@ def test_stream_session_edit_refused_at_the_next_forward(tier, tmp_path):
             _edit(model, "model.layers.4.mlp.down_proj.weight", "mul")
             with pytest.raises(AttachError):
                 _logits(model)
-            raise_state_dict = pytest.raises(AttachError)
-            with raise_state_dict:
+            with pytest.raises(AttachError):
                 model.state_dict()
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 def test_session_mode_session_edit_written_back(tier, tmp_path):
     key = "model.layers.4.self_attn.q_proj.weight"
-    refused, model, handle, edited, _ = _run("session", tier, "session-then-forward", key, "add", 1, str(tmp_path / "o"))
+    refused, model, handle, edited, _ = _run("session", tier, "session-then-forward", key, "add", 1,
+                                             str(tmp_path / "o"))
     assert not refused
     _check_everywhere(model, handle, edited, key, str(tmp_path / "saved"))
 
@@ -143,7 +143,8 @@ def test_session_mode_session_edit_written_back(tier, tmp_path):
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 def test_stream_standby_edit_kept(tier, tmp_path):
     key = "model.layers.2.input_layernorm.weight"
-    refused, model, handle, edited, _ = _run("stream", tier, "standby-after-forward", key, "mul", 0, str(tmp_path / "o"))
+    refused, model, handle, edited, _ = _run("stream", tier, "standby-after-forward", key, "mul", 0,
+                                             str(tmp_path / "o"))
     assert not refused
     _check_everywhere(model, handle, edited, key, str(tmp_path / "saved"))
 

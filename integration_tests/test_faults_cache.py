@@ -58,7 +58,8 @@ def _ids(n=384):
 def calls(monkeypatch):
     seen = []
     for name, fn in list(metrics._COMPUTE.items()):
-        monkeypatch.setitem(metrics._COMPUTE, name, lambda ctx, _fn=fn, _name=name, **kw: seen.append(_name) or _fn(ctx, **kw))
+        monkeypatch.setitem(metrics._COMPUTE, name,
+                            lambda ctx, _fn=fn, _name=name, **kw: seen.append(_name) or _fn(ctx, **kw))
     return seen
 
 

@@ -87,7 +87,8 @@ def test_size_text_up_is_exact_and_quick(nbytes):
 
 def test_plan_huge_context_returns(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lp_plugin", "plan", "--model", "smollm2-135m-shape", "--max-memory",
-                           "1GiB", "--context", str(10**24)], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+                           "1GiB", "--context", str(10**24)],
+                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
 
@@ -284,6 +285,7 @@ _VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_
                    st.floats(allow_nan=True, allow_infinity=True), _TEXT, st.lists(st.integers(-3, 40), max_size=4))
 _NAMES = st.sampled_from(list(OffloadConfig.names()) + ["bogus", ""])
 
+SLOW_AND_TMP = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 GRAMMAR = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -340,7 +342,8 @@ def test_plan_cli_answers_every_input(options, memory):
     assert "Traceback" not in err
 
 
-_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**50, 10**50), st.floats(), st.text(max_size=6)),
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**50, 10**50), st.floats(), st.text(max_size=6))
+_JSON = st.recursive(_LEAF,
                      lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=3)), max_leaves=12)
 _LM_RESULTS = st.fixed_dictionaries({"results": st.dictionaries(st.sampled_from(["t", "u"]), st.one_of(
@@ -348,7 +351,7 @@ _LM_RESULTS = st.fixed_dictionaries({"results": st.dictionaries(st.sampled_from(
     max_size=2)}, optional={"n-samples": _JSON, "config": _JSON})
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=SLOW_AND_TMP)
 @given(base=st.one_of(_LM_RESULTS, _JSON), cand=st.one_of(_LM_RESULTS, _JSON),
        tolerance=st.sampled_from(["0", "0.5", "nan", "acc=0.1", "x"]),
        ratio=st.sampled_from([None, "0.9", "nan", "inf", "-1"]))
@@ -365,7 +368,7 @@ def test_compare_lm_eval_answers_every_input(tmp_path, base, cand, tolerance, ra
     assert "Traceback" not in err
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW_AND_TMP)
 @given(data=st.one_of(_JSON, st.fixed_dictionaries({"schema": st.just("lp-bench/2"), "configs": st.one_of(
     _JSON, st.lists(st.one_of(_JSON, st.fixed_dictionaries({"name": _JSON, "config": _JSON})), max_size=3))})),
     tolerance=st.sampled_from(["", "logit=nan", "speed=0.5", "x=1", "ppl=1e999"]))
@@ -379,7 +382,7 @@ def test_lp_bench_results_answer_every_input(tmp_path, data, tolerance):
     assert rc in (0, 1, 2)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=SLOW_AND_TMP)
 @given(options=st.lists(st.tuples(st.sampled_from(["--fractions", "--selections", "--stand-ins", "--greedy-stand-ins",
                                                    "--calib", "--offload", "--tier", "--targets", "--heldout-window"]),
                                   _TEXT), max_size=3))

@@ -187,7 +187,8 @@ def run(args, out=print, err=print) -> int:
         err(f"compare-lm-eval: error: {exc}")
         return 2
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
-        err(f"compare-lm-eval: error: a results file has a value of the wrong form ({type(exc).__name__}: {str(exc)[:200]})")
+        err(f"compare-lm-eval: error: a results file has a value of the wrong form "
+            f"({type(exc).__name__}: {str(exc)[:200]})")
         return 2
     out(f"compare-lm-eval: BASE {base['_path']}, CANDIDATE {cand['_path']}")
     for line in report + lines:

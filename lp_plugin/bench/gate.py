@@ -268,7 +268,8 @@ def _context(new, old, out) -> None:
     for label, run, record in (("reference", old, out.cannot), ("new run", new, out.regress)):
         ref_ppl = (run.get("reference") or {}).get("perplexity")
         if ref_ppl is not None and not (_finite(ref_ppl) and ref_ppl > 0):
-            record("run", "the plain model's reference perplexity", f"{ref_ppl!r} in the {label} is not a finite number > 0")
+            record("run", "the plain model's reference perplexity",
+                   f"{ref_ppl!r} in the {label} is not a finite number > 0")
 
 
 def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
@@ -289,7 +290,8 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
         elif nc.get("error"):
             out.regress(name, "config", f"failed: {nc['error']}")
         elif not usable(oc):
-            out.notes.append(f"note: {name}: not measured in the reference ({oc.get('error') or oc.get('not_applicable')})")
+            why = oc.get("error") or oc.get("not_applicable")
+            out.notes.append(f"note: {name}: not measured in the reference ({why})")
         elif not usable(nc):
             out.regress(name, "config", f"ran in the reference, not applicable now ({nc.get('not_applicable')})")
         else:

@@ -192,7 +192,8 @@ def check_file(path: str) -> None:
         with open(path, "rb") as fh:
             head = fh.read(FIRST_READ)
     except OSError as exc:
-        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); pass a readable text file") from None
+        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
+                               "pass a readable text file") from None
     try:
         codecs.getincrementaldecoder("utf-8")(errors="strict").decode(head, final=len(head) < FIRST_READ)
     except UnicodeDecodeError as exc:
@@ -221,4 +222,5 @@ def file_ids(tokenizer, path: str, tokens: int = CALIB_TOKENS) -> list:
                     return ids[:tokens]
                 size *= 2
     except OSError as exc:
-        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); pass a readable text file") from None
+        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
+                               "pass a readable text file") from None

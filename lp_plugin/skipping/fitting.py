@@ -38,6 +38,10 @@ def expected_shapes(spec, hidden: int) -> dict:
     return {"bias": (hidden,), "down": (spec.rank, hidden), "up": (hidden, spec.rank)}
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_cached(spec, layers, hidden: int):
     """A check for a cached ``(tensors, info)``: ValueError unless it holds exactly the tensors of
     ``spec``'s stand-ins of ``layers`` (names, shapes, float32, finite) and fit details for each."""
@@ -57,8 +61,7 @@ def check_cached(spec, layers, hidden: int):
         if not isinstance(fit, dict) or set(fit) != {str(i) for i in layers}:
             raise ValueError("its fit details do not name the skipped layers")
         for details in fit.values():
-            if not isinstance(details, dict) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in details.values()):
+            if not isinstance(details, dict) or not all(_finite(v) for v in details.values()):
                 raise ValueError("its fit details are not finite numbers")
         if set(info) - {"fit"}:
             raise ValueError(f"its fit details hold unknown fields {sorted(set(info) - {'fit'})}")
@@ -92,7 +95,8 @@ def fit_stand_ins(ctx: SkipContext, layers) -> tuple:
         return {}, {}
     key = ctx.key(kind="standins", stand_in=str(spec), layers=layers)
     hidden = ctx.model.get_input_embeddings().weight.shape[1]
-    cached = cache.load_tensors("standins", key, f"{spec} stand-ins of layers {layers}", check_cached(spec, layers, hidden))
+    check = check_cached(spec, layers, hidden)
+    cached = cache.load_tensors("standins", key, f"{spec} stand-ins of layers {layers}", check)
     if cached is not None:
         flat, info = cached
         fitted = _split(flat)

@@ -108,7 +108,8 @@ class SkipContext:
         if metric in ("bi", "angular"):
             spec = StandInSpec()  # they read the plain model only
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
-            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's {self.num_layers} layers")
+            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's "
+                                   f"{self.num_layers} layers")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise OffloadSpecError(f"steps={steps!r} must be an int >= 1 (greedy removals; default half the layers)")
         steps = min(self.num_layers, self.num_layers // 2 if steps is None else steps)
@@ -140,7 +141,8 @@ def _payload_check(metric: str, num_layers: int, n: int):
             raise ValueError("its order is not a list of layer indices")
         if len(set(order)) != len(order) or not all(0 <= i < count for i in order):
             raise ValueError(f"its order {order[:8]} repeats layers or leaves 0..{count - 1}")
-        if not isinstance(params, dict) or not isinstance(params.get("n"), int) or not isinstance(params.get("stand_in"), str):
+        if not isinstance(params, dict) or not isinstance(params.get("n"), int) \
+                or not isinstance(params.get("stand_in"), str):
             raise ValueError("its params are not a table with n and stand_in")
         if not isinstance(payload.get("calib"), str):
             raise ValueError("it does not say which calibration text it measured")
@@ -148,7 +150,9 @@ def _payload_check(metric: str, num_layers: int, n: int):
             steps = params.get("steps")
             if not isinstance(steps, int) or isinstance(steps, bool) or len(order) != steps:
                 raise ValueError("its greedy steps do not match its order")
-            if not all(number(scores[i]) for i in order) or any(s is not None for i, s in enumerate(scores) if i not in order):
+            removed = set(order)
+            if not all(number(scores[i]) for i in order) or any(s is not None for i, s in enumerate(scores)
+                                                                if i not in removed):
                 raise ValueError("its scores are not finite numbers for exactly the removed layers")
         elif len(order) != count or not all(number(v) for v in scores):
             raise ValueError("its scores are not finite numbers for every layer, in an order of every layer")

@@ -100,7 +100,8 @@ def check_calib(value):
                                        "'pydoc:4096')")
             return text if isinstance(value, str) else value
         if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
-            raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; {forms}")
+            raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
+                                   f"{forms}")
         from .calib import check_file
 
         check_file(os.path.expanduser(text))
