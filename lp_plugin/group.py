@@ -45,7 +45,7 @@ class OffloadedLayer:
         self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
         self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
-        self._versions = ()
+        self._watched, self._versions = [], []
 
     # ------------------------------------------------------------------ attach
     @classmethod
@@ -117,7 +117,8 @@ class OffloadedLayer:
             )
 
     def _record(self) -> None:
-        self._versions = tuple(t._version for t in self._tensors())
+        self._watched = list(self._tensors())  # the tensors bound now, in a list (read on every stream forward)
+        self._versions = [t._version for t in self._watched]
 
     def _tensors(self):
         for module, name, _ in self.slots.params:
@@ -128,7 +129,7 @@ class OffloadedLayer:
     def edited(self) -> bool:
         """True if a tensor of the layer was changed in place since it was last bound (``with
         torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
-        return tuple(t._version for t in self._tensors()) != self._versions
+        return [t._version for t in self._watched] != self._versions
 
     @property
     def stream_modules(self) -> list:

@@ -91,6 +91,7 @@ class Ring:
         self.buffer = None  # one device buffer for every slot, at a fixed address across sessions
         self.staging = None
         self.slots = None
+        self._watched, self._versions = [], []  # the bound tensors of every layer and their versions at open
         self.id = ops.register(self)
 
     @property
@@ -127,6 +128,8 @@ class Ring:
                 layer.streamed = True
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
+            self._watched = [t for layer in self.layers for t in layer._watched]  # (one list: a cheap check per forward)
+            self._versions = [t._version for t in self._watched]
         except BaseException:
             self._drain()
             self._unbind()
@@ -150,9 +153,8 @@ class Ring:
         ring slots, refilled from the tier's copy and shared with other layers between uses: the edit
         could neither be kept nor be used consistently (it may even have landed in another layer's
         bytes), so nothing computes with it and the error says how to edit instead."""
-        edited = self.edited_layers()
-        if edited:
-            raise edit_error(edited)
+        if [t._version for t in self._watched] != self._versions:
+            raise edit_error(self.edited_layers())
 
     def release(self):
         """End of the session: layers back on standby (an edit made inside it is refused: the tier's
