@@ -8,6 +8,7 @@ validates an option again. No torch import here.
 from __future__ import annotations
 
 import math
+import re
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
@@ -127,6 +128,8 @@ class OffloadConfig:
         (``offload=none`` as None, ``offload=3`` as 3, ``alpha=1`` as 1). Explicit layer lists use
         ``;`` (``offload=2;4;6``) because ``,`` separates model_args."""
         values = dict(values)
+        if "stand_in" in values and values["stand_in"] is None:
+            values["stand_in"] = "none"  # lm-eval reads stand_in=none as None
         for name in ("offload", "skip"):
             if name in values:
                 values[name] = _offload_from_string(values[name])
@@ -305,7 +308,12 @@ def _non_negative_int(name, what):
 
 
 def _check_main_device(value):
-    if value is None or isinstance(value, (str, int)) or type(value).__name__ == "device":
+    if value is None or type(value).__name__ == "device":
+        return value
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        from .devices import parse_device
+
+        parse_device(value)  # a spelling torch reads (no device is needed for that)
         return value
     raise OffloadSpecError(f"main_device must be a device such as 'cuda:0', 0 or 'cpu', got {value!r}")
 
@@ -368,13 +376,14 @@ def _offload_from_string(value):
 
 
 def _int_from_string(name, text):
-    digits = text.strip().lstrip("-")
-    if digits.isascii() and digits.isdigit():
-        return int(text)
-    raise OffloadSpecError(f"{name} must be an int, got {text!r}")
+    if re.fullmatch(r"[+-]?[0-9]{1,18}", text.strip(), flags=re.ASCII):
+        return int(text.strip())
+    raise OffloadSpecError(f"{name} must be an int written in ASCII digits (e.g. {name}=2), got {text!r}")
 
 
 def _float_from_string(name, text):
+    if not text.isascii():
+        raise OffloadSpecError(f"{name} must be a number written in ASCII (e.g. {name}=0.5), got {text!r}")
     try:
         return float(text)
     except ValueError:

@@ -184,10 +184,16 @@ class OffloadHandle:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
+                refused = []
                 for mover in self.movers:
-                    mover.release()
+                    try:
+                        mover.release()
+                    except AttachError as exc:  # every mover is released before an edit is refused
+                        refused.append(exc)
                 if self.movers and torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if refused:
+                    raise refused[0]
 
     def enter_forward(self):
         """A bare forward of the model: a session of its own; in stream mode one forward at a time."""

@@ -9,8 +9,10 @@ says which metric moved and by how much. When a file comes from ``hf-residual-of
 it (``--min-throughput-ratio R`` makes a ratio below R fail).
 
 Exit status: 0 equal within tolerance, 1 a metric moved past it (or a task or metric is missing, or
-the throughput ratio is below ``--min-throughput-ratio``), 2 bad arguments or files that cannot be
-compared (unreadable, not lm-eval results, different sample counts).
+is not a finite number in CANDIDATE, or the throughput ratio is below ``--min-throughput-ratio``),
+2 bad arguments or files that cannot be compared (unreadable, not lm-eval results, wrong-typed
+sections, different sample counts, a metric of BASE that is not a finite number); each finding is
+one line.
 """
 
 from __future__ import annotations
@@ -29,31 +31,52 @@ class NotComparable(ValueError):
 
 def load_results(path) -> dict:
     """An lm-eval results dict from a ``results_*.json`` file, or the newest one under a folder (the
-    ``--output_path`` of an lm_eval run)."""
+    ``--output_path`` of an lm_eval run); :class:`NotComparable` for anything of another shape."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.rglob("results_*.json"), key=lambda f: f.stat().st_mtime)
         if not files:
             raise NotComparable(f"{path}: no results_*.json under this folder (lm_eval --output_path writes one)")
         p = files[-1]
+    if p.exists() and not p.is_file():
+        raise NotComparable(f"{path}: not a regular file (a results_*.json file or the folder holding it)")
     try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise NotComparable(f"{path}: cannot read it as JSON ({exc})") from None
+        data = json.loads(p.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise NotComparable(f"{path}: cannot read it as JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise NotComparable(f"{p}: not an lm-eval results file (no 'results' table)")
+    for task, row in data["results"].items():
+        if not isinstance(row, dict):
+            raise NotComparable(f"{p}: results[{task!r}] is a {type(row).__name__}, not a table of metrics")
+    for key in ("n-samples", "config"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise NotComparable(f"{p}: {key!r} is a {type(data[key]).__name__}, not a table")
+    for task, row in (data.get("n-samples") or {}).items():
+        if not isinstance(row or {}, dict):
+            raise NotComparable(f"{p}: n-samples[{task!r}] is a {type(row).__name__}, not a table")
+    if not isinstance((data.get("config") or {}).get("residual_offload") or {}, dict):
+        raise NotComparable(f"{p}: config.residual_offload is not a table")
     data["_path"] = str(p)
     return data
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def metrics(data: dict) -> dict:
-    """``{(task, "metric,filter"): number}`` of the numeric metrics (standard errors left out)."""
+    """``{(task, "metric,filter"): number}`` of the numeric metrics (standard errors left out); a
+    value that is not a finite number (NaN, Inf, too large for a float) is kept as the original."""
     out = {}
     for task, row in data["results"].items():
         for key, value in row.items():
             if key in _NOT_METRICS or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            out[(task, key)] = float(value)
+            out[(task, key)] = float(value) if _finite(value) else value
     return out
 
 
@@ -67,7 +90,7 @@ def parse_tolerance(text: str) -> tuple:
         name, _, value = part.rpartition("=")
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise NotComparable(f"--tolerance: {part!r} is not a number (write 1e-6 or METRIC=1e-6)") from None
         if number < 0 or not math.isfinite(number):
             raise NotComparable(f"--tolerance: {part!r} must be a finite number >= 0")
@@ -85,11 +108,12 @@ def _sample_counts(data: dict) -> dict:
 def throughput(data: dict):
     """``config.residual_offload.tokens_per_second`` of an ``hf-residual-offload`` run, else None."""
     value = ((data.get("config") or {}).get("residual_offload") or {}).get("tokens_per_second")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value) and value > 0
+    return float(value) if ok else None
 
 
 def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
-    """``(report lines, regression lines)`` of CANDIDATE against BASE."""
+    """``(report lines, regression lines, cannot-compare lines)`` of CANDIDATE against BASE."""
     default, per_metric = tolerance
     counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
     for task, n in counts_b.items():
@@ -98,20 +122,31 @@ def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
     mb, mc = metrics(base), metrics(cand)
     if not mb:
         raise NotComparable(f"{base['_path']}: no numeric metric to compare")
-    report, regressions = [], []
+    report, regressions, incomparable = [], [], []
     for (task, key), b in sorted(mb.items()):
         name = key.split(",", 1)[0]
+        if not _finite(b):
+            incomparable.append(f"{task} {key}: BASE value {b!r} is not a finite number")
+            continue
         if (task, key) not in mc:
             regressions.append(f"{task} {key}: missing from CANDIDATE" if task in cand["results"] else f"{task}: task missing from CANDIDATE")
             continue
         c, tol = mc[(task, key)], per_metric.get(name, default)
+        if not _finite(c):
+            regressions.append(f"{task} {key}: {b!r} -> {c!r}: not a finite number")
+            continue
         diff = abs(c - b)
         rel = diff / abs(b) if b else (0.0 if diff == 0 else math.inf)
         line = f"{task} {key}: {b!r} -> {c!r}" + (" (equal)" if diff == 0 else f" (moved {c - b:+.6g}, relative {rel:.3g}; tolerance {tol:g})")
         report.append(line)
-        if rel > tol:
+        if not rel <= tol:
             regressions.append(line)
-    return report, regressions
+    return report, regressions, incomparable
+
+
+def _check_min_ratio(min_ratio) -> None:
+    if min_ratio is not None and not (_finite(min_ratio) and min_ratio > 0):
+        raise NotComparable(f"--min-throughput-ratio {min_ratio!r} must be a finite number > 0")
 
 
 def _throughput_lines(base, cand, min_ratio) -> tuple:
@@ -120,14 +155,15 @@ def _throughput_lines(base, cand, min_ratio) -> tuple:
     for label, value in (("BASE", tb), ("CANDIDATE", tc)):
         if value is not None:
             lines.append(f"throughput {label}: {value:,.1f} tokens/s (config.residual_offload.tokens_per_second)")
+    _check_min_ratio(min_ratio)
     if tb and tc:
         ratio = tc / tb
         lines.append(f"throughput CANDIDATE / BASE: {ratio:.3f}")
-        if min_ratio is not None and ratio < min_ratio:
+        if min_ratio is not None and not ratio >= min_ratio:
             failed.append(f"throughput ratio {ratio:.3f} < --min-throughput-ratio {min_ratio:g}")
     elif min_ratio is not None:
-        raise NotComparable("--min-throughput-ratio needs config.residual_offload.tokens_per_second in both files "
-                            "(both from --model hf-residual-offload)")
+        raise NotComparable("--min-throughput-ratio needs config.residual_offload.tokens_per_second in both files, "
+                            "finite numbers > 0 (both from --model hf-residual-offload)")
     return lines, failed
 
 
@@ -142,11 +178,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args, out=print, err=print) -> int:
     """Compare the files of parsed ``args``; print the findings; return the exit status."""
     try:
+        parse_tolerance(args.tolerance)  # bad options before reading any file
+        _check_min_ratio(args.min_throughput_ratio)
         base, cand = load_results(args.base), load_results(args.candidate)
-        report, regressions = compare(base, cand, parse_tolerance(args.tolerance))
+        report, regressions, incomparable = compare(base, cand, parse_tolerance(args.tolerance))
         lines, failed = _throughput_lines(base, cand, args.min_throughput_ratio)
     except NotComparable as exc:
         err(f"compare-lm-eval: error: {exc}")
+        return 2
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+        err(f"compare-lm-eval: error: a results file has a value of the wrong form "
+            f"({type(exc).__name__}: {str(exc)[:200]})")
         return 2
     out(f"compare-lm-eval: BASE {base['_path']}, CANDIDATE {cand['_path']}")
     for line in report + lines:
@@ -156,6 +198,13 @@ def run(args, out=print, err=print) -> int:
         out(f"REGRESSION ({len(regressions)}):")
         for line in regressions:
             out(f"  {line}")
+    if incomparable:
+        out(f"CANNOT COMPARE ({len(incomparable)}):")
+        for line in incomparable:
+            out(f"  {line}")
+    if regressions:
         return 1
+    if incomparable:
+        return 2
     out("compare-lm-eval: every metric within tolerance")
     return 0

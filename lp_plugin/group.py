@@ -17,6 +17,16 @@ from .flat import LayerSlots
 from .tiers import allocate_host, sha256_of
 
 
+def edit_error(layers) -> AttachError:
+    indices = [layer.index for layer in layers]
+    return AttachError(
+        f"offloaded layer(s) {indices} were changed in place inside a stream-mode session; stream mode refills its "
+        "ring buffers from the tier's copy, so the change was not kept (the tier's copy is unchanged). Change "
+        "offloaded weights outside a session (they land in the tier's copy), or attach with mode='session', "
+        "whose sessions write edits back"
+    )
+
+
 class OffloadedLayer:
     def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
@@ -35,7 +45,7 @@ class OffloadedLayer:
         self.binding = None
         self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
         self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
-        self._versions = ()
+        self._watched, self._versions = [], []
 
     # ------------------------------------------------------------------ attach
     @classmethod
@@ -81,6 +91,8 @@ class OffloadedLayer:
     def show_standby(self) -> None:
         """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
         layers' bytes between uses) the tensors point at it for a moment; :meth:`show_bound` points them back."""
+        if self.streamed and self.edited():
+            raise edit_error([self])
         if self.bound_flat is None or self.streamed:
             self.tier.check(self.key)
         if self.bound_flat is not None and self.streamed:
@@ -105,7 +117,8 @@ class OffloadedLayer:
             )
 
     def _record(self) -> None:
-        self._versions = tuple(t._version for t in self._tensors())
+        self._watched = list(self._tensors())  # the tensors bound now, in a list (read on every stream forward)
+        self._versions = [t._version for t in self._watched]
 
     def _tensors(self):
         for module, name, _ in self.slots.params:
@@ -116,7 +129,7 @@ class OffloadedLayer:
     def edited(self) -> bool:
         """True if a tensor of the layer was changed in place since it was last bound (``with
         torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
-        return tuple(t._version for t in self._tensors()) != self._versions
+        return [t._version for t in self._watched] != self._versions
 
     @property
     def stream_modules(self) -> list:

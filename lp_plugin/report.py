@@ -29,11 +29,12 @@ def size_text(nbytes: int, up: bool = False) -> str:
     if not nbytes:
         return "0 B"
     unit, factor = next((u, f) for u, f in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)) if nbytes >= f or u == "KiB")
+    if up and isinstance(nbytes, int):
+        hundredths = -(-nbytes * 100 // factor)  # in integers: exact for any size, and never below nbytes
+        return f"{hundredths // 100}.{hundredths % 100:02d} {unit}"
     value = nbytes / factor
     if up:
         value = math.ceil(value * 100) / 100
-        while int(value * factor) < nbytes:
-            value += 0.01
     return f"{value:.2f} {unit}"
 
 

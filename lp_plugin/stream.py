@@ -26,6 +26,7 @@ import torch
 
 from . import ops
 from .errors import AttachError
+from .group import edit_error
 from .tiers import allocate_host
 from .vmm import device_buffer
 
@@ -64,6 +65,7 @@ class GilSwitch:
 gil_switch = GilSwitch()
 
 
+
 class Ring:
     def __init__(self, layers, prefetch: int, device, room_check):
         self.layers = layers
@@ -89,6 +91,7 @@ class Ring:
         self.buffer = None  # one device buffer for every slot, at a fixed address across sessions
         self.staging = None
         self.slots = None
+        self._watched, self._versions = [], []  # the bound tensors of every layer and their versions at open
         self.id = ops.register(self)
 
     @property
@@ -125,6 +128,8 @@ class Ring:
                 layer.streamed = True
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
+            self._watched = [t for layer in self.layers for t in layer._watched]  # (one list: a cheap check per forward)
+            self._versions = [t._version for t in self._watched]
         except BaseException:
             self._drain()
             self._unbind()
@@ -139,12 +144,28 @@ class Ring:
         self.slots = None
         self.buffer.unmap()
 
+    def edited_layers(self) -> list:
+        """The layers changed in place while bound to the ring (their tensors' version counters moved)."""
+        return [layer for layer in self.layers if layer.bound_flat is not None and layer.edited()]
+
+    def check_unedited(self) -> None:
+        """Refuse an in-place edit of an offloaded layer made while the ring is open. Its tensors are
+        ring slots, refilled from the tier's copy and shared with other layers between uses: the edit
+        could neither be kept nor be used consistently (it may even have landed in another layer's
+        bytes), so nothing computes with it and the error says how to edit instead."""
+        if [t._version for t in self._watched] != self._versions:
+            raise edit_error(self.edited_layers())
+
     def release(self):
-        """End of the session: layers back on standby, the ring's memory given back."""
+        """End of the session: layers back on standby (an edit made inside it is refused: the tier's
+        copy is left as it was), the ring's memory given back."""
+        edited = self.edited_layers()
         self._drain()
         self._unbind()
         if self.needs_staging:
             gil_switch.leave()
+        if edited:
+            raise edit_error(edited)
 
     def close(self):
         if self.is_open:
@@ -240,6 +261,8 @@ class Ring:
                 f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
                 "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
+        if pos == 0 and not torch.compiler.is_compiling():
+            self.check_unedited()  # before any streamed layer of this forward reads its weights
         slot = pos % self.nslots
         if self.holds[slot] != pos:
             # the last slot's first layer is loaded as a forward starts (the copy engine then has work at

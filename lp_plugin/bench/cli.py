@@ -2,8 +2,10 @@
 
 Exit status: 0 clean; 1 a regression against ``--compare`` (or, with ``--fail-on-miss``, a missed
 goal): every line printed under REGRESSION names the config, the figure and by how much; 2 bad
-arguments (also ``--device cuda`` on a machine without CUDA); 3 a config failed to run (its error
-is in the JSON and on stderr).
+arguments (also ``--device cuda`` on a machine without CUDA), a results file that is not one, or
+runs the gate cannot compare (lines under CANNOT COMPARE: a figure that is not a finite number in
+the reference, a reference without configs, another model or dtype); 3 a config failed to run
+(its error is in the JSON and on stderr).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from lp_plugin.report import GIB
 
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
-from .report import format_table, load_results, write_json
+from .report import ResultsError, format_table, load_results, write_json
 
 DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
                    "accelerate_cpu:even")
@@ -105,7 +107,7 @@ def _check_args(parser, args) -> dict:
 def _load(parser, flag, path):
     try:
         return load_results(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ResultsError is a ValueError
         parser.error(f"{flag}: {exc}")
 
 
@@ -136,14 +138,21 @@ def _run(parser, args) -> dict:
     return out
 
 
-def _gate(args, out, old, tol) -> bool:
-    """Print the gate's findings; True when something regressed."""
-    lines = []
+def _gate(args, out, old, tol) -> int:
+    """Print the gate's findings; 1 when something regressed, 2 when something could not be compared."""
+    lines, incomparable = [], []
     if old is not None:
-        verdict = compare(out, old, tol, absolute=args.absolute)
-        for note in verdict.notes:
-            print(note)
-        lines += verdict.regressions
+        try:
+            verdict = compare(out, old, tol, absolute=args.absolute)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+                RecursionError) as exc:
+            verdict = None
+            incomparable.append(f"a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})")
+        if verdict is not None:
+            for note in verdict.notes:
+                print(note)
+            lines += verdict.regressions
+            incomparable += verdict.incomparable
     if args.fail_on_miss:
         lines += missed_goals(out)
     if lines:
@@ -151,10 +160,14 @@ def _gate(args, out, old, tol) -> bool:
         print(f"REGRESSION{against} (tolerance {tolerance_text(tol)}):")
         for line in lines:
             print(f"  {line}")
-    elif old is not None or args.fail_on_miss:
+    if incomparable:
+        print(f"CANNOT COMPARE against {args.compare}:")
+        for line in incomparable:
+            print(f"  {line}")
+    if not lines and not incomparable and (old is not None or args.fail_on_miss):
         what = f"no regression against {args.compare}" if old is not None else "every goal met"
         print(f"gate: {what} (tolerance {tolerance_text(tol)})")
-    return bool(lines)
+    return 1 if lines else 2 if incomparable else 0
 
 
 def main(argv=None) -> int:
@@ -179,8 +192,8 @@ def main(argv=None) -> int:
         print(f"config {c['name']} failed: {c['error']}", file=sys.stderr)
         if c.get("traceback"):
             print(c["traceback"], file=sys.stderr)
-    regressed = _gate(args, out, old, tol)
-    return 3 if failed else 1 if regressed else 0
+    verdict = _gate(args, out, old, tol)
+    return 3 if failed else verdict
 
 
 if __name__ == "__main__":

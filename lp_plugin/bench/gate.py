@@ -114,7 +114,7 @@ def _speed(name, nc, oc, new, old, tol, out) -> None:
         a, b = speed_runs(nc, short), speed_runs(oc, short)
         if not a or not b:
             if b and not a:
-                out.notes.append(f"note: {name}: {short} vs baseline was measured in the reference run only")
+                out.regress(name, f"{short} vs baseline", "measured in the reference run only")
             continue
         v = slower(a, b, _sigma(new.get("noise"), short, a), _sigma(old.get("noise"), short, b), tol["speed"])
         if v["regressed"]:
@@ -155,25 +155,56 @@ def _relative_ppl(run, c):
     return None if c.get("perplexity") is None or not ref else c["perplexity"] / ref - 1.0
 
 
+def _figures(name, label, a, b, out):
+    """``(a, b)`` as floats when both are finite numbers; else None, after recording why: nothing when
+    the reference lacks the figure, a regression when the new run lacks it or it is not a finite
+    number there, a cannot-compare line when the reference's is not a finite number."""
+    if b is None:
+        return None
+    if not _finite(b):
+        out.cannot(name, label, f"the reference's value {b!r} is not a finite number")
+        return None
+    if a is None:
+        out.regress(name, label, f"missing from the new run (the reference has {b!r})")
+        return None
+    if not _finite(a):
+        out.regress(name, label, f"{b!r} -> {a!r}: not a finite number")
+        return None
+    return float(a), float(b)
+
+
+def _finite(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def _exactness(name, nc, oc, new, old, tol, out) -> None:
-    a, b = nc.get("max_abs_logit_diff"), oc.get("max_abs_logit_diff")
-    if a is not None and b is not None:
+    pair = _figures(name, "max abs logit diff vs the plain model", nc.get("max_abs_logit_diff"),
+                    oc.get("max_abs_logit_diff"), out)
+    if pair:
+        a, b = pair
         allowed = max(b, exact_allowance(_drift(new, old, "logit"))) + tol["logit"]
         if a > allowed:
             out.regress(name, "max abs logit diff vs the plain model", f"{b!r} -> {a!r} (allowed {allowed!r}: the "
                         f"plain model's own drift {_drift(new, old, 'logit')!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})")
+    pair = _figures(name, "perplexity", nc.get("perplexity"), oc.get("perplexity"), out)
     a, b = _relative_ppl(new, nc), _relative_ppl(old, oc)
-    if a is not None and b is not None:
+    if pair and a is not None and b is not None:
         allowed = _ppl_allowance(new, old) + tol["ppl"]
-        if abs(a - b) > allowed:
+        if not abs(a - b) <= allowed:
             out.regress(name, "perplexity vs the plain model", f"{b:+.3g} -> {a:+.3g} relative (moved {abs(a - b):.3g}, "
                         f"allowed {allowed:.3g})")
     checks = (("argmax_agreement", "argmax", "argmax"), ("decode_tokens_agree", "tokens", "tokens"),
               ("generate_tokens_agree", "tokens", "tokens"), ("static_tokens_agree", "static_tokens", "tokens"))
     for key, drift_key, tol_key in checks:
-        a, b = nc.get(key), oc.get(key)
-        if a is None or b is None:
+        pair = _figures(name, key, nc.get(key), oc.get(key), out)
+        if not pair:
             continue
+        a, b = pair
         allowed = NOISE_MARGIN * _drift(new, old, drift_key) + tol[tol_key]
         if a < b - allowed:
             out.regress(name, key, f"{b:.4f} -> {a:.4f} (allowed drop {allowed:.3g})")
@@ -188,33 +219,69 @@ def _memory(name, nc, oc, new, old, tol, out) -> None:
 
 
 class Verdict:
-    """What the gate found: ``regressions`` (each names the config, the figure and by how much) and ``notes``."""
+    """What the gate found: ``regressions`` (each names the config, the figure and by how much),
+    ``incomparable`` (what the gate could not compare: each fails the gate too) and ``notes``."""
 
     def __init__(self):
-        self.regressions, self.notes = [], []
+        self.regressions, self.incomparable, self.notes = [], [], []
 
     def regress(self, config, figure, how):
         self.regressions.append(f"{config}: {figure}: {how}")
 
+    def cannot(self, config, figure, how):
+        self.incomparable.append(f"{config}: {figure}: {how}")
 
-def _context_notes(new, old, out) -> None:
-    pairs = (("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
-             ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype")),
-             ("device", old.get("env", {}).get("gpu_name") or old.get("env", {}).get("cpu"),
-              new.get("env", {}).get("gpu_name") or new.get("env", {}).get("cpu")))
-    for what, a, b in pairs:
+
+def _walk_numbers(value, where):
+    """``(where, number)`` for every number (not bool) inside ``value``, however nested."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_numbers(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk_numbers(v, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, value
+
+
+def _not_finite(c: dict) -> list:
+    """The measured figures of config ``c`` that are not finite numbers (NaN, Inf, or too large for
+    a float); its spec (``config``) and derived ``ratios`` are left out."""
+    measured = {k: v for k, v in c.items() if k not in ("config", "ratios")}
+    return [(where, v) for where, v in _walk_numbers(measured, "") if not _finite(v)]
+
+
+def _context(new, old, out) -> None:
+    """Notes on what differs between the runs; a different model or dtype cannot be compared."""
+    for what, a, b in (("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
+                       ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype"))):
         if a != b:
-            out.notes.append(f"note: {what} differs: reference {a!r}, new {b!r}")
+            out.cannot("run", what, f"reference {a!r}, new {b!r}: gate runs of the same model and dtype")
+    a = old.get("env", {}).get("gpu_name") or old.get("env", {}).get("cpu")
+    b = new.get("env", {}).get("gpu_name") or new.get("env", {}).get("cpu")
+    if a != b:
+        out.notes.append(f"note: device differs: reference {a!r}, new {b!r}")
     if old.get("inputs", {}).get("ppl_ids_sha256") != new.get("inputs", {}).get("ppl_ids_sha256"):
         out.notes.append("note: the perplexity text tokenizes differently (other tokenizer or Python)")
     if plain(new) is None:
         out.notes.append("note: the new run has no usable plain model: no ratio can be compared")
+    for label, run, record in (("reference", old, out.cannot), ("new run", new, out.regress)):
+        ref_ppl = (run.get("reference") or {}).get("perplexity")
+        if ref_ppl is not None and not (_finite(ref_ppl) and ref_ppl > 0):
+            record("run", "the plain model's reference perplexity",
+                   f"{ref_ppl!r} in the {label} is not a finite number > 0")
 
 
 def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
-    """Compare run ``new`` against reference run ``old`` (see the module doc)."""
+    """Compare run ``new`` against reference run ``old`` (see the module doc). A figure of the
+    reference that is missing from the new run, or not a finite number there, is a regression; a
+    reference without configs, or with a figure that is not a finite number, cannot be compared."""
     out = Verdict()
-    _context_notes(new, old, out)
+    _context(new, old, out)
+    if not old.get("configs"):
+        out.cannot("run", "reference", "has no config to compare against")
+    if out.incomparable:
+        return out  # every figure of the run depends on what cannot be compared
     new_by = {c["name"]: c for c in new.get("configs", [])}
     for oc in old.get("configs", []):
         name, nc = oc["name"], new_by.get(oc["name"])
@@ -222,10 +289,19 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
             out.regress(name, "config", "missing from the new results")
         elif nc.get("error"):
             out.regress(name, "config", f"failed: {nc['error']}")
-        elif not usable(oc) or not usable(nc):
-            out.notes.append(f"note: {name}: not measured in {'the reference' if not usable(oc) else 'the new run'} "
-                             f"({oc.get('error') or oc.get('not_applicable') or nc.get('not_applicable')})")
+        elif not usable(oc):
+            why = oc.get("error") or oc.get("not_applicable")
+            out.notes.append(f"note: {name}: not measured in the reference ({why})")
+        elif not usable(nc):
+            out.regress(name, "config", f"ran in the reference, not applicable now ({nc.get('not_applicable')})")
         else:
+            bad_old, bad_new = _not_finite(oc), _not_finite(nc)
+            for where, v in bad_old:
+                out.cannot(name, where, f"the reference's value {v!r} is not a finite number")
+            for where, v in bad_new:
+                out.regress(name, where, f"{v!r}: not a finite number")
+            if bad_old or bad_new:
+                continue  # ratios and medians of such figures mean nothing
             if oc["config"]["kind"] != "baseline":
                 _speed(name, nc, oc, new, old, tol, out)
                 _exactness(name, nc, oc, new, old, tol, out)

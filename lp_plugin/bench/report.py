@@ -110,14 +110,46 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+class ResultsError(ValueError):
+    """A results file lp-bench cannot read or compare (exit status 2)."""
+
+
+def _check_shape(data, path) -> None:
+    """The structure every reader relies on: a dict with ``schema`` and a list of configs, each a dict
+    with a string ``name`` and a ``config`` dict whose ``kind`` is a string."""
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("lp-bench/") or "configs" not in data:
+        raise ResultsError(f"{path} is not an lp-bench results file (no 'schema': 'lp-bench/...' with configs)")
+    if not isinstance(data["configs"], list):
+        raise ResultsError(f"{path}: 'configs' is a {type(data['configs']).__name__}, not a list")
+    for i, c in enumerate(data["configs"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise ResultsError(f"{path}: configs[{i}] is not a config with a string 'name'")
+        if not isinstance(c.get("config"), dict) or not isinstance(c["config"].get("kind"), str):
+            raise ResultsError(f"{path}: config {c['name']!r} has no 'config' table with a string 'kind'")
+    for key in ("model", "settings", "env", "inputs", "reference"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ResultsError(f"{path}: {key!r} is a {type(data[key]).__name__}, not a table")
+
+
 def load_results(path: str) -> dict:
     """Read an lp-bench results file and derive its ratios, noise and goals again from the raw figures
-    (so derived fields never disagree with the measurements they come from)."""
-    with open(path) as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("lp-bench/") or "configs" not in data:
-        raise ValueError(f"{path} is not an lp-bench results file (no 'schema': 'lp-bench/...' with configs)")
-    return derive(data)
+    (so derived fields never disagree with the measurements they come from). Anything that is not a
+    well-formed results file raises :class:`ResultsError`."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ResultsError(f"{path} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ResultsError(f"{path}: cannot read it as JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    _check_shape(data, path)
+    try:
+        derive(data)
+        format_table(data)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+            RecursionError) as exc:
+        raise ResultsError(f"{path}: a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return data
 
 
 def write_json(out: dict, path: str) -> None:

@@ -5,8 +5,9 @@ by name, joined by blank lines, tokenized once with the model's tokenizer (no sp
 
 * calibration (``calib="pydoc"``, the default): tokens ``[0, 4096)`` of the stream;
   ``calib="pydoc:N"`` takes ``N`` tokens from the stream outside the held-out range (``[0, 4096)``,
-  then ``[8192, ...)``); ``calib=PATH`` takes the first 4096 tokens of a UTF-8 text file;
-  ``calib=[ids...]`` takes token ids as given (no tokenizer needed).
+  then ``[8192, ...)``); ``calib=PATH`` takes the first 4096 tokens of a UTF-8 text file (read in
+  growing pieces until they hold those tokens, not whole); ``calib=[ids...]`` takes token ids as
+  given (ints, or an integer tensor; no tokenizer needed).
 * held-out (the sweep and the lm-eval task ``lp_pydoc_heldout``): tokens ``[4096, 8192)`` cut
   into 512-token windows, each decoded back to text: one document per window.
 
@@ -21,14 +22,18 @@ with an error that says to pass token ids or load the model from a folder holdin
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from ..errors import OffloadSpecError
 
 CALIB_TOKENS = 4096
+FIRST_READ = 64 * 1024  # bytes of a calibration file read first; each further read doubles
+TOKEN_SLACK = 64  # tokens past the ones used that must be read, so the cut cannot change the last used ones
 HELDOUT = (4096, 8192)
 WINDOW = 512
 PYDOC = "pydoc"
@@ -136,7 +141,7 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
     in windows of ``window`` tokens (fewer for a model with a shorter context)."""
     window = min(window, getattr(model.config, "max_position_embeddings", None) or window)
     if isinstance(calib, (list, tuple)) or type(calib).__name__ == "Tensor":
-        ids = [int(i) for i in (calib.flatten().tolist() if type(calib).__name__ == "Tensor" else calib)]
+        ids = _token_ids(calib)
         vocab = getattr(model.config, "vocab_size", None)
         bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
         if len(ids) < 2 or bad:
@@ -149,7 +154,7 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
         raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {calib!r}")
     text = os.fspath(calib)
     name, _, count = text.partition(":")
-    if name == PYDOC and (not count or count.isdigit()):
+    if name == PYDOC and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
         tokenizer = tokenizer_for(model, f"calib={text!r}")
         tokens = int(count) if count else CALIB_TOKENS
         if tokens < 2:
@@ -161,8 +166,61 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
         raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
                                "pass one of those or a list of token ids")
     tokenizer = tokenizer_for(model, f"calib={text!r}")
-    with open(path, encoding="utf-8") as fh:
-        ids = encode(tokenizer, fh.read())[:CALIB_TOKENS]
+    ids = file_ids(tokenizer, path)
     if len(ids) < 2:
         raise OffloadSpecError(f"calib file {path!r} holds fewer than 2 tokens; give a file with text to calibrate on")
     return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer), f"{path}, {len(ids)} tokens")
+
+
+def _token_ids(calib) -> list:
+    """Token ids given as a sequence of ints or an integer tensor (floats are refused, not truncated)."""
+    if type(calib).__name__ == "Tensor":
+        if calib.dtype.is_floating_point or calib.dtype.is_complex or str(calib.dtype) == "torch.bool":
+            raise OffloadSpecError(f"calib token ids must be an integer tensor, got {calib.dtype}; pass ids as "
+                                   "torch.long (e.g. tokenizer(...)['input_ids'])")
+        return [int(i) for i in calib.flatten().tolist()]
+    bad = [i for i in calib if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise OffloadSpecError(f"calib token ids must be ints, got {bad[0]!r}; pass a list of ints")
+    return list(calib)
+
+
+def check_file(path: str) -> None:
+    """Refuse a calibration file that cannot be read or whose first piece is not UTF-8 text, before
+    any model is loaded (a bad byte further on is refused when the text is read, if it is used)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(FIRST_READ)
+    except OSError as exc:
+        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
+                               "pass a readable text file") from None
+    try:
+        codecs.getincrementaldecoder("utf-8")(errors="strict").decode(head, final=len(head) < FIRST_READ)
+    except UnicodeDecodeError as exc:
+        raise OffloadSpecError(f"calib file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to "
+                               "UTF-8 or pass another file") from None
+
+
+def file_ids(tokenizer, path: str, tokens: int = CALIB_TOKENS) -> list:
+    """The first ``tokens`` tokens of UTF-8 text file ``path``: read in pieces (64 KiB, then doubling)
+    until the text read holds :data:`TOKEN_SLACK` tokens more than that (a cut inside a word cannot
+    change tokens that far before it), never whole unless it is short."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    text, size, offset = "", FIRST_READ, 0
+    try:
+        with open(path, "rb") as fh:
+            while True:
+                chunk = fh.read(size)
+                try:
+                    text += decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    raise OffloadSpecError(f"calib file {path!r} is not UTF-8 text (byte {offset + exc.start}: "
+                                           f"{exc.reason}); convert it to UTF-8 or pass another file") from None
+                offset += len(chunk)
+                ids = encode(tokenizer, text)
+                if not chunk or len(ids) >= tokens + TOKEN_SLACK:
+                    return ids[:tokens]
+                size *= 2
+    except OSError as exc:
+        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
+                               "pass a readable text file") from None

@@ -21,7 +21,7 @@ import sys
 from ..errors import LPPluginError
 from ..report import jsonable
 from . import frontier
-from .spec import parse_stand_in
+from .spec import check_calib, parse_stand_in
 from .calib import HELDOUT, WINDOW
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
         greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
         _check_model(args.model)
+        check_calib(args.calib)
         if args.heldout_window < 2:
             raise ValueError(f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})")
         engine = _engine(args)

@@ -6,11 +6,14 @@ replaced by its fitted stand-in (what it will really see once attached). Targets
 plain model's hidden states after the layer (see :mod:`lp_plugin.skipping.standins`).
 
 Fitted tensors are cached as one safetensors file per (model weights, calibration tokens, stand-in
-kind, skipped layers), verified by SHA-256 before use; a file that fails verification is refitted
-with a warning.
+kind, skipped layers), verified by SHA-256 and by structure (exactly the expected tensors of every
+layer, their shapes, float32, finite values; fit details of every layer) before use; a file that
+fails verification is refitted with a warning.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,6 +27,46 @@ def _split(tensors: dict) -> dict:
         layer, _, param = name.partition(".")
         out.setdefault(int(layer), {})[param] = t
     return out
+
+
+def expected_shapes(spec, hidden: int) -> dict:
+    """``{tensor name: shape}`` of one stand-in of ``spec`` for hidden size ``hidden``."""
+    if spec.kind == "mean":
+        return {"bias": (hidden,)}
+    if spec.rank is None or spec.rank >= hidden:
+        return {"bias": (hidden,), "weight": (hidden, hidden)}
+    return {"bias": (hidden,), "down": (spec.rank, hidden), "up": (hidden, spec.rank)}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_cached(spec, layers, hidden: int):
+    """A check for a cached ``(tensors, info)``: ValueError unless it holds exactly the tensors of
+    ``spec``'s stand-ins of ``layers`` (names, shapes, float32, finite) and fit details for each."""
+    shapes = expected_shapes(spec, hidden)
+    want = {f"{i}.{name}": shape for i in layers for name, shape in shapes.items()}
+
+    def check(cached) -> None:
+        tensors, info = cached
+        if set(tensors) != set(want):
+            raise ValueError(f"it holds tensors {sorted(tensors)[:6]}, not the expected {sorted(want)[:6]}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != want[name] or t.dtype != torch.float32:
+                raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, not float32 {want[name]}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds values that are not finite")
+        fit = info.get("fit")
+        if not isinstance(fit, dict) or set(fit) != {str(i) for i in layers}:
+            raise ValueError("its fit details do not name the skipped layers")
+        for details in fit.values():
+            if not isinstance(details, dict) or not all(_finite(v) for v in details.values()):
+                raise ValueError("its fit details are not finite numbers")
+        if set(info) - {"fit"}:
+            raise ValueError(f"its fit details hold unknown fields {sorted(set(info) - {'fit'})}")
+
+    return check
 
 
 def _fit_in_order(ctx: SkipContext, layers) -> tuple:
@@ -51,7 +94,9 @@ def fit_stand_ins(ctx: SkipContext, layers) -> tuple:
     if spec.kind == "none" or not layers:
         return {}, {}
     key = ctx.key(kind="standins", stand_in=str(spec), layers=layers)
-    cached = cache.load_tensors("standins", key, f"{spec} stand-ins of layers {layers}")
+    hidden = ctx.model.get_input_embeddings().weight.shape[1]
+    check = check_cached(spec, layers, hidden)
+    cached = cache.load_tensors("standins", key, f"{spec} stand-ins of layers {layers}", check)
     if cached is not None:
         flat, info = cached
         fitted = _split(flat)

@@ -107,17 +107,59 @@ class SkipContext:
         spec = self.stand_in if stand_in is None else parse_stand_in(str(stand_in))
         if metric in ("bi", "angular"):
             spec = StandInSpec()  # they read the plain model only
-        if not 1 <= n <= self.num_layers:
-            raise OffloadSpecError(f"block length n={n} must be between 1 and the model's {self.num_layers} layers")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
+            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's "
+                                   f"{self.num_layers} layers")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise OffloadSpecError(f"steps={steps!r} must be an int >= 1 (greedy removals; default half the layers)")
         steps = min(self.num_layers, self.num_layers // 2 if steps is None else steps)
         key = self.key(metric=metric, n=n if metric == "angular" else 1, stand_in=str(spec))
         what = f"{metric} importance"
-        payload = cache.load_json("importance", key, what)
+        payload = cache.load_json("importance", key, what, _payload_check(metric, self.num_layers, n))
         if payload is not None and (metric != "greedy" or payload["params"]["steps"] >= steps):
             return _from_payload(payload, steps if metric == "greedy" else None)
         result = _COMPUTE[metric](self, n=n, spec=spec, steps=steps)
         cache.save_json("importance", key, result.to_dict())
         return result
+
+
+def _payload_check(metric: str, num_layers: int, n: int):
+    """A check for a cached importance payload: ValueError unless it is ``metric``'s, with one score
+    per layer (angular: per block start), finite, and an order of distinct layers in range."""
+    count = num_layers - n + 1 if metric == "angular" else num_layers
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def check(payload) -> None:
+        if not isinstance(payload, dict) or payload.get("metric") != metric:
+            raise ValueError(f"it is not {metric} importance")
+        scores, order, params = payload.get("scores"), payload.get("order"), payload.get("params")
+        if not isinstance(scores, list) or len(scores) != count:
+            raise ValueError(f"it holds no list of {count} scores")
+        if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order):
+            raise ValueError("its order is not a list of layer indices")
+        if len(set(order)) != len(order) or not all(0 <= i < count for i in order):
+            raise ValueError(f"its order {order[:8]} repeats layers or leaves 0..{count - 1}")
+        if not isinstance(params, dict) or not isinstance(params.get("n"), int) \
+                or not isinstance(params.get("stand_in"), str):
+            raise ValueError("its params are not a table with n and stand_in")
+        if not isinstance(payload.get("calib"), str):
+            raise ValueError("it does not say which calibration text it measured")
+        if metric == "greedy":
+            steps = params.get("steps")
+            if not isinstance(steps, int) or isinstance(steps, bool) or len(order) != steps:
+                raise ValueError("its greedy steps do not match its order")
+            removed = set(order)
+            if not all(number(scores[i]) for i in order) or any(s is not None for i, s in enumerate(scores)
+                                                                if i not in removed):
+                raise ValueError("its scores are not finite numbers for exactly the removed layers")
+        elif len(order) != count or not all(number(v) for v in scores):
+            raise ValueError("its scores are not finite numbers for every layer, in an order of every layer")
+        if metric != "greedy" and sorted(order, key=lambda i: scores[i]) != order:
+            raise ValueError("its order is not the order of its scores")
+
+    return check
 
 
 def _from_payload(payload: dict, steps) -> Importance:

@@ -39,7 +39,7 @@ def parse_stand_in(text) -> StandInSpec:
         raise OffloadSpecError(f"unknown stand_in {text!r}; {forms}")
     if not sep:
         return StandInSpec(kind)
-    if kind != "linear" or not rank.strip().isdigit() or int(rank) < 1:
+    if kind != "linear" or not re.fullmatch(r"[0-9]{1,9}", rank.strip(), flags=re.ASCII) or int(rank) < 1:
         raise OffloadSpecError(f"stand_in {text!r} is not valid; {forms}")
     return StandInSpec(kind, int(rank))
 
@@ -76,14 +76,36 @@ def parse_policy(text: str) -> PolicySpec | None:
 
 
 def check_calib(value):
-    """``calib`` as given, once its form is one lp_plugin reads: None (pydoc), a name or path, a
-    sequence of int token ids, or a 1-D tensor of them (checked against the model later)."""
-    if value is None or isinstance(value, os.PathLike) or type(value).__name__ == "Tensor":
+    """``calib`` as given, once its form is one lp_plugin reads: None (pydoc), ``pydoc``,
+    ``pydoc:TOKENS`` (ASCII digits), the path of an existing file, a sequence of int token ids, or a
+    1-D integer tensor of them (checked against the model later). Checked before any model loads."""
+    forms = "pass 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids"
+    if value is None:
         return value
-    if isinstance(value, str):
-        if not value.strip():
-            raise OffloadSpecError("calib is empty; pass 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids")
-        return value.strip()
+    if type(value).__name__ == "Tensor":
+        if value.dtype.is_floating_point or value.dtype.is_complex or str(value.dtype) == "torch.bool":
+            raise OffloadSpecError(f"calib token ids must be an integer tensor, got {value.dtype}; {forms}")
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            text = os.fsdecode(os.fspath(value)).strip()
+        except (TypeError, UnicodeDecodeError):
+            raise OffloadSpecError(f"calib {value!r:.80} is not a usable path; {forms}") from None
+        if not text:
+            raise OffloadSpecError(f"calib is empty; {forms}")
+        name, sep, count = text.partition(":")
+        if name == "pydoc":
+            if sep and not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII):
+                raise OffloadSpecError(f"calib={text!r}: TOKENS must be a whole number in ASCII digits (e.g. "
+                                       "'pydoc:4096')")
+            return text if isinstance(value, str) else value
+        if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
+            raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
+                                   f"{forms}")
+        from .calib import check_file
+
+        check_file(os.path.expanduser(text))
+        return text if isinstance(value, str) else value
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return tuple(value)
     raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")

@@ -1,0 +1,304 @@
+"""Fault tests of the two gates: ``lp-bench --compare`` and ``python -m lp_plugin compare-lm-eval``.
+
+A gate never passes what it cannot compare: NaN or Inf in a compared figure, a figure the reference
+has and the new run lacks, an empty or mismatched reference, a config that stopped running, and
+NaN tolerances or ratios each fail, with exit status 1 (a regression) or 2 (cannot compare).
+Malformed JSON of any shape exits 2 with one ``error:`` line, never a traceback.
+
+lp-bench cases doctor one real run of a tiny checkpoint; compare-lm-eval cases use results files
+of lm-eval's shape (the gate reads nothing else of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+from bench_helpers import ROOT, SMALL, bench, config, read
+
+from lp_plugin import gate_lm_eval
+
+NAN, INF = float("nan"), float("inf")
+HUGE = int("9" * 400)  # a 400-digit integer: valid JSON, too large for a float
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One real lp-bench run of a tiny checkpoint (one timed round)."""
+    from shapes import save_tiny
+
+    root = tmp_path_factory.mktemp("gates")
+    ckpt = save_tiny("qwen2", root / "tiny-qwen2")
+    out = root / "ref.json"
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--configs", "baseline,session:even:cpu,stream:even:cpu",
+                        "--repeats", "1", "--out", out])
+    assert rc == 0, stdout
+    return read(out)
+
+
+def _write(tmp_path, name, data, allow_nan=True) -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data, allow_nan=allow_nan))
+    return str(path)
+
+
+def _gate(tmp_path, new, old) -> tuple:
+    """``lp-bench --results NEW --compare OLD`` in this process: (exit status, stdout)."""
+    return bench(["--results", _write(tmp_path, "new.json", new), "--compare", _write(tmp_path, "old.json", old)])
+
+
+def _doctor(data, name, key, value):
+    data = copy.deepcopy(data)
+    c = config(data, name)
+    if value is KeyError:
+        c.pop(key)
+    else:
+        c[key] = value
+    return data
+
+
+# ------------------------------------------------------------------------------------------ lp-bench
+def test_bench_self_compare_passes(reference, tmp_path):
+    assert _gate(tmp_path, reference, reference)[0] == 0
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_abs_logit_diff", NAN), ("max_abs_logit_diff", INF), ("perplexity", NAN), ("argmax_agreement", NAN),
+    ("generate_tokens_agree", NAN), ("max_abs_logit_diff", KeyError), ("argmax_agreement", KeyError),
+    ("perplexity", KeyError),
+])
+def test_bench_new_figure_not_finite_or_missing_is_a_regression(reference, tmp_path, key, value):
+    rc, stdout = _gate(tmp_path, _doctor(reference, "stream:even:cpu", key, value), reference)
+    assert rc == 1, stdout
+    assert "gate: no regression" not in stdout
+
+
+def test_bench_400_digit_figure_cannot_be_read(reference, tmp_path):
+    """A number too large for a float in the new run: the file cannot be read (exit 2, not 0)."""
+    assert _gate(tmp_path, _doctor(reference, "stream:even:cpu", "max_abs_logit_diff", HUGE), reference)[0] == 2
+
+
+def test_bench_all_nan_decode_runs_is_a_regression(reference, tmp_path):
+    new = copy.deepcopy(reference)
+    figure = config(new, "session:even:cpu")["decode_tok_s"]
+    figure.update(runs=[NAN] * len(figure["runs"]), median=NAN, min=NAN, max=NAN)
+    assert _gate(tmp_path, new, reference)[0] == 1
+
+
+def test_bench_nan_in_the_plain_models_figures_fails(reference, tmp_path):
+    new = _doctor(reference, "baseline", "perplexity", NAN)
+    assert _gate(tmp_path, new, reference)[0] == 1
+
+
+@pytest.mark.parametrize("key,value", [("max_abs_logit_diff", NAN), ("perplexity", INF), ("argmax_agreement", -INF)])
+def test_bench_reference_figure_not_finite_cannot_compare(reference, tmp_path, key, value):
+    rc, stdout = _gate(tmp_path, reference, _doctor(reference, "stream:even:cpu", key, value))
+    assert rc == 2, stdout
+    assert "CANNOT COMPARE" in stdout
+
+
+def test_bench_reference_plain_perplexity_nan_cannot_compare(reference, tmp_path):
+    old = copy.deepcopy(reference)
+    old["reference"]["perplexity"] = NAN
+    assert _gate(tmp_path, reference, old)[0] == 2
+
+
+def test_bench_empty_reference_cannot_compare(reference, tmp_path):
+    old = dict(reference, configs=[])
+    assert _gate(tmp_path, reference, old)[0] == 2
+
+
+@pytest.mark.parametrize("where,value", [("model", {"name": "another-model"}), ("settings", "dtype")])
+def test_bench_mismatched_reference_cannot_compare(reference, tmp_path, where, value):
+    old = copy.deepcopy(reference)
+    if where == "settings":
+        old["settings"]["dtype"] = "bf16"
+    else:
+        old["model"]["name"] = value["name"]
+    assert _gate(tmp_path, reference, old)[0] == 2
+
+
+def test_bench_config_that_stopped_running_is_a_regression(reference, tmp_path):
+    new = _doctor(reference, "stream:even:cpu", "not_applicable", "pretend the tier went away")
+    assert _gate(tmp_path, new, reference)[0] == 1
+
+
+def test_bench_config_missing_from_new_run_is_a_regression(reference, tmp_path):
+    new = copy.deepcopy(reference)
+    new["configs"] = [c for c in new["configs"] if c["name"] != "stream:even:cpu"]
+    assert _gate(tmp_path, new, reference)[0] == 1
+
+
+def test_bench_speed_measured_in_the_reference_only_is_a_regression(reference, tmp_path):
+    new = _doctor(reference, "session:even:cpu", "generate_tok_s", None)
+    assert _gate(tmp_path, new, reference)[0] == 1
+
+
+@pytest.mark.parametrize("tolerance", ["logit=nan", "speed=inf", "ppl=-1", "argmax=1e999", "tokens=x"])
+def test_bench_tolerance_not_finite_is_refused(reference, tmp_path, tolerance):
+    path = _write(tmp_path, "r.json", reference)
+    assert bench(["--results", path, "--compare", path, "--tolerance", tolerance])[0] == 2
+
+
+def _malformed(reference) -> dict:
+    nameless = copy.deepcopy(reference)
+    nameless["configs"][1].pop("name")
+    no_kind = copy.deepcopy(reference)
+    no_kind["configs"][1]["config"] = "stream"
+    wrong_figure = _doctor(reference, "stream:even:cpu", "decode_tok_s", "fast")
+    wrong_runs = _doctor(reference, "stream:even:cpu", "decode_tok_s", {"runs": "many", "median": 1})
+    return {
+        "config-without-name": nameless,
+        "config-is-a-string": dict(reference, configs=["baseline", *reference["configs"][1:]]),
+        "configs-is-a-table": dict(reference, configs={"baseline": 1}),
+        "config-spec-not-a-table": no_kind,
+        "model-is-a-list": dict(reference, model=[1, 2]),
+        "figure-is-a-string": wrong_figure,
+        "runs-is-a-string": wrong_runs,
+        "deep-nesting": "[" * 100000 + "]" * 100000,
+        "not-json": "{configs: nope",
+        "top-level-list": [reference],
+        "huge-integer": json.dumps(reference).replace('"perplexity": ', '"perplexity": ' + "7" * 400 + ", \"_p\": ", 1),
+    }
+
+
+MALFORMED = ["config-without-name", "config-is-a-string", "configs-is-a-table", "config-spec-not-a-table",
+             "model-is-a-list", "figure-is-a-string", "runs-is-a-string", "deep-nesting", "not-json", "top-level-list",
+             "huge-integer"]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+@pytest.mark.parametrize("side", ["--compare", "--results"])
+def test_bench_malformed_results_exit_2(reference, tmp_path, case, side):
+    bad = _write(tmp_path, "bad.json", _malformed(reference)[case])
+    good = _write(tmp_path, "good.json", reference)
+    args = ["--results", bad, "--compare", good] if side == "--results" else ["--results", good, "--compare", bad]
+    assert bench(args)[0] == 2
+
+
+def test_bench_malformed_reference_one_error_line_no_traceback(reference, tmp_path):
+    bad = _write(tmp_path, "bad.json", _malformed(reference)["config-is-a-string"])
+    good = _write(tmp_path, "good.json", reference)
+    proc = subprocess.run([sys.executable, "-m", "lp_plugin.bench.cli", "--results", good, "--compare", bad],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert sum("error:" in line for line in proc.stderr.splitlines()) == 1
+
+
+# -------------------------------------------------------------------------------- compare-lm-eval
+def _results(value=0.5, tps=100.0, **extra) -> dict:
+    """An lm-eval results table of the shape lm_eval writes (one task, two metrics)."""
+    data = {"results": {"lp_pydoc_ppl": {"alias": "lp_pydoc_ppl", "word_perplexity,none": value,
+                                         "bits_per_byte,none": 1.25, "bits_per_byte_stderr,none": "N/A"}},
+            "n-samples": {"lp_pydoc_ppl": {"original": 4, "effective": 4}},
+            "config": {"model": "hf-residual-offload", "residual_offload": {"tokens_per_second": tps}}}
+    data.update(extra)
+    return data
+
+
+def _lm_gate(tmp_path, base, cand, *options) -> tuple:
+    """compare-lm-eval in this process: (exit status, stdout lines, stderr lines)."""
+    parser = argparse.ArgumentParser()
+    gate_lm_eval.add_arguments(parser)
+    args = parser.parse_args([_write(tmp_path, "base.json", base), _write(tmp_path, "cand.json", cand), *options])
+    out, err = [], []
+    rc = gate_lm_eval.run(args, out=out.append, err=err.append)
+    return rc, out, err
+
+
+def test_lm_eval_equal_passes(tmp_path):
+    assert _lm_gate(tmp_path, _results(), _results())[0] == 0
+
+
+@pytest.mark.parametrize("base,cand,expect", [
+    (0.5, NAN, 1), (0.5, INF, 1), (0.5, -INF, 1), (0.5, HUGE, 1),
+    (NAN, NAN, 2), (INF, 0.5, 2), (INF, INF, 2), (NAN, 0.5, 2), (HUGE, 0.5, 2),
+])
+def test_lm_eval_metric_not_finite(tmp_path, base, cand, expect):
+    rc, out, _ = _lm_gate(tmp_path, _results(base), _results(cand), "--tolerance", "0.5")
+    assert rc == expect, out
+    assert not any("every metric within tolerance" in line for line in out)
+
+
+def test_lm_eval_metric_missing_from_candidate_is_a_regression(tmp_path):
+    cand = _results()
+    del cand["results"]["lp_pydoc_ppl"]["bits_per_byte,none"]
+    assert _lm_gate(tmp_path, _results(), cand)[0] == 1
+
+
+@pytest.mark.parametrize("ratio", ["nan", "inf", "-1", "0"])
+def test_lm_eval_min_throughput_ratio_not_finite_is_refused(tmp_path, ratio):
+    assert _lm_gate(tmp_path, _results(), _results(), "--min-throughput-ratio", ratio)[0] == 2
+
+
+@pytest.mark.parametrize("base_tps,cand_tps", [(INF, INF), (NAN, 100.0), (100.0, NAN), (100.0, HUGE)])
+def test_lm_eval_throughput_not_finite_cannot_compare(tmp_path, base_tps, cand_tps):
+    rc, _, _ = _lm_gate(tmp_path, _results(tps=base_tps), _results(tps=cand_tps), "--min-throughput-ratio", "0.9")
+    assert rc == 2
+
+
+def test_lm_eval_nan_tolerance_is_refused(tmp_path):
+    assert _lm_gate(tmp_path, _results(), _results(), "--tolerance", "nan")[0] == 2
+    assert _lm_gate(tmp_path, _results(), _results(), "--tolerance", "1e999")[0] == 2
+
+
+@pytest.mark.parametrize("bad", [
+    {"results": {"lp_pydoc_ppl": [0.5]}},
+    {"results": {"lp_pydoc_ppl": "0.5"}},
+    _results(**{"n-samples": [4]}),
+    _results(**{"n-samples": {"lp_pydoc_ppl": 4}}),
+    _results(config=["hf"]),
+    _results(config={"residual_offload": "fast"}),
+    {"results": []},
+    [],
+    "[" * 100000 + "]" * 100000,
+    '{"results": {"t": {"acc,none": 1' + "0" * 5000 + "}}}",  # past Python's limit on integer digits
+    "\xff\xfe not json",
+])
+@pytest.mark.parametrize("side", ["base", "cand"])
+def test_lm_eval_malformed_exit_2_with_one_error_line(tmp_path, bad, side):
+    base, cand = (bad, _results()) if side == "base" else (_results(), bad)
+    rc, out, err = _lm_gate(tmp_path, base, cand)
+    assert rc == 2
+    assert len(err) == 1 and "error:" in err[0]
+
+
+def test_lm_eval_malformed_from_the_command_line_no_traceback(tmp_path):
+    base = _write(tmp_path, "base.json", "[" * 100000 + "]" * 100000)
+    cand = _write(tmp_path, "cand.json", _results())
+    proc = subprocess.run([sys.executable, "-m", "lp_plugin", "compare-lm-eval", base, cand],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert sum("error:" in line for line in proc.stderr.splitlines()) == 1
+
+
+def test_special_files_are_refused_without_blocking(reference, tmp_path):
+    """A FIFO given as a results file would block a reader forever: refused (exit 2) at once."""
+    import os
+    import signal
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    good = _write(tmp_path, "good.json", reference)
+
+    def hang(signum, frame):
+        raise TimeoutError("a gate blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        assert bench(["--results", good, "--compare", fifo])[0] == 2
+        parser = argparse.ArgumentParser()
+        gate_lm_eval.add_arguments(parser)
+        err = []
+        assert gate_lm_eval.run(parser.parse_args([str(fifo), good]), out=lambda _: None, err=err.append) == 2
+        assert len(err) == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
