@@ -200,7 +200,7 @@ def card_of(max_memory, main_device) -> tuple:
     """``(Card, host budget or None)``: the main device's budget (``max_memory``'s entry, or the memory
     free at load) and what the CUDA runtime takes of it."""
     cuda = main_device.type == "cuda"
-    runtime, runtime_source = cuda_runtime(main_device) if cuda else (0, "none: the main device is the CPU")
+    context, runtime, runtime_source = cuda_runtime(main_device) if cuda else (0, 0, "none: the main device is the CPU")
     if max_memory is not None:
         vram, host = device_budgets(max_memory, main_device)
         return Card(vram, "max_memory", runtime, runtime_source, cuda), host
@@ -209,7 +209,7 @@ def card_of(max_memory, main_device) -> tuple:
                                "machine has no GPU to ask: give max_memory (the card's size, e.g. max_memory='6GiB')")
     free = free_bytes(main_device)
     if cuda:  # the context this process holds by now (cuda_runtime made it) is part of the card, not of what is free
-        return Card(free + runtime, f"free on {main_device} at load + this process's CUDA runtime",
+        return Card(free + context, f"free on {main_device} at load + this process's CUDA context",
                     runtime, runtime_source, True), None
     return Card(free, "available host memory at load", 0, runtime_source, False), None
 

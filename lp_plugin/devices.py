@@ -95,9 +95,10 @@ def _nvml_used(device) -> int | None:
 
 
 def cuda_runtime(device) -> tuple:
-    """``(bytes, source)``: what this process holds on the GPU ``device`` besides tensors and the engine's
-    buffers: its CUDA context (measured through the driver when this process had none yet, else
-    :data:`CONTEXT_BYTES`) plus :data:`KERNELS_BYTES`. Without a usable GPU here: the documented figures."""
+    """``(context bytes, bytes with kernels and handles, source)``: what this process holds on the GPU
+    ``device`` besides tensors and the engine's buffers. The CUDA context is measured through the driver
+    when this process had none yet (else :data:`CONTEXT_BYTES`); kernel images and library handles add
+    :data:`KERNELS_BYTES` once work runs. Without a usable GPU here: the documented figures."""
     import torch
 
     key = str(device)
@@ -110,7 +111,7 @@ def cuda_runtime(device) -> tuple:
         after = _nvml_used(device) if before is not None else None
         if after is not None and after > before:
             context, source = after - before, f"CUDA context {(after - before) / 2**30:.2f} GiB (measured)"
-    out = (context + KERNELS_BYTES, source + f" + {KERNELS_BYTES // 2**20} MiB kernels and library handles")
+    out = (context, context + KERNELS_BYTES, source + f" + {KERNELS_BYTES // 2**20} MiB kernels and library handles")
     if torch.cuda.is_available():
         _RUNTIME[key] = out
     return out

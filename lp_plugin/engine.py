@@ -72,6 +72,7 @@ class OffloadHandle:
         self.torch_hooks = []  # state-dict hooks of streamed layers (removed by detach)
         self._device_map = None  # (model had hf_device_map, its value) before attach
         self._depth = 0
+        self._in_session = False
         self._epoch = 0
         self._lock = threading.RLock()
         self._forwards = threading.local()  # per thread: bare forwards whose session is open
@@ -156,12 +157,10 @@ class OffloadHandle:
 
     @property
     def in_session(self) -> bool:
-        return self._depth > 0
-
-    @property
-    def resident(self) -> bool:
-        """Session mode: the offloaded layers are on the device now."""
-        return self._depth > 0
+        """A session is open (session mode: the offloaded layers are on the device). A bool, set when the
+        outermost session opens and cleared when it closes: a compiled forward that reads it guards on a
+        value that does not change between nested and per-call sessions (the depth does)."""
+        return self._in_session
 
     def _open(self):
         self._check_attached()
@@ -178,12 +177,14 @@ class OffloadHandle:
                     raise
                 self._epoch += 1
                 self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
+                self._in_session = True
             self._depth += 1
 
     def _close(self):
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
+                self._in_session = False
                 refused = []
                 for mover in self.movers:
                     try:

@@ -437,7 +437,7 @@ class ResidualOffloadLM(HFLM):
         allocator's reserved peak and the engine's mapped buffers."""
         if dev is None:
             return None
-        runtime, _ = cuda_runtime(dev)
+        _, runtime, _ = cuda_runtime(dev)
         return runtime + int(torch.cuda.max_memory_reserved(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
 
     def residual_offload_info(self) -> dict:
