@@ -117,3 +117,22 @@ def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
         values, greedy = logprobs.score_window(model, ids, rows, targets)
     assert torch.equal(values, full.gather(1, targets)) and torch.equal(greedy, full.argmax(dim=-1))
     lp_plugin.get_handle(model).detach()
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_no_recompile_between_per_call_and_nested_sessions(mode):
+    """transformers' compiled static-cache decode guards on what the hooks read: switching between
+    `with lp_plugin.session(model):` and per-call sessions must not recompile."""
+    from shapes import build_tiny
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_tiny("llama", num_layers=8).to(device=device, dtype=torch.bfloat16)
+    ids = PROMPT.to(device)
+    handle = lp_plugin.attach(model, offload="even", tier="cpu", mode=mode)
+    ref = _generate_static(model, ids)  # compiles, inside generate's own session
+    assert _generate_static(model, ids) == ref
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with lp_plugin.session(model):
+            assert _generate_static(model, ids) == ref
+        assert _generate_static(model, ids) == ref
+    handle.detach()
