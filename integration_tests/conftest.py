@@ -30,3 +30,14 @@ def device():
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning threads slow them 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -132,19 +132,12 @@ def test_stream_session_edit_refused_at_the_next_forward(tier, tmp_path):
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
-def test_session_mode_session_edit_written_back(tier, tmp_path):
-    key = "model.layers.4.self_attn.q_proj.weight"
-    refused, model, handle, edited, _ = _run("session", tier, "session-then-forward", key, "add", 1,
-                                             str(tmp_path / "o"))
-    assert not refused
-    _check_everywhere(model, handle, edited, key, str(tmp_path / "saved"))
-
-
-@pytest.mark.parametrize("tier", ["cpu", "disk"])
-def test_stream_standby_edit_kept(tier, tmp_path):
-    key = "model.layers.2.input_layernorm.weight"
-    refused, model, handle, edited, _ = _run("stream", tier, "standby-after-forward", key, "mul", 0,
-                                             str(tmp_path / "o"))
+@pytest.mark.parametrize("mode,when,key,op,layer", [
+    ("session", "session-then-forward", "model.layers.4.self_attn.q_proj.weight", "add", 1),  # written back
+    ("stream", "standby-after-forward", "model.layers.2.input_layernorm.weight", "mul", 0),  # lands in the tier
+])
+def test_edit_kept(tier, mode, when, key, op, layer, tmp_path):
+    refused, model, handle, edited, _ = _run(mode, tier, when, key, op, layer, str(tmp_path / "o"))
     assert not refused
     _check_everywhere(model, handle, edited, key, str(tmp_path / "saved"))
 
