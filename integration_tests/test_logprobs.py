@@ -79,12 +79,14 @@ def test_scores_equal_hflm_bit_for_bit(tiny, batch_size, options):
                                                                                    **hf_options)
 
 
-def test_prefill_chunks_stay_within_1e_6(tiny):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_prefill_chunks_stay_within_1e_6(tiny, batch_size):
     from lm_eval.models.huggingface import HFLM
 
     from lp_plugin.lm_eval_model import ResidualOffloadLM
 
-    (ll, rolling), (ref_ll, ref_rolling) = _run(ResidualOffloadLM, tiny, offload="even", prefill_chunk=16), _run(HFLM, tiny)
+    (ll, rolling) = _run(ResidualOffloadLM, tiny, offload="even", prefill_chunk=16, batch_size=batch_size)
+    ref_ll, ref_rolling = _run(HFLM, tiny, batch_size=batch_size)
     for (a, greedy_a), (b, greedy_b) in zip(ll, ref_ll):
         assert math.isclose(a, b, rel_tol=1e-6) and greedy_a == greedy_b
     for a, b in zip(rolling, ref_rolling):
