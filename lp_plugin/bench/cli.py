@@ -52,9 +52,9 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lp-bench", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) and gate on it.",
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
@@ -93,6 +93,12 @@ def _check_args(parser, args) -> dict:
         parser.error(str(exc))
     if args.results is None and not args.model:
         parser.error("--model is required (or --results JSON to compare/plot an existing run)")
+    if args.results is None:
+        from lp_plugin.shapes import model_name_problem
+
+        why = model_name_problem(args.model)
+        if why is not None:
+            parser.error(f"--model {why}")
     for name in ("prompt", "new", "prefill", "ppl_tokens", "repeats", "bandwidth_mib"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -156,8 +162,8 @@ def _gate(args, out, old, tol) -> bool:
     return bool(lines)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "lp-bench") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     tol = _check_args(parser, args)
     old = _load(parser, "--compare", args.compare) if args.compare else None

@@ -83,7 +83,15 @@ def check_calib(value):
     if isinstance(value, str):
         if not value.strip():
             raise OffloadSpecError("calib is empty; pass 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids")
-        return value.strip()
+        text = value.strip()
+        name, colon, count = text.partition(":")
+        if name == "pydoc" and colon and not os.path.isfile(os.path.expanduser(text)):
+            if not count.isdigit() or int(count) < 2:
+                raise OffloadSpecError(f"calib={text!r}: TOKENS is a whole number of tokens; ask for at least 2 (e.g. 'pydoc:32768')")
+        elif name != "pydoc" and not os.path.isfile(os.path.expanduser(text)):
+            raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
+                                   "pass one of those or a list of token ids")
+        return text
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return tuple(value)
     raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")
