@@ -17,7 +17,7 @@ from lp_plugin.report import GIB
 
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
-from .report import format_table, load_results, write_json
+from .report import format_table, load_results, verdict, write_json
 
 DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
                    "accelerate_cpu:even")
@@ -59,7 +59,8 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"],
+                   help="weights' format (default bf16; nf4: bitsandbytes 4-bit)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--prompt", type=int, default=100, help="prompt tokens for decode/generate/logits (default 100)")
     p.add_argument("--new", type=int, default=64, help="new tokens per decode/generate run (default 64)")
@@ -83,6 +84,8 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--results", metavar="JSON", help="do not run: take these results (for --compare, --plot and the table)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wide", action="store_true",
+                   help="print every figure with its [min-max] (wider than 120 columns); the JSON holds them all anyway")
     return p
 
 
@@ -141,8 +144,8 @@ def _run(parser, args) -> dict:
     return out
 
 
-def _gate(args, out, old, tol) -> bool:
-    """Print the gate's findings; True when something regressed."""
+def _gate(args, out, old, tol) -> tuple:
+    """Print the gate's findings; ``(regressed, what the verdict line says of the gate)``."""
     lines = []
     if old is not None:
         verdict = compare(out, old, tol, absolute=args.absolute)
@@ -151,15 +154,18 @@ def _gate(args, out, old, tol) -> bool:
         lines += verdict.regressions
     if args.fail_on_miss:
         lines += missed_goals(out)
+    summary = None
     if lines:
         against = f" against {args.compare}" if old is not None else ""
         print(f"REGRESSION{against} (tolerance {tolerance_text(tol)}):")
         for line in lines:
             print(f"  {line}")
+        summary = f"gate: REGRESSION ({len(lines)} above)"
     elif old is not None or args.fail_on_miss:
         what = f"no regression against {args.compare}" if old is not None else "every goal met"
         print(f"gate: {what} (tolerance {tolerance_text(tol)})")
-    return bool(lines)
+        summary = f"gate: {what}"
+    return bool(lines), summary
 
 
 def main(argv=None, prog: str = "lp-bench") -> int:
@@ -170,7 +176,7 @@ def main(argv=None, prog: str = "lp-bench") -> int:
     out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
     if out is None:
         return 3
-    print(format_table(out))
+    print(format_table(out, wide=args.wide))
     if args.out and not args.results:
         print(f"results: {args.out}")
     if args.plot:
@@ -184,7 +190,8 @@ def main(argv=None, prog: str = "lp-bench") -> int:
         print(f"config {c['name']} failed: {c['error']}", file=sys.stderr)
         if c.get("traceback"):
             print(c["traceback"], file=sys.stderr)
-    regressed = _gate(args, out, old, tol)
+    regressed, gate_text = _gate(args, out, old, tol)
+    print(verdict(out, gate_text))
     return 3 if failed else 1 if regressed else 0
 
 
