@@ -118,8 +118,8 @@ def _plan_parser(sub) -> None:
                    help="generate (last-token logits; default) or loglikelihood (lm-eval's full logits)")
     p.add_argument("--mode", choices=("session", "stream"), default="session",
                    help="session (default) lets the planner pick session or stream; stream keeps to stream")
-    p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (needs --offload-folder)")
-    p.add_argument("--offload-folder", help="the disk tier's folder")
+    p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (safetensors files)")
+    p.add_argument("--offload-folder", help="the disk tier's folder (default: a temporary one)")
     p.add_argument("--prefetch", type=int, default=1, help="stream mode: layers copied ahead (default 1)")
     p.add_argument("--protect-first", type=int, default=2, help="leading layers never offloaded (default 2)")
     p.add_argument("--protect-last", type=int, default=3, help="trailing layers never offloaded (default 3)")
