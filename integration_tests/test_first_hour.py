@@ -190,17 +190,17 @@ def test_print_handle_is_a_readable_summary(tmp_path):
     text = str(handle)
     assert text.splitlines()[0] == "lp_plugin: 2 of 8 layers offloaded to the disk tier, stream mode (exact)"
     assert "layers 2,4:" in text and "KiB" in text and str(tmp_path) in text and "remove_files=True" in text
-    assert "offloaded=" in repr(handle) and "'2,4'" in repr(handle)
+    assert "offloaded='" in repr(handle) and "layers=[2, 4]" in repr(handle)
     handle.detach()
     assert "detached" in str(handle) and "detached" in repr(handle)
 
 
 def test_attach_and_from_pretrained_log_one_line(tiny_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="lp_plugin"):
-        model = lp_plugin.from_pretrained(tiny_checkpoints["llama"], offload="even", dtype=torch.float32)
-    lines = [r.getMessage() for r in caplog.records if r.name == "lp_plugin" and "offloaded" in r.getMessage()]
+        model = lp_plugin.from_pretrained(tiny_checkpoints["llama"], offload="even", dtype=torch.float32, tier="disk")
+    lines = [r.getMessage() for r in caplog.records if r.name == "lp_plugin" and r.levelno >= logging.INFO]
     assert len(lines) == 1 and lines[0].startswith("lp_plugin: offloaded 2 of 8 layers (")
-    assert "KiB) to the cpu tier, session mode, alpha 1" in lines[0]
+    assert "KiB) to the disk tier in " in lines[0] and "(temporary), session mode, alpha 1" in lines[0]
     lp_plugin.get_handle(model).detach()
 
 

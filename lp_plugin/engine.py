@@ -117,7 +117,7 @@ class OffloadHandle:
 
     def __repr__(self):
         state = "" if self._attached else ", detached"
-        return (f"OffloadHandle(layers={layers_text(self.layer_indices)!r}, tier={self.tier_name!r}, mode={self.mode!r}, "
+        return (f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, "
                 f"alpha={self.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})")
 
     @property
@@ -161,9 +161,13 @@ class OffloadHandle:
     def log_attached(self) -> None:
         """The one line ``attach`` (and so ``from_pretrained``) logs at INFO on logger ``lp_plugin``."""
         folder = getattr(self.tier, "offload_folder", None)
-        log.info("lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g; print(handle) for details",
+        if folder and getattr(self.tier, "temporary", False):
+            folder = f"{folder} (temporary)"
+        taken = sum(bool(l.accel_hooks) for l in self.layers)
+        log.info("lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for details",
                  len(self.layer_indices), self.plan.num_layers, size_text(self.offloaded_bytes), self.config.tier,
-                 f" in {folder}" if folder else "", self.config.mode, self.config.alpha)
+                 f" in {folder}" if folder else "", self.config.mode, self.config.alpha,
+                 f", taking over Accelerate's offload of {taken} of them" if taken else "")
 
     def __deepcopy__(self, memo):
         raise AttachError(
@@ -379,7 +383,7 @@ def _install(handle, model, layer_list):
     model.__dict__[_ATTR] = handle
     for layer in handle.layers:
         if layer.accel_hooks:
-            log.info("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
+            log.debug("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
         layer.install()
     if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
         handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)

@@ -47,8 +47,7 @@ class DiskTier(Tier):
         if self.offload_folder is None:
             path = tempfile.mkdtemp(prefix="lp_plugin-offload-")
             self._temporary = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)  # also at exit
-            log.info("lp_plugin: disk tier without offload_folder: using the temporary folder %s (removed at detach "
-                     "or exit); pass offload_folder=DIR to keep the files", path)
+            log.debug("lp_plugin: disk tier without offload_folder: using the temporary folder %s", path)
             self.offload_folder = path
         self.folder = OffloadFolder(self.offload_folder)
         self.offload_folder = self.folder.path
