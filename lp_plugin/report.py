@@ -61,9 +61,9 @@ def offload_table(info: dict) -> str:
     """The offload summary of one run (``config.residual_offload`` of lm-eval's results JSON)."""
     layers = info.get("layers") or []
     rows = [
-        ("layers", f"{','.join(map(str, layers)) or 'none'} ({len(layers)}; offload={info.get('offload')})"),
+        ("layers", f"{layers_text(layers)} ({len(layers)}; offload={info.get('offload')})"),
         ("tier / mode", f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})"),
-        ("offloaded", gib(info.get("offloaded_bytes"))),
+        ("offloaded", size_text(info["offloaded_bytes"]) if info.get("offloaded_bytes") is not None else "-"),
         ("standby VRAM", gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)"),
         ("peak VRAM", gib(info.get("peak_inference_vram_bytes")) if info.get("peak_inference_vram_bytes") is not None else "- (cpu)"),
         ("tokens", f"{info.get('tokens_processed', 0):,} in {info.get('forward_calls', 0):,} forwards"),

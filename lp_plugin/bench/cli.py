@@ -164,7 +164,7 @@ def _gate(args, out, old, tol) -> tuple:
     elif old is not None or args.fail_on_miss:
         what = f"no regression against {args.compare}" if old is not None else "every goal met"
         print(f"gate: {what} (tolerance {tolerance_text(tol)})")
-        summary = f"gate: {what}"
+        summary = "gate: no regression" if old is not None else "gate: every goal met"
     return bool(lines), summary
 
 

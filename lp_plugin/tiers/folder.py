@@ -198,11 +198,15 @@ class OffloadFolder:
             if not (stat.S_ISREG(st.st_mode) and owned.owns(name, st)):
                 log.warning("lp_plugin: %s is not provably a file lp_plugin wrote; left where it is", self.entry_path(name))
                 continue
-            os.unlink(name, dir_fd=self.fd)
+            try:
+                os.unlink(name, dir_fd=self.fd)
+            except OSError as exc:  # a read-only folder: the files stay, usable by the next attach
+                log.warning("lp_plugin: cannot remove %s (%s)", self.entry_path(name), exc.strerror)
+                continue
             removed.append(self.entry_path(name))
         still = [n for n in owned.files if self._exists_as(n, owned)]
         if not still and not owned.temps:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(JOURNAL, dir_fd=self.fd)
         return removed
 
