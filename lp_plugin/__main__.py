@@ -9,7 +9,7 @@
     lp-plugin --version
 
 ``bench`` and ``prune`` hand the rest of the command line to ``lp-bench`` and ``lp-prune`` (also
-installed as commands of their own). Help texts here are plain text: no reST markup reaches a terminal.
+installed as commands of their own). ``lp-plugin COMMAND --help`` describes every option.
 """
 
 from __future__ import annotations
