@@ -47,18 +47,53 @@ def test_run_succeeds_and_prints_table(bench_run):
     assert bench_run["rc"] == 0, bench_run["stdout"]
     lines = bench_run["stdout"].splitlines()
     header = next(line for line in lines if line.startswith("config "))
-    for col in ("standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
-                "logit diff", "argmax", "ppl", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
-                "dec/accel", "peak/budget", "disk/cpu"):
+    # the default view: what matters, memory computed on the CPU (and marked so), no column that is all '-'
+    for col in ("on device MiB*", "decode tok/s", "dec/base", "logit diff", "ppl"):
         assert col in header
+    assert "standby GiB" not in header and "bound tok/s" not in header
+    assert any(line.startswith("* computed, not measured") for line in lines)
+    assert lines[-1].startswith("verdict: exact (4 of 4 configs equal the plain model); gate: not run")
     for name in NAMES:
         assert any(line.startswith(name + " ") for line in lines), name
     assert any(line.startswith(TWIN + " (noise)") for line in lines)
-    assert "goals:" in lines and not any("issue" in line for line in lines)
+    assert any(line.startswith("goals ") for line in lines) and not any("issue" in line for line in lines)
     assert any(line.startswith("noise (the plain model against itself") for line in lines)
     # Accelerate's cpu offload on a CPU-only machine moves nothing: marked, not shown as the peer
     acc = next(line for line in lines if line.startswith("accelerate_cpu:even "))
     assert "n/a: no CUDA device" in acc
+
+
+def test_table_fits_120_columns_and_wide_shows_every_figure(bench_run):
+    from lp_plugin.bench.report import WIDTH, format_table
+
+    assert WIDTH == 120
+    compact = format_table(bench_run["data"]).splitlines()
+    assert compact == bench_run["stdout"].splitlines()[:len(compact)]
+    assert max(len(line) for line in compact) <= 120, max(compact, key=len)
+    wide = format_table(bench_run["data"], wide=True)
+    header = next(line for line in wide.splitlines() if line.startswith("config "))
+    for col in ("standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
+                "logit diff", "argmax", "ppl", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
+                "dec/accel", "peak/budget", "disk/cpu"):
+        assert col in header
+
+
+def test_goals_inside_the_noise_say_so():
+    """A speed goal whose value is closer to its target than the run's own noise is marked [~], not
+    ok/MISS; one far from it keeps its verdict."""
+    from lp_plugin.bench.derive import noise_band, within_noise
+    from lp_plugin.bench.report import verdict
+
+    nz = {"speed": {"decode": {"sigma": 0.05, "runs": [0.94, 1.0, 1.02]}}}
+    band = noise_band(nz, "decode", 3)
+    assert band >= abs(__import__("math").log(1.0))  # the median self-ratio is 1.0 here: the t band decides
+    assert within_noise(0.955, ">= 0.98", band) and not within_noise(0.5, ">= 0.98", band)
+    assert noise_band({"speed": {}}, "decode", 3) is None and not within_noise(0.97, ">= 0.98", None)
+    goals = [{"config": "s", "goal": "logits vs the plain model: max abs diff", "met": True, "within_noise": False},
+             {"config": "s", "goal": "session decode", "met": False, "within_noise": True},
+             {"config": "s", "goal": "stream decode", "met": False, "within_noise": False}]
+    line = verdict({"goals": goals, "configs": []}, None)
+    assert "exact (1 of 1" in line and "goals: 0 met, 1 missed, 1 in noise" in line and len(line) <= 120
 
 
 def test_decode_loop_emits_no_warning(bench_run):
@@ -141,8 +176,9 @@ def test_plot_written(bench_run):
     (["--tolerance", "bogus=1"], "unknown tolerance"),
     (["--tolerance", "speed=0.5"], "factor >= 1"),
     (["--repeats", "0"], "at least 1"),
-    (["--model", "/no/such/folder"], "cannot be loaded"),
-    (["--model", "nothing-like-a-model"], "neither a folder"),
+    (["--model", "/no/such/folder"], "neither a shape"),
+    (["--model", "nothing-like-a-model"], "neither a shape"),
+    (["--model", "qwen2.5-3b"], "did you mean 'qwen2.5-3b-shape'"),
 ])
 def test_bad_arguments_exit_2(ckpt, capsys, args, message):
     rc, _ = bench(["--model", ckpt, *SMALL, *args])

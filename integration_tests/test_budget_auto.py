@@ -174,8 +174,8 @@ def test_cli_json_and_the_smallest_budget(tmp_path):
     (["--model", "qwen2.5-3b-shape", "--max-memory", "0=6GiB", "--max-memory", "1=6GiB"], "besides the main device"),
     (["--model", "qwen2.5-3b-shape", "--max-memory", "6 gigs"], "cannot read '6 gigs'"),
     (["--model", "/nonexistent/model", "--max-memory", "6GiB"], "neither a shape"),
-    (["--model", "qwen2.5-3b-shape", "--max-memory", "6GiB", "--tier", "disk"], "needs offload_folder"),
     (["--model", "qwen2.5-3b-shape", "--max-memory", "6GiB", "--context", "８"], "--context"),
+    (["--model", "qwen2.5-3b", "--max-memory", "6GiB"], "did you mean 'qwen2.5-3b-shape'"),
 ])
 def test_cli_bad_arguments_exit_2(args, message):
     proc = _cli(*args)

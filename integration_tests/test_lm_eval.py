@@ -53,7 +53,6 @@ BAD_ARGS = {
     "unknown-arg": ({"offlaod": "even"}, "unknown model_args ['offlaod']"),
     "bad-spec": ({"offload": "everything"}, "unknown offload policy 'everything'"),
     "bad-alpha": ({"alpha": 2}, "alpha must be in [0, 1]"),
-    "disk-without-folder": ({"tier": "disk"}, "needs offload_folder"),
     "bad-layer": ({"offload": 99}, "out of range"),
     "tensor-parallel": ({"tp_plan": "auto"}, "tp_plan='auto' is not supported"),
     "bnb-without-4bit": ({"bnb_4bit_use_double_quant": True}, "only apply with load_in_4bit=True"),

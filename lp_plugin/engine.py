@@ -32,6 +32,7 @@ from .group import OffloadedLayer, Stager
 from .devices import map_value
 from .plan import OffloadPlan
 from .plugins import tier_class
+from .report import layers_text, size_text
 from .resident import Residency
 from .stream import Ring
 
@@ -103,7 +104,7 @@ class OffloadHandle:
             "mode": c.mode,
             "alpha": c.alpha,
             "prefetch": c.prefetch,
-            "offload_folder": c.offload_folder,
+            "offload_folder": getattr(self.tier, "offload_folder", None) or c.offload_folder,
             "main_device": str(self.main_device),
             "protect_first": c.protect_first,
             "protect_last": c.protect_last,
@@ -116,7 +117,58 @@ class OffloadHandle:
         }
 
     def __repr__(self):
-        return f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, alpha={self.alpha})"
+        state = "" if self._attached else ", detached"
+        return (f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, "
+                f"alpha={self.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})")
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
+        return sum(l.nbytes for l in self.layers if not l.stand_in)
+
+    def summary(self) -> str:
+        """What ``print(handle)`` shows: what was offloaded, where it lives, what stays and moves."""
+        c, offloaded = self.config, self.offloaded_bytes
+        total = self.plan.num_layers
+        model_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        what = "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
+        lines = [f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
+                 f"({what})"]
+        if not self._attached:
+            return lines[0].replace("offloaded", "were offloaded", 1) + "; detached: the plain model again"
+        rows = [("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
+                ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {self.main_device}")]
+        if c.mode == "stream":
+            rows.append(("per forward", f"{size_text(offloaded)} copied to {self.main_device} (ring of {c.prefetch + 1})"))
+        if self.plan.skips.layers:
+            stand_ins = {type(l.module).__name__ for l in self.layers if l.stand_in}
+            rows.append(("skipped", f"layers {layers_text(self.plan.skips.layers)}"
+                                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else "")))
+        dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]
+        if dropped:
+            rows.append(("dropped", f"layers {layers_text(dropped)} (alpha 0: never run)"))
+        folder = getattr(self.tier, "offload_folder", None)
+        if folder:
+            how = ("temporary: removed at detach or exit" if getattr(self.tier, "temporary", False)
+                   else "handle.detach(remove_files=True) removes them")
+            rows.append(("files", f"{folder} ({how})"))
+        if self.plan.budget is not None:
+            rows.append(("budget", "planned by offload='auto': handle.plan.budget"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(lines + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+    __str__ = summary
+
+    def log_attached(self) -> None:
+        """The one line ``attach`` (and so ``from_pretrained``) logs at INFO on logger ``lp_plugin``."""
+        folder = getattr(self.tier, "offload_folder", None)
+        if folder and getattr(self.tier, "temporary", False):
+            folder = f"{folder} (temporary)"
+        taken = sum(bool(l.accel_hooks) for l in self.layers)
+        log.info("lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for details",
+                 len(self.layer_indices), self.plan.num_layers, size_text(self.offloaded_bytes), self.config.tier,
+                 f" in {folder}" if folder else "", self.config.mode, self.config.alpha,
+                 f", taking over Accelerate's offload of {taken} of them" if taken else "")
 
     def __deepcopy__(self, memo):
         raise AttachError(
@@ -246,10 +298,11 @@ class OffloadHandle:
         if not self._attached:
             raise AttachError("this OffloadHandle was detached; call lp_plugin.attach(model, ...) again to offload")
 
-    def detach(self):
+    def detach(self, remove_files: bool = False):
         """Restore the plain model: offloaded weights back where they were as independent tensors (with
         any edit made while attached), Accelerate's hooks and device map as they were, our hooks
-        removed, tier files closed."""
+        removed, tier files closed. ``remove_files=True`` also deletes the disk tier's layer files
+        (only those lp_plugin provably wrote; a temporary folder goes in any case)."""
         if not self._attached:
             raise AttachError("detach() called twice: this model is no longer attached")
         with self._lock:
@@ -279,6 +332,10 @@ class OffloadHandle:
                 had, value = self._device_map
                 if had:
                     self.model.hf_device_map = value
+            if remove_files:
+                removed = self.tier.remove_files()
+                if removed:
+                    log.info("lp_plugin: removed %d offload file(s) from %s", len(removed), self.tier.offload_folder)
             self.tier.close()
             self._attached = False
             self.model.__dict__.pop(_ATTR, None)
@@ -330,6 +387,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     except BaseException:
         handle.detach()
         raise
+    handle.log_attached()
     return handle
 
 
@@ -338,7 +396,7 @@ def _install(handle, model, layer_list):
     model.__dict__[_ATTR] = handle
     for layer in handle.layers:
         if layer.accel_hooks:
-            log.info("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
+            log.debug("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
         layer.install()
     if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
         handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)

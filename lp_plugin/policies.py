@@ -115,8 +115,8 @@ def select_layers(
             raise OffloadSpecError("offload spec is empty; use offload='none' to offload nothing")
         if text[0].isalpha():
             raise OffloadSpecError(
-                f"unknown offload policy {text!r}; choose one of {sorted(policies)}, an explicit list "
-                "'2,4,6', a range '2-32:2', or install a plugin that registers it"
+                f"unknown offload policy {text!r}; choose one of {sorted(policies)}, 'auto' (fit a memory budget: "
+                "max_memory=...), an explicit list '2,4,6', a range '2-32:2', or install a plugin that registers it"
             )
         layers = _parse_explicit(text, num_layers)
     elif isinstance(spec, Sequence) or isinstance(spec, (set, frozenset)):

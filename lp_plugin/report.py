@@ -38,6 +38,22 @@ def size_text(nbytes: int, up: bool = False) -> str:
     return f"{value:.2f} {unit}"
 
 
+def layers_text(indices) -> str:
+    """Layer indices in the offload spec's own grammar: ``2-26:2`` (a stride), ``0-1,3-5``, or ``none``."""
+    xs = sorted(indices)
+    if not xs:
+        return "none"
+    step = xs[1] - xs[0] if len(xs) > 2 else 0
+    if step > 1 and all(b - a == step for a, b in zip(xs, xs[1:])):
+        return f"{xs[0]}-{xs[-1]}:{step}"
+    runs, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(a) if a == start else f"{start}-{a}")
+            start = b
+    return ",".join(runs)
+
+
 def _rate(value) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
@@ -66,9 +82,9 @@ def offload_table(info: dict) -> str:
     """The offload summary of one run (``config.residual_offload`` of lm-eval's results JSON)."""
     layers = info.get("layers") or []
     rows = [
-        ("layers", f"{','.join(map(str, layers)) or 'none'} ({len(layers)}; offload={info.get('offload')})"),
+        ("layers", f"{layers_text(layers)} ({len(layers)}; offload={info.get('offload')})"),
         ("tier / mode", f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})"),
-        ("offloaded", gib(info.get("offloaded_bytes"))),
+        ("offloaded", size_text(info["offloaded_bytes"]) if info.get("offloaded_bytes") is not None else "-"),
         *([("context", f"{info['max_length']:,} tokens ({info.get('max_length_source')})"
                        + (f", prefill in chunks of {info['prefill_chunk']:,}" if info.get("prefill_chunk") else ""))]
           if info.get("max_length") else []),

@@ -13,7 +13,9 @@ plainly through :func:`load_checkpoint`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 import shutil
 import tempfile
 
@@ -90,6 +92,23 @@ def shape_names() -> list:
 
 def is_shape(name) -> bool:
     return isinstance(name, str) and name in SHAPES
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model (None when it can): it must be a shape, a folder, or a Hub id
+    ``owner/name``. Checked before anything is sent to the Hub, so a typo fails at once (a Hub
+    lookup without network retries for ~20 s) and names the closest shape."""
+    if is_shape(name) or os.path.isdir(os.path.expanduser(name)):
+        return None
+    close = difflib.get_close_matches(name, shape_names(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    what = f"neither a shape ({', '.join(shape_names())}), a model folder nor a Hub id (owner/name)"
+    if name.startswith(("/", ".", "~")) or os.path.exists(name) or not _HUB_ID.fullmatch(name):
+        return f"{name!r} is {what}; {hint}pass a shape name, a folder holding config.json, or owner/name"
+    return None
 
 
 def shape_config(name: str):

@@ -19,7 +19,7 @@ from lp_plugin.report import GIB
 
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
-from .report import ResultsError, format_table, load_results, write_json
+from .report import ResultsError, format_table, load_results, verdict, write_json
 
 DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
                    "accelerate_cpu:even")
@@ -55,14 +55,15 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lp-bench", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) and gate on it.",
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"],
+                   help="weights' format (default bf16; nf4: bitsandbytes 4-bit)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--prompt", type=int, default=100, help="prompt tokens for decode/generate/logits (default 100)")
     p.add_argument("--new", type=int, default=64, help="new tokens per decode/generate run (default 64)")
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--results", metavar="JSON", help="do not run: take these results (for --compare, --plot and the table)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wide", action="store_true",
+                   help="print every figure with its [min-max] (wider than 120 columns); the JSON holds them all anyway")
     return p
 
 
@@ -96,6 +99,12 @@ def _check_args(parser, args) -> dict:
         parser.error(str(exc))
     if args.results is None and not args.model:
         parser.error("--model is required (or --results JSON to compare/plot an existing run)")
+    if args.results is None:
+        from lp_plugin.shapes import model_name_problem
+
+        why = model_name_problem(args.model)
+        if why is not None:
+            parser.error(f"--model {why}")
     for name in ("prompt", "new", "prefill", "ppl_tokens", "repeats", "bandwidth_mib"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -138,8 +147,9 @@ def _run(parser, args) -> dict:
     return out
 
 
-def _gate(args, out, old, tol) -> int:
-    """Print the gate's findings; 1 when something regressed, 2 when something could not be compared."""
+def _gate(args, out, old, tol) -> tuple:
+    """Print the gate's findings; ``(exit status, what the verdict line says of the gate)``: 1 when something
+    regressed, 2 when something could not be compared, else 0."""
     lines, incomparable = [], []
     if old is not None:
         try:
@@ -155,30 +165,34 @@ def _gate(args, out, old, tol) -> int:
             incomparable += verdict.incomparable
     if args.fail_on_miss:
         lines += missed_goals(out)
+    summary = None
     if lines:
         against = f" against {args.compare}" if old is not None else ""
         print(f"REGRESSION{against} (tolerance {tolerance_text(tol)}):")
         for line in lines:
             print(f"  {line}")
+        summary = f"gate: REGRESSION ({len(lines)} above)"
     if incomparable:
         print(f"CANNOT COMPARE against {args.compare}:")
         for line in incomparable:
             print(f"  {line}")
+        summary = summary or f"gate: CANNOT COMPARE ({len(incomparable)} above)"
     if not lines and not incomparable and (old is not None or args.fail_on_miss):
         what = f"no regression against {args.compare}" if old is not None else "every goal met"
         print(f"gate: {what} (tolerance {tolerance_text(tol)})")
-    return 1 if lines else 2 if incomparable else 0
+        summary = "gate: no regression" if old is not None else "gate: every goal met"
+    return (1 if lines else 2 if incomparable else 0), summary
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "lp-bench") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     tol = _check_args(parser, args)
     old = _load(parser, "--compare", args.compare) if args.compare else None
     out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
     if out is None:
         return 3
-    print(format_table(out))
+    print(format_table(out, wide=args.wide))
     if args.out and not args.results:
         print(f"results: {args.out}")
     if args.plot:
@@ -192,8 +206,9 @@ def main(argv=None) -> int:
         print(f"config {c['name']} failed: {c['error']}", file=sys.stderr)
         if c.get("traceback"):
             print(c["traceback"], file=sys.stderr)
-    verdict = _gate(args, out, old, tol)
-    return 3 if failed else verdict
+    status, gate_text = _gate(args, out, old, tol)
+    print(verdict(out, gate_text))
+    return 3 if failed else status
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ plotted on any machine)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import textwrap
 
 from lp_plugin.report import GIB
 
-from .derive import derive
+from .derive import derive, usable
 from .stats import median_of
 
 HEAD = ["config", "standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
@@ -56,6 +58,19 @@ def _row(c) -> list:
     ]
 
 
+WIDTH = 120  # the default table fits a terminal of this many columns; --wide shows every figure
+
+# the default view's columns in the order shown; columns every row leaves empty are dropped, then
+# those of DROP_FIRST in turn until the table fits WIDTH (--wide and the JSON keep them all)
+COMPACT = ["config", "memory", "standby GiB", "peak GiB", "decode tok/s", "dec/base", "step/base", "gen/base",
+           "static/base", "logit diff", "ppl", "MiB/fwd", "disk/cpu"]
+DROP_FIRST = ["step/base", "static/base", "MiB/fwd", "gen/base", "disk/cpu", "ppl"]
+
+
+def _wrap(text: str, indent: str = "  ") -> list:
+    return textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False, break_long_words=True) or [""]
+
+
 def _header_lines(out) -> list:
     env, bw, model, s = out["env"], out["bandwidth"], out["model"], out["settings"]
     static = s.get("static") or {}
@@ -63,7 +78,7 @@ def _header_lines(out) -> list:
     if static.get("measured"):
         static_text = "static cache: compiled by transformers" if static.get("compiled_by_transformers") else (
             f"static cache: {static.get('note') or 'uncompiled'}")
-    return [
+    lines = [
         f"lp-bench {model['name']} ({s['dtype']}, {model['architecture']}, {model['num_layers']} layers) "
         f"on {env.get('gpu_name') or env.get('cpu') or env['device']}; torch {env['torch']}, "
         f"transformers {env['transformers']}, accelerate {env['accelerate']}",
@@ -72,6 +87,7 @@ def _header_lines(out) -> list:
         f"median [min-max] of {s['repeats']} interleaved rounds after a warm-up; x/base, dec/accel and disk/cpu are "
         "medians of per-round ratios",
     ]
+    return [w for line in lines for w in _wrap(line)]
 
 
 def _noise_line(out) -> str:
@@ -85,28 +101,109 @@ def _noise_line(out) -> str:
     return "noise (the plain model against itself, same run): " + ", ".join(parts)
 
 
-def format_table(out: dict) -> str:
+def _measured_memory(out) -> bool:
+    return any(median_of(c.get("standby_vram_bytes")) is not None for c in out["configs"] if usable(c))
+
+
+def computed_memory(out, c):
+    """Without a GPU to measure on: the bytes left on the main device, computed as the model's bytes
+    minus the offloaded bytes (what the plot shows too)."""
+    total = (out.get("model") or {}).get("param_bytes")
+    return None if total is None else total - (c.get("offloaded_bytes") or 0)
+
+
+def _compact_row(out, c, unit) -> dict:
+    r = c.get("ratios") or {}
+    mem = computed_memory(out, c)
+    return {
+        "config": c["name"] + (" (noise)" if c["config"].get("twin") else ""),
+        "memory": "-" if mem is None else f"{mem / unit[1]:.2f}" if unit[1] == GIB else f"{mem / unit[1]:.1f}",
+        "standby GiB": _fmt(median_of(c.get("standby_vram_bytes")), "gib"),
+        "peak GiB": _fmt(median_of(c.get("peak_vram_bytes")), "gib"),
+        "decode tok/s": _fmt(median_of(c.get("decode_tok_s"))),
+        "dec/base": _fmt(median_of(r.get("decode_vs_baseline")), "x"),
+        "step/base": _fmt(median_of(r.get("decode_step_vs_baseline")), "x"),
+        "gen/base": _fmt(median_of(r.get("generate_vs_baseline")), "x"),
+        "static/base": "failed" if c.get("static_error") else _fmt(median_of(r.get("static_vs_baseline")), "x"),
+        "logit diff": _fmt(c.get("max_abs_logit_diff"), "e"),
+        "ppl": _fmt(c.get("perplexity"), "e"),
+        "MiB/fwd": _fmt(c.get("bytes_per_forward"), "mib"),
+        "disk/cpu": _fmt(median_of(r.get("decode_vs_cpu_tier")), "x"),
+    }
+
+
+def _compact(out) -> list:
+    measured = _measured_memory(out)
+    sizes = [computed_memory(out, c) for c in out["configs"] if usable(c)]
+    unit = ("GiB", GIB) if any(s and s >= GIB for s in sizes) else ("MiB", 2**20)
+    heads = [h for h in COMPACT if h != ("memory" if measured else "")]
+    if not measured:
+        heads = [h for h in heads if h not in ("standby GiB", "peak GiB")]
+    labels = {"memory": f"on device {unit[0]}*"}
+    rows, notes = [], []
+    for c in out["configs"]:
+        if c.get("error"):
+            notes.append((c["name"], "ERROR: " + c["error"].splitlines()[0]))
+        elif c.get("not_applicable"):
+            notes.append((c["name"], "n/a: " + c["not_applicable"]))
+        else:
+            rows.append(_compact_row(out, c, unit))
+    heads = [h for h in heads if h == "config" or any(row[h] != "-" for row in rows)]
+    drop = [h for h in DROP_FIRST if h in heads]
+    while drop and sum(max(len(labels.get(h, h)), *(len(r[h]) for r in rows)) + 2 for h in heads) - 2 > WIDTH:
+        heads.remove(drop.pop(0))
+    widths = [max([len(labels.get(h, h))] + [len(r[h]) for r in rows]) for h in heads]
+    widths[0] = max([widths[0]] + [len(n) for n, _ in notes])
+    lines = ["  ".join(labels.get(h, h).ljust(w) for h, w in zip(heads, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(r[h].ljust(w) for h, w in zip(heads, widths)).rstrip() for r in rows]
+    for name, text in notes:
+        lines += _wrap(f"{name.ljust(widths[0])}  {text}", " " * (widths[0] + 2))
+    if not measured:
+        lines.append(f"* computed, not measured (no GPU): the model's {unit[0]} left on the main device, its bytes "
+                     "minus the offloaded bytes")
+    return lines
+
+
+def _wide(out) -> list:
     rows = [_row(c) for c in out["configs"]]
     full = [row for row in rows if not row[1].startswith(("ERROR", "n/a"))]
     widths = [max(len(str(x)) for x in col) for col in zip(HEAD, *full)]
     widths[0] = max(len(row[0]) for row in rows + [HEAD])
-    lines = _header_lines(out) + [_noise_line(out)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(HEAD, widths)))
-    lines.append("  ".join("-" * w for w in widths))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)), "  ".join("-" * w for w in widths)]
     for row in rows:
         if row[1].startswith(("ERROR", "n/a")):
             lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
         else:
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    return lines
+
+
+def _goal_lines(out) -> list:
+    lines = []
+    for g in out.get("goals") or []:
+        val = g["value"]
+        val = "-" if val is None else (f"{val:.3g}" if isinstance(val, float) else str(val))
+        tag = "ok" if g["met"] else "MISS"
+        note = ""
+        if g.get("within_noise"):
+            tag = "~"
+            note = f"; within this run's noise (±{100 * (math.exp(g['noise_band']) - 1):.0f}%): could go either way"
+        lines += _wrap(f"  [{tag}] {g['config']}: {g['goal']} = {val} (target {g['target'] or '-'}{note})", "       ")
+    return lines
+
+
+def format_table(out: dict, wide: bool = False) -> str:
+    """The terminal view of a run: the default fits :data:`WIDTH` columns; ``wide`` shows every figure
+    with its [min-max] (the JSON holds everything)."""
+    lines = _header_lines(out) + _wrap(_noise_line(out))
+    lines += _wide(out) if wide else _compact(out)
     for c in out["configs"]:
         if c.get("static_error"):
-            lines.append(f"{c['name']}: static-cache generate failed: {c['static_error']}")
+            lines += _wrap(f"{c['name']}: static-cache generate failed: {c['static_error']}")
     if out.get("goals"):
-        lines += ["", "goals:"]
-        for g in out["goals"]:
-            val = g["value"]
-            val = "-" if val is None else (f"{val:.3g}" if isinstance(val, float) else str(val))
-            lines.append(f"  [{'ok' if g['met'] else 'MISS'}] {g['config']}: {g['goal']} = {val} (target {g['target'] or '-'})")
+        lines += ["", "goals ([~]: the difference from the target is inside the run's own noise):"]
+        lines += _goal_lines(out)
     return "\n".join(lines)
 
 
@@ -129,6 +226,28 @@ def _check_shape(data, path) -> None:
     for key in ("model", "settings", "env", "inputs", "reference"):
         if not isinstance(data.get(key, {}), dict):
             raise ResultsError(f"{path}: {key!r} is a {type(data[key]).__name__}, not a table")
+
+
+def verdict(out: dict, gate: str | None) -> str:
+    """One line saying what matters: exactness, the gate (``gate``: its outcome, or None when not
+    run), and the goals, those within the run's noise counted apart."""
+    goals = out.get("goals") or []
+    logit = [g for g in goals if g["goal"].startswith("logits vs the plain model")]
+    failed = [c["name"] for c in out["configs"] if c.get("error")]
+    if not logit:
+        exact = "exactness: not measured"
+    elif all(g["met"] for g in logit):
+        exact = f"exact ({len(logit)} of {len(logit)} configs equal the plain model)"
+    else:
+        exact = f"NOT EXACT ({sum(not g['met'] for g in logit)} of {len(logit)} configs differ from the plain model)"
+    speed = [g for g in goals if g not in logit]
+    noisy = sum(bool(g.get("within_noise")) for g in speed)
+    met = sum(bool(g["met"]) and not g.get("within_noise") for g in speed)
+    missed = len(speed) - met - noisy
+    parts = [exact, gate or "gate: not run (--compare REF)", f"goals: {met} met, {missed} missed, {noisy} in noise"]
+    if failed:
+        parts.insert(0, f"FAILED: {', '.join(failed)}")
+    return "verdict: " + "; ".join(parts)
 
 
 def load_results(path: str) -> dict:

@@ -92,9 +92,9 @@ class BaseModel:
         self.kind = "shape" if shapes.is_shape(settings.model) else "pretrained"
         self.checkpoint = None if self.kind == "shape" else settings.model
         self._own_folder = None
-        if self.kind == "pretrained" and not os.path.isdir(settings.model) and "/" not in settings.model:
-            raise SetupError(f"--model {settings.model!r} is neither a folder, a hub id (owner/name) nor a shape "
-                             f"({', '.join(shapes.shape_names())})")
+        why = shapes.model_name_problem(settings.model)
+        if why is not None:
+            raise SetupError(f"--model {why}")
         before = allocated(device)
         self.model = self._load(settings, shapes, need_checkpoint)
         after = allocated(device)

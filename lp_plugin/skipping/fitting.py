@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..progress import bar
 from . import cache, standins
 from .metrics import SkipContext
 
@@ -76,7 +77,7 @@ def _fit_in_order(ctx: SkipContext, layers) -> tuple:
     fitted, details, replace = {}, {}, {}
     prev = layers[0]
     states = teacher[prev]
-    for s in layers:
+    for s in bar(layers, desc=f"fitting {spec} stand-ins", unit="layer"):
         states = runner.advance(states, prev, s, replace)
         tensors, details[s] = standins.fit(spec, states, teacher[s + 1])
         fitted[s] = {k: v.to(torch.float32) for k, v in tensors.items()}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..arch import find_decoder_layers
 from ..errors import OffloadSpecError
+from ..progress import bar
 from . import cache, standins
 from .calib import CalibData, calibration
 from .runner import Runner
@@ -86,13 +87,13 @@ class SkipContext:
     def teacher(self) -> dict:
         """The plain model's hidden states: ``{i: per-window input of layer i}``; index
         ``num_layers`` holds the last layer's output."""
-        return self.runner.layer_inputs()
+        return self.runner.layer_inputs(desc="calibration (the plain model's hidden states)")
 
     def teacher_layers(self, layers) -> dict:
         """:attr:`teacher` for ``layers`` only (run up to the last of them unless it is already kept)."""
         if "teacher" in self.__dict__:
             return {i: self.teacher[i] for i in layers}
-        return self.runner.layer_inputs(layers=sorted(set(layers)))
+        return self.runner.layer_inputs(layers=sorted(set(layers)), desc="calibration (the plain model's hidden states)")
 
     def key(self, **parts) -> dict:
         """A cache key: the model (weights and config), the calibration tokens, the settings of the
@@ -228,7 +229,7 @@ def _identity(x):
 def _ppl(ctx, n, spec, steps) -> Importance:
     h = ctx.teacher
     scores = []
-    for j in range(ctx.num_layers):
+    for j in bar(range(ctx.num_layers), desc=f"ppl importance ({spec})", unit="layer"):
         fn = replacement(ctx, spec, j, h[j])
         scores.append(math.exp(ctx.runner.nll({j: fn}, start=j, states=h[j])))
     return _ranked("ppl", scores, {"n": 1, "stand_in": str(spec)}, ctx)
@@ -254,11 +255,14 @@ def _greedy(ctx, n, spec, steps) -> Importance:
     pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
     order, scores = [], [None] * ctx.num_layers
+    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate",
+                   total=sum(ctx.num_layers - s for s in range(steps)))
     for step in range(steps):
         best, t0 = None, time.perf_counter()
         for j in range(ctx.num_layers):
             if j in order:
                 continue
+            progress.update()
             total, tokens, fns = 0.0, 0, []
             for f, fold in enumerate(folds):
                 # with one calibration window there is nothing to cross-fit on: fitted and scored on it
@@ -277,6 +281,7 @@ def _greedy(ctx, n, spec, steps) -> Importance:
         for f, fn in enumerate(fns):
             pipes[f][j] = fn
             states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
+    progress.close()
     return Importance("greedy", tuple(scores), tuple(order), {"n": 1, "stand_in": str(spec), "steps": steps},
                       ctx.calib.source)
 

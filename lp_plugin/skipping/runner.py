@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import hooks
 from ..arch import find_decoder_layers
 from ..errors import AttachError
+from ..progress import bar
 from .calib import CalibData
 
 
@@ -133,15 +134,16 @@ class Runner:
         return total / tokens
 
     @torch.no_grad()
-    def layer_inputs(self, replace=None, layers=None, start=0, states=None, windows=None) -> dict:
+    def layer_inputs(self, replace=None, layers=None, start=0, states=None, windows=None, desc=None) -> dict:
         """``{i: [per-window input of layer i]}`` for ``layers`` (default: every layer from ``start``
         and, as index ``num_layers``, the last layer's output), for the model with ``replace`` applied;
         with ``states``, layer ``start`` reads them and earlier layers are not run. Only ``windows``
-        (indices; default all) are run; the lists hold None for the others."""
+        (indices; default all) are run; the lists hold None for the others. ``desc`` names a progress
+        bar over the windows."""
         layers = tuple(range(start, self.num_layers + 1)) if layers is None else tuple(layers)
         windows = range(len(self.inputs)) if windows is None else windows
         out = {i: [None] * len(self.inputs) for i in layers}
-        for w in windows:
+        for w in windows if desc is None else bar(windows, desc=desc, unit="window"):
             _, seen = self._forward(w, replace, start, states, stop=max(layers), record=set(layers))
             for i in layers:
                 out[i][w] = seen[i]

@@ -95,9 +95,9 @@ def check_calib(value):
             raise OffloadSpecError(f"calib is empty; {forms}")
         name, sep, count = text.partition(":")
         if name == "pydoc":
-            if sep and not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII):
-                raise OffloadSpecError(f"calib={text!r}: TOKENS must be a whole number in ASCII digits (e.g. "
-                                       "'pydoc:4096')")
+            if sep and (not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII) or int(count) < 2):
+                raise OffloadSpecError(f"calib={text!r}: TOKENS must be a whole number of at least 2 in ASCII digits "
+                                       "(e.g. 'pydoc:4096')")
             return text if isinstance(value, str) else value
         if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
             raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "

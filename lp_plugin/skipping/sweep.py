@@ -23,6 +23,7 @@ import torch
 import lp_plugin
 
 from ..arch import find_decoder_layers
+from ..progress import bar
 from .calib import HELDOUT, WINDOW, doc_start_token, document_ids, heldout_documents, tokenizer_for
 
 SELECTIONS = ("bi", "angular", "greedy")
@@ -47,7 +48,7 @@ def evaluate(model, prefix: int, docs: list) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     nll, tokens, seconds = 0.0, 0, 0.0
-    for ids in docs:
+    for ids in bar(docs, desc="evaluation (held-out documents)", unit="doc"):
         inputs = torch.tensor([[prefix, *ids[:-1]]], device=device)
         t0 = time.perf_counter()
         logits = model(inputs, use_cache=False).logits[0]
@@ -132,7 +133,7 @@ def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STA
     rows = []
     plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections
                                   for si in (greedy_stand_ins if sel == "greedy" else stand_ins)]
-    for k, selection, stand_in in plan:
+    for k, selection, stand_in in bar(plan, desc="sweep", unit="row", leave=True):
         options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
         row = {"fraction": round(100 * k / num_layers, 1), "selection": selection or "plain", "stand_in": stand_in,
                **measure(path, options, hf_kwargs, heldout_set)}

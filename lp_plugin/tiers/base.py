@@ -119,5 +119,10 @@ class Tier(ABC):
     def close(self) -> None:
         """Release what the tier holds (called on detach and on a failed attach)."""
 
+    def remove_files(self) -> list:
+        """Delete the files this tier wrote (``detach(remove_files=True)``), before :meth:`close`;
+        returns the paths removed (none for a tier without files)."""
+        return []
+
     def drop_page_cache(self) -> None:
         """Evict the tier's files from the page cache (cold-cache benchmarks); no-op without files."""

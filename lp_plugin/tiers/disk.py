@@ -21,6 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
+import weakref
 
 from ..errors import OffloadFileError, OffloadSpecError
 from . import layerfile
@@ -40,8 +43,12 @@ class DiskTier(Tier):
 
     def __init__(self, **kw):
         super().__init__(**kw)
+        self._temporary = None  # the finalizer removing a temporary folder (made when none was given)
         if self.offload_folder is None:
-            raise OffloadSpecError("tier='disk' needs offload_folder=DIR (a folder on a local disk with room for the offloaded layers)")
+            path = tempfile.mkdtemp(prefix="lp_plugin-offload-")
+            self._temporary = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)  # also at exit
+            log.debug("lp_plugin: disk tier without offload_folder: using the temporary folder %s", path)
+            self.offload_folder = path
         self.folder = OffloadFolder(self.offload_folder)
         self.offload_folder = self.folder.path
         self._files: dict = {}  # key -> MappedFile
@@ -159,8 +166,31 @@ class DiskTier(Tier):
         for entry in self._files.values():
             entry.drop_page_cache()
 
+    @property
+    def temporary(self) -> bool:
+        """True when the folder is a temporary one lp_plugin made (removed at :meth:`close` or exit)."""
+        return self._temporary is not None
+
+    def remove_files(self) -> list:
+        """Delete this tier's layer files, but only those the folder's journal proves lp_plugin wrote
+        (see :mod:`lp_plugin.tiers.journal`); then the journal once it records nothing left, and the
+        folder if lp_plugin created it and it is empty. Returns the paths removed."""
+        names = [f"{key}.safetensors" for key in self._files]
+        for entry in self._files.values():
+            entry.close()
+        self._files.clear()
+        if self.folder.fd is None:
+            return []
+        with self.folder.locked():
+            removed = self.folder.remove_owned(names)
+        self.folder.close()
+        self.folder.remove_if_created_and_empty()
+        return removed
+
     def close(self):
         for entry in self._files.values():
             entry.close()
         self._files.clear()
         self.folder.close()
+        if self._temporary is not None:
+            self._temporary()  # nobody can reuse a temporary folder: it goes now

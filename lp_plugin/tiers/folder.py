@@ -37,7 +37,7 @@ import safetensors
 
 from ..errors import OffloadFileError, OffloadResourceError
 from ..report import GIB
-from .journal import COMPACT_AT, Journal, Owned, temp_name
+from .journal import COMPACT_AT, NAME as JOURNAL, Journal, Owned, temp_name
 from .layerfile import fd_path
 
 log = logging.getLogger("lp_plugin")
@@ -72,6 +72,7 @@ class OffloadFolder:
         path = os.path.abspath(os.fsdecode(os.fspath(path)))
         if os.path.exists(path) and not os.path.isdir(path):
             raise OffloadFileError(f"offload_folder {path!r} is a file, not a folder; pass a folder path")
+        self.created = not os.path.lexists(path)  # lp_plugin made it: it may remove it once empty
         try:
             os.makedirs(path, exist_ok=True)
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -183,6 +184,43 @@ class OffloadFolder:
                 del owned.files[name]
         with contextlib.suppress(OSError):
             self.journal.rewrite(owned)
+
+    def remove_owned(self, names) -> list:
+        """Delete the layer files ``names`` that the journal proves lp_plugin wrote (call under
+        :meth:`locked`); anything else is left with a warning. Then the journal goes too when it no
+        longer records a file that is still there. Returns the paths removed."""
+        owned, removed = self.owned(), []
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISREG(st.st_mode) and owned.owns(name, st)):
+                log.warning("lp_plugin: %s is not provably a file lp_plugin wrote; left where it is", self.entry_path(name))
+                continue
+            try:
+                os.unlink(name, dir_fd=self.fd)
+            except OSError as exc:  # a read-only folder: the files stay, usable by the next attach
+                log.warning("lp_plugin: cannot remove %s (%s)", self.entry_path(name), exc.strerror)
+                continue
+            removed.append(self.entry_path(name))
+        still = [n for n in owned.files if self._exists_as(n, owned)]
+        if not still and not owned.temps:
+            with contextlib.suppress(OSError):
+                os.unlink(JOURNAL, dir_fd=self.fd)
+        return removed
+
+    def _exists_as(self, name: str, owned: Owned) -> bool:
+        try:
+            return owned.owns(name, os.stat(name, dir_fd=self.fd, follow_symlinks=False))
+        except FileNotFoundError:
+            return False
+
+    def remove_if_created_and_empty(self) -> None:
+        """Remove the folder itself when lp_plugin created it and nothing is left in it."""
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty (someone else's files), or gone: left as it is
+                os.rmdir(self.path)
 
     # ------------------------------------------------------------------ writing entries
     def replace(self, name: str, stem: str, what: str, nbytes: int, produce):
