@@ -223,6 +223,11 @@ def _check_shape(data, path) -> None:
             raise ResultsError(f"{path}: configs[{i}] is not a config with a string 'name'")
         if not isinstance(c.get("config"), dict) or not isinstance(c["config"].get("kind"), str):
             raise ResultsError(f"{path}: config {c['name']!r} has no 'config' table with a string 'kind'")
+        for key, figure in c.items():  # a measured figure: {"runs": [numbers], "median": number, ...}
+            if isinstance(figure, dict) and "runs" in figure and not (
+                    figure["runs"] is None or (isinstance(figure["runs"], list) and all(
+                        x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in figure["runs"]))):
+                raise ResultsError(f"{path}: config {c['name']!r}: {key}.runs is not a list of numbers")
     for key in ("model", "settings", "env", "inputs", "reference"):
         if not isinstance(data.get(key, {}), dict):
             raise ResultsError(f"{path}: {key!r} is a {type(data[key]).__name__}, not a table")
