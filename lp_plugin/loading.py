@@ -47,6 +47,12 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     model.eval()
     nf4.finish(model)
     attach(model, plan=plan)
+    if plan.budget is not None and plan.main_device.type == "cuda":
+        import torch
+
+        # loading (NF4 quantizes on the device) leaves blocks in PyTorch's cache that the work's larger
+        # activations cannot reuse; a plan for the card gives them back to the device
+        torch.cuda.empty_cache()
     return model
 
 
