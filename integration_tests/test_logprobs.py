@@ -100,3 +100,17 @@ def test_bad_scoring_args_are_refused_before_loading(tiny, args):
 
     with pytest.raises(OffloadSpecError):
         ResidualOffloadLM(pretrained="/nonexistent/never-read", device="cpu", offload="even", **args)
+
+
+@pytest.mark.parametrize("args,length,source", [(dict(max_context=64), 64, "given"),
+                                                (dict(max_length=100), 100, "given"),
+                                                (dict(), 128, "the model's")])
+def test_the_plan_sets_lm_evals_max_length(tiny, args, length, source):
+    """offload=auto plans for lm-eval's max_length, or sets it: to max_context, or to the model's own (which
+    fits this card) when neither is given."""
+    from lp_plugin.lm_eval_model import ResidualOffloadLM
+
+    model = ResidualOffloadLM(pretrained=tiny, device="cpu", offload="auto", **args)
+    assert model.max_length == length and model._lp_length_source == source
+    info = model.residual_offload_info()
+    assert info["max_length"] == length and info["max_length_source"] == source

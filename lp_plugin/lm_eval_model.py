@@ -178,7 +178,7 @@ class ResidualOffloadLM(HFLM):
         if self._lp_full_logits and self._lp_prefill_chunk:
             raise OffloadSpecError("prefill_chunk applies to lp_plugin's scoring; full_logits=True is lm-eval's own: pick one")
         options, kwargs = OffloadConfig.split(kwargs)
-        self._lp_length_given = kwargs.get("max_length") is not None or "max_context" in options
+        self._lp_length_given = kwargs.get("max_length") is not None
         self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
         self._lp_quant = quantization_config(kwargs, kwargs.get("dtype", "auto"))
         self._lp_stats = dict(tokens=0, forwards=0, forward_s=0.0, eval_s=0.0, sessions=0)
@@ -193,7 +193,7 @@ class ResidualOffloadLM(HFLM):
         self._lp_length_source = "given" if self._lp_length_given else "the model's"
         if budget is not None:
             if budget.work.kind == "loglikelihood" and not self._lp_length_given:
-                self._max_length = budget.work.context  # the longest context the card holds
+                self._max_length = budget.work.context  # what the plan holds: max_context, or the longest that fits
                 self._lp_length_source = budget.context_source
             if self._lp_prefill_chunk is None:
                 self._lp_prefill_chunk = budget.prefill_chunk
