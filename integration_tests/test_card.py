@@ -95,3 +95,10 @@ def test_without_max_memory_the_budget_is_what_the_device_has_free():
     if not torch.cuda.is_available():
         with pytest.raises(OffloadSpecError):  # nothing to ask: give max_memory
             plan_offload(OffloadConfig(offload="auto", max_context=64), fp, GPU0)
+
+
+@pytest.mark.parametrize("bandwidth", [float("nan"), float("inf"), 0, -1.0, True])
+def test_a_bad_bandwidth_is_refused_even_when_nothing_streams(bandwidth):
+    with pytest.raises(OffloadSpecError):
+        plan_offload(OffloadConfig(offload="auto", max_memory="80GiB", max_context=512), QWEN["bf16"], GPU0,
+                     bandwidth=bandwidth)

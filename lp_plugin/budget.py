@@ -304,6 +304,8 @@ def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str
     """The plan for ``config`` (``offload="auto"`` and its budget options) on ``fp``, computing on
     ``main_device`` (a ``torch.device``). Raises :class:`BudgetError` when nothing fits."""
     check_counts(fp.num_layers, config.protect_first, config.protect_last)
+    if bandwidth is not None:  # checked even where nothing will stream
+        link_bandwidth(torch.device("cpu"), bandwidth)
     card, host_budget = card_of(config.max_memory, main_device)
     context, context_source = None, "given"
     if config.max_context == "auto":
