@@ -96,7 +96,7 @@ def check_calib(value):
         name, sep, count = text.partition(":")
         if name == "pydoc":
             if sep and (not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII) or int(count) < 2):
-                raise OffloadSpecError(f"calib={text!r}: TOKENS must be a whole number of at least 2 in ASCII digits "
+                raise OffloadSpecError(f"calib={text!r}: TOKENS is a whole number in ASCII digits; ask for at least 2 "
                                        "(e.g. 'pydoc:4096')")
             return text if isinstance(value, str) else value
         if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
