@@ -303,9 +303,7 @@ class ResidualOffloadLM(HFLM):
             head = logprobs.head_of(self.model)
             for _, hidden in logprobs.hidden_chunks(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk):
                 pass  # the last chunk's hidden states (the probe needs the forward's memory, not its values)
-            size = hidden.element_size()
-            out_size = torch.empty((), dtype=self.softmax_dtype).element_size() if self.softmax_dtype is not None else size
-            rows = logprobs.head_rows(head.vocab, size, out_size)
+            rows = logprobs.chunk_rows(head, hidden, self.softmax_dtype)
             return head(hidden.reshape(-1, hidden.shape[-1])[:rows]).unsqueeze(0)
 
     @contextlib.contextmanager

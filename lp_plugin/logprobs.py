@@ -126,6 +126,12 @@ def head_rows(vocab: int, logits_size: int, out_size: int, cap: int = HEAD_CHUNK
     return max(MIN_ROWS, cap // max(1, vocab * (logits_size + out_size)))
 
 
+def chunk_rows(head: Head, hidden: torch.Tensor, dtype: torch.dtype | None = None, cap: int = HEAD_CHUNK_BYTES) -> int:
+    """:func:`head_rows` for ``hidden``'s dtype and a log_softmax in ``dtype`` (None: the logits')."""
+    size = hidden.element_size()
+    return head_rows(head.vocab, size, torch.empty((), dtype=dtype).element_size() if dtype is not None else size, cap)
+
+
 def score(head: Head, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
           dtype: torch.dtype | None = None, cap: int = HEAD_CHUNK_BYTES) -> tuple:
     """``(values, greedy)`` for the positions ``index`` ``[n]`` of ``hidden`` ``[positions, hidden]`` and
@@ -136,8 +142,7 @@ def score(head: Head, hidden: torch.Tensor, index: torch.Tensor, targets: torch.
     kernels), so the head runs as lm-eval's own forward does where that is cheap: over every position
     at once when they fit one chunk; else over chunks of one fixed, large row count (the last chunk
     filled up with repeated rows), the regime the whole-batch product is in."""
-    n, size = index.shape[0], hidden.element_size()
-    rows = head_rows(head.vocab, size, torch.empty((), dtype=dtype).element_size() if dtype is not None else size, cap)
+    n, rows = index.shape[0], chunk_rows(head, hidden, dtype, cap)
     if hidden.shape[0] <= rows:  # one product over every position, as the full forward's
         chunks = [(0, n, None)]
     else:
