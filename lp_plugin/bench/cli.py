@@ -28,8 +28,11 @@ EPILOG = f"""\
 configs (comma separated; baseline is measured first and baseline:twin last in every round, added if missing):
   baseline                                   the plain model
   baseline:twin                              the plain model again: the run's own noise, which the gate reads
-  accelerate_cpu[:SPEC][:new=N]              Accelerate dispatch_model with SPEC's layers on "cpu" (the peer;
+  accelerate_cpu[:SPEC][:new=N]              Accelerate dispatch_model with SPEC's layers on "cpu" (a peer;
                                              not applicable without CUDA: nothing leaves the CPU)
+  accelerate_disk[:SPEC][:new=N][:cold]      the same with SPEC's layers on "disk" (Accelerate's offload folder)
+  airllm[:new=N][:cold]                      AirLLM (pip install airllm): every module streamed from per-layer
+                                             shards; compare it with stream:all:disk (slow: give it new=N)
   MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
                                              MODE session|stream, SPEC even|odd|all|2-32:2|2,4,6|<plugin>,
                                              TIER cpu|disk; load=attach: lp_plugin.attach on the loaded plain

@@ -3,7 +3,10 @@
     baseline[:new=N]                          the plain model
     baseline:twin                             the plain model again, measured last in every round: the
                                               run's own noise (always added)
-    accelerate_cpu[:SPEC][:new=N]             Accelerate's dispatch_model with SPEC's layers on "cpu" (the peer)
+    accelerate_cpu[:SPEC][:new=N]             Accelerate's dispatch_model with SPEC's layers on "cpu" (a peer)
+    accelerate_disk[:SPEC][:new=N][:cold]     the same with SPEC's layers on "disk" (Accelerate's offload folder)
+    airllm[:new=N][:cold]                     AirLLM (PyPI ``airllm``, optional): every module streamed from
+                                              its per-layer shards on disk through transformers' forward
     MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
                   [:skip=SKIP][:stand_in=KIND][:calib=CALIB]
                                               an offloaded model: lp_plugin.attach on the loaded plain model
@@ -14,10 +17,11 @@
 
 MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
 ``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
-``--new`` for that config (slow peers); ``cold`` drops the page cache of the offload files before
-every timed part (disk tier: cold-cache figures). Configs are separated by commas; a comma inside a
-layer list is fine (``stream:2,4,6:cpu``), and so is a colon inside a skip or calib value
-(``skip=greedy:20%``, ``calib=pydoc:32768``). A config with ``skip`` is not exact, like ``alpha < 1``.
+``--new`` for that config (slow peers); ``cold`` drops the page cache of the files a config reads
+before every timed part (disk tier, ``accelerate_disk``, ``airllm``: cold-cache figures). Configs
+are separated by commas; a comma inside a layer list is fine (``stream:2,4,6:cpu``), and so is a
+colon inside a skip or calib value (``skip=greedy:20%``, ``calib=pydoc:32768``). A config with
+``skip`` is not exact, like ``alpha < 1``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-HEADS = ("baseline", "accelerate_cpu", "session", "stream")
+HEADS = ("baseline", "accelerate_cpu", "accelerate_disk", "airllm", "session", "stream")
+PEERS = ("accelerate_cpu", "accelerate_disk", "airllm")  # what users would run instead, measured beside lp_plugin
 LOADS = ("attach", "pretrained")
 TWIN = "baseline:twin"
 _DEFAULT_TIERS = ("cpu", "disk")
@@ -47,7 +52,7 @@ class ConfigError(ValueError):
 @dataclass
 class BenchConfig:
     name: str
-    kind: str  # baseline | accelerate_cpu | lp
+    kind: str  # baseline | lp | one of PEERS
     mode: str | None = None
     spec: str | None = None
     tier: str | None = None
@@ -142,9 +147,12 @@ def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
             raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are {_LP_OPTIONS}")
         key, value = (s.strip() for s in opt.split("=", 1))
         _set_option(cfg, key, value, text)
-    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.cold or cfg.load != "attach"
+    if cfg.cold and cfg.kind not in ("lp", "accelerate_disk", "airllm"):
+        raise ConfigError(f"config {text!r}: cold applies to configs that read files (session/stream, "
+                          "accelerate_disk, airllm)")
+    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.load != "attach"
                              or cfg.skip or cfg.stand_in != "none" or cfg.calib):
-        raise ConfigError(f"config {text!r}: alpha, prefetch, cold, load, skip, stand_in and calib apply to "
+        raise ConfigError(f"config {text!r}: alpha, prefetch, load, skip, stand_in and calib apply to "
                           "session/stream configs only")
     if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
         raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")
@@ -160,11 +168,19 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
         cfg = BenchConfig(name=text, kind="baseline")
         _apply_options(cfg, tokens[1:], text)
         return cfg
-    if head == "accelerate_cpu":
+    if head in ("accelerate_cpu", "accelerate_disk"):
         rest = tokens[1:]
         spec = ":".join(t for t in rest if "=" not in t and t != "cold") or "even"
-        cfg = BenchConfig(name=text, kind="accelerate_cpu", spec=spec, tier="cpu")
+        cfg = BenchConfig(name=text, kind=head, spec=spec, tier=head.split("_")[1])
         _apply_options(cfg, [t for t in rest if "=" in t or t == "cold"], text)
+        return cfg
+    if head == "airllm":
+        extra = [t for t in tokens[1:] if "=" not in t and t != "cold"]
+        if extra:
+            raise ConfigError(f"config {text!r}: AirLLM streams every module, it takes no offload spec "
+                              f"({':'.join(extra)!r}); write airllm[:new=N][:cold]")
+        cfg = BenchConfig(name=text, kind="airllm", spec="all", tier="disk")
+        _apply_options(cfg, tokens[1:], text)
         return cfg
     if head in ("session", "stream"):
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
@@ -179,7 +195,8 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
         _apply_options(cfg, tokens[tier_at + 1:], text)
         return cfg
     raise ConfigError(
-        f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], or MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
+        f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "
+        "MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
         "with MODE session or stream (e.g. stream:even:cpu)"
     )
 

@@ -88,6 +88,8 @@ def _ratios(c, out, base, acc) -> dict:
         "decode_vs_bound_or_baseline": None, "prefill_vs_bound": None, "peak_budget_bytes": None, "peak_vs_budget": None,
         "decode_vs_cpu_tier": None,
     })
+    if cfg["kind"] == "lp":
+        r.update(_vs_peers(c, out))
     if cfg["kind"] == "baseline":
         return r
     dec_base, pre_base = median_of(r["decode_vs_baseline"]), median_of(r["prefill_vs_baseline"])
@@ -104,6 +106,26 @@ def _ratios(c, out, base, acc) -> dict:
                          and all(o["config"].get(k) == cfg.get(k) for k in same))
         if tier_twin is not None:
             r["decode_vs_cpu_tier"] = paired(c.get("decode_tok_s"), tier_twin.get("decode_tok_s"))
+    return r
+
+
+def _peer(out: dict, kind: str, cold: bool):
+    """The run's config of peer ``kind`` in the same page-cache state (both cold or both warm)."""
+    return find(out, lambda o: o["config"]["kind"] == kind and bool(o["config"].get("cold")) == cold)
+
+
+def _vs_peers(c, out) -> dict:
+    """An lp config against AirLLM and Accelerate's disk offload, each measured cold against cold and
+    warm against warm (medians of per-round ratios; peak VRAM as the ratio of medians)."""
+    cold = bool(c["config"].get("cold"))
+    air, disk = _peer(out, "airllm", cold), _peer(out, "accelerate_disk", cold)
+    r = {"decode_vs_airllm": None, "prefill_vs_airllm": None, "peak_vs_airllm": None, "decode_vs_accelerate_disk": None}
+    if air is not None:
+        r["decode_vs_airllm"] = paired(c.get("decode_tok_s"), air.get("decode_tok_s"))
+        r["prefill_vs_airllm"] = paired(c.get("prefill_tok_s"), air.get("prefill_tok_s"))
+        r["peak_vs_airllm"] = _ratio(median_of(c.get("peak_vram_bytes")), median_of(air.get("peak_vram_bytes")))
+    if disk is not None and c["config"].get("tier") == "disk":
+        r["decode_vs_accelerate_disk"] = paired(c.get("decode_tok_s"), disk.get("decode_tok_s"))
     return r
 
 
@@ -199,6 +221,8 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
         v = median_of(r.get("decode_vs_accelerate_cpu"))
         if v is not None and c.get("transfer_bound_tok_s") and cfg["tier"] == "cpu" and dtype in ("bf16", "fp16", "fp32"):
             add(name, "stream decode vs accelerate_cpu", v, ">= 8", v >= 8.0, "decode")
+        if cfg["tier"] == "disk":
+            _airllm_goals(name, cfg, r, add)
         v = median_of(r.get("decode_vs_cpu_tier"))
         if v is not None and not cfg["cold"]:
             add(name, "disk tier (warm) decode vs cpu tier (median of per-round ratios)", v, ">= 0.8", v >= 0.8, "decode")
@@ -207,3 +231,20 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
 def speed_runs(c, short) -> list:
     """The per-round ratios of one speed of config ``c`` against the plain model."""
     return runs_of((c.get("ratios") or {}).get(f"{short}_vs_baseline"))
+
+
+def _airllm_goals(name, cfg, r, add) -> None:
+    """Stream mode from the disk tier against AirLLM (which reads every module from its shards), in
+    the same cache state: >= 50x its decode and >= 5x its prefill, at no more peak VRAM."""
+    state = "cold" if cfg["cold"] else "warm"
+    v = median_of(r.get("decode_vs_airllm"))
+    if v is not None:
+        add(name, f"stream decode vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 50", v >= 50.0,
+            "decode")
+    v = median_of(r.get("prefill_vs_airllm"))
+    if v is not None:
+        add(name, f"stream prefill vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 5", v >= 5.0,
+            "prefill")
+    v = r.get("peak_vs_airllm")
+    if v is not None:
+        add(name, "peak VRAM vs airllm", v, "<= 1", v <= 1.0)

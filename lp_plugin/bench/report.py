@@ -15,7 +15,7 @@ from .stats import median_of
 
 HEAD = ["config", "standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
         "logit diff", "argmax", "ppl", "MiB/fwd", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
-        "dec/accel", "peak/budget", "disk/cpu"]
+        "dec/accel", "dec/acc-disk", "dec/air", "pre/air", "peak/budget", "disk/cpu"]
 
 
 def _fmt(v, kind="f", digits=1):
@@ -53,7 +53,9 @@ def _row(c) -> list:
         _fmt(c.get("bytes_per_forward"), "mib"), _fmt(c.get("transfer_bound_tok_s")),
         _fmt(median_of(r.get("decode_vs_baseline")), "x"), _fmt(median_of(r.get("generate_vs_baseline")), "x"),
         _fmt(median_of(r.get("static_vs_baseline")), "x"), _fmt(r.get("decode_vs_transfer_bound"), "x"),
-        _fmt(median_of(r.get("decode_vs_accelerate_cpu")), "x"), _fmt(r.get("peak_vs_budget"), "x"),
+        _fmt(median_of(r.get("decode_vs_accelerate_cpu")), "x"), _fmt(median_of(r.get("decode_vs_accelerate_disk")), "x"),
+        _fmt(median_of(r.get("decode_vs_airllm")), "x"), _fmt(median_of(r.get("prefill_vs_airllm")), "x"),
+        _fmt(r.get("peak_vs_budget"), "x"),
         _fmt(median_of(r.get("decode_vs_cpu_tier")), "x"),
     ]
 
@@ -63,7 +65,7 @@ WIDTH = 120  # the default table fits a terminal of this many columns; --wide sh
 # the default view's columns in the order shown; columns every row leaves empty are dropped, then
 # those of DROP_FIRST in turn until the table fits WIDTH (--wide and the JSON keep them all)
 COMPACT = ["config", "memory", "standby GiB", "peak GiB", "decode tok/s", "dec/base", "step/base", "gen/base",
-           "static/base", "logit diff", "ppl", "MiB/fwd", "disk/cpu"]
+           "static/base", "logit diff", "ppl", "MiB/fwd", "disk/cpu", "dec/air"]
 DROP_FIRST = ["step/base", "static/base", "MiB/fwd", "gen/base", "disk/cpu", "ppl"]
 
 
@@ -129,6 +131,7 @@ def _compact_row(out, c, unit) -> dict:
         "ppl": _fmt(c.get("perplexity"), "e"),
         "MiB/fwd": _fmt(c.get("bytes_per_forward"), "mib"),
         "disk/cpu": _fmt(median_of(r.get("decode_vs_cpu_tier")), "x"),
+        "dec/air": _fmt(median_of(r.get("decode_vs_airllm")), "x"),
     }
 
 

@@ -48,7 +48,7 @@ class Run:
         self.env = environment(self.device)
         log(f"lp-bench: building {settings.model} ({settings.dtype}) on {self.device}")
         t0 = time.perf_counter()
-        need_ckpt = any(c.kind == "lp" and c.load == "pretrained" for c in configs)
+        need_ckpt = any((c.kind == "lp" and c.load == "pretrained") or c.kind == "airllm" for c in configs)
         self.base = BaseModel(settings, self.device, need_ckpt)
         self.build_s = time.perf_counter() - t0
         self.offload_root = settings.offload_dir or tempfile.mkdtemp(prefix="lp-bench-offload-")
@@ -73,6 +73,8 @@ class Run:
         tok, self.tok_info = make_tokenizer(s.tokenizer, s.model, self.base.kind == "shape")
         if self.tok_info.get("note"):
             self.log(f"lp-bench: {self.tok_info['note']}")
+        if tok is not None:
+            self.base.add_tokenizer(tok)
         self.inputs = make_inputs(tok, self.vocab, s.prompt, s.prefill, s.ppl_tokens)
         if self.inputs["note"]:
             self.tok_info["note"] = "; ".join(filter(None, [self.tok_info.get("note"), self.inputs["note"]]))

@@ -80,6 +80,14 @@ def static_enabled(choice: str, device) -> bool:
 
 
 # ----------------------------------------------------------------------------- the plain model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder) -> bool:
+    """Whether a checkpoint folder holds a tokenizer (any of its usual files)."""
+    return folder is not None and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
 class BaseModel:
     """The plain model every config is measured against, and the checkpoint folder that
     ``load=pretrained`` configs load from (a shape is saved once to a temporary folder, removed by
@@ -120,6 +128,12 @@ class BaseModel:
             return model
         del model  # the checkpoint holds bf16 weights: the plain NF4 model is loaded from it
         return shapes.load_checkpoint(self._own_folder, "nf4", self.device)
+
+    def add_tokenizer(self, tok) -> None:
+        """Save the run's tokenizer with a checkpoint lp-bench wrote itself (a shape's), as a real
+        checkpoint has one (AirLLM loads it); a user's checkpoint folder is never written to."""
+        if self._own_folder and not has_tokenizer(self._own_folder):
+            tok.save_pretrained(self._own_folder)
 
     def load_kwargs(self, dtype: str) -> dict:
         """What ``lp_plugin.from_pretrained`` needs besides the offload options to load the checkpoint
