@@ -91,7 +91,7 @@ def test_table_shows_the_airllm_ratio(peers_run):
     assert row[at:].split()[0].endswith("x")
 
 
-def test_airllm_not_applicable_for_nf4_or_when_missing(monkeypatch, tmp_path):
+def test_peers_not_applicable_for_nf4_or_when_missing(monkeypatch, tmp_path):
     import importlib.util
 
     from lp_plugin.bench import apply
@@ -104,6 +104,8 @@ def test_airllm_not_applicable_for_nf4_or_when_missing(monkeypatch, tmp_path):
 
     place = Placement(Base(), parse_config("airllm"), str(tmp_path), "nf4")  # nf4: refused before anything is read
     assert place.not_applicable() == apply.AIRLLM_NF4
+    for peer in ("accelerate_cpu", "accelerate_disk"):
+        assert Placement(Base(), parse_config(peer), str(tmp_path), "nf4").not_applicable() == apply.ACCELERATE_NF4
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "airllm" else real(name, *a))
     assert Placement(Base(), parse_config("airllm"), str(tmp_path), "bf16").not_applicable() == apply.AIRLLM_MISSING

@@ -22,6 +22,8 @@ from .setup import decoder_layers, has_tokenizer, layer_bytes
 NOT_APPLICABLE_ON_CPU = ("no CUDA device: Accelerate's cpu offload keeps every layer where it computes (the CPU), "
                          "so it offloads nothing here")
 AIRLLM_MISSING = "AirLLM is not installed (pip install airllm)"
+ACCELERATE_NF4 = ("Accelerate's offload (dispatch_model) cannot offload bitsandbytes 4-bit layers: the Accelerate "
+                  "peers are measured for bf16/fp16/fp32")
 AIRLLM_NO_TOKENIZER = ("AirLLM loads the checkpoint folder's tokenizer and this one has none (give a checkpoint with "
                        "its tokenizer; for a shape, a --tokenizer that lp-bench saves beside its weights)")
 AIRLLM_NF4 = ("AirLLM streams the checkpoint's own dtype (its compression is a format of its own), not bitsandbytes "
@@ -61,6 +63,8 @@ class Placement:
 
     def not_applicable(self) -> str | None:
         """Why this config measures nothing on this machine, else None."""
+        if self.cfg.kind in ("accelerate_cpu", "accelerate_disk") and self.dtype == "nf4":
+            return ACCELERATE_NF4
         if self.cfg.kind == "accelerate_cpu" and self.device.type != "cuda":
             return NOT_APPLICABLE_ON_CPU
         if self.cfg.kind == "airllm":
