@@ -74,8 +74,8 @@ def _commands(script: str, names):
 
 @pytest.mark.parametrize("page,lang,body,why", NOT_RUN)
 def test_blocks_not_run_still_parse(page, lang, body, why):
-    from lp_plugin.bench.cli import build_parser as bench_parser
-    from lp_plugin.skipping.cli import build_parser as prune_parser
+    from lp_plugin.tools.bench.cli import build_parser as bench_parser
+    from lp_plugin.tools.prune.cli import build_parser as prune_parser
 
     assert why.strip(), "say why a block is not run"
     if lang == "python":

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lp_plugin
-from lp_plugin.skipping import cache, metrics
+from lp_plugin.planning.skipping import cache, metrics
 from shapes import build_tiny
 
 OTHER_UID = 54321

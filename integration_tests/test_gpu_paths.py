@@ -15,7 +15,7 @@ PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
 
 
 def test_stable_buffer_keeps_its_address_and_frees_its_memory():
-    from lp_plugin.vmm import StableBuffer, vmm_supported
+    from lp_plugin.core.vmm import StableBuffer, vmm_supported
 
     device = torch.device("cuda", torch.cuda.current_device())
     assert vmm_supported(device)
@@ -74,7 +74,7 @@ def test_two_gpu_base_map_is_exact(tmp_path, mode):
     dispatched with the same base map."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lp_plugin.plan import auto_base_map
+    from lp_plugin.planning.plan import auto_base_map
     from shapes import save_tiny
 
     path = save_tiny("llama", tmp_path / "ckpt", dtype=torch.bfloat16, num_layers=12)
@@ -101,7 +101,7 @@ def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
     own: log_softmax over the full logits of the same forward, bit for bit."""
     import torch.nn.functional as F
 
-    from lp_plugin import logprobs
+    from lp_plugin.core import logprobs
     from shapes import build_tiny
 
     device = torch.device("cuda", torch.cuda.current_device())

@@ -29,7 +29,7 @@ import pytest
 
 import lm_eval_fixtures as fx
 
-TARGET = "lp_plugin.lm_eval_model:ResidualOffloadLM"
+TARGET = "lp_plugin.integrations.lm_eval_model:ResidualOffloadLM"
 LIMIT_TINY = 1  # the first pydoc topic (~300 tokens: 3 rolling windows of the 128-token tiny models)
 LIMIT_BUNDLED = 1
 
@@ -442,7 +442,7 @@ def test_bundled_perplexity_at_2048_without_full_logits(tmp_path):
     2048 x 49152 logits and their log_softmax (0.8 GB in float32)."""
     path = fx.bundled_path() if hasattr(fx, "bundled_path") else None
     if path is None:
-        from lp_plugin.bundled import bundled_model_path
+        from lp_plugin.tools.bundled import bundled_model_path
 
         path = bundled_model_path()
     hf, hf_rss = _lm_eval_peak_rss("hf", {"pretrained": path, "max_length": 2048}, tmp_path / "hf")
