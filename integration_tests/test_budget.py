@@ -18,17 +18,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shapes import ARCHS, build_tiny, tiny_config
 
 import lp_plugin
+from lp_plugin.core.flat import LayerSlots, quant_state_tensors
+from lp_plugin.core.logprobs import head_rows
+from lp_plugin.errors import BudgetError, OffloadSpecError
+from lp_plugin.integrations.quant import nf4_config
 from lp_plugin.planning import footprint
 from lp_plugin.planning.budget import compact, device_budgets, plan_offload, spread
 from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
-from lp_plugin.errors import BudgetError, OffloadSpecError
-from lp_plugin.core.flat import LayerSlots, quant_state_tensors
-from lp_plugin.core.logprobs import head_rows
-from lp_plugin.integrations.quant import nf4_config
 from lp_plugin.tools.shapes import shape_config
-from shapes import ARCHS, build_tiny, tiny_config
 
 GIB, MIB = 2**30, 2**20
 CPU, GPU0 = torch.device("cpu"), torch.device("cuda", 0)

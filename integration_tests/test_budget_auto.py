@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes import ARCHS, build_tiny
 
 import lp_plugin
-from lp_plugin.planning import footprint
-from lp_plugin.planning.config import OffloadConfig, parse_size
 from lp_plugin.errors import BudgetError, OffloadSpecError
 from lp_plugin.integrations.quant import nf4_config
-from shapes import ARCHS, build_tiny
+from lp_plugin.planning import footprint
+from lp_plugin.planning.config import OffloadConfig, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB, MIB = 2**30, 2**20

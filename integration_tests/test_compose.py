@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
+from shapes import save_tiny, tiny_config
 
 import lp_plugin
 from lp_plugin.planning.config import OffloadConfig
 from lp_plugin.planning.plan import OffloadPlan
-from shapes import save_tiny, tiny_config
 
 TWO_GPUS = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
             "model.layers.2": 0, "model.layers.3": 0, "model.layers.4": 1, "model.layers.5": 1, "model.layers.6": 1,

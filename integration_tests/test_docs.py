@@ -27,7 +27,7 @@ FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*?) -->\n)?^```(?P<lang>[\w-]*
 def blocks():
     for page in PAGES:
         text = page.read_text()
-        for n, m in enumerate(FENCE.finditer(text)):
+        for m in FENCE.finditer(text):
             if m["lang"] in ("bash", "python"):
                 line = text[:m.start("body")].count("\n") + 1
                 yield pytest.param(page, m["lang"], m["body"], m["why"], id=f"{page.relative_to(ROOT)}:{line}")

@@ -32,12 +32,11 @@ import time
 
 import pytest
 import torch
+from conftest import build_tiny
 
 import lp_plugin
-from lp_plugin.errors import AttachError, OffloadFileError, OffloadResourceError, OffloadSpecError
 from lp_plugin.core.tiers.journal import NAME as JOURNAL
-
-from conftest import build_tiny
+from lp_plugin.errors import AttachError, OffloadFileError, OffloadResourceError, OffloadSpecError
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
 PKG = pathlib.Path(lp_plugin.__file__).parent
@@ -690,9 +689,8 @@ def test_plain_module_without_layers():
 ])
 def test_model_with_unloaded_meta_weights(offload, fragment):
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(tiny_config("qwen2", num_layers=2))

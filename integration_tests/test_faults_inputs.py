@@ -24,14 +24,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shapes import build_tiny
 
 import lp_plugin
-from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
-from lp_plugin.errors import OffloadSpecError
 from lp_plugin.core.report import size_text
+from lp_plugin.errors import OffloadSpecError
+from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
 from lp_plugin.planning.skipping import calib as calib_mod
 from lp_plugin.planning.skipping.spec import check_calib, parse_policy, parse_stand_in
-from shapes import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,8 +244,9 @@ def test_calib_multibyte_char_across_a_read_boundary(text_model, tmp_path):
 
 @pytest.mark.parametrize("calib", ["missing", "latin1", "pydoc:²", "folder"])
 def test_lp_prune_checks_calib_before_any_work(tmp_path, monkeypatch, calib):
-    from lp_plugin.tools.prune import cli, sweep
     from shapes import save_tiny
+
+    from lp_plugin.tools.prune import cli, sweep
 
     model = save_tiny("llama", tmp_path / "m")
     latin1 = tmp_path / "latin1.txt"

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny
 
 import lp_plugin
 from lp_plugin.__main__ import build_parser, main, plain_text
 from lp_plugin.errors import OffloadSpecError
-
-from conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,13 +18,12 @@ import subprocess
 
 import pytest
 import torch
-
-import lp_plugin
-from lp_plugin.errors import OffloadFileError
-from lp_plugin.core.tiers.journal import NAME as JOURNAL
-
 from conftest import build_tiny
 from test_faults import layer_file, logits, temp_files, tmpfs, verify_layer_file
+
+import lp_plugin
+from lp_plugin.core.tiers.journal import NAME as JOURNAL
+from lp_plugin.errors import OffloadFileError
 
 SECRET = b"SECRET-c0ffee-do-not-print\n"
 REUSED = {"layer_00002": "reused", "layer_00004": "reused"}

@@ -12,11 +12,11 @@ from __future__ import annotations
 import ast
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lp_plugin"
@@ -110,12 +110,12 @@ def problems(root: Path) -> list[Problem]:
     known = modules(root)
     out = []
     for module in known.values():
-        where = lambda line: f"{module.path.relative_to(root.parent)}:{line}"  # noqa: E731
+        path = module.path.relative_to(root.parent)
         for line, target, attr in imports_of(module, known):
             if target not in known or (attr is not None and attr not in defined_names(known[target])):
-                out.append(Problem(where(line), "unresolved", target + (f".{attr}" if attr else "")))
+                out.append(Problem(f"{path}:{line}", "unresolved", target + (f".{attr}" if attr else "")))
             elif rank(target) > rank(module.name):
-                out.append(Problem(where(line), "upward", target))
+                out.append(Problem(f"{path}:{line}", "upward", target))
     return out
 
 

@@ -25,9 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import lm_eval_fixtures as fx
+import pytest
 
 TARGET = "lp_plugin.integrations.lm_eval_model:ResidualOffloadLM"
 LIMIT_TINY = 1  # the first pydoc topic (~300 tokens: 3 rolling windows of the 128-token tiny models)
@@ -380,7 +379,7 @@ print("JSON" + json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("JSON", 1)[1])
     base = {k: fx.perplexities(plan.get("tiny", k, "hf")["results"])["word_perplexity"] for k in MODEL_KINDS}
-    for label, path, _ in cases:
+    for label, _path, _ in cases:
         kind = label.split("-")[0]
         if "alpha-0.5" in label:
             assert out[label]["ppl"] != base[kind] and fx.is_finite(out[label]["ppl"])

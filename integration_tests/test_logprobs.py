@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 
+import lm_eval_fixtures as fx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lm_eval_fixtures as fx
 from lp_plugin.core import logprobs
 from lp_plugin.errors import OffloadSpecError
 

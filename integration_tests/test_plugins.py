@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import lp_plugin
-from lp_plugin.planning import plugins
 from lp_plugin.errors import OffloadSpecError
 from lp_plugin.hookspecs import hookimpl
+from lp_plugin.planning import plugins
 from lp_plugin.planning.policies import OffloadPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _run(code, extra_path):
 def test_installed_plugin_policy_is_used_by_name(installed_example):
     code = (
         "import json, sys, torch, lp_plugin\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import build_tiny\n"
         "m = build_tiny('llama', num_layers=12)\n"
         "ids = torch.tensor([[1, 2, 3, 4]])\n"
@@ -45,7 +45,7 @@ def test_installed_plugin_policy_is_used_by_name(installed_example):
         "h = lp_plugin.attach(m, offload='every-third')\n"
         "print(json.dumps({'layers': h.info()['layers'], 'exact': bool(torch.equal(m(ids).logits, ref)),"
         " 'policies': sorted(lp_plugin.planning.plugins.policies())}))\n"
-    ) % str(Path(__file__).parent)
+    )
     proc = _run(code, installed_example)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

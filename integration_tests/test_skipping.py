@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from shapes import build_tiny
 
 import lp_plugin
-from lp_plugin.planning import plugins
-from lp_plugin.planning.arch import find_decoder_layers
 from lp_plugin.errors import AttachError, OffloadSpecError
 from lp_plugin.hookspecs import hookimpl
+from lp_plugin.planning import plugins
+from lp_plugin.planning.arch import find_decoder_layers
 from lp_plugin.planning.skipping import cache, calib, metrics, standins
 from lp_plugin.planning.skipping.spec import StandInSpec
-from shapes import build_tiny
 
 IDENTITY = (3, 4)  # layers of the hand-built model whose output is exactly their input
 
@@ -166,9 +166,8 @@ def test_a_really_linear_layer_is_recovered_through_attach(layers):
 # --------------------------------------------------------------------------- calibration split
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
     from lm_eval_fixtures import tokenizer_dir
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir())
 

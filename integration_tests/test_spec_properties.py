@@ -17,9 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lp_plugin.planning.plan import residual_offload_device_map
 from lp_plugin.errors import OffloadSpecError
-from lp_plugin.planning.plan import resolve_layers
+from lp_plugin.planning.plan import residual_offload_device_map, resolve_layers
 
 SETTINGS = settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 POLICIES = ("even", "odd", "all", "none")
@@ -153,7 +152,7 @@ def _config(arch, n):
     return tiny_config(arch, num_layers=n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_names(arch, n):
     """Every parameter and buffer name of the model (tied weights under both names)."""
     from accelerate import init_empty_weights

@@ -31,8 +31,8 @@ def tasks_path() -> str:
 def bundled_model(args) -> int:
     """``bundled-model``: 0 with the folder on stdout, 1 when ``--check`` finds it missing or
     damaged, 2 (message, no traceback) on a cache or package problem."""
-    from .tools.bundled import bundled_model_path, bundled_model_problem, cache_dir
     from .errors import LPPluginError
+    from .tools.bundled import bundled_model_path, bundled_model_problem, cache_dir
 
     def say(msg):
         print(msg, file=sys.stderr, flush=True)

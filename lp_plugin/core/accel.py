@@ -77,8 +77,11 @@ def take_over(layer, values: dict) -> list:
     placeholders real ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
     from accelerate.hooks import AlignDevicesHook
 
-    suspended = [SuspendedHook(sub) for _, sub in layer.named_modules()
-                 if _hooks_of(sub) and all(isinstance(h, AlignDevicesHook) for h in _hooks_of(sub))]
+    suspended = [
+        SuspendedHook(sub)
+        for _, sub in layer.named_modules()
+        if _hooks_of(sub) and all(isinstance(h, AlignDevicesHook) for h in _hooks_of(sub))
+    ]
     _assign(layer, values)
     return suspended
 
@@ -115,8 +118,9 @@ def suspend_dispatch_hooks(model, main_device) -> list:
     out = []
     for module in model.modules():
         hooks = _hooks_of(module)
-        if hooks and all(isinstance(h, AlignDevicesHook) and not h.offload and _same(h.execution_device, main_device)
-                         for h in hooks):
+        if hooks and all(
+            isinstance(h, AlignDevicesHook) and not h.offload and _same(h.execution_device, main_device) for h in hooks
+        ):
             out.append(SuspendedHook(module))
     return out
 

@@ -51,7 +51,10 @@ class ModelEntry:
                 if not torch.compiler.is_compiling():
                     handle.exit_forward()
 
-        self._torch_hooks = [self.base.register_forward_pre_hook(pre), self.base.register_forward_hook(post, always_call=True)]
+        self._torch_hooks = [
+            self.base.register_forward_pre_hook(pre),
+            self.base.register_forward_hook(post, always_call=True),
+        ]
         if hasattr(self.model, "generate"):
             self._had_generate = "generate" in self.model.__dict__
             self._saved_generate = self.model.__dict__.get("generate")
@@ -86,7 +89,8 @@ class ModelEntry:
                 probe = fn(torch.empty(0, dtype=dtype, device=device))
                 if probe.dtype != dtype or probe.device != device:
                     raise AttachError(
-                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} into {probe.dtype} "
+                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} "
+                        f"into {probe.dtype} "
                         f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
                         "first, convert the model, then attach again"
                     )

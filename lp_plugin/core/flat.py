@@ -29,8 +29,13 @@ class Entry:
     nbytes: int
 
     def to_json(self) -> dict:
-        return {"key": self.key, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes}
+        return {
+            "key": self.key,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
 
 
 def aligned(n: int) -> int:
@@ -140,7 +145,7 @@ class LayerSlots:
         self._orig_qs = {key: _meta_quant_state(qs) for key, qs in self._orig_qs.items()}
 
     # ------------------------------------------------------------------ binding
-    def binding(self, flat: torch.Tensor | None, device=None, copy: bool = False) -> "Binding":
+    def binding(self, flat: torch.Tensor | None, device=None, copy: bool = False) -> Binding:
         """Views of ``flat`` for every slot. With ``copy=True``: independent tensors on ``device``
         holding those bytes (what ``detach`` gives back). With ``flat=None``: placeholders on
         ``device`` that own no memory (one element expanded to the shape), for layers whose bytes
@@ -154,24 +159,25 @@ class LayerSlots:
             else:
                 views[e.key] = view(flat, e)
         qstates = {}
-        for module, name, key in self.qstates:
+        for _module, _name, key in self.qstates:
             qstates[key] = _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.")
         return Binding(self, views, qstates)
 
-
-    def split_binding(self, linear_flat: torch.Tensor, other_flat: torch.Tensor) -> "Binding":
+    def split_binding(self, linear_flat: torch.Tensor, other_flat: torch.Tensor) -> Binding:
         """Views of ``linear_flat`` (laid out like the whole layer) for the Linear modules' tensors, and
         of ``other_flat`` (the compact layout of :attr:`other`) for the rest."""
         views = {e.key: view(linear_flat, e) for e in self.entries}
         for e, offset in self.other:
             views[e.key] = view(other_flat, Entry(e.key, e.dtype, e.shape, offset, e.nbytes))
-        qstates = {key: _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.") for _, _, key in self.qstates}
+        qstates = {
+            key: _rebind_quant_state(self._orig_qs[key], views, f"{key}.quant_state.") for _, _, key in self.qstates
+        }
         return Binding(self, views, qstates)
 
     def copy_other(self, other_flat: torch.Tensor, source: torch.Tensor) -> None:
         """Fill ``other_flat`` (compact) from ``source`` (a whole-layer buffer)."""
         for e, offset in self.other:
-            other_flat[offset: offset + e.nbytes].copy_(source[e.offset: e.offset + e.nbytes])
+            other_flat[offset : offset + e.nbytes].copy_(source[e.offset : e.offset + e.nbytes])
 
 
 def _map_quant_state(qs, fn, prefix=""):

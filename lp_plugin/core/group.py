@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import accel
 from ..errors import AttachError
+from . import accel
 from .flat import LayerSlots
 from .tiers import allocate_host, sha256_of
 
@@ -49,11 +49,13 @@ class OffloadedLayer:
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def pack(cls, index, module, tier, device, pin, stand_in=False) -> "OffloadedLayer":
+    def pack(cls, index, module, tier, device, pin, stand_in=False) -> OffloadedLayer:
         """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
         hooks = accel.offload_hooks(module)
         values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
-        meta = [n for n, p in module.named_parameters() if p.device.type == "meta" and (values is None or n not in values)]
+        meta = [
+            n for n, p in module.named_parameters() if p.device.type == "meta" and (values is None or n not in values)
+        ]
         if meta:
             raise AttachError(
                 f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
@@ -162,7 +164,9 @@ class OffloadedLayer:
         restored.apply()
         if self.accel_hooks:
             meta = self.slots.binding(None, "meta").views
-            accel.give_back(self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views)
+            accel.give_back(
+                self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views
+            )
         self.bound_flat = None
 
 

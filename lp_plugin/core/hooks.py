@@ -20,8 +20,8 @@ import functools
 import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 
-from . import ops  # noqa: F401  (registers the torch.ops.lp_plugin ops the hooks call)
 from ..errors import AttachError
+from . import ops  # noqa: F401  (registers the torch.ops.lp_plugin ops the hooks call)
 
 PREFIX = "lp_plugin."
 
@@ -76,7 +76,8 @@ class SessionHook(_Hook, _GradGuard):
     def pre_forward(self, module, *args, **kwargs):
         if not self.handle.in_session:
             raise AttachError(
-                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on the device; "
+                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on the "
+                "device; "
                 "call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
         return args, kwargs

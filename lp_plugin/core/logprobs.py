@@ -59,9 +59,12 @@ def head_of(model) -> Head:
         raise OffloadSpecError(f"{type(model).__name__} has no output embedding (lm_head) to score tokens with")
     cfg = model.config
     scaling = getattr(cfg, "logits_scaling", None)
-    return Head(module, softcap=getattr(cfg, "final_logit_softcapping", None) or None,
-                divide=scaling if scaling not in (None, 1, 1.0) else None,
-                multiply=getattr(model, "logit_scale", None))
+    return Head(
+        module,
+        softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+        divide=scaling if scaling not in (None, 1, 1.0) else None,
+        multiply=getattr(model, "logit_scale", None),
+    )
 
 
 def decoder_of(model) -> nn.Module:
@@ -84,7 +87,7 @@ def hidden_chunks(decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: in
     name = _cache_argument(decoder)
     cache = None
     for start in range(0, total, prefill_chunk):
-        out = decoder(input_ids=input_ids[:, start:start + prefill_chunk], use_cache=True, **{name: cache})
+        out = decoder(input_ids=input_ids[:, start : start + prefill_chunk], use_cache=True, **{name: cache})
         cache = getattr(out, name)
         yield start, out.last_hidden_state
         del out
@@ -97,8 +100,14 @@ def _cache_argument(decoder: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def score_window(model, input_ids: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                 dtype: torch.dtype | None = None, prefill_chunk: int | None = None) -> tuple:
+def score_window(
+    model,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    prefill_chunk: int | None = None,
+) -> tuple:
     """:func:`score` for the positions ``rows`` (indices into the ``batch * tokens`` positions of
     ``input_ids``): the decoder runs the window (whole, or in prefill chunks, each chunk's positions
     scored before the next runs), then the head."""
@@ -132,8 +141,14 @@ def chunk_rows(head: Head, hidden: torch.Tensor, dtype: torch.dtype | None = Non
     return head_rows(head.vocab, size, torch.empty((), dtype=dtype).element_size() if dtype is not None else size, cap)
 
 
-def score(head: Head, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-          dtype: torch.dtype | None = None, cap: int = HEAD_CHUNK_BYTES) -> tuple:
+def score(
+    head: Head,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    cap: int = HEAD_CHUNK_BYTES,
+) -> tuple:
     """``(values, greedy)`` for the positions ``index`` ``[n]`` of ``hidden`` ``[positions, hidden]`` and
     ``targets`` ``[n, k]`` (token ids): the log-probability of each target at its position, ``[n, k]`` in
     the log_softmax dtype (``dtype``, or the logits'), and each position's most likely token ``[n]``.

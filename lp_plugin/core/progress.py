@@ -21,5 +21,12 @@ def enabled() -> bool:
 
 def bar(iterable=None, *, desc: str, total=None, unit: str = "it", leave: bool = False):
     """A tqdm bar named ``lp_plugin: desc`` (a no-op bar when :func:`enabled` says no)."""
-    return tqdm(iterable, desc=f"lp_plugin: {desc}", total=total, unit=unit, leave=leave, disable=not enabled(),
-                dynamic_ncols=True)
+    return tqdm(
+        iterable,
+        desc=f"lp_plugin: {desc}",
+        total=total,
+        unit=unit,
+        leave=leave,
+        disable=not enabled(),
+        dynamic_ncols=True,
+    )

@@ -58,9 +58,17 @@ def _rate(value) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-_TERMS = (("cuda_runtime", "CUDA"), ("allocator_slack", "slack"), ("weights", "weights"), ("ring", "ring"),
-          ("session_buffer", "session buffer"), ("kv", "KV"), ("activations", "activations"), ("logits", "logits"),
-          ("workspace", "workspaces"))
+_TERMS = (
+    ("cuda_runtime", "CUDA"),
+    ("allocator_slack", "slack"),
+    ("weights", "weights"),
+    ("ring", "ring"),
+    ("session_buffer", "session buffer"),
+    ("kv", "KV"),
+    ("activations", "activations"),
+    ("logits", "logits"),
+    ("workspace", "workspaces"),
+)
 
 
 def _card_rows(info: dict) -> list:
@@ -70,9 +78,15 @@ def _card_rows(info: dict) -> list:
     if not budget:
         return []
     b = budget["breakdown"]
-    rows = [("card", f"{gib(budget['budget_bytes'])} ({budget.get('budget_source', 'max_memory')}); predicted peak "
-                     f"{gib(budget['peak_bytes'])} at {budget['phase']}, left {gib(budget['budget_bytes'] - budget['peak_bytes'])}"),
-            ("card terms", " + ".join(f"{name} {b[key] / GIB:.2f}" for key, name in _TERMS if key in b) + " GiB")]
+    rows = [
+        (
+            "card",
+            f"{gib(budget['budget_bytes'])} ({budget.get('budget_source', 'max_memory')}); predicted peak "
+            f"{gib(budget['peak_bytes'])} at {budget['phase']}, left "
+            f"{gib(budget['budget_bytes'] - budget['peak_bytes'])}",
+        ),
+        ("card terms", " + ".join(f"{name} {b[key] / GIB:.2f}" for key, name in _TERMS if key in b) + " GiB"),
+    ]
     if info.get("peak_device_bytes") is not None:
         rows.append(("peak (card view)", gib(info["peak_device_bytes"])))
     return rows
@@ -83,13 +97,32 @@ def offload_table(info: dict) -> str:
     layers = info.get("layers") or []
     rows = [
         ("layers", f"{layers_text(layers)} ({len(layers)}; offload={info.get('offload')})"),
-        ("tier / mode", f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})"),
+        (
+            "tier / mode",
+            f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})",
+        ),
         ("offloaded", size_text(info["offloaded_bytes"]) if info.get("offloaded_bytes") is not None else "-"),
-        *([("context", f"{info['max_length']:,} tokens ({info.get('max_length_source')})"
-                       + (f", prefill in chunks of {info['prefill_chunk']:,}" if info.get("prefill_chunk") else ""))]
-          if info.get("max_length") else []),
-        ("standby VRAM", gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)"),
-        ("peak VRAM", gib(info.get("peak_inference_vram_bytes")) if info.get("peak_inference_vram_bytes") is not None else "- (cpu)"),
+        *(
+            [
+                (
+                    "context",
+                    f"{info['max_length']:,} tokens ({info.get('max_length_source')})"
+                    + (f", prefill in chunks of {info['prefill_chunk']:,}" if info.get("prefill_chunk") else ""),
+                )
+            ]
+            if info.get("max_length")
+            else []
+        ),
+        (
+            "standby VRAM",
+            gib(info.get("standby_vram_bytes")) if info.get("standby_vram_bytes") is not None else "- (cpu)",
+        ),
+        (
+            "peak VRAM",
+            gib(info.get("peak_inference_vram_bytes"))
+            if info.get("peak_inference_vram_bytes") is not None
+            else "- (cpu)",
+        ),
         *_card_rows(info),
         ("tokens", f"{info.get('tokens_processed', 0):,} in {info.get('forward_calls', 0):,} forwards"),
         ("tok/s (forwards)", _rate(info.get("tokens_per_second"))),
@@ -97,6 +130,11 @@ def offload_table(info: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     vwidth = max(len(v) for _, v in rows)
-    lines = ["", "hf-residual-offload:", f"|{'offload'.ljust(width)}|{'value'.ljust(vwidth)}|", f"|{'-' * width}|{'-' * vwidth}|"]
+    lines = [
+        "",
+        "hf-residual-offload:",
+        f"|{'offload'.ljust(width)}|{'value'.ljust(vwidth)}|",
+        f"|{'-' * width}|{'-' * vwidth}|",
+    ]
     lines += [f"|{k.ljust(width)}|{v.ljust(vwidth)}|" for k, v in rows]
     return "\n".join(lines) + "\n"

@@ -29,8 +29,12 @@ class Residency:
         t0 = time.perf_counter()
         for layer in self.layers:
             layer.check_intact()
-        self.room_check(self.nbytes, self.device, "a session (all offloaded layers resident)",
-                        "use mode='stream', or offload fewer layers")
+        self.room_check(
+            self.nbytes,
+            self.device,
+            "a session (all offloaded layers resident)",
+            "use mode='stream', or offload fewer layers",
+        )
         if self.buffer is None:
             self.buffer = device_buffer(self.nbytes, self.device)
         loaded = []
@@ -38,7 +42,7 @@ class Residency:
             flat, offset = self.buffer.map(), 0
             with Stager(self.layers, self.device.type == "cuda", self.device) as stager:
                 for layer in self.layers:
-                    layer.onload_(flat[offset: offset + layer.nbytes], stager.source(layer))
+                    layer.onload_(flat[offset : offset + layer.nbytes], stager.source(layer))
                     offset += layer.nbytes
                     loaded.append(layer)
         except BaseException:

@@ -6,9 +6,10 @@ addresses every step. Copies run on a side CUDA stream from pinned host memory: 
 Linear modules are done, the slot's next user (layer ``pos + slots``) is copied in; the last users of
 the slots start the next forward's first loads, which the end of the forward joins (a captured graph
 must join its side-stream work) — all but the last slot's, which the next forward starts with, so the
-copy engine has work from its first moment. The compute stream waits only for the slot it needs. Each copy forks from the compute stream with a fresh
-event, so the same code runs eagerly and inside a CUDA graph capture (the ops in ``ops.py`` are what a
-compiled forward calls; the compiler cannot reorder them around the layer they belong to).
+copy engine has work from its first moment. The compute stream waits only for the slot it needs. Each
+copy forks from the compute stream with a fresh event, so the same code runs eagerly and inside a CUDA
+graph capture (the ops in ``ops.py`` are what a compiled forward calls; the compiler cannot reorder them
+around the layer they belong to).
 
 A tier without a pinned host copy (disk) is read by one reader thread into pinned staging buffers;
 such a ring cannot be captured into a CUDA graph (it says so). The ring's memory is allocated when a
@@ -24,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import ops
 from ..errors import AttachError
+from . import ops
 from .group import edit_error
 from .tiers import allocate_host
 from .vmm import device_buffer
@@ -65,7 +66,6 @@ class GilSwitch:
 gil_switch = GilSwitch()
 
 
-
 class Ring:
     def __init__(self, layers, prefetch: int, device, room_check):
         self.layers = layers
@@ -86,8 +86,11 @@ class Ring:
         self.host = [l.tier.host_view(l.key) if l.tier.direct(l.key) else None for l in layers]
         self.needs_staging = any(h is None for h in self.host)
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader", initializer=self._reader_init)
-                         if self.needs_staging else None)
+        self.executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader", initializer=self._reader_init)
+            if self.needs_staging
+            else None
+        )
         self.buffer = None  # one device buffer for every slot, at a fixed address across sessions
         self.staging = None
         self.slots = None
@@ -103,10 +106,16 @@ class Ring:
         for layer in self.layers:
             layer.check_intact()
         sources = [layer.tier.host_view(layer.key) for layer in self.layers]  # (each checked against its file)
-        self.room_check(self.nslots * self.slot_bytes, self.device, f"stream mode's ring of {self.nslots} layer buffers",
-                        "lower prefetch, or offload fewer/smaller layers")
+        self.room_check(
+            self.nslots * self.slot_bytes,
+            self.device,
+            f"stream mode's ring of {self.nslots} layer buffers",
+            "lower prefetch, or offload fewer/smaller layers",
+        )
         if self.needs_staging and self.staging is None:
-            self.staging = [allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)]
+            self.staging = [
+                allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)
+            ]
         self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
         self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
         self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
@@ -117,10 +126,10 @@ class Ring:
             self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
         flat = self.buffer.map()
         try:
-            self.slots = [flat[i * self.slot_bytes: (i + 1) * self.slot_bytes] for i in range(self.nslots)]
+            self.slots = [flat[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(self.nslots)]
             offset = self.nslots * self.slot_bytes
             for pos, (layer, nbytes) in enumerate(zip(self.layers, self.other_bytes)):
-                other = flat[offset: offset + nbytes]
+                other = flat[offset : offset + nbytes]
                 layer.slots.copy_other(other, sources[pos])
                 offset += nbytes
                 slot = self.slots[pos % self.nslots]
@@ -128,7 +137,9 @@ class Ring:
                 layer.streamed = True
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
-            self._watched = [t for layer in self.layers for t in layer._watched]  # (one list: a cheap check per forward)
+            self._watched = [
+                t for layer in self.layers for t in layer._watched
+            ]  # (one list: a cheap check per forward)
             self._versions = [t._version for t in self._watched]
         except BaseException:
             self._drain()
@@ -191,8 +202,10 @@ class Ring:
         """Start copying layer ``pos`` into its slot once the compute stream is past its previous user."""
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         if capturing and self.host[pos] is None:
-            raise AttachError("stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph; "
-                              "use tier='cpu' for compiled decoding, or pass disable_compile=True to generate()")
+            raise AttachError(
+                "stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph; "
+                "use tier='cpu' for compiled decoding, or pass disable_compile=True to generate()"
+            )
         self.in_capture[pos] = capturing
         self.holds[pos % self.nslots] = pos
         fork = None

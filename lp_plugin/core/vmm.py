@@ -30,13 +30,22 @@ class _Location(ctypes.Structure):
 
 
 class _AllocFlags(ctypes.Structure):
-    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+    _fields_ = [
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    ]
 
 
 class _AllocationProp(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _Location),
-                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _AllocFlags)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("requestedHandleTypes", ctypes.c_int),
+        ("location", _Location),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("allocFlags", _AllocFlags),
+    ]
 
 
 class _AccessDesc(ctypes.Structure):
@@ -74,8 +83,12 @@ def vmm_supported(device) -> bool:
         drv = _get_driver()
         torch.cuda.init()
         value = ctypes.c_int()
-        drv("cuDeviceGetAttribute", ctypes.byref(value), _CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
-            ctypes.c_int(device.index))
+        drv(
+            "cuDeviceGetAttribute",
+            ctypes.byref(value),
+            _CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+            ctypes.c_int(device.index),
+        )
         return bool(value.value)
     except (OSError, RuntimeError, AttributeError):
         return False
@@ -100,12 +113,22 @@ class StableBuffer:
             self.prop.type = _CU_MEM_ALLOCATION_TYPE_PINNED
             self.prop.location = _Location(_CU_MEM_LOCATION_TYPE_DEVICE, device.index)
             gran = ctypes.c_size_t()
-            self.drv("cuMemGetAllocationGranularity", ctypes.byref(gran), ctypes.byref(self.prop),
-                     _CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)
+            self.drv(
+                "cuMemGetAllocationGranularity",
+                ctypes.byref(gran),
+                ctypes.byref(self.prop),
+                _CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+            )
             self.size = max(gran.value, -(-nbytes // gran.value) * gran.value)
             ptr = ctypes.c_uint64()
-            self.drv("cuMemAddressReserve", ctypes.byref(ptr), ctypes.c_size_t(self.size), ctypes.c_size_t(0),
-                     ctypes.c_uint64(0), ctypes.c_uint64(0))
+            self.drv(
+                "cuMemAddressReserve",
+                ctypes.byref(ptr),
+                ctypes.c_size_t(self.size),
+                ctypes.c_size_t(0),
+                ctypes.c_uint64(0),
+                ctypes.c_uint64(0),
+            )
         self.ptr = ptr.value
         self.handle = None
         self.nbytes = nbytes
@@ -119,15 +142,32 @@ class StableBuffer:
         if self.handle is None:
             handle = ctypes.c_uint64()
             with torch.cuda.device(self.device):
-                self.drv("cuMemCreate", ctypes.byref(handle), ctypes.c_size_t(self.size), ctypes.byref(self.prop),
-                         ctypes.c_uint64(0))
+                self.drv(
+                    "cuMemCreate",
+                    ctypes.byref(handle),
+                    ctypes.c_size_t(self.size),
+                    ctypes.byref(self.prop),
+                    ctypes.c_uint64(0),
+                )
                 try:
-                    self.drv("cuMemMap", ctypes.c_uint64(self.ptr), ctypes.c_size_t(self.size), ctypes.c_size_t(0),
-                             handle, ctypes.c_uint64(0))
-                    access = _AccessDesc(_Location(_CU_MEM_LOCATION_TYPE_DEVICE, self.device.index),
-                                         _CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
-                    self.drv("cuMemSetAccess", ctypes.c_uint64(self.ptr), ctypes.c_size_t(self.size),
-                             ctypes.byref(access), ctypes.c_size_t(1))
+                    self.drv(
+                        "cuMemMap",
+                        ctypes.c_uint64(self.ptr),
+                        ctypes.c_size_t(self.size),
+                        ctypes.c_size_t(0),
+                        handle,
+                        ctypes.c_uint64(0),
+                    )
+                    access = _AccessDesc(
+                        _Location(_CU_MEM_LOCATION_TYPE_DEVICE, self.device.index), _CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                    )
+                    self.drv(
+                        "cuMemSetAccess",
+                        ctypes.c_uint64(self.ptr),
+                        ctypes.c_size_t(self.size),
+                        ctypes.byref(access),
+                        ctypes.c_size_t(1),
+                    )
                 except BaseException:
                     self.drv("cuMemRelease", handle)
                     raise

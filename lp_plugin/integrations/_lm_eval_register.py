@@ -49,7 +49,9 @@ def _safe_register() -> None:
     except Exception as exc:  # never break lm-eval itself
         import warnings
 
-        warnings.warn(f"lp_plugin could not register lm-eval model {MODEL_NAME!r}: {exc!r}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"lp_plugin could not register lm-eval model {MODEL_NAME!r}: {exc!r}", RuntimeWarning, stacklevel=2
+        )
 
 
 class _LoaderProxy:

@@ -15,12 +15,16 @@ def check_model(model, plan, layer_list):
         counts[id(module)] = counts.get(id(module), 0) + 1
     for i, layer in enumerate(layer_list):
         if i in chosen and counts[id(layer)] > 1:
-            raise AttachError(f"layer {i} appears more than once in the model (the same module object twice); "
-                              "lp_plugin cannot offload a shared layer: leave it resident (offload=... without it)")
+            raise AttachError(
+                f"layer {i} appears more than once in the model (the same module object twice); "
+                "lp_plugin cannot offload a shared layer: leave it resident (offload=... without it)"
+            )
         if i in plan.offloaded:
             continue
         if any(p.device.type == "meta" for p in layer.parameters()) and not accel.offload_hooks(layer):
-            raise AttachError(f"resident layer {i} has parameters on the meta device; load the model's weights before attaching")
+            raise AttachError(
+                f"resident layer {i} has parameters on the meta device; load the model's weights before attaching"
+            )
     check_not_shared(model, [layer_list[i] for i in plan.offloaded], plan.offloaded)
 
 

@@ -23,18 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import accel, hooks
-from ..planning.arch import find_decoder_layers
-from ..planning.config import OffloadConfig
-from .checks import check_model
-from ..core.entry import ModelEntry
-from ..errors import AttachError, OffloadResourceError
-from ..core.group import OffloadedLayer, Stager
 from ..core.devices import map_value
-from ..planning.plan import OffloadPlan
-from ..planning.plugins import tier_class
+from ..core.entry import ModelEntry
+from ..core.group import OffloadedLayer, Stager
 from ..core.report import layers_text, size_text
 from ..core.resident import Residency
 from ..core.stream import Ring
+from ..errors import AttachError, OffloadResourceError
+from ..planning.arch import find_decoder_layers
+from ..planning.config import OffloadConfig
+from ..planning.plan import OffloadPlan
+from ..planning.plugins import tier_class
+from .checks import check_model
 
 log = logging.getLogger("lp_plugin")
 
@@ -118,8 +118,10 @@ class OffloadHandle:
 
     def __repr__(self):
         state = "" if self._attached else ", detached"
-        return (f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, "
-                f"alpha={self.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})")
+        return (
+            f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, "
+            f"alpha={self.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})"
+        )
 
     @property
     def offloaded_bytes(self) -> int:
@@ -131,26 +133,42 @@ class OffloadHandle:
         c, offloaded = self.config, self.offloaded_bytes
         total = self.plan.num_layers
         model_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
-        what = "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
-        lines = [f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
-                 f"({what})"]
+        what = (
+            "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
+        )
+        lines = [
+            f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
+            f"({what})"
+        ]
         if not self._attached:
             return lines[0].replace("offloaded", "were offloaded", 1) + "; detached: the plain model again"
-        rows = [("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
-                ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {self.main_device}")]
+        rows = [
+            ("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
+            ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {self.main_device}"),
+        ]
         if c.mode == "stream":
-            rows.append(("per forward", f"{size_text(offloaded)} copied to {self.main_device} (ring of {c.prefetch + 1})"))
+            rows.append(
+                ("per forward", f"{size_text(offloaded)} copied to {self.main_device} (ring of {c.prefetch + 1})")
+            )
         if self.plan.skips.layers:
             stand_ins = {type(l.module).__name__ for l in self.layers if l.stand_in}
-            rows.append(("skipped", f"layers {layers_text(self.plan.skips.layers)}"
-                                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else "")))
+            rows.append(
+                (
+                    "skipped",
+                    f"layers {layers_text(self.plan.skips.layers)}"
+                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else ""),
+                )
+            )
         dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]
         if dropped:
             rows.append(("dropped", f"layers {layers_text(dropped)} (alpha 0: never run)"))
         folder = getattr(self.tier, "offload_folder", None)
         if folder:
-            how = ("temporary: removed at detach or exit" if getattr(self.tier, "temporary", False)
-                   else "handle.detach(remove_files=True) removes them")
+            how = (
+                "temporary: removed at detach or exit"
+                if getattr(self.tier, "temporary", False)
+                else "handle.detach(remove_files=True) removes them"
+            )
             rows.append(("files", f"{folder} ({how})"))
         if self.plan.budget is not None:
             rows.append(("budget", "planned by offload='auto': handle.plan.budget"))
@@ -165,15 +183,24 @@ class OffloadHandle:
         if folder and getattr(self.tier, "temporary", False):
             folder = f"{folder} (temporary)"
         taken = sum(bool(l.accel_hooks) for l in self.layers)
-        log.info("lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for details",
-                 len(self.layer_indices), self.plan.num_layers, size_text(self.offloaded_bytes), self.config.tier,
-                 f" in {folder}" if folder else "", self.config.mode, self.config.alpha,
-                 f", taking over Accelerate's offload of {taken} of them" if taken else "")
+        log.info(
+            "lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for "
+            "details",
+            len(self.layer_indices),
+            self.plan.num_layers,
+            size_text(self.offloaded_bytes),
+            self.config.tier,
+            f" in {folder}" if folder else "",
+            self.config.mode,
+            self.config.alpha,
+            f", taking over Accelerate's offload of {taken} of them" if taken else "",
+        )
 
     def __deepcopy__(self, memo):
         raise AttachError(
             "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
-            "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each copy"
+            "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each "
+            "copy"
         )
 
     @property
@@ -307,7 +334,9 @@ class OffloadHandle:
             raise AttachError("detach() called twice: this model is no longer attached")
         with self._lock:
             if self._depth:
-                raise AttachError("cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first")
+                raise AttachError(
+                    "cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first"
+                )
             for layer in self.layers:  # every copy detach reads is still the verified one, before anything changes
                 layer.tier.check(layer.key)
             for mover in self.movers:
@@ -357,7 +386,9 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     (bad option, full disk, too little pinned memory) leaves the model as it was.
     """
     if get_handle(model) is not None:
-        raise AttachError("this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again")
+        raise AttachError(
+            "this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again"
+        )
     if plan is None:
         plan = OffloadPlan.for_model(model, OffloadConfig.from_options(config, **options))
     plan = plan.with_skips(model)
@@ -369,12 +400,19 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
     # what moves between tier and device, in execution order: offloaded layers and skipped layers' stand-ins
-    units = sorted([(i, layer_list[i], False) for i in plan.offloaded] + [(i, m, True) for i, m in plan.skips.stand_ins.items()],
-                   key=lambda unit: unit[0])
+    units = sorted(
+        [(i, layer_list[i], False) for i in plan.offloaded] + [(i, m, True) for i, m in plan.skips.stand_ins.items()],
+        key=lambda unit: unit[0],
+    )
     layers = []
     try:
-        for i, module, stand_in in tqdm(units, desc=f"lp_plugin: packing layers ({config.tier} tier)", unit="layer",
-                                        leave=False, disable=not sys.stderr.isatty()):
+        for i, module, stand_in in tqdm(
+            units,
+            desc=f"lp_plugin: packing layers ({config.tier} tier)",
+            unit="layer",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        ):
             layers.append(OffloadedLayer.pack(i, module, tier, plan.device_of(i), pin, stand_in=stand_in))
     except BaseException:
         tier.close()
@@ -417,8 +455,9 @@ def _install(handle, model, layer_list):
         for pos, layer in enumerate(layers):
             _hook_layer(handle, layer, mover, pos, skip_keys)
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
-    handle.entry = ModelEntry(handle, model, base, [l.module for l in handle.layers if not l.stand_in],
-                              _ancestors(model, plan.layer_prefix))
+    handle.entry = ModelEntry(
+        handle, model, base, [l.module for l in handle.layers if not l.stand_in], _ancestors(model, plan.layer_prefix)
+    )
     handle.entry.install()
 
 
@@ -427,8 +466,10 @@ def _hook_layer(handle, layer, mover, pos, skip_keys):
         hooks.add(layer.module, hooks.DeviceHook(handle, layer.device, skip_keys))
     # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other layers'
     # bytes between uses): it is checked against its file first
-    handle.torch_hooks += [layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
-                           layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound())]
+    handle.torch_hooks += [
+        layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
+        layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound()),
+    ]
     if isinstance(mover, Ring):
         for module in layer.stream_modules:
             hooks.add(module, hooks.StreamHook(handle, mover, pos))
@@ -453,6 +494,7 @@ def _ancestors(model, prefix):
 
 def _computing_map(device_map: dict, plan) -> dict:
     """``hf_device_map`` as it is once attached: each offloaded layer computes on its device."""
+
     def where(key, value):
         for i in plan.offloaded:
             prefix = f"{plan.layer_prefix}.{i}"

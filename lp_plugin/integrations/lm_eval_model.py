@@ -35,11 +35,11 @@ from tqdm import tqdm
 import lp_plugin
 
 from ..core import logprobs
-from ..planning.config import OffloadConfig
-from ..errors import OffloadSpecError
 from ..core.devices import cuda_runtime, normalize_device
-from .quant import nf4_config
 from ..core.report import jsonable, offload_table
+from ..errors import OffloadSpecError
+from ..planning.config import OffloadConfig
+from .quant import nf4_config
 
 eval_logger = logging.getLogger(__name__)
 
@@ -49,10 +49,19 @@ QUANT_ARGS = ("load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_qua
 #: lm-eval scoring options of this model type (not engine options)
 SCORING_ARGS = ("prefill_chunk", "full_logits")
 #: transformers ``from_pretrained`` keywords passed through
-HF_EXTRA_ARGS = ("attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors", "low_cpu_mem_usage")
+HF_EXTRA_ARGS = (
+    "attn_implementation",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+)
 #: HFLM arguments that would fight the engine's placement of the layers
 REJECTED_ARGS = {
-    "tp_plan": "tensor parallelism is not supported with residual offloading; use parallelize=True (a device map across GPUs)",
+    "tp_plan": (
+        "tensor parallelism is not supported with residual offloading; use parallelize=True (a device map across GPUs)"
+    ),
     "peft": "PEFT adapters are not supported with residual offloading yet; merge the adapter first",
     "delta": "delta weights are not supported with residual offloading; merge them first",
     "autogptq": "AutoGPTQ models are not supported with residual offloading",
@@ -93,7 +102,8 @@ def _check_args(kwargs: dict) -> None:
             f"{MODEL_NAME}: unknown model_args {unknown}. Valid model_args: engine options "
             f"{sorted(set(OffloadConfig.names()) - {'main_device'})}, scoring {list(SCORING_ARGS)}, quantization "
             f"{list(QUANT_ARGS)}, transformers "
-            f"extras {list(HF_EXTRA_ARGS)}, and HFLM's {sorted(_hflm_arg_names() - set(REJECTED_ARGS) - set(OffloadConfig.names()))}"
+            f"extras {list(HF_EXTRA_ARGS)}, and HFLM's "
+            f"{sorted(_hflm_arg_names() - set(REJECTED_ARGS) - set(OffloadConfig.names()))}"
         )
     for name, why in REJECTED_ARGS.items():
         if name in kwargs and not (name in _FALSY_OK and not kwargs[name]):
@@ -112,8 +122,10 @@ def budget_options(options: dict, hflm_kwargs: dict) -> dict:
         return options
     batch = hflm_kwargs.get("batch_size", 1)
     if not str(batch).strip().isdigit():
-        raise OffloadSpecError(f"offload=auto plans for a fixed batch size, but batch_size={batch!r} probes ever larger "
-                               "batches: pass an int batch_size (e.g. --batch_size 4)")
+        raise OffloadSpecError(
+            f"offload=auto plans for a fixed batch size, but batch_size={batch!r} probes ever larger "
+            "batches: pass an int batch_size (e.g. --batch_size 4)"
+        )
     options["batch_size"] = int(batch)
     if "max_context" not in options:
         options["max_context"] = hflm_kwargs["max_length"] if hflm_kwargs.get("max_length") is not None else "auto"
@@ -152,7 +164,9 @@ def quantization_config(kwargs: dict, dtype):
     try:
         compute = get_dtype(compute)
     except AttributeError:
-        raise OffloadSpecError(f"bnb_4bit_compute_dtype={compute!r} is not a torch dtype (use bfloat16, float16 or float32)") from None
+        raise OffloadSpecError(
+            f"bnb_4bit_compute_dtype={compute!r} is not a torch dtype (use bfloat16, float16 or float32)"
+        ) from None
     quant_type = given.get("bnb_4bit_quant_type") or "nf4"
     if quant_type not in ("nf4", "fp4"):
         raise OffloadSpecError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
@@ -176,10 +190,14 @@ class ResidualOffloadLM(HFLM):
         # lm-eval's own scoring (full-vocabulary logits): a reference where `--model hf` cannot load the model
         self._lp_full_logits = _as_bool("full_logits", kwargs.pop("full_logits", False))
         if self._lp_full_logits and self._lp_prefill_chunk:
-            raise OffloadSpecError("prefill_chunk applies to lp_plugin's scoring; full_logits=True is lm-eval's own: pick one")
+            raise OffloadSpecError(
+                "prefill_chunk applies to lp_plugin's scoring; full_logits=True is lm-eval's own: pick one"
+            )
         options, kwargs = OffloadConfig.split(kwargs)
         self._lp_length_given = kwargs.get("max_length") is not None
-        self._lp_config = OffloadConfig.from_strings(budget_options(options, kwargs))  # checked before any weight is read
+        self._lp_config = OffloadConfig.from_strings(
+            budget_options(options, kwargs)
+        )  # checked before any weight is read
         self._lp_quant = quantization_config(kwargs, kwargs.get("dtype", "auto"))
         self._lp_stats = dict(tokens=0, forwards=0, forward_s=0.0, eval_s=0.0, sessions=0)
         self._lp_depth = 0
@@ -204,9 +222,20 @@ class ResidualOffloadLM(HFLM):
         device = self.accelerator.device if getattr(self, "accelerator", None) is not None else self.device
         return str(normalize_device(device))
 
-    def _create_model(self, pretrained, revision="main", dtype="auto", trust_remote_code=False, quantization_config=None,
-                      subfolder="", parallelize=False, gpus=None, max_memory_per_gpu=None, max_cpu_memory=None,
-                      **kwargs) -> None:
+    def _create_model(
+        self,
+        pretrained,
+        revision="main",
+        dtype="auto",
+        trust_remote_code=False,
+        quantization_config=None,
+        subfolder="",
+        parallelize=False,
+        gpus=None,
+        max_memory_per_gpu=None,
+        max_cpu_memory=None,
+        **kwargs,
+    ) -> None:
         for name in ("offload_folder", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
             kwargs.pop(name, None)  # refused in __init__ when set (offload_folder is ours: in the OffloadConfig)
         config = dataclasses.replace(self._lp_config, main_device=self._lp_device())
@@ -214,22 +243,31 @@ class ResidualOffloadLM(HFLM):
         if parallelize:
             # HFLM's own placement (device_map="auto" within max_memory_per_gpu/max_cpu_memory) is the base map:
             # each layer computes on the GPU it gives it, and only the chosen layers move to the tier
-            placement = self._get_accelerate_args(parallelize=True, device_map=device_map, max_memory_per_gpu=max_memory_per_gpu,
-                                                  max_cpu_memory=max_cpu_memory, offload_folder=None, gpus=gpus)
+            placement = self._get_accelerate_args(
+                parallelize=True,
+                device_map=device_map,
+                max_memory_per_gpu=max_memory_per_gpu,
+                max_cpu_memory=max_cpu_memory,
+                offload_folder=None,
+                gpus=gpus,
+            )
             device_map, kwargs["max_memory"] = placement["device_map"], placement["max_memory"]
         if device_map is not None:
             kwargs["device_map"] = device_map
             config = dataclasses.replace(config, main_device=None)
         if self._lp_quant is not None:
             if quantization_config is not None:
-                raise OffloadSpecError(f"{pretrained} is already quantized ({type(quantization_config).__name__}); drop load_in_4bit")
+                raise OffloadSpecError(
+                    f"{pretrained} is already quantized ({type(quantization_config).__name__}); drop load_in_4bit"
+                )
             quantization_config = self._lp_quant
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
         if subfolder:
             kwargs["subfolder"] = subfolder
-        self._model = lp_plugin.from_pretrained(pretrained, config, revision=revision, dtype=get_dtype(dtype),
-                                                trust_remote_code=trust_remote_code, **kwargs)
+        self._model = lp_plugin.from_pretrained(
+            pretrained, config, revision=revision, dtype=get_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
+        )
 
     # ------------------------------------------------------------------ measuring
     def _lp_cuda(self):
@@ -301,8 +339,9 @@ class ResidualOffloadLM(HFLM):
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with self._lp_scoring_context():
             head = logprobs.head_of(self.model)
-            for _, hidden in logprobs.hidden_chunks(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk):
-                pass  # the last chunk's hidden states (the probe needs the forward's memory, not its values)
+            chunks = logprobs.hidden_chunks(logprobs.decoder_of(self.model), inps, self._lp_prefill_chunk)
+            for _, hidden in chunks:  # noqa: B007 - the loop keeps the last chunk's hidden states
+                pass  # (the probe needs the forward's memory, not its values)
             rows = logprobs.chunk_rows(head, hidden, self.softmax_dtype)
             return head(hidden.reshape(-1, hidden.shape[-1])[:rows]).unsqueeze(0)
 
@@ -325,8 +364,13 @@ class ResidualOffloadLM(HFLM):
     def _lp_scoring_context(self):
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                           enabled=self.mixed_precision_dtype is not None))
+        stack.enter_context(
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+        )
         return stack
 
     # ------------------------------------------------------------------ scoring
@@ -336,15 +380,21 @@ class ResidualOffloadLM(HFLM):
         full-vocabulary logits are never materialized."""
         if self.backend != "causal" or self._lp_full_logits:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        re_ord = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),
-                          group_by="contexts" if self.logits_cache else None, group_fn=lambda req: req[-2] + req[-1][:-1])
+        re_ord = Collator(
+            requests,
+            sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),
+            group_by="contexts" if self.logits_cache else None,
+            group_fn=lambda req: req[-2] + req[-1][:-1],
+        )
         auto = self.batch_size == "auto"
         batch_size = self.batch_size if not auto else override_bs if override_bs is not None else 0
         batch_fn = self._batch_scheduler if auto and len(re_ord) > 0 and not override_bs else None
         if batch_fn is not None:
             self.batch_sizes = {}  # as HFLM: detect again for this set of requests
         res = []
-        pbar = tqdm(total=len(requests), disable=(disable_tqdm or (self.rank != 0)), desc="Running loglikelihood requests")
+        pbar = tqdm(
+            total=len(requests), disable=(disable_tqdm or (self.rank != 0)), desc="Running loglikelihood requests"
+        )
         for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
             res.extend(self._lp_score_batch(chunk, re_ord, pbar))
         pbar.close()
@@ -355,16 +405,24 @@ class ResidualOffloadLM(HFLM):
         inps = []
         for _, context_enc, continuation_enc in chunk:
             if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
-                raise ValueError(f"{MODEL_NAME}: a request needs a non-empty context and a continuation of 1 to "
-                                 f"max_length={self.max_length} tokens, got {len(context_enc)} and {len(continuation_enc)}")
+                raise ValueError(
+                    f"{MODEL_NAME}: a request needs a non-empty context and a continuation of 1 to "
+                    f"max_length={self.max_length} tokens, got {len(context_enc)} and {len(continuation_enc)}"
+                )
             total = len(context_enc) + len(continuation_enc)
             if total > self.max_length + 1:
                 eval_logger.warning(
                     f"Combined length of context ({len(context_enc)}) and continuation ({len(continuation_enc)}) "
                     f"exceeds model's maximum length ({self.max_length}). "
-                    f"Truncating {total - self.max_length + 1} tokens from the left.")
-            inps.append(torch.tensor((context_enc + continuation_enc)[-(self.max_length + 1):][:-1], dtype=torch.long,
-                                     device=self.device))
+                    f"Truncating {total - self.max_length + 1} tokens from the left."
+                )
+            inps.append(
+                torch.tensor(
+                    (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1],
+                    dtype=torch.long,
+                    device=self.device,
+                )
+            )
         return inps
 
     @staticmethod
@@ -391,20 +449,27 @@ class ResidualOffloadLM(HFLM):
                 rows.append(start + j)
                 targets.append([c[j] if j < len(c) else 0 for c in conts] + [0] * (k - len(conts)))
         with self._lp_timed(batched.numel()), self._lp_scoring_context():
-            values, greedy = logprobs.score_window(self.model, batched, torch.tensor(rows, device=batched.device),
-                                                   torch.tensor(targets, dtype=torch.long, device=batched.device),
-                                                   self.softmax_dtype, self._lp_prefill_chunk)
+            values, greedy = logprobs.score_window(
+                self.model,
+                batched,
+                torch.tensor(rows, device=batched.device),
+                torch.tensor(targets, dtype=torch.long, device=batched.device),
+                self.softmax_dtype,
+                self._lp_prefill_chunk,
+            )
         out, at = [], 0
         for request_str, ctx, cont in chunk:
             n = len(cont)
-            vals, greedy_tokens = values[at:at + n], greedy[at:at + n].unsqueeze(0)  # [n, k], [1, n]
+            vals, greedy_tokens = values[at : at + n], greedy[at : at + n].unsqueeze(0)  # [n, k], [1, n]
             at += n
             hits = re_ord.get_cache(req_str=request_str, cxt_toks=ctx, cont_toks=cont, logits=_NO_LOGITS)
             for col, (req_str, cont_toks, _) in enumerate(hits):
                 length = len(cont_toks)
                 cont_t = torch.tensor(cont_toks, dtype=torch.long, device=greedy.device).unsqueeze(0)
-                answer = (float(vals[:length, col].reshape(1, length).contiguous().sum()),
-                          bool((greedy_tokens[:, -length:] == cont_t).all()))
+                answer = (
+                    float(vals[:length, col].reshape(1, length).contiguous().sum()),
+                    bool((greedy_tokens[:, -length:] == cont_t).all()),
+                )
                 out.append(answer)
                 if req_str is not None:  # loglikelihood_rolling's windows are cached per document instead
                     self.cache_hook.add_partial("loglikelihood", req_str, answer)
@@ -415,14 +480,19 @@ class ResidualOffloadLM(HFLM):
     def _lp_rank_figures(self) -> dict:
         dev, s = self._lp_cuda(), self._lp_stats
         handle = lp_plugin.get_handle(self._model)
-        return dict(rank=self.rank, device=str(dev) if dev is not None else "cpu", tokens_processed=s["tokens"],
-                    forward_seconds=s["forward_s"], eval_seconds=s["eval_s"],
-                    tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
-                    standby_vram_bytes=self._lp_standby,
-                    peak_inference_vram_bytes=self._lp_peak(dev, handle),
-                    host=socket.gethostname(),
-                    host_tier_bytes=handle.tier.host_bytes() if handle is not None else None,
-                    shared_host_tier_bytes=handle.tier.shared_host_bytes() if handle is not None else None)
+        return dict(
+            rank=self.rank,
+            device=str(dev) if dev is not None else "cpu",
+            tokens_processed=s["tokens"],
+            forward_seconds=s["forward_s"],
+            eval_seconds=s["eval_s"],
+            tokens_per_second=s["tokens"] / s["forward_s"] if s["forward_s"] > 0 else None,
+            standby_vram_bytes=self._lp_standby,
+            peak_inference_vram_bytes=self._lp_peak(dev, handle),
+            host=socket.gethostname(),
+            host_tier_bytes=handle.tier.host_bytes() if handle is not None else None,
+            shared_host_tier_bytes=handle.tier.shared_host_bytes() if handle is not None else None,
+        )
 
     def _lp_peak(self, dev, handle):
         """Peak VRAM of the evaluation: PyTorch's allocations plus the engine's mapped session/ring buffers."""
@@ -436,7 +506,9 @@ class ResidualOffloadLM(HFLM):
         if dev is None:
             return None
         _, runtime, _ = cuda_runtime(dev)
-        return runtime + int(torch.cuda.max_memory_reserved(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+        return (
+            runtime + int(torch.cuda.max_memory_reserved(dev)) + (handle.peak_mapped_bytes if handle is not None else 0)
+        )
 
     def residual_offload_info(self) -> dict:
         """Offload layout, VRAM and throughput of this run (JSON-ready); under data parallelism, every
@@ -444,8 +516,10 @@ class ResidualOffloadLM(HFLM):
         handle = lp_plugin.get_handle(self._model)
         engine = handle.info() if handle is not None else {}
         dev, s = self._lp_cuda(), self._lp_stats
-        info = {key: engine.get(key) for key in ("offload", "layers", "tier", "mode", "alpha", "prefetch", "offload_folder",
-                                                 "offloaded_bytes")}
+        info = {
+            key: engine.get(key)
+            for key in ("offload", "layers", "tier", "mode", "alpha", "prefetch", "offload_folder", "offloaded_bytes")
+        }
         info.update(
             max_length=self.max_length,
             max_length_source=self._lp_length_source,

@@ -8,11 +8,11 @@ the dispatch hooks off. 4-bit loads go through :class:`lp_plugin.integrations.qu
 
 from __future__ import annotations
 
-from ..planning.config import OffloadConfig
-from .engine import attach
 from ..errors import OffloadSpecError
+from ..planning.config import OffloadConfig
 from ..planning.footprint import checkpoint_dtype, load_format
 from ..planning.plan import OffloadPlan, auto_base_map
+from .engine import attach
 from .quant import Nf4Load
 
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
@@ -35,15 +35,20 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read
     base_map = hf_kwargs.pop("device_map", None)  # (max_memory is an OffloadConfig option: config.max_memory)
     if not (base_map is None or base_map == "auto" or isinstance(base_map, dict)):
-        raise OffloadSpecError(f"device_map={base_map!r}: lp_plugin keeps a base placement given as 'auto' (with max_memory) "
-                               "or as a dict {module: device}")
+        raise OffloadSpecError(
+            f"device_map={base_map!r}: lp_plugin keeps a base placement given as 'auto' (with max_memory) "
+            "or as a dict {module: device}"
+        )
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
     if base_map == "auto":
-        base_map = auto_base_map(hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs))
+        base_map = auto_base_map(
+            hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)
+        )
     plan = OffloadPlan.for_config(hf_config, config, base_map=base_map, weights=load_format(hf_config, hf_kwargs))
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=nf4.device_map(plan.device_map("cpu")),
-                                                 **nf4.hf_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, device_map=nf4.device_map(plan.device_map("cpu")), **nf4.hf_kwargs
+    )
     model.eval()
     nf4.finish(model)
     attach(model, plan=plan)
@@ -61,6 +66,8 @@ def _accelerate_max_memory(max_memory):
     if max_memory is None:
         return None
     if any(key == "main" for key, _ in max_memory):
-        raise OffloadSpecError("with device_map='auto', give max_memory per device (e.g. {0: '6GiB', 1: '6GiB', 'cpu': '30GiB'}), "
-                               "not a bare size")
+        raise OffloadSpecError(
+            "with device_map='auto', give max_memory per device (e.g. {0: '6GiB', 1: '6GiB', 'cpu': '30GiB'}), "
+            "not a bare size"
+        )
     return dict(max_memory)

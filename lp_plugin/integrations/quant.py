@@ -15,9 +15,9 @@ import gc
 import logging
 
 from ..core import accel
+from ..errors import OffloadSpecError
 from ..planning.arch import find_decoder_layers, text_config
 from ..planning.footprint import checkpoint_dtype
-from ..errors import OffloadSpecError
 
 log = logging.getLogger("lp_plugin")
 
@@ -27,9 +27,12 @@ def nf4_config(compute_dtype=None, double_quant: bool = True, quant_type: str = 
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
-                              bnb_4bit_use_double_quant=double_quant)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+        bnb_4bit_use_double_quant=double_quant,
+    )
 
 
 class Nf4Load:
@@ -40,9 +43,15 @@ class Nf4Load:
         self.hf_config = hf_config
         qconfig = hf_kwargs.get("quantization_config")
         if qconfig is not None and getattr(qconfig, "load_in_8bit", False):
-            raise OffloadSpecError("8-bit (load_in_8bit) models are not supported; use load_in_4bit (NF4) or a float dtype")
-        self.active = (qconfig is not None and getattr(qconfig, "load_in_4bit", False)
-                       and plan.main_device.type == "cuda" and bool(plan.selected))  # (the CPU backend quantizes host layers)
+            raise OffloadSpecError(
+                "8-bit (load_in_8bit) models are not supported; use load_in_4bit (NF4) or a float dtype"
+            )
+        self.active = (
+            qconfig is not None
+            and getattr(qconfig, "load_in_4bit", False)
+            and plan.main_device.type == "cuda"
+            and bool(plan.selected)
+        )  # (the CPU backend quantizes host layers)
         self.user_qconfig = qconfig
         self.hf_kwargs = dict(hf_kwargs)
         if self.active:
@@ -81,8 +90,13 @@ def _cast_unquantized(model, dtype):
 
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     for name, p in model.named_parameters():
-        if (type(p) is nn.Parameter and p.is_floating_point() and p.dtype != dtype and p.device.type != "meta"
-                and not any(k in name for k in keep)):
+        if (
+            type(p) is nn.Parameter
+            and p.is_floating_point()
+            and p.dtype != dtype
+            and p.device.type != "meta"
+            and not any(k in name for k in keep)
+        ):
             p.data = p.data.to(dtype)
 
 
@@ -103,8 +117,12 @@ def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):
         hooks = accel.offload_hooks(layer)
         if hooks:
             values, held = accel.hooked_values(layer, hooks)
-            values = {k: v.to(device=device, dtype=_float_dtype(ref_dtypes.get(k), default_dtype)) if v.is_floating_point()
-                      else v.to(device) for k, v in values.items()}
+            values = {
+                k: v.to(device=device, dtype=_float_dtype(ref_dtypes.get(k), default_dtype))
+                if v.is_floating_point()
+                else v.to(device)
+                for k, v in values.items()
+            }
             accel.take_over(layer, values)  # the hooks are dropped: attach packs the quantized layer
             for store, full_key, _ in held:
                 store.pop(full_key, None)  # the unquantized host copy is no longer needed
@@ -116,7 +134,9 @@ def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            log.debug("lp_plugin: quantized layer %d; %.3f GiB allocated", i, torch.cuda.memory_allocated(device) / 1024**3)
+            log.debug(
+                "lp_plugin: quantized layer %d; %.3f GiB allocated", i, torch.cuda.memory_allocated(device) / 1024**3
+            )
 
 
 def _to_4bit(layer, index, qconfig):
@@ -130,9 +150,14 @@ def _to_4bit(layer, index, qconfig):
         if any(s in f"{index}.{name}" for s in skip):
             continue
         new = bnb.nn.Linear4bit(
-            child.in_features, child.out_features, child.bias is not None, qconfig.bnb_4bit_compute_dtype,
-            compress_statistics=qconfig.bnb_4bit_use_double_quant, quant_type=qconfig.bnb_4bit_quant_type,
-            quant_storage=qconfig.bnb_4bit_quant_storage, device="meta",
+            child.in_features,
+            child.out_features,
+            child.bias is not None,
+            qconfig.bnb_4bit_compute_dtype,
+            compress_statistics=qconfig.bnb_4bit_use_double_quant,
+            quant_type=qconfig.bnb_4bit_quant_type,
+            quant_storage=qconfig.bnb_4bit_quant_storage,
+            device="meta",
         )
         value = child.weight.data
         new.weight = bnb.nn.Params4bit(value, requires_grad=False, **new.weight.__dict__).to(value.device)

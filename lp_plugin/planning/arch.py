@@ -11,7 +11,14 @@ from __future__ import annotations
 from ..errors import AttachError
 
 # attribute paths tried in order, relative to the *ForCausalLM model
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers", "layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "transformer.layers",
+    "layers",
+)
 
 
 def find_decoder_layers(model):

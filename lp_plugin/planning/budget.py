@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import OffloadConfig
 from ..core.devices import cuda_runtime, free_bytes, h2d_bandwidth
+from ..core.report import GIB, jsonable, size_text
 from ..errors import BudgetError, OffloadSpecError
+from .config import OffloadConfig
 from .footprint import Footprint, Work, work_peak
 from .policies import check_counts
-from ..core.report import GIB, jsonable, size_text
 
 MIB = 2**20
 WORKSPACE = 64 * MIB  # cuBLAS/cuBLASLt workspaces, attention kernels' log-sum-exp, nf4's dequantized absmax
@@ -63,20 +63,26 @@ def device_budgets(max_memory, main_device) -> tuple:
     cuda = main_device.type == "cuda"
     key = main_device.index if cuda else "cpu"
     if "main" in entries and key in entries:
-        raise OffloadSpecError(f"max_memory gives the main device {main_device} twice (a bare size and {key!r}); keep one")
+        raise OffloadSpecError(
+            f"max_memory gives the main device {main_device} twice (a bare size and {key!r}); keep one"
+        )
     vram = entries.pop("main" if "main" in entries else key, None)
     if vram is None:
         hint = "" if cuda else "; without a GPU the main device is the CPU: max_memory='6GiB' or {'cpu': '6GiB'}"
-        raise OffloadSpecError(f"max_memory {dict(max_memory)} has no entry for the main device {main_device}: "
-                               f"add {key!r} (or give a bare size such as '6GiB'){hint}")
+        raise OffloadSpecError(
+            f"max_memory {dict(max_memory)} has no entry for the main device {main_device}: "
+            f"add {key!r} (or give a bare size such as '6GiB'){hint}"
+        )
     host = entries.pop("cpu", None) if cuda else None
     if entries:
-        raise OffloadSpecError(f"max_memory names {sorted(map(str, entries))} besides the main device {main_device}; "
-                               "the planner fits one device: give only the main device (and 'cpu')")
+        raise OffloadSpecError(
+            f"max_memory names {sorted(map(str, entries))} besides the main device {main_device}; "
+            "the planner fits one device: give only the main device (and 'cpu')"
+        )
     return vram, host
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_bandwidth(device: str) -> float:
     """Pinned host-to-device bandwidth to ``device`` in GB/s: one 256 MiB copy (measured once)."""
     return h2d_bandwidth(torch.device(device), PROBE_BYTES, pinned=True)["gbps"]
@@ -84,8 +90,9 @@ def measured_bandwidth(device: str) -> float:
 
 def link_bandwidth(main_device, given=None) -> tuple:
     """``(GB/s or None, where the figure comes from)``."""
-    if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given)
-                              or given <= 0):
+    if given is not None and (
+        isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given) or given <= 0
+    ):
         raise OffloadSpecError(f"bandwidth must be a number of GB/s > 0, got {given!r}")
     if main_device.type != "cuda":
         return None, "none: the main device is the CPU"
@@ -117,7 +124,9 @@ class BudgetPlan:
     standby_bytes: int
     peak_bytes: int
     phase: str  # the work's peak phase
-    breakdown: dict  # cuda runtime, allocator slack, weights, buffer, kv, activations, logits, workspace: sums to peak_bytes
+    breakdown: (
+        dict  # cuda runtime, allocator slack, weights, buffer, kv, activations, logits, workspace: sums to peak_bytes
+    )
     offloaded_bytes: int  # packed: moved per forward in stream mode
     host_bytes: int  # host memory the tier needs (pinned)
     disk_bytes: int
@@ -144,8 +153,15 @@ class BudgetPlan:
 
     def resolved(self, config: OffloadConfig) -> OffloadConfig:
         """``config`` with the planned layers and mode in place of ``offload="auto"`` and its budget."""
-        return dataclasses.replace(config, offload=self.offloaded or "none", mode=self.mode, max_memory=None,
-                                   max_context=None, batch_size=None, work=None)
+        return dataclasses.replace(
+            config,
+            offload=self.offloaded or "none",
+            mode=self.mode,
+            max_memory=None,
+            max_context=None,
+            batch_size=None,
+            work=None,
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -154,9 +170,24 @@ class BudgetPlan:
 
     def summary(self) -> dict:
         """The figures ``OffloadHandle.info()`` reports under ``budget``."""
-        keys = ("budget_bytes", "budget_source", "mode", "standby_bytes", "peak_bytes", "phase", "breakdown", "host_bytes",
-                "bandwidth_gbps", "bandwidth_source", "decode_tok_s", "prefill_tok_s", "speed_basis", "prefill_chunk",
-                "context_source", "notes")
+        keys = (
+            "budget_bytes",
+            "budget_source",
+            "mode",
+            "standby_bytes",
+            "peak_bytes",
+            "phase",
+            "breakdown",
+            "host_bytes",
+            "bandwidth_gbps",
+            "bandwidth_source",
+            "decode_tok_s",
+            "prefill_tok_s",
+            "speed_basis",
+            "prefill_chunk",
+            "context_source",
+            "notes",
+        )
         return jsonable({"work": dataclasses.asdict(self.work), **{k: getattr(self, k) for k in keys}})
 
 
@@ -169,7 +200,9 @@ def work_of(config: OffloadConfig, fp: Footprint, context: int | None = None) ->
     if context is None:
         context = fp.max_positions or DEFAULT_CONTEXT
         where = "the model's max_position_embeddings" if fp.max_positions else "lm-eval's default"
-        notes.append(f"max_context={context}: {where}, as lm-eval's HFLM picks max_length; pass max_context= to plan for less")
+        notes.append(
+            f"max_context={context}: {where}, as lm-eval's HFLM picks max_length; pass max_context= to plan for less"
+        )
     if config.batch_size is None:
         notes.append("batch_size=1: the default")
     if config.work is None:
@@ -204,12 +237,19 @@ def card_of(max_memory, main_device) -> tuple:
         vram, host = device_budgets(max_memory, main_device)
         return Card(vram, "max_memory", runtime, runtime_source, cuda), host
     if cuda and not torch.cuda.is_available():
-        raise OffloadSpecError(f"offload='auto' without max_memory plans for the memory {main_device} has free, but this "
-                               "machine has no GPU to ask: give max_memory (the card's size, e.g. max_memory='6GiB')")
+        raise OffloadSpecError(
+            f"offload='auto' without max_memory plans for the memory {main_device} has free, but this "
+            "machine has no GPU to ask: give max_memory (the card's size, e.g. max_memory='6GiB')"
+        )
     free = free_bytes(main_device)
     if cuda:  # the context this process holds by now (cuda_runtime made it) is part of the card, not of what is free
-        return Card(free + context, f"free on {main_device} at load + this process's CUDA context",
-                    runtime, runtime_source, True), None
+        return Card(
+            free + context,
+            f"free on {main_device} at load + this process's CUDA context",
+            runtime,
+            runtime_source,
+            True,
+        ), None
     return Card(free, "available host memory at load", 0, runtime_source, False), None
 
 
@@ -247,8 +287,17 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
         m = "session" if k == 0 and mode == "session" else "stream"
         standby, buffer = _layout(fp, layers, m, prefetch, card.cuda)
         overhead = card.overhead(standby + work_bytes)
-        yield _Option(standby + buffer + work_bytes + sum(overhead.values()), layers, m, standby, buffer, phase, parts, chunk,
-                      overhead)
+        yield _Option(
+            standby + buffer + work_bytes + sum(overhead.values()),
+            layers,
+            m,
+            standby,
+            buffer,
+            phase,
+            parts,
+            chunk,
+            overhead,
+        )
 
 
 def _chunks(work: Work) -> list:
@@ -298,8 +347,9 @@ def longest_context(fp, config, card, upto: int) -> int:
     return lo
 
 
-def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str = "model", bandwidth=None,
-                 compute_tok_s=None) -> BudgetPlan:
+def plan_offload(
+    config: OffloadConfig, fp: Footprint, main_device, *, name: str = "model", bandwidth=None, compute_tok_s=None
+) -> BudgetPlan:
     """The plan for ``config`` (``offload="auto"`` and its budget options) on ``fp``, computing on
     ``main_device`` (a ``torch.device``). Raises :class:`BudgetError` when nothing fits."""
     check_counts(fp.num_layers, config.protect_first, config.protect_last)
@@ -316,9 +366,15 @@ def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str
     work, notes = work_of(config, fp, context)
     fit, best = _first_fit(fp, work, card, config)
     n = fp.num_layers
-    if fit is not None and fit.layers and not set(fit.layers) <= set(range(config.protect_first, n - config.protect_last)):
-        notes += (f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
-                  "nothing fits with the ends resident",)
+    if (
+        fit is not None
+        and fit.layers
+        and not set(fit.layers) <= set(range(config.protect_first, n - config.protect_last))
+    ):
+        notes += (
+            f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
+            "nothing fits with the ends resident",
+        )
     if fit is not None and fit.chunk:
         notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
     host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
@@ -327,26 +383,59 @@ def plan_offload(config: OffloadConfig, fp: Footprint, main_device, *, name: str
     decode, prefill, basis = _speeds(work, moved, gbps, compute_tok_s)
     engine = {"ring" if best.mode == "stream" else "session_buffer": best.buffer}
     plan = BudgetPlan(
-        model=name, format=fp.format, source=fp.source, main_device=str(main_device), num_layers=n,
-        budget_bytes=card.budget if fit else best.peak, host_budget_bytes=host_budget, work=work, notes=notes,
-        mode=best.mode, tier=config.tier, prefetch=config.prefetch, offloaded=best.layers, standby_bytes=best.standby,
-        peak_bytes=best.peak, phase=best.phase,
-        breakdown={"cuda_runtime": best.overhead["cuda_runtime"], "allocator_slack": best.overhead["allocator_slack"],
-                   "weights": best.standby, **engine, **best.parts, "workspace": best.overhead["workspace"]},
-        offloaded_bytes=moved, host_bytes=host, disk_bytes=disk, bandwidth_gbps=gbps, bandwidth_source=source,
-        decode_tok_s=decode, prefill_tok_s=prefill, speed_basis=basis, budget_source=card.budget_source,
-        runtime_source=card.runtime_source, prefill_chunk=best.chunk, context_source=context_source,
+        model=name,
+        format=fp.format,
+        source=fp.source,
+        main_device=str(main_device),
+        num_layers=n,
+        budget_bytes=card.budget if fit else best.peak,
+        host_budget_bytes=host_budget,
+        work=work,
+        notes=notes,
+        mode=best.mode,
+        tier=config.tier,
+        prefetch=config.prefetch,
+        offloaded=best.layers,
+        standby_bytes=best.standby,
+        peak_bytes=best.peak,
+        phase=best.phase,
+        breakdown={
+            "cuda_runtime": best.overhead["cuda_runtime"],
+            "allocator_slack": best.overhead["allocator_slack"],
+            "weights": best.standby,
+            **engine,
+            **best.parts,
+            "workspace": best.overhead["workspace"],
+        },
+        offloaded_bytes=moved,
+        host_bytes=host,
+        disk_bytes=disk,
+        bandwidth_gbps=gbps,
+        bandwidth_source=source,
+        decode_tok_s=decode,
+        prefill_tok_s=prefill,
+        speed_basis=basis,
+        budget_source=card.budget_source,
+        runtime_source=card.runtime_source,
+        prefill_chunk=best.chunk,
+        context_source=context_source,
     )
     if fit is None:
         raise BudgetError(_nothing_fits(plan, card, config, fp), min_bytes=best.peak, smallest=plan, host_bytes=host)
     if host_budget is not None and host > host_budget:
         raise BudgetError(
-            f"the plan for max_memory {size_text(card.budget)} on {main_device} offloads {len(best.layers)} layers, whose "
+            f"the plan for max_memory {size_text(card.budget)} on {main_device} offloads {len(best.layers)} layers, "
+            "whose "
             f"{config.tier} tier needs {size_text(host)} of pinned host memory, but max_memory['cpu'] is "
             f"{size_text(host_budget)}: raise it to at least {size_text(host, up=True)}"
-            + (", or use tier='disk' (offload_folder=DIR), which pins only the ring's staging buffers"
-               if config.tier == "cpu" else ""),
-            smallest=plan, host_bytes=host)
+            + (
+                ", or use tier='disk' (offload_folder=DIR), which pins only the ring's staging buffers"
+                if config.tier == "cpu"
+                else ""
+            ),
+            smallest=plan,
+            host_bytes=host,
+        )
     return plan
 
 
@@ -364,7 +453,11 @@ def _speeds(work: Work, moved: int, bandwidth, compute_tok_s) -> tuple:
     """``(decode tok/s, prefill tok/s, basis)``."""
     decode_c, prefill_c = compute_tok_s if compute_tok_s is not None else (None, None)
     if not moved:
-        return decode_c, prefill_c, "the plain model's rate (nothing streamed)" + ("" if compute_tok_s else ": not predicted")
+        return (
+            decode_c,
+            prefill_c,
+            "the plain model's rate (nothing streamed)" + ("" if compute_tok_s else ": not predicted"),
+        )
     if bandwidth is None:
         return None, None, "not predicted: no host-to-device link"
     per_forward = moved / (bandwidth * 1e9)
@@ -372,8 +465,11 @@ def _speeds(work: Work, moved: int, bandwidth, compute_tok_s) -> tuple:
     basis = f"transfer bound: {moved / GIB:.2f} GiB per forward at {bandwidth:.1f} GB/s"
     if compute_tok_s is None:
         return decode, prefill, basis + " (an upper bound: the model's own compute rate caps it, prefill most)"
-    return (min(decode, decode_c) if decode_c else decode), (min(prefill, prefill_c) if prefill_c else prefill), \
-        basis + ", capped by the given compute rate"
+    return (
+        (min(decode, decode_c) if decode_c else decode),
+        (min(prefill, prefill_c) if prefill_c else prefill),
+        basis + ", capped by the given compute rate",
+    )
 
 
 def _least(fp, work, card, config, **changes) -> int:
@@ -384,7 +480,11 @@ def _least(fp, work, card, config, **changes) -> int:
 def _nothing_fits(plan: BudgetPlan, card: Card, config, fp) -> str:
     b, w = plan.breakdown, plan.work
     what = f"{w.kind}, {w.context} tokens of context, batch {w.batch}"
-    layers = f"layers {compact(plan.offloaded)} offloaded ({len(plan.offloaded)} of {fp.num_layers})" if plan.offloaded else "nothing offloaded"
+    layers = (
+        f"layers {compact(plan.offloaded)} offloaded ({len(plan.offloaded)} of {fp.num_layers})"
+        if plan.offloaded
+        else "nothing offloaded"
+    )
     parts_text = ", ".join(f"{k.replace('_', ' ')} {size_text(v)}" for k, v in b.items())
     fixes = [f"raise max_memory to at least {size_text(plan.peak_bytes, up=True)}"]
     if w.context > 1 or w.batch > 1:
@@ -396,9 +496,12 @@ def _nothing_fits(plan: BudgetPlan, card: Card, config, fp) -> str:
     if config.prefetch > 0:
         fixes.append(f"prefetch=0 needs {size_text(_least(fp, w, card, config, prefetch=0), up=True)}")
     where = f"max_memory {size_text(card.budget)}" if card.budget_source == "max_memory" else card.budget_source
-    return (f"nothing fits {where} on {plan.main_device} for {what} ({plan.format}): the least this needs is "
-            f"{size_text(plan.peak_bytes, up=True)} in {plan.mode} mode with {layers} (at its {plan.phase} peak: {parts_text}). "
-            "To fit: " + "; or ".join(fixes))
+    return (
+        f"nothing fits {where} on {plan.main_device} for {what} ({plan.format}): the least this needs is "
+        f"{size_text(plan.peak_bytes, up=True)} in {plan.mode} mode with {layers} (at its {plan.phase} peak: "
+        f"{parts_text}). "
+        "To fit: " + "; or ".join(fixes)
+    )
 
 
 # ---------------------------------------------------------------------------------------- text
@@ -416,9 +519,15 @@ def compact(layers) -> str:
 
 
 _CARD_ROWS = {  # breakdown key -> how the card view names it
-    "cuda_runtime": "CUDA context + kernels", "allocator_slack": "allocator slack", "weights": "weights (resident)",
-    "ring": "engine ring buffers", "session_buffer": "engine session buffer", "kv": "KV cache",
-    "activations": "activations", "logits": "logits", "workspace": "workspaces",
+    "cuda_runtime": "CUDA context + kernels",
+    "allocator_slack": "allocator slack",
+    "weights": "weights (resident)",
+    "ring": "engine ring buffers",
+    "session_buffer": "engine session buffer",
+    "kv": "KV cache",
+    "activations": "activations",
+    "logits": "logits",
+    "workspace": "workspaces",
 }
 
 
@@ -434,11 +543,15 @@ def describe(plan: BudgetPlan) -> str:
         f"card: {plan.main_device} {size_text(plan.budget_bytes)} ({plan.budget_source}){host}",
         f"work: {w.kind}, context {w.context:,} tokens ({plan.context_source}), batch {w.batch}{chunk}",
         *(f"  ({note})" for note in plan.notes),
-        f"plan: {plan.mode} mode" + (f", tier {plan.tier}, prefetch {plan.prefetch}" if plan.offloaded else ", nothing offloaded"),
+        f"plan: {plan.mode} mode"
+        + (f", tier {plan.tier}, prefetch {plan.prefetch}" if plan.offloaded else ", nothing offloaded"),
         f"  {plan.main_device} (resident): layers {compact(plan.resident)} ({len(plan.resident)})",
     ]
     if plan.offloaded:
-        lines.append(f"  {place}: layers {compact(plan.offloaded)} ({len(plan.offloaded)}; offload={','.join(map(str, plan.offloaded))})")
+        lines.append(
+            f"  {place}: layers {compact(plan.offloaded)} ({len(plan.offloaded)}; "
+            f"offload={','.join(map(str, plan.offloaded))})"
+        )
     lines.append(f"the card at the {plan.phase} peak (predicted):")
     lines += [f"  {_CARD_ROWS.get(k, k.replace('_', ' ')):<24} {size_text(v):>11}" for k, v in plan.breakdown.items()]
     lines.append(f"  {'= peak':<24} {size_text(plan.peak_bytes):>11}")
@@ -447,7 +560,16 @@ def describe(plan: BudgetPlan) -> str:
     if plan.runtime_source and plan.breakdown.get("cuda_runtime"):
         lines.append(f"CUDA runtime: {plan.runtime_source}")
     if plan.offloaded:
-        lines.append(f"host memory: {size_text(plan.host_bytes)} pinned" + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else ""))
-    lines.append(f"predicted decode {rate(plan.decode_tok_s)} tok/s, prefill {rate(plan.prefill_tok_s)} tok/s: {plan.speed_basis}")
-    lines.append(f"bandwidth: {'-' if plan.bandwidth_gbps is None else f'{plan.bandwidth_gbps:.1f} GB/s'} ({plan.bandwidth_source})")
+        lines.append(
+            f"host memory: {size_text(plan.host_bytes)} pinned"
+            + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else "")
+        )
+    lines.append(
+        f"predicted decode {rate(plan.decode_tok_s)} tok/s, prefill {rate(plan.prefill_tok_s)} tok/s: "
+        f"{plan.speed_basis}"
+    )
+    lines.append(
+        f"bandwidth: {'-' if plan.bandwidth_gbps is None else f'{plan.bandwidth_gbps:.1f} GB/s'} "
+        f"({plan.bandwidth_source})"
+    )
     return "\n".join(lines)

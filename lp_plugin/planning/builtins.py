@@ -22,6 +22,10 @@ def register_tiers(register):
 @hookimpl
 def register_skip_policies(register):
     # lazy strings: registering a policy must not import torch
-    for name, cls in (("bi", "BlockInfluencePolicy"), ("angular", "AngularPolicy"), ("ppl", "PerplexityPolicy"),
-                      ("greedy", "GreedyPolicy")):
+    for name, cls in (
+        ("bi", "BlockInfluencePolicy"),
+        ("angular", "AngularPolicy"),
+        ("ppl", "PerplexityPolicy"),
+        ("greedy", "GreedyPolicy"),
+    ):
         register(name, f"lp_plugin.planning.skipping.policies:{cls}")

@@ -8,10 +8,10 @@ validates an option again. No torch import here.
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Sequence
 
 from ..errors import OffloadSpecError
 from .plugins import tier_names
@@ -39,7 +39,8 @@ class OffloadConfig:
     skip: layers not run at all (training-free layer skipping): a layer list or range, or a skip policy
         (see ``lp_plugin.planning.skipping``); composes with ``offload``, which then applies to the other layers.
     stand_in: what runs in place of a skipped layer: ``none`` (its output is its input), ``mean`` or
-        ``linear`` (``linear:RANK``: low rank), fitted on the calibration data (see ``lp_plugin.planning.skipping.standins``).
+        ``linear`` (``linear:RANK``: low rank), fitted on the calibration data
+        (see ``lp_plugin.planning.skipping.standins``).
     calib: calibration data for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a text
         file path, or a list of token ids (see ``lp_plugin.planning.skipping.calib``).
 
@@ -84,16 +85,21 @@ class OffloadConfig:
         if self.offload != "auto":
             if given:
                 raise OffloadSpecError(
-                    f"{given} only apply with offload='auto' (they are what it plans for); with offload={self.offload!r} "
+                    f"{given} only apply with offload='auto' (they are what it plans for); with "
+                    f"offload={self.offload!r} "
                     "they would be ignored: drop them, or pass offload='auto'"
                 )
             return  # max_memory may still bound a device_map="auto" base placement (from_pretrained checks its use)
         if self.alpha == 0:
-            raise OffloadSpecError("offload='auto' picks layers to offload and run; alpha=0 would drop them instead: "
-                                   "pass an explicit layer list to drop, or alpha > 0")
+            raise OffloadSpecError(
+                "offload='auto' picks layers to offload and run; alpha=0 would drop them instead: "
+                "pass an explicit layer list to drop, or alpha > 0"
+            )
         if self.skip is not None:
-            raise OffloadSpecError("offload='auto' plans every layer's memory and does not know which layers skip= "
-                                   "leaves out: pass an explicit offload spec with skip=")
+            raise OffloadSpecError(
+                "offload='auto' plans every layer's memory and does not know which layers skip= "
+                "leaves out: pass an explicit offload spec with skip="
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -101,7 +107,7 @@ class OffloadConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_options(cls, config: "OffloadConfig | None" = None, **options) -> "OffloadConfig":
+    def from_options(cls, config: OffloadConfig | None = None, **options) -> OffloadConfig:
         """``config`` with ``options`` applied (the keyword arguments of ``attach``/``from_pretrained``)."""
         unknown = sorted(set(options) - set(cls.names()))
         if unknown:
@@ -119,7 +125,7 @@ class OffloadConfig:
         return ours, {k: v for k, v in kwargs.items() if k not in ours}
 
     @classmethod
-    def from_strings(cls, values: dict) -> "OffloadConfig":
+    def from_strings(cls, values: dict) -> OffloadConfig:
         """Build from lm-eval ``model_args``, which arrive as strings or as lm-eval typed them
         (``offload=none`` as None, ``offload=3`` as 3, ``alpha=1`` as 1). Explicit layer lists use
         ``;`` (``offload=2;4;6``) because ``,`` separates model_args."""
@@ -130,7 +136,9 @@ class OffloadConfig:
             if name in values:
                 values[name] = _offload_from_string(values[name])
         for name in ("prefetch", "protect_first", "protect_last", "max_context", "batch_size"):
-            if isinstance(values.get(name), str) and not (name == "max_context" and values[name].strip().lower() == "auto"):
+            if isinstance(values.get(name), str) and not (
+                name == "max_context" and values[name].strip().lower() == "auto"
+            ):
                 values[name] = _int_from_string(name, values[name])
         if isinstance(values.get("alpha"), str):
             values["alpha"] = _float_from_string("alpha", values["alpha"])
@@ -184,7 +192,9 @@ def _memory_key(key):
         if index.isascii() and index.isdigit():
             return int(index)
     if key == "disk":
-        raise OffloadSpecError("max_memory has no 'disk' entry here: the disk tier is chosen with tier='disk' and offload_folder=DIR")
+        raise OffloadSpecError(
+            "max_memory has no 'disk' entry here: the disk tier is chosen with tier='disk' and offload_folder=DIR"
+        )
     raise OffloadSpecError(f"max_memory key {key!r} is not a device; use a GPU index (0, 'cuda:0') or 'cpu'")
 
 
@@ -247,8 +257,10 @@ def _check_skip(value):
     if isinstance(value, str) and ":" in value and value.split(":", 1)[0].strip().isidentifier():
         if parse_policy(value) is None:  # a policy name with an amount that is not a count or a share
             name = value.split(":", 1)[0].strip()
-            raise OffloadSpecError(f"skip={value!r}: after '{name}:' give a number of layers (>= 0) or a share of them, "
-                                   f"e.g. '{name}:3' or '{name}:10%'")
+            raise OffloadSpecError(
+                f"skip={value!r}: after '{name}:' give a number of layers (>= 0) or a share of them, "
+                f"e.g. '{name}:3' or '{name}:10%'"
+            )
     return value
 
 
@@ -268,7 +280,8 @@ def _check_tier(value):
 def _check_mode(value):
     if value not in MODES:
         raise OffloadSpecError(
-            f"unknown mode {value!r}; choose 'session' (layers resident for a session) or 'stream' (ring of GPU buffers)"
+            f"unknown mode {value!r}; choose 'session' (layers resident for a session) or 'stream' (ring of GPU "
+            "buffers)"
         )
     return value
 
@@ -290,7 +303,9 @@ def _check_folder(value):
     except (TypeError, UnicodeDecodeError):
         raise OffloadSpecError(f"offload_folder must be a path (str or os.PathLike), got {value!r}") from None
     if not path.strip() or "\0" in path:
-        raise OffloadSpecError(f"offload_folder {value!r} is not a usable path; pass a folder such as '/mnt/nvme/offload'")
+        raise OffloadSpecError(
+            f"offload_folder {value!r} is not a usable path; pass a folder such as '/mnt/nvme/offload'"
+        )
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -331,7 +346,9 @@ def _check_max_context(value):
 
 def _check_work(value):
     if value is not None and value not in WORKS:
-        raise OffloadSpecError(f"work must be 'generate' (last-token logits) or 'loglikelihood' (lm-eval's full logits), got {value!r}")
+        raise OffloadSpecError(
+            f"work must be 'generate' (last-token logits) or 'loglikelihood' (lm-eval's full logits), got {value!r}"
+        )
     return value
 
 
@@ -360,11 +377,15 @@ def _offload_from_string(value):
     if value is None:
         return "none"
     if isinstance(value, bool):
-        raise OffloadSpecError(f"offload={value!r} is not a spec; use a policy name ('even', 'odd', 'all', 'none'), '2;4;6' or '2-32:2'")
+        raise OffloadSpecError(
+            f"offload={value!r} is not a spec; use a policy name ('even', 'odd', 'all', 'none'), '2;4;6' or '2-32:2'"
+        )
     if isinstance(value, int):
         return [value]
     if isinstance(value, float):
-        raise OffloadSpecError(f"offload={value!r} is not a layer index; write layers as ints such as offload=3 or offload=2;4;6")
+        raise OffloadSpecError(
+            f"offload={value!r} is not a layer index; write layers as ints such as offload=3 or offload=2;4;6"
+        )
     if isinstance(value, str):
         parts = [p for p in value.replace("+", ";").replace(" ", ";").split(";") if p]
         return ",".join(parts) if len(parts) > 1 else value.strip()

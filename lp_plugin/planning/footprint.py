@@ -26,13 +26,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import arch
-from ..errors import OffloadSpecError
 from ..core.flat import LayerSlots, aligned, quant_state_tensors
 from ..core.logprobs import head_rows
+from ..errors import OffloadSpecError
+from . import arch
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
 NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
 NESTED_BLOCK = 256  # absmax values per second-level absmax (double quant)
 SEQLEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # where lm-eval's HFLM reads max_length
@@ -70,7 +78,11 @@ def weight_format(value, hf_config=None) -> WeightFormat:
     if isinstance(value, WeightFormat):
         return value
     if value is None or value == "auto":
-        return WeightFormat(checkpoint_dtype(hf_config, {}) or torch.float32) if hf_config is not None else WeightFormat(torch.float32)
+        return (
+            WeightFormat(checkpoint_dtype(hf_config, {}) or torch.float32)
+            if hf_config is not None
+            else WeightFormat(torch.float32)
+        )
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return WeightFormat(value)
     if isinstance(value, str) and value.strip().lower() in _DTYPES:
@@ -79,8 +91,12 @@ def weight_format(value, hf_config=None) -> WeightFormat:
         return WeightFormat(torch.bfloat16, nf4=True)
     if getattr(value, "load_in_4bit", False):
         dtype = (checkpoint_dtype(hf_config, {}) if hf_config is not None else None) or torch.bfloat16
-        return WeightFormat(dtype, nf4=True, double_quant=bool(value.bnb_4bit_use_double_quant),
-                            skip_modules=tuple(value.llm_int8_skip_modules or ()))
+        return WeightFormat(
+            dtype,
+            nf4=True,
+            double_quant=bool(value.bnb_4bit_use_double_quant),
+            skip_modules=tuple(value.llm_int8_skip_modules or ()),
+        )
     raise OffloadSpecError(f"unknown weight format {value!r}; use bf16, fp16, fp32 or nf4")
 
 
@@ -89,8 +105,12 @@ def load_format(hf_config, hf_kwargs: dict) -> WeightFormat:
     qconfig = hf_kwargs.get("quantization_config")
     dtype = checkpoint_dtype(hf_config, hf_kwargs) or torch.float32
     if qconfig is not None and getattr(qconfig, "load_in_4bit", False):
-        return WeightFormat(dtype, nf4=True, double_quant=bool(qconfig.bnb_4bit_use_double_quant),
-                            skip_modules=tuple(qconfig.llm_int8_skip_modules or ()))
+        return WeightFormat(
+            dtype,
+            nf4=True,
+            double_quant=bool(qconfig.bnb_4bit_use_double_quant),
+            skip_modules=tuple(qconfig.llm_int8_skip_modules or ()),
+        )
     return WeightFormat(dtype)
 
 
@@ -126,15 +146,22 @@ def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
     cfg = arch.text_config(hf_config)
     heads = cfg.num_attention_heads
     intermediate = getattr(cfg, "intermediate_size", None) or max(
-        (m.out_features for m in layer_list[0].modules() if isinstance(m, nn.Linear)), default=cfg.hidden_size)
+        (m.out_features for m in layer_list[0].modules() if isinstance(m, nn.Linear)), default=cfg.hidden_size
+    )
     window = getattr(cfg, "sliding_window", None)
     kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layer_list)
-    return dict(hidden=cfg.hidden_size, intermediate=intermediate, vocab=cfg.vocab_size, heads=heads,
-                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                kv_windows=tuple(window if kind == "sliding_attention" and window else None for kind in kinds),
-                act_size=act_size, dequant_bytes=dequant_bytes,
-                max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None))
+    return dict(
+        hidden=cfg.hidden_size,
+        intermediate=intermediate,
+        vocab=cfg.vocab_size,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        kv_windows=tuple(window if kind == "sliding_attention" and window else None for kind in kinds),
+        act_size=act_size,
+        dequant_bytes=dequant_bytes,
+        max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None),
+    )
 
 
 # ---------------------------------------------------------------------------------------- loaded model
@@ -154,12 +181,22 @@ def from_model(model) -> Footprint:
                 seen.add(key)
                 base += x.numel() * x.element_size()
     emb = model.get_input_embeddings().weight
-    quantized = [m for layer in layer_list for m in layer.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+    quantized = [
+        m
+        for layer in layer_list
+        for m in layer.modules()
+        if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+    ]
     dequant = max((m.in_features * m.out_features for m in quantized), default=0) * emb.element_size()
-    return Footprint("model", WeightFormat(emb.dtype, nf4=bool(quantized)).name, base,
-                     tuple(sum(e.nbytes for e in s.entries) for s in slots), tuple(s.nbytes for s in slots),
-                     tuple(s.other_nbytes for s in slots),
-                     **_shape_fields(model.config, emb.element_size(), dequant, layer_list))
+    return Footprint(
+        "model",
+        WeightFormat(emb.dtype, nf4=bool(quantized)).name,
+        base,
+        tuple(sum(e.nbytes for e in s.entries) for s in slots),
+        tuple(s.nbytes for s in slots),
+        tuple(s.other_nbytes for s in slots),
+        **_shape_fields(model.config, emb.element_size(), dequant, layer_list),
+    )
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -196,17 +233,27 @@ def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
     meta = skeleton if skeleton is not None else arch.skeleton(hf_config)
     prefix, layer_list = arch.find_decoder_layers(meta)
     head, seen = meta.get_output_embeddings(), set()  # (a skeleton is tied: a tied lm_head's weight is met once)
-    layers = [[e for name, m in layer.named_modules(prefix=f"{prefix}.{i}") for e in _entries(m, name, fmt, head, seen)]
-              for i, layer in enumerate(layer_list)]
-    base = sum(n for name, m in meta.named_modules() if not name.startswith(prefix + ".")
-               for n, _ in _entries(m, name, fmt, head, seen))
+    layers = [
+        [e for name, m in layer.named_modules(prefix=f"{prefix}.{i}") for e in _entries(m, name, fmt, head, seen)]
+        for i, layer in enumerate(layer_list)
+    ]
+    base = sum(
+        n
+        for name, m in meta.named_modules()
+        if not name.startswith(prefix + ".")
+        for n, _ in _entries(m, name, fmt, head, seen)
+    )
     linears = [m for layer in layer_list for m in layer.modules() if isinstance(m, nn.Linear)]
     dequant = max((m.in_features * m.out_features for m in linears), default=0) * fmt.dtype.itemsize if fmt.nf4 else 0
-    return Footprint("config", fmt.name, base,
-                     tuple(sum(n for n, _ in entries) for entries in layers),
-                     tuple(sum(aligned(n) for n, _ in entries) for entries in layers),
-                     tuple(sum(aligned(n) for n, linear in entries if not linear) for entries in layers),
-                     **_shape_fields(hf_config, fmt.dtype.itemsize, dequant, layer_list))
+    return Footprint(
+        "config",
+        fmt.name,
+        base,
+        tuple(sum(n for n, _ in entries) for entries in layers),
+        tuple(sum(aligned(n) for n, _ in entries) for entries in layers),
+        tuple(sum(aligned(n) for n, linear in entries if not linear) for entries in layers),
+        **_shape_fields(hf_config, fmt.dtype.itemsize, dequant, layer_list),
+    )
 
 
 # ---------------------------------------------------------------------------------------- work
@@ -223,8 +270,9 @@ class Work:
 
 def kv_bytes(fp: Footprint, context: int, batch: int) -> int:
     """Keys and values of every layer for ``context`` tokens (a sliding-window layer keeps its window)."""
-    return sum(2 * batch * fp.kv_heads * fp.head_dim * fp.act_size * (min(context, w) if w else context)
-               for w in fp.kv_windows)
+    return sum(
+        2 * batch * fp.kv_heads * fp.head_dim * fp.act_size * (min(context, w) if w else context) for w in fp.kv_windows
+    )
 
 
 def _layer_activations(fp: Footprint, bt: int) -> int:
@@ -263,16 +311,26 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
             prefill = {"kv": 0, "activations": _layer_activations(fp, bt) + rope + inputs + bt * h * s, "logits": 0}
         else:
             attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
-            prefill = {"kv": kv_bytes(fp, t, b),
-                       "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
-                       "logits": 0}
+            prefill = {
+                "kv": kv_bytes(fp, t, b),
+                "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
+                "logits": 0,
+            }
         rows = min(bt, head_rows(fp.vocab, s, s))
         held = bt * h * s if chunk is None else b * chunk * h * s  # the final hidden states being scored
-        return {"prefill": prefill, "lm_head": {"kv": kv_bytes(fp, t, b) if chunk else 0, "activations": held + inputs,
-                                                "logits": 2 * rows * fp.vocab * s}}
+        return {
+            "prefill": prefill,
+            "lm_head": {
+                "kv": kv_bytes(fp, t, b) if chunk else 0,
+                "activations": held + inputs,
+                "logits": 2 * rows * fp.vocab * s,
+            },
+        }
     kv = kv_bytes(fp, t, b)
-    return {"prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
-            "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)}}
+    return {
+        "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
+        "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
+    }
 
 
 def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:

@@ -12,21 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..core import accel
+from ..core.devices import main_device_of, map_value, normalize_device
+from ..errors import OffloadSpecError
 from . import arch, footprint
 from .budget import plan_offload
 from .config import OffloadConfig
-from ..core.devices import main_device_of, map_value, normalize_device
-from ..errors import OffloadSpecError
 from .plugins import policies
 from .policies import PROTECT_FIRST, PROTECT_LAST, select_layers
 from .skipping import resolve_skips
 
+_UNUSED_MAX_MEMORY = (
+    "max_memory bounds offload='auto' (the plan fits it) or a device_map='auto' base placement; with an "
+    "explicit offload spec and no device_map='auto' nothing would read it: drop it, or pass offload='auto'"
+)
 
-_UNUSED_MAX_MEMORY = ("max_memory bounds offload='auto' (the plan fits it) or a device_map='auto' base placement; with an "
-                      "explicit offload spec and no device_map='auto' nothing would read it: drop it, or pass offload='auto'")
 
-
-def resolve_layers(spec, num_layers: int, protect_first: int = PROTECT_FIRST, protect_last: int = PROTECT_LAST) -> tuple:
+def resolve_layers(
+    spec, num_layers: int, protect_first: int = PROTECT_FIRST, protect_last: int = PROTECT_LAST
+) -> tuple:
     """The layers an offload spec selects among ``num_layers``, with the registered policies:
     ``resolve_layers("even", 36) == (2, 4, ..., 32)``."""
     return select_layers(spec, num_layers, protect_first, protect_last, policies=policies())
@@ -48,7 +51,7 @@ class OffloadPlan:
     budget: object = field(default=None, compare=False)  # lp_plugin.planning.budget.BudgetPlan behind offload="auto"
 
     @classmethod
-    def for_model(cls, model, config: OffloadConfig) -> "OffloadPlan":
+    def for_model(cls, model, config: OffloadConfig) -> OffloadPlan:
         """The plan for a loaded model. Layers Accelerate already offloads (a dispatched model's "cpu"/"disk"
         layers) are taken over too, each computing where Accelerate ran it; every other layer computes
         where its weights are."""
@@ -70,8 +73,10 @@ class OffloadPlan:
         budget = None
         if config.offload == "auto":  # planned on the model's real tensors
             if devices:
-                raise OffloadSpecError(f"offload='auto' fits one device, but layers {sorted(devices)} of this model compute "
-                                       "elsewhere: pick the layers with an explicit offload spec")
+                raise OffloadSpecError(
+                    f"offload='auto' fits one device, but layers {sorted(devices)} of this model compute "
+                    "elsewhere: pick the layers with an explicit offload spec"
+                )
             budget = _budget(model, config, main)
             config = budget.resolved(config)
         plan = cls._make(config, prefix, other, n, main, devices=devices, budget=budget)
@@ -80,7 +85,7 @@ class OffloadPlan:
         return plan.with_skips(model)
 
     @classmethod
-    def for_config(cls, hf_config, config: OffloadConfig, base_map=None, weights=None) -> "OffloadPlan":
+    def for_config(cls, hf_config, config: OffloadConfig, base_map=None, weights=None) -> OffloadPlan:
         """The plan for a model about to be loaded from ``hf_config``. ``base_map`` (an Accelerate device
         map, e.g. ``device_map="auto"`` across GPUs) keeps its placement: each layer computes where the
         base map puts it, and only the chosen layers move to the tier. ``weights``: the format the model
@@ -90,8 +95,10 @@ class OffloadPlan:
         prefix, other, n = arch.module_keys(meta)
         if config.offload == "auto":
             if base_map is not None:
-                raise OffloadSpecError("offload='auto' fits the main device alone; with a base device map, pick the "
-                                       "layers with an explicit offload spec")
+                raise OffloadSpecError(
+                    "offload='auto' fits the main device alone; with a base device map, pick the "
+                    "layers with an explicit offload spec"
+                )
             main = normalize_device(config.main_device)
             budget = _budget(hf_config, config, main, weights, meta)
             return cls._make(budget.resolved(config), prefix, other, n, main, meta, budget=budget)
@@ -110,8 +117,19 @@ class OffloadPlan:
         if base is not None:  # layers the base map already puts on "cpu"/"disk" are offloaded (and taken over) too
             chosen = tuple(sorted(set(chosen) | set(base.host_layers(n)))) if config.alpha > 0 else chosen
         offloaded, dropped = (chosen, ()) if config.alpha > 0 else ((), chosen)
-        return cls(config, prefix, n, tuple(other), offloaded, dropped, main, skeleton, devices=dict(devices or {}), base=base,
-                   budget=budget)
+        return cls(
+            config,
+            prefix,
+            n,
+            tuple(other),
+            offloaded,
+            dropped,
+            main,
+            skeleton,
+            devices=dict(devices or {}),
+            base=base,
+            budget=budget,
+        )
 
     def device_of(self, i):
         """The device layer ``i`` computes on."""
@@ -121,15 +139,19 @@ class OffloadPlan:
     def single_device(self) -> bool:
         return not self.devices
 
-    def with_skips(self, model) -> "OffloadPlan":
+    def with_skips(self, model) -> OffloadPlan:
         """This plan with the ``skip`` option resolved against the loaded ``model`` (skip policies and
         stand-ins need its weights): skipped layers are dropped, and no longer offloaded."""
         if self.skips is not None:
             return self
         skips = resolve_skips(model, self.config, self.num_layers)
         skipped = set(skips.layers)
-        return replace(self, offloaded=tuple(i for i in self.offloaded if i not in skipped),
-                       dropped=tuple(sorted(set(self.dropped) | skipped)), skips=skips)
+        return replace(
+            self,
+            offloaded=tuple(i for i in self.offloaded if i not in skipped),
+            dropped=tuple(sorted(set(self.dropped) | skipped)),
+            skips=skips,
+        )
 
     @property
     def selected(self) -> tuple:
@@ -182,8 +204,9 @@ def _budget(source, config, main, weights=None, skeleton=None, **speed):
     return plan_offload(config, fp, main, name=name, **speed)
 
 
-def fit_budget(model_or_config, config: OffloadConfig | None = None, *, weights=None, bandwidth=None,
-               compute_tok_s=None, **options):
+def fit_budget(
+    model_or_config, config: OffloadConfig | None = None, *, weights=None, bandwidth=None, compute_tok_s=None, **options
+):
     """What ``offload="auto"`` would do: the :class:`lp_plugin.planning.budget.BudgetPlan` for a loaded model or
     a transformers config (no weights; loaded in ``weights``: ``"bf16"``, ``"fp16"``, ``"fp32"``, ``"nf4"``,
     a torch dtype or a ``BitsAndBytesConfig``; default the checkpoint's dtype). ``options`` are
@@ -212,7 +235,9 @@ class BaseMap:
         # modules sharing a tensor (a tied lm_head and input embedding) go where the first of them goes
         self.tied = {key: group[0] for group in tied for key in group[1:]}
         # with a GPU in the map, "cpu" means Accelerate's host offload; on a CPU-only map it is the compute device
-        gpu = any(isinstance(v, int) and not isinstance(v, bool) or str(v).startswith("cuda") for v in self.map.values())
+        gpu = any(
+            isinstance(v, int) and not isinstance(v, bool) or str(v).startswith("cuda") for v in self.map.values()
+        )
         self.host = ("cpu", "disk") if gpu else ("disk",)
 
     def value(self, key: str):
@@ -233,7 +258,10 @@ class BaseMap:
     def layer_devices(self, n, main) -> list:
         """The device each of ``n`` layers computes on: where the map puts it, or for a layer the map puts
         on "cpu"/"disk", where its neighbours compute (the previous layer's device; the next one's first)."""
-        placed = [None if v in self.host else normalize_device(v) for v in (self.value(f"{self.prefix}.{i}") for i in range(n))]
+        placed = [
+            None if v in self.host else normalize_device(v)
+            for v in (self.value(f"{self.prefix}.{i}") for i in range(n))
+        ]
         out, last = [], next((d for d in placed if d is not None), main)
         for d in placed:
             last = d or last
@@ -270,7 +298,9 @@ def auto_base_map(hf_config, max_memory=None, dtype=None) -> dict:
     from accelerate import infer_auto_device_map
 
     meta = arch.skeleton(hf_config)
-    return infer_auto_device_map(meta, max_memory=max_memory, no_split_module_classes=meta._no_split_modules, dtype=dtype)
+    return infer_auto_device_map(
+        meta, max_memory=max_memory, no_split_module_classes=meta._no_split_modules, dtype=dtype
+    )
 
 
 def residual_offload_device_map(

@@ -13,9 +13,9 @@ import threading
 
 import pluggy
 
-from . import builtins
 from .. import hookspecs
 from ..errors import OffloadSpecError
+from . import builtins
 from .policies import OffloadPolicy
 
 pm = pluggy.PluginManager("lp_plugin")
@@ -49,7 +49,8 @@ def _registry(hook_name: str, kind: str, check) -> dict:
             if name in owners:
                 raise OffloadSpecError(
                     f"{kind} {name!r} is registered twice "
-                    f"(by plugin {owners[name]!r} and by {_plugin!r}); rename one of them, or uninstall the plugin you do not want"
+                    f"(by plugin {owners[name]!r} and by {_plugin!r}); rename one of them, or uninstall the plugin you "
+                    "do not want"
                 )
             owners[name] = _plugin
             registry[name] = value
@@ -80,9 +81,15 @@ def tier_names() -> list:
 
 
 def _check_skip_policy(plugin, name, policy):
-    if not isinstance(name, str) or not name or not (name[0].isalpha() and name.replace("_", "").replace("-", "").isalnum()):
-        raise TypeError(f"plugin {plugin!r} registered a skip policy named {name!r}; use a name of letters, digits, '-' and '_' "
-                        "that starts with a letter")
+    if (
+        not isinstance(name, str)
+        or not name
+        or not (name[0].isalpha() and name.replace("_", "").replace("-", "").isalnum())
+    ):
+        raise TypeError(
+            f"plugin {plugin!r} registered a skip policy named {name!r}; use a name of letters, digits, '-' and '_' "
+            "that starts with a letter"
+        )
     return name, policy
 
 
@@ -100,8 +107,10 @@ def skip_policy(name: str):
     if isinstance(target, type):
         target = target()
     if not callable(getattr(target, "select", None)):
-        raise TypeError(f"skip policy {name!r} is {target!r}, which has no select(ctx, count) method; "
-                        "register an lp_plugin.SkipPolicy")
+        raise TypeError(
+            f"skip policy {name!r} is {target!r}, which has no select(ctx, count) method; "
+            "register an lp_plugin.SkipPolicy"
+        )
     return target
 
 
@@ -116,7 +125,9 @@ def tier_class(name: str):
     """The Tier subclass registered as ``name`` (a lazy ``module:Class`` string is imported here)."""
     tiers = _registry("register_tiers", "tier", _check_tier)
     if name not in tiers:
-        raise OffloadSpecError(f"unknown tier {name!r}; choose one of {sorted(tiers)} (or install a plugin that registers it)")
+        raise OffloadSpecError(
+            f"unknown tier {name!r}; choose one of {sorted(tiers)} (or install a plugin that registers it)"
+        )
     return _resolve(tiers[name])
 
 

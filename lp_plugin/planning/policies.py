@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import OffloadSpecError
 
@@ -69,10 +69,15 @@ def _parse_explicit(spec: str, num_layers: int) -> list:
             )
         start, end, step = int(m[1]), int(m[2]), int(m[3] or 1)
         if step < 1 or end < start:
-            raise OffloadSpecError(f"range {part!r} is empty or has a bad step; write START-END[:STEP] with START<=END and STEP>=1")
-        if start + (end - start) // step * step >= num_layers:  # before expanding: '0-99999999999' must not build a huge list
             raise OffloadSpecError(
-                f"range {part!r} goes past the last layer of a model with {num_layers} decoder layers (valid: 0..{num_layers - 1})"
+                f"range {part!r} is empty or has a bad step; write START-END[:STEP] with START<=END and STEP>=1"
+            )
+        if (
+            start + (end - start) // step * step >= num_layers
+        ):  # before expanding: '0-99999999999' must not build a huge list
+            raise OffloadSpecError(
+                f"range {part!r} goes past the last layer of a model with {num_layers} decoder layers (valid: "
+                f"0..{num_layers - 1})"
             )
         layers.extend(range(start, end + 1, step))
     return layers
@@ -102,13 +107,16 @@ def select_layers(
             chosen = sorted(int(i) for i in policies[text].select(num_layers, lo, hi))
             bad = [i for i in chosen if not lo <= i <= hi]
             if bad:
-                raise OffloadSpecError(f"policy {text!r} chose protected or out-of-range layers {bad}; fix the policy plugin")
+                raise OffloadSpecError(
+                    f"policy {text!r} chose protected or out-of-range layers {bad}; fix the policy plugin"
+                )
             if len(set(chosen)) != len(chosen):
                 raise OffloadSpecError(f"policy {text!r} chose a layer twice; fix the policy plugin")
             if not chosen and text != "none":
                 raise OffloadSpecError(
                     f"offload={text!r} selects no layer of a {num_layers}-layer model with protect_first="
-                    f"{protect_first}, protect_last={protect_last}; lower the protection, or use offload='none' to offload nothing"
+                    f"{protect_first}, protect_last={protect_last}; lower the protection, or use offload='none' to "
+                    "offload nothing"
                 )
             return tuple(chosen)
         if not text:
@@ -132,7 +140,8 @@ def select_layers(
     out_of_range = sorted({i for i in layers if not 0 <= i < num_layers})
     if out_of_range:
         raise OffloadSpecError(
-            f"layers {out_of_range} are out of range for a model with {num_layers} decoder layers (valid: 0..{num_layers - 1})"
+            f"layers {out_of_range} are out of range for a model with {num_layers} decoder layers (valid: "
+            f"0..{num_layers - 1})"
         )
     dupes = sorted({i for i in layers if layers.count(i) > 1})
     if dupes:

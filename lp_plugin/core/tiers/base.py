@@ -104,7 +104,7 @@ class Tier(ABC):
             )
         dst.copy_(src)
 
-    def check(self, key: str) -> None:
+    def check(self, key: str) -> None:  # noqa: B027 - optional, a no-op by default
         """Raise :class:`OffloadFileError` if what backs ``key`` changed since it was verified
         (nothing can change behind a tier that keeps the bytes in its own memory)."""
 
@@ -116,7 +116,7 @@ class Tier(ABC):
         """Host memory this process maps from the copy the ranks of one host share (counted once per host)."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional, a no-op by default
         """Release what the tier holds (called on detach and on a failed attach)."""
 
     def remove_files(self) -> list:
@@ -124,5 +124,5 @@ class Tier(ABC):
         returns the paths removed (none for a tier without files)."""
         return []
 
-    def drop_page_cache(self) -> None:
+    def drop_page_cache(self) -> None:  # noqa: B027 - optional, a no-op by default
         """Evict the tier's files from the page cache (cold-cache benchmarks); no-op without files."""

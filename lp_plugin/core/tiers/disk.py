@@ -55,7 +55,9 @@ class DiskTier(Tier):
 
     def put(self, key, flat, layout, sha256):
         if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise OffloadSpecError(f"disk tier unit keys name files: use letters, digits and '_' (e.g. 'layer_00004'), got {key!r}")
+            raise OffloadSpecError(
+                f"disk tier unit keys name files: use letters, digits and '_' (e.g. 'layer_00004'), got {key!r}"
+            )
         name, what, nbytes = f"{key}.safetensors", describe(key), flat.numel()
         path = self.folder.entry_path(name)
         self._forget(key)
@@ -70,7 +72,9 @@ class DiskTier(Tier):
                 why, ours, st = found
                 if not (ours or owned.owns(name, st)):
                     raise self.folder.refuse(name, what, f"is not a file lp_plugin wrote ({why})")
-                log.warning("lp_plugin: %s: offload file %s is %s; rebuilding it from the source weights", what, path, why)
+                log.warning(
+                    "lp_plugin: %s: offload file %s is %s; rebuilding it from the source weights", what, path, why
+                )
             meta = layerfile.metadata_for(key, self.model_tag, layout, sha256)
             fd = self.folder.replace(name, key, what, nbytes, lambda target: layerfile.write(target, flat, meta))
             try:
@@ -146,8 +150,10 @@ class DiskTier(Tier):
         copied (which the check before cannot see) makes the copy start over, twice at most."""
         entry = self._entry(key)
         if dst.numel() != entry.nbytes:
-            raise OffloadFileError(f"{describe(key)}: destination holds {dst.numel()} bytes, the tier {entry.nbytes}; "
-                                   "pass a buffer of exactly the unit's size")
+            raise OffloadFileError(
+                f"{describe(key)}: destination holds {dst.numel()} bytes, the tier {entry.nbytes}; "
+                "pass a buffer of exactly the unit's size"
+            )
         for _ in range(3):
             entry.check()
             seen = entry.stamp
@@ -156,7 +162,8 @@ class DiskTier(Tier):
                 return
         raise OffloadFileError(
             f"{describe(key)}: {entry.path} kept changing while it was read; another program is writing to the "
-            "offload folder: stop it, then reload the model (lp_plugin.from_pretrained, or attach a freshly loaded model)"
+            "offload folder: stop it, then reload the model (lp_plugin.from_pretrained, or attach a freshly loaded "
+            "model)"
         )
 
     def drop_page_cache(self) -> None:

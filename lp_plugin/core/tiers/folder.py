@@ -37,14 +37,20 @@ import safetensors
 
 from ...errors import OffloadFileError, OffloadResourceError
 from ..report import GIB
-from .journal import COMPACT_AT, NAME as JOURNAL, Journal, Owned, temp_name
+from .journal import COMPACT_AT, Journal, Owned, temp_name
+from .journal import NAME as JOURNAL
 from .layerfile import fd_path
 
 log = logging.getLogger("lp_plugin")
 
 _OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class Opened(NamedTuple):
@@ -77,7 +83,9 @@ class OffloadFolder:
             os.makedirs(path, exist_ok=True)
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise OffloadFileError(f"cannot create offload_folder {path!r}: {exc.strerror}; pass a writable folder") from exc
+            raise OffloadFileError(
+                f"cannot create offload_folder {path!r}: {exc.strerror}; pass a writable folder"
+            ) from exc
         self.path = path
         self.journal = Journal(self.fd, path)
 
@@ -107,7 +115,9 @@ class OffloadFolder:
 
     # ------------------------------------------------------------------ reading entries
     def refuse(self, name: str, what: str, why: str, rule: str = _NOT_OURS) -> OffloadFileError:
-        return OffloadFileError(f"{what}: {self.entry_path(name)} {why}; {rule}: move it out of the folder, or pass another offload_folder")
+        return OffloadFileError(
+            f"{what}: {self.entry_path(name)} {why}; {rule}: move it out of the folder, or pass another offload_folder"
+        )
 
     def open_regular(self, name: str, what: str):
         """The regular file ``name`` opened read-only: an :class:`Opened`, or None when there is none.
@@ -165,13 +175,18 @@ class OffloadFolder:
                     os.close(sub)
                 os.rmdir(name, dir_fd=self.fd)
             else:
-                log.warning("lp_plugin: %s is %s at a name lp_plugin reserved; left as it is",
-                            self.entry_path(name), _kind(st.st_mode))
+                log.warning(
+                    "lp_plugin: %s is %s at a name lp_plugin reserved; left as it is",
+                    self.entry_path(name),
+                    _kind(st.st_mode),
+                )
             return True
         except FileNotFoundError:
             return True
         except OSError as exc:
-            log.warning("lp_plugin: cannot remove %s left by an interrupted write (%s)", self.entry_path(name), exc.strerror)
+            log.warning(
+                "lp_plugin: cannot remove %s left by an interrupted write (%s)", self.entry_path(name), exc.strerror
+            )
             return False
 
     def _compact(self, owned: Owned) -> None:
@@ -196,7 +211,9 @@ class OffloadFolder:
             except FileNotFoundError:
                 continue
             if not (stat.S_ISREG(st.st_mode) and owned.owns(name, st)):
-                log.warning("lp_plugin: %s is not provably a file lp_plugin wrote; left where it is", self.entry_path(name))
+                log.warning(
+                    "lp_plugin: %s is not provably a file lp_plugin wrote; left where it is", self.entry_path(name)
+                )
                 continue
             try:
                 os.unlink(name, dir_fd=self.fd)
@@ -256,8 +273,10 @@ class OffloadFolder:
             raise error from exc
         os.close(wfd)
         try:
-            self.journal.append({"file": name, "dev": st.st_dev, "ino": st.st_ino},
-                                *([{"release": work}] if self._remove_temp(work) else []))
+            self.journal.append(
+                {"file": name, "dev": st.st_dev, "ino": st.st_ino},
+                *([{"release": work}] if self._remove_temp(work) else []),
+            )
         except OSError as exc:  # the file is complete and bears lp_plugin's mark: usable, and provably ours
             log.warning("lp_plugin: cannot record %s in %s (%s)", name, self.path, exc.strerror)
         return fd
@@ -276,5 +295,7 @@ class OffloadFolder:
                 "free space there or pass another offload_folder"
             )
         if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return OffloadFileError(f"offload_folder {self.path!r} is not writable; pass a writable folder ({os.strerror(code)})")
+            return OffloadFileError(
+                f"offload_folder {self.path!r} is not writable; pass a writable folder ({os.strerror(code)})"
+            )
         return OffloadFileError(f"writing {what} to {self.path!r} failed: {exc}")

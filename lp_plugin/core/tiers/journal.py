@@ -63,8 +63,12 @@ class Owned:
             self.temps.add(record["reserve"])
         elif record.keys() == {"release"} and _is_temp(record["release"]):
             self.temps.discard(record["release"])
-        elif (record.keys() == {"file", "dev", "ino"} and isinstance(record["file"], str) and _FILE.fullmatch(record["file"])
-              and all(type(record[k]) is int and record[k] >= 0 for k in ("dev", "ino"))):
+        elif (
+            record.keys() == {"file", "dev", "ino"}
+            and isinstance(record["file"], str)
+            and _FILE.fullmatch(record["file"])
+            and all(type(record[k]) is int and record[k] >= 0 for k in ("dev", "ino"))
+        ):
             self.files[record["file"]] = (record["dev"], record["ino"])
 
     def owns(self, name: str, st: os.stat_result) -> bool:
@@ -176,4 +180,4 @@ def _parse(line: bytes):
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

@@ -74,8 +74,13 @@ class Header:
 
 
 def metadata_for(key: str, model_tag: str, layout: list, sha256: str) -> dict:
-    return {"format": FORMAT, "layer": key, "model": str(model_tag),
-            "layout": json.dumps(layout, separators=(",", ":"), sort_keys=True), "source_sha256": sha256}
+    return {
+        "format": FORMAT,
+        "layer": key,
+        "model": str(model_tag),
+        "layout": json.dumps(layout, separators=(",", ":"), sort_keys=True),
+        "source_sha256": sha256,
+    }
 
 
 def write(path: str, flat, metadata: dict) -> None:

@@ -76,11 +76,14 @@ class MappedFile:
         self.fd, self.path, self.what = fd, path, what
         self.map, self.start, self.nbytes, self.sha256 = mapping, start, nbytes, sha256
         self.stamp = stamp(st)
-        self.data = (torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start) if nbytes
-                     else torch.empty(0, dtype=torch.uint8))
+        self.data = (
+            torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
+            if nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
 
     @classmethod
-    def verify(cls, fd, path, what, start, nbytes, sha256, since) -> "MappedFile":
+    def verify(cls, fd, path, what, start, nbytes, sha256, since) -> MappedFile:
         """Map ``fd`` and check that its payload ``[start, start + nbytes)`` hashes to ``sha256``
         while the file holds still since ``since`` (its ``fstat`` before the header was read).
         Raises :class:`Malformed` with the reason; the caller keeps ``fd`` then."""
@@ -96,7 +99,7 @@ class MappedFile:
                 ) from exc
             try:
                 # hashing through the mapping also maps every page: the first forward takes no faults
-                with memoryview(mapping) as whole, whole[start:start + nbytes] as payload:
+                with memoryview(mapping) as whole, whole[start : start + nbytes] as payload:
                     digest = hashlib.sha256(payload).hexdigest()
                 after = os.fstat(fd)
                 if stamp(before) != stamp(after):
@@ -123,7 +126,8 @@ class MappedFile:
             return
         if st.st_size < self.start + self.nbytes:
             raise OffloadFileError(
-                f"{self.what}: {self.path} holds {max(0, st.st_size - self.start)} of its {self.nbytes} bytes: the file "
+                f"{self.what}: {self.path} holds {max(0, st.st_size - self.start)} of its {self.nbytes} bytes: the "
+                "file "
                 "was truncated after attach, and it was the only copy of these weights; reload the model "
                 "(lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds the file"
             )

@@ -40,8 +40,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ...core import accel
-from ..arch import find_decoder_layers
 from ...core.paths import cache_root
+from ..arch import find_decoder_layers
 
 FORMAT = "lp_plugin.skipping/1"
 

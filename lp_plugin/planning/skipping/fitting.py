@@ -21,6 +21,7 @@ from ...core.progress import bar
 from . import cache, standins
 from .metrics import SkipContext
 
+
 def _split(tensors: dict) -> dict:
     """``{"12.weight": t}`` -> ``{12: {"weight": t}}``."""
     out = {}

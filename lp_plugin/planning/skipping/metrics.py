@@ -33,9 +33,9 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..arch import find_decoder_layers
-from ...errors import OffloadSpecError
 from ...core.progress import bar
+from ...errors import OffloadSpecError
+from ..arch import find_decoder_layers
 from . import cache, standins
 from .calib import CalibData, calibration
 from .runner import Runner

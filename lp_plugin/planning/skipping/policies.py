@@ -18,7 +18,7 @@ calibration tokens, the stand-in kind) and returns layer indices.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable
+from collections.abc import Iterable
 
 from .metrics import SkipContext
 

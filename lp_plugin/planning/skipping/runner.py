@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ...core import hooks
-from ..arch import find_decoder_layers
-from ...errors import AttachError
 from ...core.progress import bar
+from ...errors import AttachError
+from ..arch import find_decoder_layers
 from .calib import CalibData
 
 

@@ -19,7 +19,7 @@ from lp_plugin.core.report import GIB
 
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
-from .report import ResultsError, format_table, load_results, verdict, write_json
+from .report import format_table, load_results, verdict, write_json
 
 DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
                    "accelerate_cpu:even")

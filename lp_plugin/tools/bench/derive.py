@@ -10,11 +10,11 @@ its real spread.
 
 from __future__ import annotations
 
+import math
+
 from lp_plugin.core.report import GIB
 
 from .configs import is_exact
-import math
-
 from .stats import log_rms, median_of, median_se, paired, runs_of
 
 PEAK_SLACK_BYTES = int(0.2 * GIB)  # activations allowed over standby + ring in stream mode

@@ -123,7 +123,7 @@ def _speed(name, nc, oc, new, old, tol, out) -> None:
 
 
 def _absolute(name, nc, oc, tol, out) -> None:
-    for short, key in SPEEDS.items():
+    for key in SPEEDS.values():
         a, b = runs_of(nc.get(key)), runs_of(oc.get(key))
         if not a or not b:
             continue

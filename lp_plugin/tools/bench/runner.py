@@ -25,8 +25,16 @@ from lp_plugin.core.report import jsonable
 from . import measure
 from .apply import Placement, broken
 from .derive import derive
-from .setup import (BaseModel, decoder_layers, environment, layer_bytes, make_inputs, make_tokenizer,
-                    resolve_device, static_enabled)
+from .setup import (
+    BaseModel,
+    decoder_layers,
+    environment,
+    layer_bytes,
+    make_inputs,
+    make_tokenizer,
+    resolve_device,
+    static_enabled,
+)
 from .stats import stat
 
 SCHEMA = "lp-bench/2"

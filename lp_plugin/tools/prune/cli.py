@@ -22,12 +22,12 @@ import logging
 import os
 import sys
 
-from ...errors import LPPluginError
 from ...core.report import jsonable
+from ...errors import LPPluginError
+from ...planning.skipping.calib import HELDOUT, WINDOW
+from ...planning.skipping.spec import check_calib, parse_stand_in
 from ..shapes import _HUB_ID
 from . import frontier
-from ...planning.skipping.spec import check_calib, parse_stand_in
-from ...planning.skipping.calib import HELDOUT, WINDOW
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
 # a measured run: SmolLM2-135M (135M parameters), fp32, 2 CPU cores, calib pydoc:32768, greedy with the

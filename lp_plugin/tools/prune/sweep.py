@@ -22,8 +22,8 @@ import torch
 
 import lp_plugin
 
-from ...planning.arch import find_decoder_layers
 from ...core.progress import bar
+from ...planning.arch import find_decoder_layers
 from ...planning.skipping.calib import HELDOUT, WINDOW, doc_start_token, document_ids, heldout_documents, tokenizer_for
 
 SELECTIONS = ("bi", "angular", "greedy")

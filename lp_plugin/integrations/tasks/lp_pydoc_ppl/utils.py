@@ -24,7 +24,7 @@ def pydoc_documents(min_chars: int = MIN_CHARS) -> list:
     """The task's documents as a list of dicts ``{"topic", "text", "python_version"}``."""
     from pydoc_data.topics import topics
 
-    version = "%d.%d" % sys.version_info[:2]
+    version = "{}.{}".format(*sys.version_info[:2])
     return [
         {"topic": name, "text": topics[name], "python_version": version}
         for name in sorted(topics)
@@ -37,7 +37,7 @@ def pydoc_chunks(chunk_chars: int = CHUNK_CHARS) -> list:
     first paragraph break after ``chunk_chars`` characters (the last one may be shorter)."""
     from pydoc_data.topics import topics
 
-    version = "%d.%d" % sys.version_info[:2]
+    version = "{}.{}".format(*sys.version_info[:2])
     docs, current = [], []
     size = 0
     for paragraph in "\n\n".join(topics[name] for name in sorted(topics)).split("\n\n"):
