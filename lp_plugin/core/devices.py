@@ -114,7 +114,7 @@ def cuda_runtime(device) -> tuple:
         before = None if torch.cuda.is_initialized() else _nvml_used(device)
         torch.cuda.mem_get_info(device)  # creates this process's context on the device
         after = _nvml_used(device) if before is not None else None
-        if after is not None and after > before:
+        if before is not None and after is not None and after > before:
             context, source = after - before, f"CUDA context {(after - before) / 2**30:.2f} GiB (measured)"
     out = (context, context + KERNELS_BYTES, source + f" + {KERNELS_BYTES // 2**20} MiB kernels and library handles")
     if torch.cuda.is_available():

@@ -70,7 +70,7 @@ class LayerSlots:
         self.buffers = []  # (module, name, key)
         self.qstates = []  # (module, name, key) of parameters that carry a QuantState
         entries, offset = [], 0
-        self._tensors = {}
+        self._tensors: dict[str, torch.Tensor] = {}
 
         def add(key, t):
             nonlocal offset

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import AttachError
 from . import accel
-from .flat import LayerSlots
+from .flat import Binding, LayerSlots
 from .tiers import allocate_host, sha256_of
 
 
@@ -40,12 +40,13 @@ class OffloadedLayer:
         self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
         self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
-        self.suspended = []
-        self.standby = None
-        self.binding = None
-        self.bound_flat = None  # the buffer the tensors point at when it is not the standby one
+        self.suspended: list = []
+        self.standby: Binding | None = None  # the tier's host copy (set by install)
+        self.binding: Binding | None = None  # the binding to bound_flat
+        self.bound_flat: torch.Tensor | None = None  # the buffer the tensors point at when it is not the standby one
         self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
-        self._watched, self._versions = [], []
+        self._watched: list[torch.Tensor] = []
+        self._versions: list[int] = []
 
     # ------------------------------------------------------------------ attach
     @classmethod
@@ -98,10 +99,12 @@ class OffloadedLayer:
         if self.bound_flat is None or self.streamed:
             self.tier.check(self.key)
         if self.bound_flat is not None and self.streamed:
+            assert self.standby is not None  # installed
             self.standby.apply()
 
     def show_bound(self) -> None:
         if self.bound_flat is not None and self.streamed:
+            assert self.binding is not None  # bound with bound_flat
             self.binding.apply()
 
     def offload_(self) -> None:
@@ -109,6 +112,7 @@ class OffloadedLayer:
         edited = self.bound_flat is not None and self.edited()
         if edited and not self.tier.read_only:
             self.tier.host_view(self.key).copy_(self.bound_flat)
+        assert self.standby is not None  # installed
         self.standby.apply()
         self.bound_flat = None
         self._record()
@@ -147,6 +151,7 @@ class OffloadedLayer:
                 f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
                 "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
             )
+        assert self.standby is not None  # installed
         for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
             now = module._parameters.get(name)
             if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):
@@ -178,7 +183,7 @@ class Stager:
         self.layers = layers
         self.pin = pin
         self.device = device
-        self.buf = None
+        self.buf: torch.Tensor | None = None
 
     def __enter__(self):
         return self

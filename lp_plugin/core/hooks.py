@@ -16,6 +16,7 @@ and removed without disturbing the others. Every hook keeps a reference to the o
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
@@ -47,6 +48,8 @@ class _GradGuard:
     only while its weights stay where the forward read them: a backward that reaches the layer raises
     unless the session that ran the forward is still open (session mode; stream mode reuses the ring
     at once)."""
+
+    handle: Any  # the offload handle (set by _Hook)
 
     def _guard(self, layer, output):
         if not torch.is_grad_enabled():
@@ -143,7 +146,7 @@ class ResidualHook(_Hook):
     def __init__(self, handle, alpha: float):
         super().__init__(handle)
         self.alpha = alpha
-        self._inputs = []  # a stack: a layer may be re-entered (gradient checkpointing)
+        self._inputs: list = []  # a stack: a layer may be re-entered (gradient checkpointing)
 
     def pre_forward(self, module, *args, **kwargs):
         self._inputs.append(_hidden_states(args, kwargs))
@@ -200,7 +203,7 @@ def names(module) -> list:
     return [getattr(h, "name", type(h).__name__) for h in _chain(module)]
 
 
-def remove(module) -> None:
+def remove(module: torch.nn.Module) -> None:
     """Remove lp_plugin's hooks from ``module`` (each runs its own ``detach_hook``); any other hook
     stays on, untouched."""
     chain = _chain(module)

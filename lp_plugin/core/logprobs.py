@@ -11,6 +11,7 @@ full-logits path, number for number: docs/perplexity.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ class Head:
 
     @property
     def vocab(self) -> int:
-        return int(self.module.weight.shape[0])
+        return int(cast(torch.Tensor, self.module.weight).shape[0])
 
 
 def head_of(model) -> Head:
@@ -113,12 +114,13 @@ def score_window(
     scored before the next runs), then the head."""
     head, decoder = head_of(model), decoder_of(model)
     batch, total = input_ids.shape
-    values = greedy = None
+    values: torch.Tensor | None = None
+    greedy: torch.Tensor | None = None
     for start, hidden in hidden_chunks(decoder, input_ids, prefill_chunk):
         width = hidden.shape[1]
         if width == total:
             return score(head, hidden.reshape(batch * total, -1), rows, targets, dtype)
-        if values is None:
+        if values is None or greedy is None:
             values = torch.empty(targets.shape, dtype=dtype or hidden.dtype, device=hidden.device)
             greedy = torch.empty(rows.shape[0], dtype=torch.long, device=hidden.device)
         pos = rows % total
@@ -158,6 +160,7 @@ def score(
     at once when they fit one chunk; else over chunks of one fixed, large row count (the last chunk
     filled up with repeated rows), the regime the whole-batch product is in."""
     n, rows = index.shape[0], chunk_rows(head, hidden, dtype, cap)
+    chunks: list[tuple[int, int, int | None]]
     if hidden.shape[0] <= rows:  # one product over every position, as the full forward's
         chunks = [(0, n, None)]
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from .group import Stager
-from .vmm import device_buffer
+from .vmm import PlainBuffer, StableBuffer, device_buffer
 
 
 class Residency:
@@ -18,7 +18,7 @@ class Residency:
         self.room_check = room_check
         self.stats = stats
         self.nbytes = sum(l.nbytes for l in layers)
-        self.buffer = None
+        self.buffer: StableBuffer | PlainBuffer | None = None
         self.is_open = False
 
     @property
@@ -58,6 +58,7 @@ class Residency:
         """End of the session: edits made on the device are written back, the memory given back."""
         for layer in self.layers:
             layer.offload_()
+        assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
         self.is_open = False
 

@@ -77,14 +77,15 @@ class SharedBuffer:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                     os.unlink(path + ".lock")
-        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.tensor: torch.Tensor | None = tensor
         self.pinned = False
         if pin and self.nbytes:
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, _READ_ONLY)
+            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), self.nbytes, _READ_ONLY)
             self.pinned = int(err) == 0
 
     def close(self) -> None:
-        if self.pinned:
+        if self.pinned and self.tensor is not None:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
             self.pinned = False
         self.tensor = None

@@ -29,7 +29,7 @@ from ..errors import AttachError
 from . import ops
 from .group import edit_error
 from .tiers import allocate_host
-from .vmm import device_buffer
+from .vmm import PlainBuffer, StableBuffer, device_buffer
 
 
 class GilSwitch:
@@ -91,10 +91,12 @@ class Ring:
             if self.needs_staging
             else None
         )
-        self.buffer = None  # one device buffer for every slot, at a fixed address across sessions
-        self.staging = None
-        self.slots = None
-        self._watched, self._versions = [], []  # the bound tensors of every layer and their versions at open
+        self.buffer: StableBuffer | PlainBuffer | None = None  # every slot, at a fixed address across sessions
+        self.staging: list[torch.Tensor] | None = None
+        self.slots: list[torch.Tensor] | None = None
+        # the bound tensors of every layer and their versions at open
+        self._watched: list[torch.Tensor] = []
+        self._versions: list[int] = []
         self.id = ops.register(self)
 
     @property
@@ -153,6 +155,7 @@ class Ring:
             layer.bound_flat, layer.streamed = None, False  # nothing to write back: slots are refilled from the tier
             layer.offload_()
         self.slots = None
+        assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
 
     def edited_layers(self) -> list:
@@ -195,6 +198,7 @@ class Ring:
     # ------------------------------------------------------------------ copies
     def _reader_init(self):
         if self.cuda:
+            assert self.side is not None  # made with the ring on CUDA
             torch.cuda.set_device(self.device)
             torch.cuda.set_stream(self.side)
 
@@ -213,6 +217,7 @@ class Ring:
             fork = torch.cuda.Event()
             torch.cuda.current_stream(self.device).record_event(fork)
         if self.host[pos] is None:
+            assert self.executor is not None  # made where a layer reads through staging
             self.pending[pos] = self.executor.submit(self._read_and_copy, pos, fork)
         else:
             self.layers[pos].tier.check(self.layers[pos].key)
@@ -220,10 +225,12 @@ class Ring:
 
     def _copy(self, pos, src, fork, capturing):
         slot = pos % self.nslots
+        assert self.slots is not None  # the ring is open
         dst = self.slots[slot][: src.numel()]
         if not self.cuda:
             dst.copy_(src)
             return
+        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
         self.side.wait_event(fork)
         with torch.cuda.stream(self.side):
             dst.copy_(src, non_blocking=True)
@@ -236,8 +243,10 @@ class Ring:
         GIL while the main thread launches kernels."""
         slot = pos % self.nslots
         layer = self.layers[pos]
+        assert self.staging is not None  # made by open where a layer reads through staging
         buf = self.staging[slot][: layer.nbytes]
         if self.cuda and self.event_ok[slot]:
+            assert self.loaded is not None  # made with the ring on CUDA
             self.loaded[slot].synchronize()  # the previous copy out of this staging buffer is done
         layer.tier.read_into(layer.key, buf)
         self._copy(pos, buf, fork, False)
@@ -250,6 +259,7 @@ class Ring:
                 pass
         self.pending = {}
         if self.cuda:
+            assert self.side is not None  # made with the ring on CUDA
             self.side.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -286,6 +296,7 @@ class Ring:
             fut.result()
         if not self.cuda:
             return
+        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
         stream = torch.cuda.current_stream(self.device)
         if torch.cuda.is_current_stream_capturing():
             if self.in_capture[pos]:  # (a load issued before the capture was complete when it began)

@@ -130,9 +130,11 @@ class StableBuffer:
                 ctypes.c_uint64(0),
             )
         self.ptr = ptr.value
-        self.handle = None
+        self.handle: ctypes.c_uint64 | None = None
         self.nbytes = nbytes
-        self.tensor = None  # made at the first map: the runtime looks the address up, which needs it mapped
+        self.tensor: torch.Tensor | None = (
+            None  # made at the first map: the runtime looks the address up, which needs it mapped
+        )
 
     @property
     def mapped_bytes(self) -> int:
@@ -172,9 +174,10 @@ class StableBuffer:
                     self.drv("cuMemRelease", handle)
                     raise
             self.handle = handle
-            if self.tensor is None:
-                self.tensor = torch.as_tensor(_Pointer(self.ptr, self.nbytes), device=self.device)
-        return self.tensor
+        tensor = self.tensor
+        if tensor is None:
+            tensor = self.tensor = torch.as_tensor(_Pointer(self.ptr, self.nbytes), device=self.device)
+        return tensor
 
     def unmap(self) -> None:
         """Give the physical memory back (after the device is done with it); the address stays reserved."""
@@ -196,14 +199,16 @@ class PlainBuffer:
     """The same interface over one PyTorch allocation per ``map``."""
 
     def __init__(self, nbytes: int, device):
-        self.nbytes, self.device, self.tensor = nbytes, device, None
+        self.nbytes, self.device = nbytes, device
+        self.tensor: torch.Tensor | None = None
 
     mapped_bytes = property(lambda self: 0)  # counted by torch.cuda.memory_allocated
 
     def map(self) -> torch.Tensor:
-        if self.tensor is None:
-            self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        return self.tensor
+        tensor = self.tensor
+        if tensor is None:
+            tensor = self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        return tensor
 
     def unmap(self) -> None:
         self.tensor = None
@@ -212,6 +217,6 @@ class PlainBuffer:
         self.tensor = None
 
 
-def device_buffer(nbytes: int, device):
+def device_buffer(nbytes: int, device) -> StableBuffer | PlainBuffer:
     """An address-stable buffer where the driver allows it, else a plain one."""
     return StableBuffer(nbytes, device) if vmm_supported(device) else PlainBuffer(nbytes, device)

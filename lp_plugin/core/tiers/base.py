@@ -26,7 +26,7 @@ def allocate_host(nbytes: int, pin: bool, what: str) -> torch.Tensor:
 
 def sha256_of(flat) -> str:
     """Hex SHA-256 of a host uint8 tensor (or any buffer): the fingerprint of a unit's bytes."""
-    data = memoryview(flat.numpy()) if isinstance(flat, torch.Tensor) else flat
+    data = flat.numpy().data if isinstance(flat, torch.Tensor) else flat
     return hashlib.sha256(data).hexdigest()
 
 

@@ -15,15 +15,9 @@ class CpuTier(Tier):
         super().__init__(**kw)
         self._buffers: dict = {}
         self._shared: dict = {}
-        self.shared = shm.sharing()
-
-    @property
-    def keeps_flat(self) -> bool:
-        return not self.shared
-
-    @property
-    def read_only(self) -> bool:
-        return self.shared
+        self.shared = shm.sharing()  # one read-only copy for the ranks of this host
+        self.keeps_flat = not self.shared
+        self.read_only = self.shared
 
     def put(self, key, flat, layout, sha256):
         if self.shared:

@@ -81,7 +81,7 @@ class OffloadFolder:
         self.created = not os.path.lexists(path)  # lp_plugin made it: it may remove it once empty
         try:
             os.makedirs(path, exist_ok=True)
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise OffloadFileError(
                 f"cannot create offload_folder {path!r}: {exc.strerror}; pass a writable folder"
@@ -101,6 +101,7 @@ class OffloadFolder:
     def locked(self):
         """Exclusive use of the folder (other processes and tiers wait) while entries are checked,
         written or removed."""
+        assert self.fd is not None, "the folder was closed"
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError as exc:
@@ -258,6 +259,7 @@ class OffloadFolder:
                 raise OffloadFileError(f"writing {what} to {self.path!r} failed: the new file is not a regular file")
             os.fsync(fd)
             os.replace(name, name, src_dir_fd=wfd, dst_dir_fd=self.fd)
+            assert self.fd is not None, "the folder was closed"
             os.fsync(self.fd)
         except BaseException as exc:
             if fd is not None:

@@ -76,7 +76,7 @@ class MappedFile:
         self.fd, self.path, self.what = fd, path, what
         self.map, self.start, self.nbytes, self.sha256 = mapping, start, nbytes, sha256
         self.stamp = stamp(st)
-        self.data = (
+        self.data: torch.Tensor | None = (
             torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
             if nbytes
             else torch.empty(0, dtype=torch.uint8)
