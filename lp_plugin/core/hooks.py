@@ -79,9 +79,8 @@ class SessionHook(_Hook, _GradGuard):
     def pre_forward(self, module, *args, **kwargs):
         if not self.handle.in_session:
             raise AttachError(
-                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on the "
-                "device; "
-                "call the model itself, or wrap the call in `with lp_plugin.session(model):`"
+                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on "
+                "the device; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
         return args, kwargs
 

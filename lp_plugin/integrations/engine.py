@@ -199,8 +199,8 @@ class OffloadHandle:
     def __deepcopy__(self, memo):
         raise AttachError(
             "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
-            "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach each "
-            "copy"
+            "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach "
+            "each copy"
         )
 
     @property

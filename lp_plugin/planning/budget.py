@@ -124,9 +124,8 @@ class BudgetPlan:
     standby_bytes: int
     peak_bytes: int
     phase: str  # the work's peak phase
-    breakdown: (
-        dict  # cuda runtime, allocator slack, weights, buffer, kv, activations, logits, workspace: sums to peak_bytes
-    )
+    # cuda runtime, allocator slack, weights, buffer, kv, activations, logits, workspace: sums to peak_bytes
+    breakdown: dict
     offloaded_bytes: int  # packed: moved per forward in stream mode
     host_bytes: int  # host memory the tier needs (pinned)
     disk_bytes: int
@@ -425,8 +424,7 @@ def plan_offload(
     if host_budget is not None and host > host_budget:
         raise BudgetError(
             f"the plan for max_memory {size_text(card.budget)} on {main_device} offloads {len(best.layers)} layers, "
-            "whose "
-            f"{config.tier} tier needs {size_text(host)} of pinned host memory, but max_memory['cpu'] is "
+            f"whose {config.tier} tier needs {size_text(host)} of pinned host memory, but max_memory['cpu'] is "
             f"{size_text(host_budget)}: raise it to at least {size_text(host, up=True)}"
             + (
                 ", or use tier='disk' (offload_folder=DIR), which pins only the ring's staging buffers"

@@ -86,8 +86,7 @@ class OffloadConfig:
             if given:
                 raise OffloadSpecError(
                     f"{given} only apply with offload='auto' (they are what it plans for); with "
-                    f"offload={self.offload!r} "
-                    "they would be ignored: drop them, or pass offload='auto'"
+                    f"offload={self.offload!r} they would be ignored: drop them, or pass offload='auto'"
                 )
             return  # max_memory may still bound a device_map="auto" base placement (from_pretrained checks its use)
         if self.alpha == 0:
@@ -280,8 +279,8 @@ def _check_tier(value):
 def _check_mode(value):
     if value not in MODES:
         raise OffloadSpecError(
-            f"unknown mode {value!r}; choose 'session' (layers resident for a session) or 'stream' (ring of GPU "
-            "buffers)"
+            f"unknown mode {value!r}; choose 'session' (layers resident for a session) or 'stream' "
+            "(ring of GPU buffers)"
         )
     return value
 

@@ -49,8 +49,8 @@ def _registry(hook_name: str, kind: str, check) -> dict:
             if name in owners:
                 raise OffloadSpecError(
                     f"{kind} {name!r} is registered twice "
-                    f"(by plugin {owners[name]!r} and by {_plugin!r}); rename one of them, or uninstall the plugin you "
-                    "do not want"
+                    f"(by plugin {owners[name]!r} and by {_plugin!r}); rename one of them, or uninstall the "
+                    "plugin you do not want"
                 )
             owners[name] = _plugin
             registry[name] = value

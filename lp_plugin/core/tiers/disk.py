@@ -161,9 +161,9 @@ class DiskTier(Tier):
             if entry.unchanged_since(seen):
                 return
         raise OffloadFileError(
-            f"{describe(key)}: {entry.path} kept changing while it was read; another program is writing to the "
-            "offload folder: stop it, then reload the model (lp_plugin.from_pretrained, or attach a freshly loaded "
-            "model)"
+            f"{describe(key)}: {entry.path} kept changing while it was read; another program is writing to "
+            "the offload folder: stop it, then reload the model (lp_plugin.from_pretrained, or attach a freshly "
+            "loaded model)"
         )
 
     def drop_page_cache(self) -> None:

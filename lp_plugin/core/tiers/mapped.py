@@ -127,8 +127,7 @@ class MappedFile:
         if st.st_size < self.start + self.nbytes:
             raise OffloadFileError(
                 f"{self.what}: {self.path} holds {max(0, st.st_size - self.start)} of its {self.nbytes} bytes: the "
-                "file "
-                "was truncated after attach, and it was the only copy of these weights; reload the model "
+                "file was truncated after attach, and it was the only copy of these weights; reload the model "
                 "(lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds the file"
             )
         if self._payload_matches(st):
