@@ -10,13 +10,23 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, TypeAlias, Union
 
 from ..errors import OffloadSpecError
 from .plugins import tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST
 from .skipping.spec import check_calib, parse_policy, parse_stand_in
+
+if TYPE_CHECKING:
+    import torch
+
+LayerSpec: TypeAlias = str | Sequence[int]  # a policy name or range spec, or layer indices
+MemorySpec: TypeAlias = str | int | Mapping[int | str, int | str] | tuple[tuple[int | str, int], ...]
+# (torch is not imported here: these two name its types by string)
+DeviceSpec: TypeAlias = Union[str, int, "torch.device"]  # "cuda:0", a GPU index, or a device
+CalibSpec: TypeAlias = Union[str, os.PathLike, Sequence[int], "torch.Tensor"]  # a corpus name, a file, token ids
 
 MODES = ("session", "stream")
 WORKS = ("generate", "loglikelihood")
@@ -26,54 +36,43 @@ _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """What to offload, where, and how it comes back.
+    """What to offload, where, and how it comes back: every option of ``attach`` and ``from_pretrained``,
+    checked (and put in one normal form) when the config is built. With ``offload="auto"`` the layers and
+    the mode are planned to fit ``max_memory`` for the work the budget options describe (``lp_plugin.planning.
+    budget``; docs/budgets.md); ``mode="session"`` then lets the planner pick session or stream."""
 
-    offload: which decoder layers (a policy name such as ``even``, ``"2,4,6"``, ``"2-32:2"`` or a list of ints).
-    tier: where offloaded layers live between uses (``cpu``: pinned host memory; ``disk``: safetensors files).
-    mode: ``session`` (resident for a session, standby VRAM saved) or ``stream`` (a ring of GPU buffers per forward).
-    alpha: ``x + alpha * (L(x) - x)`` per offloaded layer; 1 is exact, 0 drops the layers.
-    offload_folder: the disk tier's folder (``~`` is expanded; default: a temporary folder, removed at detach or exit).
-    prefetch: stream mode: layers copied ahead (a ring of ``prefetch + 1`` buffers).
-    protect_first / protect_last: layers a named policy never offloads at either end.
-    main_device: where resident layers run (default: the model's embeddings' device, or the current GPU).
-    skip: layers not run at all (training-free layer skipping): a layer list or range, or a skip policy
-        (see ``lp_plugin.planning.skipping``); composes with ``offload``, which then applies to the other layers.
-    stand_in: what runs in place of a skipped layer: ``none`` (its output is its input), ``mean`` or
-        ``linear`` (``linear:RANK``: low rank), fitted on the calibration data
-        (see ``lp_plugin.planning.skipping.standins``).
-    calib: calibration data for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a text
-        file path, or a list of token ids (see ``lp_plugin.planning.skipping.calib``).
-
-    With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.planning.budget``):
-    max_memory: Accelerate's form: ``{0: "6GiB", "cpu": "30GiB"}``, ints of bytes, or a bare ``"6GiB"``
-        for the main device; as a string also ``"0:6GiB;cpu:30GiB"`` (lm-eval model_args). For a GPU it is
-        the card: everything the process holds there counts. Default with ``offload="auto"``: what the
-        device has free at load. With another spec it bounds ``from_pretrained(device_map="auto")``'s placement.
-    max_context / batch_size: the work the budget must hold (default: the model's
-        max_position_embeddings, as lm-eval's HFLM picks max_length; batch 1). ``max_context="auto"``: the
-        longest context up to the model's own that fits.
-    work: ``generate`` (logits of the last token; the default) or ``loglikelihood`` (lm-eval's full
-        logits over the context; the default of the lm-eval model type).
-    ``mode="session"`` (the default) lets the planner pick session or stream; ``mode="stream"`` keeps it
-    to stream mode.
-    """
-
-    offload: object = "even"
+    offload: LayerSpec = "even"
+    """Which decoder layers: a policy name (``even``, ``auto``, ...), ``"2,4,6"``, ``"2-32:2"`` or layer indices."""
     tier: str = "cpu"
+    """Where offloaded layers live between uses: ``cpu`` (pinned host memory), ``disk`` (safetensors files)."""
     mode: str = "session"
+    """``session`` (resident for a session, standby VRAM saved) or ``stream`` (a ring of GPU buffers per forward)."""
     alpha: float = 1.0
+    """``x + alpha * (L(x) - x)`` per offloaded layer: 1 is exact, 0 drops the layers."""
     offload_folder: str | None = None
+    """The disk tier's folder, ``~`` expanded (default: a temporary folder, removed at detach or exit)."""
     prefetch: int = 1
+    """Stream mode: layers copied ahead (a ring of ``prefetch + 1`` buffers)."""
     protect_first: int = PROTECT_FIRST
+    """Leading layers a named policy never offloads."""
     protect_last: int = PROTECT_LAST
-    main_device: object = None
-    skip: object = None
+    """Trailing layers a named policy never offloads."""
+    main_device: DeviceSpec | None = None
+    """Where resident layers run (default: the model's embeddings' device, or the current GPU)."""
+    skip: LayerSpec | None = None
+    """Layers not run at all: a layer list or range, or a skip policy (``bi:3``, docs/skipping.md)."""
     stand_in: str = "none"
-    calib: object = None
-    max_memory: object = None
-    max_context: int | None = None
+    """What runs in place of a skipped layer: ``none`` (its input), ``mean`` or ``linear[:RANK]`` (fitted)."""
+    calib: CalibSpec | None = None
+    """Calibration tokens for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a file, token ids."""
+    max_memory: MemorySpec | None = None
+    """The budget, Accelerate's form (``{0: "6GiB", "cpu": "30GiB"}``, a bare ``"6GiB"``, ``"0:6GiB;cpu:30GiB"``)."""
+    max_context: int | str | None = None
+    """Tokens of context the budget must hold (default: the model's), or ``"auto"``: the longest that fits."""
     batch_size: int | None = None
+    """Sequences per forward the budget must hold (default 1)."""
     work: str | None = None
+    """What the budget plans for: ``generate`` (the default) or ``loglikelihood`` (lm-eval's scoring)."""
 
     def __post_init__(self):
         for name, check in _CHECKS.items():

@@ -10,16 +10,23 @@ plan's config then names the chosen layers and mode, and ``plan.budget`` holds t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ..core import accel
 from ..core.devices import main_device_of, map_value, normalize_device
 from ..errors import OffloadSpecError
 from . import arch, footprint
-from .budget import plan_offload
+from .budget import BudgetPlan, plan_offload
 from .config import OffloadConfig
 from .plugins import policies
 from .policies import PROTECT_FIRST, PROTECT_LAST, select_layers
 from .skipping import resolve_skips
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .skipping.resolve import SkipPlan
 
 _UNUSED_MAX_MEMORY = (
     "max_memory bounds offload='auto' (the plan fits it) or a device_map='auto' base placement; with an "
@@ -43,12 +50,12 @@ class OffloadPlan:
     other_keys: tuple  # the top-level modules around the layer list (embeddings, norm, rotary, lm_head)
     offloaded: tuple  # layers kept on the tier and brought back for their forward (alpha > 0)
     dropped: tuple  # layers never run (alpha == 0)
-    main_device: object  # torch.device the resident part runs on
-    skeleton: object = field(default=None, repr=False, compare=False)  # meta model, when planned from a config
-    skips: object = field(default=None, compare=False)  # SkipPlan; None until resolved against the loaded model
+    main_device: torch.device  # where the resident part runs
+    skeleton: nn.Module | None = field(default=None, repr=False, compare=False)  # meta model, planned from a config
+    skips: SkipPlan | None = field(default=None, compare=False)  # None until resolved against the loaded model
     devices: dict = field(default_factory=dict, compare=False)  # layer -> the device it computes on, where not main
-    base: object = field(default=None, repr=False, compare=False)  # BaseMap the plan keeps the placement of
-    budget: object = field(default=None, compare=False)  # lp_plugin.planning.budget.BudgetPlan behind offload="auto"
+    base: BaseMap | None = field(default=None, repr=False, compare=False)  # the base placement the plan keeps
+    budget: BudgetPlan | None = field(default=None, compare=False)  # the budget plan behind offload="auto"
 
     @classmethod
     def for_model(cls, model, config: OffloadConfig) -> OffloadPlan:
