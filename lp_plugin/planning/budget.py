@@ -85,7 +85,9 @@ def device_budgets(max_memory, main_device) -> tuple:
 @functools.cache
 def measured_bandwidth(device: str) -> float:
     """Pinned host-to-device bandwidth to ``device`` in GB/s: one 256 MiB copy (measured once)."""
-    return h2d_bandwidth(torch.device(device), PROBE_BYTES, pinned=True)["gbps"]
+    measured = h2d_bandwidth(torch.device(device), PROBE_BYTES, pinned=True)
+    assert measured is not None  # (a CUDA device: link_bandwidth asks for no other)
+    return measured["gbps"]
 
 
 def link_bandwidth(main_device, given=None) -> tuple:
@@ -302,7 +304,7 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
 def _chunks(work: Work) -> list:
     """Prefill chunks to try for ``work``, longest first: the whole window, then halves down to
     :data:`MIN_PREFILL_CHUNK` (loglikelihood only: generate's prefill is the caller's)."""
-    out = [None]
+    out: list[int | None] = [None]
     if work.kind == "loglikelihood" and work.context > MIN_PREFILL_CHUNK:
         c = 1 << ((work.context - 1).bit_length() - 1)  # the largest power of two below the context
         while c >= MIN_PREFILL_CHUNK:
@@ -505,7 +507,8 @@ def _nothing_fits(plan: BudgetPlan, card: Card, config, fp) -> str:
 # ---------------------------------------------------------------------------------------- text
 def compact(layers) -> str:
     """``(0, 1, 2, 5, 7, 8)`` as ``"0-2,5,7-8"``."""
-    runs, out = [], []
+    runs: list[list[int]] = []
+    out: list[str] = []
     for i in sorted(layers):
         if runs and i == runs[-1][1] + 1:
             runs[-1][1] = i

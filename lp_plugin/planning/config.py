@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING, TypeAlias, Union
+from typing import TYPE_CHECKING, TypeAlias, Union, cast
 
 from ..errors import OffloadSpecError
 from .plugins import tier_names
@@ -146,7 +146,8 @@ class OffloadConfig:
         d = asdict(self)
         d["offload"] = self.offload if isinstance(self.offload, str) else list(self.offload)
         d["main_device"] = None if self.main_device is None else str(self.main_device)
-        d["max_memory"] = None if self.max_memory is None else {str(k): v for k, v in self.max_memory}
+        parsed = cast("tuple[tuple[int | str, int], ...] | None", self.max_memory)  # (parsed when built)
+        d["max_memory"] = None if parsed is None else {str(k): v for k, v in parsed}
         return d
 
 

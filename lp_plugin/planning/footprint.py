@@ -232,7 +232,8 @@ def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
     fmt = weight_format(fmt, hf_config)
     meta = skeleton if skeleton is not None else arch.skeleton(hf_config)
     prefix, layer_list = arch.find_decoder_layers(meta)
-    head, seen = meta.get_output_embeddings(), set()  # (a skeleton is tied: a tied lm_head's weight is met once)
+    head = meta.get_output_embeddings()
+    seen: set[int] = set()  # (a skeleton is tied: a tied lm_head's weight is met once)
     layers = [
         [e for name, m in layer.named_modules(prefix=f"{prefix}.{i}") for e in _entries(m, name, fmt, head, seen)]
         for i, layer in enumerate(layer_list)

@@ -10,7 +10,7 @@ plan's config then names the chosen layers and mode, and ``plan.budget`` holds t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core import accel
 from ..core.devices import main_device_of, map_value, normalize_device
@@ -294,9 +294,10 @@ def _tied_modules(meta, other_keys) -> list:
     order = {key: i for i, key in enumerate(other_keys)}
     groups = []
     for names in find_tied_parameters(meta):
-        keys = {next((k for k in other_keys if n == k or n.startswith(k + ".")), None) for n in names} - {None}
+        found = (next((k for k in other_keys if n == k or n.startswith(k + ".")), None) for n in names)
+        keys = {k for k in found if k is not None}
         if len(keys) > 1:
-            groups.append(sorted(keys, key=order.get))
+            groups.append(sorted(keys, key=lambda k: order[k]))
     return groups
 
 
@@ -338,7 +339,9 @@ def residual_offload_device_map(
             f"an Accelerate device map can only place layers on 'cpu' or 'disk', got tier={tier!r}; "
             "plugin tiers work through lp_plugin.attach/from_pretrained"
         )
-    options = {k: v for k, v in dict(protect_first=protect_first, protect_last=protect_last).items() if v is not None}
+    options: dict[str, Any] = {
+        k: v for k, v in dict(protect_first=protect_first, protect_last=protect_last).items() if v is not None
+    }
     if main_device is not None or base_map is None:
         options["main_device"] = normalize_device(main_device)
     config = OffloadConfig(offload=offload, **options)

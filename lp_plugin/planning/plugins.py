@@ -40,7 +40,8 @@ def load() -> pluggy.PluginManager:
 def _registry(hook_name: str, kind: str, check) -> dict:
     """Call every implementation of one hook with a ``register`` bound to that plugin; ``check(plugin,
     *args)`` validates one registration and returns ``(name, value)``. Duplicate names are refused."""
-    registry, owners = {}, {}
+    registry: dict = {}
+    owners: dict[str, str] = {}
     for impl in reversed(getattr(load().hook, hook_name).get_hookimpls()):  # registration order
         plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
 
