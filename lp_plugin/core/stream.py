@@ -1,21 +1,6 @@
-"""Stream mode's ring: each forward pulls the offloaded layers through ``prefetch + 1`` device buffers.
-
-Layer ``pos`` (in execution order) always uses ring slot ``pos % slots`` and its tensors stay bound
-to that slot while the ring is open, so a compiled forward replayed as a CUDA graph finds the same
-addresses every step. Copies run on a side CUDA stream from pinned host memory: when layer ``pos``'s
-Linear modules are done, the slot's next user (layer ``pos + slots``) is copied in; the last users of
-the slots start the next forward's first loads, which the end of the forward joins (a captured graph
-must join its side-stream work) — all but the last slot's, which the next forward starts with, so the
-copy engine has work from its first moment. The compute stream waits only for the slot it needs. Each
-copy forks from the compute stream with a fresh event, so the same code runs eagerly and inside a CUDA
-graph capture (the ops in ``ops.py`` are what a compiled forward calls; the compiler cannot reorder them
-around the layer they belong to).
-
-A tier without a pinned host copy (disk) is read by one reader thread into pinned staging buffers;
-such a ring cannot be captured into a CUDA graph (it says so). The ring's memory is allocated when a
-session opens (every ``generate()`` call and bare forward opens one) and freed when it closes, so
-standby VRAM holds no ring. Without CUDA the same code runs with plain host copies.
-"""
+"""Stream mode's ring: each forward pulls the offloaded layers through ``prefetch + 1`` device buffers,
+layer ``pos`` always in slot ``pos % slots``, copied on a side CUDA stream (or through pinned staging
+buffers read by one thread, for a tier without a pinned host copy). How and why: docs/architecture.md."""
 
 from __future__ import annotations
 

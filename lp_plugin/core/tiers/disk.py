@@ -1,20 +1,6 @@
-"""The ``disk`` tier: one safetensors layer file per offloaded layer in ``offload_folder``.
-
-At attach, :meth:`DiskTier.put` works under the folder lock: it opens the file at the layer's path
-once (no links, no special files), parses its header through ``safetensors``, checks every field,
-maps it copy-on-write and hashes the payload as mapped. A file that is exactly this layer is reused;
-one that is missing is written; one that is stale, foreign, truncated, bit-flipped or malformed in
-any way is rebuilt from the source weights with a warning naming the layer and the reason, but only
-when lp_plugin can prove the file is its own (see :mod:`lp_plugin.core.tiers.folder`); anything else is
-refused with an error. New files are written through a private work folder and an atomic rename,
-then verified through the same handle the tier keeps.
-
-Between uses the model's tensors point into the mapping (writes there change memory, never the
-file). Transfers copy out of it with one ``Tensor.copy_`` into a pinned staging buffer (page-cache
-speed, on torch's intra-op threads without the GIL), each after :meth:`DiskTier.check`: one
-``fstat`` comparing the file's identity and times with those recorded at verification (see
-:mod:`lp_plugin.core.tiers.mapped` for what is and is not caught).
-"""
+"""The ``disk`` tier: one safetensors layer file per offloaded layer in ``offload_folder``, verified at attach
+(reused, written, or rebuilt when lp_plugin can prove the file is its own), mapped copy-on-write, checked
+with one ``fstat`` before each transfer. How and why: docs/architecture.md."""
 
 from __future__ import annotations
 

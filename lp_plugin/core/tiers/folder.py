@@ -1,26 +1,5 @@
-"""The offload folder as shared ground: the directory handle every file operation goes through,
-its lock, and the rules for touching entries in it.
-
-* Every operation is relative to one open handle of the folder (``dir_fd``), so renaming or
-  replacing the folder's path meanwhile cannot redirect a write.
-* Entries are opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked to be regular files before
-  anything is read: a symbolic link (which could lead outside the folder) or a special file (a FIFO
-  would block, a device could be anything) at a name lp_plugin uses is refused with an error naming
-  the entry and the fix, without blocking and without reading it.
-* lp_plugin creates entries only through :meth:`OffloadFolder.replace` (a reserved private work
-  folder, then an atomic rename), and replaces or deletes only entries the journal
-  (:mod:`lp_plugin.core.tiers.journal`) proves it wrote, or complete files bearing lp_plugin's format
-  mark. Anything else in the folder is never touched.
-* A folder of valid files needs no write at all: it can be read-only.
-
-The lock is ``flock`` on the folder's own handle rather than on a lock file (``fcntl`` locks or the
-``filelock`` package): a lock file is an extra entry in the shared folder that the lock would have
-to create (through a symlink, if someone planted one at its name), and may have to delete, with no
-way to prove it is lp_plugin's. A directory handle needs no entry, cannot be a link, works in a
-read-only folder, and the kernel drops the lock when a process dies. ``flock`` locks belong to the
-open handle, so two tiers in one process exclude each other as two processes do. Filesystems that
-cannot ``flock`` a directory (some network filesystems) get a clear error.
-"""
+"""The offload folder as shared ground: the directory handle every file operation goes through, its lock
+(``flock`` on that handle), and the rules for touching entries in it. How and why: docs/architecture.md."""
 
 from __future__ import annotations
 

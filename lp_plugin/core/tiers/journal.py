@@ -1,26 +1,5 @@
-"""The offload folder's record of what lp_plugin wrote there: the proof of ownership behind every
-rewrite and deletion.
-
-The folder is shared ground: it may hold the user's own files, including ones whose names look like
-lp_plugin's. So lp_plugin replaces or deletes an entry only when it can show it made it, and this
-journal (``.lp_plugin-owned.jsonl``, JSON lines, one record per line) is that showing:
-
-* ``{"reserve": NAME}`` is appended *before* a temporary entry ``NAME`` is created (``NAME`` holds
-  16 random hex digits and is created exclusively), so an entry left by a writer that died (kill -9,
-  power loss) can be removed later: its name was reserved by lp_plugin, and nobody else picks it;
-* ``{"release": NAME}`` once that entry is gone (renamed into place or removed);
-* ``{"file": NAME, "dev": D, "ino": I}`` after a layer file was renamed into place: a file at
-  ``NAME`` with that identity was written by lp_plugin, whatever its bytes are now (truncated, bit
-  flips, a foreign header written over it in place), so it may be rebuilt.
-
-Appends are the only writes in normal operation (one ``O_APPEND`` write and ``fdatasync`` each); a
-reader skips a torn last line and any line that is not exactly one of these records (names are
-checked against lp_plugin's own patterns, so no record can point outside the folder). When the
-journal grows past :data:`COMPACT_AT` it is rewritten through a reserved temporary file and an
-atomic rename. All access happens under the folder lock. Residual risk, stated: inode numbers are
-reused by filesystems, so a user file created at a layer path after lp_plugin's file there was
-deleted *and* given the old file's inode number would pass as lp_plugin's.
-"""
+"""The offload folder's record of what lp_plugin wrote there (``.lp_plugin-owned.jsonl``): the proof of
+ownership behind every rewrite and deletion. Its records and their rules: docs/architecture.md."""
 
 from __future__ import annotations
 

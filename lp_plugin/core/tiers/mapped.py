@@ -1,36 +1,6 @@
-"""A verified layer file: opened once, mapped copy-on-write, its payload hashed *as mapped*, and its
-identity and times recorded so that every later use can tell, with one ``fstat``, whether the file
-is still what was verified.
-
-What is caught:
-
-* at verification, any change to the file while it is hashed (identity, size, mtime or ctime moved
-  between the ``fstat`` before and after), and, because a file's times advance in clock ticks, a
-  change in the same tick as its last one: a file whose times are that recent is hashed again once
-  the tick has passed;
-* at every :meth:`MappedFile.check` (before each copy out of the file, each time the disk tier hands
-  out the mapped payload, and at detach): a truncation
-  (an error at once: reading a mapped page past the end would kill the process with SIGBUS), and any
-  other change of size, mtime or ctime (an in-place rewrite, of the same size too; ``utime`` cannot
-  hide one, since it moves the ctime). A changed stamp costs one hash of the payload read from the
-  file: when the bytes are still the verified ones (a ``touch``, a ``chmod``, bytes appended after
-  the payload, the path renamed over or unlinked while the open file lives on), the new stamp is
-  recorded and the bytes are used; otherwise :class:`OffloadFileError` says what to do.
-
-A change while the bytes are copied is caught where the tier makes the copy
-(:meth:`~lp_plugin.core.tiers.disk.DiskTier.read_into` looks at the stamp again afterwards and copies
-again); where the engine copies out of the mapping itself after a :meth:`MappedFile.check` (a
-session on a CPU main device, and detach there), a write racing with that copy is not caught.
-
-What is not caught, either: changes that move no time. Writes through another process's *shared
-mapping* of the file stamp it only when a page is first dirtied after writeback; on kernels before
-Linux 6.13 (no multigrain timestamps) or on filesystems with coarse times, two writes within one
-clock tick (or one second) carry the same stamp, so one after a check in that tick goes unseen; a
-clock set back, or ctime forged by root. The model's tensors point into the mapping between uses,
-so reading them then (``state_dict`` in standby) reads the mapping without a check. A renamed-over
-or unlinked path is not an error: the open file is the verified one and stays readable, so another
-process rebuilding the path (same folder, other weights) does not disturb this one.
-"""
+"""A verified layer file: opened once, mapped copy-on-write, its payload hashed as mapped, its identity
+and times recorded so that every later use can tell with one ``fstat`` whether the file is still what
+was verified. What is and is not caught: docs/architecture.md."""
 
 from __future__ import annotations
 
