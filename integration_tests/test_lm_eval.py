@@ -222,7 +222,7 @@ def test_hook_keeps_builtins_and_can_be_disabled():
 
 def test_registration_is_idempotent_and_upgrades_to_the_class():
     out = _py(
-        "from lp_plugin import _lm_eval_register as h\n"
+        "from lp_plugin.integrations import _lm_eval_register as h\n"
         "from lm_eval.api.registry import get_model, model_registry as r\n"
         "assert h.register() and h.register()\n"
         "cls = get_model('hf-residual-offload')\n"
