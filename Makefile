@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lp_plugin-installed
 
-.PHONY: setup test gpu-test demo clean
+.PHONY: setup lint test gpu-test demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-test: setup
+# lint and format (configured in pyproject.toml), the type checker on the core, then the tests
+lint: setup
+	$(BIN)/ruff check lp_plugin integration_tests
+	$(BIN)/ruff format --check lp_plugin integration_tests
+	$(BIN)/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest integration_tests
 
 # the CUDA tests (marked gpu), on a GPU machine whose Python already has torch and the dependencies

@@ -49,7 +49,7 @@ class Case:
 
 def parse_cases(text: str) -> list:
     """``"bf16:6GiB:8192,nf4:2GiB:512"`` as :class:`Case` objects (ValueError naming the bad one)."""
-    from lp_plugin.config import parse_size
+    from lp_plugin.planning.config import parse_size
 
     cases = []
     for item in (p.strip() for p in text.split(",") if p.strip()):
@@ -101,7 +101,7 @@ def load_kwargs(dtype: str) -> dict:
     import torch
 
     if dtype == "nf4":
-        from lp_plugin.quant import nf4_config
+        from lp_plugin.integrations.quant import nf4_config
 
         return {"quantization_config": nf4_config(), "dtype": torch.bfloat16}
     return {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]}
@@ -244,7 +244,7 @@ def best_hand_picked(model, case: Case, plan: dict, args) -> dict:
 
 def ensure_checkpoint(model: str, folder: str) -> str:
     """``model`` itself if it is a folder, else the shape saved once (seeded, bf16, built on the GPU)."""
-    from lp_plugin.shapes import build_shape_model, is_shape
+    from lp_plugin.tools.shapes import build_shape_model, is_shape
 
     if not is_shape(model):
         return model
@@ -305,7 +305,7 @@ def summarize(entries: list) -> dict:
 def config_of(model: str):
     from transformers import AutoConfig
 
-    from lp_plugin.shapes import is_shape, shape_config
+    from lp_plugin.tools.shapes import is_shape, shape_config
 
     config = shape_config(model) if is_shape(model) else AutoConfig.from_pretrained(model)
     config._name_or_path = model
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: no GPU here; pass --plan-only for the plans alone", file=sys.stderr)
             return 2
-        from lp_plugin.budget import measured_bandwidth
+        from lp_plugin.planning.budget import measured_bandwidth
 
         ckpt = ensure_checkpoint(args.model, args.ckpt_dir)
         report["pinned_h2d_gbps"] = measured_bandwidth(str(torch.device(args.device)))

@@ -98,9 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Everything a run needs from its command line, before any heavy work (:class:`ArgError`)."""
-    from lp_plugin.config import parse_size
+    from lp_plugin.planning.config import parse_size
     from lp_plugin.errors import OffloadSpecError
-    from lp_plugin.shapes import is_shape, shape_names
+    from lp_plugin.tools.shapes import is_shape, shape_names
 
     if not args.card:
         raise ArgError("--card SIZE is required, e.g. --card 6GiB")
@@ -319,7 +319,7 @@ def _load_kwargs(dtype: str) -> dict:
     import torch
 
     if dtype == "nf4":
-        from lp_plugin.quant import nf4_config
+        from lp_plugin.integrations.quant import nf4_config
 
         return {"quantization_config": nf4_config(torch.bfloat16), "dtype": torch.bfloat16}
     return {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]}
@@ -347,8 +347,8 @@ def step_checkpoint(spec: dict) -> dict:
     """The shape saved once (bf16, seeded, built on the GPU) with a tokenizer; reused when complete."""
     import torch
 
-    from lp_plugin import footprint
-    from lp_plugin.shapes import save_shape_checkpoint, shape_config
+    from lp_plugin.planning import footprint
+    from lp_plugin.tools.shapes import save_shape_checkpoint, shape_config
 
     name, seed = spec["model"], spec["seed"]
     leaf = f"lp-card-{name}-seed{seed}"
@@ -413,12 +413,12 @@ def _generate(model, ids, new_tokens: int):
 
 
 def _decode_rate(model, vocab: int, steps: int, seed: int) -> float:
-    """Tokens/s of lp-bench's bare greedy decode loop (``lp_plugin.bench.measure.bare_decode``: a short
+    """Tokens/s of lp-bench's bare greedy decode loop (``lp_plugin.tools.bench.measure.bare_decode``: a short
     prompt, untimed warm steps, then ``steps`` timed single-token forwards), inside a session."""
     import torch
 
     import lp_plugin
-    from lp_plugin.bench.measure import bare_decode
+    from lp_plugin.tools.bench.measure import bare_decode
 
     ids = _prompt(vocab, DECODE_PROMPT, seed + 1).to(DEVICE)
     with lp_plugin.session(model):
@@ -427,11 +427,11 @@ def _decode_rate(model, vocab: int, steps: int, seed: int) -> float:
 
 def _prefill_rate(model, vocab: int, context: int, seed: int) -> float:
     """Tokens/s of one full-context prefill into a fresh KV cache, last-token logits only (as generate's
-    prefill; ``lp_plugin.bench.measure.prefill_run``), inside a session."""
+    prefill; ``lp_plugin.tools.bench.measure.prefill_run``), inside a session."""
     import torch
 
     import lp_plugin
-    from lp_plugin.bench.measure import prefill_run
+    from lp_plugin.tools.bench.measure import prefill_run
 
     ids = _prompt(vocab, context, seed + 2).to(DEVICE)
     with lp_plugin.session(model):
@@ -449,7 +449,7 @@ def _h2d_gbps() -> float | None:
     """Pinned host-to-device GB/s of a 64 MiB copy (None on the CPU)."""
     import torch
 
-    from lp_plugin.bench.measure import h2d_bandwidth
+    from lp_plugin.core.devices import h2d_bandwidth
 
     measured = h2d_bandwidth(torch.device(DEVICE, 0) if DEVICE != "cpu" else torch.device("cpu"), 64 * MiB, pinned=True)
     return measured["gbps"] if measured else None
@@ -472,7 +472,7 @@ def step_reference(spec: dict) -> dict:
     """The plain model on the whole GPU: tokens, last-step scores (saved for the workload) and its speed."""
     import torch
 
-    from lp_plugin.shapes import load_checkpoint
+    from lp_plugin.tools.shapes import load_checkpoint
 
     model = load_checkpoint(spec["folder"], spec["dtype"], DEVICE)
     vocab = model.config.vocab_size
@@ -601,7 +601,7 @@ def step_monitor(spec: dict) -> None:
 
 def step_lmeval(spec: dict) -> dict:
     """The stock lm-eval CLI in this process (with hf-residual-offload registered, as the .pth hook does)."""
-    import lp_plugin._lm_eval_register as register
+    import lp_plugin.integrations._lm_eval_register as register
 
     register.install()
     from lm_eval.__main__ import cli_evaluate
@@ -850,7 +850,7 @@ def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
         model_args.append(f"max_length={args.lm_eval_max_length}")
     kind = "hf-residual-offload" if offload or args.dtype == "nf4" else "hf"
     argv = ["--model", kind, "--model_args", ",".join(model_args), "--tasks", "lp_pydoc_ppl",
-            "--include_path", str(Path(pkg).resolve().parent / "tasks"), "--batch_size", "1", "--device", "cuda:0",
+            "--include_path", str(Path(pkg).resolve().parent / "integrations" / "tasks"), "--batch_size", "1", "--device", "cuda:0",
             "--output_path", str(out_path)]
     if args.lm_eval_limit:
         argv += ["--limit", str(args.lm_eval_limit)]
@@ -876,13 +876,13 @@ def _lm_eval_summary(run: dict, results: dict | None) -> dict:
 
 
 def _tokenizer_for(args) -> str | None:
-    from lp_plugin.shapes import is_shape
+    from lp_plugin.tools.shapes import is_shape
 
     if not (args.lm_eval and is_shape(args.model)):
         return None
     if args.tokenizer:
         return os.path.abspath(args.tokenizer)
-    from lp_plugin.bundled import BundledModelError, bundled_tokenizer_path
+    from lp_plugin.tools.bundled import BundledModelError, bundled_tokenizer_path
 
     try:
         return bundled_tokenizer_path()
@@ -891,7 +891,7 @@ def _tokenizer_for(args) -> str | None:
 
 
 def orchestrate(args) -> int:
-    from lp_plugin.shapes import is_shape
+    from lp_plugin.tools.shapes import is_shape
 
     out = Path(args.out)
     tokenizer = _tokenizer_for(args)

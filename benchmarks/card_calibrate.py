@@ -29,8 +29,8 @@ def _case(args) -> dict:
     import torch
 
     import lp_plugin
-    from lp_plugin import devices, logprobs
-    from lp_plugin.quant import nf4_config
+    from lp_plugin.core import devices, logprobs
+    from lp_plugin.integrations.quant import nf4_config
 
     dtype, budget, context, work = args.case.split(":")
     dev = torch.device("cuda", 0)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder = Path("/dev/shm") / f"lp-card-{args.model}"
     if not (folder / "config.json").exists():
-        subprocess.run([sys.executable, "-c", "import sys; from lp_plugin.shapes import save_shape_checkpoint; "
+        subprocess.run([sys.executable, "-c", "import sys; from lp_plugin.tools.shapes import save_shape_checkpoint; "
                         f"save_shape_checkpoint({args.model!r}, {str(folder)!r}, 'bf16', 'cuda')"], check=True)
     rows = []
     for case in args.cases.split(","):

@@ -31,7 +31,7 @@ import torch
 
 from concurrent.futures import ThreadPoolExecutor
 
-from lp_plugin.tiers import DiskTier, sha256_of
+from lp_plugin.core.tiers import DiskTier, sha256_of
 
 
 def _key(i):

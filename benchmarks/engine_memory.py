@@ -27,7 +27,7 @@ GiB = 1024**3
 
 def _qconfig(dtype):
     if dtype == "nf4":
-        from lp_plugin.quant import nf4_config
+        from lp_plugin.integrations.quant import nf4_config
 
         return {"quantization_config": nf4_config()}
     return {"dtype": {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]}
@@ -95,7 +95,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     import lp_plugin
-    from lp_plugin.shapes import build_shape_model
+    from lp_plugin.tools.shapes import build_shape_model
 
     os.makedirs(args.out, exist_ok=True)
     work = args.workdir or tempfile.mkdtemp(prefix="lp_engine_")

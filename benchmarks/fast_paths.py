@@ -30,14 +30,14 @@ import time
 import torch
 
 import lp_plugin
-from lp_plugin import shapes
-from lp_plugin.quant import nf4_config
+from lp_plugin.tools import shapes
+from lp_plugin.integrations.quant import nf4_config
 
 
 def _hooks(model) -> dict:
     from accelerate.hooks import ModelHook
 
-    from lp_plugin.hooks import _Hook
+    from lp_plugin.core.hooks import _Hook
 
     kinds = {}
     for module in model.modules():

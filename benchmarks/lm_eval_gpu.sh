@@ -16,11 +16,11 @@ TOKENIZER="${TOKENIZER:?folder with the bundled tokenizer (python -m lp_plugin b
 OUTDIR="${OUTDIR:-benchmarks/results}"
 LIMIT="${LIMIT:-8}"
 CKPT="${CKPT:-/tmp/lp-qwen2.5-3b-shape}"
-LM_EVAL=(python3 -c 'import sys, lp_plugin._lm_eval_register as r; r.install(); from lm_eval.__main__ import cli_evaluate; sys.argv[0] = "lm_eval"; cli_evaluate()')
+LM_EVAL=(python3 -c 'import sys, lp_plugin.integrations._lm_eval_register as r; r.install(); from lm_eval.__main__ import cli_evaluate; sys.argv[0] = "lm_eval"; cli_evaluate()')
 python3 - "$CKPT" "$TOKENIZER" <<'PY'
 import sys, shutil, os, torch
 from transformers import AutoTokenizer
-from lp_plugin.shapes import build_shape_model
+from lp_plugin.tools.shapes import build_shape_model
 ckpt, tok = sys.argv[1:]
 if not os.path.exists(os.path.join(ckpt, "config.json")):
     m = build_shape_model("qwen2.5-3b-shape", "bf16", "cuda", seed=0)

@@ -19,7 +19,7 @@ DP_TASKS="${DP_TASKS:-lp_pydoc_chunks lp_pydoc_ppl}"
 python3 - "$CKPT" "${TOKENIZER:?}" <<'PY'
 import sys, os
 from transformers import AutoTokenizer
-from lp_plugin.shapes import build_shape_model
+from lp_plugin.tools.shapes import build_shape_model
 ckpt, tok = sys.argv[1:]
 if not os.path.exists(os.path.join(ckpt, "config.json")):
     build_shape_model("qwen2.5-3b-shape", "bf16", "cuda:0", seed=0).save_pretrained(ckpt)

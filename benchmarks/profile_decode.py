@@ -12,8 +12,8 @@ import time
 import torch
 
 import lp_plugin
-from lp_plugin.bench.measure import cache_kwargs
-from lp_plugin.shapes import build_shape_model, build_shape_model_nf4
+from lp_plugin.tools.bench.measure import cache_kwargs
+from lp_plugin.tools.shapes import build_shape_model, build_shape_model_nf4
 
 
 def loop(model, ids, n):

@@ -47,7 +47,7 @@ for dtype in $DTYPES; do
   fi
   echo "=== lp-bench $MODEL $dtype ==="
   set +e
-  timeout "$limit" "$PY" -m lp_plugin.bench.cli --model "$MODEL" --dtype "$dtype" \
+  timeout "$limit" "$PY" -m lp_plugin.tools.bench.cli --model "$MODEL" --dtype "$dtype" \
     --configs "$configs" --prompt 100 --new 64 --prefill 512 --repeats "$REPEATS" --static "${STATIC:-auto}" \
     --out "$base.json" --plot "$base.png" "${compare[@]}" 2> >(tee "$base.log" >&2) | tee "$base.txt"
   rc=${PIPESTATUS[0]}

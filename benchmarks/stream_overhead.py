@@ -16,8 +16,8 @@ import statistics
 import torch
 
 import lp_plugin
-from lp_plugin.bench.measure import bare_decode
-from lp_plugin.shapes import build_shape_model, build_shape_model_nf4
+from lp_plugin.tools.bench.measure import bare_decode
+from lp_plugin.tools.shapes import build_shape_model, build_shape_model_nf4
 
 
 def main():

@@ -21,7 +21,7 @@ SMALL = ["--prompt", "12", "--new", "8", "--prefill", "24", "--ppl-tokens", "24"
 
 def bench(args) -> tuple:
     """``lp-bench ARGS`` in this process: ``(exit status, stdout)``."""
-    from lp_plugin.bench import cli
+    from lp_plugin.tools.bench import cli
 
     buf = io.StringIO()
     with redirect_stdout(buf):
@@ -33,7 +33,7 @@ def bench(args) -> tuple:
 
 
 def bench_process(args, site_code: str | None = None, tmp_dir=None, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """``python -m lp_plugin.bench.cli ARGS`` in a fresh interpreter; ``site_code`` becomes a
+    """``python -m lp_plugin.tools.bench.cli ARGS`` in a fresh interpreter; ``site_code`` becomes a
     ``sitecustomize`` module that runs before lp-bench does (a test build of the engine)."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     if site_code is not None:
@@ -41,7 +41,7 @@ def bench_process(args, site_code: str | None = None, tmp_dir=None, env=None, ti
         site.mkdir(parents=True, exist_ok=True)
         (site / "sitecustomize.py").write_text(site_code)
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), full_env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "lp_plugin.bench.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lp_plugin.tools.bench.cli", *map(str, args)], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=str(ROOT))
 
 

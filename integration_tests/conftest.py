@@ -19,7 +19,6 @@ from shapes import build_tiny, save_tiny, tiny_config  # noqa: E402,F401  (re-ex
 def tiny_checkpoints(tmp_path_factory):
     """arch -> folder of a saved bf16 tiny checkpoint."""
     import torch
-
     from shapes import ARCHS
 
     return {arch: save_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "ckpt", dtype=torch.bfloat16) for arch in ARCHS}

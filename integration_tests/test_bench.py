@@ -15,7 +15,7 @@ import warnings
 import pytest
 from bench_helpers import SMALL, bench, config
 
-from lp_plugin.bench.configs import TWIN, ConfigError, parse_config, parse_configs, split_configs
+from lp_plugin.tools.bench.configs import TWIN, ConfigError, parse_config, parse_configs, split_configs
 
 CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
            "stream:2,4:cpu:alpha=0.5:prefetch=2,accelerate_cpu:even,session:even:cpu:skip=3,5")
@@ -64,7 +64,7 @@ def test_run_succeeds_and_prints_table(bench_run):
 
 
 def test_table_fits_120_columns_and_wide_shows_every_figure(bench_run):
-    from lp_plugin.bench.report import WIDTH, format_table
+    from lp_plugin.tools.bench.report import WIDTH, format_table
 
     assert WIDTH == 120
     compact = format_table(bench_run["data"]).splitlines()
@@ -81,8 +81,8 @@ def test_table_fits_120_columns_and_wide_shows_every_figure(bench_run):
 def test_goals_inside_the_noise_say_so():
     """A speed goal whose value is closer to its target than the run's own noise is marked [~], not
     ok/MISS; one far from it keeps its verdict."""
-    from lp_plugin.bench.derive import noise_band, within_noise
-    from lp_plugin.bench.report import verdict
+    from lp_plugin.tools.bench.derive import noise_band, within_noise
+    from lp_plugin.tools.bench.report import verdict
 
     nz = {"speed": {"decode": {"sigma": 0.05, "runs": [0.94, 1.0, 1.02]}}}
     band = noise_band(nz, "decode", 3)
@@ -243,7 +243,7 @@ def test_bad_configs_rejected(bad):
 
 # ----------------------------------------------------------------------------- pieces
 def test_shapes_real_values():
-    from lp_plugin.shapes import shape_config, shape_names
+    from lp_plugin.tools.shapes import shape_config, shape_names
 
     # (tiny test shapes live in integration_tests)
     assert shape_names() == ["llama-3-8b-shape", "qwen2.5-3b-shape", "smollm2-135m-shape"]
@@ -268,7 +268,7 @@ def test_shapes_real_values():
     ([(10, 1), (20, 2), (30, 3)], [(10, 1), (20, 2), (30, 3)]),
 ])
 def test_frontier_keeps_what_nothing_beats(points, front):
-    from lp_plugin.bench.plot import frontier
+    from lp_plugin.tools.bench.plot import frontier
 
     got = frontier([{"x": x, "y": y} for x, y in points])
     assert [(p["x"], p["y"]) for p in got] == front

@@ -1,4 +1,4 @@
-"""The budget planner (``offload="auto"``, ``lp_plugin.budget``) on its own, on the CPU (its entry
+"""The budget planner (``offload="auto"``, ``lp_plugin.planning.budget``) on its own, on the CPU (its entry
 points are in ``test_budget_auto.py``).
 
 * Sizes: the planner's weight bytes (from a config, no weights) equal the real tensors of tiny models
@@ -18,17 +18,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shapes import ARCHS, build_tiny, tiny_config
 
 import lp_plugin
-from lp_plugin import footprint
-from lp_plugin.budget import compact, device_budgets, plan_offload, spread
-from lp_plugin.config import OffloadConfig, parse_max_memory, parse_size
+from lp_plugin.core.flat import LayerSlots, quant_state_tensors
+from lp_plugin.core.logprobs import head_rows
 from lp_plugin.errors import BudgetError, OffloadSpecError
-from lp_plugin.flat import LayerSlots, quant_state_tensors
-from lp_plugin.logprobs import head_rows
-from lp_plugin.quant import nf4_config
-from lp_plugin.shapes import shape_config
-from shapes import ARCHS, build_tiny, tiny_config
+from lp_plugin.integrations.quant import nf4_config
+from lp_plugin.planning import footprint
+from lp_plugin.planning.budget import compact, device_budgets, plan_offload, spread
+from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
+from lp_plugin.tools.shapes import shape_config
 
 GIB, MIB = 2**30, 2**20
 CPU, GPU0 = torch.device("cpu"), torch.device("cuda", 0)

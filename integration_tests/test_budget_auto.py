@@ -3,7 +3,7 @@
 ``fit_budget``, lm-eval's model_args and constructor, the ``python -m lp_plugin plan`` CLI (real
 subprocesses), and the CPU-safe parts of ``benchmarks/budget_check.py``.
 
-Without a GPU the main device is the CPU and the budget is its memory (see ``lp_plugin.budget``).
+Without a GPU the main device is the CPU and the budget is its memory (see ``lp_plugin.planning.budget``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes import ARCHS, build_tiny
 
 import lp_plugin
-from lp_plugin import footprint
-from lp_plugin.config import OffloadConfig, parse_size
 from lp_plugin.errors import BudgetError, OffloadSpecError
-from lp_plugin.quant import nf4_config
-from shapes import ARCHS, build_tiny
+from lp_plugin.integrations.quant import nf4_config
+from lp_plugin.planning import footprint
+from lp_plugin.planning.config import OffloadConfig, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB, MIB = 2**30, 2**20
@@ -106,7 +106,7 @@ def test_fit_budget_on_a_loaded_model_and_a_config():
 
 
 def test_lm_eval_model_args():
-    from lp_plugin.lm_eval_model import budget_options
+    from lp_plugin.integrations.lm_eval_model import budget_options
 
     config = OffloadConfig.from_strings({"offload": "auto", "max_memory": "0:6GiB;cpu:30GiB", "max_context": "2048",
                                          "batch_size": "2", "work": "loglikelihood", "mode": "stream"})

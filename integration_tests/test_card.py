@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lp_plugin import footprint
-from lp_plugin.budget import MIN_PREFILL_CHUNK, WORKSPACE, longest_context, card_of, plan_offload
-from lp_plugin.config import OffloadConfig
-from lp_plugin.devices import CONTEXT_BYTES, KERNELS_BYTES
-from lp_plugin.errors import BudgetError, OffloadSpecError
-from lp_plugin.shapes import shape_config
 from shapes import tiny_config
+
+from lp_plugin.core.devices import CONTEXT_BYTES, KERNELS_BYTES
+from lp_plugin.errors import BudgetError, OffloadSpecError
+from lp_plugin.planning import footprint
+from lp_plugin.planning.budget import MIN_PREFILL_CHUNK, WORKSPACE, card_of, longest_context, plan_offload
+from lp_plugin.planning.config import OffloadConfig
+from lp_plugin.tools.shapes import shape_config
 
 GIB, MIB = 2**30, 2**20
 GPU0 = torch.device("cuda", 0)

@@ -68,9 +68,9 @@ def test_shell_steps_parse(path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_commands_are_accepted_by_the_parsers(path):
-    from lp_plugin import gate_lm_eval
-    from lp_plugin.bench.cli import build_parser
-    from lp_plugin.bench.configs import parse_configs
+    from lp_plugin.tools import gate_lm_eval
+    from lp_plugin.tools.bench.cli import build_parser
+    from lp_plugin.tools.bench.configs import parse_configs
 
     bench_runs, lm_eval_gates = 0, 0
     for env, step in steps(path):

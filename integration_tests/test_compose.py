@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
+from shapes import save_tiny, tiny_config
 
 import lp_plugin
-from lp_plugin.config import OffloadConfig
-from lp_plugin.plan import OffloadPlan
-from shapes import save_tiny, tiny_config
+from lp_plugin.planning.config import OffloadConfig
+from lp_plugin.planning.plan import OffloadPlan
 
 TWO_GPUS = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
             "model.layers.2": 0, "model.layers.3": 0, "model.layers.4": 1, "model.layers.5": 1, "model.layers.6": 1,
@@ -126,7 +126,7 @@ def test_local_ranks_share_one_host_copy(tmp_path, mode):
 
 def test_data_parallel_totals_count_a_host_copy_once():
     """The results JSON's per-host figure: private host memory of every rank, plus a shared copy once."""
-    from lp_plugin.lm_eval_model import _per_host
+    from lp_plugin.integrations.lm_eval_model import _per_host
 
     ranks = [dict(host="a", host_tier_bytes=0, shared_host_tier_bytes=100), dict(host="a", host_tier_bytes=0, shared_host_tier_bytes=100),
              dict(host="b", host_tier_bytes=100, shared_host_tier_bytes=0), dict(host="b", host_tier_bytes=100, shared_host_tier_bytes=0)]
@@ -135,7 +135,7 @@ def test_data_parallel_totals_count_a_host_copy_once():
 
 @pytest.mark.parametrize("value,shared", [("1", True), ("0", False), ("off", False)])
 def test_sharing_the_host_copy_can_be_turned_off(monkeypatch, value, shared):
-    from lp_plugin import shm
+    from lp_plugin.core import shm
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LP_PLUGIN_SHARE_HOST_COPY", value)

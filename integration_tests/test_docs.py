@@ -27,7 +27,7 @@ FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^>]*?) -->\n)?^```(?P<lang>[\w-]*
 def blocks():
     for page in PAGES:
         text = page.read_text()
-        for n, m in enumerate(FENCE.finditer(text)):
+        for m in FENCE.finditer(text):
             if m["lang"] in ("bash", "python"):
                 line = text[:m.start("body")].count("\n") + 1
                 yield pytest.param(page, m["lang"], m["body"], m["why"], id=f"{page.relative_to(ROOT)}:{line}")
@@ -74,8 +74,8 @@ def _commands(script: str, names):
 
 @pytest.mark.parametrize("page,lang,body,why", NOT_RUN)
 def test_blocks_not_run_still_parse(page, lang, body, why):
-    from lp_plugin.bench.cli import build_parser as bench_parser
-    from lp_plugin.skipping.cli import build_parser as prune_parser
+    from lp_plugin.tools.bench.cli import build_parser as bench_parser
+    from lp_plugin.tools.prune.cli import build_parser as prune_parser
 
     assert why.strip(), "say why a block is not run"
     if lang == "python":

@@ -18,13 +18,12 @@ import tempfile
 
 import pytest
 import torch
+from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lp_plugin
 from lp_plugin.errors import AttachError
-
-from conftest import build_tiny
 
 IDS = torch.tensor([[3, 17, 42, 5, 99, 64, 8, 21]])
 OFFLOADED = (2, 4)  # offload="even" on the 8-layer tiny model

@@ -182,7 +182,7 @@ def test_accelerate_dispatched_model_is_upgraded_and_restored(tmp_path, device, 
     from accelerate import dispatch_model
     from conftest import build_tiny
 
-    from lp_plugin.accel import offload_hooks as accelerate_offload_hooks
+    from lp_plugin.core.accel import offload_hooks as accelerate_offload_hooks
 
     if accel_tier == "cpu" and not device.startswith("cuda"):
         pytest.skip("Accelerate adds no cpu-offload hooks when the main device is the cpu itself")
@@ -218,7 +218,7 @@ def test_attach_takes_over_what_accelerate_offloads(tmp_path):
     from accelerate import dispatch_model
     from conftest import build_tiny
 
-    from lp_plugin.accel import offload_hooks
+    from lp_plugin.core.accel import offload_hooks
 
     model = build_tiny("llama")
     dispatch_model(model, lp_plugin.residual_offload_device_map(model, offload="odd", tier="disk", main_device="cpu"),
@@ -309,7 +309,7 @@ def test_stream_ring_exact_for_any_layer_count_and_prefetch(tmp_path, device, ti
 
 
 def _qs_tensors(qs):
-    from lp_plugin.flat import quant_state_tensors
+    from lp_plugin.core.flat import quant_state_tensors
 
     return [t for _, t in quant_state_tensors(qs)]
 

@@ -32,12 +32,11 @@ import time
 
 import pytest
 import torch
+from conftest import build_tiny
 
 import lp_plugin
+from lp_plugin.core.tiers.journal import NAME as JOURNAL
 from lp_plugin.errors import AttachError, OffloadFileError, OffloadResourceError, OffloadSpecError
-from lp_plugin.tiers.journal import NAME as JOURNAL
-
-from conftest import build_tiny
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
 PKG = pathlib.Path(lp_plugin.__file__).parent
@@ -343,7 +342,7 @@ def test_fingerprint_ignores_allocator_garbage(tiny, tmp_path, monkeypatch):
     """Regression: the alignment padding between a layer's tensors in its flat buffer came from
     torch.empty and was hashed into the fingerprint, so with a dirty allocator every file looked
     stale. Here every host buffer attach allocates comes pre-filled with a different garbage byte."""
-    import lp_plugin.group as group
+    import lp_plugin.core.group as group
 
     folder = tmp_path / "off"
     real = group.allocate_host
@@ -441,7 +440,7 @@ def test_read_only_folder(tiny, tmp_path):
 
 
 class _FailingAlloc:
-    """Stands in for torch inside lp_plugin.tiers.base: the n-th host buffer allocation fails like a
+    """Stands in for torch inside lp_plugin.core.tiers.base: the n-th host buffer allocation fails like a
     refused cudaHostAlloc / an exhausted host."""
 
     def __init__(self, fail_at):
@@ -460,7 +459,7 @@ class _FailingAlloc:
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 def test_host_memory_allocation_fails(tiny, tmp_path, monkeypatch, tier):
-    import lp_plugin.tiers.base as tiers_base
+    import lp_plugin.core.tiers.base as tiers_base
 
     monkeypatch.setattr(tiers_base, "torch", _FailingAlloc(fail_at=2))  # the second layer's buffer
     with pytest.raises(OffloadResourceError, match=r"cannot allocate 0.00 GiB of host memory for layer 4: .*out of memory "
@@ -476,7 +475,7 @@ def test_host_memory_allocation_fails(tiny, tmp_path, monkeypatch, tier):
 def test_too_little_gpu_memory(tiny, monkeypatch, mode, fix):
     """Simulated on this CPU machine: the main device reports 1 MiB free. The session / ring is
     refused before anything is allocated, the model stays in standby and runs once memory is back."""
-    import lp_plugin.engine as engine
+    import lp_plugin.integrations.engine as engine
 
     h = lp_plugin.attach(tiny.model, offload="even", mode=mode)
     monkeypatch.setattr(engine, "_free_bytes", lambda device: 1 << 20)
@@ -521,7 +520,7 @@ def _writer_child(model, folder, point, bump, ready):
         time.sleep(600)
 
     if point.startswith("partial-payload"):  # "partial-payload:0.37": die with 37% of the file written
-        import lp_plugin.tiers.layerfile as layerfile
+        import lp_plugin.core.tiers.layerfile as layerfile
 
         fraction = float(point.partition(":")[2])
         real_write = layerfile.write
@@ -690,9 +689,8 @@ def test_plain_module_without_layers():
 ])
 def test_model_with_unloaded_meta_weights(offload, fragment):
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(tiny_config("qwen2", num_layers=2))
@@ -899,7 +897,7 @@ def test_disk_tier_reads_return_every_byte(tmp_path, threads):
     """A layer of several MiB (a tiny model's layers are a few KiB) comes back byte-exact from its
     mapped file, also on several intra-op threads and read after read; a file truncated afterwards
     gives a clear error (not a SIGBUS); close() releases the mapping and the file."""
-    from lp_plugin.tiers import DiskTier, sha256_of
+    from lp_plugin.core.tiers import DiskTier, sha256_of
 
     g = torch.Generator().manual_seed(threads)
     flat = torch.randint(0, 256, ((5 << 20) + 4099,), dtype=torch.uint8, generator=g)

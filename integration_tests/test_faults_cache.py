@@ -23,10 +23,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from shapes import build_tiny
 
 import lp_plugin
-from lp_plugin.skipping import cache, metrics
-from shapes import build_tiny
+from lp_plugin.planning.skipping import cache, metrics
 
 OTHER_UID = 54321
 

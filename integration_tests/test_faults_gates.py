@@ -20,7 +20,7 @@ import sys
 import pytest
 from bench_helpers import ROOT, SMALL, bench, config, read
 
-from lp_plugin import gate_lm_eval
+from lp_plugin.tools import gate_lm_eval
 
 NAN, INF = float("nan"), float("inf")
 HUGE = int("9" * 400)  # a 400-digit integer: valid JSON, too large for a float
@@ -183,7 +183,7 @@ def test_bench_malformed_results_exit_2(reference, tmp_path, case, side):
 def test_bench_malformed_reference_one_error_line_no_traceback(reference, tmp_path):
     bad = _write(tmp_path, "bad.json", _malformed(reference)["config-is-a-string"])
     good = _write(tmp_path, "good.json", reference)
-    proc = subprocess.run([sys.executable, "-m", "lp_plugin.bench.cli", "--results", good, "--compare", bad],
+    proc = subprocess.run([sys.executable, "-m", "lp_plugin.tools.bench.cli", "--results", good, "--compare", bad],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -24,14 +24,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shapes import build_tiny
 
 import lp_plugin
-from lp_plugin.config import OffloadConfig, parse_max_memory, parse_size
+from lp_plugin.core.report import size_text
 from lp_plugin.errors import OffloadSpecError
-from lp_plugin.report import size_text
-from lp_plugin.skipping import calib as calib_mod
-from lp_plugin.skipping.spec import check_calib, parse_policy, parse_stand_in
-from shapes import build_tiny
+from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
+from lp_plugin.planning.skipping import calib as calib_mod
+from lp_plugin.planning.skipping.spec import check_calib, parse_policy, parse_stand_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,8 +131,8 @@ def test_option_strings_refused_with_one_error_type(name, text):
 
 @pytest.mark.parametrize("spec", ["2;²", "²", "2-٤", "2-6:²"])
 def test_offload_layer_list_unicode_digits_refused(spec):
-    from lp_plugin.plugins import policies
-    from lp_plugin.policies import select_layers
+    from lp_plugin.planning.plugins import policies
+    from lp_plugin.planning.policies import select_layers
 
     config = OffloadConfig.from_strings({"offload": spec})
     with pytest.raises(OffloadSpecError):
@@ -244,8 +244,9 @@ def test_calib_multibyte_char_across_a_read_boundary(text_model, tmp_path):
 
 @pytest.mark.parametrize("calib", ["missing", "latin1", "pydoc:²", "folder"])
 def test_lp_prune_checks_calib_before_any_work(tmp_path, monkeypatch, calib):
-    from lp_plugin.skipping import cli, sweep
     from shapes import save_tiny
+
+    from lp_plugin.tools.prune import cli, sweep
 
     model = save_tiny("llama", tmp_path / "m")
     latin1 = tmp_path / "latin1.txt"
@@ -389,7 +390,7 @@ def test_lp_bench_results_answer_every_input(tmp_path, data, tolerance):
 def test_lp_prune_answers_every_input_before_work(tmp_path, monkeypatch, options):
     """Random options of lp-prune with a model folder that is not one: exit 2 every time, one error
     line, no sweep started."""
-    from lp_plugin.skipping import cli, sweep
+    from lp_plugin.tools.prune import cli, sweep
 
     def no_work(*args, **kwargs):
         raise AssertionError("lp-prune started its sweep")

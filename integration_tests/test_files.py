@@ -26,15 +26,14 @@ import time
 
 import pytest
 import torch
+from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from test_faults import layer_file, logits, verify_layer_file
 
 import lp_plugin
 from lp_plugin.errors import OffloadFileError
-
-from conftest import build_tiny
-from test_faults import layer_file, logits, verify_layer_file
 
 CHANGED = r"layer 2: .*layer_00002.safetensors was changed after lp_plugin verified it .*reload the model"
 TRUNCATED = r"layer 2: .*layer_00002.safetensors holds \d+ of its \d+ bytes: the file was truncated after attach"

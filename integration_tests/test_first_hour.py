@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny
 
 import lp_plugin
 from lp_plugin.__main__ import build_parser, main, plain_text
 from lp_plugin.errors import OffloadSpecError
-
-from conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +54,8 @@ def _helps(parser):
 
 
 def test_help_is_plain_text_and_every_option_is_described():
-    from lp_plugin.bench.cli import build_parser as bench_parser
-    from lp_plugin.skipping.cli import build_parser as prune_parser
+    from lp_plugin.tools.bench.cli import build_parser as bench_parser
+    from lp_plugin.tools.prune.cli import build_parser as prune_parser
 
     for parser in (build_parser(), bench_parser(), prune_parser()):
         for text in _helps(parser):
@@ -92,7 +91,7 @@ def test_plan_refuses_a_typo_at_once_and_suggests_the_shape():
 @pytest.mark.parametrize("name,ok", [("qwen2.5-3b-shape", True), ("Qwen/Qwen2.5-3B", True), ("qwen2.5-3b", False),
                                      ("./no/such/folder", False), ("two words", False), ("/", True)])
 def test_model_name_problem(name, ok):
-    from lp_plugin.shapes import model_name_problem
+    from lp_plugin.tools.shapes import model_name_problem
 
     assert (model_name_problem(name) is None) == ok
 
@@ -104,7 +103,7 @@ def test_bad_calib_is_refused_by_the_config(calib):
 
 
 def test_prune_refuses_a_bad_calib_before_loading(tiny_checkpoints, tmp_path, capsys):
-    from lp_plugin.skipping import cli
+    from lp_plugin.tools.prune import cli
 
     loaded = []
     real = cli._engine
@@ -205,7 +204,7 @@ def test_attach_and_from_pretrained_log_one_line(tiny_checkpoints, caplog):
 
 
 def test_layers_text():
-    from lp_plugin.report import layers_text
+    from lp_plugin.core.report import layers_text
 
     assert [layers_text(x) for x in ([], [3], [2, 4], [2, 4, 6, 8], [0, 1, 3, 4, 5, 9])] == \
         ["none", "3", "2,4", "2-8:2", "0-1,3-5,9"]

@@ -18,13 +18,12 @@ import subprocess
 
 import pytest
 import torch
-
-import lp_plugin
-from lp_plugin.errors import OffloadFileError
-from lp_plugin.tiers.journal import NAME as JOURNAL
-
 from conftest import build_tiny
 from test_faults import layer_file, logits, temp_files, tmpfs, verify_layer_file
+
+import lp_plugin
+from lp_plugin.core.tiers.journal import NAME as JOURNAL
+from lp_plugin.errors import OffloadFileError
 
 SECRET = b"SECRET-c0ffee-do-not-print\n"
 REUSED = {"layer_00002": "reused", "layer_00004": "reused"}
@@ -320,7 +319,7 @@ def test_tilde_in_offload_folder_is_expanded(tmp_path, monkeypatch):
 
 
 def test_journal_is_compacted_and_still_proves_ownership(tmp_path, monkeypatch):
-    import lp_plugin.tiers.folder as folder_module
+    import lp_plugin.core.tiers.folder as folder_module
 
     monkeypatch.setattr(folder_module, "COMPACT_AT", 600)
     folder = tmp_path / "off"

@@ -23,7 +23,7 @@ longer: a busy wait, because time.sleep overshoots delays below a millisecond by
 import os
 import time
 
-import lp_plugin.stream as _stream
+import lp_plugin.core.stream as _stream
 
 _delay = float(os.environ["LP_TEST_DELAY_S"])
 _wait = _stream.Ring.wait
@@ -44,7 +44,7 @@ ULP_SITE = '''
 import torch
 
 import lp_plugin
-import lp_plugin.engine as _engine
+import lp_plugin.integrations.engine as _engine
 
 _attach = _engine.attach
 
@@ -227,7 +227,7 @@ def test_fail_on_miss_gates_on_goals(reference, tmp_path):
     ([0.8, 1.2, 0.8, 1.2, 0.8, 1.2, 0.8], [1.0] * 7, 0.0, False),  # the medians moved, the rounds overlap: no U test pass
 ])
 def test_slower_needs_a_material_and_significant_drop(new, old, sigma, regressed):
-    from lp_plugin.bench.gate import slower
+    from lp_plugin.tools.bench.gate import slower
 
     assert slower(new, old, sigma, sigma, 1.1)["regressed"] is regressed
 
@@ -238,6 +238,6 @@ def test_slower_needs_a_material_and_significant_drop(new, old, sigma, regressed
     ([1, 2, 3, 9], [4, 5, 6, 7], 24 / 70),             # U = 4: 2 * P(U <= 4) = 2 * 12 / 70
 ])
 def test_mann_whitney_exact_p(a, b, p):
-    from lp_plugin.bench.stats import mann_whitney_p
+    from lp_plugin.tools.bench.stats import mann_whitney_p
 
     assert mann_whitney_p(a, b) == pytest.approx(p)

@@ -15,7 +15,7 @@ PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7, 128, 64, 1, 33]])
 
 
 def test_stable_buffer_keeps_its_address_and_frees_its_memory():
-    from lp_plugin.vmm import StableBuffer, vmm_supported
+    from lp_plugin.core.vmm import StableBuffer, vmm_supported
 
     device = torch.device("cuda", torch.cuda.current_device())
     assert vmm_supported(device)
@@ -72,10 +72,10 @@ def test_two_gpu_base_map_is_exact(tmp_path, mode):
     """device_map="auto" across two GPUs kept as the base placement: the chosen layers move to the tier
     and each is brought back to the GPU that runs it; logits and generate() equal the plain model
     dispatched with the same base map."""
+    from shapes import save_tiny
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lp_plugin.plan import auto_base_map
-    from shapes import save_tiny
+    from lp_plugin.planning.plan import auto_base_map
 
     path = save_tiny("llama", tmp_path / "ckpt", dtype=torch.bfloat16, num_layers=12)
     base = auto_base_map(AutoConfig.from_pretrained(path), max_memory={0: "500KiB", 1: "2GiB"}, dtype=torch.bfloat16)
@@ -100,9 +100,9 @@ def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
     """lp_plugin's lm-eval scoring (head chunk by chunk, more positions than one chunk) against lm-eval's
     own: log_softmax over the full logits of the same forward, bit for bit."""
     import torch.nn.functional as F
-
-    from lp_plugin import logprobs
     from shapes import build_tiny
+
+    from lp_plugin.core import logprobs
 
     device = torch.device("cuda", torch.cuda.current_device())
     model = build_tiny("qwen2", num_layers=6, vocab_size=32000, max_positions=2048).to(device=device, dtype=dtype)

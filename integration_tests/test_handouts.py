@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
+from shapes import build_tiny
 
 import lp_plugin
 from lp_plugin.errors import AttachError
-from shapes import build_tiny
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 7]])
 PLACES = ["standby", "session"]

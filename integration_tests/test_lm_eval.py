@@ -25,11 +25,10 @@ import threading
 import time
 from pathlib import Path
 
+import lm_eval_fixtures as fx
 import pytest
 
-import lm_eval_fixtures as fx
-
-TARGET = "lp_plugin.lm_eval_model:ResidualOffloadLM"
+TARGET = "lp_plugin.integrations.lm_eval_model:ResidualOffloadLM"
 LIMIT_TINY = 1  # the first pydoc topic (~300 tokens: 3 rolling windows of the 128-token tiny models)
 LIMIT_BUNDLED = 1
 
@@ -223,7 +222,7 @@ def test_hook_keeps_builtins_and_can_be_disabled():
 
 def test_registration_is_idempotent_and_upgrades_to_the_class():
     out = _py(
-        "from lp_plugin import _lm_eval_register as h\n"
+        "from lp_plugin.integrations import _lm_eval_register as h\n"
         "from lm_eval.api.registry import get_model, model_registry as r\n"
         "assert h.register() and h.register()\n"
         "cls = get_model('hf-residual-offload')\n"
@@ -380,7 +379,7 @@ print("JSON" + json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("JSON", 1)[1])
     base = {k: fx.perplexities(plan.get("tiny", k, "hf")["results"])["word_perplexity"] for k in MODEL_KINDS}
-    for label, path, _ in cases:
+    for label, _path, _ in cases:
         kind = label.split("-")[0]
         if "alpha-0.5" in label:
             assert out[label]["ppl"] != base[kind] and fx.is_finite(out[label]["ppl"])
@@ -442,7 +441,7 @@ def test_bundled_perplexity_at_2048_without_full_logits(tmp_path):
     2048 x 49152 logits and their log_softmax (0.8 GB in float32)."""
     path = fx.bundled_path() if hasattr(fx, "bundled_path") else None
     if path is None:
-        from lp_plugin.bundled import bundled_model_path
+        from lp_plugin.tools.bundled import bundled_model_path
 
         path = bundled_model_path()
     hf, hf_rss = _lm_eval_peak_rss("hf", {"pretrained": path, "max_length": 2048}, tmp_path / "hf")

@@ -1,4 +1,4 @@
-"""lm-eval scoring without full-vocabulary logits (``lp_plugin.logprobs`` and the ``hf-residual-offload``
+"""lm-eval scoring without full-vocabulary logits (``lp_plugin.core.logprobs`` and the ``hf-residual-offload``
 request path): the head chunk by chunk against one full product, and the model type against lm-eval's own
 ``HFLM`` on the same requests (shared contexts, one-token continuation cache, truncation, rolling windows,
 batches, ``batch_size=auto``, prefill chunks)."""
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 
+import lm_eval_fixtures as fx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lm_eval_fixtures as fx
-from lp_plugin import logprobs
+from lp_plugin.core import logprobs
 from lp_plugin.errors import OffloadSpecError
 
 
@@ -72,7 +72,7 @@ def _run(cls, path, **kwargs):
 def test_scores_equal_hflm_bit_for_bit(tiny, batch_size, options):
     from lm_eval.models.huggingface import HFLM
 
-    from lp_plugin.lm_eval_model import ResidualOffloadLM
+    from lp_plugin.integrations.lm_eval_model import ResidualOffloadLM
 
     hf_options = {"logits_cache": options["logits_cache"]} if "logits_cache" in options else {}
     assert _run(ResidualOffloadLM, tiny, batch_size=batch_size, **options) == _run(HFLM, tiny, batch_size=batch_size,
@@ -83,7 +83,7 @@ def test_scores_equal_hflm_bit_for_bit(tiny, batch_size, options):
 def test_prefill_chunks_stay_within_1e_6(tiny, batch_size):
     from lm_eval.models.huggingface import HFLM
 
-    from lp_plugin.lm_eval_model import ResidualOffloadLM
+    from lp_plugin.integrations.lm_eval_model import ResidualOffloadLM
 
     (ll, rolling) = _run(ResidualOffloadLM, tiny, offload="even", prefill_chunk=16, batch_size=batch_size)
     ref_ll, ref_rolling = _run(HFLM, tiny, batch_size=batch_size)
@@ -96,7 +96,7 @@ def test_prefill_chunks_stay_within_1e_6(tiny, batch_size):
 @pytest.mark.parametrize("args", [dict(prefill_chunk=0), dict(prefill_chunk="abc"), dict(prefill_chunk=16, full_logits=True),
                                   dict(full_logits="maybe")])
 def test_bad_scoring_args_are_refused_before_loading(tiny, args):
-    from lp_plugin.lm_eval_model import ResidualOffloadLM
+    from lp_plugin.integrations.lm_eval_model import ResidualOffloadLM
 
     with pytest.raises(OffloadSpecError):
         ResidualOffloadLM(pretrained="/nonexistent/never-read", device="cpu", offload="even", **args)
@@ -108,7 +108,7 @@ def test_bad_scoring_args_are_refused_before_loading(tiny, args):
 def test_the_plan_sets_lm_evals_max_length(tiny, args, length, source):
     """offload=auto plans for lm-eval's max_length, or sets it: to max_context, or to the model's own (which
     fits this card) when neither is given."""
-    from lp_plugin.lm_eval_model import ResidualOffloadLM
+    from lp_plugin.integrations.lm_eval_model import ResidualOffloadLM
 
     model = ResidualOffloadLM(pretrained=tiny, device="cpu", offload="auto", **args)
     assert model.max_length == length and model._lp_length_source == source

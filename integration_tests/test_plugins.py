@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import lp_plugin
-from lp_plugin import plugins
 from lp_plugin.errors import OffloadSpecError
 from lp_plugin.hookspecs import hookimpl
-from lp_plugin.policies import OffloadPolicy
+from lp_plugin.planning import plugins
+from lp_plugin.planning.policies import OffloadPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "entry_points" / "lp-plugin-every-third"
@@ -37,15 +37,15 @@ def _run(code, extra_path):
 def test_installed_plugin_policy_is_used_by_name(installed_example):
     code = (
         "import json, sys, torch, lp_plugin\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import build_tiny\n"
         "m = build_tiny('llama', num_layers=12)\n"
         "ids = torch.tensor([[1, 2, 3, 4]])\n"
         "ref = m(ids).logits\n"
         "h = lp_plugin.attach(m, offload='every-third')\n"
         "print(json.dumps({'layers': h.info()['layers'], 'exact': bool(torch.equal(m(ids).logits, ref)),"
-        " 'policies': sorted(lp_plugin.plugins.policies())}))\n"
-    ) % str(Path(__file__).parent)
+        " 'policies': sorted(lp_plugin.planning.plugins.policies())}))\n"
+    )
     proc = _run(code, installed_example)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -64,7 +64,7 @@ def test_builtins_are_registered_through_the_hooks():
     assert sorted(plugins.policies()) >= ["all", "even", "none", "odd"]
     assert plugins.tier_names() == sorted(set(plugins.tier_names()) | {"cpu", "disk"})
     assert plugins.pm.get_plugin("builtins") is not None or any(
-        getattr(p, "__name__", "") == "lp_plugin.builtins" for p in plugins.pm.get_plugins())
+        getattr(p, "__name__", "") == "lp_plugin.planning.builtins" for p in plugins.pm.get_plugins())
 
 
 class _Clash:
@@ -87,7 +87,7 @@ class _BadObject:
 
 @pytest.mark.parametrize("plugin,error,match", [
     (_Clash(), OffloadSpecError, "offload policy 'even' is registered twice"),
-    (_BadObject(), TypeError, "register an instance of lp_plugin.policies.OffloadPolicy"),
+    (_BadObject(), TypeError, "register an instance of lp_plugin.OffloadPolicy"),
 ])
 def test_bad_registrations_are_refused(plugin, error, match):
     plugins.reset_for_tests()

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from shapes import build_tiny
 
 import lp_plugin
-from lp_plugin import plugins
-from lp_plugin.arch import find_decoder_layers
 from lp_plugin.errors import AttachError, OffloadSpecError
 from lp_plugin.hookspecs import hookimpl
-from lp_plugin.skipping import cache, calib, metrics, standins
-from lp_plugin.skipping.spec import StandInSpec
-from shapes import build_tiny
+from lp_plugin.planning import plugins
+from lp_plugin.planning.arch import find_decoder_layers
+from lp_plugin.planning.skipping import cache, calib, metrics, standins
+from lp_plugin.planning.skipping.spec import StandInSpec
 
 IDENTITY = (3, 4)  # layers of the hand-built model whose output is exactly their input
 
@@ -166,9 +166,8 @@ def test_a_really_linear_layer_is_recovered_through_attach(layers):
 # --------------------------------------------------------------------------- calibration split
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
     from lm_eval_fixtures import tokenizer_dir
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir())
 
@@ -420,7 +419,7 @@ def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
     import lm_eval_fixtures as fx
     from transformers import AutoModelForCausalLM
 
-    from lp_plugin.skipping import sweep
+    from lp_plugin.tools.prune import sweep
 
     path = fx.build_tiny_model("llama", tmp_path / "tiny")
     heldout = (4096, 4096 + 256, 64)  # four 64-token documents: each fits the tiny model's 128 positions
@@ -481,7 +480,7 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     ([], "is neither a model folder nor a Hub id"),
 ])
 def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):
-    from lp_plugin.skipping import cli
+    from lp_plugin.tools.prune import cli
 
     assert cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *args]) == 2
     assert message in capsys.readouterr().err
@@ -489,7 +488,7 @@ def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):
 
 
 def test_lp_prune_refuses_a_folder_without_a_model(tmp_path, capsys):
-    from lp_plugin.skipping import cli
+    from lp_plugin.tools.prune import cli
 
     assert cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder without config.json" in capsys.readouterr().err

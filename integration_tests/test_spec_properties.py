@@ -17,9 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lp_plugin.plan import residual_offload_device_map
 from lp_plugin.errors import OffloadSpecError
-from lp_plugin.plan import resolve_layers
+from lp_plugin.planning.plan import residual_offload_device_map, resolve_layers
 
 SETTINGS = settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 POLICIES = ("even", "odd", "all", "none")
@@ -153,7 +152,7 @@ def _config(arch, n):
     return tiny_config(arch, num_layers=n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_names(arch, n):
     """Every parameter and buffer name of the model (tied weights under both names)."""
     from accelerate import init_empty_weights
@@ -256,8 +255,8 @@ def test_nf4_load_map_quantizes_exactly_the_resident_layers(case, arch):
     from transformers.integrations.accelerate import expand_device_map
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from lp_plugin.config import OffloadConfig
-    from lp_plugin.plan import OffloadPlan
+    from lp_plugin.planning.config import OffloadConfig
+    from lp_plugin.planning.plan import OffloadPlan
 
     n, pf, pl, spec = case
     config = _config(arch, n)

@@ -19,20 +19,20 @@ import os
 import re
 import sys
 
-from . import gate_lm_eval
+from .tools import gate_lm_eval
 
 
 def tasks_path() -> str:
     from pathlib import Path
 
-    return str(Path(__file__).resolve().parent / "tasks")
+    return str(Path(__file__).resolve().parent / "integrations" / "tasks")
 
 
 def bundled_model(args) -> int:
     """``bundled-model``: 0 with the folder on stdout, 1 when ``--check`` finds it missing or
     damaged, 2 (message, no traceback) on a cache or package problem."""
-    from .bundled import bundled_model_path, bundled_model_problem, cache_dir
     from .errors import LPPluginError
+    from .tools.bundled import bundled_model_path, bundled_model_problem, cache_dir
 
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -62,8 +62,8 @@ def plan(args) -> int:
     import json
 
     from .errors import BudgetError, LPPluginError
-    from .plan import fit_budget
-    from .shapes import is_shape, model_name_problem, shape_config, shape_names
+    from .planning.plan import fit_budget
+    from .tools.shapes import is_shape, model_name_problem, shape_config, shape_names
 
     try:
         why = model_name_problem(args.model)
@@ -94,7 +94,7 @@ def plan(args) -> int:
     except LPPluginError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .budget import describe
+    from .planning.budget import describe
 
     print(json.dumps(result.to_dict(), indent=2) if args.json else describe(result))
     return 0
@@ -140,9 +140,9 @@ def _plan_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-TOOLS = {"bench": ("lp-bench: measure offloaded configs against the plain model and gate on it", "lp_plugin.bench.cli"),
+TOOLS = {"bench": ("lp-bench: measure offloaded configs against the plain model and gate on it", "lp_plugin.tools.bench.cli"),
          "prune": ("lp-prune: sweep layers skipped x selection x stand-in and draw the quality frontier",
-                   "lp_plugin.skipping.cli")}
+                   "lp_plugin.tools.prune.cli")}
 
 
 def plain_text(text: str) -> str:

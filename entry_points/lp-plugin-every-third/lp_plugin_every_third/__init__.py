@@ -6,7 +6,7 @@ Install it (``pip install entry_points/lp-plugin-every-third``) and use it by na
 """
 
 from lp_plugin.hookspecs import hookimpl
-from lp_plugin.policies import OffloadPolicy
+from lp_plugin import OffloadPolicy
 
 
 class EveryThird(OffloadPolicy):

@@ -1,0 +1,141 @@
+"""Accelerate interop: taking over Accelerate's offload of a layer, and suspending the dispatch hooks
+left on modules that compute on the main device.
+
+Hooks are taken off *verbatim*: the module's ``_hf_hook``, ``_old_forward`` and ``forward`` instance
+attributes are saved and removed, and put back exactly as they were. Neither Accelerate's
+``detach_hook`` nor its ``init_hook`` runs, so the hook objects keep their state (``weights_map``,
+``original_devices``, ``tied_params_names``) and restoring is exact.
+"""
+
+from __future__ import annotations
+
+from .devices import normalize_device
+
+_HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")
+_MOVE_METHODS = ("to", "cuda", "npu", "xpu", "mlu", "sdaa", "musa", "neuron")  # what dispatch_model wraps
+
+
+class SuspendedHook:
+    """The hook attributes of one module, taken off; :meth:`restore` puts them back."""
+
+    def __init__(self, module, names=_HOOK_ATTRS):
+        self.module = module
+        self.attrs = {name: module.__dict__.pop(name) for name in names if name in module.__dict__}
+
+    @property
+    def hook(self):
+        return self.attrs.get("_hf_hook")
+
+    def restore(self) -> None:
+        self.module.__dict__.update(self.attrs)
+
+
+def _hooks_of(module) -> list:
+    from accelerate.hooks import SequentialHook
+
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(hook.hooks) if isinstance(hook, SequentialHook) else [hook]
+
+
+def offload_hooks(layer) -> list:
+    """``[(qualified name, submodule, hook)]`` for every Accelerate offload hook inside ``layer``
+    (Accelerate puts them on the submodules that own weights, e.g. ``self_attn.q_proj``)."""
+    from accelerate.hooks import AlignDevicesHook
+
+    found = []
+    for name, sub in layer.named_modules():
+        for hook in _hooks_of(sub):
+            if isinstance(hook, AlignDevicesHook) and hook.offload:
+                found.append((name, sub, hook))
+                break
+    return found
+
+
+def hooked_values(layer, hooks) -> tuple:
+    """The real values of an Accelerate-offloaded layer, ``{key in layer: host tensor}``, read from the
+    hooks' ``weights_map``; and ``[(dict, full key, key)]`` for the entries Accelerate holds in host
+    memory (freed while we hold the layer, put back by :func:`give_back`)."""
+    values, held = {}, []
+    for qual, sub, hook in hooks:
+        wm = hook.weights_map
+        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
+        if hook.offload_buffers:
+            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+        for n in names:
+            key = f"{qual}.{n}" if qual else n
+            values[key] = wm[n]
+            if isinstance(getattr(wm, "dataset", None), dict):
+                held.append((wm.dataset, wm.prefix + n, key))
+    return values, held
+
+
+def take_over(layer, values: dict) -> list:
+    """Suspend Accelerate's hooks inside ``layer`` (its offload hooks, and the hook that moves the
+    layer's inputs to where Accelerate would run it: lp_plugin decides that now) and give its meta
+    placeholders real ``values`` (new Parameters, as Accelerate itself makes). Returns the suspended hooks."""
+    from accelerate.hooks import AlignDevicesHook
+
+    suspended = [
+        SuspendedHook(sub)
+        for _, sub in layer.named_modules()
+        if _hooks_of(sub) and all(isinstance(h, AlignDevicesHook) for h in _hooks_of(sub))
+    ]
+    _assign(layer, values)
+    return suspended
+
+
+def give_back(layer, suspended, held, meta_values: dict, host_values: dict) -> None:
+    """Undo :func:`take_over`: meta placeholders for the taken-over tensors, Accelerate's host copies
+    (``host_values``, keyed like ``held``) back in its weights maps, and its hooks as they were."""
+    _assign(layer, meta_values)
+    for store, full_key, key in held:
+        store[full_key] = host_values[key]
+    for s in suspended:
+        s.restore()
+
+
+def _assign(layer, values: dict) -> None:
+    import torch.nn as nn
+
+    for key, value in values.items():
+        parent_name, _, attr = key.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        if attr in parent._parameters:
+            old = parent._parameters[attr]
+            parent._parameters[attr] = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad))
+        else:
+            parent._buffers[attr] = value
+
+
+def suspend_dispatch_hooks(model, main_device) -> list:
+    """Suspend every Accelerate hook that only aligns devices for a module computing on
+    ``main_device`` (what ``dispatch_model`` leaves on every module of a model with host-mapped
+    layers): on one device they move nothing, but run on every call of every module."""
+    from accelerate.hooks import AlignDevicesHook
+
+    out = []
+    for module in model.modules():
+        hooks = _hooks_of(module)
+        if hooks and all(
+            isinstance(h, AlignDevicesHook) and not h.offload and _same(h.execution_device, main_device) for h in hooks
+        ):
+            out.append(SuspendedHook(module))
+    return out
+
+
+def suspend_move_wrappers(model) -> list:
+    """``dispatch_model`` wraps ``model.to``/``model.cuda`` (and the like) to warn that its hooks would
+    fight a move. Once no Accelerate device hook is left active on the model, that warning is false
+    (lm-eval moves every model it gets): the wrappers are taken off, to be restored by detach."""
+    from accelerate.hooks import AlignDevicesHook
+
+    if any(isinstance(h, AlignDevicesHook) for m in model.modules() for h in _hooks_of(m)):
+        return []
+    names = [n for n in _MOVE_METHODS if hasattr(model.__dict__.get(n), "__wrapped__")]
+    return [SuspendedHook(model, names)] if names else []
+
+
+def _same(execution_device, main_device) -> bool:
+    return execution_device is None or normalize_device(execution_device) == main_device

@@ -1,0 +1,110 @@
+"""How lp_plugin hooks into the model object itself (the layers get Accelerate hooks, see ``hooks.py``):
+
+* a forward pre-hook and an always-called forward hook on the module that runs the decoder layers
+  open and close a session around a bare forward (exception-safe, and a no-op while compiling: a
+  compiled forward runs inside the session that ``generate`` opened); in stream mode the hook also
+  ends the forward with the ring's join;
+* ``generate`` is wrapped so one call is one session (not one per decode step);
+* ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
+  main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
+  works), a cast or a move elsewhere is refused before any module changes.
+
+Everything here is undone by :meth:`ModelEntry.remove`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from ..errors import AttachError
+
+
+class ModelEntry:
+    def __init__(self, handle, model, base, offloaded_modules, ancestors):
+        self.handle = handle
+        self.model = model
+        self.base = base  # the module whose forward runs the decoder layers (model.model for Qwen2/Llama)
+        self.offloaded = set(map(id, offloaded_modules))
+        self.guarded = list(offloaded_modules) + list(ancestors)
+        self._torch_hooks = []
+        self._had_generate = False
+
+    def install(self) -> None:
+        handle = self.handle
+
+        def pre(module, args):
+            if not torch.compiler.is_compiling():
+                handle.enter_forward()
+
+        def post(module, args, output):
+            try:
+                for ring in handle.rings:
+                    if torch.compiler.is_compiling():
+                        if output is not None:
+                            torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
+                    else:
+                        ring.join()
+            finally:
+                if not torch.compiler.is_compiling():
+                    handle.exit_forward()
+
+        self._torch_hooks = [
+            self.base.register_forward_pre_hook(pre),
+            self.base.register_forward_hook(post, always_call=True),
+        ]
+        if hasattr(self.model, "generate"):
+            self._had_generate = "generate" in self.model.__dict__
+            self._saved_generate = self.model.__dict__.get("generate")
+            original = self.model.generate
+
+            @functools.wraps(original)
+            def generate(*args, **kwargs):
+                with handle.session():
+                    return original(*args, **kwargs)
+
+            self.model.generate = generate
+        for module in self.guarded:
+            module._apply = types.MethodType(functools.partial(_guarded_apply, self), module)
+
+    def remove(self) -> None:
+        for h in self._torch_hooks:
+            h.remove()
+        self._torch_hooks = []
+        if hasattr(self, "_saved_generate"):
+            if self._had_generate:
+                self.model.generate = self._saved_generate
+            else:
+                self.model.__dict__.pop("generate", None)
+        for module in self.guarded:
+            module.__dict__.pop("_apply", None)
+
+    def check_conversion(self, fn) -> None:
+        """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
+        offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
+        for device in {layer.device for layer in self.handle.layers} or {self.handle.main_device}:
+            for dtype in self.handle.offloaded_dtypes():
+                probe = fn(torch.empty(0, dtype=dtype, device=device))
+                if probe.dtype != dtype or probe.device != device:
+                    raise AttachError(
+                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} "
+                        f"into {probe.dtype} "
+                        f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
+                        "first, convert the model, then attach again"
+                    )
+
+
+def _first_tensor(output):
+    """The hidden states of a base model's output (a ModelOutput, a tuple or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
+
+
+def _guarded_apply(entry, module, fn, *args, **kwargs):
+    entry.check_conversion(fn)
+    if id(module) in entry.offloaded:
+        return module  # its tensors stay where lp_plugin keeps them; they compute on the main device
+    return type(module)._apply(module, fn, *args, **kwargs)

@@ -1,0 +1,208 @@
+"""``OffloadedLayer``: one offloaded module, its bytes on a tier, and where its tensors point.
+
+Between uses (standby) a layer's tensors are views of the tier's host copy (pinned memory, or the
+verified file's mapping), so everything the model hands out is the real weights. ``onload_`` copies
+the bytes into a device buffer and points the tensors there; ``offload_`` points them back, first
+writing back an in-place edit made while they were on the device (tracked by the tensors' version
+counters); ``restore`` gives the module independent tensors again (detach).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AttachError
+from . import accel
+from .flat import Binding, LayerSlots
+from .tiers import allocate_host, sha256_of
+
+
+def edit_error(layers) -> AttachError:
+    indices = [layer.index for layer in layers]
+    return AttachError(
+        f"offloaded layer(s) {indices} were changed in place inside a stream-mode session; stream mode refills its "
+        "ring buffers from the tier's copy, so the change was not kept (the tier's copy is unchanged). Change "
+        "offloaded weights outside a session (they land in the tier's copy), or attach with mode='session', "
+        "whose sessions write edits back"
+    )
+
+
+class OffloadedLayer:
+    def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
+        self.index = index
+        self.module = module
+        self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
+        self.key = key  # the tier's name for these bytes ("layer_00004")
+        self.slots = slots
+        self.nbytes = slots.nbytes
+        self.tier = tier
+        self.device = device  # where the layer computes
+        self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
+        self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
+        self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
+        self.suspended: list = []
+        self.standby: Binding | None = None  # the tier's host copy (set by install)
+        self.binding: Binding | None = None  # the binding to bound_flat
+        self.bound_flat: torch.Tensor | None = None  # the buffer the tensors point at when it is not the standby one
+        self.streamed = False  # bound to a stream ring's slot (which holds other layers' bytes between uses)
+        self._watched: list[torch.Tensor] = []
+        self._versions: list[int] = []
+
+    # ------------------------------------------------------------------ attach
+    @classmethod
+    def pack(cls, index, module, tier, device, pin, stand_in=False) -> OffloadedLayer:
+        """Pack ``module`` into a flat host buffer and hand it to ``tier``. Reads the model only."""
+        hooks = accel.offload_hooks(module)
+        values, held = accel.hooked_values(module, hooks) if hooks else (None, [])
+        meta = [
+            n for n, p in module.named_parameters() if p.device.type == "meta" and (values is None or n not in values)
+        ]
+        if meta:
+            raise AttachError(
+                f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
+                "their values; load the model's weights before attaching"
+            )
+        slots = LayerSlots(module, values)
+        key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
+        flat = allocate_host(slots.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
+        slots.pack_into(flat)
+        tier.put(key, flat, slots.layout_json(), sha256_of(flat))
+        return cls(index, module, key, slots, tier, device, hooks, held, values or (), stand_in)
+
+    def install(self) -> None:
+        """Point the layer's tensors at the tier's copy (the model changes from here on)."""
+        if self.accel_hooks:
+            self.suspended = accel.take_over(self.module, self.slots.placeholders())
+            for store, full_key, _ in self.held:
+                store.pop(full_key, None)  # the tier holds these bytes now
+        self.standby = self.slots.binding(self.tier.host_view(self.key))
+        self.standby.apply()
+        self.slots.release_sources()
+        self._record()
+
+    # ------------------------------------------------------------------ moving
+    def onload_(self, device_buf, source) -> None:
+        """Copy the layer into ``device_buf`` from the host tensor ``source`` and point it there."""
+        device_buf.copy_(source, non_blocking=source.is_pinned())
+        self.bind_(self.slots.binding(device_buf), device_buf)
+
+    def bind_(self, binding, flat) -> None:
+        binding.apply()
+        self.binding, self.bound_flat = binding, flat
+        self._record()
+
+    def show_standby(self) -> None:
+        """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
+        layers' bytes between uses) the tensors point at it for a moment; :meth:`show_bound` points them back."""
+        if self.streamed and self.edited():
+            raise edit_error([self])
+        if self.bound_flat is None or self.streamed:
+            self.tier.check(self.key)
+        if self.bound_flat is not None and self.streamed:
+            assert self.standby is not None  # installed
+            self.standby.apply()
+
+    def show_bound(self) -> None:
+        if self.bound_flat is not None and self.streamed:
+            assert self.binding is not None  # bound with bound_flat
+            self.binding.apply()
+
+    def offload_(self) -> None:
+        """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
+        edited = self.bound_flat is not None and self.edited()
+        if edited and not self.tier.read_only:
+            self.tier.host_view(self.key).copy_(self.bound_flat)
+        assert self.standby is not None  # installed
+        self.standby.apply()
+        self.bound_flat = None
+        self._record()
+        if edited and self.tier.read_only:
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place during the session, and its host copy is shared "
+                "read-only by the ranks of this host, so the change was dropped; change the weights before attaching"
+            )
+
+    def _record(self) -> None:
+        self._watched = list(self._tensors())  # the tensors bound now, in a list (read on every stream forward)
+        self._versions = [t._version for t in self._watched]
+
+    def _tensors(self):
+        for module, name, _ in self.slots.params:
+            yield module._parameters[name]
+        for module, name, _ in self.slots.buffers:
+            yield module._buffers[name]
+
+    def edited(self) -> bool:
+        """True if a tensor of the layer was changed in place since it was last bound (``with
+        torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
+        return [t._version for t in self._watched] != self._versions
+
+    @property
+    def stream_modules(self) -> list:
+        """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
+        return self.slots.linears or [self.module]
+
+    def check_intact(self) -> None:
+        """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
+        assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back; and,
+        where the tier's host copy is shared read-only (data-parallel ranks), one edited in place."""
+        if self.tier.read_only and self.bound_flat is None and self.edited():
+            raise AttachError(
+                f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
+                "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
+            )
+        assert self.standby is not None  # installed
+        for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
+            now = module._parameters.get(name)
+            if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):
+                raise AttachError(
+                    f"offloaded layer {self.index}: {key} was replaced after attach; lp_plugin keeps that layer's "
+                    "weights itself, so detach() before assigning or re-binding its tensors, then attach again"
+                )
+
+    # ------------------------------------------------------------------ detach
+    def restore(self, source) -> None:
+        """Give the module independent tensors holding its bytes (from the host tensor ``source``):
+        on its device, or back behind the Accelerate hooks taken over at install."""
+        device = torch.device("cpu") if self.accel_hooks else self.device
+        restored = self.slots.binding(source, device, copy=True)
+        restored.apply()
+        if self.accel_hooks:
+            meta = self.slots.binding(None, "meta").views
+            accel.give_back(
+                self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views
+            )
+        self.bound_flat = None
+
+
+class Stager:
+    """Host-side source of a layer's bytes for one-off copies (session load, detach): the tier's own
+    pinned copy, or a pinned staging buffer filled from the tier (one buffer, reused)."""
+
+    def __init__(self, layers, pin: bool, device):
+        self.layers = layers
+        self.pin = pin
+        self.device = device
+        self.buf: torch.Tensor | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._wait()
+        self.buf = None
+
+    def _wait(self):
+        if self.buf is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def source(self, layer) -> torch.Tensor:
+        if layer.tier.direct(layer.key):
+            layer.tier.check(layer.key)
+            return layer.tier.host_view(layer.key)
+        self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
+        if self.buf is None:
+            self.buf = allocate_host(max(l.nbytes for l in self.layers), self.pin, "a staging buffer")
+        dst = self.buf[: layer.nbytes]
+        layer.tier.read_into(layer.key, dst)
+        return dst

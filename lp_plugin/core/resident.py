@@ -1,0 +1,69 @@
+"""Session mode on one device: for the length of a session every offloaded layer computing on that
+device is resident, in one device buffer at a fixed address (``vmm.py``), so a compiled forward's CUDA
+graphs stay valid from one session to the next; between sessions the buffer's memory is given back and
+the layers point at their tier's host copy again."""
+
+from __future__ import annotations
+
+import time
+
+from .group import Stager
+from .vmm import PlainBuffer, StableBuffer, device_buffer
+
+
+class Residency:
+    def __init__(self, layers, device, room_check, stats):
+        self.layers = layers
+        self.device = device
+        self.room_check = room_check
+        self.stats = stats
+        self.nbytes = sum(l.nbytes for l in layers)
+        self.buffer: StableBuffer | PlainBuffer | None = None
+        self.is_open = False
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.buffer.mapped_bytes if self.buffer is not None else 0
+
+    def open(self) -> None:
+        t0 = time.perf_counter()
+        for layer in self.layers:
+            layer.check_intact()
+        self.room_check(
+            self.nbytes,
+            self.device,
+            "a session (all offloaded layers resident)",
+            "use mode='stream', or offload fewer layers",
+        )
+        if self.buffer is None:
+            self.buffer = device_buffer(self.nbytes, self.device)
+        loaded = []
+        try:
+            flat, offset = self.buffer.map(), 0
+            with Stager(self.layers, self.device.type == "cuda", self.device) as stager:
+                for layer in self.layers:
+                    layer.onload_(flat[offset : offset + layer.nbytes], stager.source(layer))
+                    offset += layer.nbytes
+                    loaded.append(layer)
+        except BaseException:
+            for layer in loaded:
+                layer.offload_()
+            self.buffer.unmap()
+            raise
+        self.is_open = True
+        self.stats["sessions"] += 1
+        self.stats["session_load_s"] += time.perf_counter() - t0
+
+    def release(self) -> None:
+        """End of the session: edits made on the device are written back, the memory given back."""
+        for layer in self.layers:
+            layer.offload_()
+        assert self.buffer is not None  # mapped by open
+        self.buffer.unmap()
+        self.is_open = False
+
+    def close(self) -> None:
+        if self.is_open:
+            self.release()
+        if self.buffer is not None:
+            self.buffer.close()

@@ -1,0 +1,323 @@
+"""Stream mode's ring: each forward pulls the offloaded layers through ``prefetch + 1`` device buffers,
+layer ``pos`` always in slot ``pos % slots``, copied on a side CUDA stream (or through pinned staging
+buffers read by one thread, for a tier without a pinned host copy). How and why: docs/architecture.md."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..errors import AttachError
+from . import ops
+from .group import edit_error
+from .tiers import allocate_host
+from .vmm import PlainBuffer, StableBuffer, device_buffer
+
+
+class GilSwitch:
+    """While a ring reads from a tier without a pinned host copy (disk), the reader thread needs the
+    GIL back after every read and copy, and the main thread holds it while it launches kernels: a
+    waiting thread gets it only after ``sys.getswitchinterval()`` (5 ms by default), longer than a
+    layer takes to move. So while such a ring is open the interval is lowered to 0.5 ms, and put back
+    when the last one closes (unless someone else changed it meanwhile, or it was shorter already)."""
+
+    INTERVAL = 0.0005
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    def enter(self):
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                if self._saved > self.INTERVAL:
+                    sys.setswitchinterval(self.INTERVAL)
+            self._users += 1
+
+    def leave(self):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._saved is not None:
+                if self._saved > self.INTERVAL and abs(sys.getswitchinterval() - self.INTERVAL) < 1e-9:
+                    sys.setswitchinterval(self._saved)
+                self._saved = None
+
+
+gil_switch = GilSwitch()
+
+
+class Ring:
+    def __init__(self, layers, prefetch: int, device, room_check):
+        self.layers = layers
+        self.k = len(layers)
+        self.prefetch = min(prefetch, self.k - 1)
+        self.nslots = self.prefetch + 1
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.room_check = room_check
+        self.slot_bytes = max(l.nbytes for l in layers)
+        # the tensors a layer reads outside its Linear modules (norm weights: a few KiB) stay on the
+        # device while the ring is open, so the ring's ops sit only at the Linear modules' inputs and
+        # outputs, where a compiled forward has a kernel boundary anyway (same kernels, same numerics)
+        self.other_bytes = [l.slots.other_nbytes for l in layers]
+        self.nlinear = [len(l.stream_modules) for l in layers]
+        self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
+        # a direct copy source per layer (the tier's pinned host copy), or None: read through staging
+        self.host = [l.tier.host_view(l.key) if l.tier.direct(l.key) else None for l in layers]
+        self.needs_staging = any(h is None for h in self.host)
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader", initializer=self._reader_init)
+            if self.needs_staging
+            else None
+        )
+        self.buffer: StableBuffer | PlainBuffer | None = None  # every slot, at a fixed address across sessions
+        self.staging: list[torch.Tensor] | None = None
+        self.slots: list[torch.Tensor] | None = None
+        # the bound tensors of every layer and their versions at open
+        self._watched: list[torch.Tensor] = []
+        self._versions: list[int] = []
+        self.id = ops.register(self)
+
+    @property
+    def is_open(self):
+        return self.slots is not None
+
+    # ------------------------------------------------------------------ open / close
+    def open(self):
+        for layer in self.layers:
+            layer.check_intact()
+        sources = [layer.tier.host_view(layer.key) for layer in self.layers]  # (each checked against its file)
+        self.room_check(
+            self.nslots * self.slot_bytes,
+            self.device,
+            f"stream mode's ring of {self.nslots} layer buffers",
+            "lower prefetch, or offload fewer/smaller layers",
+        )
+        if self.needs_staging and self.staging is None:
+            self.staging = [
+                allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)
+            ]
+        self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
+        self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
+        self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
+        self.pending = {}  # pos -> reader-thread future
+        self.holds = [None] * self.nslots  # the layer each slot was last loaded with
+        self.calls = [0] * self.k
+        if self.buffer is None:
+            self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
+        flat = self.buffer.map()
+        try:
+            self.slots = [flat[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(self.nslots)]
+            offset = self.nslots * self.slot_bytes
+            for pos, (layer, nbytes) in enumerate(zip(self.layers, self.other_bytes)):
+                other = flat[offset : offset + nbytes]
+                layer.slots.copy_other(other, sources[pos])
+                offset += nbytes
+                slot = self.slots[pos % self.nslots]
+                layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], other), slot)
+                layer.streamed = True
+            for pos in range(min(self.nslots, self.k)):
+                self._issue(pos)
+            self._watched = [
+                t for layer in self.layers for t in layer._watched
+            ]  # (one list: a cheap check per forward)
+            self._versions = [t._version for t in self._watched]
+        except BaseException:
+            self._drain()
+            self._unbind()
+            raise
+        if self.needs_staging:
+            gil_switch.enter()  # left in release
+
+    def _unbind(self):
+        for layer in self.layers:
+            layer.bound_flat, layer.streamed = None, False  # nothing to write back: slots are refilled from the tier
+            layer.offload_()
+        self.slots = None
+        assert self.buffer is not None  # mapped by open
+        self.buffer.unmap()
+
+    def edited_layers(self) -> list:
+        """The layers changed in place while bound to the ring (their tensors' version counters moved)."""
+        return [layer for layer in self.layers if layer.bound_flat is not None and layer.edited()]
+
+    def check_unedited(self) -> None:
+        """Refuse an in-place edit of an offloaded layer made while the ring is open. Its tensors are
+        ring slots, refilled from the tier's copy and shared with other layers between uses: the edit
+        could neither be kept nor be used consistently (it may even have landed in another layer's
+        bytes), so nothing computes with it and the error says how to edit instead."""
+        if [t._version for t in self._watched] != self._versions:
+            raise edit_error(self.edited_layers())
+
+    def release(self):
+        """End of the session: layers back on standby (an edit made inside it is refused: the tier's
+        copy is left as it was), the ring's memory given back."""
+        edited = self.edited_layers()
+        self._drain()
+        self._unbind()
+        if self.needs_staging:
+            gil_switch.leave()
+        if edited:
+            raise edit_error(edited)
+
+    def close(self):
+        if self.is_open:
+            self.release()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        if self.buffer is not None:
+            self.buffer.close()
+        ops.unregister(self.id)
+        self.staging = None
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.buffer.mapped_bytes if self.buffer is not None else 0
+
+    # ------------------------------------------------------------------ copies
+    def _reader_init(self):
+        if self.cuda:
+            assert self.side is not None  # made with the ring on CUDA
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self.side)
+
+    def _issue(self, pos):
+        """Start copying layer ``pos`` into its slot once the compute stream is past its previous user."""
+        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and self.host[pos] is None:
+            raise AttachError(
+                "stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph; "
+                "use tier='cpu' for compiled decoding, or pass disable_compile=True to generate()"
+            )
+        self.in_capture[pos] = capturing
+        self.holds[pos % self.nslots] = pos
+        fork = None
+        if self.cuda:
+            fork = torch.cuda.Event()
+            torch.cuda.current_stream(self.device).record_event(fork)
+        if self.host[pos] is None:
+            assert self.executor is not None  # made where a layer reads through staging
+            self.pending[pos] = self.executor.submit(self._read_and_copy, pos, fork)
+        else:
+            self.layers[pos].tier.check(self.layers[pos].key)
+            self._copy(pos, self.host[pos][: self.layers[pos].nbytes], fork, capturing)
+
+    def _copy(self, pos, src, fork, capturing):
+        slot = pos % self.nslots
+        assert self.slots is not None  # the ring is open
+        dst = self.slots[slot][: src.numel()]
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
+        self.side.wait_event(fork)
+        with torch.cuda.stream(self.side):
+            dst.copy_(src, non_blocking=True)
+        self.loaded[slot].record(self.side)
+        self.event_ok[slot] = not capturing
+
+    def _read_and_copy(self, pos, fork):
+        """Reader thread (current stream: the side stream): the slot's staging buffer from the tier, then
+        its copy into the slot. Few calls: each return from a call that released the GIL waits for the
+        GIL while the main thread launches kernels."""
+        slot = pos % self.nslots
+        layer = self.layers[pos]
+        assert self.staging is not None  # made by open where a layer reads through staging
+        buf = self.staging[slot][: layer.nbytes]
+        if self.cuda and self.event_ok[slot]:
+            assert self.loaded is not None  # made with the ring on CUDA
+            self.loaded[slot].synchronize()  # the previous copy out of this staging buffer is done
+        layer.tier.read_into(layer.key, buf)
+        self._copy(pos, buf, fork, False)
+
+    def _drain(self):
+        for fut in list(self.pending.values()):
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - the error was raised to the forward that needed it
+                pass
+        self.pending = {}
+        if self.cuda:
+            assert self.side is not None  # made with the ring on CUDA
+            self.side.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ------------------------------------------------------------------ what the hooks and ops call
+    def enter(self, pos) -> bool:
+        """A Linear module of layer ``pos`` is about to run; True for the layer's first one in this forward."""
+        first = self.calls[pos] == 0
+        self.calls[pos] += 1
+        return first
+
+    def leave(self, pos) -> bool:
+        """A Linear module of layer ``pos`` ran; True for the layer's last one in this forward."""
+        if self.calls[pos] < self.nlinear[pos]:
+            return False
+        self.calls[pos] = 0
+        return True
+
+    def wait(self, pos):
+        """Before layer ``pos`` reads its weights: its bytes are in its slot."""
+        if self.slots is None:
+            raise AttachError(
+                f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
+                "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
+            )
+        if pos == 0 and not torch.compiler.is_compiling():
+            self.check_unedited()  # before any streamed layer of this forward reads its weights
+        slot = pos % self.nslots
+        if self.holds[slot] != pos:
+            # the last slot's first layer is loaded as a forward starts (the copy engine then has work at
+            # once); or a forward was cut short (an exception): a copy queues behind the side stream's others
+            self._issue(pos)
+        fut = self.pending.pop(pos, None)
+        if fut is not None:
+            fut.result()
+        if not self.cuda:
+            return
+        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
+        stream = torch.cuda.current_stream(self.device)
+        if torch.cuda.is_current_stream_capturing():
+            if self.in_capture[pos]:  # (a load issued before the capture was complete when it began)
+                stream.wait_event(self.loaded[slot])
+                self.in_capture[pos] = False
+        elif self.event_ok[slot]:
+            stream.wait_event(self.loaded[slot])
+        else:
+            stream.wait_stream(self.side)  # the event was recorded inside a capture: not usable here
+
+    def done(self, pos):
+        """After layer ``pos`` read its weights, its slot is free: load the slot's next user in this
+        forward, or in the next one (but for the last slot, whose load starts the next forward)."""
+        nxt = pos + self.nslots
+        if nxt < self.k:
+            self._issue(nxt)
+        elif pos % self.nslots < self.nslots - 1:
+            self._issue(pos % self.nslots)
+
+    def join(self):
+        """End of a forward: the compute stream waits for the loads of the next forward's first layers
+        (a CUDA graph must join its side-stream work before its capture ends)."""
+        self.calls = [0] * self.k  # (a forward cut short by an exception leaves counts behind)
+        if self.slots is None or not self.cuda:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        for pos in range(min(self.nslots - 1, self.k)):
+            slot = pos % self.nslots
+            if pos in self.pending or self.holds[slot] != pos:
+                continue  # a reader-thread load (the layer waits for it itself), or a forward cut short
+            if capturing:
+                if self.in_capture[pos]:
+                    stream.wait_event(self.loaded[slot])
+            elif self.event_ok[slot]:
+                stream.wait_event(self.loaded[slot])
+            else:
+                stream.wait_stream(self.side)
+            self.in_capture[pos] = False

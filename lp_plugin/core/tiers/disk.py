@@ -1,0 +1,189 @@
+"""The ``disk`` tier: one safetensors layer file per offloaded layer in ``offload_folder``, verified at attach
+(reused, written, or rebuilt when lp_plugin can prove the file is its own), mapped copy-on-write, checked
+with one ``fstat`` before each transfer. How and why: docs/architecture.md."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import weakref
+
+from ...errors import OffloadFileError, OffloadSpecError
+from . import layerfile
+from .base import Tier, describe
+from .folder import OffloadFolder
+from .layerfile import Malformed
+from .mapped import MappedFile
+
+log = logging.getLogger("lp_plugin")
+
+_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+class DiskTier(Tier):
+    name = "disk"
+    needs_folder = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._temporary = None  # the finalizer removing a temporary folder (made when none was given)
+        if self.offload_folder is None:
+            path = tempfile.mkdtemp(prefix="lp_plugin-offload-")
+            self._temporary = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)  # also at exit
+            log.debug("lp_plugin: disk tier without offload_folder: using the temporary folder %s", path)
+            self.offload_folder = path
+        self.folder = OffloadFolder(self.offload_folder)
+        self.offload_folder = self.folder.path
+        self._files: dict = {}  # key -> MappedFile
+
+    def put(self, key, flat, layout, sha256):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise OffloadSpecError(
+                f"disk tier unit keys name files: use letters, digits and '_' (e.g. 'layer_00004'), got {key!r}"
+            )
+        name, what, nbytes = f"{key}.safetensors", describe(key), flat.numel()
+        path = self.folder.entry_path(name)
+        self._forget(key)
+        with self.folder.locked():
+            owned = self.folder.owned()
+            found = self._inspect(name, what, key, layout, sha256, nbytes)
+            if isinstance(found, MappedFile):
+                self._files[key], self.report[key] = found, "reused"
+                return
+            why = None
+            if found is not None:
+                why, ours, st = found
+                if not (ours or owned.owns(name, st)):
+                    raise self.folder.refuse(name, what, f"is not a file lp_plugin wrote ({why})")
+                log.warning(
+                    "lp_plugin: %s: offload file %s is %s; rebuilding it from the source weights", what, path, why
+                )
+            meta = layerfile.metadata_for(key, self.model_tag, layout, sha256)
+            fd = self.folder.replace(name, key, what, nbytes, lambda target: layerfile.write(target, flat, meta))
+            try:
+                self._files[key] = self._verify(fd, os.fstat(fd), path, what, key, layout, sha256, nbytes)
+            except Malformed as exc:
+                os.close(fd)
+                raise OffloadFileError(
+                    f"{what}: the file lp_plugin just wrote at {path} is {exc} when read back; another program is "
+                    "changing files in offload_folder: stop it, or pass another offload_folder"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self.report[key] = "written" if why is None else f"rebuilt: {why}"
+
+    @staticmethod
+    def _verify(fd, st, path, what, key, layout, sha256, nbytes) -> MappedFile:
+        """The open file ``fd`` (``st``: its ``fstat`` now) as unit ``key``, verified and mapped;
+        :class:`Malformed` says why not."""
+        header = layerfile.read_header(fd, st.st_size)
+        why = layerfile.mismatch(header, key, layout, sha256, nbytes)
+        if why is not None:
+            raise Malformed(why)
+        return MappedFile.verify(fd, path, what, header.start, nbytes, sha256, since=st)
+
+    def _inspect(self, name, what, key, layout, sha256, nbytes):
+        """What is at the layer's path now: None (nothing), the verified :class:`MappedFile`, or
+        ``(why, ours, st)``: why it cannot be used, whether its content proves it lp_plugin's (a
+        complete file bearing lp_plugin's format mark), and its identity."""
+        opened = self.folder.open_regular(name, what)
+        if opened is None:
+            return None
+        if opened.fd is None:
+            return opened.error, False, opened.st
+        fd, st, header = opened.fd, opened.st, None
+        try:
+            header = layerfile.read_header(fd, st.st_size)
+            why = layerfile.mismatch(header, key, layout, sha256, nbytes)
+            if why is None:
+                return MappedFile.verify(fd, self.folder.entry_path(name), what, header.start, nbytes, sha256, since=st)
+        except Malformed as exc:
+            why = str(exc)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return why, header is not None and header.is_lp_plugin, st
+
+    def _entry(self, key) -> MappedFile:
+        entry = self._files.get(key)
+        if entry is None:
+            raise OffloadFileError(f"{describe(key)} is not in this disk tier (put it first)")
+        return entry
+
+    def _forget(self, key) -> None:
+        entry = self._files.pop(key, None)
+        if entry is not None:
+            entry.close()
+
+    def host_view(self, key):
+        """The mapped payload, after :meth:`check`: whoever reads the file through the mapping (a
+        copy the engine makes itself, a write-back into it) never touches pages of a truncated file
+        (SIGBUS) nor bytes changed since verification."""
+        entry = self._entry(key)
+        entry.check()
+        return entry.data
+
+    def check(self, key):
+        self._entry(key).check()
+
+    def read_into(self, key, dst):
+        """Copy the unit into ``dst`` between two looks at the file: a change while the bytes are
+        copied (which the check before cannot see) makes the copy start over, twice at most."""
+        entry = self._entry(key)
+        if dst.numel() != entry.nbytes:
+            raise OffloadFileError(
+                f"{describe(key)}: destination holds {dst.numel()} bytes, the tier {entry.nbytes}; "
+                "pass a buffer of exactly the unit's size"
+            )
+        for _ in range(3):
+            entry.check()
+            seen = entry.stamp
+            dst.copy_(entry.data)
+            if entry.unchanged_since(seen):
+                return
+        raise OffloadFileError(
+            f"{describe(key)}: {entry.path} kept changing while it was read; another program is writing to "
+            "the offload folder: stop it, then reload the model (lp_plugin.from_pretrained, or attach a freshly "
+            "loaded model)"
+        )
+
+    def drop_page_cache(self) -> None:
+        """Unmap this tier's file pages and evict them from the page cache, so that the next read
+        of each layer comes from the disk (cold-cache benchmarks). Discards edits written back into
+        the mapping: for benchmarks only."""
+        for entry in self._files.values():
+            entry.drop_page_cache()
+
+    @property
+    def temporary(self) -> bool:
+        """True when the folder is a temporary one lp_plugin made (removed at :meth:`close` or exit)."""
+        return self._temporary is not None
+
+    def remove_files(self) -> list:
+        """Delete this tier's layer files, but only those the folder's journal proves lp_plugin wrote
+        (see :mod:`lp_plugin.core.tiers.journal`); then the journal once it records nothing left, and the
+        folder if lp_plugin created it and it is empty. Returns the paths removed."""
+        names = [f"{key}.safetensors" for key in self._files]
+        for entry in self._files.values():
+            entry.close()
+        self._files.clear()
+        if self.folder.fd is None:
+            return []
+        with self.folder.locked():
+            removed = self.folder.remove_owned(names)
+        self.folder.close()
+        self.folder.remove_if_created_and_empty()
+        return removed
+
+    def close(self):
+        for entry in self._files.values():
+            entry.close()
+        self._files.clear()
+        self.folder.close()
+        if self._temporary is not None:
+            self._temporary()  # nobody can reuse a temporary folder: it goes now

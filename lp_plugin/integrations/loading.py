@@ -1,0 +1,73 @@
+"""``lp_plugin.from_pretrained``: load a checkpoint straight into the offloaded layout.
+
+The model is loaded with the plan's Accelerate device map (resident modules on the main device, the
+offloaded layers in host memory), so peak GPU memory while loading is the resident part, never the
+whole model; then :func:`lp_plugin.attach` takes the offloaded layers over into their tier and takes
+the dispatch hooks off. 4-bit loads go through :class:`lp_plugin.integrations.quant.Nf4Load`.
+"""
+
+from __future__ import annotations
+
+from ..errors import OffloadSpecError
+from ..planning.config import OffloadConfig
+from ..planning.footprint import checkpoint_dtype, load_format
+from ..planning.plan import OffloadPlan, auto_base_map
+from .engine import attach
+from .quant import Nf4Load
+
+_CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
+
+
+def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs):
+    """Load ``name_or_path`` with ``AutoModelForCausalLM`` into the offloaded layout and attach.
+
+    lp_plugin's options (:class:`OffloadConfig`: ``offload``, ``tier``, ``mode``, ``alpha``,
+    ``offload_folder``, ``prefetch``, ``main_device``, ...) are taken out of ``kwargs``; the rest goes
+    to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``quantization_config``,
+    ``attn_implementation``, ...). ``device_map`` (``"auto"`` with ``max_memory``, or a dict) is kept as
+    the base placement: each layer computes where it puts it, and only the chosen layers move to the
+    tier. Without one, everything resident goes on ``main_device`` (default: the current GPU if there
+    is one, else the CPU). Returns the model; its handle is ``lp_plugin.get_handle(model)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options, hf_kwargs = OffloadConfig.split(kwargs)
+    config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read
+    base_map = hf_kwargs.pop("device_map", None)  # (max_memory is an OffloadConfig option: config.max_memory)
+    if not (base_map is None or base_map == "auto" or isinstance(base_map, dict)):
+        raise OffloadSpecError(
+            f"device_map={base_map!r}: lp_plugin keeps a base placement given as 'auto' (with max_memory) "
+            "or as a dict {module: device}"
+        )
+    hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
+    if base_map == "auto":
+        base_map = auto_base_map(
+            hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)
+        )
+    plan = OffloadPlan.for_config(hf_config, config, base_map=base_map, weights=load_format(hf_config, hf_kwargs))
+    nf4 = Nf4Load(hf_config, plan, hf_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, device_map=nf4.device_map(plan.device_map("cpu")), **nf4.hf_kwargs
+    )
+    model.eval()
+    nf4.finish(model)
+    attach(model, plan=plan)
+    if plan.budget is not None and plan.main_device.type == "cuda":
+        import torch
+
+        # loading (NF4 quantizes on the device) leaves blocks in PyTorch's cache that the work's larger
+        # activations cannot reuse; a plan for the card gives them back to the device
+        torch.cuda.empty_cache()
+    return model
+
+
+def _accelerate_max_memory(max_memory):
+    """A parsed ``max_memory`` as Accelerate's ``{device: bytes}`` (None stays None)."""
+    if max_memory is None:
+        return None
+    if any(key == "main" for key, _ in max_memory):
+        raise OffloadSpecError(
+            "with device_map='auto', give max_memory per device (e.g. {0: '6GiB', 1: '6GiB', 'cpu': '30GiB'}), "
+            "not a bare size"
+        )
+    return dict(max_memory)

@@ -1,0 +1,341 @@
+"""What a model occupies on its device, and what a piece of work adds to it: the sizes
+:mod:`lp_plugin.planning.budget` plans with.
+
+Weights come from a loaded model's real tensors, or from a config (no weights) through the shapes of
+a meta skeleton (:func:`lp_plugin.planning.arch.skeleton`) and the rules of a load in that format:
+
+* ``bfloat16``/``float16``/``float32``: every parameter in that dtype; buffers keep their own dtype
+  (RoPE's ``inv_freq`` stays float32, as transformers loads it).
+* ``nf4`` (bitsandbytes 4-bit, :func:`lp_plugin.integrations.quant.nf4_config`): every ``nn.Linear`` but the output
+  embedding (lm_head) and ``llm_int8_skip_modules`` holds its weight packed two values a byte, and a
+  QuantState per 64-value block: one absmax (uint8 with double quant, else float32) and a 16-entry
+  float32 code; double quant adds a float32 offset, one float32 absmax per 256 blocks and a 256-entry
+  float32 code. Biases, norms, embeddings and lm_head stay in the unquantized dtype (bf16 by default).
+
+A tied lm_head shares the embeddings' storage and counts once. Each decoder layer has three sizes:
+on the device (the sum of its tensors), as the engine packs it (:class:`lp_plugin.core.flat.LayerSlots`:
+256-byte aligned entries; what a tier holds and a ring slot or session buffer takes), and its
+non-Linear part (norm weights, kept on the device while a stream ring is open).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..core.flat import LayerSlots, aligned, quant_state_tensors
+from ..core.logprobs import head_rows
+from ..errors import OffloadSpecError
+from . import arch
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
+NESTED_BLOCK = 256  # absmax values per second-level absmax (double quant)
+SEQLEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # where lm-eval's HFLM reads max_length
+
+
+def checkpoint_dtype(hf_config, hf_kwargs):
+    """The floating dtype a load gives unquantized tensors: the one asked for, else the checkpoint's."""
+    dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
+    if dtype == "auto" or dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How weights are stored: ``dtype`` for everything unquantized (and the activations), and
+    whether ``nn.Linear`` weights are NF4."""
+
+    dtype: torch.dtype = torch.bfloat16
+    nf4: bool = False
+    double_quant: bool = True
+    skip_modules: tuple = ()  # Linear modules bitsandbytes leaves unquantized (name substrings)
+
+    @property
+    def name(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"nf4 ({dtype})" if self.nf4 else dtype
+
+
+def weight_format(value, hf_config=None) -> WeightFormat:
+    """A :class:`WeightFormat` from ``"bf16"``/``"fp16"``/``"fp32"``/``"nf4"``, a torch dtype, a 4-bit
+    ``BitsAndBytesConfig``, or None (the checkpoint's dtype from ``hf_config``, else float32)."""
+    if isinstance(value, WeightFormat):
+        return value
+    if value is None or value == "auto":
+        return (
+            WeightFormat(checkpoint_dtype(hf_config, {}) or torch.float32)
+            if hf_config is not None
+            else WeightFormat(torch.float32)
+        )
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return WeightFormat(value)
+    if isinstance(value, str) and value.strip().lower() in _DTYPES:
+        return WeightFormat(_DTYPES[value.strip().lower()])
+    if isinstance(value, str) and value.strip().lower() == "nf4":
+        return WeightFormat(torch.bfloat16, nf4=True)
+    if getattr(value, "load_in_4bit", False):
+        dtype = (checkpoint_dtype(hf_config, {}) if hf_config is not None else None) or torch.bfloat16
+        return WeightFormat(
+            dtype,
+            nf4=True,
+            double_quant=bool(value.bnb_4bit_use_double_quant),
+            skip_modules=tuple(value.llm_int8_skip_modules or ()),
+        )
+    raise OffloadSpecError(f"unknown weight format {value!r}; use bf16, fp16, fp32 or nf4")
+
+
+def load_format(hf_config, hf_kwargs: dict) -> WeightFormat:
+    """The format ``AutoModelForCausalLM.from_pretrained(**hf_kwargs)`` gives (as lp_plugin loads it)."""
+    qconfig = hf_kwargs.get("quantization_config")
+    dtype = checkpoint_dtype(hf_config, hf_kwargs) or torch.float32
+    if qconfig is not None and getattr(qconfig, "load_in_4bit", False):
+        return WeightFormat(
+            dtype,
+            nf4=True,
+            double_quant=bool(qconfig.bnb_4bit_use_double_quant),
+            skip_modules=tuple(qconfig.llm_int8_skip_modules or ()),
+        )
+    return WeightFormat(dtype)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    source: str  # "model" (real tensors) or "config" (skeleton shapes and format rules)
+    format: str
+    base_bytes: int  # everything outside the decoder layers
+    layer_bytes: tuple  # per layer, on the device
+    packed_bytes: tuple  # per layer, as the engine packs it (tier, ring slot, session buffer)
+    other_bytes: tuple  # per layer, the non-Linear part a stream ring keeps on the device
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_windows: tuple  # per layer: the tokens its cache keeps (None: all)
+    act_size: int  # bytes per element of activations, KV cache and logits
+    dequant_bytes: int  # nf4: the largest Linear weight dequantized for a multi-token matmul; else 0
+    max_positions: int | None  # the context lm-eval's HFLM would use (None: its default, 2048)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + sum(self.layer_bytes)
+
+
+def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
+    cfg = arch.text_config(hf_config)
+    heads = cfg.num_attention_heads
+    intermediate = getattr(cfg, "intermediate_size", None) or max(
+        (m.out_features for m in layer_list[0].modules() if isinstance(m, nn.Linear)), default=cfg.hidden_size
+    )
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layer_list)
+    return dict(
+        hidden=cfg.hidden_size,
+        intermediate=intermediate,
+        vocab=cfg.vocab_size,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        kv_windows=tuple(window if kind == "sliding_attention" and window else None for kind in kinds),
+        act_size=act_size,
+        dequant_bytes=dequant_bytes,
+        max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None),
+    )
+
+
+# ---------------------------------------------------------------------------------------- loaded model
+def from_model(model) -> Footprint:
+    """The footprint of a loaded model, from its real tensors."""
+    prefix, layer_list = arch.find_decoder_layers(model)
+    slots = [LayerSlots(layer) for layer in layer_list]
+    in_layers = {id(t) for layer in layer_list for t in [*layer.parameters(), *layer.buffers()]}
+    seen, base = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in in_layers:
+            continue
+        qs = getattr(t, "quant_state", None)
+        for x in [t, *(v for _, v in (quant_state_tensors(qs) if qs is not None else ()))]:
+            key = id(x) if x.device.type == "meta" else (x.device, x.data_ptr(), x.nbytes)
+            if key not in seen:
+                seen.add(key)
+                base += x.numel() * x.element_size()
+    emb = model.get_input_embeddings().weight
+    quantized = [
+        m
+        for layer in layer_list
+        for m in layer.modules()
+        if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+    ]
+    dequant = max((m.in_features * m.out_features for m in quantized), default=0) * emb.element_size()
+    return Footprint(
+        "model",
+        WeightFormat(emb.dtype, nf4=bool(quantized)).name,
+        base,
+        tuple(sum(e.nbytes for e in s.entries) for s in slots),
+        tuple(s.nbytes for s in slots),
+        tuple(s.other_nbytes for s in slots),
+        **_shape_fields(model.config, emb.element_size(), dequant, layer_list),
+    )
+
+
+# ---------------------------------------------------------------------------------------- config
+def _nf4_entries(numel: int, double_quant: bool) -> list:
+    """Bytes of each tensor a 4-bit weight of ``numel`` values packs into (weight, then its QuantState)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    if not double_quant:
+        return [(numel + 1) // 2, blocks * 4, 16 * 4]
+    return [(numel + 1) // 2, blocks, 16 * 4, 4, math.ceil(blocks / NESTED_BLOCK) * 4, 256 * 4]
+
+
+def _entries(module, name, fmt: WeightFormat, head, seen):
+    """``(nbytes, in_a_linear)`` of every tensor directly in ``module`` (called ``name``) once loaded in
+    ``fmt``, skeleton shapes; tensors whose id is in ``seen`` (a tied weight met before) are left out."""
+    linear = isinstance(module, nn.Linear)
+    quantized = fmt.nf4 and linear and module is not head and not any(s in name for s in fmt.skip_modules)
+    for pname, p in module.named_parameters(recurse=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if quantized and pname == "weight":
+            yield from ((n, True) for n in _nf4_entries(p.numel(), fmt.double_quant))
+        else:
+            yield p.numel() * (fmt.dtype.itemsize if p.is_floating_point() else p.element_size()), linear
+    for _, b in module.named_buffers(recurse=False):
+        if b is not None and id(b) not in seen:
+            seen.add(id(b))
+            yield b.numel() * b.element_size(), linear
+
+
+def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
+    """The footprint of ``hf_config`` loaded in ``fmt`` (see :func:`weight_format`), without weights."""
+    fmt = weight_format(fmt, hf_config)
+    meta = skeleton if skeleton is not None else arch.skeleton(hf_config)
+    prefix, layer_list = arch.find_decoder_layers(meta)
+    head = meta.get_output_embeddings()
+    seen: set[int] = set()  # (a skeleton is tied: a tied lm_head's weight is met once)
+    layers = [
+        [e for name, m in layer.named_modules(prefix=f"{prefix}.{i}") for e in _entries(m, name, fmt, head, seen)]
+        for i, layer in enumerate(layer_list)
+    ]
+    base = sum(
+        n
+        for name, m in meta.named_modules()
+        if not name.startswith(prefix + ".")
+        for n, _ in _entries(m, name, fmt, head, seen)
+    )
+    linears = [m for layer in layer_list for m in layer.modules() if isinstance(m, nn.Linear)]
+    dequant = max((m.in_features * m.out_features for m in linears), default=0) * fmt.dtype.itemsize if fmt.nf4 else 0
+    return Footprint(
+        "config",
+        fmt.name,
+        base,
+        tuple(sum(n for n, _ in entries) for entries in layers),
+        tuple(sum(aligned(n) for n, _ in entries) for entries in layers),
+        tuple(sum(aligned(n) for n, linear in entries if not linear) for entries in layers),
+        **_shape_fields(hf_config, fmt.dtype.itemsize, dequant, layer_list),
+    )
+
+
+# ---------------------------------------------------------------------------------------- work
+@dataclass(frozen=True)
+class Work:
+    """What runs on the model: ``generate`` (a prefill of ``context`` tokens, then decoding with logits
+    of the last token) or ``loglikelihood`` (lm-eval through lp_plugin's model type: windows of ``context``
+    tokens scored position by position), ``batch`` sequences at a time."""
+
+    kind: str
+    context: int
+    batch: int
+
+
+def kv_bytes(fp: Footprint, context: int, batch: int) -> int:
+    """Keys and values of every layer for ``context`` tokens (a sliding-window layer keeps its window)."""
+    return sum(
+        2 * batch * fp.kv_heads * fp.head_dim * fp.act_size * (min(context, w) if w else context) for w in fp.kv_windows
+    )
+
+
+def _layer_activations(fp: Footprint, bt: int) -> int:
+    """Bytes alive inside one decoder layer over ``bt`` tokens (its peak: the MLP's product, or attention)."""
+    s, h = fp.act_size, fp.hidden
+    mlp = 3 * bt * fp.intermediate * s
+    if fp.dequant_bytes and bt > 1:
+        mlp = max(mlp, 2 * bt * fp.intermediate * s + fp.dequant_bytes)
+    attn = bt * fp.head_dim * (4 * fp.heads + 3 * fp.kv_heads) * s
+    return max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
+
+
+def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> dict:
+    """Bytes alive at each peak candidate of ``work``, split into kv / activations / logits:
+
+    * ``prefill``: inside the last decoder layer. The model keeps its input embeddings and the layer's
+      input alive; the layer its residual and normed input; the MLP ``down(act(gate(x)) * up(x))``
+      holds three intermediates at its product (nf4: a weight dequantized for the matmul may stand in
+      for one); attention and RMSNorm (float32 upcast) peaks are smaller for MLP-heavy layers but
+      counted; plus RoPE's cos/sin and the integer inputs.
+      ``generate``: the cache of every layer is full. ``loglikelihood`` (lp_plugin's lm-eval scoring,
+      :mod:`lp_plugin.core.logprobs`): a whole window runs without a cache; with ``prefill_chunk`` the window
+      runs that many tokens at a time through a cache of the whole window, each chunk attending to it
+      through a materialized mask and expanded keys and values, each chunk scored before the next.
+    * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
+      generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
+      and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
+    """
+    s, b, t = fp.act_size, work.batch, work.context
+    bt, h = b * t, fp.hidden
+    inputs = 8 * t * (2 * b + 2)  # input_ids, attention_mask (B x T int64), position_ids, cache_position (T)
+    rope = 2 * t * fp.head_dim * s
+    if work.kind == "loglikelihood":
+        chunk = prefill_chunk if prefill_chunk and prefill_chunk < t else None
+        if chunk is None:
+            prefill = {"kv": 0, "activations": _layer_activations(fp, bt) + rope + inputs + bt * h * s, "logits": 0}
+        else:
+            attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
+            prefill = {
+                "kv": kv_bytes(fp, t, b),
+                "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
+                "logits": 0,
+            }
+        rows = min(bt, head_rows(fp.vocab, s, s))
+        held = bt * h * s if chunk is None else b * chunk * h * s  # the final hidden states being scored
+        return {
+            "prefill": prefill,
+            "lm_head": {
+                "kv": kv_bytes(fp, t, b) if chunk else 0,
+                "activations": held + inputs,
+                "logits": 2 * rows * fp.vocab * s,
+            },
+        }
+    kv = kv_bytes(fp, t, b)
+    return {
+        "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
+        "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
+    }
+
+
+def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:
+    """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` that needs the most."""
+    phases = work_phases(fp, work, prefill_chunk)
+    name = max(phases, key=lambda k: sum(phases[k].values()))
+    return name, phases[name]

@@ -1,0 +1,289 @@
+"""Layer importance on calibration tokens, and the context skip policies work in.
+
+Metrics (lower score = the layer is less needed = skipped first):
+
+* ``bi``: Block Influence (ShortGPT): ``1 - cos(x_in, x_out)`` of each layer, averaged over every
+  calibration token.
+* ``angular``: angular distance of ``n``-layer blocks (Gromov et al., "The Unreasonable
+  Ineffectiveness of the Deeper Layers"): ``arccos(cos(x_l, x_{l+n})) / pi``, averaged over every
+  calibration token (the paper reads the last token of each sequence; every token is steadier on a
+  few windows); one score per block start ``l``.
+* ``ppl``: calibration perplexity with that one layer skipped (or replaced by its stand-in).
+* ``greedy``: SLEB: remove, step by step, the layer whose removal (with its stand-in, when the
+  context has one) leaves the lowest calibration perplexity, re-measuring every remaining layer
+  after each removal; ``order`` is the removal order and a layer's score the perplexity after it
+  went (``None`` for layers never removed within ``steps``). Perplexity is measured on the first
+  :data:`SCORED_WINDOWS` calibration windows (all of them when there are fewer); with stand-ins it is cross-fitted:
+  those windows are dealt into two folds and each fold is scored with stand-ins fitted on every
+  other calibration window, so a stand-in that fits its own tokens but not new ones scores as it
+  will on new text.
+
+:func:`importance` caches results by the model's fingerprint (weights and config), the calibration
+tokens and the scoring settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from ...core.progress import bar
+from ...errors import OffloadSpecError
+from ..arch import find_decoder_layers
+from . import cache, standins
+from .calib import CalibData, calibration
+from .runner import Runner
+from .spec import StandInSpec, parse_stand_in
+
+log = logging.getLogger("lp_plugin")
+
+METRICS = ("bi", "angular", "ppl", "greedy")
+SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
+GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
+# what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, **standins.SETTINGS}
+
+
+@dataclass(frozen=True)
+class Importance:
+    metric: str
+    scores: tuple  # per layer (angular: per block start); lower = less needed; None = not measured
+    order: tuple  # layers (angular: block starts), least needed first
+    params: dict = field(default_factory=dict)  # n, stand_in, steps
+    calib: str = ""  # where the calibration tokens came from
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "scores": list(self.scores), "order": list(self.order), "params": self.params,
+                "calib": self.calib}
+
+
+class SkipContext:
+    """One model with its calibration data. A skip policy reads ``model``, ``calib`` (token windows:
+    ``calib.windows``), ``stand_in`` (what its layers will get) and ``num_layers``, and may call
+    :meth:`importance` (cached scores) or use :attr:`runner` to measure on its own. The weight
+    fingerprint and the plain model's hidden states are computed on first use and kept."""
+
+    def __init__(self, model, calib=None, stand_in="none"):
+        self.model = model
+        self.calib = calib if isinstance(calib, CalibData) else calibration(model, calib)
+        self.stand_in = stand_in if isinstance(stand_in, StandInSpec) else parse_stand_in(stand_in)
+        self.num_layers = len(find_decoder_layers(model)[1])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return cache.model_fingerprint(self.model)
+
+    @cached_property
+    def runner(self) -> Runner:
+        return Runner(self.model, self.calib)
+
+    @cached_property
+    def teacher(self) -> dict:
+        """The plain model's hidden states: ``{i: per-window input of layer i}``; index
+        ``num_layers`` holds the last layer's output."""
+        return self.runner.layer_inputs(desc="calibration (the plain model's hidden states)")
+
+    def teacher_layers(self, layers) -> dict:
+        """:attr:`teacher` for ``layers`` only (run up to the last of them unless it is already kept)."""
+        if "teacher" in self.__dict__:
+            return {i: self.teacher[i] for i in layers}
+        return self.runner.layer_inputs(layers=sorted(set(layers)), desc="calibration (the plain model's hidden states)")
+
+    def key(self, **parts) -> dict:
+        """A cache key: the model (weights and config), the calibration tokens, the settings of the
+        scoring and fitting code, and ``parts``."""
+        return {"model": self.fingerprint, "calib": self.calib.fingerprint, "settings": SETTINGS, **parts}
+
+    def importance(self, metric: str, *, n: int = 1, stand_in=None, steps: int | None = None) -> Importance:
+        """Cached scores of ``metric`` (see the module docstring); ``stand_in`` defaults to the
+        context's, ``steps`` (greedy) to half the layers."""
+        if metric not in METRICS:
+            raise OffloadSpecError(f"unknown importance metric {metric!r}; choose one of {list(METRICS)}")
+        spec = self.stand_in if stand_in is None else parse_stand_in(str(stand_in))
+        if metric in ("bi", "angular"):
+            spec = StandInSpec()  # they read the plain model only
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
+            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's "
+                                   f"{self.num_layers} layers")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise OffloadSpecError(f"steps={steps!r} must be an int >= 1 (greedy removals; default half the layers)")
+        steps = min(self.num_layers, self.num_layers // 2 if steps is None else steps)
+        key = self.key(metric=metric, n=n if metric == "angular" else 1, stand_in=str(spec))
+        what = f"{metric} importance"
+        payload = cache.load_json("importance", key, what, _payload_check(metric, self.num_layers, n))
+        if payload is not None and (metric != "greedy" or payload["params"]["steps"] >= steps):
+            return _from_payload(payload, steps if metric == "greedy" else None)
+        result = _COMPUTE[metric](self, n=n, spec=spec, steps=steps)
+        cache.save_json("importance", key, result.to_dict())
+        return result
+
+
+def _payload_check(metric: str, num_layers: int, n: int):
+    """A check for a cached importance payload: ValueError unless it is ``metric``'s, with one score
+    per layer (angular: per block start), finite, and an order of distinct layers in range."""
+    count = num_layers - n + 1 if metric == "angular" else num_layers
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def check(payload) -> None:
+        if not isinstance(payload, dict) or payload.get("metric") != metric:
+            raise ValueError(f"it is not {metric} importance")
+        scores, order, params = payload.get("scores"), payload.get("order"), payload.get("params")
+        if not isinstance(scores, list) or len(scores) != count:
+            raise ValueError(f"it holds no list of {count} scores")
+        if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in order):
+            raise ValueError("its order is not a list of layer indices")
+        if len(set(order)) != len(order) or not all(0 <= i < count for i in order):
+            raise ValueError(f"its order {order[:8]} repeats layers or leaves 0..{count - 1}")
+        if not isinstance(params, dict) or not isinstance(params.get("n"), int) \
+                or not isinstance(params.get("stand_in"), str):
+            raise ValueError("its params are not a table with n and stand_in")
+        if not isinstance(payload.get("calib"), str):
+            raise ValueError("it does not say which calibration text it measured")
+        if metric == "greedy":
+            steps = params.get("steps")
+            if not isinstance(steps, int) or isinstance(steps, bool) or len(order) != steps:
+                raise ValueError("its greedy steps do not match its order")
+            removed = set(order)
+            if not all(number(scores[i]) for i in order) or any(s is not None for i, s in enumerate(scores)
+                                                                if i not in removed):
+                raise ValueError("its scores are not finite numbers for exactly the removed layers")
+        elif len(order) != count or not all(number(v) for v in scores):
+            raise ValueError("its scores are not finite numbers for every layer, in an order of every layer")
+        if metric != "greedy" and sorted(order, key=lambda i: scores[i]) != order:
+            raise ValueError("its order is not the order of its scores")
+
+    return check
+
+
+def _from_payload(payload: dict, steps) -> Importance:
+    order, scores = tuple(payload["order"]), list(payload["scores"])
+    if steps is not None and steps < len(order):
+        dropped = order[steps:]
+        order = order[:steps]
+        for i in dropped:
+            scores[i] = None
+    params = dict(payload["params"])
+    if steps is not None and "steps" in params:
+        params["steps"] = min(steps, params["steps"])
+    return Importance(payload["metric"], tuple(scores), order, params, payload["calib"])
+
+
+def importance(model, calib=None, metric: str = "bi", *, n: int = 1, stand_in: str = "none",
+               steps: int | None = None) -> Importance:
+    """Per-layer importance of ``model``'s decoder layers on calibration tokens (``calib``: as the
+    ``calib`` option: ``"pydoc"`` (default), ``"pydoc:TOKENS"``, a text file, or token ids).
+
+    ``metric``: ``bi``, ``angular`` (``n``: block length), ``ppl`` or ``greedy`` (``steps``
+    removals, default half the layers); ``stand_in`` makes ``ppl``/``greedy`` measure each layer
+    replaced by its fitted stand-in instead of skipped. Cached by the model's weights and the
+    calibration tokens (under ``lp_plugin.bundled.cache_root()/skipping``)."""
+    return SkipContext(model, calib, stand_in).importance(metric, n=n, steps=steps)
+
+
+# ------------------------------------------------------------------------------------ metrics
+def _cos(a, b):
+    return F.cosine_similarity(torch.cat(a).float(), torch.cat(b).float(), dim=-1)
+
+
+def _bi(ctx, n, spec, steps) -> Importance:
+    h = ctx.teacher
+    scores = [float((1 - _cos(h[i], h[i + 1])).mean()) for i in range(ctx.num_layers)]
+    return _ranked("bi", scores, {"n": 1, "stand_in": "none"}, ctx)
+
+
+def _angular(ctx, n, spec, steps) -> Importance:
+    h = ctx.teacher
+    scores = [float(torch.arccos(_cos(h[l], h[l + n]).clamp(-1, 1)).mean() / math.pi)
+              for l in range(ctx.num_layers - n + 1)]
+    return _ranked("angular", scores, {"n": n, "stand_in": "none"}, ctx)
+
+
+def _ranked(metric, scores, params, ctx) -> Importance:
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    return Importance(metric, tuple(scores), tuple(order), params, ctx.calib.source)
+
+
+def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None):
+    """What runs in place of ``layer`` when it reads ``inputs`` (per-window hidden states): the
+    identity (``spec`` none) or a stand-in fitted on ``windows`` of them (default all) against the
+    plain model's output."""
+    if spec.kind == "none":
+        return _identity
+    windows = range(len(inputs)) if windows is None else windows
+    tensors, _ = standins.fit(spec, [inputs[w] for w in windows], [ctx.teacher[layer + 1][w] for w in windows])
+    return standins.build(spec, {k: v.to(inputs[0].device, inputs[0].dtype) for k, v in tensors.items()})
+
+
+def _identity(x):
+    return x
+
+
+def _ppl(ctx, n, spec, steps) -> Importance:
+    h = ctx.teacher
+    scores = []
+    for j in bar(range(ctx.num_layers), desc=f"ppl importance ({spec})", unit="layer"):
+        fn = replacement(ctx, spec, j, h[j])
+        scores.append(math.exp(ctx.runner.nll({j: fn}, start=j, states=h[j])))
+    return _ranked("ppl", scores, {"n": 1, "stand_in": str(spec)}, ctx)
+
+
+def _folds(ctx, spec) -> list:
+    """The windows greedy scores, in folds. Perplexity is measured on the first
+    :data:`SCORED_WINDOWS` windows. A fitted stand-in is scored only on windows it was not fitted on:
+    the scored windows are dealt into folds, and each fold is scored with stand-ins fitted on every
+    other calibration window."""
+    scored = list(range(min(SCORED_WINDOWS, len(ctx.calib.windows))))
+    k = min(GREEDY_FOLDS, len(scored))
+    if spec.kind == "none" or k < 2:
+        return [scored]
+    return [scored[f::k] for f in range(k)]
+
+
+def _greedy(ctx, n, spec, steps) -> Importance:
+    folds = _folds(ctx, spec)
+    every = range(len(ctx.calib.windows))
+    needed = folds[0] if spec.kind == "none" else every  # windows whose hidden states are read
+    base = ctx.teacher if spec.kind != "none" else ctx.runner.layer_inputs(windows=needed)
+    pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
+    states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
+    order, scores = [], [None] * ctx.num_layers
+    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate",
+                   total=sum(ctx.num_layers - s for s in range(steps)))
+    for step in range(steps):
+        best, t0 = None, time.perf_counter()
+        for j in range(ctx.num_layers):
+            if j in order:
+                continue
+            progress.update()
+            total, tokens, fns = 0.0, 0, []
+            for f, fold in enumerate(folds):
+                # with one calibration window there is nothing to cross-fit on: fitted and scored on it
+                train = [w for w in every if w not in fold] or list(every)
+                fns.append(replacement(ctx, spec, j, states[f][j], train))
+                later = {i: g for i, g in pipes[f].items() if i > j}
+                nll, count = ctx.runner.nll_sum({**later, j: fns[-1]}, start=j, states=states[f][j], windows=fold)
+                total, tokens = total + nll, tokens + count
+            if best is None or total / tokens < best[0]:
+                best = (total / tokens, j, fns)
+        nll, j, fns = best
+        order.append(j)
+        scores[j] = math.exp(nll)
+        log.info("lp_plugin: greedy (%s) step %d/%d: layer %d, calibration perplexity %.3f (%.0f s)", spec, step + 1,
+                 steps, j, scores[j], time.perf_counter() - t0)
+        for f, fn in enumerate(fns):
+            pipes[f][j] = fn
+            states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
+    progress.close()
+    return Importance("greedy", tuple(scores), tuple(order), {"n": 1, "stand_in": str(spec), "steps": steps},
+                      ctx.calib.source)
+
+
+_COMPUTE = {"bi": _bi, "angular": _angular, "ppl": _ppl, "greedy": _greedy}

@@ -1,0 +1,174 @@
+"""Forwards of a plain model over calibration windows with some decoder layers swapped out.
+
+Everything that measures or fits (importance metrics, stand-in fitting) runs the model's own
+``forward`` (so masks, rotary embeddings, final norm and head are the model's), one window at a time,
+and changes it only for the duration of one call:
+
+* ``replace={i: fn}``: layer ``i`` returns ``fn(hidden_states)`` instead of running (``fn`` is the
+  identity for a skipped layer, a stand-in module for a replaced one);
+* ``start=j, states=...``: the run begins at layer ``j`` from stored hidden states: layers before
+  ``j`` are bypassed and layer ``j`` reads the stored states, so a measurement after a change at
+  layer ``j`` costs only the layers from ``j`` on;
+* ``stop=s``: the run ends when layer ``s`` is reached (no later layer, no head).
+
+A layer's ``forward`` is swapped for the call and put back after it (also Accelerate's wrapper,
+when the layer carries one). The model must not be attached by lp_plugin: measure the plain model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ...core import hooks
+from ...core.progress import bar
+from ...errors import AttachError
+from ..arch import find_decoder_layers
+from .calib import CalibData
+
+
+class _Stop(Exception):
+    """Raised by the hook on the ``stop`` layer to end a forward early."""
+
+
+def _identity(hidden_states=None, *args, **kwargs):
+    return kwargs["hidden_states"] if hidden_states is None else hidden_states
+
+
+def _replaced(fn, hidden_states=None, *args, **kwargs):
+    return fn(_identity(hidden_states, **kwargs))
+
+
+@contextlib.contextmanager
+def swapped_forwards(layers, forwards: dict):
+    """``layers[i].forward = forwards[i]`` for the block; each layer's own attribute comes back after."""
+    saved = {i: layers[i].__dict__.get("forward") for i in forwards}
+    try:
+        for i, fwd in forwards.items():
+            layers[i].forward = fwd
+        yield
+    finally:
+        for i, fwd in saved.items():
+            if fwd is None:
+                layers[i].__dict__.pop("forward", None)
+            else:
+                layers[i].forward = fwd
+
+
+class Runner:
+    """Runs ``model`` over the windows of ``calib``; hidden states are kept on the model's device
+    as one ``[window_tokens, hidden]`` tensor per window."""
+
+    def __init__(self, model, calib: CalibData):
+        _, self.layers = find_decoder_layers(model)
+        if any(name.startswith(hooks.PREFIX) for layer in self.layers for name in hooks.names(layer)):
+            raise AttachError("layer importance and stand-in fitting run on the plain model; detach lp_plugin first "
+                              "(lp_plugin.get_handle(model).detach()), or pass skip=... to attach, which measures before attaching")
+        self.model = model
+        self.calib = calib
+        self.num_layers = len(self.layers)
+        emb = model.get_input_embeddings()
+        self.device = emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
+        self.inputs = [torch.tensor([[calib.prefix, *w[:-1]]], device=self.device) for w in calib.windows]
+        self.targets = [torch.tensor(w, device=self.device) for w in calib.windows]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.numel() for t in self.targets)
+
+    # ------------------------------------------------------------------ one forward
+    def _forward(self, w: int, replace=None, start=0, states=None, stop=None, record=()):
+        """Run window ``w``; return ``(summed NLL, or None when stopped early; {layer: its input})``.
+        ``record`` names the layers whose input is kept (``num_layers``: the last layer's output)."""
+        n = self.num_layers
+        forwards = {i: functools.partial(_replaced, fn) for i, fn in (replace or {}).items() if i >= start}
+        forwards.update({i: _identity for i in range(start)})
+        seen, handles = {}, []
+
+        def pre(i, module, args, kwargs):
+            if i == start and states is not None:
+                args, kwargs = _with_hidden(args, kwargs, states[w])
+            if i in record:
+                seen[i] = _hidden(args, kwargs)[0]
+            if i == stop:
+                raise _Stop
+            return args, kwargs
+
+        def post(module, args, output):
+            seen[n] = _first(output)[0]
+            if stop == n:
+                raise _Stop
+
+        for i in sorted(({start, stop} | set(record)) - {None, n}):
+            handles.append(self.layers[i].register_forward_pre_hook(functools.partial(pre, i), with_kwargs=True))
+        if n in record or stop == n:
+            handles.append(self.layers[-1].register_forward_hook(post))
+        training = self.model.training
+        self.model.eval()  # dropout would make scores and fits random (and they are cached)
+        try:
+            with swapped_forwards(self.layers, forwards):
+                out = self.model(self.inputs[w], use_cache=False)
+        except _Stop:
+            return None, seen
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(training)
+        return F.cross_entropy(out.logits[0].float(), self.targets[w], reduction="sum").item(), seen
+
+    # ------------------------------------------------------------------ what callers use
+    @torch.no_grad()
+    def nll_sum(self, replace=None, start=0, states=None, windows=None) -> tuple:
+        """``(summed negative log-likelihood, tokens)`` over ``windows`` (indices; default all), with
+        ``replace``/``start``/``states`` as in the module docstring (``states`` indexed by window)."""
+        windows = range(len(self.inputs)) if windows is None else windows
+        total = sum(self._forward(w, replace, start, states)[0] for w in windows)
+        return total, sum(self.targets[w].numel() for w in windows)
+
+    def nll(self, replace=None, start=0, states=None) -> float:
+        """Mean negative log-likelihood per calibration token."""
+        total, tokens = self.nll_sum(replace, start, states)
+        return total / tokens
+
+    @torch.no_grad()
+    def layer_inputs(self, replace=None, layers=None, start=0, states=None, windows=None, desc=None) -> dict:
+        """``{i: [per-window input of layer i]}`` for ``layers`` (default: every layer from ``start``
+        and, as index ``num_layers``, the last layer's output), for the model with ``replace`` applied;
+        with ``states``, layer ``start`` reads them and earlier layers are not run. Only ``windows``
+        (indices; default all) are run; the lists hold None for the others. ``desc`` names a progress
+        bar over the windows."""
+        layers = tuple(range(start, self.num_layers + 1)) if layers is None else tuple(layers)
+        windows = range(len(self.inputs)) if windows is None else windows
+        out = {i: [None] * len(self.inputs) for i in layers}
+        for w in windows if desc is None else bar(windows, desc=desc, unit="window"):
+            _, seen = self._forward(w, replace, start, states, stop=max(layers), record=set(layers))
+            for i in layers:
+                out[i][w] = seen[i]
+        return out
+
+    @torch.no_grad()
+    def advance(self, states, start: int, stop: int, replace=None) -> list:
+        """Per-window inputs of layer ``stop`` when layer ``start`` reads ``states`` (layers in
+        between run, or are replaced)."""
+        if stop == start:
+            return list(states)
+        return [self._forward(w, replace, start, states, stop=stop, record={stop})[1][stop]
+                for w in range(len(self.inputs))]
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, value):
+    value = value[None].to(_hidden(args, kwargs).dtype)
+    if args:
+        return (value,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output

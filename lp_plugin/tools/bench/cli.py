@@ -1,0 +1,218 @@
+"""The ``lp-bench`` command (``python -m lp_plugin.tools.bench.cli`` where the package is not installed).
+
+Exit status: 0 clean; 1 a regression against ``--compare`` (or, with ``--fail-on-miss``, a missed
+goal): every line printed under REGRESSION names the config, the figure and by how much; 2 bad
+arguments (also ``--device cuda`` on a machine without CUDA), a results file that is not one, or
+runs the gate cannot compare (lines under CANNOT COMPARE: a figure that is not a finite number in
+the reference, a reference without configs, another model or dtype); 3 a config failed to run
+(its error is in the JSON and on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from lp_plugin.core.report import GIB
+
+from .configs import ConfigError, parse_configs
+from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
+from .report import format_table, load_results, verdict, write_json
+
+DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
+                   "accelerate_cpu:even")
+
+EPILOG = f"""\
+configs (comma separated; baseline is measured first and baseline:twin last in every round, added if missing):
+  baseline                                   the plain model
+  baseline:twin                              the plain model again: the run's own noise, which the gate reads
+  accelerate_cpu[:SPEC][:new=N]              Accelerate dispatch_model with SPEC's layers on "cpu" (a peer;
+                                             not applicable without CUDA: nothing leaves the CPU)
+  accelerate_disk[:SPEC][:new=N][:cold]      the same with SPEC's layers on "disk" (Accelerate's offload folder)
+  airllm[:new=N][:cold]                      AirLLM (pip install airllm): every module streamed from per-layer
+                                             shards; compare it with stream:all:disk (slow: give it new=N)
+  MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
+                                             MODE session|stream, SPEC even|odd|all|2-32:2|2,4,6|<plugin>,
+                                             TIER cpu|disk; load=attach: lp_plugin.attach on the loaded plain
+                                             model; load=pretrained: lp_plugin.from_pretrained from the checkpoint
+                                             (a shape is saved once to a temporary folder); new=N overrides --new;
+                                             cold evicts the offload files from the page cache before each timed part
+models: a checkpoint folder or hub id, or a shape with seeded random weights: qwen2.5-3b-shape, llama-3-8b-shape,
+  smollm2-135m-shape
+protocol: one plain model; each config put on -> measured -> taken off, round-robin; round 0 is a discarded
+  warm-up (it also checks logits, perplexity and tokens against the plain model), then --repeats timed rounds;
+  figures are median [min-max], ratios to the plain model medians of per-round ratios.
+gate (--compare REF.json): compares each config's ratios to the plain model (not absolute speeds, unless
+  --absolute), its exactness and perplexity, and VRAM relative to the plain model, against REF; a speed fails
+  only if it fell by more than the factor and by more than the noise both runs measured allows (t test on the
+  plain model's own spread; with 7+ rounds also a Mann-Whitney U test, as asv does).
+  tolerances (defaults): {tolerance_text(DEFAULT_TOLERANCE)}
+{chr(10).join(f'    {k}: {v}' for k, v in TOLERANCE_HELP.items())}
+exit status: 0 clean, 1 regression (or missed goal with --fail-on-miss), 2 bad arguments, 3 a config failed
+examples:
+  lp-bench --model qwen2.5-3b-shape --dtype bf16 --out r.json --plot r.png
+  lp-bench --model ./ckpt --dtype fp32 --configs session:even:cpu,stream:even:cpu --threads 1 --out new.json --compare old.json
+  lp-bench --results new.json --compare old.json --tolerance speed=1.2,logit=1e-3
+"""
+
+
+def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) and gate on it.",
+    )
+    p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"],
+                   help="weights' format (default bf16; nf4: bitsandbytes 4-bit)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--prompt", type=int, default=100, help="prompt tokens for decode/generate/logits (default 100)")
+    p.add_argument("--new", type=int, default=64, help="new tokens per decode/generate run (default 64)")
+    p.add_argument("--prefill", type=int, default=512, help="tokens of the timed prefill forward (default 512)")
+    p.add_argument("--ppl-tokens", type=int, default=512, help="tokens of the perplexity text (default 512)")
+    p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds after the warm-up (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a shape model's random weights")
+    p.add_argument("--tokenizer", default="auto",
+                   help="auto (the model's; for shapes the bundled model's), none (UTF-8 bytes as ids), or a folder")
+    p.add_argument("--offload-dir", default=None, help="folder for disk-tier files (default: a temporary folder, removed after)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the H2D bandwidth copy in MiB (default 1024)")
+    p.add_argument("--static", default="auto", choices=["auto", "on", "off"],
+                   help='generate(cache_implementation="static") for every config: auto = on with CUDA (where '
+                        "transformers compiles it), off on the CPU (uncompiled there)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies CPU timings")
+    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--plot", help="write the frontier PNG (memory against decode tokens/s) here")
+    p.add_argument("--compare", metavar="REF_JSON", help="gate against this reference run (exit 1 on a regression)")
+    p.add_argument("--tolerance", default="", help=f"any subset of {tolerance_text(DEFAULT_TOLERANCE)}")
+    p.add_argument("--absolute", action="store_true", help="with --compare, also gate on absolute tokens/s")
+    p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--results", metavar="JSON", help="do not run: take these results (for --compare, --plot and the table)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wide", action="store_true",
+                   help="print every figure with its [min-max] (wider than 120 columns); the JSON holds them all anyway")
+    return p
+
+
+def _check_args(parser, args) -> dict:
+    try:
+        tol = parse_tolerance(args.tolerance)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.results is None and not args.model:
+        parser.error("--model is required (or --results JSON to compare/plot an existing run)")
+    if args.results is None:
+        from lp_plugin.tools.shapes import model_name_problem
+
+        why = model_name_problem(args.model)
+        if why is not None:
+            parser.error(f"--model {why}")
+    for name in ("prompt", "new", "prefill", "ppl_tokens", "repeats", "bandwidth_mib"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return tol
+
+
+def _load(parser, flag, path):
+    try:
+        return load_results(path)
+    except (OSError, ValueError) as exc:  # ResultsError is a ValueError
+        parser.error(f"{flag}: {exc}")
+
+
+def _run(parser, args) -> dict:
+    from .runner import run_bench
+    from .setup import BenchSettings, SetupError
+
+    try:
+        configs = parse_configs(args.configs)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    settings = BenchSettings(
+        model=args.model, dtype=args.dtype, device=args.device, prompt=args.prompt, new=args.new,
+        prefill=args.prefill, ppl_tokens=args.ppl_tokens, repeats=args.repeats, seed=args.seed,
+        tokenizer=args.tokenizer, offload_dir=args.offload_dir, bandwidth_bytes=args.bandwidth_mib * GIB // 1024,
+        static=args.static, threads=args.threads, progress=not args.no_progress,
+    )
+    try:
+        out = run_bench(settings, configs)
+    except SetupError as exc:
+        parser.error(str(exc))
+    except Exception:  # noqa: BLE001 - the run itself broke: exit 3 (failed), never 1 (a regression)
+        traceback.print_exc()
+        print("lp-bench: the run failed before any config could be measured", file=sys.stderr)
+        return None
+    if args.out:
+        write_json(out, args.out)
+    return out
+
+
+def _gate(args, out, old, tol) -> tuple:
+    """Print the gate's findings; ``(exit status, what the verdict line says of the gate)``: 1 when something
+    regressed, 2 when something could not be compared, else 0."""
+    lines, incomparable = [], []
+    if old is not None:
+        try:
+            verdict = compare(out, old, tol, absolute=args.absolute)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+                RecursionError) as exc:
+            verdict = None
+            incomparable.append(f"a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})")
+        if verdict is not None:
+            for note in verdict.notes:
+                print(note)
+            lines += verdict.regressions
+            incomparable += verdict.incomparable
+    if args.fail_on_miss:
+        lines += missed_goals(out)
+    summary = None
+    if lines:
+        against = f" against {args.compare}" if old is not None else ""
+        print(f"REGRESSION{against} (tolerance {tolerance_text(tol)}):")
+        for line in lines:
+            print(f"  {line}")
+        summary = f"gate: REGRESSION ({len(lines)} above)"
+    if incomparable:
+        print(f"CANNOT COMPARE against {args.compare}:")
+        for line in incomparable:
+            print(f"  {line}")
+        summary = summary or f"gate: CANNOT COMPARE ({len(incomparable)} above)"
+    if not lines and not incomparable and (old is not None or args.fail_on_miss):
+        what = f"no regression against {args.compare}" if old is not None else "every goal met"
+        print(f"gate: {what} (tolerance {tolerance_text(tol)})")
+        summary = "gate: no regression" if old is not None else "gate: every goal met"
+    return (1 if lines else 2 if incomparable else 0), summary
+
+
+def main(argv=None, prog: str = "lp-bench") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    tol = _check_args(parser, args)
+    old = _load(parser, "--compare", args.compare) if args.compare else None
+    out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
+    if out is None:
+        return 3
+    print(format_table(out, wide=args.wide))
+    if args.out and not args.results:
+        print(f"results: {args.out}")
+    if args.plot:
+        from .plot import plot
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        plot(out, args.plot)
+        print(f"plot: {args.plot}")
+    failed = [c for c in out["configs"] if c.get("error")]
+    for c in failed:
+        print(f"config {c['name']} failed: {c['error']}", file=sys.stderr)
+        if c.get("traceback"):
+            print(c["traceback"], file=sys.stderr)
+    status, gate_text = _gate(args, out, old, tol)
+    print(verdict(out, gate_text))
+    return 3 if failed else status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""What lp-bench derives from the raw figures of a run (pure Python, no torch): every config's ratios
+against the plain model, the run's own noise, and the goals.
+
+Ratios of speeds are medians of per-round ratios (:func:`lp_plugin.tools.bench.stats.paired`). The noise
+comes from the plain model measured twice in every round (``baseline`` first, ``baseline:twin``
+last) and from its logits computed three times (the reference before any config, then once per
+plain config): a deterministic model gives logit noise 0, a nondeterministic one (some GPU kernels)
+its real spread.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lp_plugin.core.report import GIB
+
+from .configs import is_exact
+from .stats import log_rms, median_of, median_se, paired, runs_of
+
+PEAK_SLACK_BYTES = int(0.2 * GIB)  # activations allowed over standby + ring in stream mode
+SPEEDS = {"prefill": "prefill_tok_s", "decode": "decode_tok_s", "decode_step": "decode_step_tok_s",
+          "generate": "generate_tok_s", "static": "static_tok_s"}
+NOISE_MARGIN = 2.0  # an exact config may differ from the plain model by this many times the plain model's own drift
+
+
+def usable(c) -> bool:
+    return bool(c) and not c.get("error") and not c.get("not_applicable")
+
+
+def find(out: dict, predicate):
+    return next((c for c in out["configs"] if usable(c) and predicate(c)), None)
+
+
+def plain(out: dict):
+    return find(out, lambda c: c["config"]["kind"] == "baseline" and not c["config"].get("twin"))
+
+
+def twin(out: dict):
+    return find(out, lambda c: c["config"].get("twin"))
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def noise(out: dict) -> dict:
+    """The run's noise: per speed, the spread of twin/baseline per-round ratios (log scale); the
+    plain model's logit, perplexity, argmax and token drift against its own reference."""
+    base, tw = plain(out), twin(out)
+    plains = [c for c in (base, tw) if c]
+    speed = {}
+    for short, key in SPEEDS.items():
+        p = paired(tw.get(key), base.get(key)) if base and tw else None
+        speed[short] = {"sigma": log_rms(p["runs"]) if p else None, "runs": p["runs"] if p else []}
+    ref_ppl = out.get("reference", {}).get("perplexity")
+
+    def worst(key, fn):
+        vals = [fn(c[key]) for c in plains if c.get(key) is not None]
+        return max(vals) if vals else None
+
+    return {
+        "speed": speed,
+        "logit": worst("max_abs_logit_diff", float),
+        # the plain model's perplexity relative to its own reference, once per plain config
+        "perplexity_runs": [c["perplexity"] / ref_ppl - 1.0 for c in plains if c.get("perplexity") is not None and ref_ppl],
+        "argmax": worst("argmax_agreement", lambda a: 1.0 - a),
+        "tokens": worst("generate_tokens_agree", lambda a: 1.0 - a),
+        "static_tokens": worst("static_tokens_agree", lambda a: 1.0 - a),
+        "vram": _vram_noise(base, tw),
+        "margin": NOISE_MARGIN,
+    }
+
+
+def _vram_noise(base, tw):
+    a, b = (median_of(base.get("standby_vram_bytes")) if base else None), (median_of(tw.get("standby_vram_bytes")) if tw else None)
+    return abs(a - b) / a if a and b is not None else None
+
+
+def _ratios(c, out, base, acc) -> dict:
+    cfg = c["config"]
+    decode, prefill, standby = median_of(c.get("decode_tok_s")), median_of(c.get("prefill_tok_s")), median_of(c.get("standby_vram_bytes"))
+    r = {f"{short}_vs_baseline": paired(c.get(key), base.get(key)) if base else None for short, key in SPEEDS.items()}
+    r.update({
+        "decode_vs_transfer_bound": _ratio(decode, c.get("transfer_bound_tok_s")),
+        "decode_vs_accelerate_cpu": paired(c.get("decode_tok_s"), acc.get("decode_tok_s")) if acc and acc is not c else None,
+        "standby_vs_baseline": _ratio(standby, median_of(base.get("standby_vram_bytes"))) if base else None,
+        "peak_vs_baseline": _ratio(median_of(c.get("peak_vram_bytes")), median_of(base.get("peak_vram_bytes"))) if base else None,
+        "decode_vs_bound_or_baseline": None, "prefill_vs_bound": None, "peak_budget_bytes": None, "peak_vs_budget": None,
+        "decode_vs_cpu_tier": None,
+    })
+    if cfg["kind"] == "lp":
+        r.update(_vs_peers(c, out))
+    if cfg["kind"] == "baseline":
+        return r
+    dec_base, pre_base = median_of(r["decode_vs_baseline"]), median_of(r["prefill_vs_baseline"])
+    candidates = [x for x in (dec_base, r["decode_vs_transfer_bound"]) if x is not None]
+    r["decode_vs_bound_or_baseline"] = max(candidates) if candidates else None  # decode / min(baseline, bound)
+    candidates = [x for x in (pre_base, _ratio(prefill, c.get("prefill_transfer_bound_tok_s"))) if x is not None]
+    r["prefill_vs_bound"] = max(candidates) if candidates else None
+    if cfg["kind"] == "lp" and cfg["mode"] == "stream" and standby is not None and c.get("layer_bytes"):
+        r["peak_budget_bytes"] = standby + (cfg["prefetch"] + 1) * c["layer_bytes"] + PEAK_SLACK_BYTES
+        r["peak_vs_budget"] = _ratio(median_of(c.get("peak_vram_bytes")), r["peak_budget_bytes"])
+    if cfg["kind"] == "lp" and cfg["tier"] != "cpu":
+        same = ("mode", "spec", "alpha", "prefetch", "load")
+        tier_twin = find(out, lambda o: o["config"]["kind"] == "lp" and o["config"]["tier"] == "cpu" and not o["config"]["cold"]
+                         and all(o["config"].get(k) == cfg.get(k) for k in same))
+        if tier_twin is not None:
+            r["decode_vs_cpu_tier"] = paired(c.get("decode_tok_s"), tier_twin.get("decode_tok_s"))
+    return r
+
+
+def _peer(out: dict, kind: str, cold: bool):
+    """The run's config of peer ``kind`` in the same page-cache state (both cold or both warm)."""
+    return find(out, lambda o: o["config"]["kind"] == kind and bool(o["config"].get("cold")) == cold)
+
+
+def _vs_peers(c, out) -> dict:
+    """An lp config against AirLLM and Accelerate's disk offload, each measured cold against cold and
+    warm against warm (medians of per-round ratios; peak VRAM as the ratio of medians)."""
+    cold = bool(c["config"].get("cold"))
+    air, disk = _peer(out, "airllm", cold), _peer(out, "accelerate_disk", cold)
+    r = {"decode_vs_airllm": None, "prefill_vs_airllm": None, "peak_vs_airllm": None, "decode_vs_accelerate_disk": None}
+    if air is not None:
+        r["decode_vs_airllm"] = paired(c.get("decode_tok_s"), air.get("decode_tok_s"))
+        r["prefill_vs_airllm"] = paired(c.get("prefill_tok_s"), air.get("prefill_tok_s"))
+        r["peak_vs_airllm"] = _ratio(median_of(c.get("peak_vram_bytes")), median_of(air.get("peak_vram_bytes")))
+    if disk is not None and c["config"].get("tier") == "disk":
+        r["decode_vs_accelerate_disk"] = paired(c.get("decode_tok_s"), disk.get("decode_tok_s"))
+    return r
+
+
+def derive(out: dict) -> dict:
+    """Add ``ratios`` to every config, and ``noise`` and ``goals`` to ``out`` (in place)."""
+    base = plain(out)
+    acc = find(out, lambda c: c["config"]["kind"] == "accelerate_cpu")
+    for c in out["configs"]:
+        c["ratios"] = _ratios(c, out, base, acc) if usable(c) else {}
+    out["noise"] = noise(out)
+    out["goals"] = goals(out)
+    return out
+
+
+def exact_allowance(noise_logit) -> float:
+    """How far an exact (alpha=1) config's logits may be from the plain model's: 0 for a
+    deterministic model, else :data:`NOISE_MARGIN` times the plain model's own drift."""
+    return NOISE_MARGIN * (noise_logit or 0.0)
+
+
+def noise_band(nz: dict, short: str, repeats: int) -> float | None:
+    """How far (log scale) a speed ratio can sit from its true value by the run's own noise: the
+    plain model's median ratio against itself, or twice the standard error of a median of
+    ``repeats`` rounds, whichever is larger (None without a twin)."""
+    speed = (nz.get("speed") or {}).get(short) or {}
+    runs = [r for r in speed.get("runs") or [] if r and r > 0]
+    if speed.get("sigma") is None or not runs:
+        return None
+    self_ratio = abs(math.log(sorted(runs)[len(runs) // 2]))
+    return max(self_ratio, 2 * median_se(speed["sigma"], repeats))
+
+
+def within_noise(value, target: str, band) -> bool:
+    """True when a speed ratio ``value`` and its threshold (``">= 0.98"``) are closer than ``band``."""
+    try:
+        threshold = float(str(target).split()[-1])
+    except (ValueError, IndexError):
+        return False
+    return band is not None and isinstance(value, (int, float)) and value > 0 and threshold > 0 and \
+        abs(math.log(value / threshold)) <= band
+
+
+def goals(out: dict) -> list:
+    """The goals, evaluated where this run has the figures (batch 1, same run). A speed goal also
+    says whether its value is within the run's own noise of the target (``within_noise``): such a
+    result can come out either way in two runs of the same code."""
+    rows, dtype, nz = [], out.get("settings", {}).get("dtype"), out.get("noise") or {}
+    repeats = out.get("settings", {}).get("repeats") or 1
+
+    def add(config, goal, value, target, met, speed=None):
+        band = noise_band(nz, speed, repeats) if speed else None
+        rows.append({"config": config, "goal": goal, "value": value, "target": target, "met": met,
+                     "noise_band": band, "within_noise": within_noise(value, target, band)})
+
+    for c in out["configs"]:
+        if c.get("error"):
+            add(c["name"], "runs without error", None, None, False)
+            continue
+        cfg, r = c["config"], c.get("ratios") or {}
+        if cfg["kind"] != "lp" or not is_exact(cfg):
+            continue  # the goals are set for exact offloading (alpha 1, nothing skipped)
+        if c.get("max_abs_logit_diff") is not None:
+            allowed = exact_allowance(nz.get("logit"))
+            target = "== 0 (the plain model repeats exactly)" if allowed == 0 else f"<= {allowed:.3g} ({NOISE_MARGIN:g}x the plain model's drift)"
+            add(c["name"], "logits vs the plain model: max abs diff", c["max_abs_logit_diff"], target, c["max_abs_logit_diff"] <= allowed)
+        _speed_goals(c, cfg, r, dtype, add)
+    return rows
+
+
+def _speed_goals(c, cfg, r, dtype, add) -> None:
+    name = c["name"]
+    v = median_of(r.get("decode_vs_baseline"))
+    if cfg["mode"] == "session" and v is not None:
+        add(name, "session decode vs baseline (median of per-round ratios)", v, ">= 0.98", v >= 0.98, "decode")
+    if c.get("static_error"):
+        add(name, "static-cache generate runs", c["static_error"], "no error", False)
+    v = median_of(r.get("static_vs_baseline"))
+    if cfg["mode"] == "session" and v is not None:
+        add(name, "session static-cache generate vs baseline (median of per-round ratios)", v, ">= 0.95", v >= 0.95,
+            "static")
+    if c.get("static_tokens_agree") is not None:
+        add(name, "static-cache tokens vs the plain static run", c["static_tokens_agree"], "== 1", c["static_tokens_agree"] == 1.0)
+    if cfg["mode"] == "stream":
+        v = r.get("decode_vs_bound_or_baseline")
+        if v is not None and c.get("transfer_bound_tok_s"):
+            add(name, "stream decode vs min(baseline, transfer bound)", v, ">= 0.95", v >= 0.95, "decode")
+        v = r.get("peak_vs_budget")
+        if v is not None:
+            add(name, "stream peak vs standby+(prefetch+1) layers+0.2GiB", v, "<= 1", v <= 1.0)
+        v = r.get("prefill_vs_bound")
+        if v is not None and c.get("prefill_transfer_bound_tok_s"):
+            add(name, "stream prefill vs min(compute, transfer bound)", v, ">= 0.80", v >= 0.80, "prefill")
+        v = median_of(r.get("decode_vs_accelerate_cpu"))
+        if v is not None and c.get("transfer_bound_tok_s") and cfg["tier"] == "cpu" and dtype in ("bf16", "fp16", "fp32"):
+            add(name, "stream decode vs accelerate_cpu", v, ">= 8", v >= 8.0, "decode")
+        if cfg["tier"] == "disk":
+            _airllm_goals(name, cfg, r, add)
+        v = median_of(r.get("decode_vs_cpu_tier"))
+        if v is not None and not cfg["cold"]:
+            add(name, "disk tier (warm) decode vs cpu tier (median of per-round ratios)", v, ">= 0.8", v >= 0.8, "decode")
+
+
+def speed_runs(c, short) -> list:
+    """The per-round ratios of one speed of config ``c`` against the plain model."""
+    return runs_of((c.get("ratios") or {}).get(f"{short}_vs_baseline"))
+
+
+def _airllm_goals(name, cfg, r, add) -> None:
+    """Stream mode from the disk tier against AirLLM (which reads every module from its shards), in
+    the same cache state: >= 50x its decode and >= 5x its prefill, at no more peak VRAM."""
+    state = "cold" if cfg["cold"] else "warm"
+    v = median_of(r.get("decode_vs_airllm"))
+    if v is not None:
+        add(name, f"stream decode vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 50", v >= 50.0,
+            "decode")
+    v = median_of(r.get("prefill_vs_airllm"))
+    if v is not None:
+        add(name, f"stream prefill vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 5", v >= 5.0,
+            "prefill")
+    v = r.get("peak_vs_airllm")
+    if v is not None:
+        add(name, "peak VRAM vs airllm", v, "<= 1", v <= 1.0)

@@ -1,0 +1,322 @@
+"""The regression gate of lp-bench: a new run against a reference run (``--compare OLD.json``).
+
+What one run measures reliably is compared, not absolute speeds (those move by 2x between rounds on
+a shared machine; ``--absolute`` adds them):
+
+* speed: every offloaded config's *ratio to the plain model in the same run*, as the median of
+  per-round ratios (each round measures every config back to back, so drift cancels);
+* exactness: logit difference, argmax and token agreement with the plain model, and perplexity
+  relative to the plain model's own;
+* memory: standby and peak VRAM relative to the plain model's (CUDA only).
+
+How "significantly slower" is decided follows pyperf and asv. ``pyperf compare_to`` calls a change
+significant only if a two-sample Student t-test says so (``pyperf._utils.is_significant``, critical
+values from a t table by degrees of freedom) and, with ``--min-speed``, only if it is also larger
+than that percentage. ``asv continuous`` / ``asv compare`` flag a benchmark only if it changed by
+more than ``--factor`` (default 1.1) *and* ``asv.statistics.is_different`` finds the samples
+different: a Mann-Whitney U test at p < 0.002 when there are enough samples for that p to be
+possible, else whether the confidence intervals of the two medians overlap. lp-bench does both,
+with the spread measured in the same runs. A speed ratio regressed when
+
+    median(new ratios) / median(old ratios) < exp(-max(log(speed), t * se))
+
+and, when the rounds are enough for it (6 and 7 or more), the Mann-Whitney U test of the new
+rounds against the old ones gives p < 0.002. ``speed`` is the factor (default 1.10, asv's default);
+``se`` the standard error of the difference of the two medians, ``sqrt(se_new**2 + se_old**2)``,
+each ``sqrt(pi/2) * sigma / sqrt(n)``; ``t`` Student's one-sided 0.1% critical value for
+``n_new + n_old - 2`` degrees of freedom (few rounds estimate ``sigma`` loosely, and t widens the
+band for that). ``sigma`` is the larger of the run's own noise, the plain model against itself
+(``baseline`` and ``baseline:twin``, a round apart: root mean square of the log ratios), and the
+config's own spread over rounds (standard deviation of the log ratios).
+
+Exactness tolerances come from the plain model too: its logits and perplexity are computed three
+times per run (reference, ``baseline``, ``baseline:twin``). A deterministic model repeats exactly,
+and the gate then allows nothing: one ulp fails. For a nondeterministic one (some GPU kernels) the
+max abs logit difference (a maximum over many logits, which varies little from draw to draw) may
+reach ``NOISE_MARGIN`` times the plain model's largest drift; perplexity (one number) may move as
+far as a t-test on the plain model's own deviations allows; argmax and token agreement may drop by
+``NOISE_MARGIN`` times the plain model's own drop. The ``--tolerance`` values add fixed slack.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .derive import NOISE_MARGIN, SPEEDS, exact_allowance, plain, speed_runs, usable
+from .stats import log_sd, mann_whitney_can_reject, mann_whitney_p, median_se, runs_of, t_critical
+
+MW_ALPHA = 0.002  # asv's threshold for its Mann-Whitney U test
+DEFAULT_TOLERANCE = {"speed": 1.10, "vram": 1.02, "ppl": 0.0, "logit": 0.0, "argmax": 0.0, "tokens": 0.0}
+TOLERANCE_HELP = {
+    "speed": "a speed ratio must fall by more than this factor, and more than the noise allows, to fail",
+    "vram": "standby/peak VRAM vs the plain model may grow by this factor",
+    "ppl": "relative perplexity change allowed beyond the plain model's own drift",
+    "logit": "max abs logit difference allowed beyond the reference's and the plain drift",
+    "argmax": "argmax agreement drop allowed beyond the plain drift",
+    "tokens": "greedy-token agreement drop allowed beyond the plain drift",
+}
+
+
+def parse_tolerance(text) -> dict:
+    """``speed=1.1,vram=1.02,ppl=0,logit=0,argmax=0,tokens=0`` (any subset) -> dict with defaults filled in."""
+    tol = dict(DEFAULT_TOLERANCE)
+    for part in (p.strip() for p in str(text or "").split(",")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"cannot read tolerance {part!r}; write e.g. speed=1.1,logit=0")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in tol:
+            raise ValueError(f"unknown tolerance {key!r}; known: {', '.join(tol)}")
+        try:
+            tol[key] = float(value)
+        except ValueError:
+            raise ValueError(f"tolerance {key}={value!r} is not a number") from None
+        if tol[key] < 0 or not math.isfinite(tol[key]):
+            raise ValueError(f"tolerance {key} must be a finite number >= 0")
+    for key in ("speed", "vram"):
+        if tol[key] < 1:
+            raise ValueError(f"tolerance {key} is a factor >= 1 (e.g. {key}={DEFAULT_TOLERANCE[key]})")
+    return tol
+
+
+def tolerance_text(tol: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in tol.items())
+
+
+def slower(new_runs, old_runs, sigma_new, sigma_old, speed_factor) -> dict:
+    """Whether ``new_runs`` are materially and significantly below ``old_runs`` (see the module doc)."""
+    n, m = len(new_runs), len(old_runs)
+    change = statistics.median(new_runs) / statistics.median(old_runs)
+    se = math.hypot(median_se(sigma_new, n), median_se(sigma_old, m))
+    floor = math.exp(-max(math.log(speed_factor), t_critical(n + m - 2) * se))
+    p = mann_whitney_p(new_runs, old_runs) if mann_whitney_can_reject(n, m, MW_ALPHA) else None
+    regressed = change < floor and (p is None or p < MW_ALPHA)
+    return {"change": change, "floor": floor, "se": se, "p": p, "regressed": regressed}
+
+
+def _sigma(run_noise, short, runs) -> float:
+    twin = ((run_noise or {}).get("speed") or {}).get(short, {}).get("sigma") or 0.0
+    return max(twin, log_sd(runs))
+
+
+def _how(v, tol) -> str:
+    test = "" if v["p"] is None else f", Mann-Whitney p={v['p']:.2g}"
+    return (f"{v['change']:.3f} of the reference; the gate allows down to {v['floor']:.3f}: factor {tol['speed']:g} "
+            f"or t x standard error {v['se']:.3f}{test}")
+
+
+def _speed(name, nc, oc, new, old, tol, out) -> None:
+    if nc.get("static_error") and not oc.get("static_error") and runs_of(oc.get("static_tok_s")):
+        out.regress(name, "static-cache generate", f"failed: {nc['static_error']} (the reference ran it)")
+    for short in SPEEDS:
+        a, b = speed_runs(nc, short), speed_runs(oc, short)
+        if not a or not b:
+            if b and not a:
+                out.regress(name, f"{short} vs baseline", "measured in the reference run only")
+            continue
+        v = slower(a, b, _sigma(new.get("noise"), short, a), _sigma(old.get("noise"), short, b), tol["speed"])
+        if v["regressed"]:
+            out.regress(name, f"{short} vs baseline", f"{statistics.median(b):.3f}x -> {statistics.median(a):.3f}x "
+                        f"of the plain model ({_how(v, tol)})")
+
+
+def _absolute(name, nc, oc, tol, out) -> None:
+    for key in SPEEDS.values():
+        a, b = runs_of(nc.get(key)), runs_of(oc.get(key))
+        if not a or not b:
+            continue
+        v = slower(a, b, log_sd(a), log_sd(b), tol["speed"])
+        if v["regressed"]:
+            out.regress(name, f"{key} (absolute)", f"{statistics.median(b):.4g} -> {statistics.median(a):.4g} tok/s "
+                        f"({_how(v, tol)})")
+
+
+def _drift(new, old, key) -> float:
+    vals = [(r.get("noise") or {}).get(key) for r in (new, old)]
+    return max([v for v in vals if v is not None], default=0.0)
+
+
+def _ppl_allowance(new, old) -> float:
+    """How far a config's perplexity (relative to its run's plain reference) may move between runs:
+    the plain model's own deviations from its reference in both runs give the spread ``sigma`` of
+    one such deviation; a move is the difference of two, so ``sqrt(2) * sigma``, and it may reach
+    Student's one-sided 0.1% critical value times that (0 when the plain model repeats exactly)."""
+    devs = [d for run in (new, old) for d in (run.get("noise") or {}).get("perplexity_runs") or []]
+    if not devs:
+        return 0.0
+    sigma = math.sqrt(sum(d * d for d in devs) / len(devs))
+    return t_critical(len(devs)) * math.sqrt(2) * sigma
+
+
+def _relative_ppl(run, c):
+    ref = (run.get("reference") or {}).get("perplexity")
+    return None if c.get("perplexity") is None or not ref else c["perplexity"] / ref - 1.0
+
+
+def _figures(name, label, a, b, out):
+    """``(a, b)`` as floats when both are finite numbers; else None, after recording why: nothing when
+    the reference lacks the figure, a regression when the new run lacks it or it is not a finite
+    number there, a cannot-compare line when the reference's is not a finite number."""
+    if b is None:
+        return None
+    if not _finite(b):
+        out.cannot(name, label, f"the reference's value {b!r} is not a finite number")
+        return None
+    if a is None:
+        out.regress(name, label, f"missing from the new run (the reference has {b!r})")
+        return None
+    if not _finite(a):
+        out.regress(name, label, f"{b!r} -> {a!r}: not a finite number")
+        return None
+    return float(a), float(b)
+
+
+def _finite(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _exactness(name, nc, oc, new, old, tol, out) -> None:
+    pair = _figures(name, "max abs logit diff vs the plain model", nc.get("max_abs_logit_diff"),
+                    oc.get("max_abs_logit_diff"), out)
+    if pair:
+        a, b = pair
+        allowed = max(b, exact_allowance(_drift(new, old, "logit"))) + tol["logit"]
+        if a > allowed:
+            out.regress(name, "max abs logit diff vs the plain model", f"{b!r} -> {a!r} (allowed {allowed!r}: the "
+                        f"plain model's own drift {_drift(new, old, 'logit')!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})")
+    pair = _figures(name, "perplexity", nc.get("perplexity"), oc.get("perplexity"), out)
+    a, b = _relative_ppl(new, nc), _relative_ppl(old, oc)
+    if pair and a is not None and b is not None:
+        allowed = _ppl_allowance(new, old) + tol["ppl"]
+        if not abs(a - b) <= allowed:
+            out.regress(name, "perplexity vs the plain model", f"{b:+.3g} -> {a:+.3g} relative (moved {abs(a - b):.3g}, "
+                        f"allowed {allowed:.3g})")
+    checks = (("argmax_agreement", "argmax", "argmax"), ("decode_tokens_agree", "tokens", "tokens"),
+              ("generate_tokens_agree", "tokens", "tokens"), ("static_tokens_agree", "static_tokens", "tokens"))
+    for key, drift_key, tol_key in checks:
+        pair = _figures(name, key, nc.get(key), oc.get(key), out)
+        if not pair:
+            continue
+        a, b = pair
+        allowed = NOISE_MARGIN * _drift(new, old, drift_key) + tol[tol_key]
+        if a < b - allowed:
+            out.regress(name, key, f"{b:.4f} -> {a:.4f} (allowed drop {allowed:.3g})")
+
+
+def _memory(name, nc, oc, new, old, tol, out) -> None:
+    factor = max(tol["vram"], 1.0 + NOISE_MARGIN * _drift(new, old, "vram"))
+    for key in ("standby_vs_baseline", "peak_vs_baseline"):
+        a, b = (nc.get("ratios") or {}).get(key), (oc.get("ratios") or {}).get(key)
+        if a is not None and b is not None and a > factor * b:
+            out.regress(name, key.replace("_vs_", " VRAM vs "), f"{b:.3f}x -> {a:.3f}x of the plain model (allowed {factor:.3f} x {b:.3f})")
+
+
+class Verdict:
+    """What the gate found: ``regressions`` (each names the config, the figure and by how much),
+    ``incomparable`` (what the gate could not compare: each fails the gate too) and ``notes``."""
+
+    def __init__(self):
+        self.regressions, self.incomparable, self.notes = [], [], []
+
+    def regress(self, config, figure, how):
+        self.regressions.append(f"{config}: {figure}: {how}")
+
+    def cannot(self, config, figure, how):
+        self.incomparable.append(f"{config}: {figure}: {how}")
+
+
+def _walk_numbers(value, where):
+    """``(where, number)`` for every number (not bool) inside ``value``, however nested."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_numbers(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk_numbers(v, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, value
+
+
+def _not_finite(c: dict) -> list:
+    """The measured figures of config ``c`` that are not finite numbers (NaN, Inf, or too large for
+    a float); its spec (``config``) and derived ``ratios`` are left out."""
+    measured = {k: v for k, v in c.items() if k not in ("config", "ratios")}
+    return [(where, v) for where, v in _walk_numbers(measured, "") if not _finite(v)]
+
+
+def _context(new, old, out) -> None:
+    """Notes on what differs between the runs; a different model or dtype cannot be compared."""
+    for what, a, b in (("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
+                       ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype"))):
+        if a != b:
+            out.cannot("run", what, f"reference {a!r}, new {b!r}: gate runs of the same model and dtype")
+    a = old.get("env", {}).get("gpu_name") or old.get("env", {}).get("cpu")
+    b = new.get("env", {}).get("gpu_name") or new.get("env", {}).get("cpu")
+    if a != b:
+        out.notes.append(f"note: device differs: reference {a!r}, new {b!r}")
+    if old.get("inputs", {}).get("ppl_ids_sha256") != new.get("inputs", {}).get("ppl_ids_sha256"):
+        out.notes.append("note: the perplexity text tokenizes differently (other tokenizer or Python)")
+    if plain(new) is None:
+        out.notes.append("note: the new run has no usable plain model: no ratio can be compared")
+    for label, run, record in (("reference", old, out.cannot), ("new run", new, out.regress)):
+        ref_ppl = (run.get("reference") or {}).get("perplexity")
+        if ref_ppl is not None and not (_finite(ref_ppl) and ref_ppl > 0):
+            record("run", "the plain model's reference perplexity",
+                   f"{ref_ppl!r} in the {label} is not a finite number > 0")
+
+
+def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
+    """Compare run ``new`` against reference run ``old`` (see the module doc). A figure of the
+    reference that is missing from the new run, or not a finite number there, is a regression; a
+    reference without configs, or with a figure that is not a finite number, cannot be compared."""
+    out = Verdict()
+    _context(new, old, out)
+    if not old.get("configs"):
+        out.cannot("run", "reference", "has no config to compare against")
+    if out.incomparable:
+        return out  # every figure of the run depends on what cannot be compared
+    new_by = {c["name"]: c for c in new.get("configs", [])}
+    for oc in old.get("configs", []):
+        name, nc = oc["name"], new_by.get(oc["name"])
+        if nc is None:
+            out.regress(name, "config", "missing from the new results")
+        elif nc.get("error"):
+            out.regress(name, "config", f"failed: {nc['error']}")
+        elif not usable(oc):
+            why = oc.get("error") or oc.get("not_applicable")
+            out.notes.append(f"note: {name}: not measured in the reference ({why})")
+        elif not usable(nc):
+            out.regress(name, "config", f"ran in the reference, not applicable now ({nc.get('not_applicable')})")
+        else:
+            bad_old, bad_new = _not_finite(oc), _not_finite(nc)
+            for where, v in bad_old:
+                out.cannot(name, where, f"the reference's value {v!r} is not a finite number")
+            for where, v in bad_new:
+                out.regress(name, where, f"{v!r}: not a finite number")
+            if bad_old or bad_new:
+                continue  # ratios and medians of such figures mean nothing
+            if oc["config"]["kind"] != "baseline":
+                _speed(name, nc, oc, new, old, tol, out)
+                _exactness(name, nc, oc, new, old, tol, out)
+                _memory(name, nc, oc, new, old, tol, out)
+            if absolute:
+                _absolute(name, nc, oc, tol, out)
+    return out
+
+
+def missed_goals(out: dict) -> list:
+    """The goals this run missed, one line each (``--fail-on-miss`` makes them fail the run)."""
+    lines = []
+    for g in out.get("goals") or []:
+        if not g["met"]:
+            value = "-" if g["value"] is None else (f"{g['value']:.4g}" if isinstance(g["value"], float) else str(g["value"]))
+            lines.append(f"{g['config']}: missed goal: {g['goal']} = {value} (target {g['target'] or '-'})")
+    return lines
+

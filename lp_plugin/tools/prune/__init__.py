@@ -1,0 +1,2 @@
+"""``lp-prune``: the layer-skipping frontier sweep (``sweep``), its table (``frontier``) and command
+line (``cli``)."""

@@ -1,0 +1,152 @@
+"""The quality frontier of layer skipping: every (share skipped, selection, stand-in) measured through
+the engine.
+
+Each row loads the model with :func:`lp_plugin.from_pretrained` and the row's ``skip`` /
+``stand_in`` / ``calib`` options (plus the sweep's offload options), so policies, stand-in fitting,
+caching and the forward are exactly what a user gets; then it scores the held-out documents with
+the attached model's own forward: perplexity, tokens/s, standby and peak VRAM (None on the CPU),
+and bytes moved between tier and device per token. Held-out documents are the ``lp_pydoc_heldout``
+lm-eval task's (tokens 4096-8192 of the pydoc stream), scored the way lm-eval scores them, so
+``lm_eval --model hf-residual-offload --tasks lp_pydoc_heldout`` with the same options reports the
+same ``token_perplexity``. Calibration reads other tokens only (see :mod:`.calib`).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import time
+
+import torch
+
+import lp_plugin
+
+from ...core.progress import bar
+from ...planning.arch import find_decoder_layers
+from ...planning.skipping.calib import HELDOUT, WINDOW, doc_start_token, document_ids, heldout_documents, tokenizer_for
+
+SELECTIONS = ("bi", "angular", "greedy")
+STAND_INS = ("none", "mean", "linear")
+FRACTIONS = (0, 10, 20, 30, 40)
+
+
+def heldout_ids(model, start=HELDOUT[0], end=HELDOUT[1], window=WINDOW) -> tuple:
+    """``(prefix token, [document token ids])`` of the held-out documents, for ``model``'s tokenizer."""
+    tokenizer = tokenizer_for(model, "the held-out documents")
+    docs = [document_ids(tokenizer, text) for text in heldout_documents(tokenizer, start, end, window)]
+    return doc_start_token(model, tokenizer), docs
+
+
+@torch.no_grad()
+def evaluate(model, prefix: int, docs: list) -> dict:
+    """Perplexity of ``docs`` (token id lists) under ``model``'s own forward, each document read after
+    ``prefix``; with tokens/s of the forwards and the peak VRAM they reached (None on the CPU)."""
+    device = model.get_input_embeddings().weight.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    nll, tokens, seconds = 0.0, 0, 0.0
+    for ids in bar(docs, desc="evaluation (held-out documents)", unit="doc"):
+        inputs = torch.tensor([[prefix, *ids[:-1]]], device=device)
+        t0 = time.perf_counter()
+        logits = model(inputs, use_cache=False).logits[0]
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids, device=device), reduction="sum").item()
+        tokens += len(ids)
+    return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens), "forward_s": seconds,
+            "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "peak_vram_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None}
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def measure(path, options: dict, hf_kwargs: dict, heldout: tuple) -> dict:
+    """One row: load ``path`` through the engine with ``options``, score the held-out documents."""
+    t0 = time.perf_counter()
+    model = lp_plugin.from_pretrained(path, **options, **hf_kwargs)
+    handle = lp_plugin.get_handle(model)
+    device = handle.main_device
+    standby = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        standby = int(torch.cuda.memory_allocated(device))
+    setup_s = time.perf_counter() - t0
+    result = evaluate(model, *heldout)
+    info, forwards, skips = handle.info(), handle.stats["forwards"], handle.plan.skips
+    stand_in_bytes = sum(l.nbytes for l in handle.layers if l.stand_in)
+    handle.detach()
+    _, layer_list = find_decoder_layers(model)
+    skipped_bytes = sum(_bytes(layer_list[i]) for i in skips.layers)
+    row = {
+        "skipped": len(skips.layers), "layers": list(skips.layers), "ppl": result["ppl"], "nll": result["nll"],
+        "tokens": result["tokens"], "tokens_per_second": result["tokens_per_second"], "standby_vram_bytes": standby,
+        "peak_vram_bytes": result["peak_vram_bytes"], "bytes_per_forward": info["bytes_per_forward"],
+        "bytes_moved_per_token": info["bytes_per_forward"] * forwards / result["tokens"],
+        "stand_in_bytes": stand_in_bytes, "forward_weight_bytes": _bytes(model) - skipped_bytes + stand_in_bytes,
+        "setup_s": setup_s, "skip_info": skips.info,
+    }
+    del model, handle
+    gc.collect()
+    return row
+
+
+def prepare(path, hf_kwargs: dict, calib, stand_ins, max_count: int, log) -> None:
+    """Run the greedy selections once for the largest count (each stand-in kind), so every row of the
+    sweep reads its layers from the cache instead of measuring again."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs).eval()
+    for stand_in in stand_ins:
+        t0 = time.perf_counter()
+        result = lp_plugin.importance(model, calib, "greedy", stand_in=stand_in, steps=max_count)
+        log(f"greedy ({stand_in}): removal order {list(result.order)} ({time.perf_counter() - t0:.0f} s)")
+    del model
+    gc.collect()
+
+
+def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STAND_INS, calib=None,
+              engine: dict | None = None, hf_kwargs: dict | None = None, heldout=(HELDOUT[0], HELDOUT[1], WINDOW),
+              greedy_stand_ins=None, log=print) -> dict:
+    """Measure every (fraction, selection, stand-in); returns the JSON-ready results. ``greedy_stand_ins``
+    (default: ``stand_ins``) limits the stand-in kinds of the ``greedy`` rows: greedy measures every
+    candidate layer at every step, once per stand-in kind, which dominates the sweep's time."""
+    from transformers import AutoConfig
+
+    engine = dict(engine or {})
+    hf_kwargs = dict(hf_kwargs or {})
+    num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    counts = sorted({int(math.floor(f * num_layers / 100 + 0.5)) for f in fractions})
+    greedy_stand_ins = list(stand_ins if greedy_stand_ins is None else greedy_stand_ins)
+    if "greedy" in selections and max(counts) > 0:
+        prepare(path, hf_kwargs, calib, greedy_stand_ins, max(counts), log)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
+    heldout_set = heldout_ids(plain, *heldout)
+    del plain
+    rows = []
+    plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections
+                                  for si in (greedy_stand_ins if sel == "greedy" else stand_ins)]
+    for k, selection, stand_in in bar(plan, desc="sweep", unit="row", leave=True):
+        options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
+        row = {"fraction": round(100 * k / num_layers, 1), "selection": selection or "plain", "stand_in": stand_in,
+               **measure(path, options, hf_kwargs, heldout_set)}
+        rows.append(row)
+        log(f"{row['selection']:>8} {stand_in:>8} skip {k:2d}: ppl {row['ppl']:.3f}  layers {row['layers']}")
+    base = rows[0]["ppl"]
+    for row in rows:
+        row["ppl_change"] = row["ppl"] / base - 1
+    return {
+        "model": str(path), "num_layers": num_layers, "engine": engine, "calib": calib or "pydoc",
+        "heldout": {"start": heldout[0], "end": heldout[1], "window": heldout[2], "documents": len(heldout_set[1]),
+                    "tokens": rows[0]["tokens"]},
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "rows": rows,
+    }
