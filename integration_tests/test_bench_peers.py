@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from bench_helpers import SMALL, bench, config, read
 
-from lp_plugin.bench.configs import ConfigError, parse_config, parse_configs
+from lp_plugin.tools.bench.configs import ConfigError, parse_config, parse_configs
 
 # AirLLM reads every module's file for every forward (seconds a token even here): one new token
 AIR = ["airllm:new=1", "airllm:new=1:cold"]
@@ -94,8 +94,8 @@ def test_table_shows_the_airllm_ratio(peers_run):
 def test_peers_not_applicable_for_nf4_or_when_missing(monkeypatch, tmp_path):
     import importlib.util
 
-    from lp_plugin.bench import apply
-    from lp_plugin.bench.apply import Placement
+    from lp_plugin.tools.bench import apply
+    from lp_plugin.tools.bench.apply import Placement
 
     class Base:  # what Placement reads of the plain model before anything is put on
         device = __import__("torch").device("cpu")
@@ -118,13 +118,13 @@ def test_airllm_not_applicable_without_a_tokenizer_in_the_checkpoint(tmp_path):
     ckpt = save_tiny("llama", tmp_path / "no-tokenizer")
     rc, stdout = bench(["--model", ckpt, *SMALL, "--repeats", "1", "--configs", "airllm", "--out", tmp_path / "r.json"])
     assert rc == 0, stdout
-    from lp_plugin.bench.apply import AIRLLM_NO_TOKENIZER
+    from lp_plugin.tools.bench.apply import AIRLLM_NO_TOKENIZER
 
     assert config(read(tmp_path / "r.json"), "airllm")["not_applicable"] == AIRLLM_NO_TOKENIZER
 
 
 def test_evict_folder_flushes_and_asks_for_every_file(tmp_path):
-    from lp_plugin.bench.apply import evict_folder
+    from lp_plugin.tools.bench.apply import evict_folder
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.bin").write_bytes(b"x" * 4096)

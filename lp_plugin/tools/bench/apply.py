@@ -111,7 +111,7 @@ class Placement:
     def _load_airllm(self) -> None:
         """AirLLM's model from the checkpoint, on this device and dtype; its per-module shards go to this
         config's folder (split once, in the warm-up round). AirLLM prints as it works: to stderr."""
-        from lp_plugin.shapes import torch_dtype
+        from lp_plugin.tools.shapes import torch_dtype
 
         with contextlib.redirect_stdout(sys.stderr):
             import airllm
