@@ -218,22 +218,23 @@ class Binding:
     weight's QuantState in place (absmax, nested, a packing flag); a binding of host views therefore
     hands out a fresh shallow copy of each QuantState every time it is applied."""
 
-    __slots__ = ("pairs", "buffers", "qpairs", "views", "fresh_qs")
+    __slots__ = ("pairs", "qpairs", "views", "fresh_qs")
 
     def __init__(self, slots: LayerSlots, views: dict, qstates: dict):
         self.views = views
         self.fresh_qs = any(v.device.type == "cpu" for v in views.values())
+        # parameters and buffers keep their tensor objects and their own version counters (``.data``
+        # points them at the views): a view assigned directly would share the flat buffer's counter,
+        # and every copy into the buffer would read as an in-place edit of the layer
         self.pairs = [(m._parameters[n], views[k]) for m, n, k in slots.params]
-        self.buffers = [(m._buffers, n, views[k]) for m, n, k in slots.buffers]
+        self.pairs += [(m._buffers[n], views[k]) for m, n, k in slots.buffers]
         self.qpairs = []
         for m, n, k in slots.qstates:
             self.qpairs.append((m, m._parameters[n], qstates[k]))
 
     def apply(self) -> None:
-        for p, v in self.pairs:
-            p.data = v
-        for bufs, n, v in self.buffers:
-            bufs[n] = v
+        for t, v in self.pairs:
+            t.data = v
         for module, p, qs in self.qpairs:
             if self.fresh_qs:
                 qs = copy.copy(qs)
