@@ -783,7 +783,7 @@ def test_exception_inside_session_returns_to_standby(tiny, tmp_path, tier, mode)
         with lp_plugin.session(tiny.model):
             logits(tiny.model)
             raise KeyError("boom")
-    assert not h.in_session and h._depth == 0
+    assert not h.in_session and h.gate.depth == 0
     assert w.data_ptr() == standby_ptr
     assert all(l.bound_flat is None for l in h.layers)
     if mode == "stream":
