@@ -709,6 +709,43 @@ def test_attach_twice(tiny):
     assert_unchanged(tiny.model, tiny.ref, tiny.state)
 
 
+class _InjectedFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["layer hooks", "model entry"])
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_attach_failing_half_way_through_install_is_undone(tiny, monkeypatch, mode, where):
+    """attach fails after it started changing the model (the second layer's hooks, or once the model
+    entry is on): everything installed so far is undone, the model is plain again."""
+    from lp_plugin.core.entry import ModelEntry
+    from lp_plugin.core.resident import Residency
+    from lp_plugin.core.stream import Ring
+
+    if where == "model entry":
+        install = ModelEntry.install
+
+        def failing_install(self):
+            install(self)
+            raise _InjectedFailure
+
+        monkeypatch.setattr(ModelEntry, "install", failing_install)
+    else:
+        mover = Ring if mode == "stream" else Residency
+        layer_hooks = mover.layer_hooks
+
+        def failing_hooks(self, pos, gate):
+            if pos == 1:
+                raise _InjectedFailure
+            return layer_hooks(self, pos, gate)
+
+        monkeypatch.setattr(mover, "layer_hooks", failing_hooks)
+    with pytest.raises(_InjectedFailure):
+        lp_plugin.attach(tiny.model, offload="even", mode=mode, alpha=0.5)
+    monkeypatch.undo()
+    assert_unchanged(tiny.model, tiny.ref, tiny.state)
+
+
 def test_detach_twice(tiny):
     h = lp_plugin.attach(tiny.model, offload="even")
     h.detach()
