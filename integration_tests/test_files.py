@@ -27,10 +27,10 @@ import time
 import pytest
 import torch
 from conftest import build_tiny
+from fault_parts import layer_file, logits, verify_layer_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from test_faults import layer_file, logits, verify_layer_file
 
 import lp_plugin
 from lp_plugin.errors import OffloadFileError

@@ -19,7 +19,7 @@ import subprocess
 import pytest
 import torch
 from conftest import build_tiny
-from test_faults import layer_file, logits, temp_files, tmpfs, verify_layer_file
+from fault_parts import layer_file, logits, temp_files, tmpfs, verify_layer_file
 
 import lp_plugin
 from lp_plugin.core.tiers.journal import NAME as JOURNAL

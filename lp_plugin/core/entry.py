@@ -1,9 +1,9 @@
 """How lp_plugin hooks into the model object itself (the layers get Accelerate hooks, see ``hooks.py``):
 
 * a forward pre-hook and an always-called forward hook on the module that runs the decoder layers
-  open and close a session around a bare forward (exception-safe, and a no-op while compiling: a
-  compiled forward runs inside the session that ``generate`` opened); in stream mode the hook also
-  ends the forward with the ring's join;
+  open and close a session around a bare forward through the session gate (exception-safe, and a no-op
+  while compiling: a compiled forward runs inside the session that ``generate`` opened); the hook also
+  ends the forward with each mover's ``end_forward`` (stream mode: the ring's join);
 * ``generate`` is wrapped so one call is one session (not one per decode step);
 * ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
@@ -20,36 +20,35 @@ import types
 import torch
 
 from ..errors import AttachError
+from .group import offloaded_dtypes
 
 
 class ModelEntry:
-    def __init__(self, handle, model, base, offloaded_modules, ancestors):
-        self.handle = handle
+    def __init__(self, gate, model, base, layers, main_device, ancestors):
+        self.gate = gate  # the session gate (first attribute: a deep copy reaches it first)
         self.model = model
         self.base = base  # the module whose forward runs the decoder layers (model.model for Qwen2/Llama)
+        self.layers = layers  # [OffloadedLayer]: the offloaded layers and the stand-ins
+        self.main_device = main_device
+        offloaded_modules = [layer.module for layer in layers if not layer.stand_in]
         self.offloaded = set(map(id, offloaded_modules))
-        self.guarded = list(offloaded_modules) + list(ancestors)
+        self.guarded = offloaded_modules + list(ancestors)
         self._torch_hooks = []
         self._had_generate = False
 
     def install(self) -> None:
-        handle = self.handle
+        gate = self.gate
 
         def pre(module, args):
             if not torch.compiler.is_compiling():
-                handle.enter_forward()
+                gate.enter_forward()
 
         def post(module, args, output):
             try:
-                for ring in handle.rings:
-                    if torch.compiler.is_compiling():
-                        if output is not None:
-                            torch.ops.lp_plugin.ring_join(_first_tensor(output), ring.id)
-                    else:
-                        ring.join()
+                gate.end_forward(output)
             finally:
                 if not torch.compiler.is_compiling():
-                    handle.exit_forward()
+                    gate.exit_forward()
 
         self._torch_hooks = [
             self.base.register_forward_pre_hook(pre),
@@ -62,7 +61,7 @@ class ModelEntry:
 
             @functools.wraps(original)
             def generate(*args, **kwargs):
-                with handle.session():
+                with gate.session():
                     return original(*args, **kwargs)
 
             self.model.generate = generate
@@ -84,8 +83,8 @@ class ModelEntry:
     def check_conversion(self, fn) -> None:
         """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
         offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
-        for device in {layer.device for layer in self.handle.layers} or {self.handle.main_device}:
-            for dtype in self.handle.offloaded_dtypes():
+        for device in {layer.device for layer in self.layers} or {self.main_device}:
+            for dtype in offloaded_dtypes(self.layers):
                 probe = fn(torch.empty(0, dtype=dtype, device=device))
                 if probe.dtype != dtype or probe.device != device:
                     raise AttachError(
@@ -94,13 +93,6 @@ class ModelEntry:
                         f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
                         "first, convert the model, then attach again"
                     )
-
-
-def _first_tensor(output):
-    """The hidden states of a base model's output (a ModelOutput, a tuple or a tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output[0]
 
 
 def _guarded_apply(entry, module, fn, *args, **kwargs):

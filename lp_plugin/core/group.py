@@ -27,6 +27,11 @@ def edit_error(layers) -> AttachError:
     )
 
 
+def offloaded_dtypes(layers) -> set:
+    """The dtypes of the layers' tensors (not NF4's quantization state)."""
+    return {e.dtype for layer in layers for e in layer.slots.entries if ".quant_state." not in e.key}
+
+
 class OffloadedLayer:
     def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
@@ -90,6 +95,16 @@ class OffloadedLayer:
         binding.apply()
         self.binding, self.bound_flat = binding, flat
         self._record()
+
+    def bind_slot_(self, binding, slot) -> None:
+        """Point the tensors at a stream ring's slot (which holds other layers' bytes between uses)."""
+        self.bind_(binding, slot)
+        self.streamed = True
+
+    def unbind_slot_(self) -> None:
+        """Back to standby from a ring slot: nothing to write back, the slot is refilled from the tier."""
+        self.bound_flat, self.streamed = None, False
+        self.offload_()
 
     def show_standby(self) -> None:
         """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other

@@ -1,5 +1,6 @@
 """Accelerate ``ModelHook``s on offloaded and dropped decoder layers, and how they are added and
-removed by name. Each hook is a thin caller of the engine and owns its own setup and teardown:
+removed by name. Each hook is a thin caller of a mover or of the session gate (``gate.py``) and owns
+its own setup and teardown:
 
 * :class:`SessionHook` (session mode): refuses to run a layer whose weights are not resident.
 * :class:`StreamHook` (stream mode): takes the layer's weights from the ring before its forward
@@ -9,8 +10,8 @@ removed by name. Each hook is a thin caller of the engine and owns its own setup
 * :class:`SkipHook` (``alpha == 0``): the layer is not run; its output is its input.
 
 Hooks are chained after any hook already on the module (``add_hook_to_module(..., append=True)``)
-and removed without disturbing the others. Every hook keeps a reference to the offload handle, so
-``copy.deepcopy`` of an attached model reaches the handle and gets its clear error.
+and removed without disturbing the others. Every hook keeps a reference to the session gate, so
+``copy.deepcopy`` of an attached model reaches the gate and gets its clear error.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _first(output):
 class _Hook(ModelHook):
     name = ""
 
-    def __init__(self, handle):
+    def __init__(self, gate):
         super().__init__()
-        self.handle = handle
+        self.gate = gate  # the session gate (first attribute: a deep copy reaches it first)
 
 
 class _GradGuard:
@@ -49,18 +50,18 @@ class _GradGuard:
     unless the session that ran the forward is still open (session mode; stream mode reuses the ring
     at once)."""
 
-    handle: Any  # the offload handle (set by _Hook)
+    gate: Any  # the session gate (set by _Hook)
 
     def _guard(self, layer, output):
         if not torch.is_grad_enabled():
             return
         out = _first(output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(functools.partial(_backward_check, self.handle, self.handle.grad_token(), layer.index))
+            out.register_hook(functools.partial(_backward_check, self.gate, self.gate.grad_token(), layer.index))
 
 
-def _backward_check(handle, token, index, grad):
-    if token is None or not handle.grad_token_valid(token):
+def _backward_check(gate, token, index, grad):
+    if token is None or not gate.grad_token_valid(token):
         raise AttachError(
             f"backward reached offloaded layer {index} after its weights left the device, so its gradients would be "
             "wrong; in mode='session' run forward and backward inside one `with lp_plugin.session(model):` block "
@@ -72,12 +73,12 @@ def _backward_check(handle, token, index, grad):
 class SessionHook(_Hook, _GradGuard):
     name = PREFIX + "session"
 
-    def __init__(self, handle, layer):
-        super().__init__(handle)
+    def __init__(self, gate, layer):
+        super().__init__(gate)
         self.layer = layer
 
     def pre_forward(self, module, *args, **kwargs):
-        if not self.handle.in_session:
+        if not self.gate.in_session:
             raise AttachError(
                 f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on "
                 "the device; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
@@ -97,8 +98,8 @@ class StreamHook(_Hook, _GradGuard):
 
     name = PREFIX + "stream"
 
-    def __init__(self, handle, ring, position: int):
-        super().__init__(handle)
+    def __init__(self, gate, ring, position: int):
+        super().__init__(gate)
         self.ring = ring
         self.position = position  # index of the layer among the streamed layers, in execution order
 
@@ -126,8 +127,8 @@ class DeviceHook(_Hook):
 
     name = PREFIX + "device"
 
-    def __init__(self, handle, device, skip_keys=None):
-        super().__init__(handle)
+    def __init__(self, gate, device, skip_keys=None):
+        super().__init__(gate)
         self.device = device
         self.skip_keys = skip_keys
 
@@ -142,8 +143,8 @@ class ResidualHook(_Hook):
 
     name = PREFIX + "residual"
 
-    def __init__(self, handle, alpha: float):
-        super().__init__(handle)
+    def __init__(self, gate, alpha: float):
+        super().__init__(gate)
         self.alpha = alpha
         self._inputs: list = []  # a stack: a layer may be re-entered (gradient checkpointing)
 
@@ -165,8 +166,8 @@ class SkipHook(_Hook):
 
     name = PREFIX + "skip"
 
-    def __init__(self, handle, stand_in=None):
-        super().__init__(handle)
+    def __init__(self, gate, stand_in=None):
+        super().__init__(gate)
         self.stand_in = stand_in
 
     def init_hook(self, module):

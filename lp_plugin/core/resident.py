@@ -1,17 +1,21 @@
 """Session mode on one device: for the length of a session every offloaded layer computing on that
 device is resident, in one device buffer at a fixed address (``vmm.py``), so a compiled forward's CUDA
 graphs stay valid from one session to the next; between sessions the buffer's memory is given back and
-the layers point at their tier's host copy again."""
+the layers point at their tier's host copy again. Implements the mover contract (``mover.py``)."""
 
 from __future__ import annotations
 
 import time
 
+from . import hooks
 from .group import Stager
+from .mover import Mover
 from .vmm import PlainBuffer, StableBuffer, device_buffer
 
 
-class Residency:
+class Residency(Mover):
+    reuses_buffers = False
+
     def __init__(self, layers, device, room_check, stats):
         self.layers = layers
         self.device = device
@@ -19,7 +23,11 @@ class Residency:
         self.stats = stats
         self.nbytes = sum(l.nbytes for l in layers)
         self.buffer: StableBuffer | PlainBuffer | None = None
-        self.is_open = False
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
 
     @property
     def mapped_bytes(self) -> int:
@@ -50,7 +58,7 @@ class Residency:
                 layer.offload_()
             self.buffer.unmap()
             raise
-        self.is_open = True
+        self._open = True
         self.stats["sessions"] += 1
         self.stats["session_load_s"] += time.perf_counter() - t0
 
@@ -60,10 +68,15 @@ class Residency:
             layer.offload_()
         assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
-        self.is_open = False
+        self._open = False
 
     def close(self) -> None:
         if self.is_open:
             self.release()
         if self.buffer is not None:
             self.buffer.close()
+
+    def layer_hooks(self, pos, gate) -> list:
+        """A session hook on the layer: it refuses to run outside a session."""
+        layer = self.layers[pos]
+        return [(layer.module, hooks.SessionHook(gate, layer))]

@@ -1,6 +1,7 @@
 """Stream mode's ring: each forward pulls the offloaded layers through ``prefetch + 1`` device buffers,
 layer ``pos`` always in slot ``pos % slots``, copied on a side CUDA stream (or through pinned staging
-buffers read by one thread, for a tier without a pinned host copy). How and why: docs/architecture.md."""
+buffers read by one thread, for a tier without a pinned host copy). Implements the mover contract
+(``mover.py``). How and why: docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import AttachError
-from . import ops
+from . import hooks, ops
 from .group import edit_error
+from .mover import Mover
 from .tiers import allocate_host
 from .vmm import PlainBuffer, StableBuffer, device_buffer
 
@@ -51,7 +53,9 @@ class GilSwitch:
 gil_switch = GilSwitch()
 
 
-class Ring:
+class Ring(Mover):
+    reuses_buffers = True
+
     def __init__(self, layers, prefetch: int, device, room_check):
         self.layers = layers
         self.k = len(layers)
@@ -85,7 +89,7 @@ class Ring:
         self.id = ops.register(self)
 
     @property
-    def is_open(self):
+    def is_open(self) -> bool:
         return self.slots is not None
 
     # ------------------------------------------------------------------ open / close
@@ -120,8 +124,7 @@ class Ring:
                 layer.slots.copy_other(other, sources[pos])
                 offset += nbytes
                 slot = self.slots[pos % self.nslots]
-                layer.bind_(layer.slots.split_binding(slot[: layer.nbytes], other), slot)
-                layer.streamed = True
+                layer.bind_slot_(layer.slots.split_binding(slot[: layer.nbytes], other), slot)
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
             self._watched = [
@@ -137,8 +140,7 @@ class Ring:
 
     def _unbind(self):
         for layer in self.layers:
-            layer.bound_flat, layer.streamed = None, False  # nothing to write back: slots are refilled from the tier
-            layer.offload_()
+            layer.unbind_slot_()
         self.slots = None
         assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
@@ -179,6 +181,18 @@ class Ring:
     @property
     def mapped_bytes(self) -> int:
         return self.buffer.mapped_bytes if self.buffer is not None else 0
+
+    def layer_hooks(self, pos, gate) -> list:
+        """A stream hook on each Linear module of the layer (the layer itself if it has none)."""
+        return [(module, hooks.StreamHook(gate, self, pos)) for module in self.layers[pos].stream_modules]
+
+    def end_forward(self, output) -> None:
+        """The forward's :meth:`join`: through its op when compiling (where the forward produced an output)."""
+        if torch.compiler.is_compiling():
+            if output is not None:
+                torch.ops.lp_plugin.ring_join(_first_tensor(output), self.id)
+        else:
+            self.join()
 
     # ------------------------------------------------------------------ copies
     def _reader_init(self):
@@ -321,3 +335,10 @@ class Ring:
             else:
                 stream.wait_stream(self.side)
             self.in_capture[pos] = False
+
+
+def _first_tensor(output):
+    """The hidden states of a base model's output (a ModelOutput, a tuple or a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]

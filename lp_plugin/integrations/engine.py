@@ -15,9 +15,9 @@ are suspended, hooks go on the layers (``hooks.py``) and on the model (``entry.p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
-import threading
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from ..core import accel, hooks
 from ..core.devices import map_value
 from ..core.entry import ModelEntry
-from ..core.group import OffloadedLayer, Stager
-from ..core.report import layers_text, size_text
+from ..core.gate import SessionGate, deepcopy_error
+from ..core.group import OffloadedLayer, Stager, offloaded_dtypes
+from ..core.mover import Mover
+from ..core.record import InstallRecord
 from ..core.resident import Residency
 from ..core.stream import Ring
 from ..errors import AttachError, OffloadResourceError
@@ -35,6 +37,7 @@ from ..planning.config import OffloadConfig
 from ..planning.plan import OffloadPlan
 from ..planning.plugins import tier_class
 from .checks import check_model
+from .reporter import HandleReport
 
 log = logging.getLogger("lp_plugin")
 
@@ -56,7 +59,11 @@ def session(model):
 
 
 class OffloadHandle:
-    """What ``attach`` returns. ``detach()`` restores the plain model; ``info()`` describes the layout."""
+    """What ``attach`` returns. ``detach()`` restores the plain model; ``info()`` describes the layout.
+
+    It composes three parts: the session gate (``gate``: sessions, what the hooks see), the install
+    record (``record``: every change made to the model and its undo, replayed by ``detach``) and the
+    reporter (``report``: ``info()``, ``print(handle)``)."""
 
     def __init__(self, model, plan: OffloadPlan, layers, dropped, tier):
         self.model = model
@@ -66,20 +73,12 @@ class OffloadHandle:
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
         self.main_device = plan.main_device
-        # per device the offloaded layers compute on: a Ring (stream mode) or a Residency (session mode)
-        self.movers = []
-        self.entry = None
-        self.suspended = []  # Accelerate dispatch hooks taken off the main device's modules
-        self.torch_hooks = []  # state-dict hooks of streamed layers (removed by detach)
-        self._device_map = None  # (model had hf_device_map, its value) before attach
-        self._depth = 0
-        self._in_session = False
-        self._epoch = 0
-        self._lock = threading.RLock()
-        self._forwards = threading.local()  # per thread: bare forwards whose session is open
-        self._attached = True
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
-        self.peak_mapped_bytes = 0  # the most device memory the session buffers or rings held at once
+        # movers: per device the offloaded layers compute on, a Ring (stream mode) or a Residency (session mode)
+        self.gate = SessionGate([], self.stats)
+        self.record = InstallRecord()
+        self.report = HandleReport(model, plan, layers, dropped, tier, self.gate)
+        self.entry: ModelEntry | None = None
 
     # ------------------------------------------------------------------ description
     mode = property(lambda self: self.config.mode)
@@ -87,121 +86,37 @@ class OffloadHandle:
     tier_name = property(lambda self: self.config.tier)
 
     @property
-    def layer_indices(self):
-        return [l.index for l in self.layers if not l.stand_in]
-
-    def info(self) -> dict:
-        c = self.config
-        offloaded = sum(l.nbytes for l in self.layers)
-        return {
-            "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
-            "layers": list(self.plan.selected),
-            "offloaded_layers": [l.index for l in self.layers if not l.stand_in],
-            "dropped_layers": [i for i, _ in self.dropped],
-            "skipped_layers": list(self.plan.skips.layers),
-            "stand_ins": {str(l.index): type(l.module).__name__ for l in self.layers if l.stand_in},
-            "tier": c.tier,
-            "mode": c.mode,
-            "alpha": c.alpha,
-            "prefetch": c.prefetch,
-            "offload_folder": getattr(self.tier, "offload_folder", None) or c.offload_folder,
-            "main_device": str(self.main_device),
-            "protect_first": c.protect_first,
-            "protect_last": c.protect_last,
-            "offloaded_bytes": offloaded,
-            "layer_bytes": max((l.nbytes for l in self.layers), default=0),
-            "bytes_per_forward": offloaded if c.mode == "stream" else 0,
-            "ring_slots": sum(r.nslots for r in self.rings),
-            "devices": sorted({str(l.device) for l in self.layers}) or [str(self.main_device)],
-            "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
-        }
-
-    def __repr__(self):
-        state = "" if self._attached else ", detached"
-        return (
-            f"OffloadHandle(layers={list(self.plan.selected)}, tier={self.tier_name!r}, mode={self.mode!r}, "
-            f"alpha={self.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})"
-        )
+    def layer_indices(self) -> list[int]:
+        return self.report.layer_indices
 
     @property
     def offloaded_bytes(self) -> int:
         """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
-        return sum(l.nbytes for l in self.layers if not l.stand_in)
+        return self.report.offloaded_bytes
+
+    def info(self) -> dict:
+        return self.report.info()
 
     def summary(self) -> str:
         """What ``print(handle)`` shows: what was offloaded, where it lives, what stays and moves."""
-        c, offloaded = self.config, self.offloaded_bytes
-        total = self.plan.num_layers
-        model_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
-        what = (
-            "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
-        )
-        lines = [
-            f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
-            f"({what})"
-        ]
-        if not self._attached:
-            return lines[0].replace("offloaded", "were offloaded", 1) + "; detached: the plain model again"
-        rows = [
-            ("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
-            ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {self.main_device}"),
-        ]
-        if c.mode == "stream":
-            rows.append(
-                ("per forward", f"{size_text(offloaded)} copied to {self.main_device} (ring of {c.prefetch + 1})")
-            )
-        if self.plan.skips.layers:
-            stand_ins = {type(l.module).__name__ for l in self.layers if l.stand_in}
-            rows.append(
-                (
-                    "skipped",
-                    f"layers {layers_text(self.plan.skips.layers)}"
-                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else ""),
-                )
-            )
-        dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]
-        if dropped:
-            rows.append(("dropped", f"layers {layers_text(dropped)} (alpha 0: never run)"))
-        folder = getattr(self.tier, "offload_folder", None)
-        if folder:
-            how = (
-                "temporary: removed at detach or exit"
-                if getattr(self.tier, "temporary", False)
-                else "handle.detach(remove_files=True) removes them"
-            )
-            rows.append(("files", f"{folder} ({how})"))
-        if self.plan.budget is not None:
-            rows.append(("budget", "planned by offload='auto': handle.plan.budget"))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(lines + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+        return self.report.summary()
 
     __str__ = summary
 
+    def __repr__(self):
+        return self.report.repr()
+
     def log_attached(self) -> None:
         """The one line ``attach`` (and so ``from_pretrained``) logs at INFO on logger ``lp_plugin``."""
-        folder = getattr(self.tier, "offload_folder", None)
-        if folder and getattr(self.tier, "temporary", False):
-            folder = f"{folder} (temporary)"
-        taken = sum(bool(l.accel_hooks) for l in self.layers)
-        log.info(
-            "lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for "
-            "details",
-            len(self.layer_indices),
-            self.plan.num_layers,
-            size_text(self.offloaded_bytes),
-            self.config.tier,
-            f" in {folder}" if folder else "",
-            self.config.mode,
-            self.config.alpha,
-            f", taking over Accelerate's offload of {taken} of them" if taken else "",
-        )
+        self.report.log_attached()
 
     def __deepcopy__(self, memo):
-        raise AttachError(
-            "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
-            "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach "
-            "each copy"
-        )
+        raise deepcopy_error()
+
+    @property
+    def movers(self) -> list:
+        """Per device the offloaded layers compute on: its mover (``lp_plugin.core.mover``)."""
+        return self.gate.movers
 
     @property
     def rings(self) -> list:
@@ -217,10 +132,15 @@ class OffloadHandle:
     def mapped_bytes(self) -> int:
         """Device memory held outside PyTorch's allocator (not in ``torch.cuda.memory_allocated``): the
         session buffers or rings while a session is open."""
-        return sum(m.mapped_bytes for m in self.movers)
+        return self.gate.mapped_bytes
+
+    @property
+    def peak_mapped_bytes(self) -> int:
+        """The most device memory the session buffers or rings held at once."""
+        return self.gate.peak_mapped_bytes
 
     def offloaded_dtypes(self) -> set:
-        return {e.dtype for l in self.layers for e in l.slots.entries if ".quant_state." not in e.key}
+        return offloaded_dtypes(self.layers)
 
     # ------------------------------------------------------------------ sessions
     @contextlib.contextmanager
@@ -228,84 +148,13 @@ class OffloadHandle:
         """Offloaded layers resident (session mode) or the ring allocated (stream mode) for the block;
         re-entrant and thread-safe. Leaving the outermost block, also by an exception, returns to
         standby: the device memory is freed."""
-        self._open()
-        try:
+        with self.gate.session():
             yield self
-        finally:
-            self._close()
 
     @property
     def in_session(self) -> bool:
-        """A session is open (session mode: the offloaded layers are on the device). A bool, set when the
-        outermost session opens and cleared when it closes: a compiled forward that reads it guards on a
-        value that does not change between nested and per-call sessions (the depth does)."""
-        return self._in_session
-
-    def _open(self):
-        self._check_attached()
-        with self._lock:
-            if self._depth == 0:
-                opened = []
-                try:
-                    for mover in self.movers:
-                        mover.open()
-                        opened.append(mover)
-                except BaseException:
-                    for mover in opened:
-                        mover.release()
-                    raise
-                self._epoch += 1
-                self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
-                self._in_session = True
-            self._depth += 1
-
-    def _close(self):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._in_session = False
-                refused = []
-                for mover in self.movers:
-                    try:
-                        mover.release()
-                    except AttachError as exc:  # every mover is released before an edit is refused
-                        refused.append(exc)
-                if self.movers and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if refused:
-                    raise refused[0]
-
-    def enter_forward(self):
-        """A bare forward of the model: a session of its own; in stream mode one forward at a time."""
-        if self.rings:
-            self._lock.acquire()
-        try:
-            self._open()
-        except BaseException:
-            if self.rings:
-                self._lock.release()
-            raise
-        self._forwards.depth = getattr(self._forwards, "depth", 0) + 1
-        self.stats["forwards"] += 1
-
-    def exit_forward(self):
-        """After a bare forward (also when it, or :meth:`enter_forward`, raised)."""
-        if not getattr(self._forwards, "depth", 0):
-            return  # enter_forward failed: nothing to close
-        self._forwards.depth -= 1
-        try:
-            self._close()
-        finally:
-            if self.rings:
-                self._lock.release()
-
-    def grad_token(self):
-        """What a backward through an offloaded layer checks: the session the forward ran in (None in
-        stream mode, whose ring slots are reused at once)."""
-        return self._epoch if not self.rings and self._depth > 0 else None
-
-    def grad_token_valid(self, token) -> bool:
-        return self._depth > 0 and self._epoch == token
+        """A session is open (session mode: the offloaded layers are on the device)."""
+        return self.gate.in_session
 
     def check_device_room(self, nbytes, device, what, fix):
         free = _free_bytes(device)
@@ -321,53 +170,27 @@ class OffloadHandle:
             )
 
     # ------------------------------------------------------------------ detach
-    def _check_attached(self):
-        if not self._attached:
-            raise AttachError("this OffloadHandle was detached; call lp_plugin.attach(model, ...) again to offload")
-
     def detach(self, remove_files: bool = False):
         """Restore the plain model: offloaded weights back where they were as independent tensors (with
         any edit made while attached), Accelerate's hooks and device map as they were, our hooks
         removed, tier files closed. ``remove_files=True`` also deletes the disk tier's layer files
         (only those lp_plugin provably wrote; a temporary folder goes in any case)."""
-        if not self._attached:
+        if not self.gate.attached:
             raise AttachError("detach() called twice: this model is no longer attached")
-        with self._lock:
-            if self._depth:
+        with self.gate.lock:
+            if self.gate.depth:
                 raise AttachError(
                     "cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first"
                 )
             for layer in self.layers:  # every copy detach reads is still the verified one, before anything changes
                 layer.tier.check(layer.key)
-            for mover in self.movers:
-                mover.close()
-            if self.entry is not None:
-                self.entry.remove()
-            for h in self.torch_hooks:
-                h.remove()
-            for layer in self.layers:
-                for module in {id(m): m for m in [layer.module, *layer.stream_modules]}.values():
-                    hooks.remove(module)
-            for _, module in self.dropped:
-                hooks.remove(module)
-            for device, layers in _by_device(self.layers).items():
-                with Stager(layers, device.type == "cuda", device) as stager:
-                    for layer in layers:
-                        if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
-                            layer.restore(stager.source(layer))
-            for s in reversed(self.suspended):
-                s.restore()
-            if self._device_map is not None:
-                had, value = self._device_map
-                if had:
-                    self.model.hf_device_map = value
+            self.record.undo()
             if remove_files:
                 removed = self.tier.remove_files()
                 if removed:
                     log.info("lp_plugin: removed %d offload file(s) from %s", len(removed), self.tier.offload_folder)
             self.tier.close()
-            self._attached = False
-            self.model.__dict__.pop(_ATTR, None)
+            self.gate.attached = False
 
 
 def _free_bytes(device):
@@ -430,53 +253,79 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
 
 
 def _install(handle, model, layer_list):
-    plan, config = handle.plan, handle.config
+    """Change the model, recording each change with its undo in ``handle.record``."""
+    plan, config, record, gate = handle.plan, handle.config, handle.record, handle.gate
     model.__dict__[_ATTR] = handle
+    record.did("the handle on the model", lambda: model.__dict__.pop(_ATTR, None))
+    installed: list = []  # layers whose tensors point at the tier (the last one perhaps in part)
+    record.did("the layers' tensors on the tier", lambda: _restore(installed))
     for layer in handle.layers:
         if layer.accel_hooks:
             log.debug("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
+        installed.append(layer)
         layer.install()
     if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
-        handle.suspended = accel.suspend_dispatch_hooks(model, plan.main_device)
-        handle.suspended += accel.suspend_move_wrappers(model)
+        for suspended in accel.suspend_dispatch_hooks(model, plan.main_device):
+            record.did("an Accelerate dispatch hook suspended", suspended.restore)
+        for suspended in accel.suspend_move_wrappers(model):
+            record.did("Accelerate's move wrappers suspended", suspended.restore)
     if hasattr(model, "hf_device_map"):
-        handle._device_map = (True, model.hf_device_map)
-        model.hf_device_map = _computing_map(model.hf_device_map, plan)
+        device_map = model.hf_device_map
+        record.did("hf_device_map: where the layers compute", lambda: setattr(model, "hf_device_map", device_map))
+        model.hf_device_map = _computing_map(device_map, plan)
+    hooked: set = set()
     stand_ins = {l.index: l.module for l in handle.layers if l.stand_in}
     for i, module in handle.dropped:
-        hooks.add(module, hooks.SkipHook(handle, stand_ins.get(i)))
+        _add_hook(record, hooked, module, hooks.SkipHook(gate, stand_ins.get(i)))
     skip_keys = getattr(model, "_skip_keys_device_placement", None)
     for device, layers in _by_device(handle.layers).items():
+        mover: Mover
         if config.mode == "stream":
             mover = Ring(layers, config.prefetch, device, handle.check_device_room)
         else:
             mover = Residency(layers, device, handle.check_device_room, handle.stats)
-        handle.movers.append(mover)
+        gate.movers.append(mover)
+        record.did(f"the mover on {device}", mover.close)
         for pos, layer in enumerate(layers):
-            _hook_layer(handle, layer, mover, pos, skip_keys)
+            _hook_layer(handle, record, hooked, layer, mover, pos, skip_keys)
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
-    handle.entry = ModelEntry(
-        handle, model, base, [l.module for l in handle.layers if not l.stand_in], _ancestors(model, plan.layer_prefix)
-    )
+    handle.entry = ModelEntry(gate, model, base, handle.layers, plan.main_device, _ancestors(model, plan.layer_prefix))
+    record.did("the model entry", handle.entry.remove)
     handle.entry.install()
 
 
-def _hook_layer(handle, layer, mover, pos, skip_keys):
+def _add_hook(record, hooked: set, module, hook) -> None:
+    """Chain ``hook`` on ``module``; the first of lp_plugin's hooks on a module records their removal."""
+    if id(module) not in hooked:
+        hooked.add(id(module))
+        record.did(f"lp_plugin's hooks on a {type(module).__name__}", functools.partial(hooks.remove, module))
+    hooks.add(module, hook)
+
+
+def _hook_layer(handle, record, hooked, layer, mover, pos, skip_keys):
+    gate = handle.gate
     if not handle.plan.single_device and not layer.stand_in:
-        hooks.add(layer.module, hooks.DeviceHook(handle, layer.device, skip_keys))
+        _add_hook(record, hooked, layer.module, hooks.DeviceHook(gate, layer.device, skip_keys))
     # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other layers'
     # bytes between uses): it is checked against its file first
-    handle.torch_hooks += [
+    for torch_hook in (
         layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
         layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound()),
-    ]
-    if isinstance(mover, Ring):
-        for module in layer.stream_modules:
-            hooks.add(module, hooks.StreamHook(handle, mover, pos))
-    else:
-        hooks.add(layer.module, hooks.SessionHook(handle, layer))
+    ):
+        record.did(f"a state-dict hook on layer {layer.index}", torch_hook.remove)
+    for module, hook in mover.layer_hooks(pos, gate):
+        _add_hook(record, hooked, module, hook)
     if 0 < handle.config.alpha < 1 and not layer.stand_in:
-        hooks.add(layer.module, hooks.ResidualHook(handle, handle.config.alpha))
+        _add_hook(record, hooked, layer.module, hooks.ResidualHook(gate, handle.config.alpha))
+
+
+def _restore(layers) -> None:
+    """Give each layer (but the stand-ins) independent tensors again, read from its tier."""
+    for device, group in _by_device(layers).items():
+        with Stager(group, device.type == "cuda", device) as stager:
+            for layer in group:
+                if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
+                    layer.restore(stager.source(layer))
 
 
 def _by_device(layers) -> dict:

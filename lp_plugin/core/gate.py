@@ -1,0 +1,147 @@
+"""The session gate: what the hooks and the model entry see of an attached model. It opens the movers
+(``mover.py``) when the outermost session opens and releases them when it closes; re-entrant and
+thread-safe; a bare forward is a session of its own, and forwards through buffers a forward reuses run
+one at a time.
+
+A compiled forward reads :attr:`SessionGate.in_session`, so dynamo guards on it: it is a bool set when
+the outermost session opens and cleared when it closes, the same in a nested and in a per-call session.
+Nothing a hook reads counts sessions (the depth and the epoch are read only outside a compiled forward,
+or to check a backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from ..errors import AttachError
+from .mover import Mover
+
+
+def deepcopy_error() -> AttachError:
+    return AttachError(
+        "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
+        "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach "
+        "each copy"
+    )
+
+
+class SessionGate:
+    def __init__(self, movers: list[Mover], stats: dict):
+        self.movers = movers  # one per device the offloaded layers compute on, filled in by attach
+        self.stats = stats  # "forwards" counted here; the movers count their sessions
+        self.peak_mapped_bytes = 0  # the most device memory the movers held at once
+        self.attached = True  # False once detached: no session opens again
+        self.lock = threading.RLock()
+        self._depth = 0
+        self._in_session = False
+        self._epoch = 0  # sessions opened so far: what a backward checks it still runs in
+        self._forwards = threading.local()  # per thread: bare forwards whose session is open
+
+    def __deepcopy__(self, memo):
+        raise deepcopy_error()
+
+    @property
+    def in_session(self) -> bool:
+        """A session is open (session mode: the offloaded layers are on the device). A bool, set when the
+        outermost session opens and cleared when it closes: a compiled forward that reads it guards on a
+        value that does not change between nested and per-call sessions (the depth does)."""
+        return self._in_session
+
+    @property
+    def depth(self) -> int:
+        """Sessions open now, nested or in other threads (0: standby)."""
+        return self._depth
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(m.mapped_bytes for m in self.movers)
+
+    def _reuses_buffers(self) -> bool:
+        return any(m.reuses_buffers for m in self.movers)
+
+    # ------------------------------------------------------------------ sessions
+    @contextlib.contextmanager
+    def session(self):
+        self.open()
+        try:
+            yield
+        finally:
+            self.close()
+
+    def open(self) -> None:
+        if not self.attached:
+            raise AttachError("this OffloadHandle was detached; call lp_plugin.attach(model, ...) again to offload")
+        with self.lock:
+            if self._depth == 0:
+                opened = []
+                try:
+                    for mover in self.movers:
+                        mover.open()
+                        opened.append(mover)
+                except BaseException:
+                    for mover in opened:
+                        mover.release()
+                    raise
+                self._epoch += 1
+                self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
+                self._in_session = True
+            self._depth += 1
+
+    def close(self) -> None:
+        with self.lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._in_session = False
+                refused = []
+                for mover in self.movers:
+                    try:
+                        mover.release()
+                    except AttachError as exc:  # every mover is released before an edit is refused
+                        refused.append(exc)
+                if self.movers and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if refused:
+                    raise refused[0]
+
+    # ------------------------------------------------------------------ what the model entry calls
+    def enter_forward(self) -> None:
+        """A bare forward of the model: a session of its own; one forward at a time through reused buffers."""
+        serial = self._reuses_buffers()
+        if serial:
+            self.lock.acquire()
+        try:
+            self.open()
+        except BaseException:
+            if serial:
+                self.lock.release()
+            raise
+        self._forwards.depth = getattr(self._forwards, "depth", 0) + 1
+        self.stats["forwards"] += 1
+
+    def exit_forward(self) -> None:
+        """After a bare forward (also when it, or :meth:`enter_forward`, raised)."""
+        if not getattr(self._forwards, "depth", 0):
+            return  # enter_forward failed: nothing to close
+        self._forwards.depth -= 1
+        try:
+            self.close()
+        finally:
+            if self._reuses_buffers():
+                self.lock.release()
+
+    def end_forward(self, output) -> None:
+        """After every forward of the model, compiled or not: each mover's end of a forward."""
+        for mover in self.movers:
+            mover.end_forward(output)
+
+    # ------------------------------------------------------------------ what a backward checks
+    def grad_token(self):
+        """What a backward through an offloaded layer checks: the session the forward ran in (None where
+        the buffers are reused at once, stream mode)."""
+        return self._epoch if not self._reuses_buffers() and self._depth > 0 else None
+
+    def grad_token_valid(self, token) -> bool:
+        return self._depth > 0 and self._epoch == token

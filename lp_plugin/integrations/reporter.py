@@ -1,0 +1,134 @@
+"""What an :class:`~lp_plugin.integrations.engine.OffloadHandle` says about itself: ``info()`` (a dict),
+``summary()`` (``print(handle)``), ``repr`` and the one line ``attach`` logs. Reads the plan, the layers,
+the tier and the session gate; changes nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from ..core.gate import SessionGate
+from ..core.report import layers_text, size_text
+from ..core.stream import Ring
+from ..planning.plan import OffloadPlan
+
+log = logging.getLogger("lp_plugin")
+
+
+class HandleReport:
+    def __init__(self, model, plan: OffloadPlan, layers: list, dropped: list, tier, gate: SessionGate):
+        self.model = model
+        self.plan = plan
+        self.config = plan.config
+        self.layers = layers  # [OffloadedLayer], execution order: offloaded layers and stand-ins
+        self.dropped = dropped  # [(index, module)]
+        self.tier = tier
+        self.gate = gate
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """The offloaded layers (not the stand-ins), in execution order."""
+        return [l.index for l in self.layers if not l.stand_in]
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
+        return sum(l.nbytes for l in self.layers if not l.stand_in)
+
+    def info(self) -> dict:
+        c = self.config
+        offloaded = sum(l.nbytes for l in self.layers)
+        return {
+            "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
+            "layers": list(self.plan.selected),
+            "offloaded_layers": self.layer_indices,
+            "dropped_layers": [i for i, _ in self.dropped],
+            "skipped_layers": list(self.plan.skips.layers),
+            "stand_ins": {str(l.index): type(l.module).__name__ for l in self.layers if l.stand_in},
+            "tier": c.tier,
+            "mode": c.mode,
+            "alpha": c.alpha,
+            "prefetch": c.prefetch,
+            "offload_folder": getattr(self.tier, "offload_folder", None) or c.offload_folder,
+            "main_device": str(self.plan.main_device),
+            "protect_first": c.protect_first,
+            "protect_last": c.protect_last,
+            "offloaded_bytes": offloaded,
+            "layer_bytes": max((l.nbytes for l in self.layers), default=0),
+            "bytes_per_forward": offloaded if c.mode == "stream" else 0,
+            "ring_slots": sum(m.nslots for m in self.gate.movers if isinstance(m, Ring)),
+            "devices": sorted({str(l.device) for l in self.layers}) or [str(self.plan.main_device)],
+            "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
+        }
+
+    def repr(self) -> str:
+        c = self.config
+        state = "" if self.gate.attached else ", detached"
+        return (
+            f"OffloadHandle(layers={list(self.plan.selected)}, tier={c.tier!r}, mode={c.mode!r}, "
+            f"alpha={c.alpha}, offloaded={size_text(self.offloaded_bytes)!r}{state})"
+        )
+
+    def summary(self) -> str:
+        """What ``print(handle)`` shows: what was offloaded, where it lives, what stays and moves."""
+        c, offloaded = self.config, self.offloaded_bytes
+        total = self.plan.num_layers
+        main_device = self.plan.main_device
+        model_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        what = (
+            "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
+        )
+        lines = [
+            f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
+            f"({what})"
+        ]
+        if not self.gate.attached:
+            return lines[0].replace("offloaded", "were offloaded", 1) + "; detached: the plain model again"
+        rows = [
+            ("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
+            ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {main_device}"),
+        ]
+        if c.mode == "stream":
+            rows.append(("per forward", f"{size_text(offloaded)} copied to {main_device} (ring of {c.prefetch + 1})"))
+        if self.plan.skips.layers:
+            stand_ins = {type(l.module).__name__ for l in self.layers if l.stand_in}
+            rows.append(
+                (
+                    "skipped",
+                    f"layers {layers_text(self.plan.skips.layers)}"
+                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else ""),
+                )
+            )
+        dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]
+        if dropped:
+            rows.append(("dropped", f"layers {layers_text(dropped)} (alpha 0: never run)"))
+        folder = getattr(self.tier, "offload_folder", None)
+        if folder:
+            how = (
+                "temporary: removed at detach or exit"
+                if getattr(self.tier, "temporary", False)
+                else "handle.detach(remove_files=True) removes them"
+            )
+            rows.append(("files", f"{folder} ({how})"))
+        if self.plan.budget is not None:
+            rows.append(("budget", "planned by offload='auto': handle.plan.budget"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(lines + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+    def log_attached(self) -> None:
+        """The one line ``attach`` (and so ``from_pretrained``) logs at INFO on logger ``lp_plugin``."""
+        folder = getattr(self.tier, "offload_folder", None)
+        if folder and getattr(self.tier, "temporary", False):
+            folder = f"{folder} (temporary)"
+        taken = sum(bool(l.accel_hooks) for l in self.layers)
+        log.info(
+            "lp_plugin: offloaded %d of %d layers (%s) to the %s tier%s, %s mode, alpha %g%s; print(handle) for "
+            "details",
+            len(self.layer_indices),
+            self.plan.num_layers,
+            size_text(self.offloaded_bytes),
+            self.config.tier,
+            f" in {folder}" if folder else "",
+            self.config.mode,
+            self.config.alpha,
+            f", taking over Accelerate's offload of {taken} of them" if taken else "",
+        )
