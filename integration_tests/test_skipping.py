@@ -300,6 +300,61 @@ def test_scores_do_not_depend_on_train_mode(known):
     assert metrics.SkipContext(known, ids).runner.nll() == ref and known.training
 
 
+@torch.no_grad()
+def _reference_greedy(ctx, spec, steps, score):
+    """Greedy removal computed the straightforward way: every candidate, fold and window runs the
+    whole model from its embeddings, one window at a time, with every replacement in place, and
+    every stand-in is fitted anew on hidden states computed from scratch."""
+    runner, folds, every = ctx.runner, metrics._folds(ctx, spec), range(len(ctx.calib.windows))
+
+    def logits(w, replace):
+        return runner._run([w], replace)[0][0].float()
+
+    plain = {w: torch.log_softmax(logits(w, {}), -1) for fold in folds for w in fold}
+
+    def loss(w, out):
+        if score == "nll":
+            return float(torch.nn.functional.cross_entropy(out, runner.targets[w], reduction="sum"))
+        return float((plain[w].exp() * (plain[w] - torch.log_softmax(out, -1))).sum())
+
+    pipes, order, scores = [{} for _ in folds], [], {}
+    for _ in range(steps):
+        best = None
+        for j in range(ctx.num_layers):
+            if j in order:
+                continue
+            total, tokens, fns = 0.0, 0, []
+            for f, fold in enumerate(folds):
+                train = [w for w in every if w not in fold] or list(every)
+                inputs = [runner._forward(w, pipes[f], stop=j, record={j})[1][j] for w in every]
+                fns.append(metrics.replacement(ctx, spec, j, inputs, train))
+                for w in fold:
+                    total += loss(w, logits(w, {**pipes[f], j: fns[-1]}))
+                    tokens += runner.targets[w].numel()
+            if best is None or total / tokens < best[0]:
+                best = (total / tokens, j, fns)
+        mean, j, fns = best
+        order.append(j)
+        scores[j] = math.exp(mean) if score == "nll" else mean
+        for f, fn in enumerate(fns):
+            pipes[f][j] = fn
+    return order, scores
+
+
+@pytest.mark.parametrize("score", ["nll", "kl"])
+@pytest.mark.parametrize("stand_in", ["none", "mean", "linear"])
+def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score):
+    """Stored prefixes, batched windows and kept fits change no choice: the same removal order and
+    scores as running everything from scratch (windows of two lengths, so batches are grouped)."""
+    model = build_tiny("llama", initializer_range=0.2)
+    ctx = metrics.SkipContext(model, _ids(5 * 256 + 70, seed=3), stand_in)
+    assert {len(w) for w in ctx.calib.windows} == {256, 70}
+    fast = metrics._greedy(ctx, n=1, spec=ctx.stand_in, steps=4, score=score)
+    order, scores = _reference_greedy(ctx, ctx.stand_in, 4, score)
+    assert list(fast.order) == order
+    assert all(fast.scores[j] == pytest.approx(scores[j], rel=1e-4, abs=1e-6) for j in order)
+
+
 def test_greedy_with_a_stand_in_on_one_calibration_window(known):
     handle = lp_plugin.attach(known, offload="none", skip="greedy:2", stand_in="mean", calib=_ids(40))
     assert len(handle.info()["skipped_layers"]) == 2

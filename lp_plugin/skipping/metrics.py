@@ -46,8 +46,9 @@ log = logging.getLogger("lp_plugin")
 METRICS = ("bi", "angular", "ppl", "greedy")
 SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
+GREEDY_SCORE = "nll"  # what greedy minimizes: "nll" (calibration loss) or "kl" (divergence from the plain model)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
-SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, **standins.SETTINGS}
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, **standins.SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -247,43 +248,79 @@ def _folds(ctx, spec) -> list:
     return [scored[f::k] for f in range(k)]
 
 
-def _greedy(ctx, n, spec, steps) -> Importance:
+class _Score:
+    """What greedy sums over a fold's windows for one candidate: ``nll`` (the calibration tokens'
+    negative log-likelihood) or ``kl`` (the KL divergence from the plain model's next-token
+    distribution to the candidate's, summed over tokens)."""
+
+    def __init__(self, ctx, kind: str, windows):
+        self.kind, self.runner = kind, ctx.runner
+        if kind == "kl":
+            logp = self.runner.log_probs(windows)
+            self.probs = {w: lp.exp() for w, lp in logp.items()}
+            self.neg_entropy = {w: float((self.probs[w] * lp).sum()) for w, lp in logp.items()}
+
+    def __call__(self, w: int, logits) -> float:
+        if self.kind == "nll":
+            return float(self.runner.nll_loss(w, logits))
+        return self.neg_entropy[w] - float((self.probs[w] * F.log_softmax(logits.float(), dim=-1)).sum())
+
+    def value(self, mean: float) -> float:
+        """The score reported for a removal: perplexity (``nll``) or mean KL per token (``kl``)."""
+        return math.exp(mean) if self.kind == "nll" else mean
+
+
+def _greedy(ctx, n, spec, steps, score=None) -> Importance:
+    """Greedy removal, measured as described in the module docstring. Work that does not change
+    between candidates is done once: every candidate starts from stored hidden states at its own
+    layer (the plain model's, or those with the layers removed so far in place), a fold's windows
+    run as one batch, and a candidate's stand-in fit is kept until its inputs change (a removal
+    below it)."""
+    score = score or GREEDY_SCORE
     folds = _folds(ctx, spec)
     every = range(len(ctx.calib.windows))
     needed = folds[0] if spec.kind == "none" else every  # windows whose hidden states are read
     base = ctx.teacher if spec.kind != "none" else ctx.runner.layer_inputs(windows=needed)
+    loss = _Score(ctx, score, [w for fold in folds for w in fold])
     pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
+    fits = [{} for _ in folds]  # per fold: candidate layer -> its stand-in, while its inputs are unchanged
     order, scores = [], [None] * ctx.num_layers
-    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate",
-                   total=sum(ctx.num_layers - s for s in range(steps)))
+    total_candidates = sum(ctx.num_layers - s for s in range(steps))
+    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate", total=total_candidates)
+    t_start, done = time.perf_counter(), 0
     for step in range(steps):
         best, t0 = None, time.perf_counter()
         for j in range(ctx.num_layers):
             if j in order:
                 continue
-            progress.update()
-            total, tokens, fns = 0.0, 0, []
+            total, tokens = 0.0, 0
             for f, fold in enumerate(folds):
-                # with one calibration window there is nothing to cross-fit on: fitted and scored on it
-                train = [w for w in every if w not in fold] or list(every)
-                fns.append(replacement(ctx, spec, j, states[f][j], train))
+                if j not in fits[f]:
+                    # with one calibration window there is nothing to cross-fit on: fitted and scored on it
+                    train = [w for w in every if w not in fold] or list(every)
+                    fits[f][j] = replacement(ctx, spec, j, states[f][j], train)
                 later = {i: g for i, g in pipes[f].items() if i > j}
-                nll, count = ctx.runner.nll_sum({**later, j: fns[-1]}, start=j, states=states[f][j], windows=fold)
-                total, tokens = total + nll, tokens + count
+                value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
+                                                    windows=fold)
+                total, tokens = total + value, tokens + count
             if best is None or total / tokens < best[0]:
-                best = (total / tokens, j, fns)
-        nll, j, fns = best
+                best = (total / tokens, j)
+            progress.update()
+            done += 1
+        mean, j = best
         order.append(j)
-        scores[j] = math.exp(nll)
-        log.info("lp_plugin: greedy (%s) step %d/%d: layer %d, calibration perplexity %.3f (%.0f s)", spec, step + 1,
-                 steps, j, scores[j], time.perf_counter() - t0)
-        for f, fn in enumerate(fns):
-            pipes[f][j] = fn
+        scores[j] = loss.value(mean)
+        elapsed = time.perf_counter() - t_start
+        log.info("lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)", spec, score,
+                 step + 1, steps, j, scores[j], time.perf_counter() - t0, elapsed / done * (total_candidates - done))
+        for f in range(len(folds)):
+            pipes[f][j] = fits[f][j]
             states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
+            fits[f] = {i: fn for i, fn in fits[f].items() if i < j}  # a fit above j read states that changed
     progress.close()
-    return Importance("greedy", tuple(scores), tuple(order), {"n": 1, "stand_in": str(spec), "steps": steps},
-                      ctx.calib.source)
+    return Importance("greedy", tuple(scores), tuple(order),
+                      {"n": 1, "stand_in": str(spec), "steps": steps}, ctx.calib.source)
 
 
 _COMPUTE = {"bi": _bi, "angular": _angular, "ppl": _ppl, "greedy": _greedy}
