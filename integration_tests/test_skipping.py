@@ -178,15 +178,16 @@ def test_calibration_and_heldout_text_never_overlap(tokenizer):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = enc["input_ids"], enc["offset_mapping"]
     start, end = calib.HELDOUT
+    pool_end = calib.HELD_OUT_POOL[1]  # pydoc-b, [8192, 12288), is held out too
     assert calib.pydoc_calibration_ids(tokenizer) == ids[:start]
-    assert calib.pydoc_calibration_ids(tokenizer, 6000) == ids[:start] + ids[end:end + 6000 - start]
+    assert calib.pydoc_calibration_ids(tokenizer, 6000) == ids[:start] + ids[pool_end:pool_end + 6000 - start]
     docs = calib.heldout_documents(tokenizer)
     assert len(docs) == (end - start) // calib.WINDOW
-    held_chars = (spans[start][0], spans[end - 1][1])
-    calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[end][0], spans[end + 2000][1])]
+    held_chars = (spans[start][0], spans[pool_end - 1][1])
+    calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[pool_end][0], spans[pool_end + 2000][1])]
     assert all(b <= held_chars[0] or a >= held_chars[1] for a, b in calib_chars)  # disjoint character ranges
     assert "".join(docs) == tokenizer.decode(ids[start:end])  # the documents are exactly that text
-    with pytest.raises(OffloadSpecError, match=r"must lie inside \[4096, 8192\), the range calibration never reads"):
+    with pytest.raises(OffloadSpecError, match=r"must lie inside \[4096, 12288\), the range calibration never reads"):
         calib.heldout_documents(tokenizer, 0, 4096)
     with pytest.raises(OffloadSpecError, match="more tokens than the pydoc text has outside the held-out range"):
         calib.pydoc_calibration_ids(tokenizer, 10**8)

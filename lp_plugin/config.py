@@ -40,7 +40,7 @@ class OffloadConfig:
         (see ``lp_plugin.skipping``); composes with ``offload``, which then applies to the other layers.
     stand_in: what runs in place of a skipped layer: ``none`` (its output is its input), ``mean`` or
         ``linear`` (``linear:RANK``: low rank), fitted on the calibration data (see ``lp_plugin.skipping.standins``).
-    calib: calibration data for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a text
+    calib: calibration data for skip policies and stand-ins: ``mix`` (default), ``mix:TOKENS``, ``pydoc``, ``pydoc:TOKENS``, a text
         file path, or a list of token ids (see ``lp_plugin.skipping.calib``).
 
     With ``offload="auto"`` the layers (and the mode) are planned to fit a budget (``lp_plugin.budget``):

@@ -28,6 +28,7 @@ from ..shapes import _HUB_ID
 from . import frontier
 from .spec import check_calib, parse_stand_in
 from .calib import HELDOUT, WINDOW
+from .domains import SLICES
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
 # a measured run: SmolLM2-135M (135M parameters), fp32, 2 CPU cores, calib pydoc:32768, greedy with the
@@ -119,9 +120,27 @@ def _check_model(model: str) -> None:
         raise ValueError(f"--model {model!r} is neither a model folder nor a Hub id (owner/name); {hint}")
 
 
+def _slices(text: str) -> list:
+    """The evaluation slices named in ``text``, each domain's text read now (a domain this Python
+    lacks is refused before any work)."""
+    from . import domains
+
+    names = _list(text)
+    unknown = [n for n in names if n not in SLICES]
+    if unknown:
+        raise ValueError(f"--domains: unknown slice {unknown[0]!r}; choose from {list(SLICES)}")
+    for name in names:
+        domains.text(SLICES[name].domain)
+    return names
+
+
 def _calib_tokens(calib) -> int:
-    name, _, count = (calib or "pydoc").partition(":")
-    return int(count) if name == "pydoc" and count.isdigit() else 4096
+    from .calib import MIX, MIX_TOKENS
+
+    name, _, count = (calib or MIX).partition(":")
+    if count.isdigit() and name in ("pydoc", MIX):
+        return int(count)
+    return MIX_TOKENS if name == MIX else 4096
 
 
 def estimate_seconds(num_layers: int, params: float, calib, counts, selections, stand_ins, greedy_stand_ins) -> float:
@@ -163,8 +182,8 @@ def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     p.add_argument("--stand-ins", default=",".join(STAND_INS), help="stand-in kinds (default %(default)s)")
     p.add_argument("--greedy-stand-ins", default=None,
                    help="stand-in kinds of the greedy rows (default: --stand-ins); each kind runs greedy once, the sweep's slow part")
-    p.add_argument("--calib", default=None, help="calibration data: pydoc (default: 4096 tokens), pydoc:TOKENS or a text "
-                                                 "file; more tokens fit better and take longer")
+    p.add_argument("--calib", default=None, help="calibration data: mix (default: 12288 tokens of pydoc, IDLE's news and "
+                                                 "stdlib code), mix:TOKENS, pydoc, pydoc:TOKENS or a text file")
     p.add_argument("--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)")
     p.add_argument("--mode", default="stream", choices=("session", "stream"),
                    help="engine mode of every row (default %(default)s)")
@@ -173,6 +192,9 @@ def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
                    help="the disk tier's folder (default: a temporary folder, removed at exit)")
     p.add_argument("--device", default=None, help="main device (default: the current GPU, else the CPU)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (default %(default)s)")
+    p.add_argument("--domains", default=",".join(SLICES),
+                   help="evaluation slices besides the calibration slice (default %(default)s: two held-out pydoc "
+                        "slices and two domains the default calibration never reads); the verdict uses the worst")
     p.add_argument("--heldout-window", type=int, default=WINDOW,
                    help="tokens per held-out document (default %(default)s; at most the model's context)")
     p.add_argument("--targets", default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
@@ -191,6 +213,7 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
         _check_model(args.model)
         check_calib(args.calib)
+        slices = _slices(args.domains)
         if args.heldout_window < 2:
             raise ValueError(f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})")
         engine = _engine(args)
@@ -221,7 +244,7 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         out = run_sweep(args.model, fractions=fractions, selections=selections, stand_ins=stand_ins,
                         calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins,
                         hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
-                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window),
+                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), slices=slices,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (LPPluginError, OSError) as exc:  # OSError: a model transformers cannot load (offline hub id, bad files)
         print(f"lp-prune: error: {exc}", file=sys.stderr)

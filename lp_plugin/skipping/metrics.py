@@ -46,7 +46,7 @@ log = logging.getLogger("lp_plugin")
 METRICS = ("bi", "angular", "ppl", "greedy")
 SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
-GREEDY_SCORE = "nll"  # what greedy minimizes: "nll" (calibration loss) or "kl" (divergence from the plain model)
+GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
 SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, **standins.SETTINGS}
 
@@ -256,66 +256,98 @@ class _Score:
     def __init__(self, ctx, kind: str, windows):
         self.kind, self.runner = kind, ctx.runner
         if kind == "kl":
-            logp = self.runner.log_probs(windows)
-            self.probs = {w: lp.exp() for w, lp in logp.items()}
-            self.neg_entropy = {w: float((self.probs[w] * lp).sum()) for w, lp in logp.items()}
+            self.log_probs = self.runner.log_probs(windows)
+            self.probs = {w: lp.exp() for w, lp in self.log_probs.items()}
 
     def __call__(self, w: int, logits) -> float:
         if self.kind == "nll":
             return float(self.runner.nll_loss(w, logits))
-        return self.neg_entropy[w] - float((self.probs[w] * F.log_softmax(logits.float(), dim=-1)).sum())
+        return float((self.probs[w] * (self.log_probs[w] - F.log_softmax(logits.float(), dim=-1))).sum())
 
     def value(self, mean: float) -> float:
         """The score reported for a removal: perplexity (``nll``) or mean KL per token (``kl``)."""
         return math.exp(mean) if self.kind == "nll" else mean
 
 
+def _chunks(folds, score: str) -> list:
+    """``[(fold, windows)]`` in the order a candidate is scored. ``nll``: each fold's windows as one
+    batch. ``kl``: one window at a time, the folds interleaved, so that a candidate can be dropped
+    as soon as its partial sum shows it cannot win (every window's KL is >= 0)."""
+    if score != "kl":
+        return [(f, list(fold)) for f, fold in enumerate(folds)]
+    out = []
+    for i in range(max(len(fold) for fold in folds)):
+        out += [(f, [fold[i]]) for f, fold in enumerate(folds) if i < len(fold)]
+    return out
+
+
+def _first_order(base, windows, num_layers: int) -> list:
+    """Layers in the order greedy tries them first: by Block Influence on the scored windows (a cheap
+    guess at which removal costs least, so the bound is tight early; any order chooses the same)."""
+    def bi(j):
+        return float((1 - _cos([base[j][w] for w in windows], [base[j + 1][w] for w in windows])).mean())
+
+    return sorted(range(num_layers), key=bi)
+
+
 def _greedy(ctx, n, spec, steps, score=None) -> Importance:
     """Greedy removal, measured as described in the module docstring. Work that does not change
     between candidates is done once: every candidate starts from stored hidden states at its own
-    layer (the plain model's, or those with the layers removed so far in place), a fold's windows
-    run as one batch, and a candidate's stand-in fit is kept until its inputs change (a removal
-    below it)."""
+    layer (the plain model's, or those with the layers removed so far in place), windows run in
+    batches, and a candidate's stand-in fit is kept until its inputs change (a removal below it).
+    With the ``kl`` score, candidates are tried best-guess first and one is dropped once its partial
+    KL sum reaches the best total so far (KL is never negative, so it could not win): the choice is
+    the one measuring every candidate in full would make."""
     score = score or GREEDY_SCORE
     folds = _folds(ctx, spec)
     every = range(len(ctx.calib.windows))
     needed = folds[0] if spec.kind == "none" else every  # windows whose hidden states are read
     base = ctx.teacher if spec.kind != "none" else ctx.runner.layer_inputs(windows=needed)
-    loss = _Score(ctx, score, [w for fold in folds for w in fold])
+    scored = [w for fold in folds for w in fold]
+    loss = _Score(ctx, score, scored)
+    all_tokens = sum(ctx.runner.targets[w].numel() for w in scored)
+    chunks = _chunks(folds, score)
     pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
     fits = [{} for _ in folds]  # per fold: candidate layer -> its stand-in, while its inputs are unchanged
+    guess = _first_order(base, folds[0], ctx.num_layers)
     order, scores = [], [None] * ctx.num_layers
     total_candidates = sum(ctx.num_layers - s for s in range(steps))
-    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate", total=total_candidates)
+    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate",
+                   total=total_candidates)
     t_start, done = time.perf_counter(), 0
     for step in range(steps):
-        best, t0 = None, time.perf_counter()
-        for j in range(ctx.num_layers):
-            if j in order:
-                continue
+        best, t0, estimates = None, time.perf_counter(), {}
+        for j in [j for j in guess if j not in order]:
+            bound = None if best is None or score != "kl" else best[0] * all_tokens
             total, tokens = 0.0, 0
-            for f, fold in enumerate(folds):
+            for f, windows in chunks:
                 if j not in fits[f]:
                     # with one calibration window there is nothing to cross-fit on: fitted and scored on it
-                    train = [w for w in every if w not in fold] or list(every)
+                    train = [w for w in every if w not in folds[f]] or list(every)
                     fits[f][j] = replacement(ctx, spec, j, states[f][j], train)
                 later = {i: g for i, g in pipes[f].items() if i > j}
                 value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
-                                                    windows=fold)
+                                                    windows=windows)
                 total, tokens = total + value, tokens + count
-            if best is None or total / tokens < best[0]:
-                best = (total / tokens, j)
+                if bound is not None and total > bound:
+                    break  # it cannot win: the rest of its windows add KL >= 0
+            estimates[j] = total / tokens
+            if tokens == all_tokens and (best is None or (total / tokens, j) < best):
+                best = (total / tokens, j)  # a tie goes to the lower layer, whatever the order tried
             progress.update()
             done += 1
         mean, j = best
         order.append(j)
         scores[j] = loss.value(mean)
+        guess = sorted(estimates, key=estimates.get)  # next step: the candidates that did best first
         elapsed = time.perf_counter() - t_start
         log.info("lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)", spec, score,
                  step + 1, steps, j, scores[j], time.perf_counter() - t0, elapsed / done * (total_candidates - done))
         for f in range(len(folds)):
             pipes[f][j] = fits[f][j]
+            if step + 1 == steps:
+                continue  # nothing reads the states after the last removal
             states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
             fits[f] = {i: fn for i, fn in fits[f].items() if i < j}  # a fit above j read states that changed
     progress.close()
