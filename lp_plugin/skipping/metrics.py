@@ -46,9 +46,10 @@ log = logging.getLogger("lp_plugin")
 METRICS = ("bi", "angular", "ppl", "greedy")
 SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
+GREEDY_RIDGE = 0.1  # ridge strength of greedy's candidate stand-ins (fitted on a few windows; see the docs)
 GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
-SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, **standins.SETTINGS}
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, "greedy_ridge": GREEDY_RIDGE, **standins.SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,16 @@ def _ranked(metric, scores, params, ctx) -> Importance:
     return Importance(metric, tuple(scores), tuple(order), params, ctx.calib.source)
 
 
-def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None):
+def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None, teacher=None, alpha=None):
     """What runs in place of ``layer`` when it reads ``inputs`` (per-window hidden states): the
     identity (``spec`` none) or a stand-in fitted on ``windows`` of them (default all) against the
-    plain model's output."""
+    plain model's output (``teacher``: per-layer hidden states, default the context's), with ridge
+    strength ``alpha`` (default: chosen by cross-validation)."""
     if spec.kind == "none":
         return _identity
     windows = range(len(inputs)) if windows is None else windows
-    tensors, _ = standins.fit(spec, [inputs[w] for w in windows], [ctx.teacher[layer + 1][w] for w in windows])
+    teacher = ctx.teacher if teacher is None else teacher
+    tensors, _ = standins.fit(spec, [inputs[w] for w in windows], [teacher[layer + 1][w] for w in windows], alpha)
     return standins.build(spec, {k: v.to(inputs[0].device, inputs[0].dtype) for k, v in tensors.items()})
 
 
@@ -237,10 +240,9 @@ def _ppl(ctx, n, spec, steps) -> Importance:
 
 
 def _folds(ctx, spec) -> list:
-    """The windows greedy scores, in folds. Perplexity is measured on the first
-    :data:`SCORED_WINDOWS` windows. A fitted stand-in is scored only on windows it was not fitted on:
-    the scored windows are dealt into folds, and each fold is scored with stand-ins fitted on every
-    other calibration window."""
+    """The windows greedy scores, in folds: the first :data:`SCORED_WINDOWS` windows. A fitted
+    stand-in is scored only on windows it was not fitted on: the scored windows are dealt into
+    folds, and each fold is scored with stand-ins fitted on the other folds' windows."""
     scored = list(range(min(SCORED_WINDOWS, len(ctx.calib.windows))))
     k = min(GREEDY_FOLDS, len(scored))
     if spec.kind == "none" or k < 2:
@@ -300,10 +302,9 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
     the one measuring every candidate in full would make."""
     score = score or GREEDY_SCORE
     folds = _folds(ctx, spec)
-    every = range(len(ctx.calib.windows))
-    needed = folds[0] if spec.kind == "none" else every  # windows whose hidden states are read
-    base = ctx.teacher if spec.kind != "none" else ctx.runner.layer_inputs(windows=needed)
-    scored = [w for fold in folds for w in fold]
+    scored = sorted(w for fold in folds for w in fold)
+    needed = folds[0] if spec.kind == "none" else scored  # windows whose hidden states are read
+    base = ctx.runner.layer_inputs(windows=needed, desc="greedy (the plain model's hidden states)")
     loss = _Score(ctx, score, scored)
     all_tokens = sum(ctx.runner.targets[w].numel() for w in scored)
     chunks = _chunks(folds, score)
@@ -324,8 +325,8 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
             for f, windows in chunks:
                 if j not in fits[f]:
                     # with one calibration window there is nothing to cross-fit on: fitted and scored on it
-                    train = [w for w in every if w not in folds[f]] or list(every)
-                    fits[f][j] = replacement(ctx, spec, j, states[f][j], train)
+                    train = [w for w in scored if w not in folds[f]] or scored
+                    fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
                 later = {i: g for i, g in pipes[f].items() if i > j}
                 value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
                                                     windows=windows)
