@@ -309,8 +309,10 @@ def _reference_greedy(ctx, spec, steps, score):
     :data:`metrics.SCORED_WINDOWS` windows: every window is scored)."""
     runner, folds, every = ctx.runner, metrics._folds(ctx, spec), range(len(ctx.calib.windows))
 
-    def logits(w, replace):
-        return runner._run([w], replace)[0][0].float()
+    stride = metrics.SCORED_STRIDE if score == "kl" else 1
+
+    def logits(w, replace):  # the head on every position, then the scored ones picked
+        return runner._run([w], replace)[0][0].float()[stride - 1::stride]
 
     plain = {w: torch.log_softmax(logits(w, {}), -1) for fold in folds for w in fold}
 
@@ -318,6 +320,9 @@ def _reference_greedy(ctx, spec, steps, score):
         if score == "nll":
             return float(torch.nn.functional.cross_entropy(out, runner.targets[w], reduction="sum"))
         return float((plain[w].exp() * (plain[w] - torch.log_softmax(out, -1))).sum())
+
+    def out_positions(w):
+        return range(stride - 1, runner.targets[w].numel(), stride)
 
     pipes, order, scores = [{} for _ in folds], [], {}
     for _ in range(steps):
@@ -332,7 +337,7 @@ def _reference_greedy(ctx, spec, steps, score):
                 fns.append(metrics.replacement(ctx, spec, j, inputs, train, alpha=metrics.GREEDY_RIDGE))
                 for w in fold:
                     total += loss(w, logits(w, {**pipes[f], j: fns[-1]}))
-                    tokens += runner.targets[w].numel()
+                    tokens += len(out_positions(w))
             if best is None or total / tokens < best[0]:
                 best = (total / tokens, j, fns)
         mean, j, fns = best

@@ -47,9 +47,10 @@ METRICS = ("bi", "angular", "ppl", "greedy")
 SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
 GREEDY_RIDGE = 0.1  # ridge strength of greedy's candidate stand-ins (fitted on a few windows; see the docs)
+SCORED_STRIDE = 4  # the kl score reads every 4th position of the scored windows (the head runs there only)
 GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
-SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, "greedy_ridge": GREEDY_RIDGE, **standins.SETTINGS}
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, "scored_stride": SCORED_STRIDE, "greedy_ridge": GREEDY_RIDGE, **standins.SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -255,15 +256,15 @@ class _Score:
     negative log-likelihood) or ``kl`` (the KL divergence from the plain model's next-token
     distribution to the candidate's, summed over tokens)."""
 
-    def __init__(self, ctx, kind: str, windows):
-        self.kind, self.runner = kind, ctx.runner
+    def __init__(self, ctx, kind: str, windows, stride: int = 1):
+        self.kind, self.runner, self.stride = kind, ctx.runner, stride
         if kind == "kl":
-            self.log_probs = self.runner.log_probs(windows)
+            self.log_probs = self.runner.log_probs(windows, stride=stride)
             self.probs = {w: lp.exp() for w, lp in self.log_probs.items()}
 
-    def __call__(self, w: int, logits) -> float:
+    def __call__(self, w: int, logits, keep=None) -> float:
         if self.kind == "nll":
-            return float(self.runner.nll_loss(w, logits))
+            return float(self.runner.nll_loss(w, logits, keep))
         return float((self.probs[w] * (self.log_probs[w] - F.log_softmax(logits.float(), dim=-1))).sum())
 
     def value(self, mean: float) -> float:
@@ -305,8 +306,9 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
     scored = sorted(w for fold in folds for w in fold)
     needed = folds[0] if spec.kind == "none" else scored  # windows whose hidden states are read
     base = ctx.runner.layer_inputs(windows=needed, desc="greedy (the plain model's hidden states)")
-    loss = _Score(ctx, score, scored)
-    all_tokens = sum(ctx.runner.targets[w].numel() for w in scored)
+    stride = SCORED_STRIDE if score == "kl" else 1
+    loss = _Score(ctx, score, scored, stride)
+    all_tokens = sum(len(range(stride - 1, ctx.runner.targets[w].numel(), stride)) for w in scored)
     chunks = _chunks(folds, score)
     pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
@@ -329,7 +331,7 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
                     fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
                 later = {i: g for i, g in pipes[f].items() if i > j}
                 value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
-                                                    windows=windows)
+                                                    windows=windows, stride=stride)
                 total, tokens = total + value, tokens + count
                 if bound is not None and total > bound:
                     break  # it cannot win: the rest of its windows add KL >= 0

@@ -94,10 +94,11 @@ class Runner:
             out += [ws[i:i + size] for i in range(0, len(ws), size)]
         return out
 
-    def _run(self, ws, replace=None, start=0, states=None, stop=None, record=()):
+    def _run(self, ws, replace=None, start=0, states=None, stop=None, record=(), keep=None):
         """Run windows ``ws`` (equal length) as one batch; return ``(logits [B, T, V], or None when
         stopped early; {layer: its input, [B, T, H]})``. ``record`` names the layers whose input is
-        kept (``num_layers``: the last layer's output)."""
+        kept (``num_layers``: the last layer's output); ``keep`` (positions) limits the logits to
+        those positions (the head runs on them only)."""
         n = self.num_layers
         forwards = {i: functools.partial(_replaced, fn) for i, fn in (replace or {}).items() if i >= start}
         forwards.update({i: _identity for i in range(start)})
@@ -126,7 +127,10 @@ class Runner:
         inputs = torch.cat([self.inputs[w] for w in ws]) if len(ws) > 1 else self.inputs[ws[0]]
         try:
             with swapped_forwards(self.layers, forwards):
-                out = self.model(inputs, use_cache=False)
+                if keep is None:
+                    out = self.model(inputs, use_cache=False)
+                else:
+                    out = self.model(inputs, use_cache=False, logits_to_keep=keep)
         except _Stop:
             return None, seen
         finally:
@@ -157,27 +161,39 @@ class Runner:
         total, tokens = self.nll_sum(replace, start, states)
         return total / tokens
 
+    def positions(self, w: int, stride: int = 1):
+        """The positions of window ``w`` that are scored with ``stride``: every ``stride``-th
+        (the last of each group), or None for all."""
+        if stride == 1:
+            return None
+        return torch.arange(stride - 1, self.targets[w].numel(), stride, device=self.device)
+
     @torch.no_grad()
-    def score_sum(self, loss, replace=None, start=0, states=None, windows=None) -> tuple:
-        """``(sum over windows of loss(window, logits [T, V]), tokens)``, the windows run in batches
-        (:meth:`batches`), with ``replace``/``start``/``states`` as in :meth:`nll_sum`."""
+    def score_sum(self, loss, replace=None, start=0, states=None, windows=None, stride: int = 1) -> tuple:
+        """``(sum over windows of loss(window, logits [P, V], positions), positions scored)``, the
+        windows run in batches (:meth:`batches`), ``replace``/``start``/``states`` as in
+        :meth:`nll_sum`, logits at every ``stride``-th position only (:meth:`positions`)."""
         windows = range(len(self.inputs)) if windows is None else windows
-        total = 0.0
+        total, count = 0.0, 0
         for ws in self.batches(windows):
-            logits, _ = self._run(ws, replace, start, states)
-            total += sum(float(loss(w, logits[b])) for b, w in enumerate(ws))
-        return total, sum(self.targets[w].numel() for w in windows)
+            keep = self.positions(ws[0], stride)
+            logits, _ = self._run(ws, replace, start, states, keep=keep)
+            total += sum(float(loss(w, logits[b], keep)) for b, w in enumerate(ws))
+            count += len(ws) * (self.targets[ws[0]].numel() if keep is None else keep.numel())
+        return total, count
 
-    def nll_loss(self, w: int, logits) -> torch.Tensor:
-        """Summed negative log-likelihood of window ``w``'s tokens under ``logits``."""
-        return F.cross_entropy(logits.float(), self.targets[w], reduction="sum")
+    def nll_loss(self, w: int, logits, keep=None) -> torch.Tensor:
+        """Summed negative log-likelihood of window ``w``'s tokens (at ``keep``) under ``logits``."""
+        targets = self.targets[w] if keep is None else self.targets[w][keep]
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     @torch.no_grad()
-    def log_probs(self, windows, replace=None) -> dict:
-        """``{window: log-probabilities [T, V] (float32)}`` of the model (with ``replace``)."""
+    def log_probs(self, windows, replace=None, stride: int = 1) -> dict:
+        """``{window: log-probabilities [P, V] (float32)}`` of the model (with ``replace``) at
+        every ``stride``-th position (:meth:`positions`)."""
         out = {}
         for ws in self.batches(windows):
-            logits, _ = self._run(ws, replace)
+            logits, _ = self._run(ws, replace, keep=self.positions(ws[0], stride))
             for b, w in enumerate(ws):
                 out[w] = F.log_softmax(logits[b].float(), dim=-1)
         return out
