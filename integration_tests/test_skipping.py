@@ -193,6 +193,43 @@ def test_calibration_and_heldout_text_never_overlap(tokenizer):
         calib.pydoc_calibration_ids(tokenizer, 10**8)
 
 
+def test_mixed_calibration_deals_domains_and_reads_no_held_out_slice(tokenizer):
+    from lp_plugin.skipping import domains
+
+    pydoc = domains.ids(tokenizer, "pydoc")
+    lo, hi = domains.RESERVED["pydoc"]
+    assert (lo, hi) == (domains.SLICES["pydoc-a"].start, domains.SLICES["pydoc-b"].end)
+    assert domains.calibration_pool(tokenizer, "pydoc") == pydoc[:lo] + pydoc[hi:]
+    mix = domains.mix_ids(tokenizer, 5 * 512)
+    pieces = [mix[i:i + 512] for i in range(0, len(mix), 512)]
+    news, code = domains.ids(tokenizer, "news"), domains.ids(tokenizer, "code")
+    assert pieces == [pydoc[:512], news[:512], code[:512], pydoc[512:1024], news[512:1024]]
+    assert {s.domain for s in domains.EVAL_SLICES if s.kind == "other"}.isdisjoint(domains.MIX_DOMAINS)
+    with pytest.raises(OffloadSpecError, match="more tokens than its domains hold"):
+        domains.mix_ids(tokenizer, 10**9)
+
+
+def test_a_domain_this_python_lacks_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from lp_plugin.skipping import cli, domains
+
+    monkeypatch.setattr(domains, "_stdlib", lambda: str(tmp_path / "no-stdlib"))
+    domains.text.cache_clear()
+    try:
+        with pytest.raises(domains.MissingDomain) as err:
+            domains.text("license")
+        assert isinstance(err.value, OffloadSpecError)
+        with pytest.raises(OffloadSpecError):
+            domains.text("nosuch")
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        assert cli.main(["--model", str(model), "--out", str(tmp_path / "out"), "--domains", "pydoc-a,license",
+                         "--no-plot"]) == 2
+        assert "license" in capsys.readouterr().err and not (tmp_path / "out.json").exists()
+    finally:
+        domains.text.cache_clear()
+
+
 @pytest.mark.parametrize("spec", ["pydoc:0", "pydoc:1"])
 def test_too_little_pydoc_calibration_is_refused(tmp_path, spec):
     from lm_eval_fixtures import build_tiny_model
@@ -492,6 +529,10 @@ def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
                           heldout=heldout, log=lambda msg: None)
     plain, row = out["rows"]
     assert row["skipped"] == 2 and row["skip_info"]["stand_in"] == "linear" and row["ppl"] != plain["ppl"]
+    assert list(row["slices"]) == ["calib", "pydoc-a", "pydoc-b", "license", "docstrings"]
+    assert row["slices"]["pydoc-a"]["ppl"] == row["ppl"]
+    assert row["worst_change"] == max(r["change"] for r in row["slices"].values()) == \
+        row["slices"][row["worst_slice"]]["change"]
     assert row["bytes_per_forward"] > 0 and row["stand_in_bytes"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -508,6 +549,10 @@ def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
     token_ppl = fx.metric(results, "token_perplexity", task="lp_pydoc_heldout")
     assert token_ppl == pytest.approx(row["ppl"], rel=1e-5)
     assert results["config"]["residual_offload"]["engine"]["skipped_layers"] == row["layers"]
+    _, results = fx.run_lm_eval("hf-residual-offload", {"pretrained": path, **args}, tmp_path / "lm_eval_license",
+                                task="lp_heldout_license", limit=None, extra=["--metadata", metadata])
+    license_ppl = fx.metric(results, "token_perplexity", task="lp_heldout_license")
+    assert license_ppl == pytest.approx(row["slices"]["license"]["ppl"], rel=1e-5)
 
 
 def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):

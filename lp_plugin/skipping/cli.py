@@ -31,11 +31,12 @@ from .calib import HELDOUT, WINDOW
 from .domains import SLICES
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
-# a measured run: SmolLM2-135M (135M parameters), fp32, 2 CPU cores, calib pydoc:32768, greedy with the
-# linear stand-in only: 78 minutes, 54 of them greedy's 12 steps (scoring 30 down to 19 candidates)
-_MEASURED_PARAMS, _MEASURED_TOKENS = 135e6, 32768
-_GREEDY_S_PER_CANDIDATE = 54 * 60 / sum(range(19, 31))  # per candidate, at those parameters and tokens
-_ROW_S = 24 * 60 / 29  # per sweep row (load, fit the stand-ins, score the held-out documents)
+# measured runs: SmolLM2-135M (135M parameters), fp32, 2 shared CPU cores (one torch thread, load average 2-4),
+# default calibration: greedy:20% (6 steps, 165 candidates, kl score) took 711 s of steps; a sweep row
+# (load, fit the stand-ins, score the five slices) took about 100 s
+_MEASURED_PARAMS = 135e6
+_GREEDY_S_PER_CANDIDATE = 711 / 165  # per candidate: scoring reads a fixed 8 windows, whatever the calibration size
+_ROW_S = 100.0  # per sweep row
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -134,23 +135,14 @@ def _slices(text: str) -> list:
     return names
 
 
-def _calib_tokens(calib) -> int:
-    from .calib import MIX, MIX_TOKENS
-
-    name, _, count = (calib or MIX).partition(":")
-    if count.isdigit() and name in ("pydoc", MIX):
-        return int(count)
-    return MIX_TOKENS if name == MIX else 4096
-
-
 def estimate_seconds(num_layers: int, params: float, calib, counts, selections, stand_ins, greedy_stand_ins) -> float:
-    """A rough CPU time for the sweep, scaled from the measured run by parameters and calibration tokens."""
+    """A rough CPU time for the sweep, scaled from the measured runs by parameters (greedy scores a fixed
+    number of calibration windows, so the calibration's size hardly matters)."""
     scale = params / _MEASURED_PARAMS
     rows = 1 + sum(len(greedy_stand_ins if sel == "greedy" else stand_ins) for k in counts if k for sel in selections)
     steps = max(counts, default=0) if "greedy" in selections else 0
     candidates = sum(num_layers - s for s in range(steps)) * len(greedy_stand_ins)
-    greedy = candidates * _GREEDY_S_PER_CANDIDATE * scale * _calib_tokens(calib) / _MEASURED_TOKENS
-    return rows * _ROW_S * scale + greedy
+    return rows * _ROW_S * scale + candidates * _GREEDY_S_PER_CANDIDATE * scale
 
 
 def _params(config) -> float:
@@ -165,9 +157,9 @@ def _time_help() -> str:
     def minutes(calib, greedy):
         return estimate_seconds(30, _MEASURED_PARAMS, calib, counts, SELECTIONS, STAND_INS, greedy) / 60
 
-    return (f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 cores): the defaults "
-            f"about {minutes(None, STAND_INS):.0f} minutes; --calib pydoc:32768 about {minutes('pydoc:32768', STAND_INS):.0f}, "
-            f"or {minutes('pydoc:32768', ['linear']):.0f} with --greedy-stand-ins linear (greedy runs once per stand-in "
+    return (f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 shared cores): the defaults "
+            f"about {minutes(None, STAND_INS):.0f} minutes, or {minutes(None, ['linear']):.0f} with --greedy-stand-ins "
+            f"linear (greedy runs once per stand-in "
             "kind and is the slow part). The estimate for your run is printed when it starts; a GPU is far faster.")
 
 

@@ -10,13 +10,12 @@ Metrics (lower score = the layer is less needed = skipped first):
   few windows); one score per block start ``l``.
 * ``ppl``: calibration perplexity with that one layer skipped (or replaced by its stand-in).
 * ``greedy``: SLEB: remove, step by step, the layer whose removal (with its stand-in, when the
-  context has one) leaves the lowest calibration perplexity, re-measuring every remaining layer
-  after each removal; ``order`` is the removal order and a layer's score the perplexity after it
-  went (``None`` for layers never removed within ``steps``). Perplexity is measured on the first
-  :data:`SCORED_WINDOWS` calibration windows (all of them when there are fewer); with stand-ins it is cross-fitted:
-  those windows are dealt into two folds and each fold is scored with stand-ins fitted on every
-  other calibration window, so a stand-in that fits its own tokens but not new ones scores as it
-  will on new text.
+  context has one) moves the model's next-token distribution least, re-measuring every remaining
+  layer after each removal; ``order`` is the removal order and a layer's score the mean KL
+  divergence (nats per scored position) from the plain model after it went (``None`` for layers
+  never removed within ``steps``). Measured at every :data:`SCORED_STRIDE`-th position of the first
+  :data:`SCORED_WINDOWS` calibration windows; with stand-ins it is cross-fitted: those windows are
+  dealt into two folds and each fold is scored with stand-ins fitted on the other.
 
 :func:`importance` caches results by the model's fingerprint (weights and config), the calibration
 tokens and the scoring settings.
