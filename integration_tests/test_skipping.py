@@ -484,7 +484,7 @@ def test_a_plugin_contributes_a_skip_policy(known):
     (dict(skip="bi:2", stand_in="mean:4"), OffloadSpecError, "is not valid"),
     (dict(stand_in="linear"), OffloadSpecError, "skip is not set"),
     (dict(skip="bi:2", calib=3.5), OffloadSpecError, "calib must be"),
-    (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'pydoc'"),
+    (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'mix'"),
     (dict(skip="bi:2", calib=[5]), OffloadSpecError, "at least 2 ids"),
     (dict(skip="bi:2", calib=[1, 999]), OffloadSpecError, r"out of range: \[999\]"),
     (dict(skip="bi:2", calib="pydoc"), OffloadSpecError, "model.config.name_or_path"),
