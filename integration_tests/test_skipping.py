@@ -572,7 +572,7 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     assert [(r["skipped"], r["selection"], r["stand_in"]) for r in result["rows"]] == [
         (0, "plain", "none"), (2, "bi", "none"), (2, "bi", "mean"), (2, "angular", "none"), (2, "angular", "mean")]
     assert all(r["standby_vram_bytes"] is None and r["tokens_per_second"] > 0 for r in result["rows"])
-    assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06%: MET" in out.with_suffix(".txt").read_text()
+    assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06% on every slice: MET" in out.with_suffix(".txt").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
     bad = subprocess.run(cmd[:-2] + ["--targets", "25"], capture_output=True, text=True, env=fx.offline_env())
     assert bad.returncode == 2 and "write SHARE:RISE" in bad.stderr
