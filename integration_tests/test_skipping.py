@@ -600,3 +600,15 @@ def test_lp_prune_refuses_a_folder_without_a_model(tmp_path, capsys):
 
     assert cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder without config.json" in capsys.readouterr().err
+
+
+def test_every_slice_is_an_lm_eval_task():
+    """lm-eval finds one held-out task per evaluation slice, and the group of them all."""
+    import lm_eval_fixtures as fx
+    from lm_eval.tasks import TaskManager
+
+    from lp_plugin.skipping import domains
+
+    names = set(TaskManager(include_path=fx.tasks_path(), include_defaults=False).all_tasks)
+    tasks = {"lp_pydoc_heldout", "lp_heldout_pydoc_b", "lp_heldout_license", "lp_heldout_docstrings"}
+    assert tasks | {"lp_heldout_slices"} <= names and len(tasks) == len(domains.EVAL_SLICES)
