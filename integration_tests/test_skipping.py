@@ -99,7 +99,7 @@ def test_metrics_find_the_identity_layers(known, sampled):
     assert all(ppl.scores[i] == pytest.approx(base, rel=1e-6) for i in IDENTITY)
     greedy = lp_plugin.importance(known, ids, "greedy", steps=3)
     assert set(greedy.order[:2]) == set(IDENTITY) and len(greedy.order) == 3
-    assert greedy.scores[greedy.order[1]] == pytest.approx(base, rel=1e-6)
+    assert greedy.scores[greedy.order[1]] == pytest.approx(0, abs=1e-5)  # KL from the plain model: none
     assert sum(s is None for s in greedy.scores) == 5
 
 
@@ -177,18 +177,57 @@ def test_calibration_and_heldout_text_never_overlap(tokenizer):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = enc["input_ids"], enc["offset_mapping"]
     start, end = calib.HELDOUT
+    pool_end = calib.HELD_OUT_POOL[1]  # pydoc-b, [8192, 12288), is held out too
     assert calib.pydoc_calibration_ids(tokenizer) == ids[:start]
-    assert calib.pydoc_calibration_ids(tokenizer, 6000) == ids[:start] + ids[end:end + 6000 - start]
+    assert calib.pydoc_calibration_ids(tokenizer, 6000) == ids[:start] + ids[pool_end:pool_end + 6000 - start]
     docs = calib.heldout_documents(tokenizer)
     assert len(docs) == (end - start) // calib.WINDOW
-    held_chars = (spans[start][0], spans[end - 1][1])
-    calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[end][0], spans[end + 2000][1])]
+    held_chars = (spans[start][0], spans[pool_end - 1][1])
+    calib_chars = [(spans[0][0], spans[start - 1][1]), (spans[pool_end][0], spans[pool_end + 2000][1])]
     assert all(b <= held_chars[0] or a >= held_chars[1] for a, b in calib_chars)  # disjoint character ranges
     assert "".join(docs) == tokenizer.decode(ids[start:end])  # the documents are exactly that text
-    with pytest.raises(OffloadSpecError, match=r"must lie inside \[4096, 8192\), the range calibration never reads"):
+    with pytest.raises(OffloadSpecError, match=r"must lie inside \[4096, 12288\), the range calibration never reads"):
         calib.heldout_documents(tokenizer, 0, 4096)
     with pytest.raises(OffloadSpecError, match="more tokens than the pydoc text has outside the held-out range"):
         calib.pydoc_calibration_ids(tokenizer, 10**8)
+
+
+def test_mixed_calibration_deals_domains_and_reads_no_held_out_slice(tokenizer):
+    from lp_plugin.planning.skipping import domains
+
+    pydoc = domains.ids(tokenizer, "pydoc")
+    lo, hi = domains.RESERVED["pydoc"]
+    assert (lo, hi) == (domains.SLICES["pydoc-a"].start, domains.SLICES["pydoc-b"].end)
+    assert domains.calibration_pool(tokenizer, "pydoc") == pydoc[:lo] + pydoc[hi:]
+    mix = domains.mix_ids(tokenizer, 5 * 512)
+    pieces = [mix[i:i + 512] for i in range(0, len(mix), 512)]
+    news, code = domains.ids(tokenizer, "news"), domains.ids(tokenizer, "code")
+    assert pieces == [pydoc[:512], news[:512], code[:512], pydoc[512:1024], news[512:1024]]
+    assert {s.domain for s in domains.EVAL_SLICES if s.kind == "other"}.isdisjoint(domains.MIX_DOMAINS)
+    with pytest.raises(OffloadSpecError, match="more tokens than its domains hold"):
+        domains.mix_ids(tokenizer, 10**9)
+
+
+def test_a_domain_this_python_lacks_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from lp_plugin.planning.skipping import domains
+    from lp_plugin.tools.prune import cli
+
+    monkeypatch.setattr(domains, "_stdlib", lambda: str(tmp_path / "no-stdlib"))
+    domains.text.cache_clear()
+    try:
+        with pytest.raises(domains.MissingDomain) as err:
+            domains.text("license")
+        assert isinstance(err.value, OffloadSpecError)
+        with pytest.raises(OffloadSpecError):
+            domains.text("nosuch")
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        assert cli.main(["--model", str(model), "--out", str(tmp_path / "out"), "--domains", "pydoc-a,license",
+                         "--no-plot"]) == 2
+        assert "license" in capsys.readouterr().err and not (tmp_path / "out.json").exists()
+    finally:
+        domains.text.cache_clear()
 
 
 @pytest.mark.parametrize("spec", ["pydoc:0", "pydoc:1"])
@@ -299,6 +338,67 @@ def test_scores_do_not_depend_on_train_mode(known):
     assert metrics.SkipContext(known, ids).runner.nll() == ref and known.training
 
 
+@torch.no_grad()
+def _reference_greedy(ctx, spec, steps, score):
+    """Greedy removal computed the straightforward way: every candidate, fold and window runs the
+    whole model from its embeddings, one window at a time, with every replacement in place, and
+    every stand-in is fitted anew on hidden states computed from scratch (calibration of at most
+    :data:`metrics.SCORED_WINDOWS` windows: every window is scored)."""
+    runner, folds, every = ctx.runner, metrics._folds(ctx, spec), range(len(ctx.calib.windows))
+
+    stride = metrics.SCORED_STRIDE if score == "kl" else 1
+
+    def logits(w, replace):  # the head on every position, then the scored ones picked
+        return runner._run([w], replace)[0][0].float()[stride - 1::stride]
+
+    plain = {w: torch.log_softmax(logits(w, {}), -1) for fold in folds for w in fold}
+
+    def loss(w, out):
+        if score == "nll":
+            return float(torch.nn.functional.cross_entropy(out, runner.targets[w], reduction="sum"))
+        return float((plain[w].exp() * (plain[w] - torch.log_softmax(out, -1))).sum())
+
+    def out_positions(w):
+        return range(stride - 1, runner.targets[w].numel(), stride)
+
+    pipes, order, scores = [{} for _ in folds], [], {}
+    for _ in range(steps):
+        best = None
+        for j in range(ctx.num_layers):
+            if j in order:
+                continue
+            total, tokens, fns = 0.0, 0, []
+            for f, fold in enumerate(folds):
+                train = [w for w in every if w not in fold] or list(every)
+                inputs = [runner._forward(w, pipes[f], stop=j, record={j})[1][j] for w in every]
+                fns.append(metrics.replacement(ctx, spec, j, inputs, train, alpha=metrics.GREEDY_RIDGE))
+                for w in fold:
+                    total += loss(w, logits(w, {**pipes[f], j: fns[-1]}))
+                    tokens += len(out_positions(w))
+            if best is None or total / tokens < best[0]:
+                best = (total / tokens, j, fns)
+        mean, j, fns = best
+        order.append(j)
+        scores[j] = math.exp(mean) if score == "nll" else mean
+        for f, fn in enumerate(fns):
+            pipes[f][j] = fn
+    return order, scores
+
+
+@pytest.mark.parametrize("score", ["nll", "kl"])
+@pytest.mark.parametrize("stand_in", ["none", "mean", "linear"])
+def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score):
+    """Stored prefixes, batched windows and kept fits change no choice: the same removal order and
+    scores as running everything from scratch (windows of two lengths, so batches are grouped)."""
+    model = build_tiny("llama", initializer_range=0.2)
+    ctx = metrics.SkipContext(model, _ids(5 * 256 + 70, seed=3), stand_in)
+    assert {len(w) for w in ctx.calib.windows} == {256, 70}
+    fast = metrics._greedy(ctx, n=1, spec=ctx.stand_in, steps=4, score=score)
+    order, scores = _reference_greedy(ctx, ctx.stand_in, 4, score)
+    assert list(fast.order) == order
+    assert all(fast.scores[j] == pytest.approx(scores[j], rel=1e-4, abs=1e-6) for j in order)
+
+
 def test_greedy_with_a_stand_in_on_one_calibration_window(known):
     handle = lp_plugin.attach(known, offload="none", skip="greedy:2", stand_in="mean", calib=_ids(40))
     assert len(handle.info()["skipped_layers"]) == 2
@@ -384,7 +484,7 @@ def test_a_plugin_contributes_a_skip_policy(known):
     (dict(skip="bi:2", stand_in="mean:4"), OffloadSpecError, "is not valid"),
     (dict(stand_in="linear"), OffloadSpecError, "skip is not set"),
     (dict(skip="bi:2", calib=3.5), OffloadSpecError, "calib must be"),
-    (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'pydoc'"),
+    (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'mix'"),
     (dict(skip="bi:2", calib=[5]), OffloadSpecError, "at least 2 ids"),
     (dict(skip="bi:2", calib=[1, 999]), OffloadSpecError, r"out of range: \[999\]"),
     (dict(skip="bi:2", calib="pydoc"), OffloadSpecError, "model.config.name_or_path"),
@@ -429,6 +529,10 @@ def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
                           heldout=heldout, log=lambda msg: None)
     plain, row = out["rows"]
     assert row["skipped"] == 2 and row["skip_info"]["stand_in"] == "linear" and row["ppl"] != plain["ppl"]
+    assert list(row["slices"]) == ["calib", "pydoc-a", "pydoc-b", "license", "docstrings"]
+    assert row["slices"]["pydoc-a"]["ppl"] == row["ppl"]
+    assert row["worst_change"] == max(r["change"] for r in row["slices"].values()) == \
+        row["slices"][row["worst_slice"]]["change"]
     assert row["bytes_per_forward"] > 0 and row["stand_in_bytes"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -445,6 +549,10 @@ def test_sweep_attach_and_lm_eval_give_the_same_heldout_perplexity(tmp_path):
     token_ppl = fx.metric(results, "token_perplexity", task="lp_pydoc_heldout")
     assert token_ppl == pytest.approx(row["ppl"], rel=1e-5)
     assert results["config"]["residual_offload"]["engine"]["skipped_layers"] == row["layers"]
+    _, results = fx.run_lm_eval("hf-residual-offload", {"pretrained": path, **args}, tmp_path / "lm_eval_license",
+                                task="lp_heldout_license", limit=None, extra=["--metadata", metadata])
+    license_ppl = fx.metric(results, "token_perplexity", task="lp_heldout_license")
+    assert license_ppl == pytest.approx(row["slices"]["license"]["ppl"], rel=1e-5)
 
 
 def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
@@ -464,7 +572,7 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     assert [(r["skipped"], r["selection"], r["stand_in"]) for r in result["rows"]] == [
         (0, "plain", "none"), (2, "bi", "none"), (2, "bi", "mean"), (2, "angular", "none"), (2, "angular", "mean")]
     assert all(r["standby_vram_bytes"] is None and r["tokens_per_second"] > 0 for r in result["rows"])
-    assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06%: MET" in out.with_suffix(".txt").read_text()
+    assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06% on every slice: MET" in out.with_suffix(".txt").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
     bad = subprocess.run(cmd[:-2] + ["--targets", "25"], capture_output=True, text=True, env=fx.offline_env())
     assert bad.returncode == 2 and "write SHARE:RISE" in bad.stderr
@@ -492,3 +600,15 @@ def test_lp_prune_refuses_a_folder_without_a_model(tmp_path, capsys):
 
     assert cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder without config.json" in capsys.readouterr().err
+
+
+def test_every_slice_is_an_lm_eval_task():
+    """lm-eval finds one held-out task per evaluation slice, and the group of them all."""
+    import lm_eval_fixtures as fx
+    from lm_eval.tasks import TaskManager
+
+    from lp_plugin.planning.skipping import domains
+
+    names = set(TaskManager(include_path=fx.tasks_path(), include_defaults=False).all_tasks)
+    tasks = {"lp_pydoc_heldout", "lp_heldout_pydoc_b", "lp_heldout_license", "lp_heldout_docstrings"}
+    assert tasks | {"lp_heldout_slices"} <= names and len(tasks) == len(domains.EVAL_SLICES)

@@ -64,7 +64,7 @@ class OffloadConfig:
     stand_in: str = "none"
     """What runs in place of a skipped layer: ``none`` (its input), ``mean`` or ``linear[:RANK]`` (fitted)."""
     calib: CalibSpec | None = None
-    """Calibration tokens for skip policies and stand-ins: ``pydoc`` (default), ``pydoc:TOKENS``, a file, token ids."""
+    """Calibration tokens for skip policies and stand-ins: ``mix`` (default), ``mix:N``, ``pydoc[:N]``, a file, ids."""
     max_memory: MemorySpec | None = None
     """The budget, Accelerate's form (``{0: "6GiB", "cpu": "30GiB"}``, a bare ``"6GiB"``, ``"0:6GiB;cpu:30GiB"``)."""
     max_context: int | str | None = None

@@ -6,6 +6,7 @@ model: the layers that are not run, and for each an optional stand-in module (``
 that runs in its place. The engine stores stand-ins on the tier and moves them like layers.
 
 Modules: ``spec`` (option grammar, no torch), ``calib`` (calibration and held-out text),
+``domains`` (named offline text sources and the evaluation slices),
 ``runner`` (forwards with layers swapped out), ``metrics`` (importance scores, the policies'
 context), ``standins`` (stand-in modules and their closed-form fit), ``fitting`` (fitting a set in
 order, cached), ``cache`` (fingerprints, verified cache files), ``policies`` (named skip policies),
@@ -35,7 +36,7 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'lp_plugin.skipping' has no attribute {name!r}")
+        raise AttributeError(f"module 'lp_plugin.planning.skipping' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value

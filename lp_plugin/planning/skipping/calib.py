@@ -3,13 +3,16 @@
 The pydoc stream is ``pydoc_data.topics`` (shipped with CPython): every topic's text, topics sorted
 by name, joined by blank lines, tokenized once with the model's tokenizer (no special tokens).
 
-* calibration (``calib="pydoc"``, the default): tokens ``[0, 4096)`` of the stream;
+* calibration: ``calib="mix"`` (the default) takes 12288 tokens dealt 512 at a time from the
+  ``pydoc``, ``news`` and ``code`` domains (:mod:`.domains`), ``calib="mix:N"`` ``N`` of them;
+  ``calib="pydoc"`` tokens ``[0, 4096)`` of the pydoc stream;
   ``calib="pydoc:N"`` takes ``N`` tokens from the stream outside the held-out range (``[0, 4096)``,
-  then ``[8192, ...)``); ``calib=PATH`` takes the first 4096 tokens of a UTF-8 text file (read in
+  then ``[12288, ...)``); ``calib=PATH`` takes the first 4096 tokens of a UTF-8 text file (read in
   growing pieces until they hold those tokens, not whole); ``calib=[ids...]`` takes token ids as
   given (ints, or an integer tensor; no tokenizer needed).
 * held-out (the sweep and the lm-eval task ``lp_pydoc_heldout``): tokens ``[4096, 8192)`` cut
-  into 512-token windows, each decoded back to text: one document per window.
+  into 512-token windows, each decoded back to text: one document per window; ``[8192, 12288)`` is
+  held out too (slice ``pydoc-b``), and :mod:`.domains` names the other slices the sweep reports.
 
 Every window, calibration or held-out, is scored as a document on its own, the way lm-eval's ``hf``
 model scores a ``loglikelihood_rolling`` document: the model reads the document-start token (the
@@ -34,7 +37,10 @@ from ...errors import OffloadSpecError
 CALIB_TOKENS = 4096
 FIRST_READ = 64 * 1024  # bytes of a calibration file read first; each further read doubles
 TOKEN_SLACK = 64  # tokens past the ones used that must be read, so the cut cannot change the last used ones
-HELDOUT = (4096, 8192)
+HELDOUT = (4096, 8192)  # the held-out documents of lp_pydoc_heldout (slice pydoc-a)
+HELD_OUT_POOL = (4096, 12288)  # pydoc tokens calibration never reads (slices pydoc-a and pydoc-b)
+MIX = "mix"
+MIX_TOKENS = 12288  # the default calibration: this many tokens of the mixed domains
 WINDOW = 512
 PYDOC = "pydoc"
 
@@ -113,9 +119,9 @@ def split_windows(ids, window: int = WINDOW) -> tuple:
 
 
 def pydoc_calibration_ids(tokenizer, tokens: int = CALIB_TOKENS) -> list:
-    """``tokens`` tokens of the pydoc stream that are not held out: ``[0, 4096)``, then ``[8192, ...)``."""
+    """``tokens`` tokens of the pydoc stream that are not held out: ``[0, 4096)``, then ``[12288, ...)``."""
     ids = encode(tokenizer, pydoc_text())
-    pool = ids[:HELDOUT[0]] + ids[HELDOUT[1]:]
+    pool = ids[:HELD_OUT_POOL[0]] + ids[HELD_OUT_POOL[1]:]
     if tokens > len(pool):
         raise OffloadSpecError(f"calib='pydoc:{tokens}' asks for more tokens than the pydoc text has outside the "
                                f"held-out range ({len(pool)}); ask for fewer")
@@ -125,9 +131,9 @@ def pydoc_calibration_ids(tokenizer, tokens: int = CALIB_TOKENS) -> list:
 def heldout_documents(tokenizer, start: int = HELDOUT[0], end: int = HELDOUT[1], window: int = WINDOW) -> list:
     """The held-out documents: tokens ``[start, end)`` of the pydoc stream in ``window``-token pieces,
     each decoded back to text."""
-    if not HELDOUT[0] <= start < end <= HELDOUT[1]:
-        raise OffloadSpecError(f"held-out tokens [{start}, {end}) must lie inside [{HELDOUT[0]}, {HELDOUT[1]}), the range "
-                               "calibration never reads; pick a range inside it")
+    if not HELD_OUT_POOL[0] <= start < end <= HELD_OUT_POOL[1]:
+        raise OffloadSpecError(f"held-out tokens [{start}, {end}) must lie inside [{HELD_OUT_POOL[0]}, {HELD_OUT_POOL[1]}), "
+                               "the range calibration never reads; pick a range inside it")
     if window < 2:
         raise OffloadSpecError(f"held-out window {window} is too short; use at least 2 tokens (default {WINDOW})")
     ids = encode(tokenizer, pydoc_text())
@@ -149,9 +155,9 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
                                    f"out of range: {bad[:5]}")
         return CalibData(split_windows(ids, window), doc_start_token(model), f"{len(ids)} token ids")
     if calib is None:
-        calib = PYDOC
+        calib = MIX
     if not isinstance(calib, (str, os.PathLike)):
-        raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {calib!r}")
+        raise OffloadSpecError(f"calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {calib!r}")
     text = os.fspath(calib)
     name, _, count = text.partition(":")
     if name == PYDOC and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
@@ -161,10 +167,20 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
             raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'pydoc:4096')")
         ids = pydoc_calibration_ids(tokenizer, tokens)
         return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer), f"pydoc, {len(ids)} tokens")
+    if name == MIX and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
+        from .domains import MIX_DOMAINS, mix_ids
+
+        tokenizer = tokenizer_for(model, f"calib={text!r}")
+        tokens = int(count) if count else MIX_TOKENS
+        if tokens < 2:
+            raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'mix:12288')")
+        ids = mix_ids(tokenizer, tokens, window)
+        return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer),
+                         f"mix of {', '.join(MIX_DOMAINS)}, {len(ids)} tokens")
     path = os.path.expanduser(text)
     if not os.path.isfile(path):
-        raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
-                               "pass one of those or a list of token ids")
+        raise OffloadSpecError(f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
+                               "text file; pass one of those or a list of token ids")
     tokenizer = tokenizer_for(model, f"calib={text!r}")
     ids = file_ids(tokenizer, path)
     if len(ids) < 2:

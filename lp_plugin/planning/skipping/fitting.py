@@ -3,7 +3,7 @@
 The stand-in of the first skipped layer is fitted on the plain model's hidden states at that layer;
 each later one on the hidden states the model produces with every earlier skipped layer already
 replaced by its fitted stand-in (what it will really see once attached). Targets are always the
-plain model's hidden states after the layer (see :mod:`lp_plugin.skipping.standins`).
+plain model's hidden states after the layer (see :mod:`lp_plugin.planning.skipping.standins`).
 
 Fitted tensors are cached as one safetensors file per (model weights, calibration tokens, stand-in
 kind, skipped layers), verified by SHA-256 and by structure (exactly the expected tensors of every

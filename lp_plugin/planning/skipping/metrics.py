@@ -10,13 +10,12 @@ Metrics (lower score = the layer is less needed = skipped first):
   few windows); one score per block start ``l``.
 * ``ppl``: calibration perplexity with that one layer skipped (or replaced by its stand-in).
 * ``greedy``: SLEB: remove, step by step, the layer whose removal (with its stand-in, when the
-  context has one) leaves the lowest calibration perplexity, re-measuring every remaining layer
-  after each removal; ``order`` is the removal order and a layer's score the perplexity after it
-  went (``None`` for layers never removed within ``steps``). Perplexity is measured on the first
-  :data:`SCORED_WINDOWS` calibration windows (all of them when there are fewer); with stand-ins it is cross-fitted:
-  those windows are dealt into two folds and each fold is scored with stand-ins fitted on every
-  other calibration window, so a stand-in that fits its own tokens but not new ones scores as it
-  will on new text.
+  context has one) moves the model's next-token distribution least, re-measuring every remaining
+  layer after each removal; ``order`` is the removal order and a layer's score the mean KL
+  divergence (nats per scored position) from the plain model after it went (``None`` for layers
+  never removed within ``steps``). Measured at every :data:`SCORED_STRIDE`-th position of the first
+  :data:`SCORED_WINDOWS` calibration windows; with stand-ins it is cross-fitted: those windows are
+  dealt into two folds and each fold is scored with stand-ins fitted on the other.
 
 :func:`importance` caches results by the model's fingerprint (weights and config), the calibration
 tokens and the scoring settings.
@@ -46,8 +45,11 @@ log = logging.getLogger("lp_plugin")
 METRICS = ("bi", "angular", "ppl", "greedy")
 SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration windows
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
+GREEDY_RIDGE = 0.1  # ridge strength of greedy's candidate stand-ins (fitted on a few windows; see the docs)
+SCORED_STRIDE = 4  # the kl score reads every 4th position of the scored windows (the head runs there only)
+GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
-SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, **standins.SETTINGS}
+SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, "scored_stride": SCORED_STRIDE, "greedy_ridge": GREEDY_RIDGE, **standins.SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -211,14 +213,16 @@ def _ranked(metric, scores, params, ctx) -> Importance:
     return Importance(metric, tuple(scores), tuple(order), params, ctx.calib.source)
 
 
-def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None):
+def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None, teacher=None, alpha=None):
     """What runs in place of ``layer`` when it reads ``inputs`` (per-window hidden states): the
     identity (``spec`` none) or a stand-in fitted on ``windows`` of them (default all) against the
-    plain model's output."""
+    plain model's output (``teacher``: per-layer hidden states, default the context's), with ridge
+    strength ``alpha`` (default: chosen by cross-validation)."""
     if spec.kind == "none":
         return _identity
     windows = range(len(inputs)) if windows is None else windows
-    tensors, _ = standins.fit(spec, [inputs[w] for w in windows], [ctx.teacher[layer + 1][w] for w in windows])
+    teacher = ctx.teacher if teacher is None else teacher
+    tensors, _ = standins.fit(spec, [inputs[w] for w in windows], [teacher[layer + 1][w] for w in windows], alpha)
     return standins.build(spec, {k: v.to(inputs[0].device, inputs[0].dtype) for k, v in tensors.items()})
 
 
@@ -236,10 +240,9 @@ def _ppl(ctx, n, spec, steps) -> Importance:
 
 
 def _folds(ctx, spec) -> list:
-    """The windows greedy scores, in folds. Perplexity is measured on the first
-    :data:`SCORED_WINDOWS` windows. A fitted stand-in is scored only on windows it was not fitted on:
-    the scored windows are dealt into folds, and each fold is scored with stand-ins fitted on every
-    other calibration window."""
+    """The windows greedy scores, in folds: the first :data:`SCORED_WINDOWS` windows. A fitted
+    stand-in is scored only on windows it was not fitted on: the scored windows are dealt into
+    folds, and each fold is scored with stand-ins fitted on the other folds' windows."""
     scored = list(range(min(SCORED_WINDOWS, len(ctx.calib.windows))))
     k = min(GREEDY_FOLDS, len(scored))
     if spec.kind == "none" or k < 2:
@@ -247,43 +250,111 @@ def _folds(ctx, spec) -> list:
     return [scored[f::k] for f in range(k)]
 
 
-def _greedy(ctx, n, spec, steps) -> Importance:
+class _Score:
+    """What greedy sums over a fold's windows for one candidate: ``nll`` (the calibration tokens'
+    negative log-likelihood) or ``kl`` (the KL divergence from the plain model's next-token
+    distribution to the candidate's, summed over tokens)."""
+
+    def __init__(self, ctx, kind: str, windows, stride: int = 1):
+        self.kind, self.runner, self.stride = kind, ctx.runner, stride
+        if kind == "kl":
+            self.log_probs = self.runner.log_probs(windows, stride=stride)
+            self.probs = {w: lp.exp() for w, lp in self.log_probs.items()}
+
+    def __call__(self, w: int, logits, keep=None) -> float:
+        if self.kind == "nll":
+            return float(self.runner.nll_loss(w, logits, keep))
+        return float((self.probs[w] * (self.log_probs[w] - F.log_softmax(logits.float(), dim=-1))).sum())
+
+    def value(self, mean: float) -> float:
+        """The score reported for a removal: perplexity (``nll``) or mean KL per token (``kl``)."""
+        return math.exp(mean) if self.kind == "nll" else mean
+
+
+def _chunks(folds, score: str) -> list:
+    """``[(fold, windows)]`` in the order a candidate is scored. ``nll``: each fold's windows as one
+    batch. ``kl``: one window at a time, the folds interleaved, so that a candidate can be dropped
+    as soon as its partial sum shows it cannot win (every window's KL is >= 0)."""
+    if score != "kl":
+        return [(f, list(fold)) for f, fold in enumerate(folds)]
+    out = []
+    for i in range(max(len(fold) for fold in folds)):
+        out += [(f, [fold[i]]) for f, fold in enumerate(folds) if i < len(fold)]
+    return out
+
+
+def _first_order(base, windows, num_layers: int) -> list:
+    """Layers in the order greedy tries them first: by Block Influence on the scored windows (a cheap
+    guess at which removal costs least, so the bound is tight early; any order chooses the same)."""
+    def bi(j):
+        return float((1 - _cos([base[j][w] for w in windows], [base[j + 1][w] for w in windows])).mean())
+
+    return sorted(range(num_layers), key=bi)
+
+
+def _greedy(ctx, n, spec, steps, score=None) -> Importance:
+    """Greedy removal, measured as described in the module docstring. Work that does not change
+    between candidates is done once: every candidate starts from stored hidden states at its own
+    layer (the plain model's, or those with the layers removed so far in place), windows run in
+    batches, and a candidate's stand-in fit is kept until its inputs change (a removal below it).
+    With the ``kl`` score, candidates are tried best-guess first and one is dropped once its partial
+    KL sum reaches the best total so far (KL is never negative, so it could not win): the choice is
+    the one measuring every candidate in full would make."""
+    score = score or GREEDY_SCORE
     folds = _folds(ctx, spec)
-    every = range(len(ctx.calib.windows))
-    needed = folds[0] if spec.kind == "none" else every  # windows whose hidden states are read
-    base = ctx.teacher if spec.kind != "none" else ctx.runner.layer_inputs(windows=needed)
+    scored = sorted(w for fold in folds for w in fold)
+    needed = folds[0] if spec.kind == "none" else scored  # windows whose hidden states are read
+    base = ctx.runner.layer_inputs(windows=needed, desc="greedy (the plain model's hidden states)")
+    stride = SCORED_STRIDE if score == "kl" else 1
+    loss = _Score(ctx, score, scored, stride)
+    all_tokens = sum(len(range(stride - 1, ctx.runner.targets[w].numel(), stride)) for w in scored)
+    chunks = _chunks(folds, score)
     pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
+    fits = [{} for _ in folds]  # per fold: candidate layer -> its stand-in, while its inputs are unchanged
+    guess = _first_order(base, folds[0], ctx.num_layers)
     order, scores = [], [None] * ctx.num_layers
-    progress = bar(desc=f"greedy importance ({spec}, {steps} steps)", unit="candidate",
-                   total=sum(ctx.num_layers - s for s in range(steps)))
+    total_candidates = sum(ctx.num_layers - s for s in range(steps))
+    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate",
+                   total=total_candidates)
+    t_start, done = time.perf_counter(), 0
     for step in range(steps):
-        best, t0 = None, time.perf_counter()
-        for j in range(ctx.num_layers):
-            if j in order:
-                continue
-            progress.update()
-            total, tokens, fns = 0.0, 0, []
-            for f, fold in enumerate(folds):
-                # with one calibration window there is nothing to cross-fit on: fitted and scored on it
-                train = [w for w in every if w not in fold] or list(every)
-                fns.append(replacement(ctx, spec, j, states[f][j], train))
+        best, t0, estimates = None, time.perf_counter(), {}
+        for j in [j for j in guess if j not in order]:
+            bound = None if best is None or score != "kl" else best[0] * all_tokens
+            total, tokens = 0.0, 0
+            for f, windows in chunks:
+                if j not in fits[f]:
+                    # with one calibration window there is nothing to cross-fit on: fitted and scored on it
+                    train = [w for w in scored if w not in folds[f]] or scored
+                    fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
                 later = {i: g for i, g in pipes[f].items() if i > j}
-                nll, count = ctx.runner.nll_sum({**later, j: fns[-1]}, start=j, states=states[f][j], windows=fold)
-                total, tokens = total + nll, tokens + count
-            if best is None or total / tokens < best[0]:
-                best = (total / tokens, j, fns)
-        nll, j, fns = best
+                value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
+                                                    windows=windows, stride=stride)
+                total, tokens = total + value, tokens + count
+                if bound is not None and total > bound:
+                    break  # it cannot win: the rest of its windows add KL >= 0
+            estimates[j] = total / tokens
+            if tokens == all_tokens and (best is None or (total / tokens, j) < best):
+                best = (total / tokens, j)  # a tie goes to the lower layer, whatever the order tried
+            progress.update()
+            done += 1
+        mean, j = best
         order.append(j)
-        scores[j] = math.exp(nll)
-        log.info("lp_plugin: greedy (%s) step %d/%d: layer %d, calibration perplexity %.3f (%.0f s)", spec, step + 1,
-                 steps, j, scores[j], time.perf_counter() - t0)
-        for f, fn in enumerate(fns):
-            pipes[f][j] = fn
+        scores[j] = loss.value(mean)
+        guess = sorted(estimates, key=estimates.get)  # next step: the candidates that did best first
+        elapsed = time.perf_counter() - t_start
+        log.info("lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)", spec, score,
+                 step + 1, steps, j, scores[j], time.perf_counter() - t0, elapsed / done * (total_candidates - done))
+        for f in range(len(folds)):
+            pipes[f][j] = fits[f][j]
+            if step + 1 == steps:
+                continue  # nothing reads the states after the last removal
             states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
+            fits[f] = {i: fn for i, fn in fits[f].items() if i < j}  # a fit above j read states that changed
     progress.close()
-    return Importance("greedy", tuple(scores), tuple(order), {"n": 1, "stand_in": str(spec), "steps": steps},
-                      ctx.calib.source)
+    return Importance("greedy", tuple(scores), tuple(order),
+                      {"n": 1, "stand_in": str(spec), "steps": steps}, ctx.calib.source)
 
 
 _COMPUTE = {"bi": _bi, "angular": _angular, "ppl": _ppl, "greedy": _greedy}

@@ -11,7 +11,7 @@ Built-ins (registered through the ``register_skip_policies`` plugin hook, like t
   will get, so the choice accounts for the stand-in.
 
 ``K`` is a number of layers or a share of them (``greedy:20%``). A policy is a :class:`SkipPolicy`:
-``select(ctx, count)`` gets a :class:`~lp_plugin.skipping.metrics.SkipContext` (the model, its
+``select(ctx, count)`` gets a :class:`~lp_plugin.planning.skipping.metrics.SkipContext` (the model, its
 calibration tokens, the stand-in kind) and returns layer indices.
 """
 

@@ -29,6 +29,8 @@ from ...errors import AttachError
 from ..arch import find_decoder_layers
 from .calib import CalibData
 
+BATCH_TOKENS = 2048  # tokens run together in one forward (windows of equal length batched)
+
 
 class _Stop(Exception):
     """Raised by the hook on the ``stop`` layer to end a forward early."""
@@ -59,8 +61,8 @@ def swapped_forwards(layers, forwards: dict):
 
 
 class Runner:
-    """Runs ``model`` over the windows of ``calib``; hidden states are kept on the model's device
-    as one ``[window_tokens, hidden]`` tensor per window."""
+    """Runs ``model`` over the windows of ``calib``, windows of equal length batched together;
+    hidden states are kept on the model's device as one ``[window_tokens, hidden]`` tensor per window."""
 
     def __init__(self, model, calib: CalibData):
         _, self.layers = find_decoder_layers(model)
@@ -80,9 +82,22 @@ class Runner:
         return sum(t.numel() for t in self.targets)
 
     # ------------------------------------------------------------------ one forward
-    def _forward(self, w: int, replace=None, start=0, states=None, stop=None, record=()):
-        """Run window ``w``; return ``(summed NLL, or None when stopped early; {layer: its input})``.
-        ``record`` names the layers whose input is kept (``num_layers``: the last layer's output)."""
+    def batches(self, windows) -> list:
+        """``windows`` grouped for one forward each: windows of equal length, at most
+        :data:`BATCH_TOKENS` tokens together (a window longer than that runs alone), in order."""
+        groups, out = {}, []
+        for w in windows:
+            groups.setdefault(self.targets[w].numel(), []).append(w)
+        for length, ws in groups.items():
+            size = max(1, BATCH_TOKENS // length)
+            out += [ws[i:i + size] for i in range(0, len(ws), size)]
+        return out
+
+    def _run(self, ws, replace=None, start=0, states=None, stop=None, record=(), keep=None):
+        """Run windows ``ws`` (equal length) as one batch; return ``(logits [B, T, V], or None when
+        stopped early; {layer: its input, [B, T, H]})``. ``record`` names the layers whose input is
+        kept (``num_layers``: the last layer's output); ``keep`` (positions) limits the logits to
+        those positions (the head runs on them only)."""
         n = self.num_layers
         forwards = {i: functools.partial(_replaced, fn) for i, fn in (replace or {}).items() if i >= start}
         forwards.update({i: _identity for i in range(start)})
@@ -90,15 +105,15 @@ class Runner:
 
         def pre(i, module, args, kwargs):
             if i == start and states is not None:
-                args, kwargs = _with_hidden(args, kwargs, states[w])
+                args, kwargs = _with_hidden(args, kwargs, torch.stack([states[w] for w in ws]))
             if i in record:
-                seen[i] = _hidden(args, kwargs)[0]
+                seen[i] = _hidden(args, kwargs)
             if i == stop:
                 raise _Stop
             return args, kwargs
 
         def post(module, args, output):
-            seen[n] = _first(output)[0]
+            seen[n] = _first(output)
             if stop == n:
                 raise _Stop
 
@@ -108,16 +123,28 @@ class Runner:
             handles.append(self.layers[-1].register_forward_hook(post))
         training = self.model.training
         self.model.eval()  # dropout would make scores and fits random (and they are cached)
+        inputs = torch.cat([self.inputs[w] for w in ws]) if len(ws) > 1 else self.inputs[ws[0]]
         try:
             with swapped_forwards(self.layers, forwards):
-                out = self.model(self.inputs[w], use_cache=False)
+                if keep is None:
+                    out = self.model(inputs, use_cache=False)
+                else:
+                    out = self.model(inputs, use_cache=False, logits_to_keep=keep)
         except _Stop:
             return None, seen
         finally:
             for h in handles:
                 h.remove()
             self.model.train(training)
-        return F.cross_entropy(out.logits[0].float(), self.targets[w], reduction="sum").item(), seen
+        return out.logits, seen
+
+    def _forward(self, w: int, replace=None, start=0, states=None, stop=None, record=()):
+        """Window ``w`` alone: ``(summed NLL, or None when stopped early; {layer: its input [T, H]})``."""
+        logits, seen = self._run([w], replace, start, states, stop, record)
+        seen = {i: h[0] for i, h in seen.items()}
+        if logits is None:
+            return None, seen
+        return F.cross_entropy(logits[0].float(), self.targets[w], reduction="sum").item(), seen
 
     # ------------------------------------------------------------------ what callers use
     @torch.no_grad()
@@ -133,20 +160,63 @@ class Runner:
         total, tokens = self.nll_sum(replace, start, states)
         return total / tokens
 
+    def positions(self, w: int, stride: int = 1):
+        """The positions of window ``w`` that are scored with ``stride``: every ``stride``-th
+        (the last of each group), or None for all."""
+        if stride == 1:
+            return None
+        return torch.arange(stride - 1, self.targets[w].numel(), stride, device=self.device)
+
+    @torch.no_grad()
+    def score_sum(self, loss, replace=None, start=0, states=None, windows=None, stride: int = 1) -> tuple:
+        """``(sum over windows of loss(window, logits [P, V], positions), positions scored)``, the
+        windows run in batches (:meth:`batches`), ``replace``/``start``/``states`` as in
+        :meth:`nll_sum`, logits at every ``stride``-th position only (:meth:`positions`)."""
+        windows = range(len(self.inputs)) if windows is None else windows
+        total, count = 0.0, 0
+        for ws in self.batches(windows):
+            keep = self.positions(ws[0], stride)
+            logits, _ = self._run(ws, replace, start, states, keep=keep)
+            total += sum(float(loss(w, logits[b], keep)) for b, w in enumerate(ws))
+            count += len(ws) * (self.targets[ws[0]].numel() if keep is None else keep.numel())
+        return total, count
+
+    def nll_loss(self, w: int, logits, keep=None) -> torch.Tensor:
+        """Summed negative log-likelihood of window ``w``'s tokens (at ``keep``) under ``logits``."""
+        targets = self.targets[w] if keep is None else self.targets[w][keep]
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    @torch.no_grad()
+    def log_probs(self, windows, replace=None, stride: int = 1) -> dict:
+        """``{window: log-probabilities [P, V] (float32)}`` of the model (with ``replace``) at
+        every ``stride``-th position (:meth:`positions`)."""
+        out = {}
+        for ws in self.batches(windows):
+            logits, _ = self._run(ws, replace, keep=self.positions(ws[0], stride))
+            for b, w in enumerate(ws):
+                out[w] = F.log_softmax(logits[b].float(), dim=-1)
+        return out
+
     @torch.no_grad()
     def layer_inputs(self, replace=None, layers=None, start=0, states=None, windows=None, desc=None) -> dict:
         """``{i: [per-window input of layer i]}`` for ``layers`` (default: every layer from ``start``
         and, as index ``num_layers``, the last layer's output), for the model with ``replace`` applied;
         with ``states``, layer ``start`` reads them and earlier layers are not run. Only ``windows``
-        (indices; default all) are run; the lists hold None for the others. ``desc`` names a progress
-        bar over the windows."""
+        (indices; default all) are run, in batches; the lists hold None for the others. ``desc``
+        names a progress bar over the windows."""
         layers = tuple(range(start, self.num_layers + 1)) if layers is None else tuple(layers)
         windows = range(len(self.inputs)) if windows is None else windows
         out = {i: [None] * len(self.inputs) for i in layers}
-        for w in windows if desc is None else bar(windows, desc=desc, unit="window"):
-            _, seen = self._forward(w, replace, start, states, stop=max(layers), record=set(layers))
+        progress = bar(total=len(windows), desc=desc or "", unit="window") if desc else None
+        for ws in self.batches(windows):
+            _, seen = self._run(ws, replace, start, states, stop=max(layers), record=set(layers))
             for i in layers:
-                out[i][w] = seen[i]
+                for b, w in enumerate(ws):
+                    out[i][w] = seen[i][b]
+            if progress is not None:
+                progress.update(len(ws))
+        if progress is not None:
+            progress.close()
         return out
 
     @torch.no_grad()
@@ -155,8 +225,7 @@ class Runner:
         between run, or are replaced)."""
         if stop == start:
             return list(states)
-        return [self._forward(w, replace, start, states, stop=stop, record={stop})[1][stop]
-                for w in range(len(self.inputs))]
+        return self.layer_inputs(replace, layers=(stop,), start=start, states=states)[stop]
 
 
 def _hidden(args, kwargs):
@@ -164,7 +233,7 @@ def _hidden(args, kwargs):
 
 
 def _with_hidden(args, kwargs, value):
-    value = value[None].to(_hidden(args, kwargs).dtype)
+    value = value.to(_hidden(args, kwargs).dtype)
     if args:
         return (value,) + tuple(args[1:]), kwargs
     return args, {**kwargs, "hidden_states": value}

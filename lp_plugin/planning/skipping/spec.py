@@ -76,10 +76,10 @@ def parse_policy(text: str) -> PolicySpec | None:
 
 
 def check_calib(value):
-    """``calib`` as given, once its form is one lp_plugin reads: None (pydoc), ``pydoc``,
-    ``pydoc:TOKENS`` (ASCII digits), the path of an existing file, a sequence of int token ids, or a
+    """``calib`` as given, once its form is one lp_plugin reads: None (mix), ``mix``, ``mix:TOKENS``,
+    ``pydoc``, ``pydoc:TOKENS`` (ASCII digits), the path of an existing file, a sequence of int token ids, or a
     1-D integer tensor of them (checked against the model later). Checked before any model loads."""
-    forms = "pass 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids"
+    forms = "pass 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids"
     if value is None:
         return value
     if type(value).__name__ == "Tensor":
@@ -94,13 +94,13 @@ def check_calib(value):
         if not text:
             raise OffloadSpecError(f"calib is empty; {forms}")
         name, sep, count = text.partition(":")
-        if name == "pydoc":
+        if name in ("pydoc", "mix"):
             if sep and (not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII) or int(count) < 2):
                 raise OffloadSpecError(f"calib={text!r}: TOKENS is a whole number in ASCII digits; ask for at least 2 "
                                        "(e.g. 'pydoc:4096')")
             return text if isinstance(value, str) else value
         if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
-            raise OffloadSpecError(f"calib={text!r} is neither 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
+            raise OffloadSpecError(f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
                                    f"{forms}")
         from .calib import check_file
 
@@ -108,4 +108,4 @@ def check_calib(value):
         return text if isinstance(value, str) else value
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return tuple(value)
-    raise OffloadSpecError(f"calib must be 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")
+    raise OffloadSpecError(f"calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")

@@ -157,14 +157,20 @@ def _low_rank(total: Stats, coef: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([projected, bias[None]])
 
 
-def fit(spec: StandInSpec, inputs: list, targets: list) -> tuple:
+def fit(spec: StandInSpec, inputs: list, targets: list, alpha: float | None = None) -> tuple:
     """Fit one stand-in: ``inputs``/``targets`` are per-window ``[tokens, hidden]`` tensors (what the
-    stand-in sees, what should come out). Returns ``(named tensors, fit details)``."""
+    stand-in sees, what should come out); ``alpha`` fixes the ridge strength of every output instead
+    of choosing it by cross-validation. Returns ``(named tensors, fit details)``."""
     stats = [Stats.of(x, t) for x, t in zip(inputs, targets)]
     total = sum(stats[1:], stats[0])
     details = {}
     if spec.kind == "mean":
         coef = total.mean_coef()
+    elif alpha is not None:
+        coef = total.solve(alpha)
+        details["ridge_median"] = float(alpha)
+        if spec.rank is not None and spec.rank < coef.shape[1]:
+            coef = _low_rank(total, coef, spec.rank)
     else:
         coef, alphas = ridge_fit(stats)
         details["ridge_median"] = float(alphas.median())

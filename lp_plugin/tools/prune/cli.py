@@ -25,16 +25,18 @@ import sys
 from ...core.report import jsonable
 from ...errors import LPPluginError
 from ...planning.skipping.calib import HELDOUT, WINDOW
+from ...planning.skipping.domains import SLICES
 from ...planning.skipping.spec import check_calib, parse_stand_in
 from ..shapes import _HUB_ID
 from . import frontier
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
-# a measured run: SmolLM2-135M (135M parameters), fp32, 2 CPU cores, calib pydoc:32768, greedy with the
-# linear stand-in only: 78 minutes, 54 of them greedy's 12 steps (scoring 30 down to 19 candidates)
-_MEASURED_PARAMS, _MEASURED_TOKENS = 135e6, 32768
-_GREEDY_S_PER_CANDIDATE = 54 * 60 / sum(range(19, 31))  # per candidate, at those parameters and tokens
-_ROW_S = 24 * 60 / 29  # per sweep row (load, fit the stand-ins, score the held-out documents)
+# measured runs: SmolLM2-135M (135M parameters), fp32, 2 shared CPU cores (one torch thread, load average 2-4),
+# default calibration: greedy:20% (6 steps, 165 candidates, kl score) took 711 s of steps; a sweep row
+# (load, fit the stand-ins, score the five slices) took about 57 s (ten rows in 570 s)
+_MEASURED_PARAMS = 135e6
+_GREEDY_S_PER_CANDIDATE = 711 / 165  # per candidate: scoring reads a fixed 8 windows, whatever the calibration size
+_ROW_S = 57.0  # per sweep row
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -119,19 +121,28 @@ def _check_model(model: str) -> None:
         raise ValueError(f"--model {model!r} is neither a model folder nor a Hub id (owner/name); {hint}")
 
 
-def _calib_tokens(calib) -> int:
-    name, _, count = (calib or "pydoc").partition(":")
-    return int(count) if name == "pydoc" and count.isdigit() else 4096
+def _slices(text: str) -> list:
+    """The evaluation slices named in ``text``, each domain's text read now (a domain this Python
+    lacks is refused before any work)."""
+    from ...planning.skipping import domains
+
+    names = _list(text)
+    unknown = [n for n in names if n not in SLICES]
+    if unknown:
+        raise ValueError(f"--domains: unknown slice {unknown[0]!r}; choose from {list(SLICES)}")
+    for name in names:
+        domains.text(SLICES[name].domain)
+    return names
 
 
 def estimate_seconds(num_layers: int, params: float, calib, counts, selections, stand_ins, greedy_stand_ins) -> float:
-    """A rough CPU time for the sweep, scaled from the measured run by parameters and calibration tokens."""
+    """A rough CPU time for the sweep, scaled from the measured runs by parameters (greedy scores a fixed
+    number of calibration windows, so the calibration's size hardly matters)."""
     scale = params / _MEASURED_PARAMS
     rows = 1 + sum(len(greedy_stand_ins if sel == "greedy" else stand_ins) for k in counts if k for sel in selections)
     steps = max(counts, default=0) if "greedy" in selections else 0
     candidates = sum(num_layers - s for s in range(steps)) * len(greedy_stand_ins)
-    greedy = candidates * _GREEDY_S_PER_CANDIDATE * scale * _calib_tokens(calib) / _MEASURED_TOKENS
-    return rows * _ROW_S * scale + greedy
+    return rows * _ROW_S * scale + candidates * _GREEDY_S_PER_CANDIDATE * scale
 
 
 def _params(config) -> float:
@@ -146,9 +157,9 @@ def _time_help() -> str:
     def minutes(calib, greedy):
         return estimate_seconds(30, _MEASURED_PARAMS, calib, counts, SELECTIONS, STAND_INS, greedy) / 60
 
-    return (f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 cores): the defaults "
-            f"about {minutes(None, STAND_INS):.0f} minutes; --calib pydoc:32768 about {minutes('pydoc:32768', STAND_INS):.0f}, "
-            f"or {minutes('pydoc:32768', ['linear']):.0f} with --greedy-stand-ins linear (greedy runs once per stand-in "
+    return (f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 shared cores): the defaults "
+            f"about {minutes(None, STAND_INS):.0f} minutes, or {minutes(None, ['linear']):.0f} with --greedy-stand-ins "
+            f"linear (greedy runs once per stand-in "
             "kind and is the slow part). The estimate for your run is printed when it starts; a GPU is far faster.")
 
 
@@ -163,8 +174,8 @@ def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     p.add_argument("--stand-ins", default=",".join(STAND_INS), help="stand-in kinds (default %(default)s)")
     p.add_argument("--greedy-stand-ins", default=None,
                    help="stand-in kinds of the greedy rows (default: --stand-ins); each kind runs greedy once, the sweep's slow part")
-    p.add_argument("--calib", default=None, help="calibration data: pydoc (default: 4096 tokens), pydoc:TOKENS or a text "
-                                                 "file; more tokens fit better and take longer")
+    p.add_argument("--calib", default=None, help="calibration data: mix (default: 12288 tokens of pydoc, IDLE's news and "
+                                                 "stdlib code), mix:TOKENS, pydoc, pydoc:TOKENS or a text file")
     p.add_argument("--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)")
     p.add_argument("--mode", default="stream", choices=("session", "stream"),
                    help="engine mode of every row (default %(default)s)")
@@ -173,6 +184,9 @@ def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
                    help="the disk tier's folder (default: a temporary folder, removed at exit)")
     p.add_argument("--device", default=None, help="main device (default: the current GPU, else the CPU)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (default %(default)s)")
+    p.add_argument("--domains", default=",".join(SLICES),
+                   help="evaluation slices besides the calibration slice (default %(default)s: two held-out pydoc "
+                        "slices and two domains the default calibration never reads); the verdict uses the worst")
     p.add_argument("--heldout-window", type=int, default=WINDOW,
                    help="tokens per held-out document (default %(default)s; at most the model's context)")
     p.add_argument("--targets", default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
@@ -191,6 +205,7 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
         _check_model(args.model)
         check_calib(args.calib)
+        slices = _slices(args.domains)
         if args.heldout_window < 2:
             raise ValueError(f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})")
         engine = _engine(args)
@@ -221,7 +236,7 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         out = run_sweep(args.model, fractions=fractions, selections=selections, stand_ins=stand_ins,
                         calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins,
                         hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
-                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window),
+                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), slices=slices,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (LPPluginError, OSError) as exc:  # OSError: a model transformers cannot load (offline hub id, bad files)
         print(f"lp-prune: error: {exc}", file=sys.stderr)

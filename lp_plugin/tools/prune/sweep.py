@@ -24,7 +24,16 @@ import lp_plugin
 
 from ...core.progress import bar
 from ...planning.arch import find_decoder_layers
-from ...planning.skipping.calib import HELDOUT, WINDOW, doc_start_token, document_ids, heldout_documents, tokenizer_for
+from ...planning.skipping import domains
+from ...planning.skipping.calib import (
+    HELDOUT,
+    WINDOW,
+    calibration,
+    doc_start_token,
+    document_ids,
+    heldout_documents,
+    tokenizer_for,
+)
 
 SELECTIONS = ("bi", "angular", "greedy")
 STAND_INS = ("none", "mean", "linear")
@@ -36,6 +45,28 @@ def heldout_ids(model, start=HELDOUT[0], end=HELDOUT[1], window=WINDOW) -> tuple
     tokenizer = tokenizer_for(model, "the held-out documents")
     docs = [document_ids(tokenizer, text) for text in heldout_documents(tokenizer, start, end, window)]
     return doc_start_token(model, tokenizer), docs
+
+
+def slice_sets(model, names, calib, heldout=(HELDOUT[0], HELDOUT[1], WINDOW)) -> dict:
+    """``{slice name: (prefix token, [document token ids])}``: ``calib`` (the first
+    :data:`domains.SLICE_TOKENS` calibration tokens, as windows) and every slice of ``names``
+    (:data:`domains.SLICES`) as documents; ``heldout`` sets ``pydoc-a``'s range and every window."""
+    tokenizer = tokenizer_for(model, "the held-out documents")
+    prefix = doc_start_token(model, tokenizer)
+    start, end, window = heldout
+    data = calibration(model, calib, window)
+    out, taken = {}, 0
+    out["calib"] = (prefix, [])
+    for w in data.windows:
+        if taken >= domains.SLICE_TOKENS:
+            break
+        out["calib"][1].append(list(w))
+        taken += len(w)
+    for name in names:
+        piece = domains.SLICES[name]
+        texts = domains.slice_documents(tokenizer, piece, window, *((start, end) if name == "pydoc-a" else ()))
+        out[name] = (prefix, [document_ids(tokenizer, text) for text in texts])
+    return out
 
 
 @torch.no_grad()
@@ -66,8 +97,10 @@ def _bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def measure(path, options: dict, hf_kwargs: dict, heldout: tuple) -> dict:
-    """One row: load ``path`` through the engine with ``options``, score the held-out documents."""
+def measure(path, options: dict, hf_kwargs: dict, sets: dict) -> dict:
+    """One row: load ``path`` through the engine with ``options``, score every slice of ``sets``
+    (:func:`slice_sets`); the row's ``ppl`` and speed are the ``pydoc-a`` slice's (the
+    ``lp_pydoc_heldout`` task's documents) when it is measured, else the first slice's."""
     t0 = time.perf_counter()
     model = lp_plugin.from_pretrained(path, **options, **hf_kwargs)
     handle = lp_plugin.get_handle(model)
@@ -77,7 +110,8 @@ def measure(path, options: dict, hf_kwargs: dict, heldout: tuple) -> dict:
         torch.cuda.synchronize(device)
         standby = int(torch.cuda.memory_allocated(device))
     setup_s = time.perf_counter() - t0
-    result = evaluate(model, *heldout)
+    per_slice = {name: evaluate(model, *docs) for name, docs in sets.items()}
+    result = per_slice.get("pydoc-a") or next(iter(per_slice.values()))
     info, forwards, skips = handle.info(), handle.stats["forwards"], handle.plan.skips
     stand_in_bytes = sum(l.nbytes for l in handle.layers if l.stand_in)
     handle.detach()
@@ -90,6 +124,7 @@ def measure(path, options: dict, hf_kwargs: dict, heldout: tuple) -> dict:
         "bytes_moved_per_token": info["bytes_per_forward"] * forwards / result["tokens"],
         "stand_in_bytes": stand_in_bytes, "forward_weight_bytes": _bytes(model) - skipped_bytes + stand_in_bytes,
         "setup_s": setup_s, "skip_info": skips.info,
+        "slices": {name: {"ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]} for name, r in per_slice.items()},
     }
     del model, handle
     gc.collect()
@@ -112,8 +147,10 @@ def prepare(path, hf_kwargs: dict, calib, stand_ins, max_count: int, log) -> Non
 
 def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STAND_INS, calib=None,
               engine: dict | None = None, hf_kwargs: dict | None = None, heldout=(HELDOUT[0], HELDOUT[1], WINDOW),
-              greedy_stand_ins=None, log=print) -> dict:
-    """Measure every (fraction, selection, stand-in); returns the JSON-ready results. ``greedy_stand_ins``
+              greedy_stand_ins=None, slices=tuple(domains.SLICES), log=print) -> dict:
+    """Measure every (fraction, selection, stand-in) on the calibration slice and every slice of
+    ``slices`` (:data:`domains.SLICES` names); returns the JSON-ready results, each row's
+    ``worst_change`` the largest perplexity rise over those slices. ``greedy_stand_ins``
     (default: ``stand_ins``) limits the stand-in kinds of the ``greedy`` rows: greedy measures every
     candidate layer at every step, once per stand-in kind, which dominates the sweep's time."""
     from transformers import AutoConfig
@@ -128,7 +165,7 @@ def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STA
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
-    heldout_set = heldout_ids(plain, *heldout)
+    sets = slice_sets(plain, slices, calib, heldout)
     del plain
     rows = []
     plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections
@@ -136,16 +173,25 @@ def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STA
     for k, selection, stand_in in bar(plan, desc="sweep", unit="row", leave=True):
         options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
         row = {"fraction": round(100 * k / num_layers, 1), "selection": selection or "plain", "stand_in": stand_in,
-               **measure(path, options, hf_kwargs, heldout_set)}
+               **measure(path, options, hf_kwargs, sets)}
         rows.append(row)
-        log(f"{row['selection']:>8} {stand_in:>8} skip {k:2d}: ppl {row['ppl']:.3f}  layers {row['layers']}")
-    base = rows[0]["ppl"]
+        log(f"{row['selection']:>8} {stand_in:>8} skip {k:2d}: " + "  ".join(
+            f"{name} {r['ppl']:.3f}" for name, r in row["slices"].items()) + f"  layers {row['layers']}")
+    base = rows[0]
     for row in rows:
-        row["ppl_change"] = row["ppl"] / base - 1
+        row["ppl_change"] = row["ppl"] / base["ppl"] - 1
+        for name, r in row["slices"].items():
+            r["change"] = r["ppl"] / base["slices"][name]["ppl"] - 1
+        row["worst_slice"] = max(row["slices"], key=lambda name: row["slices"][name]["change"])
+        row["worst_change"] = row["slices"][row["worst_slice"]]["change"]
     return {
-        "model": str(path), "num_layers": num_layers, "engine": engine, "calib": calib or "pydoc",
-        "heldout": {"start": heldout[0], "end": heldout[1], "window": heldout[2], "documents": len(heldout_set[1]),
-                    "tokens": rows[0]["tokens"]},
+        "model": str(path), "num_layers": num_layers, "engine": engine, "calib": calib or "mix",
+        "heldout": {"start": heldout[0], "end": heldout[1], "window": heldout[2],
+                    "documents": len(sets["pydoc-a"][1]) if "pydoc-a" in sets else 0, "tokens": rows[0]["tokens"]},
+        "slices": {name: {"documents": len(docs), "tokens": sum(len(d) for d in docs),
+                          "domain": domains.SLICES[name].domain if name in domains.SLICES else "calibration",
+                          "kind": domains.SLICES[name].kind if name in domains.SLICES else "calibration"}
+                   for name, (_, docs) in sets.items()},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "rows": rows,
