@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from shapes import ARCHS, build_tiny, tiny_config
 
 import lp_plugin
-from lp_plugin.core.flat import LayerSlots, quant_state_tensors
+from lp_plugin.core.flat import LayerLayout, quant_state_tensors
 from lp_plugin.core.logprobs import head_rows
 from lp_plugin.errors import BudgetError, OffloadSpecError
 from lp_plugin.integrations.quant import nf4_config
@@ -67,8 +67,8 @@ def test_weight_bytes_equal_the_loaded_tensors(tiny_checkpoints, arch, fmt):
     assert planned.total_bytes == _real_bytes(model)
     assert planned == dataclasses.replace(footprint.from_model(model), source="config")
     for i, layer in enumerate(model.model.layers):
-        slots = LayerSlots(layer)
-        assert (planned.packed_bytes[i], planned.other_bytes[i]) == (slots.nbytes, slots.other_nbytes)
+        layout = LayerLayout(layer)
+        assert (planned.packed_bytes[i], planned.other_bytes[i]) == (layout.nbytes, layout.other_nbytes)
     if fmt != "nf4":  # what the engine packs and moves per forward
         handle = lp_plugin.attach(model, offload="even", mode="stream")
         assert handle.info()["offloaded_bytes"] == planned.packed_bytes[2] + planned.packed_bytes[4]

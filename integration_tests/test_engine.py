@@ -337,7 +337,7 @@ def test_nf4_standby_holds_no_tensor_outside_the_tier(tiny_checkpoints, mode):
         assert len(reached) > 20
         for t in reached:
             assert lo <= t.data_ptr() < hi, t.shape
-        for qs in layer.slots._orig_qs.values():
+        for qs in layer.layout._orig_qs.values():
             assert {t.device.type for t in _qs_tensors(qs)} == {"meta"}
     ids = PROMPT
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from unit_parts import Block
 
-from lp_plugin.core.flat import ALIGN, LayerSlots, aligned, view
+from lp_plugin.core.flat import ALIGN, LayerLayout, aligned, view
 
 
 @pytest.fixture
@@ -25,28 +25,28 @@ def test_aligned(n, expected):
 
 
 def test_layout_gives_every_tensor_an_aligned_slot_in_order(block):
-    slots = LayerSlots(block)
-    keys = [e.key for e in slots.entries]
+    layout = LayerLayout(block)
+    keys = [e.key for e in layout.entries]
     assert keys == ["scale", "empty", "norm.weight", "norm.bias", "up.weight", "up.bias", "down.weight"]
     offset = 0
-    for e in slots.entries:
+    for e in layout.entries:
         t = block.get_parameter(e.key) if "." in e.key else block.get_buffer(e.key)
         assert (e.offset, e.nbytes, e.dtype, e.shape) == (offset, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
         assert e.offset % ALIGN == 0
         offset += aligned(e.nbytes)
-    assert slots.nbytes == offset
-    assert [d["key"] for d in slots.layout_json()] == keys
+    assert layout.nbytes == offset
+    assert [d["key"] for d in layout.layout_json()] == keys
     # scale 8 bytes -> 256, empty 0 -> 0, norm.weight and norm.bias 32 bytes -> 256 each: up.weight at 768
-    assert slots.layout_json()[4] == {"key": "up.weight", "dtype": "bfloat16", "shape": [24, 8], "offset": 768,
+    assert layout.layout_json()[4] == {"key": "up.weight", "dtype": "bfloat16", "shape": [24, 8], "offset": 768,
                                       "nbytes": 384}
 
 
 def test_pack_copies_the_values_and_zeroes_the_padding(block):
-    slots = LayerSlots(block)
-    flat = torch.full((slots.nbytes,), 0xAB, dtype=torch.uint8)
-    slots.pack_into(flat)
-    used = torch.zeros(slots.nbytes, dtype=torch.bool)
-    for e in slots.entries:
+    layout = LayerLayout(block)
+    flat = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)
+    layout.pack_into(flat)
+    used = torch.zeros(layout.nbytes, dtype=torch.bool)
+    for e in layout.entries:
         assert torch.equal(view(flat, e), block.state_dict()[e.key])
         used[e.offset : e.offset + e.nbytes] = True
     assert int(flat[~used].count_nonzero()) == 0
@@ -55,52 +55,52 @@ def test_pack_copies_the_values_and_zeroes_the_padding(block):
 def test_a_binding_points_the_same_tensors_at_the_buffer(block):
     before = block.state()
     params = dict(block.named_parameters())
-    slots = LayerSlots(block)
-    flat = torch.empty(slots.nbytes, dtype=torch.uint8)
-    slots.pack_into(flat)
-    slots.binding(flat).apply()
+    layout = LayerLayout(block)
+    flat = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.pack_into(flat)
+    layout.binding(flat).apply()
     assert dict(block.named_parameters()) == params  # the same Parameter objects
     assert block.matches(before)
     assert all(_inside(t, flat) for t in block.state_dict().values())
-    e = next(e for e in slots.entries if e.key == "norm.bias")
+    e = next(e for e in layout.entries if e.key == "norm.bias")
     view(flat, e).fill_(7.0)  # a write to the buffer is what the module reads
     assert torch.equal(block.norm.bias, torch.full((8,), 7.0))
 
 
 def test_a_copy_binding_owns_its_memory(block):
     before = block.state()
-    slots = LayerSlots(block)
-    flat = torch.empty(slots.nbytes, dtype=torch.uint8)
-    slots.pack_into(flat)
-    slots.binding(flat, device="cpu", copy=True).apply()
+    layout = LayerLayout(block)
+    flat = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.pack_into(flat)
+    layout.binding(flat, device="cpu", copy=True).apply()
     flat.zero_()
     assert block.matches(before)
     assert not any(_inside(t, flat) for t in block.state_dict().values() if t.numel())
 
 
 def test_placeholders_own_no_memory(block):
-    slots = LayerSlots(block)
-    binding = slots.binding(None, device="cpu")
-    for e in slots.entries:
+    layout = LayerLayout(block)
+    binding = layout.binding(None, device="cpu")
+    for e in layout.entries:
         t = binding.views[e.key]
         assert (t.shape, t.dtype) == (torch.Size(e.shape), e.dtype)
         assert all(s == 0 for s in t.stride())
-    assert set(slots.placeholders()) == {e.key for e in slots.entries}
+    assert set(layout.placeholders()) == {e.key for e in layout.entries}
 
 
 def test_split_binding_keeps_the_non_linear_part_compact(block):
     before = block.state()
-    slots = LayerSlots(block)
-    assert slots.linears == [block.up, block.down]
-    other_keys = [e.key for e, _ in slots.other]
+    layout = LayerLayout(block)
+    assert layout.linears == [block.up, block.down]
+    other_keys = [e.key for e, _ in layout.other]
     assert other_keys == ["scale", "empty", "norm.weight", "norm.bias"]
-    assert slots.other_nbytes == sum(aligned(e.nbytes) for e, _ in slots.other) < slots.nbytes
-    packed = torch.empty(slots.nbytes, dtype=torch.uint8)
-    slots.pack_into(packed)
+    assert layout.other_nbytes == sum(aligned(e.nbytes) for e, _ in layout.other) < layout.nbytes
+    packed = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.pack_into(packed)
     linear_flat = packed.clone()
-    other_flat = torch.zeros(slots.other_nbytes, dtype=torch.uint8)
-    slots.copy_other(other_flat, packed)
-    slots.split_binding(linear_flat, other_flat).apply()
+    other_flat = torch.zeros(layout.other_nbytes, dtype=torch.uint8)
+    layout.copy_other(other_flat, packed)
+    layout.split_binding(linear_flat, other_flat).apply()
     assert block.matches(before)
     assert _inside(block.norm.weight, other_flat) and _inside(block.scale, other_flat)
     assert _inside(block.up.weight, linear_flat) and _inside(block.down.weight, linear_flat)
@@ -110,8 +110,8 @@ def test_source_values_stand_in_for_placeholders():
     """An Accelerate-offloaded layer keeps meta placeholders; ``source`` holds the real values."""
     real = Block(seed=1)
     meta = Block(seed=1).to("meta")
-    slots = LayerSlots(meta, source=real.state())
-    flat = torch.empty(slots.nbytes, dtype=torch.uint8)
-    slots.pack_into(flat)
-    for e in slots.entries:
+    layout = LayerLayout(meta, source=real.state())
+    flat = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.pack_into(flat)
+    for e in layout.entries:
         assert torch.equal(view(flat, e), real.state_dict()[e.key])

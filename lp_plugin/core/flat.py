@@ -1,11 +1,11 @@
 """One flat byte buffer per offloaded layer, and bindings of a layer's tensors to views of it.
 
-A layer's *slots* are every tensor its forward reads: parameters, buffers and, for bitsandbytes
-4-bit weights, the tensors inside each ``QuantState`` (absmax, code, offset, nested state2).
-Its *layout* gives each slot an offset in one flat ``uint8`` buffer (256-byte aligned), so a layer
-moves host<->device as one contiguous copy. A *binding* points every slot at views of one such
-buffer (pinned host, GPU ring slot, session buffer, or the meta device) by swapping
-``param.data`` / buffers / quant states in place: the module objects never change.
+A layer's *layout* (:class:`LayerLayout`) lists every tensor its forward reads (parameters, buffers and,
+for bitsandbytes 4-bit weights, the tensors inside each ``QuantState``: absmax, code, offset, nested
+state2) and gives each an offset in one flat ``uint8`` buffer (256-byte aligned), so a layer moves
+host<->device as one contiguous copy. A *binding* points every tensor at views of one such buffer
+(pinned host, a stream ring's slot, a session buffer, or the meta device) by swapping ``.data`` and
+quant states in place: the module objects never change.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def quant_state_tensors(qs, prefix=""):
         yield from quant_state_tensors(state2, prefix + "state2.")
 
 
-class LayerSlots:
+class LayerLayout:
     """The tensors of one decoder layer and where each one lives in the layer's flat buffer.
 
     ``source`` optionally maps parameter/buffer keys to tensors holding the real values when the
@@ -146,7 +146,7 @@ class LayerSlots:
 
     # ------------------------------------------------------------------ binding
     def binding(self, flat: torch.Tensor | None, device=None, copy: bool = False) -> Binding:
-        """Views of ``flat`` for every slot. With ``copy=True``: independent tensors on ``device``
+        """Views of ``flat`` for every tensor of the layout. With ``copy=True``: independent tensors on ``device``
         holding those bytes (what ``detach`` gives back). With ``flat=None``: placeholders on
         ``device`` that own no memory (one element expanded to the shape), for layers whose bytes
         live only on disk."""
@@ -212,7 +212,7 @@ def view(flat: torch.Tensor, e: Entry) -> torch.Tensor:
 
 
 class Binding:
-    """A precomputed assignment of a layer's slots to one set of views; ``apply()`` is the hot path.
+    """A precomputed assignment of a layer's tensors to one set of views; ``apply()`` is the hot path.
 
     On the CPU, bitsandbytes' first 4-bit forward repacks a weight for its CPU kernel and changes the
     weight's QuantState in place (absmax, nested, a packing flag); a binding of host views therefore
@@ -220,16 +220,16 @@ class Binding:
 
     __slots__ = ("pairs", "qpairs", "views", "fresh_qs")
 
-    def __init__(self, slots: LayerSlots, views: dict, qstates: dict):
+    def __init__(self, layout: LayerLayout, views: dict, qstates: dict):
         self.views = views
         self.fresh_qs = any(v.device.type == "cpu" for v in views.values())
         # parameters and buffers keep their tensor objects and their own version counters (``.data``
         # points them at the views): a view assigned directly would share the flat buffer's counter,
         # and every copy into the buffer would read as an in-place edit of the layer
-        self.pairs = [(m._parameters[n], views[k]) for m, n, k in slots.params]
-        self.pairs += [(m._buffers[n], views[k]) for m, n, k in slots.buffers]
+        self.pairs = [(m._parameters[n], views[k]) for m, n, k in layout.params]
+        self.pairs += [(m._buffers[n], views[k]) for m, n, k in layout.buffers]
         self.qpairs = []
-        for m, n, k in slots.qstates:
+        for m, n, k in layout.qstates:
             self.qpairs.append((m, m._parameters[n], qstates[k]))
 
     def apply(self) -> None:

@@ -2,7 +2,7 @@
 
 Between uses (standby) a layer's tensors are views of the tier's host copy (pinned memory, or the
 verified file's mapping), so everything the model hands out is the real weights. ``onload_`` copies
-the bytes into a device buffer and points the tensors there; ``offload_`` points them back, first
+the bytes into a device buffer and points the tensors there; ``to_standby`` points them back, first
 writing back an in-place edit made while they were on the device (tracked by the tensors' version
 counters); ``restore`` gives the module independent tensors again (detach).
 """
@@ -13,7 +13,7 @@ import torch
 
 from ..errors import AttachError
 from . import accel
-from .flat import Binding, LayerSlots
+from .flat import Binding, LayerLayout
 from .tiers import allocate_host, sha256_of
 
 
@@ -29,17 +29,17 @@ def edit_error(layers) -> AttachError:
 
 def offloaded_dtypes(layers) -> set:
     """The dtypes of the layers' tensors (not NF4's quantization state)."""
-    return {e.dtype for layer in layers for e in layer.slots.entries if ".quant_state." not in e.key}
+    return {e.dtype for layer in layers for e in layer.layout.entries if ".quant_state." not in e.key}
 
 
 class OffloadedLayer:
-    def __init__(self, index, module, key, slots, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
+    def __init__(self, index, module, key, layout, tier, device, hooks=(), held=(), accel_keys=(), stand_in=False):
         self.index = index
         self.module = module
         self.stand_in = stand_in  # a skipped layer's stand-in: moved like a layer, not part of the model
         self.key = key  # the tier's name for these bytes ("layer_00004")
-        self.slots = slots
-        self.nbytes = slots.nbytes
+        self.layout = layout
+        self.nbytes = layout.nbytes
         self.tier = tier
         self.device = device  # where the layer computes
         self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
@@ -67,29 +67,29 @@ class OffloadedLayer:
                 f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
                 "their values; load the model's weights before attaching"
             )
-        slots = LayerSlots(module, values)
+        layout = LayerLayout(module, values)
         key = f"{'standin' if stand_in else 'layer'}_{index:05d}"
-        flat = allocate_host(slots.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
-        slots.pack_into(flat)
-        tier.put(key, flat, slots.layout_json(), sha256_of(flat))
-        return cls(index, module, key, slots, tier, device, hooks, held, values or (), stand_in)
+        flat = allocate_host(layout.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
+        layout.pack_into(flat)
+        tier.put(key, flat, layout.layout_json(), sha256_of(flat))
+        return cls(index, module, key, layout, tier, device, hooks, held, values or (), stand_in)
 
     def install(self) -> None:
         """Point the layer's tensors at the tier's copy (the model changes from here on)."""
         if self.accel_hooks:
-            self.suspended = accel.take_over(self.module, self.slots.placeholders())
+            self.suspended = accel.take_over(self.module, self.layout.placeholders())
             for store, full_key, _ in self.held:
                 store.pop(full_key, None)  # the tier holds these bytes now
-        self.standby = self.slots.binding(self.tier.host_view(self.key))
+        self.standby = self.layout.binding(self.tier.host_view(self.key))
         self.standby.apply()
-        self.slots.release_sources()
+        self.layout.release_sources()
         self._record()
 
     # ------------------------------------------------------------------ moving
     def onload_(self, device_buf, source) -> None:
         """Copy the layer into ``device_buf`` from the host tensor ``source`` and point it there."""
         device_buf.copy_(source, non_blocking=source.is_pinned())
-        self.bind_(self.slots.binding(device_buf), device_buf)
+        self.bind_(self.layout.binding(device_buf), device_buf)
 
     def bind_(self, binding, flat) -> None:
         binding.apply()
@@ -104,7 +104,7 @@ class OffloadedLayer:
     def unbind_slot_(self) -> None:
         """Back to standby from a ring slot: nothing to write back, the slot is refilled from the tier."""
         self.bound_flat, self.streamed = None, False
-        self.offload_()
+        self.to_standby()
 
     def show_standby(self) -> None:
         """Before ``state_dict``: the tier's copy is checked, and in a stream ring (whose slots hold other
@@ -122,7 +122,7 @@ class OffloadedLayer:
             assert self.binding is not None  # bound with bound_flat
             self.binding.apply()
 
-    def offload_(self) -> None:
+    def to_standby(self) -> None:
         """Back to standby; an in-place edit made meanwhile is written back to the tier's copy first."""
         edited = self.bound_flat is not None and self.edited()
         if edited and not self.tier.read_only:
@@ -142,9 +142,9 @@ class OffloadedLayer:
         self._versions = [t._version for t in self._watched]
 
     def _tensors(self):
-        for module, name, _ in self.slots.params:
+        for module, name, _ in self.layout.params:
             yield module._parameters[name]
-        for module, name, _ in self.slots.buffers:
+        for module, name, _ in self.layout.buffers:
             yield module._buffers[name]
 
     def edited(self) -> bool:
@@ -155,7 +155,7 @@ class OffloadedLayer:
     @property
     def stream_modules(self) -> list:
         """Where stream mode's hooks go: the layer's Linear modules (the layer itself if it has none)."""
-        return self.slots.linears or [self.module]
+        return self.layout.linears or [self.module]
 
     def check_intact(self) -> None:
         """Refuse a layer whose tensors were replaced behind lp_plugin's back (a new Parameter
@@ -167,7 +167,7 @@ class OffloadedLayer:
                 "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
             )
         assert self.standby is not None  # installed
-        for (module, name, key), (param, view) in zip(self.slots.params, self.standby.pairs):
+        for (module, name, key), (param, view) in zip(self.layout.params, self.standby.pairs):
             now = module._parameters.get(name)
             if now is not param or (self.bound_flat is None and now.data_ptr() != view.data_ptr()):
                 raise AttachError(
@@ -180,10 +180,10 @@ class OffloadedLayer:
         """Give the module independent tensors holding its bytes (from the host tensor ``source``):
         on its device, or back behind the Accelerate hooks taken over at install."""
         device = torch.device("cpu") if self.accel_hooks else self.device
-        restored = self.slots.binding(source, device, copy=True)
+        restored = self.layout.binding(source, device, copy=True)
         restored.apply()
         if self.accel_hooks:
-            meta = self.slots.binding(None, "meta").views
+            meta = self.layout.binding(None, "meta").views
             accel.give_back(
                 self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views
             )

@@ -55,7 +55,7 @@ class Residency(Mover):
                     loaded.append(layer)
         except BaseException:
             for layer in loaded:
-                layer.offload_()
+                layer.to_standby()
             self.buffer.unmap()
             raise
         self._open = True
@@ -65,7 +65,7 @@ class Residency(Mover):
     def release(self) -> None:
         """End of the session: edits made on the device are written back, the memory given back."""
         for layer in self.layers:
-            layer.offload_()
+            layer.to_standby()
         assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
         self._open = False

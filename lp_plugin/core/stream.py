@@ -68,7 +68,7 @@ class Ring(Mover):
         # the tensors a layer reads outside its Linear modules (norm weights: a few KiB) stay on the
         # device while the ring is open, so the ring's ops sit only at the Linear modules' inputs and
         # outputs, where a compiled forward has a kernel boundary anyway (same kernels, same numerics)
-        self.other_bytes = [l.slots.other_nbytes for l in layers]
+        self.other_bytes = [l.layout.other_nbytes for l in layers]
         self.nlinear = [len(l.stream_modules) for l in layers]
         self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
         # a direct copy source per layer (the tier's pinned host copy), or None: read through staging
@@ -121,10 +121,10 @@ class Ring(Mover):
             offset = self.nslots * self.slot_bytes
             for pos, (layer, nbytes) in enumerate(zip(self.layers, self.other_bytes)):
                 other = flat[offset : offset + nbytes]
-                layer.slots.copy_other(other, sources[pos])
+                layer.layout.copy_other(other, sources[pos])
                 offset += nbytes
                 slot = self.slots[pos % self.nslots]
-                layer.bind_slot_(layer.slots.split_binding(slot[: layer.nbytes], other), slot)
+                layer.bind_slot_(layer.layout.split_binding(slot[: layer.nbytes], other), slot)
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
             self._watched = [

@@ -13,7 +13,7 @@ a meta skeleton (:func:`lp_plugin.planning.arch.skeleton`) and the rules of a lo
   float32 code. Biases, norms, embeddings and lm_head stay in the unquantized dtype (bf16 by default).
 
 A tied lm_head shares the embeddings' storage and counts once. Each decoder layer has three sizes:
-on the device (the sum of its tensors), as the engine packs it (:class:`lp_plugin.core.flat.LayerSlots`:
+on the device (the sum of its tensors), as the engine packs it (:class:`lp_plugin.core.flat.LayerLayout`:
 256-byte aligned entries; what a tier holds and a ring slot or session buffer takes), and its
 non-Linear part (norm weights, kept on the device while a stream ring is open).
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..core.flat import LayerSlots, aligned, quant_state_tensors
+from ..core.flat import LayerLayout, aligned, quant_state_tensors
 from ..core.logprobs import head_rows
 from ..errors import OffloadSpecError
 from . import arch
@@ -168,7 +168,7 @@ def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
 def from_model(model) -> Footprint:
     """The footprint of a loaded model, from its real tensors."""
     prefix, layer_list = arch.find_decoder_layers(model)
-    slots = [LayerSlots(layer) for layer in layer_list]
+    layouts = [LayerLayout(layer) for layer in layer_list]
     in_layers = {id(t) for layer in layer_list for t in [*layer.parameters(), *layer.buffers()]}
     seen, base = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
@@ -192,9 +192,9 @@ def from_model(model) -> Footprint:
         "model",
         WeightFormat(emb.dtype, nf4=bool(quantized)).name,
         base,
-        tuple(sum(e.nbytes for e in s.entries) for s in slots),
-        tuple(s.nbytes for s in slots),
-        tuple(s.other_nbytes for s in slots),
+        tuple(sum(e.nbytes for e in s.entries) for s in layouts),
+        tuple(s.nbytes for s in layouts),
+        tuple(s.other_nbytes for s in layouts),
         **_shape_fields(model.config, emb.element_size(), dequant, layer_list),
     )
 

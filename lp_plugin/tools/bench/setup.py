@@ -161,9 +161,9 @@ def decoder_layers(model):
 
 def layer_bytes(layer) -> int:
     """The bytes of one decoder layer as lp_plugin packs it (4-bit quant states included)."""
-    from lp_plugin.core.flat import LayerSlots
+    from lp_plugin.core.flat import LayerLayout
 
-    return LayerSlots(layer).nbytes
+    return LayerLayout(layer).nbytes
 
 
 # ----------------------------------------------------------------------------- tokenizer and inputs
