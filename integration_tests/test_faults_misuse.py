@@ -44,7 +44,7 @@ def test_plain_module_without_layers():
 
 
 @pytest.mark.parametrize("offload,quoted", [
-    ([1], ""),  # a resident layer
+    ([1], "resident layer 0"),  # a resident layer: the error names it
     ([0, 1], "'self_attn.q_proj.weight'"),  # an offloaded layer: the error names its meta parameters
 ])
 def test_model_with_unloaded_meta_weights(offload, quoted):
