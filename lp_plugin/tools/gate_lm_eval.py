@@ -74,7 +74,12 @@ def metrics(data: dict) -> dict:
     out = {}
     for task, row in data["results"].items():
         for key, value in row.items():
-            if key in _NOT_METRICS or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if (
+                key in _NOT_METRICS
+                or "_stderr" in key
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             out[(task, key)] = float(value) if _finite(value) else value
     return out
@@ -118,7 +123,9 @@ def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
     counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
     for task, n in counts_b.items():
         if task in counts_c and n != counts_c[task]:
-            raise NotComparable(f"task {task}: BASE evaluated {n} samples, CANDIDATE {counts_c[task]} (run both with the same --limit)")
+            raise NotComparable(
+                f"task {task}: BASE evaluated {n} samples, CANDIDATE {counts_c[task]} (run both with the same --limit)"
+            )
     mb, mc = metrics(base), metrics(cand)
     if not mb:
         raise NotComparable(f"{base['_path']}: no numeric metric to compare")
@@ -129,7 +136,11 @@ def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
             incomparable.append(f"{task} {key}: BASE value {b!r} is not a finite number")
             continue
         if (task, key) not in mc:
-            regressions.append(f"{task} {key}: missing from CANDIDATE" if task in cand["results"] else f"{task}: task missing from CANDIDATE")
+            regressions.append(
+                f"{task} {key}: missing from CANDIDATE"
+                if task in cand["results"]
+                else f"{task}: task missing from CANDIDATE"
+            )
             continue
         c, tol = mc[(task, key)], per_metric.get(name, default)
         if not _finite(c):
@@ -137,7 +148,9 @@ def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
             continue
         diff = abs(c - b)
         rel = diff / abs(b) if b else (0.0 if diff == 0 else math.inf)
-        line = f"{task} {key}: {b!r} -> {c!r}" + (" (equal)" if diff == 0 else f" (moved {c - b:+.6g}, relative {rel:.3g}; tolerance {tol:g})")
+        line = f"{task} {key}: {b!r} -> {c!r}" + (
+            " (equal)" if diff == 0 else f" (moved {c - b:+.6g}, relative {rel:.3g}; tolerance {tol:g})"
+        )
         report.append(line)
         if not rel <= tol:
             regressions.append(line)
@@ -162,17 +175,27 @@ def _throughput_lines(base, cand, min_ratio) -> tuple:
         if min_ratio is not None and not ratio >= min_ratio:
             failed.append(f"throughput ratio {ratio:.3f} < --min-throughput-ratio {min_ratio:g}")
     elif min_ratio is not None:
-        raise NotComparable("--min-throughput-ratio needs config.residual_offload.tokens_per_second in both files, "
-                            "finite numbers > 0 (both from --model hf-residual-offload)")
+        raise NotComparable(
+            "--min-throughput-ratio needs config.residual_offload.tokens_per_second in both files, "
+            "finite numbers > 0 (both from --model hf-residual-offload)"
+        )
     return lines, failed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", metavar="BASE", help="lm-eval results JSON (or the --output_path folder holding it)")
     parser.add_argument("candidate", metavar="CANDIDATE", help="the results to gate, same form")
-    parser.add_argument("--tolerance", default="0", help="relative tolerance, optionally per metric: 1e-6 or 1e-6,acc=0.01 (default 0: equal)")
-    parser.add_argument("--min-throughput-ratio", type=float, default=None,
-                        help="fail when CANDIDATE/BASE tokens_per_second is below this (both must be hf-residual-offload runs)")
+    parser.add_argument(
+        "--tolerance",
+        default="0",
+        help="relative tolerance, optionally per metric: 1e-6 or 1e-6,acc=0.01 (default 0: equal)",
+    )
+    parser.add_argument(
+        "--min-throughput-ratio",
+        type=float,
+        default=None,
+        help="fail when CANDIDATE/BASE tokens_per_second is below this (both must be hf-residual-offload runs)",
+    )
 
 
 def run(args, out=print, err=print) -> int:
@@ -187,8 +210,10 @@ def run(args, out=print, err=print) -> int:
         err(f"compare-lm-eval: error: {exc}")
         return 2
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
-        err(f"compare-lm-eval: error: a results file has a value of the wrong form "
-            f"({type(exc).__name__}: {str(exc)[:200]})")
+        err(
+            f"compare-lm-eval: error: a results file has a value of the wrong form "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        )
         return 2
     out(f"compare-lm-eval: BASE {base['_path']}, CANDIDATE {cand['_path']}")
     for line in report + lines:

@@ -128,10 +128,20 @@ def torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+    }
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 loads a checkpoint with load_checkpoint)")
+        raise ValueError(
+            f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 loads a checkpoint with load_checkpoint)"
+        )
     return table[dtype]
 
 
@@ -192,9 +202,14 @@ def load_checkpoint(path, dtype="bf16", device="cpu"):
 
     from ..planning.plan import map_value, normalize_device
 
-    kwargs = {"dtype": torch.bfloat16, "quantization_config": nf4_config(torch.bfloat16)} if dtype == "nf4" else {
-        "dtype": torch_dtype(dtype)}
-    model = AutoModelForCausalLM.from_pretrained(str(path), device_map={"": map_value(normalize_device(device))}, **kwargs)
+    kwargs = (
+        {"dtype": torch.bfloat16, "quantization_config": nf4_config(torch.bfloat16)}
+        if dtype == "nf4"
+        else {"dtype": torch_dtype(dtype)}
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), device_map={"": map_value(normalize_device(device))}, **kwargs
+    )
     model.eval()
     model.requires_grad_(False)
     return model

@@ -83,9 +83,12 @@ def folder() -> Path:
     with _private_lock:
         if path not in _private:
             _private[path] = Path(tempfile.mkdtemp(prefix="lp_plugin-skipping-"))  # mode 0700, this user's
-            warnings.warn(f"lp_plugin: the skipping cache is not used: {reason}; results are cached in "
-                          f"{_private[path]} for this process only: fix the folder or point LP_PLUGIN_CACHE at a "
-                          "folder of your own", stacklevel=3)
+            warnings.warn(
+                f"lp_plugin: the skipping cache is not used: {reason}; results are cached in "
+                f"{_private[path]} for this process only: fix the folder or point LP_PLUGIN_CACHE at a "
+                "folder of your own",
+                stacklevel=3,
+            )
         return _private[path]
 
 
@@ -96,8 +99,16 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-_CONFIG_IGNORED = ("_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures",
-                   "torch_dtype", "dtype", "use_cache")
+_CONFIG_IGNORED = (
+    "_name_or_path",
+    "name_or_path",
+    "_commit_hash",
+    "transformers_version",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+)
 
 
 def _config_digest(model) -> str:
@@ -159,8 +170,11 @@ def _atomic_write(path: Path, write) -> Path | None:
         os.replace(tmp, path)
         return path
     except OSError as exc:
-        warnings.warn(f"lp_plugin: cannot write the skipping cache in {path.parent} ({exc}); the result is used but "
-                      "not cached: point LP_PLUGIN_CACHE at a writable folder", stacklevel=3)
+        warnings.warn(
+            f"lp_plugin: cannot write the skipping cache in {path.parent} ({exc}); the result is used but "
+            "not cached: point LP_PLUGIN_CACHE at a writable folder",
+            stacklevel=3,
+        )
         return None
     finally:
         if tmp is not None:
@@ -172,8 +186,17 @@ def _stale(what: str, path: Path, reason: str) -> None:
     warnings.warn(f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=4)
 
 
-_NOT_USABLE = (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError, OverflowError, RecursionError,
-               SafetensorError)
+_NOT_USABLE = (
+    OSError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+    SafetensorError,
+)
 
 
 def _read_own(path: Path) -> bytes:
@@ -265,7 +288,7 @@ def _safetensors_metadata(data: bytes) -> dict:
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise ValueError("truncated header")
-    header = json.loads(data[8: 8 + size].decode("utf-8"))
+    header = json.loads(data[8 : 8 + size].decode("utf-8"))
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError("no metadata")
@@ -290,6 +313,10 @@ def save_tensors(kind: str, key: dict, tensors: dict, info: dict) -> Path | None
     info = canonical(info)
     path = _name(kind, key, ".safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "key": json.dumps(key, sort_keys=True), "sha256": _tensors_digest(key, tensors, info),
-            "info": json.dumps(info, sort_keys=True)}
+    meta = {
+        "format": FORMAT,
+        "key": json.dumps(key, sort_keys=True),
+        "sha256": _tensors_digest(key, tensors, info),
+        "info": json.dumps(info, sort_keys=True),
+    }
     return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -90,8 +90,10 @@ def doc_start_token(model, tokenizer=None) -> int:
             value = value[0] if value else None
         if isinstance(value, int):
             return value
-    raise OffloadSpecError("the model has no beginning- or end-of-text token id (config.bos_token_id, eos_token_id); "
-                           "set model.config.bos_token_id to the token that starts a document")
+    raise OffloadSpecError(
+        "the model has no beginning- or end-of-text token id (config.bos_token_id, eos_token_id); "
+        "set model.config.bos_token_id to the token that starts a document"
+    )
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,18 @@ class CalibData:
 def split_windows(ids, window: int = WINDOW) -> tuple:
     """``ids`` cut into consecutive windows of ``window`` tokens (the last may be shorter)."""
     ids = list(ids)
-    return tuple(tuple(ids[i:i + window]) for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1)
+    return tuple(tuple(ids[i : i + window]) for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1)
 
 
 def pydoc_calibration_ids(tokenizer, tokens: int = CALIB_TOKENS) -> list:
     """``tokens`` tokens of the pydoc stream that are not held out: ``[0, 4096)``, then ``[12288, ...)``."""
     ids = encode(tokenizer, pydoc_text())
-    pool = ids[:HELD_OUT_POOL[0]] + ids[HELD_OUT_POOL[1]:]
+    pool = ids[: HELD_OUT_POOL[0]] + ids[HELD_OUT_POOL[1] :]
     if tokens > len(pool):
-        raise OffloadSpecError(f"calib='pydoc:{tokens}' asks for more tokens than the pydoc text has outside the "
-                               f"held-out range ({len(pool)}); ask for fewer")
+        raise OffloadSpecError(
+            f"calib='pydoc:{tokens}' asks for more tokens than the pydoc text has outside the "
+            f"held-out range ({len(pool)}); ask for fewer"
+        )
     return pool[:tokens]
 
 
@@ -132,8 +136,10 @@ def heldout_documents(tokenizer, start: int = HELDOUT[0], end: int = HELDOUT[1],
     """The held-out documents: tokens ``[start, end)`` of the pydoc stream in ``window``-token pieces,
     each decoded back to text."""
     if not HELD_OUT_POOL[0] <= start < end <= HELD_OUT_POOL[1]:
-        raise OffloadSpecError(f"held-out tokens [{start}, {end}) must lie inside [{HELD_OUT_POOL[0]}, {HELD_OUT_POOL[1]}), "
-                               "the range calibration never reads; pick a range inside it")
+        raise OffloadSpecError(
+            f"held-out tokens [{start}, {end}) must lie inside [{HELD_OUT_POOL[0]}, {HELD_OUT_POOL[1]}), "
+            "the range calibration never reads; pick a range inside it"
+        )
     if window < 2:
         raise OffloadSpecError(f"held-out window {window} is too short; use at least 2 tokens (default {WINDOW})")
     ids = encode(tokenizer, pydoc_text())
@@ -151,13 +157,18 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
         vocab = getattr(model.config, "vocab_size", None)
         bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
         if len(ids) < 2 or bad:
-            raise OffloadSpecError(f"calib token ids must be at least 2 ids in [0, vocab_size); got {len(ids)} ids, "
-                                   f"out of range: {bad[:5]}")
+            raise OffloadSpecError(
+                f"calib token ids must be at least 2 ids in [0, vocab_size); got {len(ids)} ids, "
+                f"out of range: {bad[:5]}"
+            )
         return CalibData(split_windows(ids, window), doc_start_token(model), f"{len(ids)} token ids")
     if calib is None:
         calib = MIX
     if not isinstance(calib, (str, os.PathLike)):
-        raise OffloadSpecError(f"calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {calib!r}")
+        raise OffloadSpecError(
+            "calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, "
+            f"got {calib!r}"
+        )
     text = os.fspath(calib)
     name, _, count = text.partition(":")
     if name == PYDOC and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
@@ -175,12 +186,17 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
         if tokens < 2:
             raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'mix:12288')")
         ids = mix_ids(tokenizer, tokens, window)
-        return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer),
-                         f"mix of {', '.join(MIX_DOMAINS)}, {len(ids)} tokens")
+        return CalibData(
+            split_windows(ids, window),
+            doc_start_token(model, tokenizer),
+            f"mix of {', '.join(MIX_DOMAINS)}, {len(ids)} tokens",
+        )
     path = os.path.expanduser(text)
     if not os.path.isfile(path):
-        raise OffloadSpecError(f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
-                               "text file; pass one of those or a list of token ids")
+        raise OffloadSpecError(
+            f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
+            "text file; pass one of those or a list of token ids"
+        )
     tokenizer = tokenizer_for(model, f"calib={text!r}")
     ids = file_ids(tokenizer, path)
     if len(ids) < 2:
@@ -192,8 +208,10 @@ def _token_ids(calib) -> list:
     """Token ids given as a sequence of ints or an integer tensor (floats are refused, not truncated)."""
     if type(calib).__name__ == "Tensor":
         if calib.dtype.is_floating_point or calib.dtype.is_complex or str(calib.dtype) == "torch.bool":
-            raise OffloadSpecError(f"calib token ids must be an integer tensor, got {calib.dtype}; pass ids as "
-                                   "torch.long (e.g. tokenizer(...)['input_ids'])")
+            raise OffloadSpecError(
+                f"calib token ids must be an integer tensor, got {calib.dtype}; pass ids as "
+                "torch.long (e.g. tokenizer(...)['input_ids'])"
+            )
         return [int(i) for i in calib.flatten().tolist()]
     bad = [i for i in calib if isinstance(i, bool) or not isinstance(i, int)]
     if bad:
@@ -208,13 +226,16 @@ def check_file(path: str) -> None:
         with open(path, "rb") as fh:
             head = fh.read(FIRST_READ)
     except OSError as exc:
-        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
-                               "pass a readable text file") from None
+        raise OffloadSpecError(
+            f"calib file {path!r} cannot be read ({exc.strerror or exc}); pass a readable text file"
+        ) from None
     try:
         codecs.getincrementaldecoder("utf-8")(errors="strict").decode(head, final=len(head) < FIRST_READ)
     except UnicodeDecodeError as exc:
-        raise OffloadSpecError(f"calib file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to "
-                               "UTF-8 or pass another file") from None
+        raise OffloadSpecError(
+            f"calib file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to "
+            "UTF-8 or pass another file"
+        ) from None
 
 
 def file_ids(tokenizer, path: str, tokens: int = CALIB_TOKENS) -> list:
@@ -230,13 +251,16 @@ def file_ids(tokenizer, path: str, tokens: int = CALIB_TOKENS) -> list:
                 try:
                     text += decoder.decode(chunk, final=not chunk)
                 except UnicodeDecodeError as exc:
-                    raise OffloadSpecError(f"calib file {path!r} is not UTF-8 text (byte {offset + exc.start}: "
-                                           f"{exc.reason}); convert it to UTF-8 or pass another file") from None
+                    raise OffloadSpecError(
+                        f"calib file {path!r} is not UTF-8 text (byte {offset + exc.start}: "
+                        f"{exc.reason}); convert it to UTF-8 or pass another file"
+                    ) from None
                 offset += len(chunk)
                 ids = encode(tokenizer, text)
                 if not chunk or len(ids) >= tokens + TOKEN_SLACK:
                     return ids[:tokens]
                 size *= 2
     except OSError as exc:
-        raise OffloadSpecError(f"calib file {path!r} cannot be read ({exc.strerror or exc}); "
-                               "pass a readable text file") from None
+        raise OffloadSpecError(
+            f"calib file {path!r} cannot be read ({exc.strerror or exc}); pass a readable text file"
+        ) from None

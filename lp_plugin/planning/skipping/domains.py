@@ -47,9 +47,11 @@ def _read(path: str, domain: str) -> str:
         with open(path, encoding="utf-8") as fh:
             return fh.read()
     except OSError as exc:
-        raise MissingDomain(f"text domain {domain!r} reads {path}, which cannot be read on this machine "
-                            f"({exc.strerror or exc}); install a CPython that ships it, or leave {domain!r} out "
-                            "(lp-prune --domains)") from None
+        raise MissingDomain(
+            f"text domain {domain!r} reads {path}, which cannot be read on this machine "
+            f"({exc.strerror or exc}); install a CPython that ships it, or leave {domain!r} out "
+            "(lp-prune --domains)"
+        ) from None
 
 
 def _pydoc() -> str:
@@ -80,8 +82,10 @@ def _code() -> str:
     for package in CODE_PACKAGES:
         folder = os.path.join(_stdlib(), package)
         if not os.path.isdir(folder):
-            raise MissingDomain(f"text domain 'code' reads the standard library package {folder}, which this Python "
-                                "does not have; install a full CPython, or leave 'code' out (lp-prune --domains)")
+            raise MissingDomain(
+                f"text domain 'code' reads the standard library package {folder}, which this Python "
+                "does not have; install a full CPython, or leave 'code' out (lp-prune --domains)"
+            )
         for path in _py_files(folder):
             parts.append(_read(path, "code"))
             size += len(parts[-1])
@@ -99,8 +103,9 @@ def _docstrings() -> str:
             tree = ast.parse(_read(os.path.join(folder, name), "docstrings"))
         except (SyntaxError, ValueError):
             continue
-        for node in [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef,
-                                                                             ast.AsyncFunctionDef))]:
+        for node in [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]:
             doc = ast.get_docstring(node)
             if doc:
                 parts.append(doc)
@@ -108,8 +113,10 @@ def _docstrings() -> str:
         if size > _TEXT_CHARS:
             break
     if not parts:
-        raise MissingDomain(f"text domain 'docstrings' found no documented module in {folder}; install a full CPython, "
-                            "or leave 'docstrings' out (lp-prune --domains)")
+        raise MissingDomain(
+            f"text domain 'docstrings' found no documented module in {folder}; install a full CPython, "
+            "or leave 'docstrings' out (lp-prune --domains)"
+        )
     return "\n\n".join(parts)
 
 
@@ -164,10 +171,12 @@ RESERVED = {"pydoc": (4096, 12288)}
 def slice_ids(tokenizer, piece: Slice) -> list:
     """The tokens of ``piece`` (all the domain has when it is shorter than ``end``; an error when it
     has fewer than two windows' worth past ``start``)."""
-    tokens = ids(tokenizer, piece.domain)[piece.start:piece.end]
+    tokens = ids(tokenizer, piece.domain)[piece.start : piece.end]
     if len(tokens) < 2 * 2:
-        raise MissingDomain(f"text domain {piece.domain!r} has only {len(tokens)} tokens in [{piece.start}, {piece.end}) "
-                            f"for slice {piece.name!r}; leave it out (lp-prune --domains)")
+        raise MissingDomain(
+            f"text domain {piece.domain!r} has only {len(tokens)} tokens in [{piece.start}, {piece.end}) "
+            f"for slice {piece.name!r}; leave it out (lp-prune --domains)"
+        )
     return tokens
 
 
@@ -191,30 +200,36 @@ def mix_ids(tokenizer, tokens: int, window: int = WINDOW) -> list:
             take = min(window, tokens - len(out), len(pools[name]) - offsets[name])
             if take <= 0:
                 continue
-            out += pools[name][offsets[name]:offsets[name] + take]
+            out += pools[name][offsets[name] : offsets[name] + take]
             offsets[name] += take
             progressed = True
             if len(out) >= tokens:
                 break
         if not progressed:
-            raise OffloadSpecError(f"calib='mix:{tokens}' asks for more tokens than its domains hold outside the "
-                                   f"held-out ranges ({len(out)}); ask for fewer")
+            raise OffloadSpecError(
+                f"calib='mix:{tokens}' asks for more tokens than its domains hold outside the "
+                f"held-out ranges ({len(out)}); ask for fewer"
+            )
     return out
 
 
-def slice_documents(tokenizer, piece: Slice, window: int = WINDOW, start: int | None = None,
-                    end: int | None = None) -> list:
+def slice_documents(
+    tokenizer, piece: Slice, window: int = WINDOW, start: int | None = None, end: int | None = None
+) -> list:
     """``piece``'s tokens (``start``/``end`` override its range) in ``window``-token pieces, each
     decoded back to text: one document per piece, as the held-out lm-eval tasks read them."""
     from .calib import split_windows
 
     if window < 2:
         raise OffloadSpecError(f"held-out window {window} is too short; use at least 2 tokens (default {WINDOW})")
-    piece = Slice(piece.name, piece.domain, piece.start if start is None else start,
-                  piece.end if end is None else end, piece.kind)
+    piece = Slice(
+        piece.name, piece.domain, piece.start if start is None else start, piece.end if end is None else end, piece.kind
+    )
     if piece.domain in RESERVED:
         lo, hi = RESERVED[piece.domain]
         if not lo <= piece.start < piece.end <= hi:
-            raise OffloadSpecError(f"held-out tokens [{piece.start}, {piece.end}) of {piece.domain!r} must lie inside "
-                                   f"[{lo}, {hi}), the range calibration never reads; pick a range inside it")
+            raise OffloadSpecError(
+                f"held-out tokens [{piece.start}, {piece.end}) of {piece.domain!r} must lie inside "
+                f"[{lo}, {hi}), the range calibration never reads; pick a range inside it"
+            )
     return [tokenizer.decode(list(w)) for w in split_windows(slice_ids(tokenizer, piece), window)]

@@ -49,7 +49,14 @@ GREEDY_RIDGE = 0.1  # ridge strength of greedy's candidate stand-ins (fitted on 
 SCORED_STRIDE = 4  # the kl score reads every 4th position of the scored windows (the head runs there only)
 GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
-SETTINGS = {"scored_windows": SCORED_WINDOWS, "greedy_folds": GREEDY_FOLDS, "greedy_score": GREEDY_SCORE, "scored_stride": SCORED_STRIDE, "greedy_ridge": GREEDY_RIDGE, **standins.SETTINGS}
+SETTINGS = {
+    "scored_windows": SCORED_WINDOWS,
+    "greedy_folds": GREEDY_FOLDS,
+    "greedy_score": GREEDY_SCORE,
+    "scored_stride": SCORED_STRIDE,
+    "greedy_ridge": GREEDY_RIDGE,
+    **standins.SETTINGS,
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,13 @@ class Importance:
     calib: str = ""  # where the calibration tokens came from
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "scores": list(self.scores), "order": list(self.order), "params": self.params,
-                "calib": self.calib}
+        return {
+            "metric": self.metric,
+            "scores": list(self.scores),
+            "order": list(self.order),
+            "params": self.params,
+            "calib": self.calib,
+        }
 
 
 class SkipContext:
@@ -95,7 +107,9 @@ class SkipContext:
         """:attr:`teacher` for ``layers`` only (run up to the last of them unless it is already kept)."""
         if "teacher" in self.__dict__:
             return {i: self.teacher[i] for i in layers}
-        return self.runner.layer_inputs(layers=sorted(set(layers)), desc="calibration (the plain model's hidden states)")
+        return self.runner.layer_inputs(
+            layers=sorted(set(layers)), desc="calibration (the plain model's hidden states)"
+        )
 
     def key(self, **parts) -> dict:
         """A cache key: the model (weights and config), the calibration tokens, the settings of the
@@ -111,8 +125,9 @@ class SkipContext:
         if metric in ("bi", "angular"):
             spec = StandInSpec()  # they read the plain model only
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
-            raise OffloadSpecError(f"block length n={n!r} must be an int between 1 and the model's "
-                                   f"{self.num_layers} layers")
+            raise OffloadSpecError(
+                f"block length n={n!r} must be an int between 1 and the model's {self.num_layers} layers"
+            )
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise OffloadSpecError(f"steps={steps!r} must be an int >= 1 (greedy removals; default half the layers)")
         steps = min(self.num_layers, self.num_layers // 2 if steps is None else steps)
@@ -144,8 +159,11 @@ def _payload_check(metric: str, num_layers: int, n: int):
             raise ValueError("its order is not a list of layer indices")
         if len(set(order)) != len(order) or not all(0 <= i < count for i in order):
             raise ValueError(f"its order {order[:8]} repeats layers or leaves 0..{count - 1}")
-        if not isinstance(params, dict) or not isinstance(params.get("n"), int) \
-                or not isinstance(params.get("stand_in"), str):
+        if (
+            not isinstance(params, dict)
+            or not isinstance(params.get("n"), int)
+            or not isinstance(params.get("stand_in"), str)
+        ):
             raise ValueError("its params are not a table with n and stand_in")
         if not isinstance(payload.get("calib"), str):
             raise ValueError("it does not say which calibration text it measured")
@@ -154,8 +172,9 @@ def _payload_check(metric: str, num_layers: int, n: int):
             if not isinstance(steps, int) or isinstance(steps, bool) or len(order) != steps:
                 raise ValueError("its greedy steps do not match its order")
             removed = set(order)
-            if not all(number(scores[i]) for i in order) or any(s is not None for i, s in enumerate(scores)
-                                                                if i not in removed):
+            if not all(number(scores[i]) for i in order) or any(
+                s is not None for i, s in enumerate(scores) if i not in removed
+            ):
                 raise ValueError("its scores are not finite numbers for exactly the removed layers")
         elif len(order) != count or not all(number(v) for v in scores):
             raise ValueError("its scores are not finite numbers for every layer, in an order of every layer")
@@ -178,8 +197,9 @@ def _from_payload(payload: dict, steps) -> Importance:
     return Importance(payload["metric"], tuple(scores), order, params, payload["calib"])
 
 
-def importance(model, calib=None, metric: str = "bi", *, n: int = 1, stand_in: str = "none",
-               steps: int | None = None) -> Importance:
+def importance(
+    model, calib=None, metric: str = "bi", *, n: int = 1, stand_in: str = "none", steps: int | None = None
+) -> Importance:
     """Per-layer importance of ``model``'s decoder layers on calibration tokens (``calib``: as the
     ``calib`` option: ``"pydoc"`` (default), ``"pydoc:TOKENS"``, a text file, or token ids).
 
@@ -203,8 +223,9 @@ def _bi(ctx, n, spec, steps) -> Importance:
 
 def _angular(ctx, n, spec, steps) -> Importance:
     h = ctx.teacher
-    scores = [float(torch.arccos(_cos(h[l], h[l + n]).clamp(-1, 1)).mean() / math.pi)
-              for l in range(ctx.num_layers - n + 1)]
+    scores = [
+        float(torch.arccos(_cos(h[l], h[l + n]).clamp(-1, 1)).mean() / math.pi) for l in range(ctx.num_layers - n + 1)
+    ]
     return _ranked("angular", scores, {"n": n, "stand_in": "none"}, ctx)
 
 
@@ -286,6 +307,7 @@ def _chunks(folds, score: str) -> list:
 def _first_order(base, windows, num_layers: int) -> list:
     """Layers in the order greedy tries them first: by Block Influence on the scored windows (a cheap
     guess at which removal costs least, so the bound is tight early; any order chooses the same)."""
+
     def bi(j):
         return float((1 - _cos([base[j][w] for w in windows], [base[j + 1][w] for w in windows])).mean())
 
@@ -315,8 +337,7 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
     guess = _first_order(base, folds[0], ctx.num_layers)
     order, scores = [], [None] * ctx.num_layers
     total_candidates = sum(ctx.num_layers - s for s in range(steps))
-    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate",
-                   total=total_candidates)
+    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate", total=total_candidates)
     t_start, done = time.perf_counter(), 0
     for step in range(steps):
         best, t0, estimates = None, time.perf_counter(), {}
@@ -329,8 +350,9 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
                     train = [w for w in scored if w not in folds[f]] or scored
                     fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
                 later = {i: g for i, g in pipes[f].items() if i > j}
-                value, count = ctx.runner.score_sum(loss, {**later, j: fits[f][j]}, start=j, states=states[f][j],
-                                                    windows=windows, stride=stride)
+                value, count = ctx.runner.score_sum(
+                    loss, {**later, j: fits[f][j]}, start=j, states=states[f][j], windows=windows, stride=stride
+                )
                 total, tokens = total + value, tokens + count
                 if bound is not None and total > bound:
                     break  # it cannot win: the rest of its windows add KL >= 0
@@ -344,8 +366,17 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
         scores[j] = loss.value(mean)
         guess = sorted(estimates, key=estimates.get)  # next step: the candidates that did best first
         elapsed = time.perf_counter() - t_start
-        log.info("lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)", spec, score,
-                 step + 1, steps, j, scores[j], time.perf_counter() - t0, elapsed / done * (total_candidates - done))
+        log.info(
+            "lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)",
+            spec,
+            score,
+            step + 1,
+            steps,
+            j,
+            scores[j],
+            time.perf_counter() - t0,
+            elapsed / done * (total_candidates - done),
+        )
         for f in range(len(folds)):
             pipes[f][j] = fits[f][j]
             if step + 1 == steps:
@@ -353,8 +384,9 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
             states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
             fits[f] = {i: fn for i, fn in fits[f].items() if i < j}  # a fit above j read states that changed
     progress.close()
-    return Importance("greedy", tuple(scores), tuple(order),
-                      {"n": 1, "stand_in": str(spec), "steps": steps}, ctx.calib.source)
+    return Importance(
+        "greedy", tuple(scores), tuple(order), {"n": 1, "stand_in": str(spec), "steps": steps}, ctx.calib.source
+    )
 
 
 _COMPUTE = {"bi": _bi, "angular": _angular, "ppl": _ppl, "greedy": _greedy}

@@ -57,7 +57,10 @@ class PerplexityPolicy(_RankedPolicy):
 
 class GreedyPolicy(SkipPolicy):
     name = "greedy"
-    description = "SLEB: remove one layer at a time, the one whose removal (with its stand-in) costs the least, re-measured after each"
+    description = (
+        "SLEB: remove one layer at a time, the one whose removal (with its stand-in) costs the least, "
+        "re-measured after each"
+    )
 
     def select(self, ctx, count):
         return ctx.importance("greedy", steps=count).order[:count] if count else ()
@@ -65,7 +68,9 @@ class GreedyPolicy(SkipPolicy):
 
 class AngularPolicy(SkipPolicy):
     name = "angular"
-    description = "the block of consecutive layers of least angular distance between its input and output (Gromov et al.)"
+    description = (
+        "the block of consecutive layers of least angular distance between its input and output (Gromov et al.)"
+    )
 
     def select(self, ctx, count):
         if count == 0:

@@ -29,20 +29,25 @@ def _policy_layers(spec: PolicySpec, model, config, stand_in, num_layers: int) -
     """``(layers, context)`` chosen by the policy ``spec`` names (checked before any calibration)."""
     policy = skip_policy(spec.name)
     if policy is None:
-        raise OffloadSpecError(f"unknown skip policy {spec.name!r} in skip={str(spec)!r}; choose one of "
-                               f"{skip_policy_names()} (or install a plugin that registers it), or list layers ('5,9', '5-7')")
+        raise OffloadSpecError(
+            f"unknown skip policy {spec.name!r} in skip={str(spec)!r}; choose one of "
+            f"{skip_policy_names()} (or install a plugin that registers it), or list layers ('5,9', '5-7')"
+        )
     count = spec.count(num_layers)
     if count >= num_layers:
-        raise OffloadSpecError(f"skip={str(spec)!r} asks for {count} of the model's {num_layers} layers; "
-                               "leave at least one layer to run")
+        raise OffloadSpecError(
+            f"skip={str(spec)!r} asks for {count} of the model's {num_layers} layers; leave at least one layer to run"
+        )
     if count == 0:
         return (), None
     ctx = SkipContext(model, config.calib, stand_in)
     chosen = [int(i) for i in policy.select(ctx, count)]
     bad = [i for i in chosen if not 0 <= i < num_layers]
     if bad or len(set(chosen)) != len(chosen) or len(chosen) != count:
-        raise OffloadSpecError(f"skip policy {spec.name!r} returned {chosen} for {count} of {num_layers} layers "
-                               "(out of range, repeated or the wrong number); fix the policy plugin")
+        raise OffloadSpecError(
+            f"skip policy {spec.name!r} returned {chosen} for {count} of {num_layers} layers "
+            "(out of range, repeated or the wrong number); fix the policy plugin"
+        )
     return tuple(sorted(chosen)), ctx
 
 
@@ -50,7 +55,9 @@ def _explicit_layers(skip, num_layers: int) -> tuple:
     if isinstance(skip, str):
         name = skip.strip()
         if name in skip_policy_names():
-            raise OffloadSpecError(f"skip={name!r} needs a count: '{name}:3' skips 3 layers, '{name}:10%' a tenth of them")
+            raise OffloadSpecError(
+                f"skip={name!r} needs a count: '{name}:3' skips 3 layers, '{name}:10%' a tenth of them"
+            )
     return select_layers(skip, num_layers, 0, 0, policies=policies())
 
 
@@ -59,8 +66,10 @@ def resolve_skips(model, config, num_layers: int):
     stand_in = parse_stand_in(config.stand_in)
     if config.skip is None:
         if stand_in.kind != "none":
-            raise OffloadSpecError(f"stand_in={config.stand_in!r} replaces skipped layers, but skip is not set; "
-                                   "pass skip=... (e.g. skip='greedy:10%') or drop stand_in")
+            raise OffloadSpecError(
+                f"stand_in={config.stand_in!r} replaces skipped layers, but skip is not set; "
+                "pass skip=... (e.g. skip='greedy:10%') or drop stand_in"
+            )
         return SkipPlan()
     spec = parse_policy(config.skip) if isinstance(config.skip, str) else None
     ctx = None
@@ -69,10 +78,14 @@ def resolve_skips(model, config, num_layers: int):
     else:
         layers = _explicit_layers(config.skip, num_layers)
         if len(layers) >= num_layers:
-            raise OffloadSpecError(f"skip={config.skip!r} names all {num_layers} of the model's layers; leave at least "
-                                   "one layer to run")
-    info = {"skip": config.skip if isinstance(config.skip, str) else list(config.skip), "layers": list(layers),
-            "stand_in": str(stand_in)}
+            raise OffloadSpecError(
+                f"skip={config.skip!r} names all {num_layers} of the model's layers; leave at least one layer to run"
+            )
+    info = {
+        "skip": config.skip if isinstance(config.skip, str) else list(config.skip),
+        "layers": list(layers),
+        "stand_in": str(stand_in),
+    }
     stand_ins = {}
     if stand_in.kind != "none" and layers:
         ctx = ctx or SkipContext(model, config.calib, stand_in)

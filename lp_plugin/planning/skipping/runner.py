@@ -67,8 +67,10 @@ class Runner:
     def __init__(self, model, calib: CalibData):
         _, self.layers = find_decoder_layers(model)
         if any(name.startswith(hooks.PREFIX) for layer in self.layers for name in hooks.names(layer)):
-            raise AttachError("layer importance and stand-in fitting run on the plain model; detach lp_plugin first "
-                              "(lp_plugin.get_handle(model).detach()), or pass skip=... to attach, which measures before attaching")
+            raise AttachError(
+                "layer importance and stand-in fitting run on the plain model; detach lp_plugin first "
+                "(lp_plugin.get_handle(model).detach()), or pass skip=... to attach, which measures before attaching"
+            )
         self.model = model
         self.calib = calib
         self.num_layers = len(self.layers)
@@ -90,7 +92,7 @@ class Runner:
             groups.setdefault(self.targets[w].numel(), []).append(w)
         for length, ws in groups.items():
             size = max(1, BATCH_TOKENS // length)
-            out += [ws[i:i + size] for i in range(0, len(ws), size)]
+            out += [ws[i : i + size] for i in range(0, len(ws), size)]
         return out
 
     def _run(self, ws, replace=None, start=0, states=None, stop=None, record=(), keep=None):

@@ -69,7 +69,9 @@ def parse_policy(text: str) -> PolicySpec | None:
         return None
     name, amount, percent = m[1], float(m[2]), bool(m[3])
     if not percent and not amount.is_integer():
-        raise OffloadSpecError(f"skip={text!r}: a layer count must be a whole number; write e.g. '{name}:3' or '{name}:10%'")
+        raise OffloadSpecError(
+            f"skip={text!r}: a layer count must be a whole number; write e.g. '{name}:3' or '{name}:10%'"
+        )
     if percent and not 0 <= amount <= 100:
         raise OffloadSpecError(f"skip={text!r}: a share of the layers must be between 0% and 100%")
     return PolicySpec(name, amount, percent)
@@ -96,16 +98,22 @@ def check_calib(value):
         name, sep, count = text.partition(":")
         if name in ("pydoc", "mix"):
             if sep and (not re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII) or int(count) < 2):
-                raise OffloadSpecError(f"calib={text!r}: TOKENS is a whole number in ASCII digits; ask for at least 2 "
-                                       "(e.g. 'pydoc:4096')")
+                raise OffloadSpecError(
+                    f"calib={text!r}: TOKENS is a whole number in ASCII digits; ask for at least 2 (e.g. 'pydoc:4096')"
+                )
             return text if isinstance(value, str) else value
         if "\0" in text or not os.path.isfile(os.path.expanduser(text)):
-            raise OffloadSpecError(f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
-                                   f"{forms}")
+            raise OffloadSpecError(
+                f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing text file; "
+                f"{forms}"
+            )
         from .calib import check_file
 
         check_file(os.path.expanduser(text))
         return text if isinstance(value, str) else value
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return tuple(value)
-    raise OffloadSpecError(f"calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, got {value!r:.80}")
+    raise OffloadSpecError(
+        "calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, "
+        f"got {value!r:.80}"
+    )

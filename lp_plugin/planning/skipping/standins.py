@@ -33,8 +33,11 @@ from .spec import StandInSpec
 
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried, relative to the mean input power
 FOLDS = 4
-SETTINGS = {"fit": "ridge, 1/|target|^2 token weights, per-output strength by window cross-validation",
-            "ridge_grid": list(RIDGE_GRID), "ridge_folds": FOLDS}  # part of every cache key
+SETTINGS = {
+    "fit": "ridge, 1/|target|^2 token weights, per-output strength by window cross-validation",
+    "ridge_grid": list(RIDGE_GRID),
+    "ridge_folds": FOLDS,
+}  # part of every cache key
 
 
 class MeanStandIn(nn.Module):
@@ -67,7 +70,9 @@ class LinearStandIn(nn.Module):
     def forward(self, x):
         if "weight" in self._parameters:
             return x + nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
-        update = nn.functional.linear(nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), self.bias.to(x.dtype))
+        update = nn.functional.linear(
+            nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), self.bias.to(x.dtype)
+        )
         return x + update
 
 
@@ -87,7 +92,7 @@ class Stats:
         self.gram, self.cross, self.sq = gram, cross, sq  # sum w a a^T, sum w a r^T, sum w r^2 per output
 
     @classmethod
-    def of(cls, inputs: torch.Tensor, targets: torch.Tensor) -> "Stats":
+    def of(cls, inputs: torch.Tensor, targets: torch.Tensor) -> Stats:
         x = inputs.detach().to("cpu", torch.float64)
         t = targets.detach().to("cpu", torch.float64)
         r = t - x
@@ -95,7 +100,7 @@ class Stats:
         a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         return cls(a.T @ (w[:, None] * a), a.T @ (w[:, None] * r), w @ r.pow(2))
 
-    def __add__(self, other: "Stats") -> "Stats":
+    def __add__(self, other: Stats) -> Stats:
         return Stats(self.gram + other.gram, self.cross + other.cross, self.sq + other.sq)
 
     def solve(self, alpha: float) -> torch.Tensor:
@@ -184,5 +189,5 @@ def fit(spec: StandInSpec, inputs: list, targets: list, alpha: float | None = No
     if spec.rank is None or spec.rank >= d:
         return {"bias": bias, "weight": weight}, details
     _, vecs = torch.linalg.eigh(weight @ weight.T)
-    up = vecs[:, -spec.rank:]  # [out, rank]: the column space of the projected map
+    up = vecs[:, -spec.rank :]  # [out, rank]: the column space of the projected map
     return {"bias": bias, "down": up.T @ weight, "up": up}, details

@@ -19,15 +19,23 @@ import sys
 
 from .setup import decoder_layers, has_tokenizer, layer_bytes
 
-NOT_APPLICABLE_ON_CPU = ("no CUDA device: Accelerate's cpu offload keeps every layer where it computes (the CPU), "
-                         "so it offloads nothing here")
+NOT_APPLICABLE_ON_CPU = (
+    "no CUDA device: Accelerate's cpu offload keeps every layer where it computes (the CPU), "
+    "so it offloads nothing here"
+)
 AIRLLM_MISSING = "AirLLM is not installed (pip install airllm)"
-ACCELERATE_NF4 = ("Accelerate's offload (dispatch_model) cannot offload bitsandbytes 4-bit layers: the Accelerate "
-                  "peers are measured for bf16/fp16/fp32")
-AIRLLM_NO_TOKENIZER = ("AirLLM loads the checkpoint folder's tokenizer and this one has none (give a checkpoint with "
-                       "its tokenizer; for a shape, a --tokenizer that lp-bench saves beside its weights)")
-AIRLLM_NF4 = ("AirLLM streams the checkpoint's own dtype (its compression is a format of its own), not bitsandbytes "
-              "NF4: measure it with --dtype bf16")
+ACCELERATE_NF4 = (
+    "Accelerate's offload (dispatch_model) cannot offload bitsandbytes 4-bit layers: the Accelerate "
+    "peers are measured for bf16/fp16/fp32"
+)
+AIRLLM_NO_TOKENIZER = (
+    "AirLLM loads the checkpoint folder's tokenizer and this one has none (give a checkpoint with "
+    "its tokenizer; for a shape, a --tokenizer that lp-bench saves beside its weights)"
+)
+AIRLLM_NF4 = (
+    "AirLLM streams the checkpoint's own dtype (its compression is a format of its own), not bitsandbytes "
+    "NF4: measure it with --dtype bf16"
+)
 
 
 class Placement:
@@ -96,15 +104,27 @@ class Placement:
         cfg = self.cfg
         if cfg.tier != "cpu":
             os.makedirs(self.folder, exist_ok=True)
-        return dict(offload=cfg.spec, tier=cfg.tier, mode=cfg.mode, alpha=cfg.alpha, prefetch=cfg.prefetch,
-                    offload_folder=self.folder if cfg.tier != "cpu" else None, skip=cfg.skip, stand_in=cfg.stand_in,
-                    calib=cfg.calib)
+        return dict(
+            offload=cfg.spec,
+            tier=cfg.tier,
+            mode=cfg.mode,
+            alpha=cfg.alpha,
+            prefetch=cfg.prefetch,
+            offload_folder=self.folder if cfg.tier != "cpu" else None,
+            skip=cfg.skip,
+            stand_in=cfg.stand_in,
+            calib=cfg.calib,
+        )
 
     def _load_pretrained(self) -> None:
         import lp_plugin
 
-        self.model = lp_plugin.from_pretrained(self.base.checkpoint, main_device=self.device, **self._offload_options(),
-                                               **self.base.load_kwargs(self.dtype))
+        self.model = lp_plugin.from_pretrained(
+            self.base.checkpoint,
+            main_device=self.device,
+            **self._offload_options(),
+            **self.base.load_kwargs(self.dtype),
+        )
         self.handle = lp_plugin.get_handle(self.model)
         self.info = dict(self.handle.info(), load="lp_plugin.from_pretrained")
 
@@ -116,14 +136,22 @@ class Placement:
         with contextlib.redirect_stdout(sys.stderr):
             import airllm
 
-            self.airllm = airllm.AutoModel.from_pretrained(self.base.checkpoint, device=str(self.device),
-                                                           dtype=torch_dtype(self.dtype),
-                                                           layer_shards_saving_path=self.folder)
+            self.airllm = airllm.AutoModel.from_pretrained(
+                self.base.checkpoint,
+                device=str(self.device),
+                dtype=torch_dtype(self.dtype),
+                layer_shards_saving_path=self.folder,
+            )
         self.model = self.airllm.model  # the transformers model AirLLM drives, with its streaming hooks
         total = sum(p.numel() * p.element_size() for p in self.base.model.parameters())
-        self.info = {"layers": list(range(len(decoder_layers(self.base.model)))), "offloaded_bytes": total,
-                     "bytes_per_forward": total, "main_device": str(self.device), "load": "airllm.AutoModel.from_pretrained",
-                     "airllm_version": _version("airllm")}
+        self.info = {
+            "layers": list(range(len(decoder_layers(self.base.model)))),
+            "offloaded_bytes": total,
+            "bytes_per_forward": total,
+            "main_device": str(self.device),
+            "load": "airllm.AutoModel.from_pretrained",
+            "airllm_version": _version("airllm"),
+        }
 
     def _drop_airllm(self) -> None:
         executor = getattr(self.airllm, "_executor", None)
@@ -160,8 +188,12 @@ class Placement:
         self.acc_layers = tuple(idx)
         extra = {"offload_dir": self.folder} if host == "disk" else {}
         dispatch_model(self.model, device_map=device_map, main_device=main, **extra)
-        self.info = {"layers": list(idx), "offloaded_bytes": sum(sizes), "bytes_per_forward": sum(sizes),
-                     "main_device": str(self.device)}
+        self.info = {
+            "layers": list(idx),
+            "offloaded_bytes": sum(sizes),
+            "bytes_per_forward": sum(sizes),
+            "main_device": str(self.device),
+        }
 
     def take_off(self) -> None:
         if self.cfg.kind == "airllm":

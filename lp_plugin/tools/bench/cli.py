@@ -21,8 +21,9 @@ from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
 from .report import format_table, load_results, verdict, write_json
 
-DEFAULT_CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
-                   "accelerate_cpu:even")
+DEFAULT_CONFIGS = (
+    "baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,accelerate_cpu:even"
+)
 
 EPILOG = f"""\
 configs (comma separated; baseline is measured first and baseline:twin last in every round, added if missing):
@@ -49,24 +50,32 @@ gate (--compare REF.json): compares each config's ratios to the plain model (not
   only if it fell by more than the factor and by more than the noise both runs measured allows (t test on the
   plain model's own spread; with 7+ rounds also a Mann-Whitney U test, as asv does).
   tolerances (defaults): {tolerance_text(DEFAULT_TOLERANCE)}
-{chr(10).join(f'    {k}: {v}' for k, v in TOLERANCE_HELP.items())}
+{chr(10).join(f"    {k}: {v}" for k, v in TOLERANCE_HELP.items())}
 exit status: 0 clean, 1 regression (or missed goal with --fail-on-miss), 2 bad arguments, 3 a config failed
 examples:
   lp-bench --model qwen2.5-3b-shape --dtype bf16 --out r.json --plot r.png
-  lp-bench --model ./ckpt --dtype fp32 --configs session:even:cpu,stream:even:cpu --threads 1 --out new.json --compare old.json
+  lp-bench --model ./ckpt --dtype fp32 --configs session:even:cpu,stream:even:cpu --threads 1 \\
+    --out new.json --compare old.json
   lp-bench --results new.json --compare old.json --tolerance speed=1.2,logit=1e-3
 """
 
 
 def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) and gate on it.",
+        prog=prog,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) "
+        "and gate on it.",
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "nf4"],
-                   help="weights' format (default bf16; nf4: bitsandbytes 4-bit)")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32", "nf4"],
+        help="weights' format (default bf16; nf4: bitsandbytes 4-bit)",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--prompt", type=int, default=100, help="prompt tokens for decode/generate/logits (default 100)")
     p.add_argument("--new", type=int, default=64, help="new tokens per decode/generate run (default 64)")
@@ -74,24 +83,42 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=512, help="tokens of the perplexity text (default 512)")
     p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds after the warm-up (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of a shape model's random weights")
-    p.add_argument("--tokenizer", default="auto",
-                   help="auto (the model's; for shapes the bundled model's), none (UTF-8 bytes as ids), or a folder")
-    p.add_argument("--offload-dir", default=None, help="folder for disk-tier files (default: a temporary folder, removed after)")
-    p.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the H2D bandwidth copy in MiB (default 1024)")
-    p.add_argument("--static", default="auto", choices=["auto", "on", "off"],
-                   help='generate(cache_implementation="static") for every config: auto = on with CUDA (where '
-                        "transformers compiles it), off on the CPU (uncompiled there)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies CPU timings")
+    p.add_argument(
+        "--tokenizer",
+        default="auto",
+        help="auto (the model's; for shapes the bundled model's), none (UTF-8 bytes as ids), or a folder",
+    )
+    p.add_argument(
+        "--offload-dir", default=None, help="folder for disk-tier files (default: a temporary folder, removed after)"
+    )
+    p.add_argument(
+        "--bandwidth-mib", type=int, default=1024, help="size of the H2D bandwidth copy in MiB (default 1024)"
+    )
+    p.add_argument(
+        "--static",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help='generate(cache_implementation="static") for every config: auto = on with CUDA (where '
+        "transformers compiles it), off on the CPU (uncompiled there)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies CPU timings"
+    )
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--plot", help="write the frontier PNG (memory against decode tokens/s) here")
     p.add_argument("--compare", metavar="REF_JSON", help="gate against this reference run (exit 1 on a regression)")
     p.add_argument("--tolerance", default="", help=f"any subset of {tolerance_text(DEFAULT_TOLERANCE)}")
     p.add_argument("--absolute", action="store_true", help="with --compare, also gate on absolute tokens/s")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a goal is missed")
-    p.add_argument("--results", metavar="JSON", help="do not run: take these results (for --compare, --plot and the table)")
+    p.add_argument(
+        "--results", metavar="JSON", help="do not run: take these results (for --compare, --plot and the table)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--wide", action="store_true",
-                   help="print every figure with its [min-max] (wider than 120 columns); the JSON holds them all anyway")
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every figure with its [min-max] (wider than 120 columns); the JSON holds them all anyway",
+    )
     return p
 
 
@@ -132,10 +159,21 @@ def _run(parser, args) -> dict:
     except ConfigError as exc:
         parser.error(str(exc))
     settings = BenchSettings(
-        model=args.model, dtype=args.dtype, device=args.device, prompt=args.prompt, new=args.new,
-        prefill=args.prefill, ppl_tokens=args.ppl_tokens, repeats=args.repeats, seed=args.seed,
-        tokenizer=args.tokenizer, offload_dir=args.offload_dir, bandwidth_bytes=args.bandwidth_mib * GIB // 1024,
-        static=args.static, threads=args.threads, progress=not args.no_progress,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        prompt=args.prompt,
+        new=args.new,
+        prefill=args.prefill,
+        ppl_tokens=args.ppl_tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        offload_dir=args.offload_dir,
+        bandwidth_bytes=args.bandwidth_mib * GIB // 1024,
+        static=args.static,
+        threads=args.threads,
+        progress=not args.no_progress,
     )
     try:
         out = run_bench(settings, configs)
@@ -157,8 +195,16 @@ def _gate(args, out, old, tol) -> tuple:
     if old is not None:
         try:
             verdict = compare(out, old, tol, absolute=args.absolute)
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
-                RecursionError) as exc:
+        except (
+            TypeError,
+            ValueError,
+            AttributeError,
+            KeyError,
+            IndexError,
+            OverflowError,
+            ZeroDivisionError,
+            RecursionError,
+        ) as exc:
             verdict = None
             incomparable.append(f"a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})")
         if verdict is not None:

@@ -123,15 +123,22 @@ def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
         else:
             raise ConfigError(f"unknown option {key!r} in config {text!r}; options are {_LP_OPTIONS}")
     except ValueError:
-        raise ConfigError(f"bad value {value!r} for {key} in config {text!r} "
-                          "(alpha in [0,1], prefetch >= 0, new >= 1, load attach or pretrained)") from None
+        raise ConfigError(
+            f"bad value {value!r} for {key} in config {text!r} "
+            "(alpha in [0,1], prefetch >= 0, new >= 1, load attach or pretrained)"
+        ) from None
 
 
 def _glue(options: list) -> list:
     """Options split on ':' with the colons inside skip/calib values put back (``skip=greedy``, ``20%``)."""
     out: list = []
     for opt in options:
-        if out and "=" not in opt and opt not in ("cold", "twin") and out[-1].split("=", 1)[0].strip() in _COLON_OPTIONS:
+        if (
+            out
+            and "=" not in opt
+            and opt not in ("cold", "twin")
+            and out[-1].split("=", 1)[0].strip() in _COLON_OPTIONS
+        ):
             out[-1] += ":" + opt
         else:
             out.append(opt)
@@ -148,12 +155,15 @@ def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
         key, value = (s.strip() for s in opt.split("=", 1))
         _set_option(cfg, key, value, text)
     if cfg.cold and cfg.kind not in ("lp", "accelerate_disk", "airllm"):
-        raise ConfigError(f"config {text!r}: cold applies to configs that read files (session/stream, "
-                          "accelerate_disk, airllm)")
-    if cfg.kind != "lp" and (cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.load != "attach"
-                             or cfg.skip or cfg.stand_in != "none" or cfg.calib):
-        raise ConfigError(f"config {text!r}: alpha, prefetch, load, skip, stand_in and calib apply to "
-                          "session/stream configs only")
+        raise ConfigError(
+            f"config {text!r}: cold applies to configs that read files (session/stream, accelerate_disk, airllm)"
+        )
+    if cfg.kind != "lp" and (
+        cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.load != "attach" or cfg.skip or cfg.stand_in != "none" or cfg.calib
+    ):
+        raise ConfigError(
+            f"config {text!r}: alpha, prefetch, load, skip, stand_in and calib apply to session/stream configs only"
+        )
     if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
         raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")
 
@@ -177,8 +187,10 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
     if head == "airllm":
         extra = [t for t in tokens[1:] if "=" not in t and t != "cold"]
         if extra:
-            raise ConfigError(f"config {text!r}: AirLLM streams every module, it takes no offload spec "
-                              f"({':'.join(extra)!r}); write airllm[:new=N][:cold]")
+            raise ConfigError(
+                f"config {text!r}: AirLLM streams every module, it takes no offload spec "
+                f"({':'.join(extra)!r}); write airllm[:new=N][:cold]"
+            )
         cfg = BenchConfig(name=text, kind="airllm", spec="all", tier="disk")
         _apply_options(cfg, tokens[1:], text)
         return cfg
@@ -186,13 +198,14 @@ def parse_config(text: str, tiers=None) -> BenchConfig:
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
         if tier_at is None:
             raise ConfigError(
-                f"config {text!r} names no tier; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], TIER one of {', '.join(tiers)}"
+                f"config {text!r} names no tier; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], "
+                f"TIER one of {', '.join(tiers)}"
             )
         spec = ":".join(tokens[1:tier_at]).strip()
         if not spec:
             raise ConfigError(f"config {text!r} has an empty offload spec; e.g. {head}:even:{tokens[tier_at]}")
         cfg = BenchConfig(name=text, kind="lp", mode=head, spec=spec, tier=tokens[tier_at])
-        _apply_options(cfg, tokens[tier_at + 1:], text)
+        _apply_options(cfg, tokens[tier_at + 1 :], text)
         return cfg
     raise ConfigError(
         f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "

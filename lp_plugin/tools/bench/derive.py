@@ -18,8 +18,13 @@ from .configs import is_exact
 from .stats import log_rms, median_of, median_se, paired, runs_of
 
 PEAK_SLACK_BYTES = int(0.2 * GIB)  # activations allowed over standby + ring in stream mode
-SPEEDS = {"prefill": "prefill_tok_s", "decode": "decode_tok_s", "decode_step": "decode_step_tok_s",
-          "generate": "generate_tok_s", "static": "static_tok_s"}
+SPEEDS = {
+    "prefill": "prefill_tok_s",
+    "decode": "decode_tok_s",
+    "decode_step": "decode_step_tok_s",
+    "generate": "generate_tok_s",
+    "static": "static_tok_s",
+}
 NOISE_MARGIN = 2.0  # an exact config may differ from the plain model by this many times the plain model's own drift
 
 
@@ -62,7 +67,9 @@ def noise(out: dict) -> dict:
         "speed": speed,
         "logit": worst("max_abs_logit_diff", float),
         # the plain model's perplexity relative to its own reference, once per plain config
-        "perplexity_runs": [c["perplexity"] / ref_ppl - 1.0 for c in plains if c.get("perplexity") is not None and ref_ppl],
+        "perplexity_runs": [
+            c["perplexity"] / ref_ppl - 1.0 for c in plains if c.get("perplexity") is not None and ref_ppl
+        ],
         "argmax": worst("argmax_agreement", lambda a: 1.0 - a),
         "tokens": worst("generate_tokens_agree", lambda a: 1.0 - a),
         "static_tokens": worst("static_tokens_agree", lambda a: 1.0 - a),
@@ -72,22 +79,38 @@ def noise(out: dict) -> dict:
 
 
 def _vram_noise(base, tw):
-    a, b = (median_of(base.get("standby_vram_bytes")) if base else None), (median_of(tw.get("standby_vram_bytes")) if tw else None)
+    a, b = (
+        (median_of(base.get("standby_vram_bytes")) if base else None),
+        (median_of(tw.get("standby_vram_bytes")) if tw else None),
+    )
     return abs(a - b) / a if a and b is not None else None
 
 
 def _ratios(c, out, base, acc) -> dict:
     cfg = c["config"]
-    decode, prefill, standby = median_of(c.get("decode_tok_s")), median_of(c.get("prefill_tok_s")), median_of(c.get("standby_vram_bytes"))
+    decode, prefill, standby = (
+        median_of(c.get("decode_tok_s")),
+        median_of(c.get("prefill_tok_s")),
+        median_of(c.get("standby_vram_bytes")),
+    )
     r = {f"{short}_vs_baseline": paired(c.get(key), base.get(key)) if base else None for short, key in SPEEDS.items()}
-    r.update({
-        "decode_vs_transfer_bound": _ratio(decode, c.get("transfer_bound_tok_s")),
-        "decode_vs_accelerate_cpu": paired(c.get("decode_tok_s"), acc.get("decode_tok_s")) if acc and acc is not c else None,
-        "standby_vs_baseline": _ratio(standby, median_of(base.get("standby_vram_bytes"))) if base else None,
-        "peak_vs_baseline": _ratio(median_of(c.get("peak_vram_bytes")), median_of(base.get("peak_vram_bytes"))) if base else None,
-        "decode_vs_bound_or_baseline": None, "prefill_vs_bound": None, "peak_budget_bytes": None, "peak_vs_budget": None,
-        "decode_vs_cpu_tier": None,
-    })
+    r.update(
+        {
+            "decode_vs_transfer_bound": _ratio(decode, c.get("transfer_bound_tok_s")),
+            "decode_vs_accelerate_cpu": paired(c.get("decode_tok_s"), acc.get("decode_tok_s"))
+            if acc and acc is not c
+            else None,
+            "standby_vs_baseline": _ratio(standby, median_of(base.get("standby_vram_bytes"))) if base else None,
+            "peak_vs_baseline": _ratio(median_of(c.get("peak_vram_bytes")), median_of(base.get("peak_vram_bytes")))
+            if base
+            else None,
+            "decode_vs_bound_or_baseline": None,
+            "prefill_vs_bound": None,
+            "peak_budget_bytes": None,
+            "peak_vs_budget": None,
+            "decode_vs_cpu_tier": None,
+        }
+    )
     if cfg["kind"] == "lp":
         r.update(_vs_peers(c, out))
     if cfg["kind"] == "baseline":
@@ -102,8 +125,15 @@ def _ratios(c, out, base, acc) -> dict:
         r["peak_vs_budget"] = _ratio(median_of(c.get("peak_vram_bytes")), r["peak_budget_bytes"])
     if cfg["kind"] == "lp" and cfg["tier"] != "cpu":
         same = ("mode", "spec", "alpha", "prefetch", "load")
-        tier_twin = find(out, lambda o: o["config"]["kind"] == "lp" and o["config"]["tier"] == "cpu" and not o["config"]["cold"]
-                         and all(o["config"].get(k) == cfg.get(k) for k in same))
+        tier_twin = find(
+            out,
+            lambda o: (
+                o["config"]["kind"] == "lp"
+                and o["config"]["tier"] == "cpu"
+                and not o["config"]["cold"]
+                and all(o["config"].get(k) == cfg.get(k) for k in same)
+            ),
+        )
         if tier_twin is not None:
             r["decode_vs_cpu_tier"] = paired(c.get("decode_tok_s"), tier_twin.get("decode_tok_s"))
     return r
@@ -164,8 +194,13 @@ def within_noise(value, target: str, band) -> bool:
         threshold = float(str(target).split()[-1])
     except (ValueError, IndexError):
         return False
-    return band is not None and isinstance(value, (int, float)) and value > 0 and threshold > 0 and \
-        abs(math.log(value / threshold)) <= band
+    return (
+        band is not None
+        and isinstance(value, (int, float))
+        and value > 0
+        and threshold > 0
+        and abs(math.log(value / threshold)) <= band
+    )
 
 
 def goals(out: dict) -> list:
@@ -177,8 +212,17 @@ def goals(out: dict) -> list:
 
     def add(config, goal, value, target, met, speed=None):
         band = noise_band(nz, speed, repeats) if speed else None
-        rows.append({"config": config, "goal": goal, "value": value, "target": target, "met": met,
-                     "noise_band": band, "within_noise": within_noise(value, target, band)})
+        rows.append(
+            {
+                "config": config,
+                "goal": goal,
+                "value": value,
+                "target": target,
+                "met": met,
+                "noise_band": band,
+                "within_noise": within_noise(value, target, band),
+            }
+        )
 
     for c in out["configs"]:
         if c.get("error"):
@@ -189,8 +233,18 @@ def goals(out: dict) -> list:
             continue  # the goals are set for exact offloading (alpha 1, nothing skipped)
         if c.get("max_abs_logit_diff") is not None:
             allowed = exact_allowance(nz.get("logit"))
-            target = "== 0 (the plain model repeats exactly)" if allowed == 0 else f"<= {allowed:.3g} ({NOISE_MARGIN:g}x the plain model's drift)"
-            add(c["name"], "logits vs the plain model: max abs diff", c["max_abs_logit_diff"], target, c["max_abs_logit_diff"] <= allowed)
+            target = (
+                "== 0 (the plain model repeats exactly)"
+                if allowed == 0
+                else f"<= {allowed:.3g} ({NOISE_MARGIN:g}x the plain model's drift)"
+            )
+            add(
+                c["name"],
+                "logits vs the plain model: max abs diff",
+                c["max_abs_logit_diff"],
+                target,
+                c["max_abs_logit_diff"] <= allowed,
+            )
         _speed_goals(c, cfg, r, dtype, add)
     return rows
 
@@ -204,10 +258,22 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
         add(name, "static-cache generate runs", c["static_error"], "no error", False)
     v = median_of(r.get("static_vs_baseline"))
     if cfg["mode"] == "session" and v is not None:
-        add(name, "session static-cache generate vs baseline (median of per-round ratios)", v, ">= 0.95", v >= 0.95,
-            "static")
+        add(
+            name,
+            "session static-cache generate vs baseline (median of per-round ratios)",
+            v,
+            ">= 0.95",
+            v >= 0.95,
+            "static",
+        )
     if c.get("static_tokens_agree") is not None:
-        add(name, "static-cache tokens vs the plain static run", c["static_tokens_agree"], "== 1", c["static_tokens_agree"] == 1.0)
+        add(
+            name,
+            "static-cache tokens vs the plain static run",
+            c["static_tokens_agree"],
+            "== 1",
+            c["static_tokens_agree"] == 1.0,
+        )
     if cfg["mode"] == "stream":
         v = r.get("decode_vs_bound_or_baseline")
         if v is not None and c.get("transfer_bound_tok_s"):
@@ -219,13 +285,25 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
         if v is not None and c.get("prefill_transfer_bound_tok_s"):
             add(name, "stream prefill vs min(compute, transfer bound)", v, ">= 0.80", v >= 0.80, "prefill")
         v = median_of(r.get("decode_vs_accelerate_cpu"))
-        if v is not None and c.get("transfer_bound_tok_s") and cfg["tier"] == "cpu" and dtype in ("bf16", "fp16", "fp32"):
+        if (
+            v is not None
+            and c.get("transfer_bound_tok_s")
+            and cfg["tier"] == "cpu"
+            and dtype in ("bf16", "fp16", "fp32")
+        ):
             add(name, "stream decode vs accelerate_cpu", v, ">= 8", v >= 8.0, "decode")
         if cfg["tier"] == "disk":
             _airllm_goals(name, cfg, r, add)
         v = median_of(r.get("decode_vs_cpu_tier"))
         if v is not None and not cfg["cold"]:
-            add(name, "disk tier (warm) decode vs cpu tier (median of per-round ratios)", v, ">= 0.8", v >= 0.8, "decode")
+            add(
+                name,
+                "disk tier (warm) decode vs cpu tier (median of per-round ratios)",
+                v,
+                ">= 0.8",
+                v >= 0.8,
+                "decode",
+            )
 
 
 def speed_runs(c, short) -> list:
@@ -239,12 +317,24 @@ def _airllm_goals(name, cfg, r, add) -> None:
     state = "cold" if cfg["cold"] else "warm"
     v = median_of(r.get("decode_vs_airllm"))
     if v is not None:
-        add(name, f"stream decode vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 50", v >= 50.0,
-            "decode")
+        add(
+            name,
+            f"stream decode vs airllm ({state} vs {state}, median of per-round ratios)",
+            v,
+            ">= 50",
+            v >= 50.0,
+            "decode",
+        )
     v = median_of(r.get("prefill_vs_airllm"))
     if v is not None:
-        add(name, f"stream prefill vs airllm ({state} vs {state}, median of per-round ratios)", v, ">= 5", v >= 5.0,
-            "prefill")
+        add(
+            name,
+            f"stream prefill vs airllm ({state} vs {state}, median of per-round ratios)",
+            v,
+            ">= 5",
+            v >= 5.0,
+            "prefill",
+        )
     v = r.get("peak_vs_airllm")
     if v is not None:
         add(name, "peak VRAM vs airllm", v, "<= 1", v <= 1.0)

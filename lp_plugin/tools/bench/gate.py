@@ -103,8 +103,10 @@ def _sigma(run_noise, short, runs) -> float:
 
 def _how(v, tol) -> str:
     test = "" if v["p"] is None else f", Mann-Whitney p={v['p']:.2g}"
-    return (f"{v['change']:.3f} of the reference; the gate allows down to {v['floor']:.3f}: factor {tol['speed']:g} "
-            f"or t x standard error {v['se']:.3f}{test}")
+    return (
+        f"{v['change']:.3f} of the reference; the gate allows down to {v['floor']:.3f}: factor {tol['speed']:g} "
+        f"or t x standard error {v['se']:.3f}{test}"
+    )
 
 
 def _speed(name, nc, oc, new, old, tol, out) -> None:
@@ -118,8 +120,11 @@ def _speed(name, nc, oc, new, old, tol, out) -> None:
             continue
         v = slower(a, b, _sigma(new.get("noise"), short, a), _sigma(old.get("noise"), short, b), tol["speed"])
         if v["regressed"]:
-            out.regress(name, f"{short} vs baseline", f"{statistics.median(b):.3f}x -> {statistics.median(a):.3f}x "
-                        f"of the plain model ({_how(v, tol)})")
+            out.regress(
+                name,
+                f"{short} vs baseline",
+                f"{statistics.median(b):.3f}x -> {statistics.median(a):.3f}x of the plain model ({_how(v, tol)})",
+            )
 
 
 def _absolute(name, nc, oc, tol, out) -> None:
@@ -129,8 +134,11 @@ def _absolute(name, nc, oc, tol, out) -> None:
             continue
         v = slower(a, b, log_sd(a), log_sd(b), tol["speed"])
         if v["regressed"]:
-            out.regress(name, f"{key} (absolute)", f"{statistics.median(b):.4g} -> {statistics.median(a):.4g} tok/s "
-                        f"({_how(v, tol)})")
+            out.regress(
+                name,
+                f"{key} (absolute)",
+                f"{statistics.median(b):.4g} -> {statistics.median(a):.4g} tok/s ({_how(v, tol)})",
+            )
 
 
 def _drift(new, old, key) -> float:
@@ -183,23 +191,35 @@ def _finite(v) -> bool:
 
 
 def _exactness(name, nc, oc, new, old, tol, out) -> None:
-    pair = _figures(name, "max abs logit diff vs the plain model", nc.get("max_abs_logit_diff"),
-                    oc.get("max_abs_logit_diff"), out)
+    pair = _figures(
+        name, "max abs logit diff vs the plain model", nc.get("max_abs_logit_diff"), oc.get("max_abs_logit_diff"), out
+    )
     if pair:
         a, b = pair
         allowed = max(b, exact_allowance(_drift(new, old, "logit"))) + tol["logit"]
         if a > allowed:
-            out.regress(name, "max abs logit diff vs the plain model", f"{b!r} -> {a!r} (allowed {allowed!r}: the "
-                        f"plain model's own drift {_drift(new, old, 'logit')!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})")
+            out.regress(
+                name,
+                "max abs logit diff vs the plain model",
+                f"{b!r} -> {a!r} (allowed {allowed!r}: the "
+                f"plain model's own drift {_drift(new, old, 'logit')!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})",
+            )
     pair = _figures(name, "perplexity", nc.get("perplexity"), oc.get("perplexity"), out)
     a, b = _relative_ppl(new, nc), _relative_ppl(old, oc)
     if pair and a is not None and b is not None:
         allowed = _ppl_allowance(new, old) + tol["ppl"]
         if not abs(a - b) <= allowed:
-            out.regress(name, "perplexity vs the plain model", f"{b:+.3g} -> {a:+.3g} relative (moved {abs(a - b):.3g}, "
-                        f"allowed {allowed:.3g})")
-    checks = (("argmax_agreement", "argmax", "argmax"), ("decode_tokens_agree", "tokens", "tokens"),
-              ("generate_tokens_agree", "tokens", "tokens"), ("static_tokens_agree", "static_tokens", "tokens"))
+            out.regress(
+                name,
+                "perplexity vs the plain model",
+                f"{b:+.3g} -> {a:+.3g} relative (moved {abs(a - b):.3g}, allowed {allowed:.3g})",
+            )
+    checks = (
+        ("argmax_agreement", "argmax", "argmax"),
+        ("decode_tokens_agree", "tokens", "tokens"),
+        ("generate_tokens_agree", "tokens", "tokens"),
+        ("static_tokens_agree", "static_tokens", "tokens"),
+    )
     for key, drift_key, tol_key in checks:
         pair = _figures(name, key, nc.get(key), oc.get(key), out)
         if not pair:
@@ -215,7 +235,11 @@ def _memory(name, nc, oc, new, old, tol, out) -> None:
     for key in ("standby_vs_baseline", "peak_vs_baseline"):
         a, b = (nc.get("ratios") or {}).get(key), (oc.get("ratios") or {}).get(key)
         if a is not None and b is not None and a > factor * b:
-            out.regress(name, key.replace("_vs_", " VRAM vs "), f"{b:.3f}x -> {a:.3f}x of the plain model (allowed {factor:.3f} x {b:.3f})")
+            out.regress(
+                name,
+                key.replace("_vs_", " VRAM vs "),
+                f"{b:.3f}x -> {a:.3f}x of the plain model (allowed {factor:.3f} x {b:.3f})",
+            )
 
 
 class Verdict:
@@ -253,8 +277,10 @@ def _not_finite(c: dict) -> list:
 
 def _context(new, old, out) -> None:
     """Notes on what differs between the runs; a different model or dtype cannot be compared."""
-    for what, a, b in (("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
-                       ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype"))):
+    for what, a, b in (
+        ("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
+        ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype")),
+    ):
         if a != b:
             out.cannot("run", what, f"reference {a!r}, new {b!r}: gate runs of the same model and dtype")
     a = old.get("env", {}).get("gpu_name") or old.get("env", {}).get("cpu")
@@ -268,8 +294,11 @@ def _context(new, old, out) -> None:
     for label, run, record in (("reference", old, out.cannot), ("new run", new, out.regress)):
         ref_ppl = (run.get("reference") or {}).get("perplexity")
         if ref_ppl is not None and not (_finite(ref_ppl) and ref_ppl > 0):
-            record("run", "the plain model's reference perplexity",
-                   f"{ref_ppl!r} in the {label} is not a finite number > 0")
+            record(
+                "run",
+                "the plain model's reference perplexity",
+                f"{ref_ppl!r} in the {label} is not a finite number > 0",
+            )
 
 
 def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
@@ -316,7 +345,10 @@ def missed_goals(out: dict) -> list:
     lines = []
     for g in out.get("goals") or []:
         if not g["met"]:
-            value = "-" if g["value"] is None else (f"{g['value']:.4g}" if isinstance(g["value"], float) else str(g["value"]))
+            value = (
+                "-"
+                if g["value"] is None
+                else (f"{g['value']:.4g}" if isinstance(g["value"], float) else str(g["value"]))
+            )
             lines.append(f"{g['config']}: missed goal: {g['goal']} = {value} (target {g['target'] or '-'})")
     return lines
-

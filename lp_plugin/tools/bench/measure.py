@@ -116,7 +116,7 @@ def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WA
                 t = now
             sync(device)
             dt = time.perf_counter() - t0
-    fastest = sorted(steps)[:max(1, len(steps) // 4)]
+    fastest = sorted(steps)[: max(1, len(steps) // 4)]
     step = None if device.type == "cuda" else len(fastest) / sum(fastest)
     return {"tok_s": new / dt, "step_tok_s": step, "tokens": torch.cat(toks, dim=1)[0].tolist()}
 
@@ -134,12 +134,18 @@ def generate_run(model, prompt_ids, new: int, device, static: bool = False):
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(
-        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new, min_new_tokens=new,
-        do_sample=False, num_beams=1, pad_token_id=pad if pad is not None else 0, **extra,
+        input_ids=prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad if pad is not None else 0,
+        **extra,
     )
     sync(device)
     dt = time.perf_counter() - t0
-    gen = out[0, prompt_ids.shape[1]:].tolist()
+    gen = out[0, prompt_ids.shape[1] :].tolist()
     return len(gen) / dt, gen
 
 

@@ -31,15 +31,27 @@ def _points(out: dict) -> tuple:
         if y is None:
             continue
         diff = c.get("max_abs_logit_diff")
-        points.append({"name": c["name"], "x": d["median"], "xlo": d["min"], "xhi": d["max"], "y": y, "peak": peak,
-                       "exact": diff is not None and diff <= allowed})
+        points.append(
+            {
+                "name": c["name"],
+                "x": d["median"],
+                "xlo": d["min"],
+                "xhi": d["max"],
+                "y": y,
+                "peak": peak,
+                "exact": diff is not None and diff <= allowed,
+            }
+        )
     return points, measured
 
 
 def frontier(points: list) -> list:
     """The points no other point beats on both axes (faster and smaller), by speed."""
-    best = [p for p in points if not any(q["x"] >= p["x"] and q["y"] <= p["y"] and (q["x"], q["y"]) != (p["x"], p["y"])
-                                         for q in points)]
+    best = [
+        p
+        for p in points
+        if not any(q["x"] >= p["x"] and q["y"] <= p["y"] and (q["x"], q["y"]) != (p["x"], p["y"]) for q in points)
+    ]
     return sorted(best, key=lambda p: p["x"])
 
 
@@ -47,8 +59,19 @@ def _draw_points(ax, points) -> None:
     for i, p in enumerate(points):
         color = f"C{i % 10}"
         face = color if p["exact"] else "white"
-        ax.errorbar([p["x"]], [p["y"]], xerr=[[p["x"] - p["xlo"]], [p["xhi"] - p["x"]]], fmt="o", ms=8, color=color,
-                    mfc=face, mec=color, mew=1.8, capsize=3, zorder=3)
+        ax.errorbar(
+            [p["x"]],
+            [p["y"]],
+            xerr=[[p["x"] - p["xlo"]], [p["xhi"] - p["x"]]],
+            fmt="o",
+            ms=8,
+            color=color,
+            mfc=face,
+            mec=color,
+            mew=1.8,
+            capsize=3,
+            zorder=3,
+        )
         if p["peak"] is not None:
             ax.plot([p["x"], p["x"]], [p["y"], p["peak"]], color=color, lw=1.2, alpha=0.6, zorder=2)
             ax.plot([p["x"]], [p["peak"]], "^", ms=7, color=color, mfc=face, mec=color, zorder=3)
@@ -74,9 +97,18 @@ def _draw_labels(ax, points, unit: str) -> None:
     heights = _spread([(p["y"] - lo) / (hi - lo) for p in order], 0.085)
     for p, ty in zip(order, heights):
         text = f"{p['name']}\n{p['x']:.1f} tok/s, {p['y']:.2f} {unit}" + ("" if p["exact"] else " (not exact)")
-        ax.annotate(text, xy=(p["x"], p["y"]), xycoords="data", xytext=(1.03, ty), textcoords="axes fraction",
-                    va="center", ha="left", fontsize=8, color=p["color"],
-                    arrowprops={"arrowstyle": "-", "color": p["color"], "lw": 0.7, "alpha": 0.7, "shrinkB": 5})
+        ax.annotate(
+            text,
+            xy=(p["x"], p["y"]),
+            xycoords="data",
+            xytext=(1.03, ty),
+            textcoords="axes fraction",
+            va="center",
+            ha="left",
+            fontsize=8,
+            color=p["color"],
+            arrowprops={"arrowstyle": "-", "color": p["color"], "lw": 0.7, "alpha": 0.7, "shrinkB": 5},
+        )
 
 
 def plot(out: dict, path: str) -> None:
@@ -88,7 +120,7 @@ def plot(out: dict, path: str) -> None:
     from matplotlib.lines import Line2D
 
     points, measured = _points(out)
-    unit = ("GiB", GIB) if max((p["peak"] or p["y"] for p in points), default=GIB) >= GIB / 4 else ("MiB", 1024 ** 2)
+    unit = ("GiB", GIB) if max((p["peak"] or p["y"] for p in points), default=GIB) >= GIB / 4 else ("MiB", 1024**2)
     for p in points:
         p["y"], p["peak"] = p["y"] / unit[1], None if p["peak"] is None else p["peak"] / unit[1]
     fig, ax = plt.subplots(figsize=(12, 6.5), dpi=110)
@@ -101,16 +133,27 @@ def plot(out: dict, path: str) -> None:
     if max(xs) / max(min(xs), 1e-9) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s (bare greedy loop, batch 1; median, bars min-max)")
-    ax.set_ylabel(f"GPU memory allocated, {unit[0]} (o standby, ^ peak)" if measured else
-                  f"left on the main device, {unit[0]} (computed)")
+    ax.set_ylabel(
+        f"GPU memory allocated, {unit[0]} (o standby, ^ peak)"
+        if measured
+        else f"left on the main device, {unit[0]} (computed)"
+    )
     if not measured:
-        fig.text(0.08, 0.015, "no CUDA device: memory is the model's bytes minus the offloaded bytes (what would stay "
-                 "on a GPU), not a measurement", fontsize=8, color="dimgrey")
+        fig.text(
+            0.08,
+            0.015,
+            "no CUDA device: memory is the model's bytes minus the offloaded bytes (what would stay "
+            "on a GPU), not a measurement",
+            fontsize=8,
+            color="dimgrey",
+        )
     _draw_labels(ax, points, unit[0])
     ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], marker="o", ls="", color="k", mfc="k", label="exact (logits equal the plain model's)"),
-               Line2D([], [], marker="o", ls="", color="k", mfc="white", label="not exact"),
-               Line2D([], [], ls="--", color="grey", label="frontier (nothing faster and smaller)")]
+    handles = [
+        Line2D([], [], marker="o", ls="", color="k", mfc="k", label="exact (logits equal the plain model's)"),
+        Line2D([], [], marker="o", ls="", color="k", mfc="white", label="not exact"),
+        Line2D([], [], ls="--", color="grey", label="frontier (nothing faster and smaller)"),
+    ]
     ax.legend(handles=handles, loc="upper left", fontsize=8, framealpha=0.9)
     env = out["env"]
     where = env.get("gpu_name") or f"CPU ({env.get('cpu') or 'unknown'})"

@@ -13,9 +13,30 @@ from lp_plugin.core.report import GIB
 from .derive import derive, usable
 from .stats import median_of
 
-HEAD = ["config", "standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
-        "logit diff", "argmax", "ppl", "MiB/fwd", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
-        "dec/accel", "dec/acc-disk", "dec/air", "pre/air", "peak/budget", "disk/cpu"]
+HEAD = [
+    "config",
+    "standby GiB",
+    "peak GiB",
+    "prefill tok/s",
+    "decode tok/s",
+    "generate tok/s",
+    "static tok/s",
+    "logit diff",
+    "argmax",
+    "ppl",
+    "MiB/fwd",
+    "bound tok/s",
+    "dec/base",
+    "gen/base",
+    "static/base",
+    "dec/bound",
+    "dec/accel",
+    "dec/acc-disk",
+    "dec/air",
+    "pre/air",
+    "peak/budget",
+    "disk/cpu",
+]
 
 
 def _fmt(v, kind="f", digits=1):
@@ -24,7 +45,7 @@ def _fmt(v, kind="f", digits=1):
     if kind == "gib":
         return f"{v / GIB:.2f}"
     if kind == "mib":
-        return f"{v / 1024 ** 2:.0f}"
+        return f"{v / 1024**2:.0f}"
     if kind == "x":
         return f"{v:.2f}x"
     if kind == "e":
@@ -47,14 +68,25 @@ def _row(c) -> list:
     r = c.get("ratios") or {}
     return [
         c["name"] + (" (noise)" if c["config"].get("twin") else ""),
-        _span(c, "standby_vram_bytes", "gib"), _span(c, "peak_vram_bytes", "gib"), _span(c, "prefill_tok_s", "f", 0),
-        _span(c, "decode_tok_s"), _span(c, "generate_tok_s"), "failed" if c.get("static_error") else _span(c, "static_tok_s"),
-        _fmt(c.get("max_abs_logit_diff"), "e"), _fmt(c.get("argmax_agreement"), "f", 3), _fmt(c.get("perplexity"), "e"),
-        _fmt(c.get("bytes_per_forward"), "mib"), _fmt(c.get("transfer_bound_tok_s")),
-        _fmt(median_of(r.get("decode_vs_baseline")), "x"), _fmt(median_of(r.get("generate_vs_baseline")), "x"),
-        _fmt(median_of(r.get("static_vs_baseline")), "x"), _fmt(r.get("decode_vs_transfer_bound"), "x"),
-        _fmt(median_of(r.get("decode_vs_accelerate_cpu")), "x"), _fmt(median_of(r.get("decode_vs_accelerate_disk")), "x"),
-        _fmt(median_of(r.get("decode_vs_airllm")), "x"), _fmt(median_of(r.get("prefill_vs_airllm")), "x"),
+        _span(c, "standby_vram_bytes", "gib"),
+        _span(c, "peak_vram_bytes", "gib"),
+        _span(c, "prefill_tok_s", "f", 0),
+        _span(c, "decode_tok_s"),
+        _span(c, "generate_tok_s"),
+        "failed" if c.get("static_error") else _span(c, "static_tok_s"),
+        _fmt(c.get("max_abs_logit_diff"), "e"),
+        _fmt(c.get("argmax_agreement"), "f", 3),
+        _fmt(c.get("perplexity"), "e"),
+        _fmt(c.get("bytes_per_forward"), "mib"),
+        _fmt(c.get("transfer_bound_tok_s")),
+        _fmt(median_of(r.get("decode_vs_baseline")), "x"),
+        _fmt(median_of(r.get("generate_vs_baseline")), "x"),
+        _fmt(median_of(r.get("static_vs_baseline")), "x"),
+        _fmt(r.get("decode_vs_transfer_bound"), "x"),
+        _fmt(median_of(r.get("decode_vs_accelerate_cpu")), "x"),
+        _fmt(median_of(r.get("decode_vs_accelerate_disk")), "x"),
+        _fmt(median_of(r.get("decode_vs_airllm")), "x"),
+        _fmt(median_of(r.get("prefill_vs_airllm")), "x"),
         _fmt(r.get("peak_vs_budget"), "x"),
         _fmt(median_of(r.get("decode_vs_cpu_tier")), "x"),
     ]
@@ -64,8 +96,22 @@ WIDTH = 120  # the default table fits a terminal of this many columns; --wide sh
 
 # the default view's columns in the order shown; columns every row leaves empty are dropped, then
 # those of DROP_FIRST in turn until the table fits WIDTH (--wide and the JSON keep them all)
-COMPACT = ["config", "memory", "standby GiB", "peak GiB", "decode tok/s", "dec/base", "step/base", "gen/base",
-           "static/base", "logit diff", "ppl", "MiB/fwd", "disk/cpu", "dec/air"]
+COMPACT = [
+    "config",
+    "memory",
+    "standby GiB",
+    "peak GiB",
+    "decode tok/s",
+    "dec/base",
+    "step/base",
+    "gen/base",
+    "static/base",
+    "logit diff",
+    "ppl",
+    "MiB/fwd",
+    "disk/cpu",
+    "dec/air",
+]
 DROP_FIRST = ["step/base", "static/base", "MiB/fwd", "gen/base", "disk/cpu", "ppl"]
 
 
@@ -78,14 +124,19 @@ def _header_lines(out) -> list:
     static = s.get("static") or {}
     static_text = "static cache: not measured (--static on measures it)"
     if static.get("measured"):
-        static_text = "static cache: compiled by transformers" if static.get("compiled_by_transformers") else (
-            f"static cache: {static.get('note') or 'uncompiled'}")
+        static_text = (
+            "static cache: compiled by transformers"
+            if static.get("compiled_by_transformers")
+            else (f"static cache: {static.get('note') or 'uncompiled'}")
+        )
     lines = [
         f"lp-bench {model['name']} ({s['dtype']}, {model['architecture']}, {model['num_layers']} layers) "
         f"on {env.get('gpu_name') or env.get('cpu') or env['device']}; torch {env['torch']}, "
         f"transformers {env['transformers']}, accelerate {env['accelerate']}",
-        f"H2D bandwidth: pinned {_fmt(bw.get('pinned_h2d_gbps'))} GB/s, pageable {_fmt(bw.get('pageable_h2d_gbps'))} GB/s"
-        + (f" ({bw['note']})" if bw.get("note") else "") + f"; {static_text}",
+        f"H2D bandwidth: pinned {_fmt(bw.get('pinned_h2d_gbps'))} GB/s, "
+        f"pageable {_fmt(bw.get('pageable_h2d_gbps'))} GB/s"
+        + (f" ({bw['note']})" if bw.get("note") else "")
+        + f"; {static_text}",
         f"median [min-max] of {s['repeats']} interleaved rounds after a warm-up; x/base, dec/accel and disk/cpu are "
         "medians of per-round ratios",
     ]
@@ -99,7 +150,9 @@ def _noise_line(out) -> str:
         if v.get("sigma") is not None:
             parts.append(f"{short} ±{100 * v['sigma']:.1f}%")
     logit = nz.get("logit")
-    parts.append("logits repeat exactly" if logit == 0 else f"logits drift {logit:.3g}" if logit is not None else "logits: -")
+    parts.append(
+        "logits repeat exactly" if logit == 0 else f"logits drift {logit:.3g}" if logit is not None else "logits: -"
+    )
     return "noise (the plain model against itself, same run): " + ", ".join(parts)
 
 
@@ -157,14 +210,18 @@ def _compact(out) -> list:
         heads.remove(drop.pop(0))
     widths = [max([len(labels.get(h, h))] + [len(r[h]) for r in rows]) for h in heads]
     widths[0] = max([widths[0]] + [len(n) for n, _ in notes])
-    lines = ["  ".join(labels.get(h, h).ljust(w) for h, w in zip(heads, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(labels.get(h, h).ljust(w) for h, w in zip(heads, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(r[h].ljust(w) for h, w in zip(heads, widths)).rstrip() for r in rows]
     for name, text in notes:
         lines += _wrap(f"{name.ljust(widths[0])}  {text}", " " * (widths[0] + 2))
     if not measured:
-        lines.append(f"* computed, not measured (no GPU): the model's {unit[0]} left on the main device, its bytes "
-                     "minus the offloaded bytes")
+        lines.append(
+            f"* computed, not measured (no GPU): the model's {unit[0]} left on the main device, its bytes "
+            "minus the offloaded bytes"
+        )
     return lines
 
 
@@ -227,9 +284,20 @@ def _check_shape(data, path) -> None:
         if not isinstance(c.get("config"), dict) or not isinstance(c["config"].get("kind"), str):
             raise ResultsError(f"{path}: config {c['name']!r} has no 'config' table with a string 'kind'")
         for key, figure in c.items():  # a measured figure: {"runs": [numbers], "median": number, ...}
-            if isinstance(figure, dict) and "runs" in figure and not (
-                    figure["runs"] is None or (isinstance(figure["runs"], list) and all(
-                        x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in figure["runs"]))):
+            if (
+                isinstance(figure, dict)
+                and "runs" in figure
+                and not (
+                    figure["runs"] is None
+                    or (
+                        isinstance(figure["runs"], list)
+                        and all(
+                            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+                            for x in figure["runs"]
+                        )
+                    )
+                )
+            ):
                 raise ResultsError(f"{path}: config {c['name']!r}: {key}.runs is not a list of numbers")
     for key in ("model", "settings", "env", "inputs", "reference"):
         if not isinstance(data.get(key, {}), dict):
@@ -273,8 +341,16 @@ def load_results(path: str) -> dict:
     try:
         derive(data)
         format_table(data)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
-            RecursionError) as exc:
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        ZeroDivisionError,
+        RecursionError,
+    ) as exc:
         raise ResultsError(f"{path}: a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})") from None
     return data
 

@@ -38,8 +38,18 @@ from .setup import (
 from .stats import stat
 
 SCHEMA = "lp-bench/2"
-TIMED = ("setup_s", "standby_vram_bytes", "peak_vram_bytes", "prefill_tok_s", "decode_tok_s", "decode_step_tok_s",
-         "generate_tok_s", "static_tok_s", "static_first_s", "leak_bytes")
+TIMED = (
+    "setup_s",
+    "standby_vram_bytes",
+    "peak_vram_bytes",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "decode_step_tok_s",
+    "generate_tok_s",
+    "static_tok_s",
+    "static_first_s",
+    "leak_bytes",
+)
 
 
 class Run:
@@ -154,8 +164,14 @@ def _run_bench(settings, configs, log) -> dict:
     for c in configs:
         results[c.name]["not_applicable"] = places[c.name].not_applicable()
     rounds = settings.repeats + 1
-    bar = tqdm(total=rounds * len(configs), desc="lp-bench", unit="run", disable=not settings.progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=rounds * len(configs),
+        desc="lp-bench",
+        unit="run",
+        disable=not settings.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         for r in range(rounds):
             for cfg in configs:
@@ -184,12 +200,16 @@ def _measure_safely(run, place, results, r, bar) -> None:
     except Exception as exc:  # noqa: BLE001 - record, keep the other configs going
         res["error"] = f"{type(exc).__name__}: {exc}".strip()
         res["traceback"] = traceback.format_exc()
-        run.log(f"\nlp-bench: config {place.cfg.name!r} failed in {'warm-up' if r == 0 else f'round {r}'}: {res['error']}")
+        run.log(
+            f"\nlp-bench: config {place.cfg.name!r} failed in {'warm-up' if r == 0 else f'round {r}'}: {res['error']}"
+        )
         with contextlib.suppress(Exception):
             place.take_off()
         why = broken(run.base.model, run.device)
         if why:
-            run.log(f"lp-bench: the plain model is not intact after {place.cfg.name!r} failed ({why}); skipping the rest")
+            run.log(
+                f"lp-bench: the plain model is not intact after {place.cfg.name!r} failed ({why}); skipping the rest"
+            )
             for other in results.values():
                 if other["error"] is None:
                     other["error"] = f"skipped: the plain model was left broken by {place.cfg.name!r} ({why})"
@@ -202,11 +222,27 @@ def first_line(exc) -> str:
 
 
 def _empty_result(cfg) -> dict:
-    out = {"name": cfg.name, "config": cfg.to_dict(), "error": None, "traceback": None, "not_applicable": None,
-           "layers": None, "offloaded_bytes": None, "bytes_per_forward": None, "layer_bytes": None, "info": None,
-           "max_abs_logit_diff": None, "logits_equal": None, "argmax_agreement": None, "perplexity": None,
-           "decode_tokens_agree": None, "generate_tokens_agree": None, "static_tokens_agree": None,
-           "static_compiled": None, "static_error": None}
+    out = {
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "error": None,
+        "traceback": None,
+        "not_applicable": None,
+        "layers": None,
+        "offloaded_bytes": None,
+        "bytes_per_forward": None,
+        "layer_bytes": None,
+        "info": None,
+        "max_abs_logit_diff": None,
+        "logits_equal": None,
+        "argmax_agreement": None,
+        "perplexity": None,
+        "decode_tokens_agree": None,
+        "generate_tokens_agree": None,
+        "static_tokens_agree": None,
+        "static_compiled": None,
+        "static_error": None,
+    }
     out.update({key: [] for key in TIMED})
     return out
 
@@ -250,7 +286,9 @@ def _timed(run, place, res, new, phase) -> dict:
             run.log(f"\nlp-bench: {place.cfg.name!r}: static-cache generate failed: {res['static_error']}")
         else:
             got.update(static_tok_s=st["tok_s"], static_first_s=st["first_s"], static_tokens=st["tokens"])
-            res["static_compiled"] = st["compiled"] if res["static_compiled"] is None else res["static_compiled"] and st["compiled"]
+            res["static_compiled"] = (
+                st["compiled"] if res["static_compiled"] is None else res["static_compiled"] and st["compiled"]
+            )
     return got
 
 
@@ -281,15 +319,24 @@ def measure_once(run, place, res, r, phase) -> None:
     after = measure.allocated(device)
     # tokens against the plain model's, every round (the lowest agreement is kept): a take-off that
     # does not restore the weights exactly shows up in the next round
-    for key, ref in (("decode", run.ref_tokens), ("generate", run.ref_tokens),
-                     ("static", run.ref_static["tokens"] if run.ref_static else None)):
+    for key, ref in (
+        ("decode", run.ref_tokens),
+        ("generate", run.ref_tokens),
+        ("static", run.ref_static["tokens"] if run.ref_static else None),
+    ):
         if f"{key}_tokens" in got:
             a = measure.agreement(got[f"{key}_tokens"], ref)  # generate's first new token is the loop's toks[0]
-            res[f"{key}_tokens_agree"] = a if res[f"{key}_tokens_agree"] is None or a is None else min(res[f"{key}_tokens_agree"], a)
+            res[f"{key}_tokens_agree"] = (
+                a if res[f"{key}_tokens_agree"] is None or a is None else min(res[f"{key}_tokens_agree"], a)
+            )
     if r == 0:
         return
-    figures = dict(setup_s=setup_s, standby_vram_bytes=standby, peak_vram_bytes=peak,
-                   leak_bytes=None if before is None else after - before)
+    figures = dict(
+        setup_s=setup_s,
+        standby_vram_bytes=standby,
+        peak_vram_bytes=peak,
+        leak_bytes=None if before is None else after - before,
+    )
     figures.update({k: v for k, v in got.items() if not k.endswith("_tokens")})
     for key, value in figures.items():
         res[key].append(value)
@@ -323,33 +370,58 @@ def _output(run, configs, results) -> dict:
     if run.static and run.device.type != "cuda":
         static_note = "CPU: transformers compiles the static-cache path on CUDA only, so these runs are uncompiled"
     return {
-        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": None,
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": None,
         "settings": dict(
-            s.to_dict(), device=str(run.device), configs=[c.name for c in configs], warmup_rounds=1, interleaved=True,
-            decode_loop=("model(input_ids, cache=DynamicCache, use_cache=True) + argmax, timed between synchronizes "
-                         f"with gc off, after {measure.DECODE_WARM_STEPS} untimed steps (none for cold-cache configs)"),
-            generate=("model.generate(greedy, min_new_tokens=max_new_tokens=new), called as a user would (opens its "
-                      "own session); tok/s include the prompt prefill"),
-            static={"measured": run.static, "compiled_by_transformers": run.device.type == "cuda" if run.static else None,
-                    "call": 'model.generate(..., cache_implementation="static"); on CUDA one untimed call compiles first',
-                    "note": static_note}),
+            s.to_dict(),
+            device=str(run.device),
+            configs=[c.name for c in configs],
+            warmup_rounds=1,
+            interleaved=True,
+            decode_loop=(
+                "model(input_ids, cache=DynamicCache, use_cache=True) + argmax, timed between synchronizes "
+                f"with gc off, after {measure.DECODE_WARM_STEPS} untimed steps (none for cold-cache configs)"
+            ),
+            generate=(
+                "model.generate(greedy, min_new_tokens=max_new_tokens=new), called as a user would (opens its "
+                "own session); tok/s include the prompt prefill"
+            ),
+            static={
+                "measured": run.static,
+                "compiled_by_transformers": run.device.type == "cuda" if run.static else None,
+                "call": 'model.generate(..., cache_implementation="static"); on CUDA one untimed call compiles first',
+                "note": static_note,
+            },
+        ),
         "env": run.env,
         "model": {
-            "name": s.model, "kind": run.base.kind, "architecture": type(model).__name__, "dtype": s.dtype,
-            "num_layers": len(run.layers), "hidden_size": getattr(model.config, "hidden_size", None),
-            "vocab_size": run.vocab, "param_bytes": int(model.get_memory_footprint()),
-            "layer_bytes": max(run.layer_sizes) if run.layer_sizes else None, "build_s": run.build_s,
+            "name": s.model,
+            "kind": run.base.kind,
+            "architecture": type(model).__name__,
+            "dtype": s.dtype,
+            "num_layers": len(run.layers),
+            "hidden_size": getattr(model.config, "hidden_size", None),
+            "vocab_size": run.vocab,
+            "param_bytes": int(model.get_memory_footprint()),
+            "layer_bytes": max(run.layer_sizes) if run.layer_sizes else None,
+            "build_s": run.build_s,
             "allocated_bytes": run.base_allocated,
         },
         "inputs": {
-            "tokenizer": run.tok_info, "text": "pydoc_data.topics (CPython), sorted topics joined by blank lines",
-            "prompt_tokens": len(run.inputs["prompt"]), "prefill_tokens": len(run.inputs["prefill"]),
-            "ppl_tokens": len(run.inputs["ppl"]), "ppl_ids_sha256": run.inputs["ppl_ids_sha256"],
+            "tokenizer": run.tok_info,
+            "text": "pydoc_data.topics (CPython), sorted topics joined by blank lines",
+            "prompt_tokens": len(run.inputs["prompt"]),
+            "prefill_tokens": len(run.inputs["prefill"]),
+            "ppl_tokens": len(run.inputs["ppl"]),
+            "ppl_ids_sha256": run.inputs["ppl_ids_sha256"],
             "prompt_ids_sha256": run.inputs["prompt_ids_sha256"],
         },
-        "reference": {"perplexity": run.ref_ppl,
-                      "static_tok_s": run.ref_static["tok_s"] if run.ref_static else None,
-                      "static_compiled": run.ref_static["compiled"] if run.ref_static else None},
+        "reference": {
+            "perplexity": run.ref_ppl,
+            "static_tok_s": run.ref_static["tok_s"] if run.ref_static else None,
+            "static_compiled": run.ref_static["compiled"] if run.ref_static else None,
+        },
         "bandwidth": {
             "pinned_h2d_gbps": run.bandwidth["pinned"]["gbps"] if run.bandwidth["pinned"] else None,
             "pageable_h2d_gbps": run.bandwidth["pageable"]["gbps"] if run.bandwidth["pageable"] else None,

@@ -122,8 +122,9 @@ class BaseModel:
             return shapes.build_shape_model(name, dtype, self.device, settings.seed)
         self._own_folder = tempfile.mkdtemp(prefix=f"lp-bench-{name}-", dir=shapes.scratch_dir())
         self.checkpoint = self._own_folder
-        model = shapes.save_shape_checkpoint(name, self._own_folder, "bf16" if dtype == "nf4" else dtype,
-                                             self.device, settings.seed)
+        model = shapes.save_shape_checkpoint(
+            name, self._own_folder, "bf16" if dtype == "nf4" else dtype, self.device, settings.seed
+        )
         if dtype != "nf4":
             return model
         del model  # the checkpoint holds bf16 weights: the plain NF4 model is loaded from it
@@ -191,7 +192,9 @@ def make_tokenizer(choice: str, model_name: str, is_shape: bool):
         try:
             source = bundled_tokenizer_path()
         except Exception as exc:  # noqa: BLE001 - the bundled model is optional here: fall back to bytes
-            info["note"] = f"bundled tokenizer unavailable ({type(exc).__name__}): token ids are the UTF-8 bytes of the text"
+            info["note"] = (
+                f"bundled tokenizer unavailable ({type(exc).__name__}): token ids are the UTF-8 bytes of the text"
+            )
             return None, info
     else:
         source = model_name
@@ -200,7 +203,9 @@ def make_tokenizer(choice: str, model_name: str, is_shape: bool):
     except Exception as exc:  # noqa: BLE001 - any failure means: no tokenizer
         if choice != "auto":
             raise SetupError(f"--tokenizer {choice!r} cannot be loaded ({type(exc).__name__}: {exc})") from None
-        info["note"] = f"tokenizer of {source!r} not loadable ({type(exc).__name__}): token ids are the UTF-8 bytes of the text"
+        info["note"] = (
+            f"tokenizer of {source!r} not loadable ({type(exc).__name__}): token ids are the UTF-8 bytes of the text"
+        )
         return None, info
     info["source"] = source
     return tok, info
@@ -216,9 +221,11 @@ def make_inputs(tokenizer, vocab_size: int, prompt: int, prefill: int, ppl_token
         note = f"token ids folded modulo the model's vocab_size {vocab_size}"
     need = max(prompt, prefill) + ppl_tokens
     if len(ids) < need:
-        raise SetupError(f"the fixed text gives {len(ids)} tokens, fewer than the {need} asked for; lower --prefill/--ppl-tokens")
+        raise SetupError(
+            f"the fixed text gives {len(ids)} tokens, fewer than the {need} asked for; lower --prefill/--ppl-tokens"
+        )
     half = len(ids) // 2
-    out = {"prompt": ids[:prompt], "prefill": ids[:prefill], "ppl": ids[half:half + ppl_tokens], "note": note}
+    out = {"prompt": ids[:prompt], "prefill": ids[:prefill], "ppl": ids[half : half + ppl_tokens], "note": note}
     for key in ("ppl", "prompt"):
         out[f"{key}_ids_sha256"] = hashlib.sha256(",".join(map(str, out[key])).encode()).hexdigest()
     return out
@@ -251,14 +258,27 @@ def environment(device) -> dict:
     import lp_plugin
 
     env = {
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "transformers": _version("transformers"), "accelerate": _version("accelerate"),
-        "bitsandbytes": _version("bitsandbytes"), "lp_plugin": lp_plugin.__version__, "device": str(device),
-        "gpu_name": None, "gpu_total_memory_bytes": None, "gpu_capability": None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "lp_plugin": lp_plugin.__version__,
+        "device": str(device),
+        "gpu_name": None,
+        "gpu_total_memory_bytes": None,
+        "gpu_capability": None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu_name=props.name, gpu_total_memory_bytes=int(props.total_memory),
-                   gpu_capability=f"{props.major}.{props.minor}")
+        env.update(
+            gpu_name=props.name,
+            gpu_total_memory_bytes=int(props.total_memory),
+            gpu_capability=f"{props.major}.{props.minor}",
+        )
     return env

@@ -52,7 +52,9 @@ def _fractions(text: str) -> list:
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"--fractions: {item!r} is not a number; write shares in percent, e.g. 0,10,20,30") from None
+            raise ValueError(
+                f"--fractions: {item!r} is not a number; write shares in percent, e.g. 0,10,20,30"
+            ) from None
         if not 0 <= value < 100:
             raise ValueError(f"--fractions: {item!r} is not a share in [0, 100); e.g. 0,10,20,30")
         out.append(value)
@@ -67,8 +69,10 @@ def _selections(text: str) -> list:
     names = _list(text)
     unknown = [n for n in names if n not in skip_policy_names()]
     if unknown or not names:
-        raise ValueError(f"--selections: unknown skip policy {unknown[0] if unknown else '(none)'!r}; choose from "
-                         f"{skip_policy_names()} (or install a plugin that registers one)")
+        raise ValueError(
+            f"--selections: unknown skip policy {unknown[0] if unknown else '(none)'!r}; choose from "
+            f"{skip_policy_names()} (or install a plugin that registers one)"
+        )
     return names
 
 
@@ -80,8 +84,13 @@ def _engine(args) -> dict:
     from ...planning.config import OffloadConfig
     from ...planning.plan import OffloadPlan
 
-    engine = {"offload": args.offload, "mode": args.mode, "tier": args.tier, "offload_folder": args.offload_folder,
-              "main_device": args.device}
+    engine = {
+        "offload": args.offload,
+        "mode": args.mode,
+        "tier": args.tier,
+        "offload_folder": args.offload_folder,
+        "main_device": args.device,
+    }
     OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), OffloadConfig(**engine))
     return engine
 
@@ -90,7 +99,9 @@ def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("the frontier plot needs matplotlib: pip install 'lp_plugin[plot]', or pass --no-plot") from None
+        raise ValueError(
+            "the frontier plot needs matplotlib: pip install 'lp_plugin[plot]', or pass --no-plot"
+        ) from None
 
 
 def _out_folder(out: str) -> None:
@@ -98,8 +109,9 @@ def _out_folder(out: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {out!r}: cannot create its folder {folder!r} ({exc.strerror}); pass a path in a "
-                         "writable folder") from None
+        raise ValueError(
+            f"--out {out!r}: cannot create its folder {folder!r} ({exc.strerror}); pass a path in a writable folder"
+        ) from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--out {out!r}: its folder {folder!r} is not writable; pass a path in a writable folder")
 
@@ -157,40 +169,73 @@ def _time_help() -> str:
     def minutes(calib, greedy):
         return estimate_seconds(30, _MEASURED_PARAMS, calib, counts, SELECTIONS, STAND_INS, greedy) / 60
 
-    return (f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 shared cores): the defaults "
-            f"about {minutes(None, STAND_INS):.0f} minutes, or {minutes(None, ['linear']):.0f} with --greedy-stand-ins "
-            f"linear (greedy runs once per stand-in "
-            "kind and is the slow part). The estimate for your run is printed when it starts; a GPU is far faster.")
+    return (
+        f"time: on the CPU the sweep takes long. Rough estimates for SmolLM2-135M (fp32, 2 shared cores): the defaults "
+        f"about {minutes(None, STAND_INS):.0f} minutes, or {minutes(None, ['linear']):.0f} with --greedy-stand-ins "
+        f"linear (greedy runs once per stand-in "
+        "kind and is the slow part). The estimate for your run is printed when it starts; a GPU is far faster."
+    )
 
 
 def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     from ...__main__ import plain_text
 
     p = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__.split("\n\n")[0]), epilog=_time_help())
-    p.add_argument("--model", required=True, help="a transformers folder or Hub id owner/name (its tokenizer is needed)")
+    p.add_argument(
+        "--model", required=True, help="a transformers folder or Hub id owner/name (its tokenizer is needed)"
+    )
     p.add_argument("--out", required=True, help="output path without extension: OUT.json, OUT.txt, OUT.png")
-    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="shares of the layers to skip, in %% (default %(default)s)")
+    p.add_argument(
+        "--fractions",
+        default=",".join(map(str, FRACTIONS)),
+        help="shares of the layers to skip, in %% (default %(default)s)",
+    )
     p.add_argument("--selections", default=",".join(SELECTIONS), help="skip policies (default %(default)s)")
     p.add_argument("--stand-ins", default=",".join(STAND_INS), help="stand-in kinds (default %(default)s)")
-    p.add_argument("--greedy-stand-ins", default=None,
-                   help="stand-in kinds of the greedy rows (default: --stand-ins); each kind runs greedy once, the sweep's slow part")
-    p.add_argument("--calib", default=None, help="calibration data: mix (default: 12288 tokens of pydoc, IDLE's news and "
-                                                 "stdlib code), mix:TOKENS, pydoc, pydoc:TOKENS or a text file")
-    p.add_argument("--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)")
-    p.add_argument("--mode", default="stream", choices=("session", "stream"),
-                   help="engine mode of every row (default %(default)s)")
-    p.add_argument("--tier", default="cpu", help="where offloaded layers live: cpu (pinned host memory; default) or disk")
-    p.add_argument("--offload-folder", default=None,
-                   help="the disk tier's folder (default: a temporary folder, removed at exit)")
+    p.add_argument(
+        "--greedy-stand-ins",
+        default=None,
+        help="stand-in kinds of the greedy rows (default: --stand-ins); each kind runs greedy once, "
+        "the sweep's slow part",
+    )
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration data: mix (default: 12288 tokens of pydoc, IDLE's news and "
+        "stdlib code), mix:TOKENS, pydoc, pydoc:TOKENS or a text file",
+    )
+    p.add_argument(
+        "--offload", default="even", help="offload spec of every row (default %(default)s; 'none' for no offloading)"
+    )
+    p.add_argument(
+        "--mode", default="stream", choices=("session", "stream"), help="engine mode of every row (default %(default)s)"
+    )
+    p.add_argument(
+        "--tier", default="cpu", help="where offloaded layers live: cpu (pinned host memory; default) or disk"
+    )
+    p.add_argument(
+        "--offload-folder", default=None, help="the disk tier's folder (default: a temporary folder, removed at exit)"
+    )
     p.add_argument("--device", default=None, help="main device (default: the current GPU, else the CPU)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (default %(default)s)")
-    p.add_argument("--domains", default=",".join(SLICES),
-                   help="evaluation slices besides the calibration slice (default %(default)s: two held-out pydoc "
-                        "slices and two domains the default calibration never reads); the verdict uses the worst")
-    p.add_argument("--heldout-window", type=int, default=WINDOW,
-                   help="tokens per held-out document (default %(default)s; at most the model's context)")
-    p.add_argument("--targets", default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
-                   help="SHARE:RISE pairs in %%: the best row at each share must raise perplexity by at most RISE (default %(default)s)")
+    p.add_argument(
+        "--domains",
+        default=",".join(SLICES),
+        help="evaluation slices besides the calibration slice (default %(default)s: two held-out pydoc "
+        "slices and two domains the default calibration never reads); the verdict uses the worst",
+    )
+    p.add_argument(
+        "--heldout-window",
+        type=int,
+        default=WINDOW,
+        help="tokens per held-out document (default %(default)s; at most the model's context)",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
+        help="SHARE:RISE pairs in %%: the best row at each share must raise perplexity by at most RISE "
+        "(default %(default)s)",
+    )
     p.add_argument("--no-plot", action="store_true", help="write no PNG (then matplotlib is not needed)")
     return p
 
@@ -202,12 +247,16 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         fractions = _fractions(args.fractions)
         selections = _selections(args.selections)
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
-        greedy_stand_ins = None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
+        greedy_stand_ins = (
+            None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
+        )
         _check_model(args.model)
         check_calib(args.calib)
         slices = _slices(args.domains)
         if args.heldout_window < 2:
-            raise ValueError(f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})")
+            raise ValueError(
+                f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})"
+            )
         engine = _engine(args)
         if not args.no_plot:
             _need_matplotlib()
@@ -227,17 +276,36 @@ def main(argv=None, prog: str = "lp-prune") -> int:
 
         config = AutoConfig.from_pretrained(args.model)
         counts = sorted({int(f * config.num_hidden_layers / 100 + 0.5) for f in fractions})
-        eta = estimate_seconds(config.num_hidden_layers, _params(config), args.calib, counts, selections, stand_ins,
-                               stand_ins if greedy_stand_ins is None else greedy_stand_ins)
-        print(f"lp-prune: estimated time on this CPU: about {eta / 60:.0f} minutes (scaled from SmolLM2-135M on 2 "
-              "cores; progress bars follow)", file=sys.stderr, flush=True)
+        eta = estimate_seconds(
+            config.num_hidden_layers,
+            _params(config),
+            args.calib,
+            counts,
+            selections,
+            stand_ins,
+            stand_ins if greedy_stand_ins is None else greedy_stand_ins,
+        )
+        print(
+            f"lp-prune: estimated time on this CPU: about {eta / 60:.0f} minutes (scaled from SmolLM2-135M on 2 "
+            "cores; progress bars follow)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
-        out = run_sweep(args.model, fractions=fractions, selections=selections, stand_ins=stand_ins,
-                        calib=args.calib, engine=engine, greedy_stand_ins=greedy_stand_ins,
-                        hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
-                        heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window), slices=slices,
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        out = run_sweep(
+            args.model,
+            fractions=fractions,
+            selections=selections,
+            stand_ins=stand_ins,
+            calib=args.calib,
+            engine=engine,
+            greedy_stand_ins=greedy_stand_ins,
+            hf_kwargs={"dtype": getattr(torch, DTYPES[args.dtype])},
+            heldout=(HELDOUT[0], HELDOUT[1], args.heldout_window),
+            slices=slices,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
     except (LPPluginError, OSError) as exc:  # OSError: a model transformers cannot load (offline hub id, bad files)
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2

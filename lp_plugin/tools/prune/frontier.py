@@ -36,23 +36,39 @@ def table(out: dict) -> str:
     names = _slice_names(out)
     base = rows[0]
     info = out.get("slices", {})
-    lines = ["perplexity per slice (documents of " f"{out['heldout']['window']} tokens; rise over the plain model): "
-             + "; ".join(f"{n} ({info.get(n, {}).get('kind', '?')}, {info.get(n, {}).get('tokens', '?')} tokens) "
-                         f"plain {base['slices'][n]['ppl']:.3f}" for n in names),
-             "",
-             "| skipped | selection | stand_in | " + " | ".join(names) + " | worst | layers |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    lines = [
+        "perplexity per slice (documents of "
+        f"{out['heldout']['window']} tokens; rise over the plain model): "
+        + "; ".join(
+            f"{n} ({info.get(n, {}).get('kind', '?')}, {info.get(n, {}).get('tokens', '?')} tokens) "
+            f"plain {base['slices'][n]['ppl']:.3f}"
+            for n in names
+        ),
+        "",
+        "| skipped | selection | stand_in | " + " | ".join(names) + " | worst | layers |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|",
+    ]
     for r in rows[1:]:
         cells = [f"{r['slices'][n]['ppl']:.2f} ({_pct(r['slices'][n]['change'])})" for n in names]
-        lines.append(f"| {r['skipped']} ({100 * r['skipped'] / out['num_layers']:.0f}%) | {r['selection']} | "
-                     f"{r['stand_in']} | " + " | ".join(cells) + f" | {_pct(r['worst_change'])} ({r['worst_slice']}) | "
-                     + ",".join(map(str, r["layers"])) + " |")
-    lines += ["", "| skipped | selection | stand_in | tok/s | standby VRAM | peak VRAM | bytes moved/token | stand-in bytes |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['skipped']} ({100 * r['skipped'] / out['num_layers']:.0f}%) | {r['selection']} | "
+            f"{r['stand_in']} | "
+            + " | ".join(cells)
+            + f" | {_pct(r['worst_change'])} ({r['worst_slice']}) | "
+            + ",".join(map(str, r["layers"]))
+            + " |"
+        )
+    lines += [
+        "",
+        "| skipped | selection | stand_in | tok/s | standby VRAM | peak VRAM | bytes moved/token | stand-in bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['skipped']} | {r['selection']} | {r['stand_in']} | {_num(r['tokens_per_second'])} | "
-                     f"{_gib(r['standby_vram_bytes'])} | {_gib(r['peak_vram_bytes'])} | {r['bytes_moved_per_token']:,.0f} | "
-                     f"{r['stand_in_bytes']:,} |")
+        lines.append(
+            f"| {r['skipped']} | {r['selection']} | {r['stand_in']} | {_num(r['tokens_per_second'])} | "
+            f"{_gib(r['standby_vram_bytes'])} | {_gib(r['peak_vram_bytes'])} | {r['bytes_moved_per_token']:,.0f} | "
+            f"{r['stand_in_bytes']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -75,10 +91,22 @@ def check_targets(out: dict, targets: dict) -> list:
             results.append({"share": share, "layers": k, "target": rise, "met": None, "best": None})
             continue
         best = min(candidates, key=lambda r: r["worst_change"])
-        results.append({"share": share, "layers": k, "target": rise, "met": 100 * best["worst_change"] <= rise,
-                        "best": {"selection": best["selection"], "stand_in": best["stand_in"], "ppl": best["ppl"],
-                                 "change": best["worst_change"], "worst_slice": best["worst_slice"],
-                                 "layers": best["layers"]}})
+        results.append(
+            {
+                "share": share,
+                "layers": k,
+                "target": rise,
+                "met": 100 * best["worst_change"] <= rise,
+                "best": {
+                    "selection": best["selection"],
+                    "stand_in": best["stand_in"],
+                    "ppl": best["ppl"],
+                    "change": best["worst_change"],
+                    "worst_slice": best["worst_slice"],
+                    "layers": best["layers"],
+                },
+            }
+        )
     return results
 
 
@@ -89,15 +117,18 @@ def targets_text(results: list) -> str:
             lines.append(f"{t['share']}% ({t['layers']} layers) <= +{t['target']:g}%: not measured")
             continue
         b = t["best"]
-        lines.append(f"{t['share']}% ({t['layers']} layers) <= +{t['target']:g}% on every slice: "
-                     f"{'MET' if t['met'] else 'MISSED'} (best {b['selection']} + stand_in={b['stand_in']}: worst "
-                     f"{_pct(b['change'])} on {b['worst_slice']}, layers {b['layers']})")
+        lines.append(
+            f"{t['share']}% ({t['layers']} layers) <= +{t['target']:g}% on every slice: "
+            f"{'MET' if t['met'] else 'MISSED'} (best {b['selection']} + stand_in={b['stand_in']}: worst "
+            f"{_pct(b['change'])} on {b['worst_slice']}, layers {b['layers']})"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(out: dict, path: str) -> None:
-    """The worst slice's perplexity (over the plain model's) against layers skipped, and against standby VRAM (on the CPU: the weight bytes a
-    forward reads, the standby VRAM a GPU would need with the skipped layers released)."""
+    """The worst slice's perplexity (over the plain model's) against layers skipped, and against standby
+    VRAM (on the CPU: the weight bytes a forward reads, the standby VRAM a GPU would need with the skipped
+    layers released)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +154,9 @@ def plot(out: dict, path: str) -> None:
         ax.set_ylabel("worst slice: perplexity / plain model's")
         ax.grid(alpha=0.3)
     axes[0].set_xlabel("layers skipped")
-    axes[1].set_xlabel("standby VRAM (GiB)" if vram else "weights a forward reads (GiB; standby VRAM once skipped layers are released)")
+    axes[1].set_xlabel(
+        "standby VRAM (GiB)" if vram else "weights a forward reads (GiB; standby VRAM once skipped layers are released)"
+    )
     axes[1].invert_xaxis()
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{out['model']}: layer skipping frontier (calib {out['calib']})", fontsize=10)

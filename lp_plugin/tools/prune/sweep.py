@@ -86,11 +86,18 @@ def evaluate(model, prefix: int, docs: list) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
-        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids, device=device), reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(
+            logits.float(), torch.tensor(ids, device=device), reduction="sum"
+        ).item()
         tokens += len(ids)
-    return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens), "forward_s": seconds,
-            "tokens_per_second": tokens / seconds if seconds > 0 else None,
-            "peak_vram_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None}
+    return {
+        "nll": nll,
+        "tokens": tokens,
+        "ppl": math.exp(nll / tokens),
+        "forward_s": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "peak_vram_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+    }
 
 
 def _bytes(module) -> int:
@@ -118,12 +125,20 @@ def measure(path, options: dict, hf_kwargs: dict, sets: dict) -> dict:
     _, layer_list = find_decoder_layers(model)
     skipped_bytes = sum(_bytes(layer_list[i]) for i in skips.layers)
     row = {
-        "skipped": len(skips.layers), "layers": list(skips.layers), "ppl": result["ppl"], "nll": result["nll"],
-        "tokens": result["tokens"], "tokens_per_second": result["tokens_per_second"], "standby_vram_bytes": standby,
-        "peak_vram_bytes": result["peak_vram_bytes"], "bytes_per_forward": info["bytes_per_forward"],
+        "skipped": len(skips.layers),
+        "layers": list(skips.layers),
+        "ppl": result["ppl"],
+        "nll": result["nll"],
+        "tokens": result["tokens"],
+        "tokens_per_second": result["tokens_per_second"],
+        "standby_vram_bytes": standby,
+        "peak_vram_bytes": result["peak_vram_bytes"],
+        "bytes_per_forward": info["bytes_per_forward"],
         "bytes_moved_per_token": info["bytes_per_forward"] * forwards / result["tokens"],
-        "stand_in_bytes": stand_in_bytes, "forward_weight_bytes": _bytes(model) - skipped_bytes + stand_in_bytes,
-        "setup_s": setup_s, "skip_info": skips.info,
+        "stand_in_bytes": stand_in_bytes,
+        "forward_weight_bytes": _bytes(model) - skipped_bytes + stand_in_bytes,
+        "setup_s": setup_s,
+        "skip_info": skips.info,
         "slices": {name: {"ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]} for name, r in per_slice.items()},
     }
     del model, handle
@@ -145,9 +160,20 @@ def prepare(path, hf_kwargs: dict, calib, stand_ins, max_count: int, log) -> Non
     gc.collect()
 
 
-def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STAND_INS, calib=None,
-              engine: dict | None = None, hf_kwargs: dict | None = None, heldout=(HELDOUT[0], HELDOUT[1], WINDOW),
-              greedy_stand_ins=None, slices=tuple(domains.SLICES), log=print) -> dict:
+def run_sweep(
+    path,
+    *,
+    fractions=FRACTIONS,
+    selections=SELECTIONS,
+    stand_ins=STAND_INS,
+    calib=None,
+    engine: dict | None = None,
+    hf_kwargs: dict | None = None,
+    heldout=(HELDOUT[0], HELDOUT[1], WINDOW),
+    greedy_stand_ins=None,
+    slices=tuple(domains.SLICES),
+    log=print,
+) -> dict:
     """Measure every (fraction, selection, stand-in) on the calibration slice and every slice of
     ``slices`` (:data:`domains.SLICES` names); returns the JSON-ready results, each row's
     ``worst_change`` the largest perplexity rise over those slices. ``greedy_stand_ins``
@@ -168,15 +194,27 @@ def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STA
     sets = slice_sets(plain, slices, calib, heldout)
     del plain
     rows = []
-    plan = [(0, None, "none")] + [(k, sel, si) for k in counts if k for sel in selections
-                                  for si in (greedy_stand_ins if sel == "greedy" else stand_ins)]
+    plan = [(0, None, "none")] + [
+        (k, sel, si)
+        for k in counts
+        if k
+        for sel in selections
+        for si in (greedy_stand_ins if sel == "greedy" else stand_ins)
+    ]
     for k, selection, stand_in in bar(plan, desc="sweep", unit="row", leave=True):
         options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
-        row = {"fraction": round(100 * k / num_layers, 1), "selection": selection or "plain", "stand_in": stand_in,
-               **measure(path, options, hf_kwargs, sets)}
+        row = {
+            "fraction": round(100 * k / num_layers, 1),
+            "selection": selection or "plain",
+            "stand_in": stand_in,
+            **measure(path, options, hf_kwargs, sets),
+        }
         rows.append(row)
-        log(f"{row['selection']:>8} {stand_in:>8} skip {k:2d}: " + "  ".join(
-            f"{name} {r['ppl']:.3f}" for name, r in row["slices"].items()) + f"  layers {row['layers']}")
+        log(
+            f"{row['selection']:>8} {stand_in:>8} skip {k:2d}: "
+            + "  ".join(f"{name} {r['ppl']:.3f}" for name, r in row["slices"].items())
+            + f"  layers {row['layers']}"
+        )
     base = rows[0]
     for row in rows:
         row["ppl_change"] = row["ppl"] / base["ppl"] - 1
@@ -185,14 +223,31 @@ def run_sweep(path, *, fractions=FRACTIONS, selections=SELECTIONS, stand_ins=STA
         row["worst_slice"] = max(row["slices"], key=lambda name: row["slices"][name]["change"])
         row["worst_change"] = row["slices"][row["worst_slice"]]["change"]
     return {
-        "model": str(path), "num_layers": num_layers, "engine": engine, "calib": calib or "mix",
-        "heldout": {"start": heldout[0], "end": heldout[1], "window": heldout[2],
-                    "documents": len(sets["pydoc-a"][1]) if "pydoc-a" in sets else 0, "tokens": rows[0]["tokens"]},
-        "slices": {name: {"documents": len(docs), "tokens": sum(len(d) for d in docs),
-                          "domain": domains.SLICES[name].domain if name in domains.SLICES else "calibration",
-                          "kind": domains.SLICES[name].kind if name in domains.SLICES else "calibration"}
-                   for name, (_, docs) in sets.items()},
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "model": str(path),
+        "num_layers": num_layers,
+        "engine": engine,
+        "calib": calib or "mix",
+        "heldout": {
+            "start": heldout[0],
+            "end": heldout[1],
+            "window": heldout[2],
+            "documents": len(sets["pydoc-a"][1]) if "pydoc-a" in sets else 0,
+            "tokens": rows[0]["tokens"],
+        },
+        "slices": {
+            name: {
+                "documents": len(docs),
+                "tokens": sum(len(d) for d in docs),
+                "domain": domains.SLICES[name].domain if name in domains.SLICES else "calibration",
+                "kind": domains.SLICES[name].kind if name in domains.SLICES else "calibration",
+            }
+            for name, (_, docs) in sets.items()
+        },
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
         "rows": rows,
     }
