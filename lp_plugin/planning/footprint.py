@@ -31,7 +31,7 @@ from ..core.logprobs import head_rows
 from ..errors import OffloadSpecError
 from . import arch
 
-_DTYPES = {
+DTYPES = {  # the dtype names lp_plugin reads, and their torch dtypes
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
@@ -85,8 +85,8 @@ def weight_format(value, hf_config=None) -> WeightFormat:
         )
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return WeightFormat(value)
-    if isinstance(value, str) and value.strip().lower() in _DTYPES:
-        return WeightFormat(_DTYPES[value.strip().lower()])
+    if isinstance(value, str) and value.strip().lower() in DTYPES:
+        return WeightFormat(DTYPES[value.strip().lower()])
     if isinstance(value, str) and value.strip().lower() == "nf4":
         return WeightFormat(torch.bfloat16, nf4=True)
     if getattr(value, "load_in_4bit", False):

@@ -128,16 +128,8 @@ def torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-    }
+    from lp_plugin.planning.footprint import DTYPES as table
+
     if dtype not in table:
         raise ValueError(
             f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (nf4 loads a checkpoint with load_checkpoint)"

@@ -19,7 +19,7 @@ from lp_plugin.core.report import GIB
 
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
-from .report import format_table, load_results, verdict, write_json
+from .report import FORM_ERRORS, format_table, load_results, verdict, write_json
 
 DEFAULT_CONFIGS = (
     "baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,accelerate_cpu:even"
@@ -195,16 +195,7 @@ def _gate(args, out, old, tol) -> tuple:
     if old is not None:
         try:
             verdict = compare(out, old, tol, absolute=args.absolute)
-        except (
-            TypeError,
-            ValueError,
-            AttributeError,
-            KeyError,
-            IndexError,
-            OverflowError,
-            ZeroDivisionError,
-            RecursionError,
-        ) as exc:
+        except FORM_ERRORS as exc:
             verdict = None
             incomparable.append(f"a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})")
         if verdict is not None:

@@ -267,6 +267,19 @@ def format_table(out: dict, wide: bool = False) -> str:
     return "\n".join(lines)
 
 
+# what deriving from or comparing a results file with a figure of the wrong form raises
+FORM_ERRORS = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    ZeroDivisionError,
+    RecursionError,
+)
+
+
 class ResultsError(ValueError):
     """A results file lp-bench cannot read or compare (exit status 2)."""
 
@@ -341,16 +354,7 @@ def load_results(path: str) -> dict:
     try:
         derive(data)
         format_table(data)
-    except (
-        TypeError,
-        ValueError,
-        AttributeError,
-        KeyError,
-        IndexError,
-        OverflowError,
-        ZeroDivisionError,
-        RecursionError,
-    ) as exc:
+    except FORM_ERRORS as exc:
         raise ResultsError(f"{path}: a figure has the wrong form ({type(exc).__name__}: {str(exc)[:200]})") from None
     return data
 
