@@ -315,26 +315,11 @@ def _airllm_goals(name, cfg, r, add) -> None:
     """Stream mode from the disk tier against AirLLM (which reads every module from its shards), in
     the same cache state: >= 50x its decode and >= 5x its prefill, at no more peak VRAM."""
     state = "cold" if cfg["cold"] else "warm"
-    v = median_of(r.get("decode_vs_airllm"))
-    if v is not None:
-        add(
-            name,
-            f"stream decode vs airllm ({state} vs {state}, median of per-round ratios)",
-            v,
-            ">= 50",
-            v >= 50.0,
-            "decode",
-        )
-    v = median_of(r.get("prefill_vs_airllm"))
-    if v is not None:
-        add(
-            name,
-            f"stream prefill vs airllm ({state} vs {state}, median of per-round ratios)",
-            v,
-            ">= 5",
-            v >= 5.0,
-            "prefill",
-        )
+    for speed, target in (("decode", 50.0), ("prefill", 5.0)):
+        v = median_of(r.get(f"{speed}_vs_airllm"))
+        if v is not None:
+            goal = f"stream {speed} vs airllm ({state} vs {state}, median of per-round ratios)"
+            add(name, goal, v, f">= {target:g}", v >= target, speed)
     v = r.get("peak_vs_airllm")
     if v is not None:
         add(name, "peak VRAM vs airllm", v, "<= 1", v <= 1.0)
