@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also copy lm-eval's results JSONs flat into --out (they are in the card JSON either way)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the plain model; reuse its saved reference from --work-dir if there")
+    ap.add_argument("--plain-once", action="store_true",
+                    help="run the plain model in one process only (default: a second process feeds it the first's "
+                         "tokens, the plain model's own spread the workload is judged against)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shape's weights and of the prompt")
     ap.add_argument("--step-timeout", type=int, default=1800, help="seconds each step may run (default: %(default)s)")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
@@ -163,13 +166,25 @@ def transfer_bound(gbps, bytes_per_forward) -> float | None:
 
 
 def speed_ratios(rounds: list, plain_decode) -> list:
-    """Per round: decode / transfer bound, or decode / the plain model's decode where nothing streams."""
+    """Per round: decode / the most it could reach, the lower of the transfer bound of what the plan streams and the
+    plain model's own decode on the whole GPU (its compute and launches: NF4 decode is launch-bound below the
+    transfer bound); the plain model's decode alone where nothing streams."""
     out = []
     for r in rounds:
         bound = transfer_bound(r.get("h2d_gbps"), r.get("bytes_per_forward"))
-        base = bound if bound is not None else plain_decode
+        ceilings = [b for b in (bound, plain_decode) if b]
+        base = min(ceilings) if bound is not None and ceilings else plain_decode
         out.append(r["decode_tok_s"] / base if base else None)
     return out
+
+
+def ratio_basis(rounds: list, plain_decode) -> str:
+    """Which ceiling :func:`speed_ratios` divided by (the one of most rounds)."""
+    bounds = [transfer_bound(r.get("h2d_gbps"), r.get("bytes_per_forward")) for r in rounds]
+    if not any(b is not None for b in bounds):
+        return "vs plain decode, other process"
+    plain_lower = sum(1 for b in bounds if b is not None and plain_decode and plain_decode < b)
+    return "vs plain decode (below the transfer bound)" if plain_lower * 2 > len(bounds) else "vs transfer bound"
 
 
 def device_peak(max_used: int, baseline: int) -> int:
@@ -202,13 +217,30 @@ def compare_metrics(plain: dict, offload: dict) -> dict:
     return out
 
 
+def outputs_exact(w: dict, spread: dict | None) -> bool:
+    """The workload computes what the plain model computes: with the plain model's tokens fed to both, logits bit
+    for bit equal in one forward and through the decode steps (greedy tokens alone can part at a near tie where
+    the plain model parts from itself across processes). Where the plain model's own second process already
+    differs, the workload may differ by no more than that."""
+    keys = ("forced_logits_equal", "forced_decode_logits_equal")
+    if any(k not in w for k in keys):
+        return w.get("outputs_equal") is True  # a reference without teacher-forced logits: greedy tokens only
+    if all(w[k] is True for k in keys):
+        return True
+    if not spread or any(k not in spread for k in keys) or all(spread[k] is True for k in keys):
+        return False
+    return all(
+        w[f"{name}_max_abs_logit_diff"] <= spread[f"{name}_max_abs_logit_diff"] for name in ("forced", "forced_decode")
+    )
+
+
 def verdict(report: dict) -> tuple:
     """``(passed, {check: ok}, one line)`` from a card report: no OOM, equal outputs, device-level peak within the card,
     decode >= 0.9 of the bound, prediction within 5% (and, with lm-eval, equal metrics in the card)."""
     w = report.get("workload") or {}
     checks = {}
     checks["no_oom"] = bool(w.get("ok"))
-    checks["outputs_equal"] = w.get("outputs_equal") is True
+    checks["outputs_equal"] = outputs_exact(w, (report.get("reference") or {}).get("plain_spread"))
     peak = (report.get("peak") or {}).get("device_bytes")
     checks["peak_within_card"] = peak is not None and peak <= report["card_bytes"]
     ratio = (report.get("speed") or {}).get("ratio")
@@ -234,7 +266,9 @@ def _why(check: str, report: dict) -> str:
     if check == "no_oom":
         return "workload failed (" + str(w.get("error") or "no result")[:160] + ")"
     if check == "outputs_equal":
-        return "outputs not checked" if w.get("outputs_equal") is None else "outputs differ from the plain model's"
+        if w.get("outputs_equal") is None:
+            return "outputs not checked"
+        return "logits differ from the plain model's (its tokens fed to both)"
     if check == "peak_within_card":
         b = peak.get("device_bytes")
         return "no device peak" if b is None else f"peak {b / GiB:.2f} GiB over the card"
@@ -247,6 +281,16 @@ def _why(check: str, report: dict) -> str:
     if check == "lm_eval_equal":
         return "lm-eval metrics differ (or missing)"
     return "lm-eval peak over the card (or not measured)"
+
+
+def _spread_text(spread: dict | None) -> str:
+    if not spread:
+        return "- (one plain process)"
+    if "error" in spread:
+        return f"second plain process failed: {str(spread['error'])[:80]}"
+    return (f"second process: tokens equal {spread.get('tokens_equal')}; its logits with the first's tokens equal "
+            f"{spread.get('forced_logits_equal')} (one forward), {spread.get('forced_decode_logits_equal')} "
+            f"(decode steps)")
 
 
 def table(report: dict) -> str:
@@ -267,7 +311,10 @@ def table(report: dict) -> str:
         ("peak (self view)", f"{gi(p.get('self_view_bytes'))} GiB = context {gi(p.get('context_bytes'))} + reserved "
                              f"{gi(p.get('max_reserved_bytes'))} + mapped {gi(p.get('peak_mapped_bytes'))}"),
         ("outputs equal", f"{w.get('outputs_equal')} (last-step max |dlogit| "
-                          f"{fl(w.get('max_abs_logit_diff'), '{:.3g}')})"),
+                          f"{fl(w.get('max_abs_logit_diff'), '{:.3g}')}; plain's tokens fed: logits equal "
+                          f"{w.get('forced_logits_equal')} (one forward), {w.get('forced_decode_logits_equal')} "
+                          f"(decode steps))"),
+        ("plain vs itself", _spread_text((report.get("reference") or {}).get("plain_spread"))),
         ("decode tok/s", f"{fl((s.get('decode_tok_s') or {}).get('median'))} (plain "
                          f"{fl(s.get('plain_decode_tok_s'))}); bound {fl((s.get('bound_tok_s') or {}).get('median'))}"),
         ("prefill tok/s", f"{fl((s.get('prefill_tok_s') or {}).get('median'), '{:.0f}')} (plain "
@@ -412,6 +459,53 @@ def _generate(model, ids, new_tokens: int):
     return out[0, ids.shape[1]:].tolist(), LastScores.last
 
 
+def _forced_logits(model, ids, tokens: list):
+    """Logits at the positions that predicted ``tokens``, from one forward over the prompt and the tokens
+    (teacher forcing): the same inputs for the plain model and the workload even where their greedy tokens part."""
+    import torch
+
+    seq = torch.cat([ids, torch.tensor([tokens[:-1]], device=ids.device, dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        return model(input_ids=seq, logits_to_keep=len(tokens)).logits[0].float().cpu()
+
+
+def _forced_decode_logits(model, ids, tokens: list):
+    """The same positions through generate's path: the prompt prefilled into a KV cache, then ``tokens[:-1]`` fed
+    one at a time (the decode steps, with the plain model's tokens as inputs)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    rows = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows.append(out.logits[0, -1].float().cpu())
+        for tok in tokens[:-1]:
+            step = torch.tensor([[tok]], device=ids.device, dtype=ids.dtype)
+            out = model(input_ids=step, past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1].float().cpu())
+    return torch.stack(rows)
+
+
+def _forced_outputs(model, ids, tokens: list) -> dict:
+    return {"forced_logits": _forced_logits(model, ids, tokens),
+            "forced_decode_logits": _forced_decode_logits(model, ids, tokens)}
+
+
+def _compare_forced(saved: dict, got: dict) -> dict:
+    """Bitwise comparison of two runs' teacher-forced logits (one forward; the decode steps)."""
+    import torch
+
+    out = {}
+    for key, name in (("forced_logits", "forced"), ("forced_decode_logits", "forced_decode")):
+        if key in saved and key in got:
+            a, b = saved[key], got[key]
+            out[f"{name}_logits_equal"] = bool(torch.equal(a, b))
+            out[f"{name}_max_abs_logit_diff"] = _max_abs_diff(a, b)
+            out[f"{name}_argmax_agreement"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return out
+
+
 def _decode_rate(model, vocab: int, steps: int, seed: int) -> float:
     """Tokens/s of lp-bench's bare greedy decode loop (``lp_plugin.tools.bench.measure.bare_decode``: a short
     prompt, untimed warm steps, then ``steps`` timed single-token forwards), inside a session."""
@@ -478,9 +572,18 @@ def step_reference(spec: dict) -> dict:
     vocab = model.config.vocab_size
     ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
     tokens, last = _generate(model, ids, spec["new_tokens"])
-    torch.save({"tokens": tokens, "last_scores": last, "spec": spec}, spec["reference_file"])
+    again, last_again = _generate(model, ids, spec["new_tokens"])  # the plain model's own spread, in one process
+    first = spec.get("first_reference_file")  # a second plain process: teacher-forced with the first one's tokens
+    saved = torch.load(first) if first and os.path.isfile(first) else None
+    forced = _forced_outputs(model, ids, saved["tokens"] if saved else tokens)
+    torch.save({"tokens": tokens, "last_scores": last, **forced, "spec": spec}, spec["reference_file"])
+    result = {"tokens": tokens, "repeat_tokens_equal": again == tokens,
+              "repeat_max_abs_logit_diff": _max_abs_diff(last, last_again)}
+    if saved is not None:
+        result["vs_first_process"] = {"tokens_equal": saved["tokens"] == tokens, **_compare_forced(saved, forced)}
+        return result
     rounds = _timing_rounds(model, spec, 0)
-    return {"tokens": tokens, "rounds": rounds, "decode_tok_s": round_stats([r["decode_tok_s"] for r in rounds]),
+    return {**result, "rounds": rounds, "decode_tok_s": round_stats([r["decode_tok_s"] for r in rounds]),
             "prefill_tok_s": round_stats([r["prefill_tok_s"] for r in rounds]),
             "max_reserved_bytes": torch.cuda.max_memory_reserved() if DEVICE != "cpu" else None}
 
@@ -531,6 +634,8 @@ def step_workload(spec: dict) -> dict:
         out["outputs_equal"] = saved["tokens"] == tokens
         out["first_mismatch"] = next((i for i, (a, b) in enumerate(zip(saved["tokens"], tokens)) if a != b), None)
         out["max_abs_logit_diff"] = _max_abs_diff(saved["last_scores"], last)
+        # the plain model's tokens fed to both: logits position by position, in one forward and through decode steps
+        out.update(_compare_forced(saved, _forced_outputs(model, ids, saved["tokens"])))
     else:
         out["outputs_equal"] = None
     out["rounds"] = _timing_rounds(model, spec, info.get("bytes_per_forward") or 0)
@@ -936,9 +1041,15 @@ def orchestrate(args) -> int:
     ref, ref_summary = None, Path(ref_file).with_suffix(".json")
     if not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
-        report["reference"] = {k: ref.get(k) for k in ("ok", "error", "decode_tok_s", "prefill_tok_s",
+        report["reference"] = {k: ref.get(k) for k in ("ok", "error", "tokens", "repeat_tokens_equal",
+                                                       "repeat_max_abs_logit_diff", "decode_tok_s", "prefill_tok_s",
                                                        "max_reserved_bytes", "rounds", "seconds")}
         if ref.get("ok"):
+            if not args.plain_once:
+                again = run_step("reference", work, f"reference-again-{tag}",
+                                 {**base, "reference_file": ref_file + ".again", "first_reference_file": ref_file},
+                                 timeout)
+                report["reference"]["plain_spread"] = again.get("vs_first_process") or {"error": again.get("error")}
             _write_json(ref_summary, report["reference"])
     elif ref_summary.exists():  # an earlier run's plain model (its outputs are read from ref_file by the workload)
         ref = json.loads(ref_summary.read_text())
@@ -1006,7 +1117,8 @@ def _driver_version():
 
 def _workload_summary(w: dict) -> dict:
     keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
-            "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
+            "forced_logits_equal", "forced_max_abs_logit_diff", "forced_argmax_agreement",
+            "forced_decode_logits_equal", "forced_decode_max_abs_logit_diff", "forced_decode_argmax_agreement", "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
             "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
             "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
     return {k: w.get(k) for k in keys if k in w}
@@ -1036,7 +1148,7 @@ def _speed_summary(w: dict, ref: dict | None) -> dict:
             "bound_tok_s": round_stats([r["bound_tok_s"] for r in rounds]),
             "plain_decode_tok_s": plain_decode,
             "plain_prefill_tok_s": ((ref or {}).get("prefill_tok_s") or {}).get("median"),
-            "ratio_basis": "vs transfer bound" if bpf else "vs plain decode, other process",
+            "ratio_basis": ratio_basis(rounds, plain_decode) if bpf else "vs plain decode, other process",
             "ratios": ratios, "ratio": round_stats(ratios)}
 
 

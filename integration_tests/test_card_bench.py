@@ -106,6 +106,32 @@ def test_speed_ratios_against_the_bound_or_the_plain_model():
     resident = [{"decode_tok_s": 45.0, "h2d_gbps": 50.0, "bytes_per_forward": 0}]
     assert card.speed_ratios(resident, plain_decode=50.0) == [0.9]
     assert card.speed_ratios(resident, plain_decode=None) == [None]  # nothing to compare with
+    # the plain model decodes below the transfer bound (NF4: launch-bound): its own speed is the ceiling
+    launch_bound = [{"decode_tok_s": 15.0, "h2d_gbps": 50.0, "bytes_per_forward": 10**9}]  # bound 50 tok/s
+    assert card.speed_ratios(launch_bound, plain_decode=16.0) == [15.0 / 16.0]
+    assert card.ratio_basis(launch_bound, 16.0).startswith("vs plain decode")
+    assert card.ratio_basis(streaming, 100.0) == "vs transfer bound"
+
+
+@pytest.mark.parametrize("workload,spread,exact", [
+    ({"forced_logits_equal": True, "forced_decode_logits_equal": True, "outputs_equal": False}, None, True),
+    ({"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+      "forced_decode_max_abs_logit_diff": 0.1}, None, False),
+    # the plain model's second process differs by more: within its own spread
+    ({"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+      "forced_decode_max_abs_logit_diff": 0.1},
+     {"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+      "forced_decode_max_abs_logit_diff": 0.2}, True),
+    # the plain model repeats itself exactly: any difference fails
+    ({"forced_logits_equal": False, "forced_decode_logits_equal": True, "forced_max_abs_logit_diff": 0.01,
+      "forced_decode_max_abs_logit_diff": 0.0},
+     {"forced_logits_equal": True, "forced_decode_logits_equal": True, "forced_max_abs_logit_diff": 0.0,
+      "forced_decode_max_abs_logit_diff": 0.0}, False),
+    ({"outputs_equal": True}, None, True),  # an old reference: greedy tokens only
+    ({"outputs_equal": None}, None, False),
+])
+def test_outputs_exact_uses_teacher_forced_logits_and_the_plain_spread(workload, spread, exact):
+    assert card.outputs_exact(workload, spread) is exact
 
 
 def test_device_peak_and_relative_error():
@@ -203,3 +229,26 @@ def test_assemble_and_finish_write_one_report_with_lm_eval_copied_flat(tmp_path)
     w["device_peak_bytes"] = 5 * GIB + 1  # one byte over the card
     card.assemble(report, w, None, "nvml", lm_runs, tmp_path / "none", "t", copy_lm_eval=False)
     assert card._finish(report, tmp_path) == 1 and not report["checks"]["peak_within_card"]
+
+
+def test_teacher_forced_logits_match_generate_and_each_other():
+    """The forced logits the card compares: the decode steps reproduce greedy generate's scores, one forward gives
+    the same positions, and feeding a model its own tokens twice is bit for bit equal."""
+    import torch
+    from shapes import build_tiny
+
+    model = build_tiny("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    tokens, last = card._generate(model, ids, 5)
+    forced = card._forced_outputs(model, ids, tokens)
+    assert forced["forced_logits"].shape == forced["forced_decode_logits"].shape == (5, model.config.vocab_size)
+    assert forced["forced_decode_logits"].argmax(-1).tolist() == tokens
+    finite = torch.isfinite(last)  # generate's min_new_tokens masks the end-of-sequence token
+    torch.testing.assert_close(forced["forced_decode_logits"][-1][finite], last[finite])
+    torch.testing.assert_close(forced["forced_logits"], forced["forced_decode_logits"], rtol=1e-4, atol=1e-4)
+    same = card._compare_forced(forced, card._forced_outputs(model, ids, tokens))
+    assert same["forced_logits_equal"] and same["forced_decode_logits_equal"]
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    moved = card._compare_forced(forced, card._forced_outputs(model, ids, tokens))
+    assert not moved["forced_logits_equal"] and moved["forced_decode_max_abs_logit_diff"] > 0

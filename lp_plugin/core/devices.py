@@ -33,14 +33,15 @@ def parse_device(device):
 
 def normalize_device(device=None):
     """``None`` is the current GPU (or the CPU without one); ``"cuda"`` and a bare index are the
-    current/that GPU with its index spelled out."""
+    current/that GPU with its index spelled out (``"cuda"`` is GPU 0 where torch has no CUDA)."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = parse_device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        # planning for a GPU from a config alone works on a machine without one: GPU 0
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return device
 
 
@@ -163,3 +164,22 @@ def h2d_bandwidth(device, nbytes: int, pinned: bool, iters: int = 3) -> dict | N
         torch.cuda.empty_cache()
     rates = [nbytes / t / 1e9 for t in times]
     return {"gbps": statistics.median(rates), "min": min(rates), "max": max(rates), "bytes": nbytes}
+
+
+def bound_allocator_slack() -> bool:
+    """Let PyTorch's caching allocator grow its segments in place (``expandable_segments``) so that blocks
+    freed while loading (NF4 quantizes on the device) do not strand memory a card must hold: a plan for a
+    card counts only a small slack. Left alone when ``PYTORCH_CUDA_ALLOC_CONF`` is set (the user's choice).
+    Returns whether the setting is on for this process's allocations from now on."""
+    import os
+
+    import torch
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf is not None:
+        return "expandable_segments:true" in conf.replace(" ", "").lower()
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None or not torch.cuda.is_available():
+        return False
+    setter("expandable_segments:True")
+    return True

@@ -8,6 +8,7 @@ the dispatch hooks off. 4-bit loads go through :class:`lp_plugin.integrations.qu
 
 from __future__ import annotations
 
+from ..core.devices import bound_allocator_slack
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
 from ..planning.footprint import checkpoint_dtype, load_format
@@ -46,6 +47,8 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         )
     plan = OffloadPlan.for_config(hf_config, config, base_map=base_map, weights=load_format(hf_config, hf_kwargs))
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
+    if plan.budget is not None and plan.main_device.type == "cuda":
+        bound_allocator_slack()  # see docs/card.md: the card's allocator slack stays small
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, device_map=nf4.device_map(plan.device_map("cpu")), **nf4.hf_kwargs
     )

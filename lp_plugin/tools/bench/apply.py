@@ -114,6 +114,7 @@ class Placement:
             skip=cfg.skip,
             stand_in=cfg.stand_in,
             calib=cfg.calib,
+            **{k: getattr(cfg, k) for k in ("protect_first", "protect_last") if getattr(cfg, k) is not None},
         )
 
     def _load_pretrained(self) -> None:

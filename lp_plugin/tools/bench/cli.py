@@ -33,13 +33,16 @@ configs (comma separated; baseline is measured first and baseline:twin last in e
                                              not applicable without CUDA: nothing leaves the CPU)
   accelerate_disk[:SPEC][:new=N][:cold]      the same with SPEC's layers on "disk" (Accelerate's offload folder)
   airllm[:new=N][:cold]                      AirLLM (pip install airllm): every module streamed from per-layer
-                                             shards; compare it with stream:all:disk (slow: give it new=N)
-  MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
+                                             shards; compare it with stream:all:disk (slow: give it new=N;
+                                             timed on prefill and the bare decode loop only)
+  MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained][:protect_first=N][:protect_last=N]
                                              MODE session|stream, SPEC even|odd|all|2-32:2|2,4,6|<plugin>,
                                              TIER cpu|disk; load=attach: lp_plugin.attach on the loaded plain
                                              model; load=pretrained: lp_plugin.from_pretrained from the checkpoint
                                              (a shape is saved once to a temporary folder); new=N overrides --new;
-                                             cold evicts the offload files from the page cache before each timed part
+                                             cold evicts the offload files from the page cache before each timed part;
+                                             protect_first/protect_last: layers kept on the device at the ends
+                                             (default 2 and 3; all:protect_first=0:protect_last=0 streams every layer)
 models: a checkpoint folder or hub id, or a shape with seeded random weights: qwen2.5-3b-shape, llama-3-8b-shape,
   smollm2-135m-shape
 protocol: one plain model; each config put on -> measured -> taken off, round-robin; round 0 is a discarded

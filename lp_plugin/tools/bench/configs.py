@@ -34,7 +34,10 @@ PEERS = ("accelerate_cpu", "accelerate_disk", "airllm")  # what users would run 
 LOADS = ("attach", "pretrained")
 TWIN = "baseline:twin"
 _DEFAULT_TIERS = ("cpu", "disk")
-_LP_OPTIONS = "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, skip=SKIP, stand_in=KIND, calib=CALIB"
+_LP_OPTIONS = (
+    "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, protect_first=N, protect_last=N, skip=SKIP, "
+    "stand_in=KIND, calib=CALIB"
+)
 _TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig when the config is applied
 _COLON_OPTIONS = ("skip", "calib")  # values that may hold a colon themselves
 
@@ -65,6 +68,8 @@ class BenchConfig:
     skip: str | None = None
     stand_in: str = "none"
     calib: str | None = None
+    protect_first: int | None = None  # None: OffloadConfig's default
+    protect_last: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -72,6 +77,13 @@ class BenchConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def bare_only(self) -> bool:
+        """AirLLM is timed on prefill and the bare decode loop only, without untimed warm steps: its generate
+        is transformers' generate over the same streamed forward, and each of its forwards reads the whole
+        model (seconds on a GPU), which no warm-up changes."""
+        return self.kind == "airllm"
 
     @property
     def key(self) -> str:
@@ -112,6 +124,10 @@ def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
             cfg.new = int(value)
             if cfg.new < 1:
                 raise ValueError
+        elif key in ("protect_first", "protect_last"):
+            setattr(cfg, key, int(value))
+            if getattr(cfg, key) < 0:
+                raise ValueError
         elif key == "load":
             if value not in LOADS:
                 raise ValueError
@@ -125,7 +141,7 @@ def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
     except ValueError:
         raise ConfigError(
             f"bad value {value!r} for {key} in config {text!r} "
-            "(alpha in [0,1], prefetch >= 0, new >= 1, load attach or pretrained)"
+            "(alpha in [0,1], prefetch >= 0, new >= 1, protect_first/protect_last >= 0, load attach or pretrained)"
         ) from None
 
 
@@ -159,10 +175,18 @@ def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
             f"config {text!r}: cold applies to configs that read files (session/stream, accelerate_disk, airllm)"
         )
     if cfg.kind != "lp" and (
-        cfg.alpha != 1.0 or cfg.prefetch != 1 or cfg.load != "attach" or cfg.skip or cfg.stand_in != "none" or cfg.calib
+        cfg.alpha != 1.0
+        or cfg.prefetch != 1
+        or cfg.load != "attach"
+        or cfg.skip
+        or cfg.stand_in != "none"
+        or cfg.calib
+        or cfg.protect_first is not None
+        or cfg.protect_last is not None
     ):
         raise ConfigError(
-            f"config {text!r}: alpha, prefetch, load, skip, stand_in and calib apply to session/stream configs only"
+            f"config {text!r}: alpha, prefetch, load, protect_first, protect_last, skip, stand_in and calib apply "
+            "to session/stream configs only"
         )
     if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
         raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")

@@ -270,9 +270,11 @@ def _timed(run, place, res, new, phase) -> dict:
         phase("decode")
         place.drop_page_cache()
         # a cold-cache config times its first (cold) steps: no warm-up steps there
-        warm = 0 if place.cfg.cold else measure.DECODE_WARM_STEPS
+        warm = 0 if place.cfg.cold or place.cfg.bare_only else measure.DECODE_WARM_STEPS
         dec = measure.bare_decode(model, ids["prompt"], new, device, warm)
         got.update(decode_tok_s=dec["tok_s"], decode_step_tok_s=dec["step_tok_s"], decode_tokens=dec["tokens"])
+    if place.cfg.bare_only:
+        return got
     phase("generate")
     place.drop_page_cache()
     got["generate_tok_s"], got["generate_tokens"] = measure.generate_run(model, ids["prompt"], new, device)
