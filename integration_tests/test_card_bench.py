@@ -229,6 +229,19 @@ def test_assemble_and_finish_write_one_report_with_lm_eval_copied_flat(tmp_path)
     w["device_peak_bytes"] = 5 * GIB + 1  # one byte over the card
     card.assemble(report, w, None, "nvml", lm_runs, tmp_path / "none", "t", copy_lm_eval=False)
     assert card._finish(report, tmp_path) == 1 and not report["checks"]["peak_within_card"]
+    # --recheck: the verdict derived again from the recorded rounds (here a plain model slower than the bound)
+    path = tmp_path / "card-qwen2.5-3b-shape-bf16-5GiB-1024.json"
+    w["device_peak_bytes"] = int(4.9 * GIB)
+    card.assemble(report, w, {"decode_tok_s": {"median": 40.0}}, "nvml", lm_runs, tmp_path / "none", "t",
+                  copy_lm_eval=False)
+    report["reference"] = {"decode_tok_s": {"median": 40.0}}  # as the run records the plain model's
+    report["speed"]["ratio"], report["verdict"] = None, "stale"
+    path.write_text(json.dumps(report))
+    assert card.main(["--recheck", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["speed"]["ratio"]["median"] == 46.0 / 40.0 and saved["verdict"].startswith("PASS")
+    path.write_text("[1, 2]")
+    assert card.main(["--recheck", str(path)]) == 2 and path.read_text() == "[1, 2]"  # refused, left as it was
 
 
 def test_teacher_forced_logits_match_generate_and_each_other():
