@@ -102,3 +102,36 @@ def test_a_bad_bandwidth_is_refused_even_when_nothing_streams(bandwidth):
     with pytest.raises(OffloadSpecError):
         plan_offload(OffloadConfig(offload="auto", max_memory="80GiB", max_context=512), QWEN["bf16"], GPU0,
                      bandwidth=bandwidth)
+
+
+@needs_no_gpu
+def test_plan_cli_for_a_gpu_on_a_machine_without_one():
+    """``plan --device cuda`` plans for GPU 0 from the config alone where torch has no CUDA."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lp_plugin", "plan", "--model", "qwen2.5-3b-shape", "--max-memory", "6GiB",
+         "--context", "8192", "--device", "cuda", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"main_device": "cuda:0"' in out.stdout
+
+
+@pytest.mark.parametrize("conf,on", [("expandable_segments:True", True), ("expandable_segments: true,x:1", True),
+                                     ("max_split_size_mb:64", False), (None, False)])
+def test_allocator_setting_respects_the_users_choice(monkeypatch, conf, on):
+    """A planned load turns expandable segments on only where the user set nothing (and there is CUDA); a user's
+    PYTORCH_CUDA_ALLOC_CONF is left as it is and read back."""
+    from lp_plugin.core import devices
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append, raising=False)
+    if conf is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+    sets_it = conf is None and torch.cuda.is_available()  # nothing set by the user, and a GPU to set it for
+    assert devices.bound_allocator_slack() is (on or sets_it)
+    assert calls == (["expandable_segments:True"] if sets_it else [])
