@@ -1,0 +1,103 @@
+"""Where offloaded decode parts from the plain model, in one process: teacher-forced logits of the plain model
+(one forward over prompt + its greedy tokens, and the decode steps through a KV cache) against the same model
+with lp_plugin attached, over a matrix of contexts, offload specs, modes and prefetch depths. One JSON line per
+case on stdout and in --out; exit 1 when any case is not bit-exact.
+
+    python benchmarks/decode_exactness.py --shape qwen2.5-3b-shape --contexts 512,8192 --out exact.json
+    python benchmarks/decode_exactness.py --model ~/.cache/lp_plugin/smollm2-135m-instruct --device cpu
+
+The emulated-card check (``benchmarks/card.py``) compares two processes; this one keeps everything in one, so a
+difference here is the engine's, not a kernel choice that differs between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import lp_plugin  # noqa: E402
+from lp_plugin.tools.shapes import build_shape_model, is_shape, load_checkpoint  # noqa: E402
+
+
+def _card():
+    spec = importlib.util.spec_from_file_location("card_bench", HERE / "card.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--shape", default=None, help="a shape with seeded random weights (default qwen2.5-3b-shape)")
+    src.add_argument("--model", default=None, help="a checkpoint folder instead of a shape")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "nf4"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--contexts", default="512,8192", help="prompt lengths, comma separated")
+    ap.add_argument("--specs", default="even,2-6:8-16:18-26:28-32",
+                    help="offload specs, comma separated (':' inside one spec stands for ',')")
+    ap.add_argument("--modes", default="stream,session")
+    ap.add_argument("--prefetch", default="1,0")
+    ap.add_argument("--tier", default="cpu")
+    ap.add_argument("--new", type=int, default=16, help="plain greedy tokens fed back (default 16)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    card = _card()
+    device = torch.device(args.device)
+    if args.model:
+        model = load_checkpoint(args.model, args.dtype, device)
+    else:
+        shape = args.shape or "qwen2.5-3b-shape"
+        if not is_shape(shape):
+            ap.error(f"--shape {shape!r} is not a shape")
+        model = build_shape_model(shape, args.dtype, device)
+    model.eval()
+    vocab = model.config.vocab_size
+    rows, exact = [], True
+    for context in (int(c) for c in args.contexts.split(",")):
+        ids = card._prompt(vocab, context, 0).to(device)
+        tokens, _ = card._generate(model, ids, args.new)
+        plain = card._forced_outputs(model, ids, tokens)
+        again = card._forced_outputs(model, ids, tokens)
+        rows.append({"context": context, "case": "plain again", **card._compare_forced(plain, again)})
+        print(json.dumps(rows[-1]), flush=True)
+        for spec, mode, prefetch in itertools.product(args.specs.split(","), args.modes.split(","),
+                                                      (int(p) for p in args.prefetch.split(","))):
+            t0 = time.perf_counter()
+            handle = lp_plugin.attach(model, offload=spec.replace(":", ","), mode=mode, prefetch=prefetch,
+                                      tier=args.tier)
+            try:
+                got = card._forced_outputs(model, ids, tokens)
+                in_session = None
+                with lp_plugin.session(model):
+                    in_session = card._forced_outputs(model, ids, tokens)
+            finally:
+                handle.detach()
+            row = {"context": context, "spec": spec, "mode": mode, "prefetch": prefetch, "tier": args.tier,
+                   **card._compare_forced(plain, got),
+                   "in_session": card._compare_forced(plain, in_session), "seconds": round(time.perf_counter() - t0, 1)}
+            exact &= all(row[k] for k in ("forced_logits_equal", "forced_decode_logits_equal"))
+            exact &= all(row["in_session"][k] for k in ("forced_logits_equal", "forced_decode_logits_equal"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "dtype": args.dtype, "model": args.model or args.shape or "qwen2.5-3b-shape"}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "exact": exact, "cases": rows}, indent=1) + "\n")
+    print("exact" if exact else "NOT exact: see the cases above")
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
