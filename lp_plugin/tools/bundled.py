@@ -190,6 +190,7 @@ def _ensure(name: str, kind: str, force: bool, verify: bool, log, progress) -> s
     try:
         if writable:
             remove_dead_conversions(root, (CACHE_NAME, TOKENIZER_CACHE_NAME), log)
+        why: str | None
         if force:
             why = "a new conversion was requested" if os.path.lexists(final) else "missing"
         else:

@@ -47,6 +47,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeGuard
 
 from ..errors import LPPluginError
 
@@ -75,8 +76,11 @@ def say(log, msg: str, warn: bool = False) -> None:
 
 # ---------------------------------------------------------------------------- fingerprints
 def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()  # read in chunks: hashlib.file_digest needs Python 3.11
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _digest(body: dict) -> str:
@@ -87,7 +91,8 @@ def _identity(st: os.stat_result) -> list:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _valid_entry(name, rec) -> bool:
+def _valid_entry(rec: object, name: object) -> TypeGuard[dict[str, Any]]:
+    """Whether ``rec`` is a sound fingerprint record of the file ``name``."""
     return (
         isinstance(name, str)
         and name == os.path.basename(name)
@@ -130,10 +135,10 @@ def _read_marker(folder: Path, kind: str, source: Path):
     if (
         marker.get("kind") != kind
         or not isinstance(files, dict)
-        or not all(_valid_entry(n, r) for n, r in files.items())
+        or not all(_valid_entry(r, n) for n, r in files.items())
     ):
         return None, f"{MARKER}: malformed (not a {kind} cache)"
-    if not _valid_entry(source.name, src) or src.get("file") != source.name:
+    if not _valid_entry(src, source.name) or src.get("file") != source.name:
         return None, f"{MARKER}: malformed (no fingerprint of {source.name})"
     missing = [n for n in REQUIRED[kind] if n not in files]
     if missing:
@@ -271,15 +276,16 @@ def check(folder: Path, source: Path, kind: str, verify: bool, log) -> str | Non
 
 
 # ---------------------------------------------------------------------------- the cache root
-def errno_of(exc: BaseException):
+def errno_of(exc: BaseException) -> int | None:
     """The OS error number behind ``exc`` (safetensors reports it only in its message)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno:
-            return exc.errno
-        found = re.search(r"os error (\d+)", str(exc))
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, OSError) and cur.errno:
+            return cur.errno
+        found = re.search(r"os error (\d+)", str(cur))
         if found:
             return int(found.group(1))
-        exc = exc.__cause__ or exc.__context__
+        cur = cur.__cause__ or cur.__context__
     return None
 
 

@@ -110,11 +110,12 @@ def _sample_counts(data: dict) -> dict:
     return {task: (row or {}).get("effective") for task, row in (data.get("n-samples") or {}).items()}
 
 
-def throughput(data: dict):
+def throughput(data: dict) -> float | None:
     """``config.residual_offload.tokens_per_second`` of an ``hf-residual-offload`` run, else None."""
     value = ((data.get("config") or {}).get("residual_offload") or {}).get("tokens_per_second")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value) and value > 0
-    return float(value) if ok else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value) and value > 0:
+        return float(value)
+    return None
 
 
 def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:

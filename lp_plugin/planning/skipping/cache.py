@@ -46,7 +46,7 @@ from ..arch import find_decoder_layers
 FORMAT = "lp_plugin.skipping/1"
 
 
-_private = {}  # unsafe cache folder -> this process's private replacement
+_private: dict[Path, Path] = {}  # unsafe cache folder -> this process's private replacement
 _private_lock = threading.Lock()
 
 
@@ -72,6 +72,7 @@ def folder() -> Path:
         st = os.lstat(path)
     except OSError:
         return path  # not creatable: writes warn and the results are used uncached
+    reason: str | None
     if stat.S_ISLNK(st.st_mode):
         reason = f"{path} is a symbolic link (lp_plugin follows none in its cache)"
     elif not stat.S_ISDIR(st.st_mode):
@@ -96,7 +97,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 _CONFIG_IGNORED = (

@@ -193,7 +193,7 @@ def mix_ids(tokenizer, tokens: int, window: int = WINDOW) -> list:
     a domain that runs out leaves its turns to the others."""
     pools = {name: calibration_pool(tokenizer, name) for name in MIX_DOMAINS}
     offsets = dict.fromkeys(MIX_DOMAINS, 0)
-    out = []
+    out: list[int] = []
     while len(out) < tokens:
         progressed = False
         for name in MIX_DOMAINS:

@@ -20,11 +20,12 @@ import torch
 from ...core.progress import bar
 from . import cache, standins
 from .metrics import SkipContext
+from .runner import Replacement
 
 
-def _split(tensors: dict) -> dict:
+def _split(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """``{"12.weight": t}`` -> ``{12: {"weight": t}}``."""
-    out = {}
+    out: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         layer, _, param = name.partition(".")
         out.setdefault(int(layer), {})[param] = t
@@ -71,11 +72,15 @@ def check_cached(spec, layers, hidden: int):
     return check
 
 
-def _fit_in_order(ctx: SkipContext, layers) -> tuple:
+def _fit_in_order(
+    ctx: SkipContext, layers: list[int]
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict[str, float]]]:
     """``({layer: {name: float32 tensor}}, {layer: fit details})`` fitted in layer order."""
     spec, runner = ctx.stand_in, ctx.runner
     teacher = ctx.teacher_layers([layers[0]] + [s + 1 for s in layers])
-    fitted, details, replace = {}, {}, {}
+    fitted: dict[int, dict[str, torch.Tensor]] = {}
+    details: dict[int, dict[str, float]] = {}
+    replace: dict[int, Replacement] = {}
     prev = layers[0]
     states = teacher[prev]
     for s in bar(layers, desc=f"fitting {spec} stand-ins", unit="layer"):

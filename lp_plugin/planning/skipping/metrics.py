@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -37,7 +38,7 @@ from ...errors import OffloadSpecError
 from ..arch import find_decoder_layers
 from . import cache, standins
 from .calib import CalibData, calibration
-from .runner import Runner
+from .runner import Replacement, Runner
 from .spec import StandInSpec, parse_stand_in
 
 log = logging.getLogger("lp_plugin")
@@ -234,7 +235,15 @@ def _ranked(metric, scores, params, ctx) -> Importance:
     return Importance(metric, tuple(scores), tuple(order), params, ctx.calib.source)
 
 
-def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None, teacher=None, alpha=None):
+def replacement(
+    ctx: SkipContext,
+    spec: StandInSpec,
+    layer: int,
+    inputs: list[torch.Tensor],
+    windows: Sequence[int] | None = None,
+    teacher: dict[int, list[torch.Tensor]] | None = None,
+    alpha: float | None = None,
+) -> Replacement:
     """What runs in place of ``layer`` when it reads ``inputs`` (per-window hidden states): the
     identity (``spec`` none) or a stand-in fitted on ``windows`` of them (default all) against the
     plain model's output (``teacher``: per-layer hidden states, default the context's), with ridge
@@ -247,7 +256,7 @@ def replacement(ctx, spec: StandInSpec, layer: int, inputs: list, windows=None, 
     return standins.build(spec, {k: v.to(inputs[0].device, inputs[0].dtype) for k, v in tensors.items()})
 
 
-def _identity(x):
+def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
@@ -314,7 +323,7 @@ def _first_order(base, windows, num_layers: int) -> list:
     return sorted(range(num_layers), key=bi)
 
 
-def _greedy(ctx, n, spec, steps, score=None) -> Importance:
+def _greedy(ctx: SkipContext, n: int, spec: StandInSpec, steps: int, score: str | None = None) -> Importance:
     """Greedy removal, measured as described in the module docstring. Work that does not change
     between candidates is done once: every candidate starts from stored hidden states at its own
     layer (the plain model's, or those with the layers removed so far in place), windows run in
@@ -331,18 +340,23 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
     loss = _Score(ctx, score, scored, stride)
     all_tokens = sum(len(range(stride - 1, ctx.runner.targets[w].numel(), stride)) for w in scored)
     chunks = _chunks(folds, score)
-    pipes = [{} for _ in folds]  # per fold: layer -> what replaces it, fitted without that fold
+    # per fold: layer -> what replaces it, fitted without that fold
+    pipes: list[dict[int, Replacement]] = [{} for _ in folds]
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
-    fits = [{} for _ in folds]  # per fold: candidate layer -> its stand-in, while its inputs are unchanged
+    # per fold: candidate layer -> its stand-in, while its inputs are unchanged
+    fits: list[dict[int, Replacement]] = [{} for _ in folds]
     guess = _first_order(base, folds[0], ctx.num_layers)
-    order, scores = [], [None] * ctx.num_layers
+    order: list[int] = []
+    scores: list[float | None] = [None] * ctx.num_layers
     total_candidates = sum(ctx.num_layers - s for s in range(steps))
     progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate", total=total_candidates)
     t_start, done = time.perf_counter(), 0
     for step in range(steps):
-        best, t0, estimates = None, time.perf_counter(), {}
+        best: tuple[float, int] | None = None  # (mean score, layer) of the best candidate measured in full
+        t0 = time.perf_counter()
+        estimates: dict[int, float] = {}
         for j in [j for j in guess if j not in order]:
-            bound = None if best is None or score != "kl" else best[0] * all_tokens
+            bound: float | None = None if best is None or score != "kl" else best[0] * all_tokens
             total, tokens = 0.0, 0
             for f, windows in chunks:
                 if j not in fits[f]:
@@ -361,10 +375,11 @@ def _greedy(ctx, n, spec, steps, score=None) -> Importance:
                 best = (total / tokens, j)  # a tie goes to the lower layer, whatever the order tried
             progress.update()
             done += 1
+        assert best is not None  # the first candidate of a step is never cut short: it is measured in full
         mean, j = best
         order.append(j)
         scores[j] = loss.value(mean)
-        guess = sorted(estimates, key=estimates.get)  # next step: the candidates that did best first
+        guess = sorted(estimates, key=estimates.__getitem__)  # next step: the candidates that did best first
         elapsed = time.perf_counter() - t_start
         log.info(
             "lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)",

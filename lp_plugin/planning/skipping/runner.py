@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +33,19 @@ from .calib import CalibData
 
 BATCH_TOKENS = 2048  # tokens run together in one forward (windows of equal length batched)
 
+# what runs in place of a layer: the identity (a skipped layer) or a stand-in module (a replaced one)
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+
 
 class _Stop(Exception):
     """Raised by the hook on the ``stop`` layer to end a forward early."""
 
 
-def _identity(hidden_states=None, *args, **kwargs):
+def _identity(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
     return kwargs["hidden_states"] if hidden_states is None else hidden_states
 
 
-def _replaced(fn, hidden_states=None, *args, **kwargs):
+def _replaced(fn: Replacement, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
     return fn(_identity(hidden_states, **kwargs))
 
 
@@ -84,10 +89,11 @@ class Runner:
         return sum(t.numel() for t in self.targets)
 
     # ------------------------------------------------------------------ one forward
-    def batches(self, windows) -> list:
+    def batches(self, windows: Iterable[int]) -> list[list[int]]:
         """``windows`` grouped for one forward each: windows of equal length, at most
         :data:`BATCH_TOKENS` tokens together (a window longer than that runs alone), in order."""
-        groups, out = {}, []
+        groups: dict[int, list[int]] = {}
+        out: list[list[int]] = []
         for w in windows:
             groups.setdefault(self.targets[w].numel(), []).append(w)
         for length, ws in groups.items():
@@ -95,12 +101,22 @@ class Runner:
             out += [ws[i : i + size] for i in range(0, len(ws), size)]
         return out
 
-    def _run(self, ws, replace=None, start=0, states=None, stop=None, record=(), keep=None):
+    def _run(
+        self,
+        ws: list[int],
+        replace: dict[int, Replacement] | None = None,
+        start: int = 0,
+        states: Sequence[torch.Tensor] | None = None,
+        stop: int | None = None,
+        record: Collection[int] = (),
+        keep: torch.Tensor | None = None,
+    ):
         """Run windows ``ws`` (equal length) as one batch; return ``(logits [B, T, V], or None when
         stopped early; {layer: its input, [B, T, H]})``. ``record`` names the layers whose input is
         kept (``num_layers``: the last layer's output); ``keep`` (positions) limits the logits to
         those positions (the head runs on them only)."""
         n = self.num_layers
+        forwards: dict[int, Callable[..., torch.Tensor]]
         forwards = {i: functools.partial(_replaced, fn) for i, fn in (replace or {}).items() if i >= start}
         forwards.update({i: _identity for i in range(start)})
         seen, handles = {}, []
@@ -119,7 +135,8 @@ class Runner:
             if stop == n:
                 raise _Stop
 
-        for i in sorted(({start, stop} | set(record)) - {None, n}):
+        hooked = {start, *record} if stop is None else {start, stop, *record}
+        for i in sorted(hooked - {n}):
             handles.append(self.layers[i].register_forward_pre_hook(functools.partial(pre, i), with_kwargs=True))
         if n in record or stop == n:
             handles.append(self.layers[-1].register_forward_hook(post))

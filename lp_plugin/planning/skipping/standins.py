@@ -162,13 +162,15 @@ def _low_rank(total: Stats, coef: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([projected, bias[None]])
 
 
-def fit(spec: StandInSpec, inputs: list, targets: list, alpha: float | None = None) -> tuple:
+def fit(
+    spec: StandInSpec, inputs: list[torch.Tensor], targets: list[torch.Tensor], alpha: float | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fit one stand-in: ``inputs``/``targets`` are per-window ``[tokens, hidden]`` tensors (what the
     stand-in sees, what should come out); ``alpha`` fixes the ridge strength of every output instead
     of choosing it by cross-validation. Returns ``(named tensors, fit details)``."""
     stats = [Stats.of(x, t) for x, t in zip(inputs, targets)]
     total = sum(stats[1:], stats[0])
-    details = {}
+    details: dict[str, float] = {}
     if spec.kind == "mean":
         coef = total.mean_coef()
     elif alpha is not None:

@@ -138,7 +138,7 @@ def plot(out: dict, path: str) -> None:
     vram = all(r["standby_vram_bytes"] is not None for r in rows)
     key = "standby_vram_bytes" if vram else "forward_weight_bytes"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    series = {}
+    series: dict[tuple[str, str], list[dict]] = {}  # (selection, stand-in) -> its rows
     for r in rows[1:]:
         series.setdefault((r["selection"], r["stand_in"]), []).append(r)
     styles = {"none": ":", "mean": "--", "linear": "-"}

@@ -17,6 +17,7 @@ import gc
 import math
 import platform
 import time
+from typing import TypedDict
 
 import torch
 
@@ -39,15 +40,29 @@ SELECTIONS = ("bi", "angular", "greedy")
 STAND_INS = ("none", "mean", "linear")
 FRACTIONS = (0, 10, 20, 30, 40)
 
+# a slice's documents: (the token each is read after, [document token ids])
+SliceSet = tuple[int, list[list[int]]]
 
-def heldout_ids(model, start=HELDOUT[0], end=HELDOUT[1], window=WINDOW) -> tuple:
+
+class Evaluation(TypedDict):
+    """One slice's scores under one model (:func:`evaluate`)."""
+
+    nll: float  # summed over the documents' tokens
+    tokens: int
+    ppl: float
+    forward_s: float
+    tokens_per_second: float | None  # None when the forwards took no measurable time
+    peak_vram_bytes: int | None  # None on the CPU
+
+
+def heldout_ids(model, start=HELDOUT[0], end=HELDOUT[1], window=WINDOW) -> SliceSet:
     """``(prefix token, [document token ids])`` of the held-out documents, for ``model``'s tokenizer."""
     tokenizer = tokenizer_for(model, "the held-out documents")
     docs = [document_ids(tokenizer, text) for text in heldout_documents(tokenizer, start, end, window)]
     return doc_start_token(model, tokenizer), docs
 
 
-def slice_sets(model, names, calib, heldout=(HELDOUT[0], HELDOUT[1], WINDOW)) -> dict:
+def slice_sets(model, names, calib, heldout=(HELDOUT[0], HELDOUT[1], WINDOW)) -> dict[str, SliceSet]:
     """``{slice name: (prefix token, [document token ids])}``: ``calib`` (the first
     :data:`domains.SLICE_TOKENS` calibration tokens, as windows) and every slice of ``names``
     (:data:`domains.SLICES`) as documents; ``heldout`` sets ``pydoc-a``'s range and every window."""
@@ -55,8 +70,8 @@ def slice_sets(model, names, calib, heldout=(HELDOUT[0], HELDOUT[1], WINDOW)) ->
     prefix = doc_start_token(model, tokenizer)
     start, end, window = heldout
     data = calibration(model, calib, window)
-    out, taken = {}, 0
-    out["calib"] = (prefix, [])
+    out: dict[str, SliceSet] = {"calib": (prefix, [])}
+    taken = 0
     for w in data.windows:
         if taken >= domains.SLICE_TOKENS:
             break
@@ -70,7 +85,7 @@ def slice_sets(model, names, calib, heldout=(HELDOUT[0], HELDOUT[1], WINDOW)) ->
 
 
 @torch.no_grad()
-def evaluate(model, prefix: int, docs: list) -> dict:
+def evaluate(model, prefix: int, docs: list[list[int]]) -> Evaluation:
     """Perplexity of ``docs`` (token id lists) under ``model``'s own forward, each document read after
     ``prefix``; with tokens/s of the forwards and the peak VRAM they reached (None on the CPU)."""
     device = model.get_input_embeddings().weight.device
@@ -104,7 +119,7 @@ def _bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def measure(path, options: dict, hf_kwargs: dict, sets: dict) -> dict:
+def measure(path, options: dict, hf_kwargs: dict, sets: dict[str, SliceSet]) -> dict:
     """One row: load ``path`` through the engine with ``options``, score every slice of ``sets``
     (:func:`slice_sets`); the row's ``ppl`` and speed are the ``pydoc-a`` slice's (the
     ``lp_pydoc_heldout`` task's documents) when it is measured, else the first slice's."""
