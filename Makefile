@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# lint and format (configured in pyproject.toml), the type checker on the core, then the tests
+# lint and format (configured in pyproject.toml), the type checker (see [tool.mypy] in pyproject.toml), then the tests
 lint: setup
 	$(BIN)/ruff check lp_plugin integration_tests
 	$(BIN)/ruff format --check lp_plugin integration_tests
