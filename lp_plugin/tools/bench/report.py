@@ -364,7 +364,7 @@ def _exactness_text(logit: list) -> str:
     differ = [name for name in names if missed[name]]
     decode_only = sum(missed[name] == {DECODE_LOGIT_GOAL} for name in differ)
     unchecked = len(names) - len({g["config"] for g in logit if g["goal"] == DECODE_LOGIT_GOAL})
-    tail = f"; decode steps not checked for {unchecked}" if unchecked else ""
+    tail = f"; decode steps unchecked: {unchecked}" if unchecked else ""  # a results file from before the check
     if not differ:
         return f"exact ({len(names)} of {len(names)} configs equal the plain model{tail})"
     only = f", {decode_only} in the decode steps only" if decode_only else ""
