@@ -73,7 +73,7 @@ def test_table_fits_120_columns_and_wide_shows_every_figure(bench_run):
     wide = format_table(bench_run["data"], wide=True)
     header = next(line for line in wide.splitlines() if line.startswith("config "))
     for col in ("standby GiB", "peak GiB", "prefill tok/s", "decode tok/s", "generate tok/s", "static tok/s",
-                "logit diff", "argmax", "ppl", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
+                "logit diff", "dec logit", "argmax", "ppl", "bound tok/s", "dec/base", "gen/base", "static/base", "dec/bound",
                 "dec/accel", "peak/budget", "disk/cpu"):
         assert col in header
 
@@ -90,10 +90,15 @@ def test_goals_inside_the_noise_say_so():
     assert within_noise(0.955, ">= 0.98", band) and not within_noise(0.5, ">= 0.98", band)
     assert noise_band({"speed": {}}, "decode", 3) is None and not within_noise(0.97, ">= 0.98", None)
     goals = [{"config": "s", "goal": "logits vs the plain model: max abs diff", "met": True, "within_noise": False},
+             {"config": "s", "goal": "decode-step logits: max abs diff", "met": True, "within_noise": False},
              {"config": "s", "goal": "session decode", "met": False, "within_noise": True},
              {"config": "s", "goal": "stream decode", "met": False, "within_noise": False}]
     line = verdict({"goals": goals, "configs": []}, None)
     assert "exact (1 of 1" in line and "goals: 0 met, 1 missed, 1 in noise" in line and len(line) <= 120
+    goals[1]["met"] = False  # equal in one forward, not through the decode steps
+    line = verdict({"goals": goals, "configs": []}, None)
+    assert "NOT EXACT (1 of 1 configs differ from the plain model, 1 in the decode steps only)" in line
+    assert "goals: 0 met, 1 missed, 1 in noise" in line  # the exactness goals are not counted among the goals
 
 
 def test_decode_loop_emits_no_warning(bench_run):
@@ -112,6 +117,7 @@ def test_json_schema(bench_run):
     s = data["settings"]
     assert (s["dtype"], s["repeats"], s["prompt"], s["new"], s["prefill"], s["threads"]) == ("fp32", 1, 12, 8, 24, 1)
     assert s["configs"] == NAMES and s["warmup_rounds"] == 1 and s["interleaved"] is True
+    assert "teacher forcing" in s["decode_check"] and "first 8 greedy tokens" in s["decode_check"]
     # the static cache on the CPU: measured on request, uncompiled, and said so
     assert s["static"]["measured"] is True and s["static"]["compiled_by_transformers"] is False
     assert "uncompiled" in s["static"]["note"]
@@ -144,16 +150,22 @@ def test_exactness_figures(bench_run):
     for name in EXACT:
         c = config(data, name)
         assert c["max_abs_logit_diff"] == 0.0 and c["logits_equal"] is True, name
+        assert c["max_abs_decode_logit_diff"] == 0.0 and c["decode_logits_equal"] is True, name
         assert c["argmax_agreement"] == 1.0 and c["perplexity"] == data["reference"]["perplexity"], name
         assert c["decode_tokens_agree"] == c["generate_tokens_agree"] == c["static_tokens_agree"] == 1.0, name
     half = config(data, "stream:2,4:cpu:alpha=0.5:prefetch=2")
     assert half["max_abs_logit_diff"] > 0.0  # alpha < 1 changes the model, and the bench sees it
+    assert half["max_abs_decode_logit_diff"] > 0.0 and half["decode_logits_equal"] is False
+    assert not [g for g in data["goals"] if g["config"] == half["name"]]  # nor is alpha < 1 held to it
     skipped = config(data, "session:even:cpu:skip=3,5")
     assert skipped["max_abs_logit_diff"] > 0.0 and skipped["info"]["skipped_layers"] == [3, 5]
     assert skipped["info"]["offloaded_layers"] == [2, 4]
     assert data["noise"]["logit"] == 0.0 and data["noise"]["perplexity_runs"] == [0.0, 0.0]
+    assert data["noise"]["decode_logit"] == 0.0
     met = {(g["config"], g["goal"]): g["met"] for g in data["goals"]}
-    assert met[("stream:even:cpu", "logits vs the plain model: max abs diff")] is True
+    for name in EXACT[1:-1]:
+        assert met[(name, "logits vs the plain model: max abs diff")] is True, name
+        assert met[(name, "decode-step logits: max abs diff")] is True, name
     assert not [g for g in data["goals"] if g["config"] == "session:even:cpu:skip=3,5"]  # skipping is not held to exactness
 
 
@@ -260,6 +272,40 @@ def test_shapes_real_values():
             ll.rope_parameters["rope_theta"], ll.rms_norm_eps, ll.max_position_embeddings, ll.hidden_act,
             ll.attention_bias, ll.mlp_bias, ll.bos_token_id, ll.eos_token_id) == ("llama", 4096, 14336, 32, 32, 8, 128, 128256, False, 500000.0, 1e-5, 8192, "silu",
                                  False, False, 128000, 128001)
+
+
+def test_forced_decode_logits_follow_the_greedy_loop(ckpt):
+    """The decode-step check feeds the plain model's greedy tokens: its logits predict exactly those
+    tokens, and they come out the same on a second call (the plain model on the CPU repeats)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lp_plugin.tools.bench import measure
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    prompt = torch.arange(3, 15).unsqueeze(0)
+    tokens = measure.bare_decode(model, prompt, 4, torch.device("cpu"))["tokens"][:8]
+    logits = measure.forced_decode_logits(model, prompt, tokens)
+    assert logits.shape == (8, model.config.vocab_size) and logits.dtype == torch.float32
+    assert logits.argmax(-1).tolist() == tokens
+    assert torch.equal(logits, measure.forced_decode_logits(model, prompt, tokens))
+    other = measure.forced_decode_logits(model, prompt, [tokens[0], (tokens[1] + 1) % model.config.vocab_size, *tokens[2:]])
+    assert torch.equal(other[:2], logits[:2]) and measure.max_abs_diff(other, logits) > 0
+
+
+def test_max_abs_diff_is_inf_where_finiteness_differs():
+    import torch
+
+    from lp_plugin.tools.bench.measure import max_abs_diff
+
+    inf, nan = float("inf"), float("nan")
+    a = torch.tensor([[1.0, -inf, 3.0]])
+    assert max_abs_diff(a, a.clone()) == 0.0  # -inf at the same place on both sides: equal
+    assert max_abs_diff(a, torch.tensor([[1.5, -inf, 2.0]])) == 1.0
+    for other in ([1.0, 2.0, 3.0], [1.0, inf, 3.0], [1.0, -inf, nan]):
+        assert max_abs_diff(a, torch.tensor([other])) == inf, other
+    b = torch.tensor([[nan, 1.0]])
+    assert max_abs_diff(b, b.clone()) == inf  # NaN never equals NaN
 
 
 @pytest.mark.parametrize("points,front", [

@@ -57,6 +57,7 @@ def test_peers_are_measured_and_exact(peers_run):
         c = config(data, name)
         assert c["error"] is None and c["not_applicable"] is None, (name, c["traceback"])
         assert c["logits_equal"] is True and c["decode_tokens_agree"] == 1.0, name
+        assert c["decode_logits_equal"] is True and c["max_abs_decode_logit_diff"] == 0.0, name  # the decode steps too
         assert c["decode_tok_s"]["median"] > 0 and len(c["decode_tok_s"]["runs"]) == 1, name
         timed_generate = c["generate_tokens_agree"] is not None
         assert timed_generate == (not name.startswith("airllm")), name  # AirLLM: prefill and bare decode only

@@ -69,7 +69,8 @@ def test_bench_self_compare_passes(reference, tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("max_abs_logit_diff", NAN), ("max_abs_logit_diff", INF), ("perplexity", NAN), ("argmax_agreement", NAN),
     ("generate_tokens_agree", NAN), ("max_abs_logit_diff", KeyError), ("argmax_agreement", KeyError),
-    ("perplexity", KeyError),
+    ("perplexity", KeyError), ("max_abs_decode_logit_diff", NAN), ("max_abs_decode_logit_diff", INF),
+    ("max_abs_decode_logit_diff", KeyError), ("max_abs_decode_logit_diff", 1e-7),
 ])
 def test_bench_new_figure_not_finite_or_missing_is_a_regression(reference, tmp_path, key, value):
     rc, stdout = _gate(tmp_path, _doctor(reference, "stream:even:cpu", key, value), reference)
@@ -94,11 +95,71 @@ def test_bench_nan_in_the_plain_models_figures_fails(reference, tmp_path):
     assert _gate(tmp_path, new, reference)[0] == 1
 
 
-@pytest.mark.parametrize("key,value", [("max_abs_logit_diff", NAN), ("perplexity", INF), ("argmax_agreement", -INF)])
+@pytest.mark.parametrize("key,value", [("max_abs_logit_diff", NAN), ("perplexity", INF), ("argmax_agreement", -INF),
+                                       ("max_abs_decode_logit_diff", INF)])
 def test_bench_reference_figure_not_finite_cannot_compare(reference, tmp_path, key, value):
     rc, stdout = _gate(tmp_path, reference, _doctor(reference, "stream:even:cpu", key, value))
     assert rc == 2, stdout
     assert "CANNOT COMPARE" in stdout
+
+
+def _decode(data, name, diff, equal):
+    data = _doctor(data, name, "max_abs_decode_logit_diff", diff)
+    config(data, name)["decode_logits_equal"] = equal
+    return data
+
+
+def test_bench_decode_logits_not_finite_in_the_new_run_is_a_regression(reference, tmp_path):
+    """No difference recorded and decode_logits_equal false: the decode steps gave logits that are not
+    finite where the plain model's are. A regression against a reference that has the figure."""
+    rc, stdout = _gate(tmp_path, _decode(reference, "stream:even:cpu", None, False), reference)
+    assert rc == 1 and "stream:even:cpu: max abs decode-step logit diff vs the plain model: 0.0 -> not finite" in stdout
+    assert "NOT EXACT (1 of 2 configs differ from the plain model, 1 in the decode steps only)" in stdout
+
+
+def test_bench_reference_without_the_decode_check_is_not_compared_on_it(reference, tmp_path):
+    """A reference from before the decode-step check (or one whose decode steps were not exact, with
+    no difference recorded): the new run is not held to that figure, and still gated on the rest."""
+    old = copy.deepcopy(reference)
+    for c in old["configs"]:
+        c.pop("max_abs_decode_logit_diff")
+        c.pop("decode_logits_equal")
+    rc, stdout = _gate(tmp_path, reference, old)
+    assert rc == 0, stdout
+    assert bench(["--results", _write(tmp_path, "old-only.json", old)])[1].splitlines()[-1].startswith(
+        "verdict: exact (2 of 2 configs equal the plain model; decode steps unchecked: 2)")
+    assert _gate(tmp_path, reference, _decode(reference, "stream:even:cpu", None, False))[0] == 0
+    assert _gate(tmp_path, _doctor(reference, "stream:even:cpu", "max_abs_logit_diff", 1e-7), old)[0] == 1
+
+
+@pytest.mark.parametrize("diff,rc", [(1.5e-3, 0), (2e-3, 0), (2.5e-3, 1)])
+def test_bench_decode_logits_may_drift_as_far_as_the_plain_model_allows(reference, tmp_path, diff, rc):
+    """The plain model's own decode-step drift (``baseline`` and ``baseline:twin`` against the reference
+    logits) sets the allowance: NOISE_MARGIN (2) times 1e-3 here; beyond it the gate fails. The
+    goal of an exact config follows the same allowance."""
+    def drifting(data, value):
+        data = copy.deepcopy(data)
+        for name in ("baseline", "baseline:twin"):
+            data = _decode(data, name, 1e-3, False)
+        return _decode(data, "stream:even:cpu", value, False)
+
+    new_rc, stdout = _gate(tmp_path, drifting(reference, diff), drifting(reference, 0.0))
+    assert new_rc == rc, stdout
+    goal = "stream:even:cpu: decode-step logits: max abs diff"
+    assert (f"[ok] {goal} = {diff:.3g} (target <= 0.002" in stdout) == (rc == 0), stdout
+
+
+def test_bench_inexact_config_is_not_held_to_decode_exactness(reference, tmp_path):
+    """alpha < 1 changes the model: its decode-step difference is reported, never a goal or the verdict."""
+    data = _decode(reference, "stream:even:cpu", 0.25, False)
+    config(data, "stream:even:cpu")["config"]["alpha"] = 0.5
+    stdout = bench(["--results", _write(tmp_path, "half.json", data)])[1]
+    assert "stream:even:cpu: decode-step logits" not in stdout
+    assert stdout.splitlines()[-1].startswith("verdict: exact (1 of 1 configs equal the plain model)")
+    exact = _decode(reference, "stream:even:cpu", 0.25, False)
+    stdout = bench(["--results", _write(tmp_path, "bad.json", exact)])[1]
+    assert "[MISS] stream:even:cpu: decode-step logits: max abs diff = 0.25" in stdout
+    assert stdout.splitlines()[-1].startswith("verdict: NOT EXACT (1 of 2 configs differ")
 
 
 def test_bench_reference_plain_perplexity_nan_cannot_compare(reference, tmp_path):

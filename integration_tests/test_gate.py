@@ -1,7 +1,7 @@
 """The lp-bench gate on this CPU machine, with real runs: it passes a run against its own result 20
 times out of 20, fails against ratios made 10x better, fails when stream mode is really slowed
-down, fails on a one-ulp logit change of a deterministic model, and does not fail on the plain
-model's own nondeterminism.
+down, fails on a one-ulp logit change of a deterministic model (in one forward, or in the decode
+steps only), and does not fail on the plain model's own nondeterminism.
 
 Test builds of the engine are injected into a fresh lp-bench process through a ``sitecustomize``
 module on PYTHONPATH (a slower ``Ring.wait``, a nudged logit, a noisy RMSNorm); the package
@@ -60,6 +60,48 @@ def attach(model, *args, **kwargs):
     if "_lp_test_nudge" not in model.__dict__:
         head = model.get_output_embeddings()
         model._lp_test_nudge = head.register_forward_hook(lambda module, inputs, output: _nudge(model, output))
+    return handle
+
+
+_engine.attach = attach
+'''
+
+DECODE_SITE = '''
+"""Test build: while lp_plugin is attached to a model, the decode steps (forwards that extend a KV cache
+already holding tokens) are changed: LP_TEST_DECODE=ulp makes the first logit of the last position one ulp
+larger, LP_TEST_DECODE=inf makes it +inf. A forward over a whole sequence, as one plain forward and the
+perplexity are computed, stays exact."""
+import os
+
+import torch
+
+import lp_plugin
+import lp_plugin.integrations.engine as _engine
+
+_attach = _engine.attach
+_how = os.environ["LP_TEST_DECODE"]
+
+
+def _step(model, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    model._lp_test_step = cache is not None and cache.get_seq_length() > 0
+
+
+def _nudge(model, output):
+    if getattr(model, "_lp_test_step", False) and lp_plugin.get_handle(model) is not None:
+        x = output[0, -1, 0]
+        output[0, -1, 0] = torch.nextafter(x, torch.tensor(float("inf"), dtype=output.dtype)) if _how == "ulp" else float("inf")
+    return output
+
+
+def attach(model, *args, **kwargs):
+    handle = _attach(model, *args, **kwargs)
+    if "_lp_test_hooks" not in model.__dict__:
+        head = model.get_output_embeddings()
+        model._lp_test_hooks = (
+            model.register_forward_pre_hook(lambda module, args, kwargs: _step(model, args, kwargs), with_kwargs=True),
+            head.register_forward_hook(lambda module, inputs, output: _nudge(model, output)),
+        )
     return handle
 
 
@@ -183,6 +225,50 @@ def test_fails_on_a_one_ulp_logit_change(ckpt, reference, tmp_path):
     assert config(data, "baseline")["max_abs_logit_diff"] == 0.0
 
 
+def test_fails_on_a_one_ulp_change_in_the_decode_steps_only(ckpt, reference, tmp_path):
+    """Decode steps one ulp off while one forward over the prompt stays bit-exact: the plain-forward
+    figures, perplexity and greedy tokens all agree (what lp-bench checked before), the decode-step
+    check sees it, and it is the gate's only finding."""
+    out = tmp_path / "decode-ulp.json"
+    proc = bench_process(_small(ckpt, "--compare", reference, "--out", out), DECODE_SITE, tmp_path,
+                         env={"LP_TEST_DECODE": "ulp"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = read(out)
+    assert data["noise"]["decode_logit"] == 0.0
+    regressions = [line for line in proc.stdout.split("REGRESSION", 1)[1].splitlines()[1:] if line.startswith("  ")]
+    for name in ("session:even:cpu", "stream:even:cpu"):
+        c = config(data, name)
+        assert c["max_abs_logit_diff"] == 0.0 and c["logits_equal"] is True, name
+        assert c["perplexity"] == data["reference"]["perplexity"] and c["decode_tokens_agree"] == 1.0, name
+        assert c["decode_logits_equal"] is False and 0 < c["max_abs_decode_logit_diff"] < 1e-5, name
+        diff = c["max_abs_decode_logit_diff"]
+        assert f"  {name}: max abs decode-step logit diff vs the plain model: 0.0 -> {diff!r} " in proc.stdout
+    assert all("decode-step" in line for line in regressions), regressions
+    assert config(data, "baseline")["decode_logits_equal"] is True
+    verdict = proc.stdout.splitlines()[-1]
+    assert verdict.startswith("verdict: NOT EXACT (2 of 2 configs differ from the plain model, 2 in the decode steps only)")
+    met = {(g["config"], g["goal"]): g["met"] for g in data["goals"]}
+    assert met[("stream:even:cpu", "logits vs the plain model: max abs diff")] is True
+    assert met[("stream:even:cpu", "decode-step logits: max abs diff")] is False
+
+
+def test_decode_logits_not_finite_are_written_and_fail(ckpt, reference, tmp_path):
+    """A decode step that gives +inf where the plain model's logit is finite: the results file stays strict
+    JSON (no difference is recorded, decode_logits_equal is false), the table shows inf, the gate fails."""
+    out = tmp_path / "decode-inf.json"
+    proc = bench_process(_small(ckpt, "--compare", reference, "--out", out, "--repeats", "1"), DECODE_SITE, tmp_path,
+                         env={"LP_TEST_DECODE": "inf"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    c = config(read(out), "stream:even:cpu")
+    assert c["decode_logits_equal"] is False and c["max_abs_decode_logit_diff"] is None
+    assert c["max_abs_logit_diff"] == 0.0
+    assert "  stream:even:cpu: max abs decode-step logit diff vs the plain model: 0.0 -> not finite" in proc.stdout
+    wide = bench(["--results", out, "--wide"])[1]
+    row = next(line for line in wide.splitlines() if line.startswith("stream:even:cpu "))
+    assert " inf " in row
+
+
 def test_tolerates_the_plain_models_own_nondeterminism(ckpt, tmp_path):
     """Both runs in processes whose plain model's logits really vary from call to call: the offloaded
     configs differ from the plain reference (a zero-tolerance gate would fail), the gate measures that
@@ -194,9 +280,12 @@ def test_tolerates_the_plain_models_own_nondeterminism(ckpt, tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     data = read(new)
     assert data["noise"]["logit"] > 0 and any(d != 0 for d in data["noise"]["perplexity_runs"])
+    assert data["noise"]["decode_logit"] > 0
     for name in ("session:even:cpu", "stream:even:cpu"):
         assert config(data, name)["max_abs_logit_diff"] > 0, name
-    assert all(g["met"] for g in data["goals"] if g["goal"].startswith("logits vs the plain model"))
+        assert config(data, name)["max_abs_decode_logit_diff"] > 0, name
+    exactness = [g for g in data["goals"] if "logits" in g["goal"]]
+    assert len(exactness) == 4 and all(g["met"] for g in exactness)
 
 
 def test_fail_on_miss_gates_on_goals(reference, tmp_path):

@@ -5,7 +5,8 @@ a shared machine; ``--absolute`` adds them):
 
 * speed: every offloaded config's *ratio to the plain model in the same run*, as the median of
   per-round ratios (each round measures every config back to back, so drift cancels);
-* exactness: logit difference, argmax and token agreement with the plain model, and perplexity
+* exactness: logit difference (in one forward over the prompt, and through the decode steps fed
+  the plain model's greedy tokens), argmax and token agreement with the plain model, and perplexity
   relative to the plain model's own;
 * memory: standby and peak VRAM relative to the plain model's (CUDA only).
 
@@ -29,13 +30,17 @@ band for that). ``sigma`` is the larger of the run's own noise, the plain model 
 (``baseline`` and ``baseline:twin``, a round apart: root mean square of the log ratios), and the
 config's own spread over rounds (standard deviation of the log ratios).
 
-Exactness tolerances come from the plain model too: its logits and perplexity are computed three
-times per run (reference, ``baseline``, ``baseline:twin``). A deterministic model repeats exactly,
-and the gate then allows nothing: one ulp fails. For a nondeterministic one (some GPU kernels) the
-max abs logit difference (a maximum over many logits, which varies little from draw to draw) may
-reach ``NOISE_MARGIN`` times the plain model's largest drift; perplexity (one number) may move as
-far as a t-test on the plain model's own deviations allows; argmax and token agreement may drop by
-``NOISE_MARGIN`` times the plain model's own drop. The ``--tolerance`` values add fixed slack.
+Exactness tolerances come from the plain model too: its logits (one forward over the prompt; the
+decode steps fed its own greedy tokens) and perplexity are computed three times per run (reference,
+``baseline``, ``baseline:twin``). A deterministic model repeats exactly, and the gate then allows
+nothing: one ulp fails, in one forward or in a decode step (a config that was bit-exact through the
+decode steps in the reference and is not now fails). For a nondeterministic one (some GPU kernels)
+the max abs logit difference (a maximum over many logits, which varies little from draw to draw) may
+reach ``NOISE_MARGIN`` times the plain model's largest drift on the same path; perplexity (one
+number) may move as far as a t-test on the plain model's own deviations allows; argmax and token
+agreement may drop by ``NOISE_MARGIN`` times the plain model's own drop. The ``--tolerance`` values
+add fixed slack. A reference without the decode-step figure (a run from before the check) is not
+compared on it.
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ import statistics
 from .derive import NOISE_MARGIN, SPEEDS, exact_allowance, plain, speed_runs, usable
 from .stats import log_sd, mann_whitney_can_reject, mann_whitney_p, median_se, runs_of, t_critical
 
+DECODE_LOGITS = "max abs decode-step logit diff vs the plain model"
 MW_ALPHA = 0.002  # asv's threshold for its Mann-Whitney U test
 DEFAULT_TOLERANCE = {"speed": 1.10, "vram": 1.02, "ppl": 0.0, "logit": 0.0, "argmax": 0.0, "tokens": 0.0}
 TOLERANCE_HELP = {
     "speed": "a speed ratio must fall by more than this factor, and more than the noise allows, to fail",
     "vram": "standby/peak VRAM vs the plain model may grow by this factor",
     "ppl": "relative perplexity change allowed beyond the plain model's own drift",
-    "logit": "max abs logit difference allowed beyond the reference's and the plain drift",
+    "logit": "max abs logit difference (one forward; decode steps) allowed beyond the reference's and the plain drift",
     "argmax": "argmax agreement drop allowed beyond the plain drift",
     "tokens": "greedy-token agreement drop allowed beyond the plain drift",
 }
@@ -190,20 +196,31 @@ def _finite(v) -> bool:
         return False
 
 
-def _exactness(name, nc, oc, new, old, tol, out) -> None:
-    pair = _figures(
-        name, "max abs logit diff vs the plain model", nc.get("max_abs_logit_diff"), oc.get("max_abs_logit_diff"), out
-    )
+def _logit_diff(name, label, a, b, drift_key, new, old, tol, out) -> None:
+    """A max abs logit difference from the plain model may grow to the reference's, or to
+    :data:`NOISE_MARGIN` times the plain model's own drift on the same path, plus ``logit``."""
+    pair = _figures(name, label, a, b, out)
     if pair:
         a, b = pair
-        allowed = max(b, exact_allowance(_drift(new, old, "logit"))) + tol["logit"]
+        drift = _drift(new, old, drift_key)
+        allowed = max(b, exact_allowance(drift)) + tol["logit"]
         if a > allowed:
             out.regress(
                 name,
-                "max abs logit diff vs the plain model",
+                label,
                 f"{b!r} -> {a!r} (allowed {allowed!r}: the "
-                f"plain model's own drift {_drift(new, old, 'logit')!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})",
+                f"plain model's own drift {drift!r} x {NOISE_MARGIN:g} + logit={tol['logit']:g})",
             )
+
+
+def _exactness(name, nc, oc, new, old, tol, out) -> None:
+    label = "max abs logit diff vs the plain model"
+    _logit_diff(name, label, nc.get("max_abs_logit_diff"), oc.get("max_abs_logit_diff"), "logit", new, old, tol, out)
+    label, a, b = DECODE_LOGITS, nc.get("max_abs_decode_logit_diff"), oc.get("max_abs_decode_logit_diff")
+    if a is None and b is not None and nc.get("decode_logits_equal") is False:
+        out.regress(name, label, f"{b!r} -> not finite where the plain model's are (decode_logits_equal false)")
+    else:
+        _logit_diff(name, label, a, b, "decode_logit", new, old, tol, out)
     pair = _figures(name, "perplexity", nc.get("perplexity"), oc.get("perplexity"), out)
     a, b = _relative_ppl(new, nc), _relative_ppl(old, oc)
     if pair and a is not None and b is not None:

@@ -189,6 +189,36 @@ def logits_of(model, ids):
         return model(input_ids=ids, use_cache=False).logits.detach().to("cpu")
 
 
+def forced_decode_logits(model, prompt_ids, tokens: list):
+    """The decode path with the inputs fixed (teacher forcing): ``prompt_ids`` prefilled into a fresh
+    DynamicCache, then ``tokens[:-1]`` fed one at a time. Returns the last-position logits of the
+    prefill and of every step, the ones that predict ``tokens`` (``len(tokens)`` rows, float32, CPU).
+    Two models given the same ``tokens`` (the plain model's greedy ones) compute from the same inputs
+    even where their own greedy tokens would part."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        kw = cache_kwargs(model)
+        out = model(input_ids=prompt_ids, logits_to_keep=1, **kw)
+        rows.append(out.logits[0, -1].detach().float().cpu())
+        for tok in tokens[:-1]:
+            step = torch.tensor([[tok]], dtype=prompt_ids.dtype, device=prompt_ids.device)
+            rows.append(model(input_ids=step, **kw).logits[0, -1].detach().float().cpu())
+    return torch.stack(rows)
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute difference of two logit tensors over their finite entries; ``inf`` when
+    they are not finite at the same places or their non-finite entries differ (a NaN never equals)."""
+    import torch
+
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(a[~fa], b[~fb]):
+        return float("inf")
+    return float((a[fa] - b[fb]).abs().max()) if fa.any() else 0.0
+
+
 def perplexity(model, ids) -> float:
     """Perplexity of ``ids`` (batch 1), computed in float64: a float32 loss would round away the
     small drift of a nondeterministic model, which the gate measures."""

@@ -18,7 +18,8 @@ from .stats import median_of
 
 def _points(out: dict) -> tuple:
     measured = any(median_of(c.get("standby_vram_bytes")) is not None for c in out["configs"] if usable(c))
-    allowed = exact_allowance((out.get("noise") or {}).get("logit"))
+    nz = out.get("noise") or {}
+    allowed, allowed_decode = exact_allowance(nz.get("logit")), exact_allowance(nz.get("decode_logit"))
     points = []
     for c in out["configs"]:
         d = c.get("decode_tok_s")
@@ -30,7 +31,9 @@ def _points(out: dict) -> tuple:
             y, peak = out["model"]["param_bytes"] - (c.get("offloaded_bytes") or 0), None
         if y is None:
             continue
-        diff = c.get("max_abs_logit_diff")
+        diff, decode = c.get("max_abs_logit_diff"), c.get("max_abs_decode_logit_diff")
+        # exact in one forward, and through the decode steps where they were checked
+        decode_exact = decode <= allowed_decode if decode is not None else c.get("decode_logits_equal") is not False
         points.append(
             {
                 "name": c["name"],
@@ -39,7 +42,7 @@ def _points(out: dict) -> tuple:
                 "xhi": d["max"],
                 "y": y,
                 "peak": peak,
-                "exact": diff is not None and diff <= allowed,
+                "exact": diff is not None and diff <= allowed and decode_exact,
             }
         )
     return points, measured

@@ -2,6 +2,10 @@
 taken off, round-robin over the configs; round 0 is a discarded warm-up that also checks logits,
 perplexity and tokens against the plain model's.
 
+The warm-up round also feeds the plain model's first greedy tokens through every config's decode
+steps (teacher forcing: a prompt prefilled into a KV cache, then one token a step), since a config can
+equal the plain model in one forward over a sequence and still differ token by token.
+
 The plain model is measured first in every round (``baseline``) and again last (``baseline:twin``),
 so the run measures its own noise: how far two measurements of the same model drift apart within
 one round, and whether the plain model's logits repeat. The gate (:mod:`lp_plugin.tools.bench.gate`)
@@ -38,6 +42,7 @@ from .setup import (
 from .stats import stat
 
 SCHEMA = "lp-bench/2"
+DECODE_CHECK_TOKENS = 8  # the plain model's greedy tokens fed through the decode steps of every config
 TIMED = (
     "setup_s",
     "standby_vram_bytes",
@@ -117,6 +122,8 @@ class Run:
         self.ref_ppl = measure.perplexity(model, ids["ppl"])
         self.max_new = max([self.settings.new] + [c.new or 0 for c in self.configs])
         self.ref_tokens = measure.bare_decode(model, ids["prompt"], self.max_new, self.device)["tokens"]
+        self.forced_tokens = self.ref_tokens[:DECODE_CHECK_TOKENS]
+        self.ref_decode_logits = measure.forced_decode_logits(model, ids["prompt"], self.forced_tokens)
         self.ref_static = None
         if self.static:
             self.log("lp-bench: the plain model's static-cache generate (the reference of the static columns)")
@@ -236,6 +243,8 @@ def _empty_result(cfg) -> dict:
         "max_abs_logit_diff": None,
         "logits_equal": None,
         "argmax_agreement": None,
+        "decode_logits_equal": None,
+        "max_abs_decode_logit_diff": None,
         "perplexity": None,
         "decode_tokens_agree": None,
         "generate_tokens_agree": None,
@@ -248,7 +257,8 @@ def _empty_result(cfg) -> dict:
 
 
 def _correctness(run, place, res) -> None:
-    """Warm-up round only (not timed): logits of a plain forward and perplexity against the plain model's."""
+    """Warm-up round only (not timed): logits of a plain forward, logits of the decode steps fed the plain
+    model's greedy tokens, and perplexity, against the plain model's."""
     import torch
 
     logits = measure.logits_of(place.model, run.ids["prompt"])  # a plain forward, as a user would call it
@@ -257,6 +267,9 @@ def _correctness(run, place, res) -> None:
     res["argmax_agreement"] = float((logits.argmax(-1) == run.ref_argmax).float().mean())
     with place.inference():
         res["perplexity"] = measure.perplexity(place.model, run.ids["ppl"])
+        decode = measure.forced_decode_logits(place.model, run.ids["prompt"], run.forced_tokens)
+    res["decode_logits_equal"] = bool(torch.equal(decode, run.ref_decode_logits))
+    res["max_abs_decode_logit_diff"] = measure.max_abs_diff(decode, run.ref_decode_logits)
 
 
 def _timed(run, place, res, new, phase) -> dict:
@@ -364,6 +377,10 @@ def _finish_result(res, run) -> None:
         res["prefill_transfer_bound_tok_s"] = run.settings.prefill * res["transfer_bound_tok_s"]
     if res["perplexity"] is not None and not math.isfinite(res["perplexity"]):
         res["perplexity"] = None
+    if res["max_abs_decode_logit_diff"] is not None and not math.isfinite(res["max_abs_decode_logit_diff"]):
+        # strict JSON has no Infinity: logits not finite where the plain model's are (or the reverse)
+        # read as decode_logits_equal False with no difference to give
+        res["max_abs_decode_logit_diff"] = None
 
 
 def _output(run, configs, results) -> dict:
@@ -384,6 +401,11 @@ def _output(run, configs, results) -> dict:
             decode_loop=(
                 "model(input_ids, cache=DynamicCache, use_cache=True) + argmax, timed between synchronizes "
                 f"with gc off, after {measure.DECODE_WARM_STEPS} untimed steps (none for cold-cache configs)"
+            ),
+            decode_check=(
+                f"teacher forcing: the logits that predict the plain model's first {len(run.forced_tokens)} "
+                "greedy tokens, from the prompt prefilled into a DynamicCache and then those tokens fed one a "
+                "step (in lp_plugin.session for lp configs), compared with the plain model's"
             ),
             generate=(
                 "model.generate(greedy, min_new_tokens=max_new_tokens=new), called as a user would (opens its "
