@@ -207,12 +207,14 @@ def test_unreadable_results_exit_2(tmp_path, capsys):
 
 
 def test_failed_config_exits_3(ckpt, tmp_path):
-    """A config whose offload spec fits no layer of this model fails; the others still run."""
+    """A config that fails when applied (text calibration needs the tokenizer this checkpoint lacks) fails;
+    the others still run. (Options lp_plugin refuses for this model are refused before any work: exit 2.)"""
     out = tmp_path / "r.json"
-    rc, stdout = bench(["--model", ckpt, *SMALL, "--configs", "baseline,stream:40-44:cpu", "--repeats", "1", "--out", out])
+    bad = "stream:even:cpu:skip=bi:2:calib=pydoc"
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--configs", f"baseline,{bad}", "--repeats", "1", "--out", out])
     assert rc == 3
     data = json.loads(out.read_text())
-    assert config(data, "stream:40-44:cpu")["error"] and config(data, "baseline")["error"] is None
+    assert config(data, bad)["error"] and config(data, "baseline")["error"] is None
 
 
 # ----------------------------------------------------------------------------- config grammar

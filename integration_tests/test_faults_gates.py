@@ -78,6 +78,42 @@ def test_bench_new_figure_not_finite_or_missing_is_a_regression(reference, tmp_p
     assert "gate: no regression" not in stdout
 
 
+@pytest.mark.parametrize("key,value", [
+    ("max_abs_logit_diff", -1.0), ("argmax_agreement", 2.0), ("argmax_agreement", -0.5), ("decode_tokens_agree", 1.5),
+    ("perplexity", 0.0), ("perplexity", -3.0),
+])
+def test_bench_new_figure_outside_what_it_can_measure_is_a_regression(reference, tmp_path, key, value):
+    """A negative logit difference, an agreement outside [0, 1] or a perplexity <= 0 is no measurement."""
+    rc, stdout = _gate(tmp_path, _doctor(reference, "stream:even:cpu", key, value), reference)
+    assert rc == 1, stdout
+
+
+@pytest.mark.parametrize("key,value", [("max_abs_logit_diff", -1.0), ("argmax_agreement", 1.5), ("perplexity", 0.0)])
+def test_bench_reference_figure_outside_what_it_can_measure_cannot_compare(reference, tmp_path, key, value):
+    rc, stdout = _gate(tmp_path, reference, _doctor(reference, "stream:even:cpu", key, value))
+    assert rc == 2, stdout
+
+
+def _speeds(data, name, value):
+    data = copy.deepcopy(data)
+    figure = config(data, name)["decode_tok_s"]
+    figure.update(runs=[value] * len(figure["runs"]), median=value, min=value, max=value)
+    return data
+
+
+@pytest.mark.parametrize("name", ["baseline", "session:even:cpu"])
+@pytest.mark.parametrize("value", [0.0, -5.0])
+def test_bench_reference_speed_not_above_zero_cannot_compare(reference, tmp_path, name, value):
+    """A reference whose plain model decoded at 0 tok/s leaves no ratio to compare: never a pass."""
+    rc, stdout = _gate(tmp_path, reference, _speeds(reference, name, value))
+    assert rc == 2, stdout
+
+
+@pytest.mark.parametrize("name", ["baseline", "session:even:cpu"])
+def test_bench_new_speed_not_above_zero_is_a_regression(reference, tmp_path, name):
+    assert _gate(tmp_path, _speeds(reference, name, -5.0), reference)[0] == 1
+
+
 def test_bench_400_digit_figure_cannot_be_read(reference, tmp_path):
     """A number too large for a float in the new run: the file cannot be read (exit 2, not 0)."""
     assert _gate(tmp_path, _doctor(reference, "stream:even:cpu", "max_abs_logit_diff", HUGE), reference)[0] == 2

@@ -242,6 +242,22 @@ def test_calib_multibyte_char_across_a_read_boundary(text_model, tmp_path):
     assert calib_mod.calibration(text_model, str(path)).num_tokens > 2
 
 
+@pytest.mark.parametrize("calib", ["pydoc", "mix:64", "file"])
+def test_text_calib_without_a_saved_tokenizer_names_the_model_folder(tmp_path, calib):
+    """transformers loads an empty tokenizer from a folder without tokenizer files: text calibration
+    refuses it, naming the folder, instead of reporting a text too short."""
+    from shapes import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny("qwen2", tmp_path / "no-tokenizer")  # transformers makes an empty Qwen2 tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("word " * 2000)
+    with pytest.raises(OffloadSpecError) as exc:
+        calib_mod.calibration(model, str(text) if calib == "file" else calib)
+    assert folder in str(exc.value)
+
+
 @pytest.mark.parametrize("calib", ["missing", "latin1", "pydoc:²", "folder"])
 def test_lp_prune_checks_calib_before_any_work(tmp_path, monkeypatch, calib):
     from shapes import save_tiny
@@ -262,6 +278,49 @@ def test_lp_prune_checks_calib_before_any_work(tmp_path, monkeypatch, calib):
     with contextlib.redirect_stderr(err):
         rc = cli.main(["--model", model, "--out", str(tmp_path / "out" / "o"), "--calib", value, "--no-plot"])
     assert rc == 2 and "Traceback" not in err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from shapes import save_tiny
+
+    return save_tiny("qwen2", tmp_path_factory.mktemp("bench-model") / "tiny-qwen2")
+
+
+def _bench_before_work(monkeypatch, argv) -> tuple:
+    """lp-bench ``argv`` with measuring replaced by a marker: (exit status, whether it began measuring)."""
+    from bench_helpers import bench
+
+    from lp_plugin.tools.bench import runner
+
+    started = []
+
+    def no_work(settings, configs):
+        started.append(configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "run_bench", no_work)
+    with contextlib.redirect_stderr(io.StringIO()):
+        rc, _ = bench(argv)
+    return rc, bool(started)
+
+
+@pytest.mark.parametrize("config", [
+    "stream:²:cpu", "stream:2-٤:cpu", "session:2-99:cpu", "accelerate_cpu:²", "stream:even:cpu:prefetch=١",
+    "stream:even:cpu:alpha=½", "stream:even:cpu:new=１", "stream:even:cpu:skip=bi:²",
+    "stream:even:cpu:stand_in=linear:²", "stream:even:cpu:calib=pydoc:²", "session:even:disk:calib=/no/such/file",
+    "stream:even:cpu:skip=40", "stream:even:cpu:skip=2-٤",
+])
+def test_lp_bench_checks_engine_options_before_any_work(tiny_checkpoint, monkeypatch, config):
+    rc, started = _bench_before_work(monkeypatch, ["--model", tiny_checkpoint, "--configs", config])
+    assert rc == 2 and not started
+
+
+def test_lp_bench_good_engine_options_reach_the_run(tiny_checkpoint, monkeypatch):
+    configs = ("stream:even:cpu:prefetch=2,session:2-6:2:disk,accelerate_cpu:odd,stream:even:cpu:skip=bi:2:stand_in=linear:4,"
+               "session:even:cpu:skip=3,5")
+    rc, started = _bench_before_work(monkeypatch, ["--model", tiny_checkpoint, "--configs", configs])
+    assert rc == 0 and started
 
 
 # ---------------------------------------------------------------------------------- importance
@@ -407,3 +466,21 @@ def test_lp_prune_answers_every_input_before_work(tmp_path, monkeypatch, options
             rc = exc.code
     assert rc == 2 and "Traceback" not in err.getvalue()
 
+
+_BENCH_OPTION = st.tuples(
+    st.sampled_from(["alpha", "prefetch", "new", "protect_first", "protect_last", "skip", "stand_in", "calib", "load"]),
+    _TEXT,
+).map(lambda kv: f"{kv[0]}={kv[1]}")
+_BENCH_CONFIG = st.tuples(
+    st.sampled_from(["session", "stream", "accelerate_cpu", "accelerate_disk", "baseline", "bogus"]),
+    st.lists(st.one_of(_TEXT, _BENCH_OPTION, st.sampled_from(["cpu", "disk", "cold"])), max_size=4),
+).map(lambda parts: ":".join([parts[0], *parts[1]]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW_AND_TMP)
+@given(configs=st.lists(_BENCH_CONFIG, min_size=1, max_size=3))
+def test_lp_bench_configs_answer_every_input_before_work(tiny_checkpoint, monkeypatch, configs):
+    """Random --configs of lp-bench: refused with exit 2 or handed to the run, never a traceback."""
+    with time_limit(30):
+        rc, _ = _bench_before_work(monkeypatch, ["--model", tiny_checkpoint, "--configs", ",".join(configs)])
+    assert rc in (0, 2)

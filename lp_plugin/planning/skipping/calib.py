@@ -68,12 +68,18 @@ def tokenizer_for(model, why: str):
             "tokenizer and load it from that folder"
         )
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise OffloadSpecError(
             f"{why} needs the model's tokenizer, but none loads from {path!r} ({exc}); save the tokenizer next to the "
             "model, or pass calib as token ids (calib=[int, ...])"
         ) from None
+    if not encode(tokenizer, "calibration text"):  # a folder without tokenizer files can give an empty one
+        raise OffloadSpecError(
+            f"{why} needs the model's tokenizer, but the one loaded from {path!r} is empty (no tokenizer files "
+            "there); save the tokenizer next to the model, or pass calib as token ids (calib=[int, ...])"
+        )
+    return tokenizer
 
 
 def document_ids(tokenizer, text: str) -> list:

@@ -25,8 +25,8 @@ class SkipPlan:
     info: dict = field(default_factory=dict)  # how they were chosen and fitted (JSON-ready)
 
 
-def _policy_layers(spec: PolicySpec, model, config, stand_in, num_layers: int) -> tuple:
-    """``(layers, context)`` chosen by the policy ``spec`` names (checked before any calibration)."""
+def _checked_policy(spec: PolicySpec, num_layers: int) -> tuple:
+    """``(policy, count)`` of the skip policy ``spec`` names, for a model of ``num_layers`` layers."""
     policy = skip_policy(spec.name)
     if policy is None:
         raise OffloadSpecError(
@@ -38,6 +38,12 @@ def _policy_layers(spec: PolicySpec, model, config, stand_in, num_layers: int) -
         raise OffloadSpecError(
             f"skip={str(spec)!r} asks for {count} of the model's {num_layers} layers; leave at least one layer to run"
         )
+    return policy, count
+
+
+def _policy_layers(spec: PolicySpec, model, config, stand_in, num_layers: int) -> tuple:
+    """``(layers, context)`` chosen by the policy ``spec`` names (checked before any calibration)."""
+    policy, count = _checked_policy(spec, num_layers)
     if count == 0:
         return (), None
     ctx = SkipContext(model, config.calib, stand_in)
@@ -58,11 +64,18 @@ def _explicit_layers(skip, num_layers: int) -> tuple:
             raise OffloadSpecError(
                 f"skip={name!r} needs a count: '{name}:3' skips 3 layers, '{name}:10%' a tenth of them"
             )
-    return select_layers(skip, num_layers, 0, 0, policies=policies())
+    layers = select_layers(skip, num_layers, 0, 0, policies=policies())
+    if len(layers) >= num_layers:
+        raise OffloadSpecError(
+            f"skip={skip!r} names all {num_layers} of the model's layers; leave at least one layer to run"
+        )
+    return layers
 
 
-def resolve_skips(model, config, num_layers: int):
-    """The :class:`SkipPlan` of ``config`` for ``model``."""
+def check_skips(config, num_layers: int) -> None:
+    """Refuse what :func:`resolve_skips` would refuse for a model of ``num_layers`` layers before it
+    touches the model (skip spec, layer range, count, stand_in without skip): tools call it before
+    loading weights."""
     stand_in = parse_stand_in(config.stand_in)
     if config.skip is None:
         if stand_in.kind != "none":
@@ -70,6 +83,19 @@ def resolve_skips(model, config, num_layers: int):
                 f"stand_in={config.stand_in!r} replaces skipped layers, but skip is not set; "
                 "pass skip=... (e.g. skip='greedy:10%') or drop stand_in"
             )
+        return
+    spec = parse_policy(config.skip) if isinstance(config.skip, str) else None
+    if spec is not None:
+        _checked_policy(spec, num_layers)
+    else:
+        _explicit_layers(config.skip, num_layers)
+
+
+def resolve_skips(model, config, num_layers: int):
+    """The :class:`SkipPlan` of ``config`` for ``model``."""
+    check_skips(config, num_layers)
+    stand_in = parse_stand_in(config.stand_in)
+    if config.skip is None:
         return SkipPlan()
     spec = parse_policy(config.skip) if isinstance(config.skip, str) else None
     ctx = None
@@ -77,10 +103,6 @@ def resolve_skips(model, config, num_layers: int):
         layers, ctx = _policy_layers(spec, model, config, stand_in, num_layers)
     else:
         layers = _explicit_layers(config.skip, num_layers)
-        if len(layers) >= num_layers:
-            raise OffloadSpecError(
-                f"skip={config.skip!r} names all {num_layers} of the model's layers; leave at least one layer to run"
-            )
     info = {
         "skip": config.skip if isinstance(config.skip, str) else list(config.skip),
         "layers": list(layers),

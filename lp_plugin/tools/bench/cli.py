@@ -2,10 +2,11 @@
 
 Exit status: 0 clean; 1 a regression against ``--compare`` (or, with ``--fail-on-miss``, a missed
 goal): every line printed under REGRESSION names the config, the figure and by how much; 2 bad
-arguments (also ``--device cuda`` on a machine without CUDA), a results file that is not one, or
-runs the gate cannot compare (lines under CANNOT COMPARE: a figure that is not a finite number in
-the reference, a reference without configs, another model or dtype); 3 a config failed to run
-(its error is in the JSON and on stderr).
+arguments (also ``--device cuda`` on a machine without CUDA, or config options lp_plugin refuses for
+the model, checked before any weights load), a results file that is not one, or runs the gate cannot
+compare (lines under CANNOT COMPARE: a figure in the reference that is no measurement, a reference
+without configs, another model or dtype); 3 a config failed to run (its error is in the JSON and on
+stderr).
 """
 
 from __future__ import annotations
@@ -153,6 +154,51 @@ def _load(parser, flag, path):
         parser.error(f"{flag}: {exc}")
 
 
+def _engine_problem(configs, model: str) -> str | None:
+    """What lp_plugin would refuse in the configs' engine options (offload spec, mode, tier, alpha,
+    prefetch, protect_*, skip, stand_in, calib), checked against the model's config before any
+    weights load; None when nothing. A model whose config cannot be read here is reported when loaded."""
+    from lp_plugin.errors import LPPluginError
+    from lp_plugin.planning.config import OffloadConfig
+    from lp_plugin.planning.plan import OffloadPlan
+    from lp_plugin.planning.skipping.resolve import check_skips
+    from lp_plugin.tools.shapes import is_shape, shape_config
+
+    try:
+        if is_shape(model):
+            hf_config = shape_config(model)
+        else:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - loading the model names the problem
+        hf_config = None
+    for cfg in configs:
+        if cfg.kind not in ("lp", "accelerate_cpu", "accelerate_disk"):
+            continue
+        options = {"offload": cfg.spec}
+        if cfg.kind == "lp":
+            options.update(
+                mode=cfg.mode,
+                tier=cfg.tier,
+                alpha=cfg.alpha,
+                prefetch=cfg.prefetch,
+                skip=cfg.skip,
+                stand_in=cfg.stand_in,
+                calib=cfg.calib,
+            )
+            options.update(
+                {k: getattr(cfg, k) for k in ("protect_first", "protect_last") if getattr(cfg, k) is not None}
+            )
+        try:
+            config = OffloadConfig(**options)
+            if hf_config is not None and cfg.spec != "auto":  # "auto" is planned against the device when applied
+                check_skips(config, OffloadPlan.for_config(hf_config, config).num_layers)
+        except LPPluginError as exc:
+            return f"config {cfg.name!r}: {exc}"
+    return None
+
+
 def _run(parser, args) -> dict:
     from .runner import run_bench
     from .setup import BenchSettings, SetupError
@@ -161,6 +207,9 @@ def _run(parser, args) -> dict:
         configs = parse_configs(args.configs)
     except ConfigError as exc:
         parser.error(str(exc))
+    why = _engine_problem(configs, args.model)
+    if why is not None:
+        parser.error(why)
     settings = BenchSettings(
         model=args.model,
         dtype=args.dtype,

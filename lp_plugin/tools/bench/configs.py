@@ -20,7 +20,8 @@ MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``a
 ``--new`` for that config (slow peers); ``cold`` drops the page cache of the files a config reads
 before every timed part (disk tier, ``accelerate_disk``, ``airllm``: cold-cache figures). Configs
 are separated by commas; a comma inside a layer list is fine (``stream:2,4,6:cpu``), and so is a
-colon inside a skip or calib value (``skip=greedy:20%``, ``calib=pydoc:32768``). A config with
+colon inside a skip, stand_in or calib value (``skip=greedy:20%``, ``stand_in=linear:64``,
+``calib=pydoc:32768``). Numbers are written in ASCII digits. A config with
 ``skip`` is not exact, like ``alpha < 1``.
 """
 
@@ -38,8 +39,9 @@ _LP_OPTIONS = (
     "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, protect_first=N, protect_last=N, skip=SKIP, "
     "stand_in=KIND, calib=CALIB"
 )
-_TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig when the config is applied
-_COLON_OPTIONS = ("skip", "calib")  # values that may hold a colon themselves
+_NUMBER_OPTIONS = ("alpha", "prefetch", "new", "protect_first", "protect_last")
+_TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig before the run (cli)
+_COLON_OPTIONS = ("skip", "stand_in", "calib")  # values that may hold a colon themselves
 
 
 def is_exact(cfg: dict) -> bool:
@@ -112,6 +114,8 @@ def split_configs(text: str) -> list:
 
 def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
     try:
+        if key in _NUMBER_OPTIONS and not value.isascii():
+            raise ValueError  # int() and float() read other scripts' digits; the options grammar does not
         if key == "alpha":
             cfg.alpha = float(value)
             if not 0.0 <= cfg.alpha <= 1.0:

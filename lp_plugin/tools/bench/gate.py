@@ -46,6 +46,7 @@ compared on it.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 from .derive import NOISE_MARGIN, SPEEDS, exact_allowance, plain, speed_runs, usable
@@ -285,11 +286,33 @@ def _walk_numbers(value, where):
         yield where, value
 
 
-def _not_finite(c: dict) -> list:
-    """The measured figures of config ``c`` that are not finite numbers (NaN, Inf, or too large for
-    a float); its spec (``config``) and derived ``ratios`` are left out."""
+_AGREEMENTS = ("argmax_agreement", "decode_tokens_agree", "generate_tokens_agree", "static_tokens_agree")
+
+
+def _measurable(figure: str, v: float) -> bool:
+    """Whether ``v`` can be a measurement of ``figure``: speeds and perplexity above 0, a logit
+    difference not below 0, agreements in [0, 1]; other figures are not bounded here."""
+    if figure in SPEEDS.values() or figure == "perplexity":
+        return v > 0
+    if figure == "max_abs_logit_diff":
+        return v >= 0
+    if figure in _AGREEMENTS:
+        return 0 <= v <= 1
+    return True
+
+
+def _not_measurements(c: dict) -> list:
+    """``(where, value, why)`` for each measured figure of config ``c`` that is no measurement: not a
+    finite number (NaN, Inf, too large for a float) or outside what the figure can be; its spec
+    (``config``) and derived ``ratios`` are left out."""
     measured = {k: v for k, v in c.items() if k not in ("config", "ratios")}
-    return [(where, v) for where, v in _walk_numbers(measured, "") if not _finite(v)]
+    bad = []
+    for where, v in _walk_numbers(measured, ""):
+        if not _finite(v):
+            bad.append((where, v, "not a finite number"))
+        elif not _measurable(re.split(r"[.\[]", where, maxsplit=1)[0], float(v)):
+            bad.append((where, v, "outside what this figure can be"))
+    return bad
 
 
 def _context(new, old, out) -> None:
@@ -326,8 +349,12 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
     _context(new, old, out)
     if not old.get("configs"):
         out.cannot("run", "reference", "has no config to compare against")
-    if out.incomparable:
-        return out  # every figure of the run depends on what cannot be compared
+    for label, run, record in (("the reference's", old, out.cannot), ("", new, out.regress)):
+        base = plain(run)
+        for where, v, why in _not_measurements(base) if base else []:
+            record(base["name"], where, f"{label} value {v!r} is {why}".strip())
+    if out.incomparable or out.regressions:
+        return out  # every figure of the run depends on it (ratios are taken against the plain model)
     new_by = {c["name"]: c for c in new.get("configs", [])}
     for oc in old.get("configs", []):
         name, nc = oc["name"], new_by.get(oc["name"])
@@ -341,11 +368,11 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
         elif not usable(nc):
             out.regress(name, "config", f"ran in the reference, not applicable now ({nc.get('not_applicable')})")
         else:
-            bad_old, bad_new = _not_finite(oc), _not_finite(nc)
-            for where, v in bad_old:
-                out.cannot(name, where, f"the reference's value {v!r} is not a finite number")
-            for where, v in bad_new:
-                out.regress(name, where, f"{v!r}: not a finite number")
+            bad_old, bad_new = _not_measurements(oc), _not_measurements(nc)
+            for where, v, why in bad_old:
+                out.cannot(name, where, f"the reference's value {v!r} is {why}")
+            for where, v, why in bad_new:
+                out.regress(name, where, f"{v!r}: {why}")
             if bad_old or bad_new:
                 continue  # ratios and medians of such figures mean nothing
             if oc["config"]["kind"] != "baseline":
