@@ -1,9 +1,9 @@
 """``attach``, ``OffloadHandle`` and ``session``: putting an :class:`OffloadPlan` onto a model.
 
-``attach(model, ...)`` resolves the options into a plan, packs every offloaded layer into its tier
-(reading the model only: a failure leaves the model as it was), then installs: the layers' tensors
-point at the tier's host copy, Accelerate's offload of those layers and its leftover dispatch hooks
-are suspended, hooks go on the layers (``hooks.py``) and on the model (``entry.py``).
+``attach(model, ...)`` resolves the options into a plan, packs every offloaded layer (and every skipped
+layer's stand-in) into its tier (reading the model only: a failure leaves the model as it was), then
+installs: the layers' tensors point at the tier's host copy, Accelerate's offload of those layers and its
+leftover dispatch hooks are suspended, hooks go on the layers (``hooks.py``) and on the model (``entry.py``).
 
 * ``session`` mode: between sessions only the resident layers occupy the main device. A session
   (``with lp_plugin.session(model)``, each ``generate()`` call, each bare forward) copies every
@@ -75,7 +75,7 @@ class OffloadHandle:
         self.tier = tier
         self.main_device = plan.main_device
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
-        # movers: per device the offloaded layers compute on, a Ring (stream mode) or a Residency (session mode)
+        # movers: per device the units compute on, a Ring (stream mode) or a Residency (session mode)
         self.gate = SessionGate([], self.stats)
         self.record = InstallRecord()
         self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate)
