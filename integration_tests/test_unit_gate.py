@@ -1,6 +1,6 @@
 """The session gate (lp_plugin/core/gate.py), the mover contract (core/mover.py) and the install record
-(core/record.py) on CPU tensors, without a model: real layers packed into the cpu tier, moved by a
-Residency (session mode) and a Ring (stream mode)."""
+(core/record.py) on CPU tensors, without a model: real layers (and a stand-in, core/group.py) packed into
+the cpu tier, moved by a Residency (session mode) and a Ring (stream mode)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from unit_parts import Block
 from lp_plugin import AttachError
 from lp_plugin.core import hooks
 from lp_plugin.core.gate import SessionGate
-from lp_plugin.core.group import OffloadedLayer
+from lp_plugin.core.group import OffloadedLayer, StandIn, execution_order
 from lp_plugin.core.mover import Mover
 from lp_plugin.core.record import InstallRecord
 from lp_plugin.core.resident import Residency
@@ -59,7 +59,7 @@ def test_both_modes_implement_the_mover_contract():
     assert isinstance(res, Mover) and isinstance(ring, Mover)
     assert (res.reuses_buffers, ring.reuses_buffers) == (False, True)
     [(module, hook)] = res.layer_hooks(1, gate)
-    assert module is res.layers[1].module and isinstance(hook, hooks.SessionHook) and hook.gate is gate
+    assert module is res.units[1].module and isinstance(hook, hooks.SessionHook) and hook.gate is gate
     pairs = ring.layer_hooks(1, gate)
     assert [m for m, _ in pairs] == layers[1].stream_modules and len(pairs) == 2  # the Block's two Linear modules
     assert all(isinstance(h, hooks.StreamHook) and h.position == 1 and h.ring is ring for _, h in pairs)
@@ -80,7 +80,7 @@ def test_the_outermost_session_opens_and_releases_the_movers():
         assert res.is_open and gate.depth == 1
         assert all(b.matches(s) for b, s in zip(blocks, states))
     assert (gate.in_session, gate.depth, res.is_open, counts["sessions"]) == (False, 0, False, 1)
-    assert all(l.bound_flat is None for l in res.layers)
+    assert all(l.bound_flat is None for l in res.units)
     res.close()
 
 
@@ -153,6 +153,39 @@ def test_bare_forwards_through_reused_buffers_run_one_at_a_time(mode):
     assert free == [mode == "session"]  # another thread's forward waits only in stream mode
     gate.exit_forward()
     assert (gate.in_session, gate.depth, counts["forwards"], mover.is_open) == (False, 0, 1, False)
+    mover.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_a_stand_in_is_moved_like_an_offloaded_layer(mode):
+    """A StandIn (a module run in a skipped layer's place, not part of the model) goes through the mover
+    contract like the layers around it: under its own tier key, at its place in execution order."""
+    blocks = [Block(seed=i) for i in range(3)]
+    states = [b.state() for b in blocks]
+    tier = CpuTier(pin=False)
+    layers = [OffloadedLayer.pack(i, blocks[i], tier, CPU, pin=False) for i in (0, 2)]
+    stand_ins = {1: StandIn.pack(1, blocks[1], tier, CPU, pin=False)}
+    units = execution_order(layers, stand_ins)
+    assert units == [layers[0], stand_ins[1], layers[1]]
+    assert [u.key for u in units] == ["layer_00000", "standin_00001", "layer_00002"]
+    for unit in units:
+        unit.install()
+    stream = mode == "stream"
+    mover = Ring(units, 1, CPU, room) if stream else Residency(units, CPU, room, stats())
+    gate = SessionGate([mover], stats())
+    assert [m for m, _ in mover.layer_hooks(1, gate)] == (stand_ins[1].stream_modules if stream else [blocks[1]])
+    with gate.session():
+        for pos, (block, state) in enumerate(zip(blocks, states)):
+            if stream:
+                mover.wait(pos)
+            assert units[pos].bound_flat is not None and block.matches(state)
+            if stream:
+                mover.done(pos)
+        if stream:
+            mover.join()
+    assert all(u.bound_flat is None for u in units) and all(b.matches(s) for b, s in zip(blocks, states))
+    view = tier.host_view(stand_ins[1].key)  # back on standby: the stand-in's tensors are its tier copy's views
+    assert view.data_ptr() <= blocks[1].up.weight.data_ptr() < view.data_ptr() + view.numel()
     mover.close()
 
 

@@ -129,7 +129,7 @@ def test_an_edit_made_while_streaming_is_refused_and_not_kept(tier_name):
     forward(ring, blocks, states)
     with torch.no_grad():
         blocks[3].down.weight.add_(1)
-    assert ring.edited_layers() == [layers[3]]
+    assert ring.edited_units() == [layers[3]]
     with pytest.raises(AttachError):
         ring.wait(0)  # the next forward
     with pytest.raises(AttachError):

@@ -7,7 +7,8 @@
 * ``generate`` is wrapped so one call is one session (not one per decode step);
 * ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
-  works), a cast or a move elsewhere is refused before any module changes.
+  works), a cast or a move elsewhere of the tensors lp_plugin keeps (offloaded layers and stand-ins) is
+  refused before any module changes.
 
 Everything here is undone by :meth:`ModelEntry.remove`.
 """
@@ -20,17 +21,17 @@ import types
 import torch
 
 from ..errors import AttachError
-from .group import offloaded_dtypes
+from .group import execution_order, offloaded_dtypes
 
 
 class ModelEntry:
-    def __init__(self, gate, model, base, layers, main_device, ancestors):
+    def __init__(self, gate, model, base, layers, stand_ins, main_device, ancestors):
         self.gate = gate  # the session gate (first attribute: a deep copy reaches it first)
         self.model = model
         self.base = base  # the module whose forward runs the decoder layers (model.model for Qwen2/Llama)
-        self.layers = layers  # [OffloadedLayer]: the offloaded layers and the stand-ins
+        self.units = execution_order(layers, stand_ins)  # every unit on a tier: what a conversion must not change
         self.main_device = main_device
-        offloaded_modules = [layer.module for layer in layers if not layer.stand_in]
+        offloaded_modules = [layer.module for layer in layers]
         self.offloaded = set(map(id, offloaded_modules))
         self.guarded = offloaded_modules + list(ancestors)
         self._torch_hooks = []
@@ -83,8 +84,8 @@ class ModelEntry:
     def check_conversion(self, fn) -> None:
         """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
         offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
-        for device in {layer.device for layer in self.layers} or {self.main_device}:
-            for dtype in offloaded_dtypes(self.layers):
+        for device in {unit.device for unit in self.units} or {self.main_device}:
+            for dtype in offloaded_dtypes(self.units):
                 probe = fn(torch.empty(0, dtype=dtype, device=device))
                 if probe.dtype != dtype or probe.device != device:
                     raise AttachError(

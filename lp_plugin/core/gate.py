@@ -30,7 +30,7 @@ def deepcopy_error() -> AttachError:
 
 class SessionGate:
     def __init__(self, movers: list[Mover], stats: dict):
-        self.movers = movers  # one per device the offloaded layers compute on, filled in by attach
+        self.movers = movers  # one per device the units compute on, filled in by attach
         self.stats = stats  # "forwards" counted here; the movers count their sessions
         self.peak_mapped_bytes = 0  # the most device memory the movers held at once
         self.attached = True  # False once detached: no session opens again

@@ -1,9 +1,10 @@
-"""Accelerate ``ModelHook``s on offloaded and dropped decoder layers, and how they are added and
-removed by name. Each hook is a thin caller of a mover or of the session gate (``gate.py``) and owns
+"""Accelerate ``ModelHook``s on offloaded and dropped decoder layers and on stand-ins, and how they are
+added and removed by name. Each hook is a thin caller of a mover or of the session gate (``gate.py``) and owns
 its own setup and teardown:
 
-* :class:`SessionHook` (session mode): refuses to run a layer whose weights are not resident.
-* :class:`StreamHook` (stream mode): takes the layer's weights from the ring before its forward
+* :class:`SessionHook` (session mode): refuses to run a unit (an offloaded layer or a stand-in) whose
+  weights are not resident.
+* :class:`StreamHook` (stream mode): takes the unit's weights from the ring before its forward
   and hands the slot back after it.
 * :class:`ResidualHook` (``0 < alpha < 1``): the output ``L(x)`` becomes ``x + alpha * (L(x) - x)``;
   at ``alpha == 1`` nothing touches the output, so it is ``L(x)`` bit for bit.
@@ -52,12 +53,12 @@ class _GradGuard:
 
     gate: Any  # the session gate (set by _Hook)
 
-    def _guard(self, layer, output):
+    def _guard(self, unit, output):
         if not torch.is_grad_enabled():
             return
         out = _first(output)
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(functools.partial(_backward_check, self.gate, self.gate.grad_token(), layer.index))
+            out.register_hook(functools.partial(_backward_check, self.gate, self.gate.grad_token(), unit.index))
 
 
 def _backward_check(gate, token, index, grad):
@@ -73,20 +74,20 @@ def _backward_check(gate, token, index, grad):
 class SessionHook(_Hook, _GradGuard):
     name = PREFIX + "session"
 
-    def __init__(self, gate, layer):
+    def __init__(self, gate, unit):
         super().__init__(gate)
-        self.layer = layer
+        self.unit = unit  # the offloaded layer or stand-in whose module the hook is on
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.gate.in_session:
             raise AttachError(
-                f"offloaded layer {self.layer.index} was called outside a session, so its weights are not on "
+                f"offloaded layer {self.unit.index} was called outside a session, so its weights are not on "
                 "the device; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
         return args, kwargs
 
     def post_forward(self, module, output):
-        self._guard(self.layer, output)
+        self._guard(self.unit, output)
         return output
 
 
@@ -101,7 +102,7 @@ class StreamHook(_Hook, _GradGuard):
     def __init__(self, gate, ring, position: int):
         super().__init__(gate)
         self.ring = ring
-        self.position = position  # index of the layer among the streamed layers, in execution order
+        self.position = position  # index of the unit among the ring's units, in execution order
 
     def pre_forward(self, module, *args, **kwargs):
         if self.ring.enter(self.position):
@@ -117,7 +118,7 @@ class StreamHook(_Hook, _GradGuard):
                 torch.ops.lp_plugin.ring_done(_first(output), self.ring.id, self.position)
             else:
                 self.ring.done(self.position)
-            self._guard(self.ring.layers[self.position], output)
+            self._guard(self.ring.units[self.position], output)
         return output
 
 

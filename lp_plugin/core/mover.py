@@ -1,18 +1,19 @@
-"""The mover contract: what brings the offloaded layers that compute on one device onto it, and back.
+"""The mover contract: what brings the units that compute on one device (offloaded layers and stand-ins,
+``group.py``) onto it, and back.
 
-Mover (ABC)                 one per device the offloaded layers compute on; opened by the session gate
-| layers, device            the layers it moves (execution order) and where they compute
-| open()                    a session starts: the layers can run on the device
-| release()                 the session ends: the layers on standby again, the device memory given back
+Mover (ABC)                 one per device the units compute on; opened by the session gate
+| units, device             the units it moves (execution order) and where they compute
+| open()                    a session starts: the units can run on the device
+| release()                 the session ends: the units on standby again, the device memory given back
 | close()                   detach: release if open, free what open kept between sessions
 | is_open, mapped_bytes     a session holds it; device memory it holds outside PyTorch's allocator
-| reuses_buffers            layers share device buffers within a forward (forwards one at a time,
+| reuses_buffers            units share device buffers within a forward (forwards one at a time,
 |                           no backward)
-| layer_hooks(pos, gate)    the hooks that run layer ``pos`` through it
+| layer_hooks(pos, gate)    the hooks that run unit ``pos`` through it
 | end_forward(output)       after each forward of the model
 |
-+-- Residency  (resident.py)  session mode: every layer in one device buffer for the whole session
-+-- Ring       (stream.py)    stream mode: each forward pulls the layers through prefetch + 1 buffers
++-- Residency  (resident.py)  session mode: every unit in one device buffer for the whole session
++-- Ring       (stream.py)    stream mode: each forward pulls the units through prefetch + 1 buffers
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ from typing import Any, ClassVar
 
 import torch
 
+from .group import OffloadedUnit
+
 
 class Mover(ABC):
-    layers: list  # [OffloadedLayer], execution order
+    units: list[OffloadedUnit]  # offloaded layers and stand-ins, execution order
     device: torch.device
-    # True where the layers share device buffers within a forward: a forward runs alone, and a backward
+    # True where the units share device buffers within a forward: a forward runs alone, and a backward
     # cannot reach the weights a forward read (their buffer holds another layer by then)
     reuses_buffers: ClassVar[bool]
 
     @abstractmethod
     def open(self) -> None:
-        """A session starts: every layer checked, the device memory mapped, the layers bound to it."""
+        """A session starts: every unit checked, the device memory mapped, the units bound to it."""
 
     @abstractmethod
     def release(self) -> None:
-        """The session ends: the layers back on standby, the device memory unmapped. An edit this mover
+        """The session ends: the units back on standby, the device memory unmapped. An edit this mover
         cannot keep is raised after everything is released."""
 
     @abstractmethod
@@ -54,7 +57,7 @@ class Mover(ABC):
 
     @abstractmethod
     def layer_hooks(self, pos: int, gate) -> list[tuple[torch.nn.Module, Any]]:
-        """``[(module, hook)]``: the Accelerate hooks that run layer ``pos`` (execution order) through
+        """``[(module, hook)]``: the Accelerate hooks that run unit ``pos`` (execution order) through
         this mover; ``gate`` is the session gate they consult."""
 
     def end_forward(self, output) -> None:

@@ -1,7 +1,7 @@
-"""Session mode on one device: for the length of a session every offloaded layer computing on that
-device is resident, in one device buffer at a fixed address (``vmm.py``), so a compiled forward's CUDA
-graphs stay valid from one session to the next; between sessions the buffer's memory is given back and
-the layers point at their tier's host copy again. Implements the mover contract (``mover.py``)."""
+"""Session mode on one device: for the length of a session every unit computing on that device (offloaded
+layers and stand-ins) is resident, in one device buffer at a fixed address (``vmm.py``), so a compiled
+forward's CUDA graphs stay valid from one session to the next; between sessions the buffer's memory is
+given back and the units point at their tier's host copy again. Implements the mover contract (``mover.py``)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from .vmm import PlainBuffer, StableBuffer, device_buffer
 class Residency(Mover):
     reuses_buffers = False
 
-    def __init__(self, layers, device, room_check, stats):
-        self.layers = layers
+    def __init__(self, units, device, room_check, stats):
+        self.units = units
         self.device = device
         self.room_check = room_check
         self.stats = stats
-        self.nbytes = sum(l.nbytes for l in layers)
+        self.nbytes = sum(u.nbytes for u in units)
         self.buffer: StableBuffer | PlainBuffer | None = None
         self._open = False
 
@@ -35,8 +35,8 @@ class Residency(Mover):
 
     def open(self) -> None:
         t0 = time.perf_counter()
-        for layer in self.layers:
-            layer.check_intact()
+        for unit in self.units:
+            unit.check_intact()
         self.room_check(
             self.nbytes,
             self.device,
@@ -48,14 +48,14 @@ class Residency(Mover):
         loaded = []
         try:
             flat, offset = self.buffer.map(), 0
-            with Stager(self.layers, self.device.type == "cuda", self.device) as stager:
-                for layer in self.layers:
-                    layer.onload_(flat[offset : offset + layer.nbytes], stager.source(layer))
-                    offset += layer.nbytes
-                    loaded.append(layer)
+            with Stager(self.units, self.device.type == "cuda", self.device) as stager:
+                for unit in self.units:
+                    unit.onload_(flat[offset : offset + unit.nbytes], stager.source(unit))
+                    offset += unit.nbytes
+                    loaded.append(unit)
         except BaseException:
-            for layer in loaded:
-                layer.to_standby()
+            for unit in loaded:
+                unit.to_standby()
             self.buffer.unmap()
             raise
         self._open = True
@@ -64,8 +64,8 @@ class Residency(Mover):
 
     def release(self) -> None:
         """End of the session: edits made on the device are written back, the memory given back."""
-        for layer in self.layers:
-            layer.to_standby()
+        for unit in self.units:
+            unit.to_standby()
         assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
         self._open = False
@@ -77,6 +77,6 @@ class Residency(Mover):
             self.buffer.close()
 
     def layer_hooks(self, pos, gate) -> list:
-        """A session hook on the layer: it refuses to run outside a session."""
-        layer = self.layers[pos]
-        return [(layer.module, hooks.SessionHook(gate, layer))]
+        """A session hook on the unit's module: it refuses to run outside a session."""
+        unit = self.units[pos]
+        return [(unit.module, hooks.SessionHook(gate, unit))]

@@ -1,5 +1,5 @@
-"""Stream mode's ring: each forward pulls the offloaded layers through ``prefetch + 1`` device buffers,
-layer ``pos`` always in slot ``pos % slots``, copied on a side CUDA stream (or through pinned staging
+"""Stream mode's ring: each forward pulls the units (offloaded layers and stand-ins) through ``prefetch + 1``
+device buffers, unit ``pos`` always in slot ``pos % slots``, copied on a side CUDA stream (or through pinned staging
 buffers read by one thread, for a tier without a pinned host copy). Implements the mover contract
 (``mover.py``). How and why: docs/architecture.md."""
 
@@ -56,23 +56,23 @@ gil_switch = GilSwitch()
 class Ring(Mover):
     reuses_buffers = True
 
-    def __init__(self, layers, prefetch: int, device, room_check):
-        self.layers = layers
-        self.k = len(layers)
+    def __init__(self, units, prefetch: int, device, room_check):
+        self.units = units
+        self.k = len(units)
         self.prefetch = min(prefetch, self.k - 1)
         self.nslots = self.prefetch + 1
         self.device = device
         self.cuda = device.type == "cuda"
         self.room_check = room_check
-        self.slot_bytes = max(l.nbytes for l in layers)
-        # the tensors a layer reads outside its Linear modules (norm weights: a few KiB) stay on the
+        self.slot_bytes = max(u.nbytes for u in units)
+        # the tensors a unit reads outside its Linear modules (norm weights: a few KiB) stay on the
         # device while the ring is open, so the ring's ops sit only at the Linear modules' inputs and
         # outputs, where a compiled forward has a kernel boundary anyway (same kernels, same numerics)
-        self.other_bytes = [l.layout.other_nbytes for l in layers]
-        self.nlinear = [len(l.stream_modules) for l in layers]
-        self.calls = [0] * self.k  # Linear modules of each layer run so far in this forward
-        # a direct copy source per layer (the tier's pinned host copy), or None: read through staging
-        self.host = [l.tier.host_view(l.key) if l.tier.direct(l.key) else None for l in layers]
+        self.other_bytes = [u.layout.other_nbytes for u in units]
+        self.nlinear = [len(u.stream_modules) for u in units]
+        self.calls = [0] * self.k  # Linear modules of each unit run so far in this forward
+        # a direct copy source per unit (the tier's pinned host copy), or None: read through staging
+        self.host = [u.tier.host_view(u.key) if u.tier.direct(u.key) else None for u in units]
         self.needs_staging = any(h is None for h in self.host)
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.executor = (
@@ -83,7 +83,7 @@ class Ring(Mover):
         self.buffer: StableBuffer | PlainBuffer | None = None  # every slot, at a fixed address across sessions
         self.staging: list[torch.Tensor] | None = None
         self.slots: list[torch.Tensor] | None = None
-        # the bound tensors of every layer and their versions at open
+        # the bound tensors of every unit and their versions at open
         self._watched: list[torch.Tensor] = []
         self._versions: list[int] = []
         self.id = ops.register(self)
@@ -94,9 +94,9 @@ class Ring(Mover):
 
     # ------------------------------------------------------------------ open / close
     def open(self):
-        for layer in self.layers:
-            layer.check_intact()
-        sources = [layer.tier.host_view(layer.key) for layer in self.layers]  # (each checked against its file)
+        for unit in self.units:
+            unit.check_intact()
+        sources = [unit.tier.host_view(unit.key) for unit in self.units]  # (each checked against its file)
         self.room_check(
             self.nslots * self.slot_bytes,
             self.device,
@@ -109,9 +109,9 @@ class Ring(Mover):
             ]
         self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
         self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
-        self.in_capture = [False] * self.k  # the load of layer pos was issued inside the current capture
+        self.in_capture = [False] * self.k  # the load of unit pos was issued inside the current capture
         self.pending = {}  # pos -> reader-thread future
-        self.holds = [None] * self.nslots  # the layer each slot was last loaded with
+        self.holds = [None] * self.nslots  # the unit each slot was last loaded with
         self.calls = [0] * self.k
         if self.buffer is None:
             self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
@@ -119,17 +119,15 @@ class Ring(Mover):
         try:
             self.slots = [flat[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(self.nslots)]
             offset = self.nslots * self.slot_bytes
-            for pos, (layer, nbytes) in enumerate(zip(self.layers, self.other_bytes)):
+            for pos, (unit, nbytes) in enumerate(zip(self.units, self.other_bytes)):
                 other = flat[offset : offset + nbytes]
-                layer.layout.copy_other(other, sources[pos])
+                unit.layout.copy_other(other, sources[pos])
                 offset += nbytes
                 slot = self.slots[pos % self.nslots]
-                layer.bind_slot_(layer.layout.split_binding(slot[: layer.nbytes], other), slot)
+                unit.bind_slot_(unit.layout.split_binding(slot[: unit.nbytes], other), slot)
             for pos in range(min(self.nslots, self.k)):
                 self._issue(pos)
-            self._watched = [
-                t for layer in self.layers for t in layer._watched
-            ]  # (one list: a cheap check per forward)
+            self._watched = [t for unit in self.units for t in unit._watched]  # (one list: a cheap check per forward)
             self._versions = [t._version for t in self._watched]
         except BaseException:
             self._drain()
@@ -139,15 +137,15 @@ class Ring(Mover):
             gil_switch.enter()  # left in release
 
     def _unbind(self):
-        for layer in self.layers:
-            layer.unbind_slot_()
+        for unit in self.units:
+            unit.unbind_slot_()
         self.slots = None
         assert self.buffer is not None  # mapped by open
         self.buffer.unmap()
 
-    def edited_layers(self) -> list:
-        """The layers changed in place while bound to the ring (their tensors' version counters moved)."""
-        return [layer for layer in self.layers if layer.bound_flat is not None and layer.edited()]
+    def edited_units(self) -> list:
+        """The units changed in place while bound to the ring (their tensors' version counters moved)."""
+        return [unit for unit in self.units if unit.bound_flat is not None and unit.edited()]
 
     def check_unedited(self) -> None:
         """Refuse an in-place edit of an offloaded layer made while the ring is open. Its tensors are
@@ -155,12 +153,12 @@ class Ring(Mover):
         could neither be kept nor be used consistently (it may even have landed in another layer's
         bytes), so nothing computes with it and the error says how to edit instead."""
         if [t._version for t in self._watched] != self._versions:
-            raise edit_error(self.edited_layers())
+            raise edit_error(self.edited_units())
 
     def release(self):
-        """End of the session: layers back on standby (an edit made inside it is refused: the tier's
+        """End of the session: units back on standby (an edit made inside it is refused: the tier's
         copy is left as it was), the ring's memory given back."""
-        edited = self.edited_layers()
+        edited = self.edited_units()
         self._drain()
         self._unbind()
         if self.needs_staging:
@@ -183,8 +181,8 @@ class Ring(Mover):
         return self.buffer.mapped_bytes if self.buffer is not None else 0
 
     def layer_hooks(self, pos, gate) -> list:
-        """A stream hook on each Linear module of the layer (the layer itself if it has none)."""
-        return [(module, hooks.StreamHook(gate, self, pos)) for module in self.layers[pos].stream_modules]
+        """A stream hook on each Linear module of the unit (its module itself if it has none)."""
+        return [(module, hooks.StreamHook(gate, self, pos)) for module in self.units[pos].stream_modules]
 
     def end_forward(self, output) -> None:
         """The forward's :meth:`join`: through its op when compiling (where the forward produced an output)."""
@@ -202,7 +200,7 @@ class Ring(Mover):
             torch.cuda.set_stream(self.side)
 
     def _issue(self, pos):
-        """Start copying layer ``pos`` into its slot once the compute stream is past its previous user."""
+        """Start copying unit ``pos`` into its slot once the compute stream is past its previous user."""
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         if capturing and self.host[pos] is None:
             raise AttachError(
@@ -216,11 +214,11 @@ class Ring(Mover):
             fork = torch.cuda.Event()
             torch.cuda.current_stream(self.device).record_event(fork)
         if self.host[pos] is None:
-            assert self.executor is not None  # made where a layer reads through staging
+            assert self.executor is not None  # made where a unit reads through staging
             self.pending[pos] = self.executor.submit(self._read_and_copy, pos, fork)
         else:
-            self.layers[pos].tier.check(self.layers[pos].key)
-            self._copy(pos, self.host[pos][: self.layers[pos].nbytes], fork, capturing)
+            self.units[pos].tier.check(self.units[pos].key)
+            self._copy(pos, self.host[pos][: self.units[pos].nbytes], fork, capturing)
 
     def _copy(self, pos, src, fork, capturing):
         slot = pos % self.nslots
@@ -241,13 +239,13 @@ class Ring(Mover):
         its copy into the slot. Few calls: each return from a call that released the GIL waits for the
         GIL while the main thread launches kernels."""
         slot = pos % self.nslots
-        layer = self.layers[pos]
-        assert self.staging is not None  # made by open where a layer reads through staging
-        buf = self.staging[slot][: layer.nbytes]
+        unit = self.units[pos]
+        assert self.staging is not None  # made by open where a unit reads through staging
+        buf = self.staging[slot][: unit.nbytes]
         if self.cuda and self.event_ok[slot]:
             assert self.loaded is not None  # made with the ring on CUDA
             self.loaded[slot].synchronize()  # the previous copy out of this staging buffer is done
-        layer.tier.read_into(layer.key, buf)
+        unit.tier.read_into(unit.key, buf)
         self._copy(pos, buf, fork, False)
 
     def _drain(self):
@@ -264,30 +262,30 @@ class Ring(Mover):
 
     # ------------------------------------------------------------------ what the hooks and ops call
     def enter(self, pos) -> bool:
-        """A Linear module of layer ``pos`` is about to run; True for the layer's first one in this forward."""
+        """A Linear module of unit ``pos`` is about to run; True for the unit's first one in this forward."""
         first = self.calls[pos] == 0
         self.calls[pos] += 1
         return first
 
     def leave(self, pos) -> bool:
-        """A Linear module of layer ``pos`` ran; True for the layer's last one in this forward."""
+        """A Linear module of unit ``pos`` ran; True for the unit's last one in this forward."""
         if self.calls[pos] < self.nlinear[pos]:
             return False
         self.calls[pos] = 0
         return True
 
     def wait(self, pos):
-        """Before layer ``pos`` reads its weights: its bytes are in its slot."""
+        """Before unit ``pos`` reads its weights: its bytes are in its slot."""
         if self.slots is None:
             raise AttachError(
-                f"offloaded layer {self.layers[pos].index} was called outside a forward of the model, so no ring "
+                f"offloaded layer {self.units[pos].index} was called outside a forward of the model, so no ring "
                 "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
         if pos == 0 and not torch.compiler.is_compiling():
-            self.check_unedited()  # before any streamed layer of this forward reads its weights
+            self.check_unedited()  # before any streamed unit of this forward reads its weights
         slot = pos % self.nslots
         if self.holds[slot] != pos:
-            # the last slot's first layer is loaded as a forward starts (the copy engine then has work at
+            # the last slot's first unit is loaded as a forward starts (the copy engine then has work at
             # once); or a forward was cut short (an exception): a copy queues behind the side stream's others
             self._issue(pos)
         fut = self.pending.pop(pos, None)
@@ -307,7 +305,7 @@ class Ring(Mover):
             stream.wait_stream(self.side)  # the event was recorded inside a capture: not usable here
 
     def done(self, pos):
-        """After layer ``pos`` read its weights, its slot is free: load the slot's next user in this
+        """After unit ``pos`` read its weights, its slot is free: load the slot's next user in this
         forward, or in the next one (but for the last slot, whose load starts the next forward)."""
         nxt = pos + self.nslots
         if nxt < self.k:
@@ -316,7 +314,7 @@ class Ring(Mover):
             self._issue(pos % self.nslots)
 
     def join(self):
-        """End of a forward: the compute stream waits for the loads of the next forward's first layers
+        """End of a forward: the compute stream waits for the loads of the next forward's first units
         (a CUDA graph must join its side-stream work before its capture ends)."""
         self.calls = [0] * self.k  # (a forward cut short by an exception leaves counts behind)
         if self.slots is None or not self.cuda:
@@ -326,7 +324,7 @@ class Ring(Mover):
         for pos in range(min(self.nslots - 1, self.k)):
             slot = pos % self.nslots
             if pos in self.pending or self.holds[slot] != pos:
-                continue  # a reader-thread load (the layer waits for it itself), or a forward cut short
+                continue  # a reader-thread load (the unit waits for it itself), or a forward cut short
             if capturing:
                 if self.in_capture[pos]:
                     stream.wait_event(self.loaded[slot])

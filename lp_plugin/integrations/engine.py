@@ -1,9 +1,9 @@
 """``attach``, ``OffloadHandle`` and ``session``: putting an :class:`OffloadPlan` onto a model.
 
-``attach(model, ...)`` resolves the options into a plan, packs every offloaded layer into its tier
-(reading the model only: a failure leaves the model as it was), then installs: the layers' tensors
-point at the tier's host copy, Accelerate's offload of those layers and its leftover dispatch hooks
-are suspended, hooks go on the layers (``hooks.py``) and on the model (``entry.py``).
+``attach(model, ...)`` resolves the options into a plan, packs every offloaded layer (and every skipped
+layer's stand-in) into its tier (reading the model only: a failure leaves the model as it was), then
+installs: the layers' tensors point at the tier's host copy, Accelerate's offload of those layers and its
+leftover dispatch hooks are suspended, hooks go on the layers (``hooks.py``) and on the model (``entry.py``).
 
 * ``session`` mode: between sessions only the resident layers occupy the main device. A session
   (``with lp_plugin.session(model)``, each ``generate()`` call, each bare forward) copies every
@@ -26,7 +26,7 @@ from ..core import accel, hooks
 from ..core.devices import map_value
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
-from ..core.group import OffloadedLayer, Stager, offloaded_dtypes
+from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
 from ..core.mover import Mover
 from ..core.record import InstallRecord
 from ..core.resident import Residency
@@ -65,19 +65,20 @@ class OffloadHandle:
     record (``record``: every change made to the model and its undo, replayed by ``detach``) and the
     reporter (``report``: ``info()``, ``print(handle)``)."""
 
-    def __init__(self, model, plan: OffloadPlan, layers, dropped, tier):
+    def __init__(self, model, plan: OffloadPlan, layers, stand_ins, dropped, tier):
         self.model = model
         self.plan = plan
         self.config = plan.config
-        self.layers = layers  # [OffloadedLayer], execution order
+        self.layers = layers  # [OffloadedLayer]: the model's offloaded layers, execution order
+        self.stand_ins = stand_ins  # {index: StandIn}: the skipped layers' stand-ins, by index
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
         self.main_device = plan.main_device
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
-        # movers: per device the offloaded layers compute on, a Ring (stream mode) or a Residency (session mode)
+        # movers: per device the units compute on, a Ring (stream mode) or a Residency (session mode)
         self.gate = SessionGate([], self.stats)
         self.record = InstallRecord()
-        self.report = HandleReport(model, plan, layers, dropped, tier, self.gate)
+        self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate)
         self.entry: ModelEntry | None = None
 
     # ------------------------------------------------------------------ description
@@ -139,8 +140,13 @@ class OffloadHandle:
         """The most device memory the session buffers or rings held at once."""
         return self.gate.peak_mapped_bytes
 
+    @property
+    def units(self) -> list:
+        """What the movers move: the offloaded layers and the stand-ins, in execution order."""
+        return execution_order(self.layers, self.stand_ins)
+
     def offloaded_dtypes(self) -> set:
-        return offloaded_dtypes(self.layers)
+        return offloaded_dtypes(self.units)
 
     # ------------------------------------------------------------------ sessions
     @contextlib.contextmanager
@@ -182,8 +188,8 @@ class OffloadHandle:
                 raise AttachError(
                     "cannot detach inside an open session; leave the `with lp_plugin.session(model)` block first"
                 )
-            for layer in self.layers:  # every copy detach reads is still the verified one, before anything changes
-                layer.tier.check(layer.key)
+            for unit in self.units:  # every copy on the tier is still the verified one, before anything changes
+                unit.tier.check(unit.key)
             self.record.undo()
             if remove_files:
                 removed = self.tier.remove_files()
@@ -222,27 +228,31 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     pin = any(plan.device_of(i).type == "cuda" for i in range(plan.num_layers)) or plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
-    # what moves between tier and device, in execution order: offloaded layers and skipped layers' stand-ins
-    units = sorted(
-        [(i, layer_list[i], False) for i in plan.offloaded] + [(i, m, True) for i, m in plan.skips.stand_ins.items()],
-        key=lambda unit: unit[0],
+    # what moves between tier and device, packed in execution order: the offloaded layers of the model and
+    # the skipped layers' stand-ins
+    todo = sorted(
+        [(i, OffloadedLayer, layer_list[i]) for i in plan.offloaded]
+        + [(i, StandIn, module) for i, module in plan.skips.stand_ins.items()],
+        key=lambda item: item[0],
     )
-    layers = []
+    packed = {}
     try:
-        for i, module, stand_in in tqdm(
-            units,
+        for i, kind, module in tqdm(
+            todo,
             desc=f"lp_plugin: packing layers ({config.tier} tier)",
             unit="layer",
             leave=False,
             disable=not sys.stderr.isatty(),
         ):
-            layers.append(OffloadedLayer.pack(i, module, tier, plan.device_of(i), pin, stand_in=stand_in))
+            packed[i] = kind.pack(i, module, tier, plan.device_of(i), pin)
     except BaseException:
         tier.close()
         raise
+    layers = [packed[i] for i in sorted(plan.offloaded)]
+    stand_ins = {i: packed[i] for i in sorted(plan.skips.stand_ins)}
 
     # --- from here on the model is changed
-    handle = OffloadHandle(model, plan, layers, [(i, layer_list[i]) for i in plan.dropped], tier)
+    handle = OffloadHandle(model, plan, layers, stand_ins, [(i, layer_list[i]) for i in plan.dropped], tier)
     try:
         _install(handle, model, layer_list)
     except BaseException:
@@ -264,6 +274,8 @@ def _install(handle, model, layer_list):
             log.debug("lp_plugin: taking over Accelerate's offload of layer %d (restored by detach())", layer.index)
         installed.append(layer)
         layer.install()
+    for stand_in in handle.stand_ins.values():  # not part of the model: nothing to give back at detach
+        stand_in.install()
     if plan.single_device:  # with several devices, Accelerate's hooks move activations between them
         for suspended in accel.suspend_dispatch_hooks(model, plan.main_device):
             record.did("an Accelerate dispatch hook suspended", suspended.restore)
@@ -274,22 +286,31 @@ def _install(handle, model, layer_list):
         record.did("hf_device_map: where the layers compute", lambda: setattr(model, "hf_device_map", device_map))
         model.hf_device_map = _computing_map(device_map, plan)
     hooked: set = set()
-    stand_ins = {l.index: l.module for l in handle.layers if l.stand_in}
     for i, module in handle.dropped:
-        _add_hook(record, hooked, module, hooks.SkipHook(gate, stand_ins.get(i)))
-    skip_keys = getattr(model, "_skip_keys_device_placement", None)
-    for device, layers in _by_device(handle.layers).items():
+        stand_in = handle.stand_ins.get(i)
+        _add_hook(record, hooked, module, hooks.SkipHook(gate, None if stand_in is None else stand_in.module))
+    # the hooks on an offloaded layer's module run in this order: DeviceHook, its mover's hook (session
+    # mode; stream mode's go on its Linear modules), ResidualHook
+    if not plan.single_device:
+        skip_keys = getattr(model, "_skip_keys_device_placement", None)
+        for layer in handle.layers:
+            _add_hook(record, hooked, layer.module, hooks.DeviceHook(gate, layer.device, skip_keys))
+    for device, units in _by_device(handle.units).items():
         mover: Mover
         if config.mode == "stream":
-            mover = Ring(layers, config.prefetch, device, handle.check_device_room)
+            mover = Ring(units, config.prefetch, device, handle.check_device_room)
         else:
-            mover = Residency(layers, device, handle.check_device_room, handle.stats)
+            mover = Residency(units, device, handle.check_device_room, handle.stats)
         gate.movers.append(mover)
         record.did(f"the mover on {device}", mover.close)
-        for pos, layer in enumerate(layers):
-            _hook_layer(handle, record, hooked, layer, mover, pos, skip_keys)
+        for pos, unit in enumerate(units):
+            _hook_unit(gate, record, hooked, unit, mover, pos)
+    if 0 < config.alpha < 1:
+        for layer in handle.layers:
+            _add_hook(record, hooked, layer.module, hooks.ResidualHook(gate, config.alpha))
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
-    handle.entry = ModelEntry(gate, model, base, handle.layers, plan.main_device, _ancestors(model, plan.layer_prefix))
+    ancestors = _ancestors(model, plan.layer_prefix)
+    handle.entry = ModelEntry(gate, model, base, handle.layers, handle.stand_ins, plan.main_device, ancestors)
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()
 
@@ -302,37 +323,32 @@ def _add_hook(record, hooked: set, module, hook) -> None:
     hooks.add(module, hook)
 
 
-def _hook_layer(handle, record, hooked, layer, mover, pos, skip_keys):
-    gate = handle.gate
-    if not handle.plan.single_device and not layer.stand_in:
-        _add_hook(record, hooked, layer.module, hooks.DeviceHook(gate, layer.device, skip_keys))
-    # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other layers'
+def _hook_unit(gate, record, hooked, unit, mover, pos):
+    """The hooks every unit gets: the state-dict hooks and the hooks of the mover that moves it."""
+    # state_dict() reads the tier's copy in standby (and inside a ring, whose slots hold other units'
     # bytes between uses): it is checked against its file first
     for torch_hook in (
-        layer.module.register_state_dict_pre_hook(lambda *a, l=layer: l.show_standby()),
-        layer.module.register_state_dict_post_hook(lambda *a, l=layer: l.show_bound()),
+        unit.module.register_state_dict_pre_hook(lambda *a, u=unit: u.show_standby()),
+        unit.module.register_state_dict_post_hook(lambda *a, u=unit: u.show_bound()),
     ):
-        record.did(f"a state-dict hook on layer {layer.index}", torch_hook.remove)
+        record.did(f"a state-dict hook on layer {unit.index}", torch_hook.remove)
     for module, hook in mover.layer_hooks(pos, gate):
         _add_hook(record, hooked, module, hook)
-    if 0 < handle.config.alpha < 1 and not layer.stand_in:
-        _add_hook(record, hooked, layer.module, hooks.ResidualHook(gate, handle.config.alpha))
 
 
 def _restore(layers) -> None:
-    """Give each layer (but the stand-ins) independent tensors again, read from its tier."""
+    """Give each offloaded layer independent tensors again, read from its tier."""
     for device, group in _by_device(layers).items():
         with Stager(group, device.type == "cuda", device) as stager:
             for layer in group:
-                if not layer.stand_in:  # a stand-in is not part of the model: it goes with the handle
-                    layer.restore(stager.source(layer))
+                layer.restore(stager.source(layer))
 
 
-def _by_device(layers) -> dict:
-    """device -> its layers, in execution order."""
+def _by_device(units) -> dict:
+    """device -> its units, in execution order."""
     out = {}
-    for layer in layers:
-        out.setdefault(layer.device, []).append(layer)
+    for unit in units:
+        out.setdefault(unit.device, []).append(unit)
     return out
 
 

@@ -1,12 +1,13 @@
 """What an :class:`~lp_plugin.integrations.engine.OffloadHandle` says about itself: ``info()`` (a dict),
-``summary()`` (``print(handle)``), ``repr`` and the one line ``attach`` logs. Reads the plan, the layers,
-the tier and the session gate; changes nothing."""
+``summary()`` (``print(handle)``), ``repr`` and the one line ``attach`` logs. Reads the plan, the offloaded
+layers and the stand-ins, the tier and the session gate; changes nothing."""
 
 from __future__ import annotations
 
 import logging
 
 from ..core.gate import SessionGate
+from ..core.group import execution_order
 from ..core.report import layers_text, size_text
 from ..core.stream import Ring
 from ..planning.plan import OffloadPlan
@@ -15,11 +16,12 @@ log = logging.getLogger("lp_plugin")
 
 
 class HandleReport:
-    def __init__(self, model, plan: OffloadPlan, layers: list, dropped: list, tier, gate: SessionGate):
+    def __init__(self, model, plan: OffloadPlan, layers: list, stand_ins: dict, dropped: list, tier, gate: SessionGate):
         self.model = model
         self.plan = plan
         self.config = plan.config
-        self.layers = layers  # [OffloadedLayer], execution order: offloaded layers and stand-ins
+        self.layers = layers  # [OffloadedLayer]: the model's offloaded layers, execution order
+        self.stand_ins = stand_ins  # {index: StandIn}
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
         self.gate = gate
@@ -27,23 +29,24 @@ class HandleReport:
     @property
     def layer_indices(self) -> list[int]:
         """The offloaded layers (not the stand-ins), in execution order."""
-        return [l.index for l in self.layers if not l.stand_in]
+        return [l.index for l in self.layers]
 
     @property
     def offloaded_bytes(self) -> int:
         """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
-        return sum(l.nbytes for l in self.layers if not l.stand_in)
+        return sum(l.nbytes for l in self.layers)
 
     def info(self) -> dict:
         c = self.config
-        offloaded = sum(l.nbytes for l in self.layers)
+        units = execution_order(self.layers, self.stand_ins)
+        offloaded = sum(u.nbytes for u in units)  # what the tier holds and a stream-mode forward moves
         return {
             "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
             "layers": list(self.plan.selected),
             "offloaded_layers": self.layer_indices,
             "dropped_layers": [i for i, _ in self.dropped],
             "skipped_layers": list(self.plan.skips.layers),
-            "stand_ins": {str(l.index): type(l.module).__name__ for l in self.layers if l.stand_in},
+            "stand_ins": {str(i): type(s.module).__name__ for i, s in self.stand_ins.items()},
             "tier": c.tier,
             "mode": c.mode,
             "alpha": c.alpha,
@@ -53,10 +56,10 @@ class HandleReport:
             "protect_first": c.protect_first,
             "protect_last": c.protect_last,
             "offloaded_bytes": offloaded,
-            "layer_bytes": max((l.nbytes for l in self.layers), default=0),
+            "layer_bytes": max((u.nbytes for u in units), default=0),
             "bytes_per_forward": offloaded if c.mode == "stream" else 0,
             "ring_slots": sum(m.nslots for m in self.gate.movers if isinstance(m, Ring)),
-            "devices": sorted({str(l.device) for l in self.layers}) or [str(self.plan.main_device)],
+            "devices": sorted({str(u.device) for u in units}) or [str(self.plan.main_device)],
             "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
@@ -90,7 +93,7 @@ class HandleReport:
         if c.mode == "stream":
             rows.append(("per forward", f"{size_text(offloaded)} copied to {main_device} (ring of {c.prefetch + 1})"))
         if self.plan.skips.layers:
-            stand_ins = {type(l.module).__name__ for l in self.layers if l.stand_in}
+            stand_ins = {type(s.module).__name__ for s in self.stand_ins.values()}
             rows.append(
                 (
                     "skipped",

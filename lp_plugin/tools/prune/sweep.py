@@ -135,7 +135,7 @@ def measure(path, options: dict, hf_kwargs: dict, sets: dict[str, SliceSet]) -> 
     per_slice = {name: evaluate(model, *docs) for name, docs in sets.items()}
     result = per_slice.get("pydoc-a") or next(iter(per_slice.values()))
     info, forwards, skips = handle.info(), handle.stats["forwards"], handle.plan.skips
-    stand_in_bytes = sum(l.nbytes for l in handle.layers if l.stand_in)
+    stand_in_bytes = sum(s.nbytes for s in handle.stand_ins.values())
     handle.detach()
     _, layer_list = find_decoder_layers(model)
     skipped_bytes = sum(_bytes(layer_list[i]) for i in skips.layers)
