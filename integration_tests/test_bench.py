@@ -295,7 +295,7 @@ def test_plain_model_first_and_its_twin_last(text, names):
                                  "baseline,baseline", "stream:even:cpu:load=disk", "baseline:load=pretrained",
                                  "baseline:twin:new=4", "baseline:cold", "baseline:skip=3", "stream:even:cpu:skip=",
                                  "accelerate_cpu:even:stand_in=linear", "stream:even:cpu:new=0",
-                                 "stream:even:cpu:stand_in=", "accelerate_disk:odd:alpha=1"])
+                                 "stream:even:cpu:stand_in=", "accelerate_disk:odd:alpha=1", "airllm:load=attach"])
 def test_bad_configs_rejected(bad):
     with pytest.raises(ConfigError):
         parse_configs(bad)

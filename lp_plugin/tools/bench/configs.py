@@ -21,8 +21,7 @@ MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``a
 before every timed part (disk tier, ``accelerate_disk``, ``airllm``: cold-cache figures). Configs
 are separated by commas; a comma inside a layer list is fine (``stream:2,4,6:cpu``), and so is a
 colon inside a skip, stand_in or calib value (``skip=greedy:20%``, ``stand_in=linear:64``,
-``calib=pydoc:32768``). A config with
-``skip`` is not exact, like ``alpha < 1``.
+``calib=pydoc:32768``). A config with ``skip`` is not exact, like ``alpha < 1``.
 
 An lp config holds an :class:`lp_plugin.OffloadConfig` built from MODE, SPEC, TIER and its options by
 ``OffloadConfig`` itself (as lm-eval's ``model_args`` strings are read), so every value is checked and
@@ -44,7 +43,7 @@ HEADS = ("baseline", *PEERS, *MODES)
 LOADS = ("attach", "pretrained")
 TWIN = "baseline:twin"
 FLAGS = ("cold", "twin")  # options written without a value
-# the OffloadConfig options an lp config takes after TIER (MODE, SPEC and TIER are its offload, tier and mode;
+# the OffloadConfig options an lp config takes after TIER (MODE, SPEC and TIER are its mode, offload and tier;
 # lp-bench sets offload_folder and main_device itself)
 OFFLOAD_OPTIONS = ("alpha", "prefetch", "protect_first", "protect_last", "skip", "stand_in", "calib")
 _LP_OPTIONS = (
@@ -65,7 +64,7 @@ _NO_OPTIONS = {
     "protect_first": None,
     "protect_last": None,
 }
-_FIELD = {"spec": "offload"}  # the grammar's and results JSON's word for an OffloadConfig field named otherwise
+_FIELD = {"spec": "offload"}  # a word of the grammar and results JSON: the OffloadConfig field it names
 _WORD = {v: k for k, v in _FIELD.items()}
 
 
@@ -183,18 +182,18 @@ def _glue(options: list) -> list:
 
 
 @dataclass
-class _Options:
+class _Written:
     """A config's options as written: lp-bench's own, checked here, and OffloadConfig's, as strings."""
 
     new: int | None = None
     cold: bool = False
-    load: str = "attach"
+    load: str | None = None
     twin: bool = False
     offload: dict = field(default_factory=dict)  # OffloadConfig's name: the value as written
 
 
-def _read_options(options: list, text: str) -> _Options:
-    out = _Options()
+def _read_options(options: list, text: str) -> _Written:
+    out = _Written()
     for opt in _glue(options):
         if opt in FLAGS:
             setattr(out, opt, True)
@@ -231,34 +230,34 @@ def _offload_config(text: str, given: dict) -> OffloadConfig:
     return config
 
 
-def _check_options(kind: str, opts: _Options, name: str, text: str) -> None:
+def _check_options(kind: str, opts: _Written, text: str) -> None:
     if opts.cold and kind not in ("lp", "accelerate_disk", "airllm"):
         raise ConfigError(
             f"config {text!r}: cold applies to configs that read files (session/stream, accelerate_disk, airllm)",
             text,
             "cold",
         )
-    if kind != "lp" and (opts.offload or opts.load != "attach"):
+    if kind != "lp" and (opts.offload or opts.load is not None):
         raise ConfigError(
             f"config {text!r}: alpha, prefetch, load, protect_first, protect_last, skip, stand_in and calib apply "
             "to session/stream configs only",
             text,
             next(iter(opts.offload), "load"),
         )
-    if opts.twin and (kind != "baseline" or name != TWIN):
+    if opts.twin and (kind != "baseline" or text != TWIN):
         raise ConfigError(
             f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)", text, "twin"
         )
 
 
-def _config(name: str, kind: str, options: list, text: str, layers: dict | None = None) -> BenchConfig:
-    """The config ``kind`` with ``options`` (the tokens after its head, spec and tier); ``layers``: its offload,
-    tier (and mode), as OffloadConfig names them."""
+def _config(text: str, kind: str, options: list, layers: dict | None = None) -> BenchConfig:
+    """Config ``text`` of ``kind`` with ``options`` (the tokens after its head, spec and tier); ``layers``: its
+    offload, tier (and mode), as OffloadConfig names them."""
     opts = _read_options(options, text)
-    _check_options(kind, opts, name, text)
+    _check_options(kind, opts, text)
     offload = None if layers is None else _offload_config(text, {**layers, **opts.offload})
     return BenchConfig(
-        name=name, kind=kind, options=offload, new=opts.new, cold=opts.cold, load=opts.load, twin=opts.twin
+        name=text, kind=kind, options=offload, new=opts.new, cold=opts.cold, load=opts.load or "attach", twin=opts.twin
     )
 
 
@@ -268,12 +267,12 @@ def parse_config(text: str) -> BenchConfig:
     tokens = text.split(":")
     head = tokens[0]
     if head == "baseline":
-        return _config(text, "baseline", tokens[1:], text)
+        return _config(text, "baseline", tokens[1:])
     if head in ("accelerate_cpu", "accelerate_disk"):
         rest = tokens[1:]
         spec = ":".join(t for t in rest if "=" not in t and t not in FLAGS) or "even"
         layers = {"offload": spec, "tier": head.split("_")[1]}
-        return _config(text, head, [t for t in rest if "=" in t or t in FLAGS], text, layers)
+        return _config(text, head, [t for t in rest if "=" in t or t in FLAGS], layers)
     if head == "airllm":
         extra = [t for t in tokens[1:] if "=" not in t and t not in FLAGS]
         if extra:
@@ -282,7 +281,7 @@ def parse_config(text: str) -> BenchConfig:
                 f"({':'.join(extra)!r}); write airllm[:new=N][:cold]",
                 text,
             )
-        return _config(text, "airllm", tokens[1:], text, {"offload": "all", "tier": "disk"})
+        return _config(text, "airllm", tokens[1:], {"offload": "all", "tier": "disk"})
     if head in MODES:
         tiers = _tier_names()
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
@@ -298,7 +297,7 @@ def parse_config(text: str) -> BenchConfig:
                 f"config {text!r} has an empty offload spec; e.g. {head}:even:{tokens[tier_at]}", text, "spec"
             )
         layers = {"mode": head, "offload": spec, "tier": tokens[tier_at]}
-        return _config(text, "lp", tokens[tier_at + 1 :], text, layers)
+        return _config(text, "lp", tokens[tier_at + 1 :], layers)
     raise ConfigError(
         f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "
         "MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
