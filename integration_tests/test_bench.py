@@ -15,6 +15,7 @@ import warnings
 import pytest
 from bench_helpers import SMALL, bench, config
 
+from lp_plugin import OffloadConfig, OffloadSpecError
 from lp_plugin.tools.bench.configs import TWIN, ConfigError, parse_config, parse_configs, split_configs
 
 CONFIGS = ("baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,"
@@ -182,6 +183,7 @@ def test_plot_written(bench_run):
 # ----------------------------------------------------------------------------- the command's exit statuses
 @pytest.mark.parametrize("args,message", [
     (["--configs", "stream:even"], "names no tier"),
+    (["--configs", "baseline,stream:even:cpu:stand_in=bogus"], "stand_in=bogus"),  # OffloadConfig's refusal
     (["--configs", "baseline", "--device", "cuda"], "torch sees no CUDA device"),
     (["--configs", "baseline", "--device", "tpu:0"], "not a device name"),
     (["--configs", "baseline", "--device", "meta"], "lp-bench measures on cpu or cuda"),
@@ -194,8 +196,9 @@ def test_plot_written(bench_run):
 ])
 def test_bad_arguments_exit_2(ckpt, capsys, args, message):
     rc, _ = bench(["--model", ckpt, *SMALL, *args])
-    assert rc == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1  # argparse's one line, no traceback
 
 
 def test_unreadable_results_exit_2(tmp_path, capsys):
@@ -220,19 +223,63 @@ def test_failed_config_exits_3(ckpt, tmp_path):
 # ----------------------------------------------------------------------------- config grammar
 def test_config_grammar():
     c = parse_config("stream:even:disk:alpha=0.5:prefetch=2:new=8:cold:load=pretrained")
-    assert (c.kind, c.mode, c.spec, c.tier, c.alpha, c.prefetch, c.new, c.cold, c.load) == (
+    assert (c.kind, c.options.mode, c.spec, c.tier, c.options.alpha, c.options.prefetch, c.new, c.cold, c.load) == (
         "lp", "stream", "even", "disk", 0.5, 2, 8, True, "pretrained")
     c = parse_config("session:2-32:2:cpu")  # a range with a step keeps its colon
-    assert (c.mode, c.spec, c.tier, c.load) == ("session", "2-32:2", "cpu", "attach")
+    assert (c.options.mode, c.spec, c.tier, c.load) == ("session", "2-32:2", "cpu", "attach")
     assert parse_config("accelerate_cpu").spec == "even"
     assert parse_config("accelerate_cpu:odd:new=4").spec == "odd"
-    assert parse_config(TWIN).twin is True
+    assert parse_config(TWIN).twin is True and parse_config(TWIN).options is None
     assert split_configs("baseline,stream:2,4,6:cpu,session:even:disk") == ["baseline", "stream:2,4,6:cpu", "session:even:disk"]
     assert [c.spec for c in parse_configs("stream:2,4,6:cpu,accelerate_cpu:2,4")[1:-1]] == ["2,4,6", "2,4"]
-    c = parse_config("stream:2-32:2:cpu:skip=greedy:20%:stand_in=linear:calib=pydoc:32768:new=8")
-    assert (c.spec, c.skip, c.stand_in, c.calib, c.new, c.exact) == ("2-32:2", "greedy:20%", "linear", "pydoc:32768", 8, False)
+    c = parse_config("stream:2-32:2:cpu:skip=greedy:20%:stand_in=linear:64:calib=pydoc:32768:new=8")
+    assert (c.spec, c.options.skip, c.options.stand_in, c.options.calib, c.new, c.exact) == (
+        "2-32:2", "greedy:20%", "linear:64", "pydoc:32768", 8, False)
     assert parse_config("session:even:cpu").exact and not parse_config("session:even:cpu:alpha=0.5").exact
-    assert [c.skip for c in parse_configs("session:even:cpu:skip=3,5,stream:even:cpu")[1:-1]] == ["3,5", None]
+    assert [c.options.skip for c in parse_configs("session:even:cpu:skip=3,5,stream:even:cpu")[1:-1]] == ["3,5", None]
+
+
+def test_lp_config_holds_the_offload_config_attach_gets():
+    """An lp config's options are built and put in normal form by OffloadConfig itself; results JSON records
+    them under lp-bench's keys (``spec`` for ``offload``), and lp-bench's own settings beside them."""
+    c = parse_config("stream:2-32:2:disk:alpha=1:prefetch=2:protect_first=0:skip=greedy:20%:stand_in=linear:64:"
+                     "calib=pydoc:512:cold")
+    assert c.options == OffloadConfig(mode="stream", offload="2-32:2", tier="disk", alpha=1.0, prefetch=2,
+                                      protect_first=0, skip="greedy:20%", stand_in="linear:64", calib="pydoc:512")
+    assert parse_config("session:even:cpu").options == OffloadConfig(offload="even", tier="cpu", mode="session")
+    assert c.to_dict() == {
+        "name": c.name, "kind": "lp", "mode": "stream", "spec": "2-32:2", "tier": "disk", "alpha": 1.0, "prefetch": 2,
+        "new": None, "cold": True, "load": "attach", "twin": False, "skip": "greedy:20%", "stand_in": "linear:64",
+        "calib": "pydoc:512", "protect_first": 0, "protect_last": OffloadConfig().protect_last}
+    # a peer holds its layers and tier only; the plain model none; both record the lp-only keys as before
+    peer = parse_config("accelerate_disk:2,4")
+    assert peer.options == OffloadConfig(offload="2,4", tier="disk")
+    plain = parse_config("baseline").to_dict()
+    assert {k: v for k, v in peer.to_dict().items() if k not in ("name", "kind", "spec", "tier")} == {
+        k: v for k, v in plain.items() if k not in ("name", "kind", "spec", "tier")}
+    assert (plain["mode"], plain["spec"], plain["tier"], plain["protect_first"]) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("text,option,options", [
+    ("stream:even:cpu:alpha=2", "alpha", {"alpha": 2.0}),
+    ("stream:even:cpu:alpha=nan", "alpha", {"alpha": float("nan")}),
+    ("stream:even:cpu:prefetch=-1", "prefetch", {"prefetch": -1}),
+    ("stream:even:cpu:protect_last=-1", "protect_last", {"protect_last": -1}),
+    ("stream:even:cpu:stand_in=bogus", "stand_in", {"stand_in": "bogus"}),
+    ("stream:even:cpu:stand_in=linear:0", "stand_in", {"stand_in": "linear:0"}),
+    ("stream:even:cpu:skip=bi:x", "skip", {"skip": "bi:x"}),
+    ("stream:even:cpu:calib=no-such-corpus", "calib", {"calib": "no-such-corpus"}),
+    ("stream:auto:cpu:alpha=0", "alpha", {"offload": "auto", "alpha": 0.0}),
+])
+def test_offload_option_refused_as_offload_config_refuses_it(text, option, options):
+    """A value OffloadConfig refuses is a ConfigError naming the config and the option, caused by the very
+    error attach would raise for it."""
+    with pytest.raises(OffloadSpecError) as direct:
+        OffloadConfig(**options)
+    with pytest.raises(ConfigError) as info:
+        parse_configs(text)
+    assert (info.value.config, info.value.option) == (text, option)
+    assert type(info.value.__cause__) is type(direct.value)
 
 
 @pytest.mark.parametrize("text,names", [
@@ -249,7 +296,8 @@ def test_plain_model_first_and_its_twin_last(text, names):
                                  "stream:even:cpu:prefetch=-1", "stream:even:cpu:speed=3", "baseline:alpha=0.5",
                                  "baseline,baseline", "stream:even:cpu:load=disk", "baseline:load=pretrained",
                                  "baseline:twin:new=4", "baseline:cold", "baseline:skip=3", "stream:even:cpu:skip=",
-                                 "accelerate_cpu:even:stand_in=linear"])
+                                 "accelerate_cpu:even:stand_in=linear", "stream:even:cpu:new=0",
+                                 "stream:even:cpu:stand_in=", "accelerate_disk:odd:alpha=1", "airllm:load=attach"])
 def test_bad_configs_rejected(bad):
     with pytest.raises(ConfigError):
         parse_configs(bad)

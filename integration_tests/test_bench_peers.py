@@ -22,7 +22,7 @@ def test_peer_grammar():
     c = parse_config("airllm:new=2:cold")
     assert (c.kind, c.spec, c.tier, c.new, c.cold, c.exact) == ("airllm", "all", "disk", 2, True, True)
     c = parse_config("stream:all:disk:protect_first=0:protect_last=0:cold")
-    assert (c.spec, c.protect_first, c.protect_last, c.cold) == ("all", 0, 0, True)
+    assert (c.spec, c.options.protect_first, c.options.protect_last, c.cold) == ("all", 0, 0, True)
     names = [c.name for c in parse_configs("stream:even:disk,airllm,accelerate_disk:odd")]
     assert names == ["baseline", "stream:even:disk", "airllm", "accelerate_disk:odd", "baseline:twin"]
 

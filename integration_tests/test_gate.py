@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_helpers import SMALL, bench, bench_process, config, read
+from bench_helpers import ROOT, SMALL, bench, bench_process, config, read
+
+from lp_plugin.tools.bench.configs import parse_config
+from lp_plugin.tools.bench.derive import derive
 
 CONFIGS = "baseline,session:even:cpu,stream:even:cpu"
 
@@ -330,3 +333,38 @@ def test_mann_whitney_exact_p(a, b, p):
     from lp_plugin.tools.bench.stats import mann_whitney_p
 
     assert mann_whitney_p(a, b) == pytest.approx(p)
+
+
+# ----------------------------------------------------------------------------- results files committed earlier
+def _lp_bench_results() -> list:
+    out = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("**/*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and str(data.get("schema", "")).startswith("lp-bench/"):
+            out.append(path)
+    return out
+
+
+COMMITTED = _lp_bench_results()
+
+
+def test_committed_results_are_there():
+    assert any(json.loads(p.read_text())["schema"] == "lp-bench/1" for p in COMMITTED)
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_results_still_load_and_compare(path):
+    """A results file written by an earlier lp-bench still loads and gates against itself, and what lp-bench
+    records of each of its configs now holds every key that file has, with the same value: derived
+    ratios and goals come out the same from either record."""
+    assert bench(["--results", path, "--compare", path])[0] == 0
+    old = read(path)
+    redone = read(path)
+    for c in redone["configs"]:
+        now = parse_config(c["name"]).to_dict()
+        assert {k: now[k] for k in c["config"]} == c["config"], c["name"]
+        c["config"] = now
+    derive(old)
+    derive(redone)
+    assert [c["ratios"] for c in redone["configs"]] == [c["ratios"] for c in old["configs"]]
+    assert redone["goals"] == old["goals"] and redone["noise"] == old["noise"]

@@ -16,6 +16,9 @@ import gc
 import importlib.util
 import os
 import sys
+from dataclasses import replace
+
+from lp_plugin.planning.config import OffloadConfig
 
 from .setup import decoder_layers, has_tokenizer, layer_bytes
 
@@ -97,34 +100,23 @@ class Placement:
         else:
             import lp_plugin
 
-            self.handle = lp_plugin.attach(self.model, **self._offload_options())
+            self.handle = lp_plugin.attach(self.model, self._options())
             self.info = dict(self.handle.info())
 
-    def _offload_options(self) -> dict:
-        cfg = self.cfg
-        if cfg.tier != "cpu":
-            os.makedirs(self.folder, exist_ok=True)
-        return dict(
-            offload=cfg.spec,
-            tier=cfg.tier,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            prefetch=cfg.prefetch,
-            offload_folder=self.folder if cfg.tier != "cpu" else None,
-            skip=cfg.skip,
-            stand_in=cfg.stand_in,
-            calib=cfg.calib,
-            **{k: getattr(cfg, k) for k in ("protect_first", "protect_last") if getattr(cfg, k) is not None},
-        )
+    def _options(self) -> OffloadConfig:
+        """The config's OffloadConfig, with this config's folder for a tier that keeps files."""
+        options = self.cfg.options
+        assert options is not None  # (an lp config always has them)
+        if options.tier == "cpu":
+            return options
+        os.makedirs(self.folder, exist_ok=True)
+        return replace(options, offload_folder=self.folder)
 
     def _load_pretrained(self) -> None:
         import lp_plugin
 
         self.model = lp_plugin.from_pretrained(
-            self.base.checkpoint,
-            main_device=self.device,
-            **self._offload_options(),
-            **self.base.load_kwargs(self.dtype),
+            self.base.checkpoint, self._options(), main_device=self.device, **self.base.load_kwargs(self.dtype)
         )
         self.handle = lp_plugin.get_handle(self.model)
         self.info = dict(self.handle.info(), load="lp_plugin.from_pretrained")

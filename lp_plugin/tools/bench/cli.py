@@ -159,7 +159,6 @@ def _engine_problem(configs, model: str) -> str | None:
     prefetch, protect_*, skip, stand_in, calib), checked against the model's config before any
     weights load; None when nothing. A model whose config cannot be read here is reported when loaded."""
     from lp_plugin.errors import LPPluginError
-    from lp_plugin.planning.config import OffloadConfig
     from lp_plugin.planning.plan import OffloadPlan
     from lp_plugin.planning.skipping.resolve import check_skips
     from lp_plugin.tools.shapes import is_shape, shape_config
@@ -174,24 +173,10 @@ def _engine_problem(configs, model: str) -> str | None:
     except Exception:  # noqa: BLE001 - loading the model names the problem
         hf_config = None
     for cfg in configs:
-        if cfg.kind not in ("lp", "accelerate_cpu", "accelerate_disk"):
+        if cfg.kind not in ("lp", "accelerate_cpu", "accelerate_disk") or cfg.options is None:
             continue
-        options = {"offload": cfg.spec}
-        if cfg.kind == "lp":
-            options.update(
-                mode=cfg.mode,
-                tier=cfg.tier,
-                alpha=cfg.alpha,
-                prefetch=cfg.prefetch,
-                skip=cfg.skip,
-                stand_in=cfg.stand_in,
-                calib=cfg.calib,
-            )
-            options.update(
-                {k: getattr(cfg, k) for k in ("protect_first", "protect_last") if getattr(cfg, k) is not None}
-            )
+        config = cfg.options  # an OffloadConfig already checked on its own when the config was parsed
         try:
-            config = OffloadConfig(**options)
             if hf_config is not None and cfg.spec != "auto":  # "auto" is planned against the device when applied
                 check_skips(config, OffloadPlan.for_config(hf_config, config).num_layers)
         except LPPluginError as exc:

@@ -21,27 +21,52 @@ MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``a
 before every timed part (disk tier, ``accelerate_disk``, ``airllm``: cold-cache figures). Configs
 are separated by commas; a comma inside a layer list is fine (``stream:2,4,6:cpu``), and so is a
 colon inside a skip, stand_in or calib value (``skip=greedy:20%``, ``stand_in=linear:64``,
-``calib=pydoc:32768``). Numbers are written in ASCII digits. A config with
-``skip`` is not exact, like ``alpha < 1``.
+``calib=pydoc:32768``). Numbers are written in ASCII digits. A config with ``skip`` is not exact, like
+``alpha < 1``.
+
+An lp config holds an :class:`lp_plugin.OffloadConfig` built from MODE, SPEC, TIER and its options by
+``OffloadConfig`` itself (as lm-eval's ``model_args`` strings are read), so every value is checked and
+normalised exactly as ``attach`` and ``from_pretrained`` check it; lp-bench adds only what is its own
+(``new``, ``cold``, ``load``, ``twin``). A value OffloadConfig refuses is a :class:`ConfigError` naming the
+config and the option, its cause the :class:`lp_plugin.OffloadSpecError`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 
-HEADS = ("baseline", "accelerate_cpu", "accelerate_disk", "airllm", "session", "stream")
+from lp_plugin.errors import OffloadSpecError
+from lp_plugin.planning.config import MODES, LayerSpec, OffloadConfig
+
 PEERS = ("accelerate_cpu", "accelerate_disk", "airllm")  # what users would run instead, measured beside lp_plugin
+HEADS = ("baseline", *PEERS, *MODES)
 LOADS = ("attach", "pretrained")
 TWIN = "baseline:twin"
-_DEFAULT_TIERS = ("cpu", "disk")
+FLAGS = ("cold", "twin")  # options written without a value
+# the OffloadConfig options an lp config takes after TIER (MODE, SPEC and TIER are its mode, offload and tier;
+# lp-bench sets offload_folder and main_device itself)
+OFFLOAD_OPTIONS = ("alpha", "prefetch", "protect_first", "protect_last", "skip", "stand_in", "calib")
 _LP_OPTIONS = (
     "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, protect_first=N, protect_last=N, skip=SKIP, "
     "stand_in=KIND, calib=CALIB"
 )
-_NUMBER_OPTIONS = ("alpha", "prefetch", "new", "protect_first", "protect_last")
-_TEXT_OPTIONS = ("skip", "stand_in", "calib")  # checked by OffloadConfig before the run (cli)
 _COLON_OPTIONS = ("skip", "stand_in", "calib")  # values that may hold a colon themselves
+# what results JSON records of a config without offload options (baseline; a peer's lp-only keys)
+_NO_OPTIONS = {
+    "mode": None,
+    "spec": None,
+    "tier": None,
+    "alpha": 1.0,
+    "prefetch": 1,
+    "skip": None,
+    "stand_in": "none",
+    "calib": None,
+    "protect_first": None,
+    "protect_last": None,
+}
+_FIELD = {"spec": "offload"}  # a word of the grammar and results JSON: the OffloadConfig field it names
+_WORD = {v: k for k, v in _FIELD.items()}
 
 
 def is_exact(cfg: dict) -> bool:
@@ -51,34 +76,68 @@ def is_exact(cfg: dict) -> bool:
 
 
 class ConfigError(ValueError):
-    """A config string lp-bench cannot read."""
+    """A config string lp-bench cannot read. ``config``: the config string (None for the ``--configs`` list as
+    a whole); ``option``: the option it refuses, where one is to blame. A value that OffloadConfig refuses
+    has that :class:`lp_plugin.OffloadSpecError` as ``__cause__``."""
+
+    def __init__(self, message: str, config: str | None = None, option: str | None = None):
+        super().__init__(message)
+        self.config = config
+        self.option = option
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchConfig:
+    """One measured config: what lp-bench puts on the model (``kind`` and ``options``) and how it measures
+    it (``new``, ``cold``, ``load``, ``twin``)."""
+
     name: str
-    kind: str  # baseline | lp | one of PEERS
-    mode: str | None = None
-    spec: str | None = None
-    tier: str | None = None
-    alpha: float = 1.0
-    prefetch: int = 1
+    """The config string as written on the command line (the key of its results)."""
+    kind: str
+    """``baseline``, ``lp`` (lp_plugin) or one of :data:`PEERS`."""
+    options: OffloadConfig | None = None
+    """lp: what ``attach``/``from_pretrained`` get (lp-bench adds ``offload_folder`` and ``main_device``); a peer:
+    the layers it offloads (``offload``) and where they go (``tier``), its other fields unused; baseline: None."""
     new: int | None = None
+    """Tokens to generate, for this config only (None: ``--new``)."""
     cold: bool = False
+    """Drop the page cache of the files the config reads before every timed part."""
     load: str = "attach"
+    """lp: ``attach`` to the loaded plain model, or ``pretrained``: ``lp_plugin.from_pretrained``."""
     twin: bool = False
-    skip: str | None = None
-    stand_in: str = "none"
-    calib: str | None = None
-    protect_first: int | None = None  # None: OffloadConfig's default
-    protect_last: int | None = None
+    """The plain model measured again, last in every round (:data:`TWIN`)."""
+
+    @property
+    def spec(self) -> LayerSpec | None:
+        """The layers offloaded (``options.offload``; None for the plain model)."""
+        return None if self.options is None else self.options.offload
+
+    @property
+    def tier(self) -> str | None:
+        return None if self.options is None else self.options.tier
 
     @property
     def exact(self) -> bool:
         return is_exact(self.to_dict())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as results JSON records it, under the keys derive, report and the gate read: the
+        options in OffloadConfig's normal form; for a config without them, the values of :data:`_NO_OPTIONS`."""
+        values = dict(_NO_OPTIONS)
+        if self.options is not None:
+            given = self.options.to_dict()
+            keys = tuple(values) if self.kind == "lp" else ("spec", "tier")
+            values.update({key: given[_FIELD.get(key, key)] for key in keys})
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            **{key: values[key] for key in ("mode", "spec", "tier", "alpha", "prefetch")},
+            "new": self.new,
+            "cold": self.cold,
+            "load": self.load,
+            "twin": self.twin,
+            **{key: values[key] for key in ("skip", "stand_in", "calib", "protect_first", "protect_last")},
+        }
 
     @property
     def bare_only(self) -> bool:
@@ -96,7 +155,7 @@ class BenchConfig:
 def _tier_names() -> tuple:
     from lp_plugin.planning.plugins import tier_names
 
-    return tuple(tier_names()) or _DEFAULT_TIERS
+    return tuple(tier_names())
 
 
 def split_configs(text: str) -> list:
@@ -112,151 +171,156 @@ def split_configs(text: str) -> list:
     return out
 
 
-def _set_option(cfg: BenchConfig, key: str, value: str, text: str) -> None:
-    try:
-        if key in _NUMBER_OPTIONS and not value.isascii():
-            raise ValueError  # int() and float() read other scripts' digits; the options grammar does not
-        if key == "alpha":
-            cfg.alpha = float(value)
-            if not 0.0 <= cfg.alpha <= 1.0:
-                raise ValueError
-        elif key == "prefetch":
-            cfg.prefetch = int(value)
-            if cfg.prefetch < 0:
-                raise ValueError
-        elif key == "new":
-            cfg.new = int(value)
-            if cfg.new < 1:
-                raise ValueError
-        elif key in ("protect_first", "protect_last"):
-            setattr(cfg, key, int(value))
-            if getattr(cfg, key) < 0:
-                raise ValueError
-        elif key == "load":
-            if value not in LOADS:
-                raise ValueError
-            cfg.load = value
-        elif key in _TEXT_OPTIONS:
-            if not value:
-                raise ConfigError(f"empty value for {key} in config {text!r}")
-            setattr(cfg, key, value)
-        else:
-            raise ConfigError(f"unknown option {key!r} in config {text!r}; options are {_LP_OPTIONS}")
-    except ValueError:
-        raise ConfigError(
-            f"bad value {value!r} for {key} in config {text!r} "
-            "(alpha in [0,1], prefetch >= 0, new >= 1, protect_first/protect_last >= 0, load attach or pretrained)"
-        ) from None
-
-
 def _glue(options: list) -> list:
-    """Options split on ':' with the colons inside skip/calib values put back (``skip=greedy``, ``20%``)."""
+    """Options split on ':' with the colons inside skip/stand_in/calib values put back (``skip=greedy``, ``20%``)."""
     out: list = []
     for opt in options:
-        if (
-            out
-            and "=" not in opt
-            and opt not in ("cold", "twin")
-            and out[-1].split("=", 1)[0].strip() in _COLON_OPTIONS
-        ):
+        if out and "=" not in opt and opt not in FLAGS and out[-1].split("=", 1)[0].strip() in _COLON_OPTIONS:
             out[-1] += ":" + opt
         else:
             out.append(opt)
     return out
 
 
-def _apply_options(cfg: BenchConfig, options: list, text: str) -> None:
+@dataclass
+class _Written:
+    """A config's options as written: lp-bench's own, checked here, and OffloadConfig's, as strings."""
+
+    new: int | None = None
+    cold: bool = False
+    load: str | None = None
+    twin: bool = False
+    offload: dict = field(default_factory=dict)  # OffloadConfig's name: the value as written
+
+
+def _read_options(options: list, text: str) -> _Written:
+    out = _Written()
     for opt in _glue(options):
-        if opt in ("cold", "twin"):
-            setattr(cfg, opt, True)
+        if opt in FLAGS:
+            setattr(out, opt, True)
             continue
         if "=" not in opt:
-            raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are {_LP_OPTIONS}")
+            raise ConfigError(f"cannot read option {opt!r} in config {text!r}; options are {_LP_OPTIONS}", text, opt)
         key, value = (s.strip() for s in opt.split("=", 1))
-        _set_option(cfg, key, value, text)
-    if cfg.cold and cfg.kind not in ("lp", "accelerate_disk", "airllm"):
+        if key == "new":
+            out.new = int(value) if re.fullmatch(r"[+-]?[0-9]{1,18}", value, flags=re.ASCII) else 0
+            if out.new < 1:
+                raise ConfigError(f"bad value {value!r} for new in config {text!r}: an int >= 1", text, key)
+        elif key == "load":
+            if value not in LOADS:
+                raise ConfigError(f"bad value {value!r} for load in config {text!r}: one of {LOADS}", text, key)
+            out.load = value
+        elif key in OFFLOAD_OPTIONS:
+            out.offload[key] = value
+        else:
+            raise ConfigError(f"unknown option {key!r} in config {text!r}; options are {_LP_OPTIONS}", text, key)
+    return out
+
+
+def _offload_config(text: str, given: dict) -> OffloadConfig:
+    """``OffloadConfig.from_strings`` on the options one at a time, in the order written, so that a refusal
+    names the option that brought it (a bad value, or one that does not go with those before it)."""
+    so_far: dict = {}
+    for key, value in given.items():
+        so_far[key] = value
+        try:
+            config = OffloadConfig.from_strings(so_far)
+        except OffloadSpecError as exc:
+            word = _WORD.get(key, key)
+            raise ConfigError(f"config {text!r}: {word}={value}: {exc}", text, word) from exc
+    return config
+
+
+def _check_options(kind: str, opts: _Written, text: str) -> None:
+    if opts.cold and kind not in ("lp", "accelerate_disk", "airllm"):
         raise ConfigError(
-            f"config {text!r}: cold applies to configs that read files (session/stream, accelerate_disk, airllm)"
+            f"config {text!r}: cold applies to configs that read files (session/stream, accelerate_disk, airllm)",
+            text,
+            "cold",
         )
-    if cfg.kind != "lp" and (
-        cfg.alpha != 1.0
-        or cfg.prefetch != 1
-        or cfg.load != "attach"
-        or cfg.skip
-        or cfg.stand_in != "none"
-        or cfg.calib
-        or cfg.protect_first is not None
-        or cfg.protect_last is not None
-    ):
+    if kind != "lp" and (opts.offload or opts.load is not None):
         raise ConfigError(
             f"config {text!r}: alpha, prefetch, load, protect_first, protect_last, skip, stand_in and calib apply "
-            "to session/stream configs only"
+            "to session/stream configs only",
+            text,
+            next(iter(opts.offload), "load"),
         )
-    if cfg.twin and (cfg.kind != "baseline" or cfg.name != TWIN):
-        raise ConfigError(f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)")
+    if opts.twin and (kind != "baseline" or text != TWIN):
+        raise ConfigError(
+            f"config {text!r}: 'twin' is written exactly {TWIN!r} (the plain model measured again)", text, "twin"
+        )
 
 
-def parse_config(text: str, tiers=None) -> BenchConfig:
+def _config(text: str, kind: str, options: list, layers: dict | None = None) -> BenchConfig:
+    """Config ``text`` of ``kind`` with ``options`` (the tokens after its head, spec and tier); ``layers``: its
+    offload, tier (and mode), as OffloadConfig names them."""
+    opts = _read_options(options, text)
+    _check_options(kind, opts, text)
+    offload = None if layers is None else _offload_config(text, {**layers, **opts.offload})
+    return BenchConfig(
+        name=text, kind=kind, options=offload, new=opts.new, cold=opts.cold, load=opts.load or "attach", twin=opts.twin
+    )
+
+
+def parse_config(text: str) -> BenchConfig:
     """Parse one config string. Raises :class:`ConfigError` saying how to write it."""
     text = text.strip()
-    tiers = tuple(tiers) if tiers is not None else _tier_names()
     tokens = text.split(":")
     head = tokens[0]
     if head == "baseline":
-        cfg = BenchConfig(name=text, kind="baseline")
-        _apply_options(cfg, tokens[1:], text)
-        return cfg
+        return _config(text, "baseline", tokens[1:])
     if head in ("accelerate_cpu", "accelerate_disk"):
         rest = tokens[1:]
-        spec = ":".join(t for t in rest if "=" not in t and t != "cold") or "even"
-        cfg = BenchConfig(name=text, kind=head, spec=spec, tier=head.split("_")[1])
-        _apply_options(cfg, [t for t in rest if "=" in t or t == "cold"], text)
-        return cfg
+        spec = ":".join(t for t in rest if "=" not in t and t not in FLAGS) or "even"
+        layers = {"offload": spec, "tier": head.split("_")[1]}
+        return _config(text, head, [t for t in rest if "=" in t or t in FLAGS], layers)
     if head == "airllm":
-        extra = [t for t in tokens[1:] if "=" not in t and t != "cold"]
+        extra = [t for t in tokens[1:] if "=" not in t and t not in FLAGS]
         if extra:
             raise ConfigError(
                 f"config {text!r}: AirLLM streams every module, it takes no offload spec "
-                f"({':'.join(extra)!r}); write airllm[:new=N][:cold]"
+                f"({':'.join(extra)!r}); write airllm[:new=N][:cold]",
+                text,
             )
-        cfg = BenchConfig(name=text, kind="airllm", spec="all", tier="disk")
-        _apply_options(cfg, tokens[1:], text)
-        return cfg
-    if head in ("session", "stream"):
+        return _config(text, "airllm", tokens[1:], {"offload": "all", "tier": "disk"})
+    if head in MODES:
+        tiers = _tier_names()
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
         if tier_at is None:
             raise ConfigError(
                 f"config {text!r} names no tier; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], "
-                f"TIER one of {', '.join(tiers)}"
+                f"TIER one of {', '.join(tiers)}",
+                text,
             )
         spec = ":".join(tokens[1:tier_at]).strip()
         if not spec:
-            raise ConfigError(f"config {text!r} has an empty offload spec; e.g. {head}:even:{tokens[tier_at]}")
-        cfg = BenchConfig(name=text, kind="lp", mode=head, spec=spec, tier=tokens[tier_at])
-        _apply_options(cfg, tokens[tier_at + 1 :], text)
-        return cfg
+            raise ConfigError(
+                f"config {text!r} has an empty offload spec; e.g. {head}:even:{tokens[tier_at]}", text, "spec"
+            )
+        layers = {"mode": head, "offload": spec, "tier": tokens[tier_at]}
+        return _config(text, "lp", tokens[tier_at + 1 :], layers)
     raise ConfigError(
         f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "
         "MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
-        "with MODE session or stream (e.g. stream:even:cpu)"
+        "with MODE session or stream (e.g. stream:even:cpu)",
+        text,
     )
 
 
-def parse_configs(text: str, tiers=None) -> list:
+def parse_configs(text: str) -> list:
     """The configs of a ``--configs`` value, in measuring order: ``baseline`` first (added if missing:
     every ratio is taken against it), ``baseline:twin`` last (added if missing: the plain model
     measured against itself a whole round later gives the run's noise)."""
-    configs = [parse_config(piece, tiers) for piece in split_configs(text)]
+    configs = [parse_config(piece) for piece in split_configs(text)]
     if not configs:
         raise ConfigError("--configs is empty; e.g. --configs baseline,session:even:cpu,stream:even:cpu")
     names = [c.name for c in configs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config(s) {dupes} listed twice")
-    base = next((c for c in configs if c.kind == "baseline" and not c.twin), None) or parse_config("baseline", tiers)
-    twin = next((c for c in configs if c.twin), None) or parse_config(TWIN, tiers)
-    twin.new = base.new  # the twin repeats the baseline exactly
+    base = next((c for c in configs if c.kind == "baseline" and not c.twin), None) or parse_config("baseline")
+    twin = next((c for c in configs if c.twin), None) or parse_config(TWIN)
     middle = [c for c in configs if c is not base and c is not twin]
     if any(c.kind == "baseline" for c in middle):
         raise ConfigError("one plain config is measured (plus its twin): write baseline once (with new=N if needed)")
-    return [base, *middle, twin]
+    return [base, *middle, replace(twin, new=base.new)]  # the twin repeats the baseline exactly
