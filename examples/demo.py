@@ -45,8 +45,10 @@ def _run(model: str, model_args: str, out: Path, args, tasks_path: str) -> dict:
     ]
     print(f"\n$ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # lm_eval's warnings and progress bars (stderr) show as it runs; its tables (stdout) are read here
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("LMEVAL_LOG_LEVEL", "WARNING")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(proc.stdout[-5000:])

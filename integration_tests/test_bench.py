@@ -9,8 +9,10 @@ test_gate.py.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+from contextlib import redirect_stderr
 
 import pytest
 from bench_helpers import SMALL, bench, config
@@ -36,11 +38,19 @@ def ckpt(tmp_path_factory):
 def bench_run(ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("bench-run")
     out, png = d / "results.json", d / "frontier.png"
-    with warnings.catch_warnings(record=True) as caught:
+    err = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stderr(err):
         warnings.simplefilter("always")
         rc, stdout = bench(["--model", ckpt, *SMALL, "--configs", CONFIGS, "--static", "on", "--repeats", "1",
                             "--out", out, "--plot", png])
-    return {"rc": rc, "stdout": stdout, "json": out, "png": png, "data": json.loads(out.read_text()), "warnings": caught}
+    return {"rc": rc, "stdout": stdout, "stderr": err.getvalue(), "json": out, "png": png,
+            "data": json.loads(out.read_text()), "warnings": caught}
+
+
+def test_no_progress_still_says_each_round_is_done(bench_run):
+    # --no-progress (as in CI) draws no bar, but a log line ends the warm-up and each timed round
+    done = [line for line in bench_run["stderr"].splitlines() if line.startswith("lp-bench: ") and " done (" in line]
+    assert len(done) == 2, bench_run["stderr"]
 
 
 # ----------------------------------------------------------------------------- the run

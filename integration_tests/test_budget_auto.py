@@ -151,7 +151,7 @@ def test_cli_prints_the_plan():
     for text in ("model qwen2.5-3b-shape: 36 decoder layers, bfloat16", "plan: stream mode, tier cpu", "cuda:0 (resident)",
                  "cpu (pinned host memory): layers", "card: cuda:0 6.00 GiB (max_memory)", "CUDA context + kernels",
                  "allocator slack", "KV cache", "engine ring buffers", "activations", "workspaces", "= peak", "left",
-                 "predicted standby", "predicted decode", "bandwidth:"):
+                 "predicted standby", "speed at most", "bandwidth:"):
         assert text in out, (text, out)
 
 

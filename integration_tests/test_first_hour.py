@@ -208,3 +208,31 @@ def test_layers_text():
 
     assert [layers_text(x) for x in ([], [3], [2, 4], [2, 4, 6, 8], [0, 1, 3, 4, 5, 9])] == \
         ["none", "3", "2,4", "2-8:2", "0-1,3-5,9"]
+
+
+@pytest.mark.slow
+def test_demo_shows_lm_eval_progress_as_it_runs_and_ends_with_one_comparison():
+    """``make demo``'s script: lm_eval's progress bars reach the user (stderr, live) instead of being
+    swallowed for a minute a run; the comparison (perplexities, memory saved, one speed) is on stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--limit", "1"], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "100%|" in proc.stderr  # tqdm bars (loading weights, lm-eval's requests) were passed through
+    assert "100%|" not in proc.stdout and "saved " in proc.stdout
+
+
+@pytest.mark.parametrize("setup,env,drawn", [
+    ("", {}, False),  # stderr a pipe: a log, no bars
+    ("import sys, types; sys.modules['ipykernel'] = types.ModuleType('ipykernel')", {}, True),  # a Jupyter kernel
+    ("", {"LP_PLUGIN_PROGRESS": "1"}, True),
+    ("import sys, types; sys.modules['ipykernel'] = types.ModuleType('ipykernel')", {"LP_PLUGIN_PROGRESS": "0"}, False),
+])
+def test_progress_bars_are_drawn_in_a_terminal_or_a_notebook(setup, env, drawn):
+    code = f"{setup}\nfrom lp_plugin.core.progress import enabled\nprint(enabled())"
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    full.pop("LP_PLUGIN_PROGRESS", None) if "LP_PLUGIN_PROGRESS" not in env else None
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(drawn)

@@ -130,3 +130,22 @@ def test_device_budgets():
     for bad in ((("main", 5), (0, 6)), ((1, 5),), ((0, 5), (1, 5))):
         with pytest.raises(OffloadSpecError):
             device_budgets(bad, torch.device("cuda", 0))
+
+
+def test_checkpoint_dtype_reads_dtype_not_the_deprecated_torch_dtype():
+    """A config without a dtype (a shape, a config made in code) gives None without touching
+    ``torch_dtype``, which transformers 5 answers with a deprecation warning."""
+    from transformers import LlamaConfig
+
+    from lp_plugin.planning.footprint import checkpoint_dtype
+
+    class Config:
+        dtype = None
+
+        @property
+        def torch_dtype(self):
+            raise AssertionError("torch_dtype read although the config has dtype")
+
+    assert checkpoint_dtype(Config(), {}) is None
+    assert checkpoint_dtype(LlamaConfig(dtype="bfloat16"), {}) is torch.bfloat16
+    assert checkpoint_dtype(LlamaConfig(dtype="bfloat16"), {"dtype": torch.float16}) is torch.float16

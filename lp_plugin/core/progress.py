@@ -1,7 +1,8 @@
 """Progress bars for lp_plugin's long waits (calibration, fitting, importance scoring, sweeps).
 
-One place decides whether a bar is drawn, as transformers does for its downloads: on when stderr is
-a terminal, off otherwise (logs, CI). ``LP_PLUGIN_PROGRESS=1`` forces bars on, ``=0`` off.
+One place decides whether a bar is drawn: on when stderr is a terminal or the process is a Jupyter
+(IPython) kernel, where tqdm.auto draws a notebook bar; off otherwise (logs, CI).
+``LP_PLUGIN_PROGRESS=1`` forces bars on, ``=0`` off.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ def enabled() -> bool:
     forced = os.environ.get("LP_PLUGIN_PROGRESS", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    if "ipykernel" in sys.modules:  # a notebook: stderr is no terminal there, yet the user watches it
+        return True
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 

@@ -565,10 +565,16 @@ def describe(plan: BudgetPlan) -> str:
             f"host memory: {size_text(plan.host_bytes)} pinned"
             + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else "")
         )
-    lines.append(
-        f"predicted decode {rate(plan.decode_tok_s)} tok/s, prefill {rate(plan.prefill_tok_s)} tok/s: "
-        f"{plan.speed_basis}"
-    )
+    if "upper bound" in plan.speed_basis:  # transfers alone: the model's compute is not in the figure
+        lines.append(
+            f"speed at most (not a prediction): decode {rate(plan.decode_tok_s)} tok/s, "
+            f"prefill {rate(plan.prefill_tok_s)} tok/s: {plan.speed_basis}"
+        )
+    else:
+        lines.append(
+            f"predicted decode {rate(plan.decode_tok_s)} tok/s, prefill {rate(plan.prefill_tok_s)} tok/s: "
+            f"{plan.speed_basis}"
+        )
     lines.append(
         f"bandwidth: {'-' if plan.bandwidth_gbps is None else f'{plan.bandwidth_gbps:.1f} GB/s'} "
         f"({plan.bandwidth_source})"

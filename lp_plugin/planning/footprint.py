@@ -50,7 +50,12 @@ def checkpoint_dtype(hf_config, hf_kwargs):
     """The floating dtype a load gives unquantized tensors: the one asked for, else the checkpoint's."""
     dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
     if dtype == "auto" or dtype is None:
-        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # transformers 5 names it ``dtype`` (reading ``torch_dtype`` there logs a deprecation warning)
+        dtype = (
+            getattr(hf_config, "dtype", None)
+            if hasattr(hf_config, "dtype")
+            else getattr(hf_config, "torch_dtype", None)
+        )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None

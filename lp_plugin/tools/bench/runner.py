@@ -185,6 +185,9 @@ def _run_bench(settings, configs, log) -> dict:
                 bar.set_description(f"{'warm-up' if r == 0 else f'round {r}/{settings.repeats}'} {cfg.name}")
                 _measure_safely(run, places[cfg.name], results, r, bar)
                 bar.update(1)
+            if not settings.progress:  # no bar: one line a round, so a log shows the run is alive
+                what = "warm-up" if r == 0 else f"round {r}/{settings.repeats}"
+                log(f"lp-bench: {what} done ({time.time() - started:.0f} s)")
     finally:
         bar.close()
         run.close()

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 
+from ...core.progress import enabled as progress_enabled
 from ...core.report import jsonable
 from ...errors import LPPluginError
 from ...planning.skipping.calib import HELDOUT, WINDOW
@@ -287,7 +288,8 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         )
         print(
             f"lp-prune: estimated time on this CPU: about {eta / 60:.0f} minutes (scaled from SmolLM2-135M on 2 "
-            "cores; progress bars follow)",
+            "cores; "
+            + ("progress bars follow)" if progress_enabled() else "LP_PLUGIN_PROGRESS=1 draws progress bars here)"),
             file=sys.stderr,
             flush=True,
         )
