@@ -203,6 +203,8 @@ def test_plot_written(bench_run):
     (["--model", "/no/such/folder"], "neither a shape"),
     (["--model", "nothing-like-a-model"], "neither a shape"),
     (["--model", "qwen2.5-3b"], "did you mean 'qwen2.5-3b-shape'"),
+    (["--new", "10000000000000000"], "positions"),  # a run that could never end, refused before loading
+    (["--configs", "baseline,stream:even:cpu:new=100000"], "positions"),
 ])
 def test_bad_arguments_exit_2(ckpt, capsys, args, message):
     rc, _ = bench(["--model", ckpt, *SMALL, *args])

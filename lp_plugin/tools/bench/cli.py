@@ -154,10 +154,12 @@ def _load(parser, flag, path):
         parser.error(f"{flag}: {exc}")
 
 
-def _engine_problem(configs, model: str) -> str | None:
+def _engine_problem(configs, model: str, longest: int = 0) -> str | None:
     """What lp_plugin would refuse in the configs' engine options (offload spec, mode, tier, alpha,
-    prefetch, protect_*, skip, stand_in, calib), checked against the model's config before any
-    weights load; None when nothing. A model whose config cannot be read here is reported when loaded."""
+    prefetch, protect_*, skip, stand_in, calib), and a sequence (``longest`` tokens: prompt, warm-up
+    steps and the most new tokens) beyond the model's positions, checked against the model's config
+    before any weights load; None when nothing. A model whose config cannot be read here is reported
+    when loaded."""
     from lp_plugin.errors import LPPluginError
     from lp_plugin.planning.plan import OffloadPlan
     from lp_plugin.planning.skipping.resolve import check_skips
@@ -172,6 +174,12 @@ def _engine_problem(configs, model: str) -> str | None:
             hf_config = AutoConfig.from_pretrained(model)
     except Exception:  # noqa: BLE001 - loading the model names the problem
         hf_config = None
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and longest > positions:
+        return (
+            f"--prompt and --new (or a config's new=N) ask for sequences of {longest} tokens with the warm-up "
+            f"steps; the model has {positions} positions: lower --new or --prompt"
+        )
     for cfg in configs:
         if cfg.kind not in ("lp", "accelerate_cpu", "accelerate_disk") or cfg.options is None:
             continue
@@ -192,7 +200,10 @@ def _run(parser, args) -> dict:
         configs = parse_configs(args.configs)
     except ConfigError as exc:
         parser.error(str(exc))
-    why = _engine_problem(configs, args.model)
+    from .measure import DECODE_WARM_STEPS
+
+    most_new = max([args.new, *(c.new for c in configs if c.new)])
+    why = _engine_problem(configs, args.model, args.prompt + DECODE_WARM_STEPS + most_new)
     if why is not None:
         parser.error(why)
     settings = BenchSettings(
