@@ -478,27 +478,13 @@ def _forced_logits(model, ids, tokens: list):
         return model(input_ids=seq, logits_to_keep=len(tokens)).logits[0].float().cpu()
 
 
-def _forced_decode_logits(model, ids, tokens: list):
-    """The same positions through generate's path: the prompt prefilled into a KV cache, then ``tokens[:-1]`` fed
-    one at a time (the decode steps, with the plain model's tokens as inputs)."""
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    rows = []
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        rows.append(out.logits[0, -1].float().cpu())
-        for tok in tokens[:-1]:
-            step = torch.tensor([[tok]], device=ids.device, dtype=ids.dtype)
-            out = model(input_ids=step, past_key_values=cache, use_cache=True)
-            rows.append(out.logits[0, -1].float().cpu())
-    return torch.stack(rows)
-
-
 def _forced_outputs(model, ids, tokens: list) -> dict:
+    """The plain model's ``tokens`` fed back: logits in one forward, and through the decode steps (the prompt
+    prefilled into a KV cache, then one token at a time: ``lp_plugin.tools.bench.measure.forced_decode_logits``)."""
+    from lp_plugin.tools.bench.measure import forced_decode_logits
+
     return {"forced_logits": _forced_logits(model, ids, tokens),
-            "forced_decode_logits": _forced_decode_logits(model, ids, tokens)}
+            "forced_decode_logits": forced_decode_logits(model, ids, tokens)}
 
 
 def _compare_forced(saved: dict, got: dict) -> dict:
@@ -598,12 +584,9 @@ def step_reference(spec: dict) -> dict:
 
 
 def _max_abs_diff(a, b):
-    import torch
+    from lp_plugin.tools.bench.measure import max_abs_diff
 
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    if not torch.equal(fa, fb) or not torch.equal(a[~fa], b[~fb]):
-        return float("inf")
-    return float((a[fa] - b[fb]).abs().max()) if fa.any() else 0.0
+    return max_abs_diff(a, b)
 
 
 def step_workload(spec: dict) -> dict:
@@ -1127,7 +1110,8 @@ def _driver_version():
 def _workload_summary(w: dict) -> dict:
     keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
             "forced_logits_equal", "forced_max_abs_logit_diff", "forced_argmax_agreement",
-            "forced_decode_logits_equal", "forced_decode_max_abs_logit_diff", "forced_decode_argmax_agreement", "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
+            "forced_decode_logits_equal", "forced_decode_max_abs_logit_diff", "forced_decode_argmax_agreement",
+            "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
             "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
             "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
     return {k: w.get(k) for k in keys if k in w}
