@@ -230,6 +230,8 @@ def outputs_exact(w: dict, spread: dict | None) -> bool:
     keys = ("forced_logits_equal", "forced_decode_logits_equal")
     if any(k not in w for k in keys):
         return w.get("outputs_equal") is True  # a reference without teacher-forced logits: greedy tokens only
+    if w.get("generate_logits_equal") is False:  # generate's own scores, where both made the same tokens
+        return False
     if all(w[k] is True for k in keys):
         return True
     if not spread or any(k not in spread for k in keys) or all(spread[k] is True for k in keys):
@@ -448,24 +450,26 @@ def _prompt(vocab: int, length: int, seed: int):
     return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, ids, new_tokens: int):
+def _generate(model, ids, new_tokens: int, steps: list | None = None):
     """Greedy ``new_tokens`` tokens and the last step's scores (copied to the host at every step, so no logits
-    stay on the device)."""
+    stay on the device). With ``steps`` (a list), every step's scores are appended to it (float32, host)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    class LastScores(LogitsProcessor):
+    class StepScores(LogitsProcessor):
         last = None
 
         def __call__(self, input_ids, scores):
-            LastScores.last = scores[0].detach().float().cpu()
+            StepScores.last = scores[0].detach().float().cpu()
+            if steps is not None:
+                steps.append(StepScores.last)
             return scores
 
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([LastScores()]))
-    return out[0, ids.shape[1]:].tolist(), LastScores.last
+                             logits_processor=LogitsProcessorList([StepScores()]))
+    return out[0, ids.shape[1]:].tolist(), StepScores.last
 
 
 def _forced_logits(model, ids, tokens: list):
@@ -566,12 +570,14 @@ def step_reference(spec: dict) -> dict:
     model = load_checkpoint(spec["folder"], spec["dtype"], DEVICE)
     vocab = model.config.vocab_size
     ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
-    tokens, last = _generate(model, ids, spec["new_tokens"])
+    steps: list = []
+    tokens, last = _generate(model, ids, spec["new_tokens"], steps)
     again, last_again = _generate(model, ids, spec["new_tokens"])  # the plain model's own spread, in one process
     first = spec.get("first_reference_file")  # a second plain process: teacher-forced with the first one's tokens
     saved = torch.load(first) if first and os.path.isfile(first) else None
     forced = _forced_outputs(model, ids, saved["tokens"] if saved else tokens)
-    torch.save({"tokens": tokens, "last_scores": last, **forced, "spec": spec}, spec["reference_file"])
+    torch.save({"tokens": tokens, "last_scores": last, "step_scores": torch.stack(steps), **forced, "spec": spec},
+               spec["reference_file"])
     result = {"tokens": tokens, "repeat_tokens_equal": again == tokens,
               "repeat_max_abs_logit_diff": _max_abs_diff(last, last_again)}
     if saved is not None:
@@ -615,7 +621,8 @@ def step_workload(spec: dict) -> dict:
     out["num_layers"] = model.config.num_hidden_layers
     vocab = model.config.vocab_size
     ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
-    tokens, last = _generate(model, ids, spec["new_tokens"])
+    steps: list = []
+    tokens, last = _generate(model, ids, spec["new_tokens"], steps)
     out["tokens"] = tokens
     out["after_generate"] = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
                              "max_reserved_bytes": torch.cuda.max_memory_reserved(),
@@ -626,8 +633,21 @@ def step_workload(spec: dict) -> dict:
         out["outputs_equal"] = saved["tokens"] == tokens
         out["first_mismatch"] = next((i for i, (a, b) in enumerate(zip(saved["tokens"], tokens)) if a != b), None)
         out["max_abs_logit_diff"] = _max_abs_diff(saved["last_scores"], last)
+        if "step_scores" in saved and saved["tokens"] == tokens:  # generate's own scores, every step (same inputs)
+            got = torch.stack(steps)
+            out["generate_logits_equal"] = bool(torch.equal(saved["step_scores"], got))
+            out["generate_max_abs_logit_diff"] = _max_abs_diff(saved["step_scores"], got)
         # the plain model's tokens fed to both: logits position by position, in one forward and through decode steps
-        out.update(_compare_forced(saved, _forced_outputs(model, ids, saved["tokens"])))
+        forced = _forced_outputs(model, ids, saved["tokens"])
+        out.update(_compare_forced(saved, forced))
+        # where a difference comes from: the same forced run again (per-call sessions) and inside one session
+        out["diagnostics"] = {"forced_again": _compare_forced(forced, _forced_outputs(model, ids, saved["tokens"]))}
+        with lp_plugin.session(model):
+            in_session = _forced_outputs(model, ids, saved["tokens"])
+        out["diagnostics"]["forced_in_session_vs_plain"] = _compare_forced(saved, in_session)
+        out["diagnostics"]["rows_differing"] = [
+            i for i in range(len(saved["tokens"]))
+            if not torch.equal(saved["forced_decode_logits"][i], forced["forced_decode_logits"][i])]
     else:
         out["outputs_equal"] = None
     out["rounds"] = _timing_rounds(model, spec, info.get("bytes_per_forward") or 0)
@@ -1111,6 +1131,7 @@ def _workload_summary(w: dict) -> dict:
     keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
             "forced_logits_equal", "forced_max_abs_logit_diff", "forced_argmax_agreement",
             "forced_decode_logits_equal", "forced_decode_max_abs_logit_diff", "forced_decode_argmax_agreement",
+            "generate_logits_equal", "generate_max_abs_logit_diff", "diagnostics",
             "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
             "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
             "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
