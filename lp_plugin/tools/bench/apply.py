@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import replace
+from typing import Any
 
 from lp_plugin.planning.config import OffloadConfig
 
@@ -51,11 +52,11 @@ class Placement:
         self.offload_root = offload_root
         self.dtype = dtype
         self.model = base.model
-        self.handle = None
-        self.airllm = None  # AirLLM's model wrapper while the airllm config is on
-        self.acc_layers = ()
+        self.handle: Any = None  # lp_plugin's OffloadHandle while an lp config is on
+        self.airllm: Any = None  # AirLLM's model wrapper while the airllm config is on
+        self.acc_layers: tuple[int, ...] = ()
         self.hf_device_map = None
-        self.info = {}
+        self.info: dict[str, Any] = {}
 
     @property
     def folder(self):

@@ -192,7 +192,7 @@ def _engine_problem(configs, model: str, longest: int = 0) -> str | None:
     return None
 
 
-def _run(parser, args) -> dict:
+def _run(parser, args) -> dict | None:
     from .runner import run_bench
     from .setup import BenchSettings, SetupError
 

@@ -11,6 +11,7 @@ plain config), in one forward and through the decode steps: a deterministic mode
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from lp_plugin.core.report import GIB
 
@@ -98,7 +99,9 @@ def _ratios(c, out, base, acc) -> dict:
         median_of(c.get("prefill_tok_s")),
         median_of(c.get("standby_vram_bytes")),
     )
-    r = {f"{short}_vs_baseline": paired(c.get(key), base.get(key)) if base else None for short, key in SPEEDS.items()}
+    r: dict[str, Any] = {
+        f"{short}_vs_baseline": paired(c.get(key), base.get(key)) if base else None for short, key in SPEEDS.items()
+    }
     r.update(
         {
             "decode_vs_transfer_bound": _ratio(decode, c.get("transfer_bound_tok_s")),
@@ -154,7 +157,12 @@ def _vs_peers(c, out) -> dict:
     warm against warm (medians of per-round ratios; peak VRAM as the ratio of medians)."""
     cold = bool(c["config"].get("cold"))
     air, disk = _peer(out, "airllm", cold), _peer(out, "accelerate_disk", cold)
-    r = {"decode_vs_airllm": None, "prefill_vs_airllm": None, "peak_vs_airllm": None, "decode_vs_accelerate_disk": None}
+    r: dict[str, Any] = {
+        "decode_vs_airllm": None,
+        "prefill_vs_airllm": None,
+        "peak_vs_airllm": None,
+        "decode_vs_accelerate_disk": None,
+    }
     if air is not None:
         r["decode_vs_airllm"] = paired(c.get("decode_tok_s"), air.get("decode_tok_s"))
         r["prefill_vs_airllm"] = paired(c.get("prefill_tok_s"), air.get("prefill_tok_s"))

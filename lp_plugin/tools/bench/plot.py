@@ -83,7 +83,7 @@ def _draw_points(ax, points) -> None:
 
 def _spread(targets: list, gap: float) -> list:
     """Label heights (axes fraction) as close to ``targets`` (sorted) as a ``gap`` between labels allows."""
-    out = []
+    out: list[float] = []
     for t in targets:
         out.append(max(t, out[-1] + gap) if out else max(t, 0.0))
     top = 1.0

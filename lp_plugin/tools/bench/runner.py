@@ -106,7 +106,8 @@ class Run:
         self.ids = {k: as_ids(self.inputs[k]) for k in ("prompt", "prefill", "ppl")}
 
     def _bandwidth(self) -> dict:
-        s, out = self.settings, {"pinned": None, "pageable": None}
+        s = self.settings
+        out: dict[str, dict | None] = {"pinned": None, "pageable": None}
         if self.device.type == "cuda":
             self.log("lp-bench: measuring host-to-device bandwidth (pinned, pageable)")
             for kind in out:

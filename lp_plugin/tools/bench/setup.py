@@ -98,8 +98,8 @@ class BaseModel:
 
         self.device = device
         self.kind = "shape" if shapes.is_shape(settings.model) else "pretrained"
-        self.checkpoint = None if self.kind == "shape" else settings.model
-        self._own_folder = None
+        self.checkpoint: str | None = None if self.kind == "shape" else settings.model
+        self._own_folder: str | None = None
         why = shapes.model_name_problem(settings.model)
         if why is not None:
             raise SetupError(f"--model {why}")
@@ -214,7 +214,9 @@ def make_tokenizer(choice: str, model_name: str, is_shape: bool):
 def make_inputs(tokenizer, vocab_size: int, prompt: int, prefill: int, ppl_tokens: int) -> dict:
     """Token id lists (plain Python ints) for the prompt, the prefill and the perplexity text."""
     text = fixed_text()
-    ids = list(text.encode("utf-8")) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = (
+        list(text.encode("utf-8")) if tokenizer is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
     note = None
     if max(ids) >= vocab_size:
         ids = [i % vocab_size for i in ids]
@@ -225,9 +227,10 @@ def make_inputs(tokenizer, vocab_size: int, prompt: int, prefill: int, ppl_token
             f"the fixed text gives {len(ids)} tokens, fewer than the {need} asked for; lower --prefill/--ppl-tokens"
         )
     half = len(ids) // 2
-    out = {"prompt": ids[:prompt], "prefill": ids[:prefill], "ppl": ids[half : half + ppl_tokens], "note": note}
+    parts = {"prompt": ids[:prompt], "prefill": ids[:prefill], "ppl": ids[half : half + ppl_tokens]}
+    out: dict[str, list[int] | str | None] = {**parts, "note": note}
     for key in ("ppl", "prompt"):
-        out[f"{key}_ids_sha256"] = hashlib.sha256(",".join(map(str, out[key])).encode()).hexdigest()
+        out[f"{key}_ids_sha256"] = hashlib.sha256(",".join(map(str, parts[key])).encode()).hexdigest()
     return out
 
 
