@@ -66,6 +66,42 @@ def resident(module):
     return contextlib.nullcontext() if ends is None else ends.resident()
 
 
+class _Entry:
+    """One tensor of the two modules (a tied one once): where it sits, its host copy, the object the model
+    holds now. A tensor on the device keeps its object (``.data`` moves); a meta placeholder behind an
+    Accelerate hook is replaced by a tensor over the host copy, and put back by :meth:`HostEnds.restore`."""
+
+    def __init__(self, tensor, owner, host):
+        self.original = tensor
+        self.owners = [owner]  # [(module, "_parameters" or "_buffers", name)]
+        self.device = tensor.device
+        self.host = host
+        self.current = tensor
+
+    def point_at(self, value) -> None:
+        if self.device.type != "meta":
+            self.current.data = value
+            return
+        if self.current is self.original:  # a meta placeholder: a new tensor in its place (as Accelerate makes)
+            new = value
+            if isinstance(self.original, nn.Parameter):
+                new = nn.Parameter(value, requires_grad=self.original.requires_grad)
+            self._assign(new)
+        else:
+            self.current.data = value
+
+    def restore(self) -> None:
+        if self.device.type == "meta":
+            self._assign(self.original)
+        else:
+            self.original.data = self.host.to(self.device, copy=True)
+
+    def _assign(self, tensor) -> None:
+        for module, kind, name in self.owners:
+            getattr(module, kind)[name] = tensor
+        self.current = tensor
+
+
 class HostEnds:
     """The owner of the input embeddings and the lm_head kept in host memory: their host copies, the
     hooks that run them, and how detach gives them back."""
@@ -74,10 +110,8 @@ class HostEnds:
         self.embed, self.head = embed, head
         self.main_device = main_device
         self.pin = pin
-        # the modules' tensors, tied ones once: [(tensor object, [(module, kind, name)], where it was)]
-        self.entries: list = []
-        self.host: dict = {}  # id(tensor object) -> its host copy
-        self.head_tensors: list = []  # the lm_head's tensor objects (a tied weight among them)
+        self.entries: list[_Entry] = []  # the modules' tensors, tied ones once
+        self.head_entries: list[_Entry] = []  # the lm_head's (a tied weight among them)
         self.tied = any(p is q for p in embed.parameters() for q in head.parameters())
         self.accel_hooks = {m: accel.offload_hooks(m) for m in (embed, head)}
         self.suspended: list = []
@@ -106,31 +140,30 @@ class HostEnds:
                         f"embeddings='host': {type(module).__name__}.{key} is on the meta device with no Accelerate "
                         "hook holding its value; load the model's weights before attaching"
                     )
+                entry = seen.get(id(tensor))
+                if entry is not None:  # tied: one host copy
+                    entry.owners.append((sub, kind, name))
+                else:
+                    host = allocate_host(value.numel() * value.element_size(), self.pin, f"the {key} of the model's ends")
+                    host = host.view(value.dtype).view(value.shape)
+                    host.copy_(value)
+                    entry = seen[id(tensor)] = _Entry(tensor, (sub, kind, name), host)
+                    self.entries.append(entry)
                 if module is self.head:
-                    self.head_tensors.append(tensor)
-                if id(tensor) in seen:  # tied: one host copy
-                    seen[id(tensor)][1].append((sub, kind, name))
-                    continue
-                host = allocate_host(value.numel() * value.element_size(), self.pin, f"the {key} of the model's ends")
-                host = host.view(value.dtype).view(value.shape)
-                host.copy_(value)
-                entry = (tensor, [(sub, kind, name)], tensor.device)
-                seen[id(tensor)] = entry
-                self.entries.append(entry)
-                self.host[id(tensor)] = host
+                    self.head_entries.append(entry)
             self.held += [(store, full_key) for store, full_key, _ in held]
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host.values())
+        return sum(e.host.numel() * e.host.element_size() for e in self.entries)
 
     @property
     def head_bytes(self) -> int:
         """Bytes of the lm_head's tensors: what each call copies to the device."""
-        return sum(self.host[id(t)].numel() * self.host[id(t)].element_size() for t in self.head_tensors)
+        return sum(e.host.numel() * e.host.element_size() for e in self.head_entries)
 
     def dtypes(self) -> set:
-        return {t.dtype for t in self.host.values()}
+        return {e.host.dtype for e in self.entries}
 
     def install(self) -> None:
         """Point the tensors at their host copies and hook the two modules (the model changes from here)."""
@@ -138,8 +171,8 @@ class HostEnds:
             if hooks:  # Accelerate offloaded the module: its hooks would move it to the device on every call
                 self.suspended += [accel.SuspendedHook(sub) for _, sub, _ in hooks]
         self.held = [(store, key, store.pop(key, None)) for store, key in self.held]
-        for tensor, _, _ in self.entries:
-            tensor.data = self.host[id(tensor)]
+        for entry in self.entries:
+            entry.point_at(entry.host)
         self.head.__dict__[ATTR] = self
         self._torch_hooks = [
             self.embed.register_forward_pre_hook(self._embed_in, with_kwargs=True),
@@ -155,9 +188,8 @@ class HostEnds:
             h.remove()
         self._torch_hooks = []
         self.head.__dict__.pop(ATTR, None)
-        for tensor, _, device in self.entries:
-            host = self.host[id(tensor)]
-            tensor.data = torch.empty_like(host, device=device) if device.type == "meta" else host.to(device, copy=True)
+        for entry in self.entries:
+            entry.restore()
         for store, key, value in self.held:
             if value is not None:
                 store[key] = value
@@ -183,12 +215,11 @@ class HostEnds:
             if self._depth > 1:
                 return
             try:
-                for tensor in self.head_tensors:
-                    host = self.host[id(tensor)]
-                    dev = torch.empty_like(host, device=self.main_device)
-                    dev.copy_(host, non_blocking=host.is_pinned())
-                    tensor.data = dev
-                    self._bound.append(tensor)
+                for entry in self.head_entries:
+                    dev = torch.empty_like(entry.host, device=self.main_device)
+                    dev.copy_(entry.host, non_blocking=entry.host.is_pinned())
+                    entry.point_at(dev)
+                    self._bound.append(entry)
                 self.head_copies += 1
             except BaseException:
                 self._exit()
@@ -199,8 +230,8 @@ class HostEnds:
             self._depth -= 1
             if self._depth:
                 return
-            for tensor in self._bound:
-                tensor.data = self.host[id(tensor)]
+            for entry in self._bound:
+                entry.point_at(entry.host)
             self._bound = []
 
     @contextlib.contextmanager
