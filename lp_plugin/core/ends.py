@@ -144,7 +144,7 @@ class HostEnds:
                 if entry is not None:  # tied: one host copy
                     entry.owners.append((sub, kind, name))
                 else:
-                    host = allocate_host(value.numel() * value.element_size(), self.pin, f"the {key} of the model's ends")
+                    host = allocate_host(value.numel() * value.element_size(), self.pin, f"the model's {key}")
                     host = host.view(value.dtype).view(value.shape)
                     host.copy_(value)
                     entry = seen[id(tensor)] = _Entry(tensor, (sub, kind, name), host)
@@ -242,4 +242,3 @@ class HostEnds:
             yield
         finally:
             self._exit()
-
