@@ -106,8 +106,8 @@ def offload_table(info: dict) -> str:
             [
                 (
                     "embeddings",
-                    f"input embeddings and lm_head in host memory ({size_text(info.get('embeddings_host_bytes') or 0)}), "
-                    "lm_head copied per call",
+                    f"input embeddings and lm_head in host memory "
+                    f"({size_text(info.get('embeddings_host_bytes') or 0)}), lm_head copied per call",
                 )
             ]
             if info.get("embeddings") == "host"
