@@ -197,3 +197,100 @@ def test_what_cannot_apply_is_refused(breakage):
 def test_bad_embeddings_option(value):
     with pytest.raises(OffloadSpecError):
         OffloadConfig(embeddings=value)
+
+
+# ---------------------------------------------------------------------------------------- planning
+GIB = 2**30
+
+
+def _shape_plan(name, memory, **options):
+    from lp_plugin.tools.shapes import shape_config
+
+    return lp_plugin.fit_budget(shape_config(name), weights="nf4", max_memory=memory, max_context=8192,
+                                main_device="cuda", bandwidth=25, **options)
+
+
+def _shape_footprint(name):
+    from lp_plugin.planning import footprint
+    from lp_plugin.tools.shapes import shape_config
+
+    return footprint.from_config(shape_config(name), "nf4")
+
+
+@pytest.mark.parametrize("name,memory", [("llama-3-8b-shape", "4GiB"), ("qwen2.5-3b-shape", "2GiB")])
+def test_planner_moves_the_ends_only_when_nothing_else_fits(name, memory):
+    from lp_plugin.planning.budget import _pinned
+
+    fp = _shape_footprint(name)
+    hf_bytes = fp.embed_bytes  # vocab x hidden in bf16, left unquantized by NF4
+    assert fp.head_bytes == hf_bytes and fp.ends_bytes == hf_bytes * (1 if fp.tied_head else 2)
+    assert fp.tied_head == (name == "qwen2.5-3b-shape")
+    plan = _shape_plan(name, memory)
+    assert plan.embeddings == "host" and plan.peak_bytes <= plan.budget_bytes
+    assert any(n.startswith("embeddings and lm_head stream from host memory") for n in plan.notes)
+    assert plan.resolved(OffloadConfig(offload="auto")).embeddings == "host"
+    # the weights on the device: everything but the ends and the offloaded layers
+    resident = sum(b for i, b in enumerate(fp.layer_bytes) if i not in plan.offloaded)
+    assert plan.breakdown["weights"] == plan.standby_bytes == fp.base_bytes - fp.ends_bytes + resident
+    assert sum(plan.breakdown.values()) == plan.peak_bytes
+    head = plan.breakdown["head_buffer"]
+    assert head == (fp.head_bytes if plan.phase == "lm_head" else 0)
+    layers = sum(_pinned(fp.packed_bytes[i]) for i in plan.offloaded)
+    assert plan.host_bytes == layers + _pinned(fp.embed_bytes) + (0 if fp.tied_head else _pinned(fp.head_bytes))
+    # with room to spare the ends stay on the device, and the card shows no lm_head copy
+    roomy = _shape_plan(name, "24GiB")
+    assert roomy.embeddings == "device" and "head_buffer" not in roomy.breakdown
+    assert not any("embeddings and lm_head" in n for n in roomy.notes)
+    # embeddings="host" asks for them there
+    asked = _shape_plan(name, "24GiB", embeddings="host")
+    assert asked.embeddings == "host" and asked.standby_bytes == roomy.standby_bytes - fp.ends_bytes
+
+
+def test_lm_head_phase_holds_the_head_copy():
+    from lp_plugin.planning.footprint import Work, work_phases
+
+    fp = _shape_footprint("llama-3-8b-shape")
+    for work in (Work("generate", 8192, 1), Work("loglikelihood", 2048, 2)):
+        on_device, on_host = work_phases(fp, work), work_phases(fp.on_host(), work)
+        assert on_host["lm_head"] == {**on_device["lm_head"], "head_buffer": fp.head_bytes}
+        assert on_host["prefill"] == {**on_device["prefill"], "head_buffer": 0}
+
+
+def test_planning_maps_the_host_ends_to_cpu():
+    from lp_plugin.planning.plan import OffloadPlan
+    from lp_plugin.tools.shapes import shape_config
+
+    config = OffloadConfig(offload="auto", max_memory="4GiB", max_context=8192, main_device="cuda")
+    plan = OffloadPlan.for_config(shape_config("llama-3-8b-shape"), config, weights="nf4")
+    dmap = plan.device_map("cpu")
+    assert plan.config.embeddings == "host" and plan.end_keys == ("model.embed_tokens", "lm_head")
+    assert dmap["model.embed_tokens"] == dmap["lm_head"] == "cpu" and dmap["model.norm"] == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch):
+    """On the CPU the budget is host memory: a max_memory just below the least the model needs with its
+    ends on the device makes the planner move them, and the loaded model is the plain one, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lp_plugin.planning import budget, footprint
+
+    path = tiny_checkpoints[arch]
+    fp = footprint.from_config(AutoConfig.from_pretrained(path), "bf16")
+    config = OffloadConfig(offload="auto", max_memory="1GiB", max_context=32, main_device="cpu")
+    work = budget.work_of(config, fp)[0]
+    card = budget.card_of(config.max_memory, torch.device("cpu"))[0]
+    least = {ends: min(o.peak for o in budget._options(fp, work, card, config) if o.ends == ends)
+             for ends in ("device", "host")}
+    assert least["host"] < least["device"]
+    model = lp_plugin.from_pretrained(path, offload="auto", max_memory=least["device"] - 1, max_context=32)
+    handle = lp_plugin.get_handle(model)
+    assert handle.plan.budget.embeddings == handle.config.embeddings == "host" and handle.ends is not None
+    assert handle.info()["budget"]["embeddings"] == "host"
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    handle.detach()
+    fits = lp_plugin.from_pretrained(path, offload="auto", max_memory=least["device"], max_context=32)
+    assert lp_plugin.get_handle(fits).ends is None and lp_plugin.get_handle(fits).config.embeddings == "device"
