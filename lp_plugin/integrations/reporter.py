@@ -67,6 +67,7 @@ class HandleReport:
             "embeddings_host_bytes": self.ends.host_bytes if self.ends else 0,
             "lm_head_bytes_per_call": self.ends.head_bytes if self.ends else 0,
             "embeddings_tied": self.ends.tied if self.ends else None,
+            "lm_head_copies": self.ends.head_copies if self.ends else 0,
             "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
