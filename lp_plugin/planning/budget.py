@@ -466,9 +466,9 @@ def _ends_note(fp: Footprint, config: OffloadConfig, fits: bool) -> str:
     why = "embeddings='host'" if config.embeddings == "host" else "nothing fits with them on the device"
     if not fits and config.embeddings != "host":
         why = "the least this needs"
-    weights = "their tied weight" if fp.tied_head else "their weights"
+    weights = "their tied weight ({}) leaves" if fp.tied_head else "their weights ({}) leave"
     return (
-        f"embeddings and lm_head stream from host memory: {why}; {weights} ({size_text(fp.ends_bytes)}) leave "
+        f"embeddings and lm_head stream from host memory: {why}; {weights.format(size_text(fp.ends_bytes))} "
         f"the device, the lm_head ({size_text(fp.head_bytes)}) is copied to it for each call"
     )
 
