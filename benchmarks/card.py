@@ -616,7 +616,8 @@ def step_workload(spec: dict) -> dict:
     handle = lp_plugin.get_handle(model)
     info = handle.info()
     out["plan"] = {k: info.get(k) for k in ("mode", "tier", "prefetch", "offloaded_layers", "offloaded_bytes",
-                                            "layer_bytes", "bytes_per_forward", "ring_slots", "budget")}
+                                            "layer_bytes", "bytes_per_forward", "ring_slots", "embeddings",
+                                            "embeddings_host_bytes", "lm_head_bytes_per_call", "budget")}
     out["plan"]["offloaded_compact"] = compact(info.get("offloaded_layers"))
     out["num_layers"] = model.config.num_hidden_layers
     vocab = model.config.vocab_size
@@ -655,7 +656,8 @@ def step_workload(spec: dict) -> dict:
         out["mapped_bytes_in_session"] = handle.mapped_bytes
     out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
                max_reserved_bytes=torch.cuda.max_memory_reserved(),
-               peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats))
+               peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats),
+               lm_head_copies=handle.info().get("lm_head_copies"))
     return out
 
 

@@ -5,7 +5,8 @@
   while compiling: a compiled forward runs inside the session that ``generate`` opened); the hook also
   ends the forward with each mover's ``end_forward`` (stream mode: the ring's join);
 * ``generate`` is wrapped so one call is one session (not one per decode step);
-* ``_apply`` of the offloaded layers and their ancestors checks a conversion first: a move to the
+* ``_apply`` of the offloaded layers (and of the ends kept in host memory, ``ends.py``) and their
+  ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
   works), a cast or a move elsewhere of the tensors lp_plugin keeps (offloaded layers and stand-ins) is
   refused before any module changes.
@@ -25,15 +26,17 @@ from .group import execution_order, offloaded_dtypes
 
 
 class ModelEntry:
-    def __init__(self, gate, model, base, layers, stand_ins, main_device, ancestors):
+    def __init__(self, gate, model, base, layers, stand_ins, main_device, ancestors, ends=None):
         self.gate = gate  # the session gate (first attribute: a deep copy reaches it first)
         self.model = model
         self.base = base  # the module whose forward runs the decoder layers (model.model for Qwen2/Llama)
         self.units = execution_order(layers, stand_ins)  # every unit on a tier: what a conversion must not change
         self.main_device = main_device
-        offloaded_modules = [layer.module for layer in layers]
+        # modules whose tensors lp_plugin keeps: the offloaded layers, and the ends kept in host memory
+        offloaded_modules = [layer.module for layer in layers] + ([ends.embed, ends.head] if ends else [])
         self.offloaded = set(map(id, offloaded_modules))
         self.guarded = offloaded_modules + list(ancestors)
+        self.kept_dtypes = ends.dtypes() if ends else set()  # the ends' dtypes: a cast must not change them
         self._torch_hooks = []
         self._had_generate = False
 
@@ -94,6 +97,14 @@ class ModelEntry:
                         f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
                         "first, convert the model, then attach again"
                     )
+        for dtype in self.kept_dtypes:
+            probe = fn(torch.empty(0, dtype=dtype, device=self.main_device))
+            if probe.dtype != dtype or probe.device != self.main_device:
+                raise AttachError(
+                    f"this conversion would turn the {dtype} input embeddings and lm_head lp_plugin keeps in host "
+                    f"memory into {probe.dtype} on {probe.device}; lp_plugin.get_handle(model).detach() first, "
+                    "convert the model, then attach again"
+                )
 
 
 def _guarded_apply(entry, module, fn, *args, **kwargs):

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import OffloadSpecError
+from .ends import resident
 
 #: logits plus their log_softmax of one head chunk stay under this many bytes (at least one position)
 HEAD_CHUNK_BYTES = 128 * 2**20
@@ -167,17 +168,18 @@ def score(
         chunks = [(a, min(n, a + rows), rows) for a in range(0, n, rows)]
     values = torch.empty(targets.shape, dtype=dtype or hidden.dtype, device=hidden.device)
     greedy = torch.empty(n, dtype=torch.long, device=hidden.device)
-    for start, end, width in chunks:
-        if width is None:
-            logits = head(hidden)[index]
-        else:
-            picked = index[start:end]
-            if end - start < width:  # keep the row count: fill up with the last position
-                picked = torch.cat([picked, picked[-1:].expand(width - (end - start))])
-            logits = head(hidden[picked])[: end - start]
-        logp = F.log_softmax(logits, dim=-1, dtype=dtype)
-        del logits
-        values[start:end] = logp.gather(1, targets[start:end])
-        greedy[start:end] = logp.argmax(dim=-1)
-        del logp
+    with resident(head.module):  # a head kept in host memory is copied to the device once for all chunks
+        for start, end, width in chunks:
+            if width is None:
+                logits = head(hidden)[index]
+            else:
+                picked = index[start:end]
+                if end - start < width:  # keep the row count: fill up with the last position
+                    picked = torch.cat([picked, picked[-1:].expand(width - (end - start))])
+                logits = head(hidden[picked])[: end - start]
+            logp = F.log_softmax(logits, dim=-1, dtype=dtype)
+            del logits
+            values[start:end] = logp.gather(1, targets[start:end])
+            greedy[start:end] = logp.argmax(dim=-1)
+            del logp
     return values, greedy

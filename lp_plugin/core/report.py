@@ -105,6 +105,17 @@ def offload_table(info: dict) -> str:
         *(
             [
                 (
+                    "embeddings",
+                    f"input embeddings and lm_head in host memory "
+                    f"({size_text(info.get('embeddings_host_bytes') or 0)}), lm_head copied per call",
+                )
+            ]
+            if info.get("embeddings") == "host"
+            else []
+        ),
+        *(
+            [
+                (
                     "context",
                     f"{info['max_length']:,} tokens ({info.get('max_length_source')})"
                     + (f", prefill in chunks of {info['prefill_chunk']:,}" if info.get("prefill_chunk") else ""),

@@ -518,7 +518,18 @@ class ResidualOffloadLM(HFLM):
         dev, s = self._lp_cuda(), self._lp_stats
         info = {
             key: engine.get(key)
-            for key in ("offload", "layers", "tier", "mode", "alpha", "prefetch", "offload_folder", "offloaded_bytes")
+            for key in (
+                "offload",
+                "layers",
+                "tier",
+                "mode",
+                "alpha",
+                "prefetch",
+                "offload_folder",
+                "offloaded_bytes",
+                "embeddings",
+                "embeddings_host_bytes",
+            )
         }
         info.update(
             max_length=self.max_length,

@@ -50,7 +50,7 @@ class Nf4Load:
             qconfig is not None
             and getattr(qconfig, "load_in_4bit", False)
             and plan.main_device.type == "cuda"
-            and bool(plan.selected)
+            and (bool(plan.selected) or plan.config.embeddings == "host")
         )  # (the CPU backend quantizes host layers)
         self.user_qconfig = qconfig
         self.hf_kwargs = dict(hf_kwargs)
@@ -75,6 +75,8 @@ class Nf4Load:
         ckpt = checkpoint_dtype(self.hf_config, self.hf_kwargs)
         if ckpt is not None:
             _cast_unquantized(model, ckpt)
+            if self.plan.config.embeddings == "host":
+                _cast_host_ends(model, ckpt)
         if getattr(text_config(self.hf_config), "tie_word_embeddings", False):
             # a plain 4-bit load shares one tensor between lm_head and the embeddings; keep them shared
             model.tie_weights()
@@ -98,6 +100,23 @@ def _cast_unquantized(model, dtype):
             and not any(k in name for k in keep)
         ):
             p.data = p.data.to(dtype)
+
+
+def _cast_host_ends(model, dtype):
+    """The input embeddings and the lm_head mapped to "cpu" (``embeddings="host"``) sit behind Accelerate's
+    offload hooks, their values (fp32, as for every host-mapped module) in its weights map: cast those to
+    ``dtype``, a tied value once (one tensor for both keys)."""
+    cast: dict = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)()
+        hooks = accel.offload_hooks(module)
+        if not hooks:
+            continue
+        _, held = accel.hooked_values(module, hooks)
+        for store, full_key, _ in held:
+            value = store[full_key]
+            if value.is_floating_point() and value.dtype != dtype:
+                store[full_key] = cast.setdefault(id(value), value.to(dtype))
 
 
 def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):

@@ -86,3 +86,13 @@ def module_keys(model):
 
     visit(model, "")
     return prefix, other, len(layers)
+
+
+def end_keys(model) -> tuple:
+    """The module keys of the input embeddings and the lm_head (those the model has)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ends = [
+        getattr(model, getter)() if hasattr(model, getter) else None
+        for getter in ("get_input_embeddings", "get_output_embeddings")
+    ]
+    return tuple(names[id(m)] for m in ends if m is not None and id(m) in names)

@@ -7,8 +7,9 @@ kernels, PyTorch's allocations and the caching allocator's slack, cuBLAS workspa
 buffers). Without ``max_memory`` the budget is what the device has free at load (Accelerate's
 ``get_max_memory``). Session mode brings every layer back, so it is planned only when the whole model
 fits; else stream mode with the fewest offloaded layers that fit, spread evenly, the protected ends
-given up (and said so) only when nothing else fits. What each term is and how it was calibrated:
-docs/card.md.
+given up (and said so) only when nothing else fits; only then, the input embeddings and the lm_head in
+host memory (``embeddings="host"``: their weights leave the device, the lm_head phase holds a copy of the
+lm_head), said so too. What each term is and how it was calibrated: docs/card.md.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class BudgetPlan:
     runtime_source: str = ""  # where the CUDA runtime figure comes from
     prefill_chunk: int | None = None  # loglikelihood: tokens a window is prefilled in (None: whole)
     context_source: str = "given"  # where work.context comes from
+    embeddings: str = "device"  # where the input embeddings and the lm_head are: "device" or "host"
 
     def __str__(self) -> str:
         return describe(self)
@@ -158,6 +160,7 @@ class BudgetPlan:
             config,
             offload=self.offloaded or "none",
             mode=self.mode,
+            embeddings=self.embeddings,
             max_memory=None,
             max_context=None,
             batch_size=None,
@@ -187,6 +190,7 @@ class BudgetPlan:
             "speed_basis",
             "prefill_chunk",
             "context_source",
+            "embeddings",
             "notes",
         )
         return jsonable({"work": dataclasses.asdict(self.work), **{k: getattr(self, k) for k in keys}})
@@ -265,6 +269,7 @@ class _Option:
     parts: dict  # kv, activations, logits
     chunk: int | None
     overhead: dict
+    ends: str  # "device", or "host": the input embeddings and the lm_head in host memory
 
 
 def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tuple:
@@ -298,6 +303,7 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
             parts,
             chunk,
             overhead,
+            fp.ends,
         )
 
 
@@ -313,16 +319,26 @@ def _chunks(work: Work) -> list:
     return out
 
 
+def placements(fp: Footprint, config: OffloadConfig) -> list:
+    """The footprints to plan with, in the order of preference: the input embeddings and the lm_head on the
+    device, then (where they can move) in host memory; ``embeddings="host"``: only there."""
+    if config.embeddings == "host":
+        return [fp.on_host()]
+    return [fp, fp.on_host()] if fp.ends_bytes else [fp]
+
+
 def _options(fp: Footprint, work: Work, card: Card, config: OffloadConfig):
-    """Every plan for ``work``, in the order of preference: the whole window before prefill chunks (exact
-    against the plain model, and faster), the protected ends kept before given up, fewest layers first."""
+    """Every plan for ``work``, in the order of preference: the ends on the device before in host memory,
+    the whole window before prefill chunks (exact against the plain model, and faster), the protected
+    layers kept before given up, fewest layers first."""
     n = fp.num_layers
     ranges = [(config.protect_first, n - 1 - config.protect_last)]
     if config.protect_first or config.protect_last:
         ranges.append((0, n - 1))
-    for chunk in _chunks(work):
-        for lo, hi in ranges:
-            yield from _scan(fp, work, card, config.mode, config.prefetch, lo, hi, chunk)
+    for placed in placements(fp, config):
+        for chunk in _chunks(work):
+            for lo, hi in ranges:
+                yield from _scan(placed, work, card, config.mode, config.prefetch, lo, hi, chunk)
 
 
 def _first_fit(fp, work, card, config):
@@ -378,8 +394,14 @@ def plan_offload(
         )
     if fit is not None and fit.chunk:
         notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
+    if best.ends == "host":
+        notes += (_ends_note(fp, config, fit is not None),)
     host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
-    moved = sum(fp.packed_bytes[i] for i in best.layers) if best.mode == "stream" else 0
+    head = fp.head_bytes if best.ends == "host" else 0  # copied to the device for each forward's lm_head
+    if best.ends == "host":
+        pin = _pinned if card.cuda else (lambda n: n)
+        host += pin(fp.embed_bytes) + (0 if fp.tied_head else pin(fp.head_bytes))
+    moved = (sum(fp.packed_bytes[i] for i in best.layers) if best.mode == "stream" else 0) + head
     gbps, source = link_bandwidth(main_device, bandwidth) if moved else (None, "not needed: nothing streamed")
     decode, prefill, basis = _speeds(work, moved, gbps, compute_tok_s)
     engine = {"ring" if best.mode == "stream" else "session_buffer": best.buffer}
@@ -420,6 +442,7 @@ def plan_offload(
         runtime_source=card.runtime_source,
         prefill_chunk=best.chunk,
         context_source=context_source,
+        embeddings=best.ends,
     )
     if fit is None:
         raise BudgetError(_nothing_fits(plan, card, config, fp), min_bytes=best.peak, smallest=plan, host_bytes=host)
@@ -437,6 +460,17 @@ def plan_offload(
             host_bytes=host,
         )
     return plan
+
+
+def _ends_note(fp: Footprint, config: OffloadConfig, fits: bool) -> str:
+    why = "embeddings='host'" if config.embeddings == "host" else "nothing fits with them on the device"
+    if not fits and config.embeddings != "host":
+        why = "the least this needs"
+    weights = "their tied weight ({}) leaves" if fp.tied_head else "their weights ({}) leave"
+    return (
+        f"embeddings and lm_head stream from host memory: {why}; {weights.format(size_text(fp.ends_bytes))} "
+        f"the device, the lm_head ({size_text(fp.head_bytes)}) is copied to it for each call"
+    )
 
 
 def _host_need(fp: Footprint, layers, mode: str, tier: str, prefetch: int, cuda: bool) -> tuple:
@@ -525,6 +559,7 @@ _CARD_ROWS = {  # breakdown key -> how the card view names it
     "weights": "weights (resident)",
     "ring": "engine ring buffers",
     "session_buffer": "engine session buffer",
+    "head_buffer": "lm_head copy (host ends)",
     "kv": "KV cache",
     "activations": "activations",
     "logits": "logits",
@@ -553,6 +588,8 @@ def describe(plan: BudgetPlan) -> str:
             f"  {place}: layers {compact(plan.offloaded)} ({len(plan.offloaded)}; "
             f"offload={','.join(map(str, plan.offloaded))})"
         )
+    if plan.embeddings == "host":
+        lines.append("  cpu (pinned host memory): input embeddings and lm_head (embeddings=host)")
     lines.append(f"the card at the {plan.phase} peak (predicted):")
     lines += [f"  {_CARD_ROWS.get(k, k.replace('_', ' ')):<24} {size_text(v):>11}" for k, v in plan.breakdown.items()]
     lines.append(f"  {'= peak':<24} {size_text(plan.peak_bytes):>11}")
@@ -560,7 +597,7 @@ def describe(plan: BudgetPlan) -> str:
     lines.append(f"predicted standby (between sessions): {size_text(plan.standby_bytes)} of weights")
     if plan.runtime_source and plan.breakdown.get("cuda_runtime"):
         lines.append(f"CUDA runtime: {plan.runtime_source}")
-    if plan.offloaded:
+    if plan.offloaded or plan.embeddings == "host":
         lines.append(
             f"host memory: {size_text(plan.host_bytes)} pinned"
             + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else "")

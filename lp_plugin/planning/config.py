@@ -29,6 +29,7 @@ DeviceSpec: TypeAlias = Union[str, int, "torch.device"]  # "cuda:0", a GPU index
 CalibSpec: TypeAlias = Union[str, os.PathLike, Sequence[int], "torch.Tensor"]  # a corpus name, a file, token ids
 
 MODES = ("session", "stream")
+EMBEDDINGS = ("device", "host")  # where the input embeddings and the lm_head keep their weights
 WORKS = ("generate", "loglikelihood")
 BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
 _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
@@ -59,6 +60,8 @@ class OffloadConfig:
     """Trailing layers a named policy never offloads."""
     main_device: DeviceSpec | None = None
     """Where resident layers run (default: the model's embeddings' device, or the current GPU)."""
+    embeddings: str = "device"
+    """Input embeddings and lm_head: ``device`` (offload="auto" may move them) or ``host`` (pinned host memory)."""
     skip: LayerSpec | None = None
     """Layers not run at all: a layer list or range, or a skip policy (``bi:3``, docs/skipping.md)."""
     stand_in: str = "none"
@@ -285,6 +288,15 @@ def _check_mode(value):
     return value
 
 
+def _check_embeddings(value):
+    if value not in EMBEDDINGS:
+        raise OffloadSpecError(
+            f"embeddings must be 'device' (input embeddings and lm_head on the main device) or 'host' (their "
+            f"weights in pinned host memory, the lm_head copied in per call), got {value!r}"
+        )
+    return value
+
+
 def _check_alpha(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OffloadSpecError(f"alpha must be a number in [0, 1], got {value!r}")
@@ -361,6 +373,7 @@ _CHECKS = {
     "protect_first": _non_negative_int("protect_first", "leading layers a named policy keeps resident"),
     "protect_last": _non_negative_int("protect_last", "trailing layers a named policy keeps resident"),
     "main_device": _check_main_device,
+    "embeddings": _check_embeddings,
     "skip": _check_skip,
     "stand_in": _check_stand_in,
     "calib": check_calib,

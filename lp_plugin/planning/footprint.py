@@ -20,6 +20,7 @@ non-Linear part (norm weights, kept on the device while a stream ring is open).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -137,6 +138,10 @@ class Footprint:
     act_size: int  # bytes per element of activations, KV cache and logits
     dequant_bytes: int  # nf4: the largest Linear weight dequantized for a multi-token matmul; else 0
     max_positions: int | None  # the context lm-eval's HFLM would use (None: its default, 2048)
+    embed_bytes: int = 0  # the input embeddings' tensors (0: the ends cannot leave the device)
+    head_bytes: int = 0  # the lm_head's tensors (what embeddings="host" copies to the device per call)
+    tied_head: bool = False  # the lm_head shares the input embeddings' weight
+    ends: str = "device"  # where the input embeddings and the lm_head are: "device" or "host" (see on_host)
 
     @property
     def num_layers(self) -> int:
@@ -145,6 +150,18 @@ class Footprint:
     @property
     def total_bytes(self) -> int:
         return self.base_bytes + sum(self.layer_bytes)
+
+    @property
+    def ends_bytes(self) -> int:
+        """Bytes the input embeddings and the lm_head hold (a tied weight once)."""
+        return self.embed_bytes + (0 if self.tied_head else self.head_bytes)
+
+    def on_host(self) -> Footprint:
+        """This footprint with the input embeddings and the lm_head in host memory (``embeddings="host"``):
+        their bytes leave the device's weights; the lm_head phase holds a device copy of the lm_head."""
+        if self.ends == "host":
+            return self
+        return dataclasses.replace(self, base_bytes=self.base_bytes - self.ends_bytes, ends="host")
 
 
 def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
@@ -201,6 +218,33 @@ def from_model(model) -> Footprint:
         tuple(s.nbytes for s in layouts),
         tuple(s.other_nbytes for s in layouts),
         **_shape_fields(model.config, emb.element_size(), dequant, layer_list),
+        **_end_fields(model, lambda module, name, seen: _module_bytes(module, seen)),
+    )
+
+
+def _module_bytes(module, seen: set) -> int:
+    """Bytes of ``module``'s tensors (a loaded model's), those whose id is in ``seen`` left out."""
+    out = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out += t.numel() * t.element_size()
+    return out
+
+
+def _end_fields(model, size) -> dict:
+    """The input embeddings' and the lm_head's bytes (``size(module, name, seen)``), and whether they are
+    tied; none where embeddings="host" cannot apply (no such modules, or an lm_head that is not a plain Linear)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(embed, nn.Module) or type(head) is not nn.Linear:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = any(p is q for p in embed.parameters() for q in head.parameters())
+    return dict(
+        embed_bytes=size(embed, names[id(embed)], set()),
+        head_bytes=size(head, names[id(head)], set()),
+        tied_head=tied,
     )
 
 
@@ -259,6 +303,12 @@ def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
         tuple(sum(aligned(n) for n, _ in entries) for entries in layers),
         tuple(sum(aligned(n) for n, linear in entries if not linear) for entries in layers),
         **_shape_fields(hf_config, fmt.dtype.itemsize, dequant, layer_list),
+        **_end_fields(
+            meta,
+            lambda module, name, seen: sum(
+                n for sub, m in module.named_modules(prefix=name) for n, _ in _entries(m, sub, fmt, head, seen)
+            ),
+        ),
     )
 
 
@@ -306,6 +356,8 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
+      With the ends in host memory (:meth:`Footprint.on_host`) it also holds the lm_head's device copy
+      (``head_buffer``; one copy for all of a scoring pass's head chunks).
     """
     s, b, t = fp.act_size, work.batch, work.context
     bt, h = b * t, fp.hidden
@@ -324,19 +376,32 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
             }
         rows = min(bt, head_rows(fp.vocab, s, s))
         held = bt * h * s if chunk is None else b * chunk * h * s  # the final hidden states being scored
-        return {
-            "prefill": prefill,
-            "lm_head": {
-                "kv": kv_bytes(fp, t, b) if chunk else 0,
-                "activations": held + inputs,
-                "logits": 2 * rows * fp.vocab * s,
+        return _with_head_buffer(
+            fp,
+            {
+                "prefill": prefill,
+                "lm_head": {
+                    "kv": kv_bytes(fp, t, b) if chunk else 0,
+                    "activations": held + inputs,
+                    "logits": 2 * rows * fp.vocab * s,
+                },
             },
-        }
+        )
     kv = kv_bytes(fp, t, b)
-    return {
-        "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
-        "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
-    }
+    return _with_head_buffer(
+        fp,
+        {
+            "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
+            "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
+        },
+    )
+
+
+def _with_head_buffer(fp: Footprint, phases: dict) -> dict:
+    """With the ends in host memory the lm_head phase holds a device copy of the lm_head (``head_buffer``)."""
+    if fp.ends != "host":
+        return phases
+    return {name: {**parts, "head_buffer": fp.head_bytes if name == "lm_head" else 0} for name, parts in phases.items()}
 
 
 def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:

@@ -56,6 +56,7 @@ class OffloadPlan:
     devices: dict = field(default_factory=dict, compare=False)  # layer -> the device it computes on, where not main
     base: BaseMap | None = field(default=None, repr=False, compare=False)  # the base placement the plan keeps
     budget: BudgetPlan | None = field(default=None, compare=False)  # the budget plan behind offload="auto"
+    end_keys: tuple = ()  # the input embeddings' and the lm_head's module keys (host memory with embeddings="host")
 
     @classmethod
     def for_model(cls, model, config: OffloadConfig) -> OffloadPlan:
@@ -86,7 +87,7 @@ class OffloadPlan:
                 )
             budget = _budget(model, config, main)
             config = budget.resolved(config)
-        plan = cls._make(config, prefix, other, n, main, devices=devices, budget=budget)
+        plan = cls._make(config, prefix, other, n, main, devices=devices, budget=budget, ends=arch.end_keys(model))
         if accelerated and config.alpha > 0:
             plan = replace(plan, offloaded=tuple(sorted(set(plan.offloaded) | set(accelerated))))
         return plan.with_skips(model)
@@ -108,18 +109,22 @@ class OffloadPlan:
                 )
             main = normalize_device(config.main_device)
             budget = _budget(hf_config, config, main, weights, meta)
-            return cls._make(budget.resolved(config), prefix, other, n, main, meta, budget=budget)
+            return cls._make(
+                budget.resolved(config), prefix, other, n, main, meta, budget=budget, ends=arch.end_keys(meta)
+            )
         if base_map is None:
             if config.max_memory is not None:
                 raise OffloadSpecError(_UNUSED_MAX_MEMORY)
-            return cls._make(config, prefix, other, n, normalize_device(config.main_device), meta)
+            return cls._make(
+                config, prefix, other, n, normalize_device(config.main_device), meta, ends=arch.end_keys(meta)
+            )
         placed = BaseMap(base_map, prefix, _tied_modules(meta, other))
         main = normalize_device(config.main_device) if config.main_device is not None else placed.main(other)
         devices = {i: d for i, d in enumerate(placed.layer_devices(n, main)) if d != main}
-        return cls._make(config, prefix, other, n, main, meta, devices=devices, base=placed)
+        return cls._make(config, prefix, other, n, main, meta, devices=devices, base=placed, ends=arch.end_keys(meta))
 
     @classmethod
-    def _make(cls, config, prefix, other, n, main, skeleton=None, devices=None, base=None, budget=None):
+    def _make(cls, config, prefix, other, n, main, skeleton=None, devices=None, base=None, budget=None, ends=()):
         chosen = resolve_layers(config.offload, n, config.protect_first, config.protect_last)
         if base is not None:  # layers the base map already puts on "cpu"/"disk" are offloaded (and taken over) too
             chosen = tuple(sorted(set(chosen) | set(base.host_layers(n)))) if config.alpha > 0 else chosen
@@ -136,6 +141,7 @@ class OffloadPlan:
             devices=dict(devices or {}),
             base=base,
             budget=budget,
+            end_keys=tuple(ends),
         )
 
     def device_of(self, i):
@@ -168,9 +174,13 @@ class OffloadPlan:
     def device_map(self, host: str = "cpu") -> dict:
         """An Accelerate device map: offloaded layers on ``host`` ("cpu" or "disk"), everything else on
         the main device, one explicit key per decoder layer (transformers' ``expand_device_map``
-        matches prefixes without a '.' boundary: ``model.layers.1`` would also catch ``model.layers.10``)."""
+        matches prefixes without a '.' boundary: ``model.layers.1`` would also catch ``model.layers.10``).
+        With ``embeddings="host"`` the input embeddings and the lm_head go to "cpu": they never touch the
+        device while loading (attach takes Accelerate's offload of them over)."""
         main = map_value(self.main_device)
         out = {key: main if self.base is None else self.base.value(key) for key in self.other_keys}
+        if self.config.embeddings == "host":
+            out.update(dict.fromkeys(self.end_keys, "cpu"))
         for i in range(self.num_layers):
             out[f"{self.layer_prefix}.{i}"] = host if i in self.offloaded else map_value(self.device_of(i))
         return out

@@ -1,0 +1,244 @@
+"""The model's two ends in host memory (``embeddings="host"``): the input embeddings and the output
+embedding (lm_head) keep their tensors in pinned host memory instead of on the main device.
+
+* The input embeddings are looked up on the host: the token ids are moved there, the module's own
+  forward runs there (a gather is exact; an architecture that scales inside its embedding module keeps
+  its own semantics) and its output goes to the main device.
+* The lm_head's tensors are copied whole into device tensors for each call and freed after (the
+  caching allocator reuses the block), so its product is the plain model's own, bit for bit.
+  :meth:`HostEnds.resident` keeps that copy across several calls (one scoring pass's head chunks).
+* A tied lm_head shares the embeddings' host tensor: host memory holds one copy.
+
+The tensors keep their objects (``.data`` points them at the host copies, as the units' bindings do),
+so a tied pair stays tied; :meth:`HostEnds.restore` (detach) points them at device tensors again, or
+gives a module Accelerate had offloaded back to its hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn as nn
+
+from ..errors import OffloadSpecError
+from . import accel
+from .tiers import allocate_host
+
+ATTR = "_lp_ends"  # on the lm_head module: the HostEnds that owns it (read by resident())
+
+
+def ends_of(model) -> tuple:
+    """``(input embedding module, lm_head module)`` of ``model``; :class:`OffloadSpecError` for a model
+    whose ends cannot be kept in host memory (called before anything is read or changed)."""
+    name = type(model).__name__
+    fix = "attach with embeddings='device' (the default)"
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(embed, nn.Module) or not isinstance(getattr(embed, "weight", None), torch.Tensor):
+        raise OffloadSpecError(f"embeddings='host': {name} has no input embedding module with a weight; {fix}")
+    if not isinstance(head, nn.Module):
+        raise OffloadSpecError(f"embeddings='host': {name} has no output embedding (lm_head); {fix}")
+    if type(head) is not nn.Linear:
+        raise OffloadSpecError(
+            f"embeddings='host': {name}'s lm_head is a {type(head).__name__}, not a plain torch.nn.Linear (whose "
+            f"product lp_plugin can run on a copy of its weight); {fix}"
+        )
+    return embed, head
+
+
+def _tensors(module) -> list:
+    """``[(owner module, "_parameters" or "_buffers", name)]`` of every tensor in ``module``."""
+    return [
+        (sub, kind, name)
+        for sub in module.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, t in getattr(sub, kind).items()
+        if t is not None
+    ]
+
+
+def resident(module):
+    """Keep the host lm_head ``module``'s device copy across the calls in the block (one copy for all);
+    a no-op for any other module."""
+    ends = module.__dict__.get(ATTR)
+    return contextlib.nullcontext() if ends is None else ends.resident()
+
+
+class _Entry:
+    """One tensor of the two modules (a tied one once): where it sits, its host copy, the object the model
+    holds now. A tensor on the device keeps its object (``.data`` moves); a meta placeholder behind an
+    Accelerate hook is replaced by a tensor over the host copy, and put back by :meth:`HostEnds.restore`."""
+
+    def __init__(self, tensor, owner, host):
+        self.original = tensor
+        self.owners = [owner]  # [(module, "_parameters" or "_buffers", name)]
+        self.device = tensor.device
+        self.host = host
+        self.current = tensor
+
+    def point_at(self, value) -> None:
+        if self.device.type != "meta":
+            self.current.data = value
+            return
+        if self.current is self.original:  # a meta placeholder: a new tensor in its place (as Accelerate makes)
+            new = value
+            if isinstance(self.original, nn.Parameter):
+                new = nn.Parameter(value, requires_grad=self.original.requires_grad)
+            self._assign(new)
+        else:
+            self.current.data = value
+
+    def restore(self) -> None:
+        if self.device.type == "meta":
+            self._assign(self.original)
+        else:
+            self.original.data = self.host.to(self.device, copy=True)
+
+    def _assign(self, tensor) -> None:
+        for module, kind, name in self.owners:
+            getattr(module, kind)[name] = tensor
+        self.current = tensor
+
+
+class HostEnds:
+    """The owner of the input embeddings and the lm_head kept in host memory: their host copies, the
+    hooks that run them, and how detach gives them back."""
+
+    def __init__(self, embed, head, main_device, pin: bool):
+        self.embed, self.head = embed, head
+        self.main_device = main_device
+        self.pin = pin
+        self.entries: list[_Entry] = []  # the modules' tensors, tied ones once
+        self.head_entries: list[_Entry] = []  # the lm_head's (a tied weight among them)
+        self.tied = any(p is q for p in embed.parameters() for q in head.parameters())
+        self.accel_hooks = {m: accel.offload_hooks(m) for m in (embed, head)}
+        self.suspended: list = []
+        self.held: list = []  # [(dict, full key, host copy)]: Accelerate's host copies, freed while attached
+        self.head_copies = 0  # device copies of the lm_head made (one per call, or per resident block)
+        self._depth = 0
+        self._bound: list = []
+        self._lock = threading.RLock()
+        self._torch_hooks: list = []
+
+    # ------------------------------------------------------------------ attach
+    def pack(self) -> None:
+        """Copy the two modules' tensors into host memory (pinned when there is a GPU). Reads the model only."""
+        seen: dict = {}
+        for module in (self.embed, self.head):
+            values, held = ({}, [])
+            if self.accel_hooks[module]:
+                values, held = accel.hooked_values(module, self.accel_hooks[module])
+            owners = {id(sub): qual for qual, sub in module.named_modules()}
+            for sub, kind, name in _tensors(module):
+                tensor = getattr(sub, kind)[name]
+                key = f"{owners[id(sub)]}.{name}" if owners[id(sub)] else name
+                value = values.get(key, tensor)
+                if value.device.type == "meta":
+                    raise OffloadSpecError(
+                        f"embeddings='host': {type(module).__name__}.{key} is on the meta device with no Accelerate "
+                        "hook holding its value; load the model's weights before attaching"
+                    )
+                entry = seen.get(id(tensor))
+                if entry is not None:  # tied: one host copy
+                    entry.owners.append((sub, kind, name))
+                else:
+                    host = allocate_host(value.numel() * value.element_size(), self.pin, f"the model's {key}")
+                    host = host.view(value.dtype).view(value.shape)
+                    host.copy_(value)
+                    entry = seen[id(tensor)] = _Entry(tensor, (sub, kind, name), host)
+                    self.entries.append(entry)
+                if module is self.head:
+                    self.head_entries.append(entry)
+            self.held += [(store, full_key) for store, full_key, _ in held]
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(e.host.numel() * e.host.element_size() for e in self.entries)
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of the lm_head's tensors: what each call copies to the device."""
+        return sum(e.host.numel() * e.host.element_size() for e in self.head_entries)
+
+    def dtypes(self) -> set:
+        return {e.host.dtype for e in self.entries}
+
+    def install(self) -> None:
+        """Point the tensors at their host copies and hook the two modules (the model changes from here)."""
+        for hooks in self.accel_hooks.values():
+            if hooks:  # Accelerate offloaded the module: its hooks would move it to the device on every call
+                self.suspended += [accel.SuspendedHook(sub) for _, sub, _ in hooks]
+        self.held = [(store, key, store.pop(key, None)) for store, key in self.held]
+        for entry in self.entries:
+            entry.point_at(entry.host)
+        self.head.__dict__[ATTR] = self
+        self._torch_hooks = [
+            self.embed.register_forward_pre_hook(self._embed_in, with_kwargs=True),
+            self.embed.register_forward_hook(self._embed_out),
+            self.head.register_forward_pre_hook(lambda module, args: self._enter()),
+            self.head.register_forward_hook(lambda module, args, output: self._exit(), always_call=True),
+        ]
+
+    def restore(self) -> None:
+        """Undo :meth:`install`: the tensors on their device again (a tied pair still one tensor), or meta
+        behind Accelerate's hooks, as they were before attach."""
+        for h in self._torch_hooks:
+            h.remove()
+        self._torch_hooks = []
+        self.head.__dict__.pop(ATTR, None)
+        for entry in self.entries:
+            entry.restore()
+        for store, key, value in self.held:
+            if value is not None:
+                store[key] = value
+        self.held = []
+        for s in self.suspended:
+            s.restore()
+        self.suspended = []
+
+    # ------------------------------------------------------------------ running
+    def _embed_in(self, module, args, kwargs):
+        cpu = torch.device("cpu")
+        move = lambda v: v.to(cpu) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    def _embed_out(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            return output.to(self.main_device)
+        return type(output)(o.to(self.main_device) if isinstance(o, torch.Tensor) else o for o in output)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._depth += 1
+            if self._depth > 1:
+                return
+            try:
+                for entry in self.head_entries:
+                    dev = torch.empty_like(entry.host, device=self.main_device)
+                    dev.copy_(entry.host, non_blocking=entry.host.is_pinned())
+                    entry.point_at(dev)
+                    self._bound.append(entry)
+                self.head_copies += 1
+            except BaseException:
+                self._exit()
+                raise
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth:
+                return
+            for entry in self._bound:
+                entry.point_at(entry.host)
+            self._bound = []
+
+    @contextlib.contextmanager
+    def resident(self):
+        """The lm_head's device copy stays for the block: the head's calls inside make no copy of their own."""
+        self._enter()
+        try:
+            yield
+        finally:
+            self._exit()
