@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..core.chunk_attention import config_supports
 from ..core.flat import LayerLayout, aligned, quant_state_tensors
 from ..core.logprobs import head_rows
 from ..errors import OffloadSpecError
@@ -137,6 +138,8 @@ class Footprint:
     act_size: int  # bytes per element of activations, KV cache and logits
     dequant_bytes: int  # nf4: the largest Linear weight dequantized for a multi-token matmul; else 0
     max_positions: int | None  # the context lm-eval's HFLM would use (None: its default, 2048)
+    # prefill chunks can attend through lp_plugin.core.chunk_attention (SDPA, full attention only, no softcapping)
+    chunk_attention: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -166,6 +169,7 @@ def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
         act_size=act_size,
         dequant_bytes=dequant_bytes,
         max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None),
+        chunk_attention=config_supports(cfg),
     )
 
 
@@ -291,8 +295,16 @@ def _layer_activations(fp: Footprint, bt: int) -> int:
     return max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
 
 
-def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> dict:
-    """Bytes alive at each peak candidate of ``work``, split into kv / activations / logits:
+def lower_right_chunks(fp: Footprint, cuda: bool) -> bool:
+    """Whether prefill chunks attend through :mod:`lp_plugin.core.chunk_attention` (no mask, keys and values
+    as cached): on CUDA, for a model whose config supports it, in fp16/bf16 (what
+    :func:`lp_plugin.core.chunk_attention.applies` checks at run time)."""
+    return cuda and fp.chunk_attention and fp.act_size == 2
+
+
+def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> dict:
+    """Bytes alive at each peak candidate of ``work`` (on a CUDA device where ``cuda``), split into
+    kv / activations / logits:
 
     * ``prefill``: inside the last decoder layer. The model keeps its input embeddings and the layer's
       input alive; the layer its residual and normed input; the MLP ``down(act(gate(x)) * up(x))``
@@ -301,8 +313,11 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
       counted; plus RoPE's cos/sin and the integer inputs.
       ``generate``: the cache of every layer is full. ``loglikelihood`` (lp_plugin's lm-eval scoring,
       :mod:`lp_plugin.core.logprobs`): a whole window runs without a cache; with ``prefill_chunk`` the window
-      runs that many tokens at a time through a cache of the whole window, each chunk attending to it
-      through a materialized mask and expanded keys and values, each chunk scored before the next.
+      runs that many tokens at a time through a cache of the whole window, each chunk scored before the
+      next. A chunk attends to the cache through a materialized mask and keys and values expanded to every
+      query head, or, where :func:`lower_right_chunks`, through the flash kernel with neither (its own
+      scratch is in the planner's workspace); then the attention's own peak is the cache's append, one
+      layer's earlier keys and values alive next to their concatenation with the chunk's.
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
@@ -316,7 +331,10 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
         if chunk is None:
             prefill = {"kv": 0, "activations": _layer_activations(fp, bt) + rope + inputs + bt * h * s, "logits": 0}
         else:
-            attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
+            if lower_right_chunks(fp, cuda):
+                attend = 2 * b * (t - chunk) * fp.kv_heads * fp.head_dim * s  # one layer's cache before the append
+            else:
+                attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
             prefill = {
                 "kv": kv_bytes(fp, t, b),
                 "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
@@ -339,8 +357,9 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
     }
 
 
-def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:
-    """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` that needs the most."""
-    phases = work_phases(fp, work, prefill_chunk)
+def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> tuple:
+    """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` (on CUDA where ``cuda``) that
+    needs the most."""
+    phases = work_phases(fp, work, prefill_chunk, cuda)
     name = max(phases, key=lambda k: sum(phases[k].values()))
     return name, phases[name]
