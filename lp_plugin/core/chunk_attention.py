@@ -106,8 +106,8 @@ def applies(decoder: nn.Module, device: torch.device) -> bool:
     :func:`config_supports` with SDPA chosen."""
     if device.type != "cuda":
         return False
-    embeddings = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
+    get_embeddings = getattr(decoder, "get_input_embeddings", None)
+    weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
     configs = _configs(decoder)
     return (
         isinstance(weight, torch.Tensor)
