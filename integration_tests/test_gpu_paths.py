@@ -123,9 +123,12 @@ def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
 def test_prefill_chunks_equal_the_whole_window_bit_for_bit():
     """Chunks of 1024 tokens through the KV cache attend through ``chunk_attention`` (the flash kernel,
     lower-right causal, keys and values as cached) and give the whole 4096-token window's final hidden
-    states bit for bit: bf16, GQA (16 query heads, 2 KV heads of 128 dims); batch 2 x 16 heads x 1024 rows
-    keep the GPU busy, so the flash kernel runs every chunk unsplit, as the whole window."""
+    states bit for bit where the whole window runs the flash kernel too: bf16, GQA (16 query heads, 2 KV
+    heads of 128 dims); batch 2 x 16 heads x 1024 rows keep the GPU busy, so no chunk is split over its keys.
+    (SDPA's default choice for a whole window may be another kernel, cuDNN's on an H200: then the
+    chunks' values differ from it by bf16 rounding, as those of the masked SDPA path do.)"""
     from shapes import build_tiny
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lp_plugin.core import chunk_attention, logprobs
 
@@ -136,7 +139,7 @@ def test_prefill_chunks_equal_the_whole_window_bit_for_bit():
     decoder = logprobs.decoder_of(model)
     assert model.config._attn_implementation == "sdpa" and chunk_attention.applies(decoder, device)
     ids = torch.randint(0, 1000, (2, 4096), generator=torch.Generator().manual_seed(3)).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         whole = torch.cat([h for _, h in logprobs.hidden_chunks(decoder, ids)], dim=1)
         chunks = list(logprobs.hidden_chunks(decoder, ids, 1024))
     assert [start for start, _ in chunks] == [0, 1024, 2048, 3072] and model.config._attn_implementation == "sdpa"

@@ -8,7 +8,8 @@ for a GQA model at a long context that is most of a chunk's memory. Here the mas
 dispatches to the flash kernel (keys and values as cached, lower-right alignment, no mask); elsewhere it
 materializes the mask. The flash kernel computes a query block over the same key blocks in the same order
 whether its rows come in one window or in chunks starting at multiples of its block size (128), so such
-chunks give the whole window's values bit for bit.
+chunks give the values of a whole window run through the flash kernel bit for bit (SDPA may pick another
+kernel for a whole window, cuDNN's on an H200: then they differ by rounding, as the masked path's do).
 
 :func:`lower_right_attention` switches a decoder to it (registered with transformers' attention and mask
 interfaces as :data:`NAME`) for the forwards run inside it; :func:`applies` says where that is done.

@@ -90,7 +90,8 @@ def hidden_chunks(
     The chunks attend to the cache through :mod:`lp_plugin.core.chunk_attention` (no mask, keys and values
     as cached) where ``lower_right`` is True, or where it is None and :func:`~lp_plugin.core.chunk_attention.applies`
     (CUDA, fp16/bf16, SDPA, full attention only); else through the decoder's own attention. On CUDA,
-    chunks of a multiple of 128 tokens then give the whole window's values bit for bit."""
+    chunks of a multiple of 128 tokens then give the values of the whole window run through the flash
+    kernel bit for bit."""
     total = input_ids.shape[1]
     if prefill_chunk is None or prefill_chunk >= total:
         yield 0, decoder(input_ids=input_ids, use_cache=False).last_hidden_state
