@@ -65,15 +65,31 @@ def test_prefill_chunks_only_when_a_whole_window_does_not_fit():
         _plan(QWEN["nf4"], "3.5GiB", "generate", 32768, protect_first=0, protect_last=0)
 
 
+def test_the_3b_shapes_own_context_fits_3_gib_in_nf4():
+    """On CUDA the prefill chunks attend without a mask or expanded keys and values (chunk_attention): the
+    3B shape scores 32768-token windows in a 3 GiB card. On the CPU they still count."""
+    fp = QWEN["nf4"]
+    plan = _plan(fp, 3 * GIB, "loglikelihood", 32768)
+    assert plan.peak_bytes <= 3 * GIB and plan.prefill_chunk is not None and plan.prefill_chunk % 128 == 0
+    chunk = plan.prefill_chunk
+    expanded = 2 * 32768 * fp.heads * fp.head_dim * 2 + chunk * 32768 * 3  # keys/values for 16 heads, the mask
+    append = 2 * (32768 - chunk) * fp.kv_heads * fp.head_dim * 2  # one layer's cache before the append
+    work = footprint.Work("loglikelihood", 32768, 1)
+    on_cpu, on_gpu = (footprint.work_phases(fp, work, chunk, cuda)["prefill"] for cuda in (False, True))
+    assert on_cpu["activations"] - on_gpu["activations"] == expanded - append
+    assert plan.breakdown["activations"] == on_gpu["activations"] < 256 * MIB < expanded
+
+
 def test_the_longest_context_that_fits():
     fp = QWEN["nf4"]
-    config = OffloadConfig(offload="auto", max_memory=3 * GIB, max_context="auto", work="loglikelihood")
+    budget = "2.75GiB"
+    config = OffloadConfig(offload="auto", max_memory=budget, max_context="auto", work="loglikelihood")
     plan = plan_offload(config, fp, GPU0, bandwidth=50.0)
     longest = plan.work.context
     assert 0 < longest < 32768 and "longest that fits" in plan.context_source
-    _plan(fp, 3 * GIB, "loglikelihood", longest)
+    _plan(fp, budget, "loglikelihood", longest)
     with pytest.raises(BudgetError) as info:
-        _plan(fp, 3 * GIB, "loglikelihood", longest + 1)
+        _plan(fp, budget, "loglikelihood", longest + 1)
     assert f"a context of at most {longest} tokens fits" in str(info.value)
     card, _ = card_of(config.max_memory, GPU0)
     assert longest_context(fp, config, card, 32768) == longest

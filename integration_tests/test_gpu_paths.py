@@ -1,6 +1,7 @@
-"""CUDA-only checks of the fast paths: address-stable session buffers, and compiled static-cache
-decoding (transformers' CUDA-graph path) in session and stream mode staying exact across sessions with
-other allocations in between. Skipped without a GPU (CI); run on the GPU machine."""
+"""CUDA-only checks of the fast paths: address-stable session buffers, compiled static-cache decoding
+(transformers' CUDA-graph path) in session and stream mode staying exact across sessions with other
+allocations in between, and prefill chunks equal to the whole window. Skipped without a GPU (CI); run on
+the GPU machine."""
 
 from __future__ import annotations
 
@@ -117,6 +118,33 @@ def test_scoring_without_full_logits_equals_lm_evals_full_logits(dtype, mode):
         values, greedy = logprobs.score_window(model, ids, rows, targets)
     assert torch.equal(values, full.gather(1, targets)) and torch.equal(greedy, full.argmax(dim=-1))
     lp_plugin.get_handle(model).detach()
+
+
+def test_prefill_chunks_equal_the_whole_window_bit_for_bit():
+    """Chunks of 1024 tokens through the KV cache attend through ``chunk_attention`` (the flash kernel,
+    lower-right causal, keys and values as cached) and give the whole 4096-token window's final hidden
+    states bit for bit where the whole window runs the flash kernel too: bf16, GQA (16 query heads, 2 KV
+    heads of 128 dims); batch 2 x 16 heads x 1024 rows keep the GPU busy, so no chunk is split over its keys.
+    (SDPA's default choice for a whole window may be another kernel, cuDNN's on an H200: then the
+    chunks' values differ from it by bf16 rounding, as those of the masked SDPA path do.)"""
+    from shapes import build_tiny
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lp_plugin.core import chunk_attention, logprobs
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_tiny("qwen2", num_layers=4, hidden_size=512, intermediate_size=1024, num_attention_heads=16,
+                       num_key_value_heads=2, head_dim=128, vocab_size=1000, max_positions=4096)
+    model = model.to(device=device, dtype=torch.bfloat16)
+    decoder = logprobs.decoder_of(model)
+    assert model.config._attn_implementation == "sdpa" and chunk_attention.applies(decoder, device)
+    ids = torch.randint(0, 1000, (2, 4096), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        whole = torch.cat([h for _, h in logprobs.hidden_chunks(decoder, ids)], dim=1)
+        chunks = list(logprobs.hidden_chunks(decoder, ids, 1024))
+    assert [start for start, _ in chunks] == [0, 1024, 2048, 3072] and model.config._attn_implementation == "sdpa"
+    chunked = torch.cat([h for _, h in chunks], dim=1)
+    assert torch.equal(chunked, whole), f"max |diff| {(chunked.float() - whole.float()).abs().max().item()}"
 
 
 @pytest.mark.parametrize("mode", ["session", "stream"])

@@ -114,3 +114,92 @@ def test_the_plan_sets_lm_evals_max_length(tiny, args, length, source):
     assert model.max_length == length and model._lp_length_source == source
     info = model.residual_offload_info()
     assert info["max_length"] == length and info["max_length_source"] == source
+
+
+# ---------------------------------------------------------------------------------------- prefill chunks
+def _tiny_sdpa(arch):
+    from shapes import build_tiny
+
+    model = build_tiny(arch)
+    model.config._attn_implementation = "sdpa"  # as from_pretrained loads it
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len,kv_len", [(5, 37), (37, 37), (64, 200), (1, 20)])
+def test_lower_right_attention_equals_sdpa_with_a_mask(dtype, q_len, kv_len):
+    """The chunk attention (keys and values as cached, no mask built) against transformers' SDPA path with
+    the lower-right causal mask it builds for a chunk after cached tokens (keys and values expanded): bit
+    for bit on the CPU for chunks; one query (transformers packs its heads) within rounding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lp_plugin.core import chunk_attention
+
+    module = _tiny_sdpa("qwen2").model.layers[0].self_attn  # 4 query heads, 2 KV heads
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 4, q_len, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, kv_len, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).expand(2, 1, q_len, kv_len)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)
+    out, weights = chunk_attention.attention_forward(module, q, k, v, None, scaling=module.scaling)
+    assert out.shape == (2, q_len, 4, 16) and weights is None
+    if q_len > 1:
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError):
+        chunk_attention.attention_forward(module, q, k, v, mask, scaling=module.scaling)
+
+
+def test_chunks_run_through_the_chunk_attention_and_restore_the_config():
+    """Each chunk's forward (and only it) runs with the chunk attention, its mask interface building nothing;
+    the config is the model's own again after the chunks, and after a chunk that raised."""
+    from lp_plugin.core import chunk_attention
+
+    model = _tiny_sdpa("qwen2")
+    decoder = logprobs.decoder_of(model)
+    seen = []
+    decoder.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((m.config._attn_implementation, kwargs["attention_mask"])), with_kwargs=True)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        starts = [start for start, _ in logprobs.hidden_chunks(decoder, ids, 16, lower_right=True)]
+    assert starts == [0, 16, 32] and seen == [(chunk_attention.NAME, None)] * 3
+    assert model.config._attn_implementation == "sdpa"
+    bad = ids.clone()
+    bad[0, 20] = 256  # outside the vocabulary: the second chunk's embedding raises
+    with pytest.raises(IndexError), torch.no_grad():
+        list(logprobs.hidden_chunks(decoder, bad, 16, lower_right=True))
+    assert model.config._attn_implementation == "sdpa"
+    assert not chunk_attention.applies(decoder, ids.device)  # the CPU keeps the model's own attention
+
+
+def test_which_configs_chunks_attend_lower_right():
+    from shapes import tiny_config
+
+    from lp_plugin.core.chunk_attention import config_supports
+
+    assert config_supports(tiny_config("qwen2")) and config_supports(tiny_config("llama"))
+    assert not config_supports(tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0))
+    assert not config_supports(tiny_config("llama", attn_logit_softcapping=50.0))
+    eager = tiny_config("llama")
+    eager._attn_implementation = "eager"
+    assert not config_supports(eager)
+
+
+@pytest.mark.parametrize("lower_right", [False, True])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_score_window_in_prefill_chunks_equals_the_whole_window(arch, lower_right):
+    """score_window over chunks of 16 tokens through the KV cache (the model's own attention, or the chunk
+    attention) against the whole window: the same greedy tokens, values within 1e-6 (bit for bit with this
+    CPU build; the head's products over fewer rows may round differently elsewhere)."""
+    model = _tiny_sdpa(arch)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (3, 50), generator=g)
+    rows = torch.randperm(150, generator=g)[:70]
+    targets = torch.randint(0, 256, (70, 2), generator=g)
+    with torch.no_grad():
+        whole = logprobs.score_window(model, ids, rows, targets)
+        chunked = logprobs.score_window(model, ids, rows, targets, prefill_chunk=16, lower_right=lower_right)
+    assert torch.equal(chunked[1], whole[1])
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)

@@ -10,7 +10,7 @@ import torch
 
 from lp_plugin import BudgetError, OffloadConfig, OffloadSpecError
 from lp_plugin.planning.budget import compact, device_budgets, plan_offload, spread
-from lp_plugin.planning.footprint import Footprint, Work, kv_bytes, work_peak
+from lp_plugin.planning.footprint import Footprint, Work, kv_bytes, work_peak, work_phases
 
 MIB = 2**20
 CPU = torch.device("cpu")
@@ -54,6 +54,24 @@ def test_kv_cache_bytes():
     windowed = footprint(kv_windows=(4,) + (None,) * (LAYERS - 1))  # a sliding-window layer keeps 4 tokens
     assert kv_bytes(windowed, 16, 1) == (LAYERS - 1) * 2048 + 512
     assert kv_bytes(footprint(), 16, 3) == 3 * kv_bytes(footprint(), 16, 1)
+
+
+def test_prefill_chunks_on_cuda_count_no_mask_or_expanded_keys():
+    """A 16-token chunk of a 64-token window attends through a mask (16 x 64, bool and bf16) and keys and
+    values expanded to the 4 query heads; on CUDA, for a config that allows it in fp16/bf16, through neither
+    (chunk_attention): there the attention's peak is one layer's 48 earlier tokens of keys and values
+    alive next to their concatenation with the chunk's."""
+    work = Work("loglikelihood", 64, 1)
+
+    def activations(fp, cuda):
+        return work_phases(fp, work, 16, cuda)["prefill"]["activations"]
+
+    fp = footprint(chunk_attention=True)
+    mask, expanded, append = 16 * 64 * 3, 2 * 64 * 4 * 16 * 2, 2 * 48 * 2 * 16 * 2
+    assert activations(fp, False) - activations(fp, True) == mask + expanded - append
+    for counted in (footprint(), footprint(chunk_attention=True, act_size=4)):  # not allowed, float32
+        assert activations(counted, True) == activations(counted, False)
+    assert work_phases(fp, work, None, True) == work_phases(fp, work, None, False)  # a whole window: no cache
 
 
 def test_the_fewest_layers_that_fit_are_streamed():

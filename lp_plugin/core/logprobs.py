@@ -4,12 +4,14 @@ A causal LM's decoder gives the final hidden states; :class:`Head` turns a few p
 into logits, their ``log_softmax`` gives the target tokens' values and the greedy token, and the
 chunk is freed before the next (what Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy
 avoid too). :func:`score_window` runs the decoder over a window whole, or in chunks through its KV
-cache where one window's activations do not fit (chunked prefill). How this compares with lm-eval's
+cache where one window's activations do not fit (chunked prefill; on CUDA the chunks attend without a mask
+or expanded keys and values: :mod:`lp_plugin.core.chunk_attention`). How this compares with lm-eval's
 full-logits path, number for number: docs/perplexity.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import OffloadSpecError
+from . import chunk_attention
 from .ends import resident
 
 #: logits plus their log_softmax of one head chunk stay under this many bytes (at least one position)
@@ -78,18 +81,29 @@ def decoder_of(model) -> nn.Module:
     return base
 
 
-def hidden_chunks(decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: int | None = None):
+def hidden_chunks(
+    decoder: nn.Module, input_ids: torch.Tensor, prefill_chunk: int | None = None, lower_right: bool | None = None
+):
     """``(start, [batch, tokens, hidden])`` final hidden states of ``input_ids``: the whole window at once
     (no attention mask: right padding never reaches earlier positions, as in lm-eval's own forward), or
-    with ``prefill_chunk`` that many tokens at a time through the decoder's KV cache."""
+    with ``prefill_chunk`` that many tokens at a time through the decoder's KV cache.
+
+    The chunks attend to the cache through :mod:`lp_plugin.core.chunk_attention` (no mask, keys and values
+    as cached) where ``lower_right`` is True, or where it is None and :func:`~lp_plugin.core.chunk_attention.applies`
+    (CUDA, fp16/bf16, SDPA, full attention only); else through the decoder's own attention. On CUDA,
+    chunks of a multiple of 128 tokens then give the values of the whole window run through the flash
+    kernel bit for bit."""
     total = input_ids.shape[1]
     if prefill_chunk is None or prefill_chunk >= total:
         yield 0, decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         return
+    if lower_right is None:
+        lower_right = chunk_attention.applies(decoder, input_ids.device)
     name = _cache_argument(decoder)
     cache = None
     for start in range(0, total, prefill_chunk):
-        out = decoder(input_ids=input_ids[:, start : start + prefill_chunk], use_cache=True, **{name: cache})
+        with chunk_attention.lower_right_attention(decoder) if lower_right else contextlib.nullcontext():
+            out = decoder(input_ids=input_ids[:, start : start + prefill_chunk], use_cache=True, **{name: cache})
         cache = getattr(out, name)
         yield start, out.last_hidden_state
         del out
@@ -109,15 +123,16 @@ def score_window(
     targets: torch.Tensor,
     dtype: torch.dtype | None = None,
     prefill_chunk: int | None = None,
+    lower_right: bool | None = None,
 ) -> tuple:
     """:func:`score` for the positions ``rows`` (indices into the ``batch * tokens`` positions of
     ``input_ids``): the decoder runs the window (whole, or in prefill chunks, each chunk's positions
-    scored before the next runs), then the head."""
+    scored before the next runs; ``lower_right``: :func:`hidden_chunks`'), then the head."""
     head, decoder = head_of(model), decoder_of(model)
     batch, total = input_ids.shape
     values: torch.Tensor | None = None
     greedy: torch.Tensor | None = None
-    for start, hidden in hidden_chunks(decoder, input_ids, prefill_chunk):
+    for start, hidden in hidden_chunks(decoder, input_ids, prefill_chunk, lower_right):
         width = hidden.shape[1]
         if width == total:
             return score(head, hidden.reshape(batch * total, -1), rows, targets, dtype)

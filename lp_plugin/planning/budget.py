@@ -286,7 +286,7 @@ def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tupl
 
 def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: int, hi: int, chunk=None):
     """:class:`_Option` for 0, 1, ... offloaded layers among ``lo..hi`` (fewest first)."""
-    phase, parts = work_peak(fp, work, chunk)
+    phase, parts = work_peak(fp, work, chunk, card.cuda)
     work_bytes = sum(parts.values())
     for k in range(max(hi - lo + 1, 0) + 1):
         layers = spread(k, lo, hi)

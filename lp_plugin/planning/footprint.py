@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..core.chunk_attention import config_supports
 from ..core.flat import LayerLayout, aligned, quant_state_tensors
 from ..core.logprobs import head_rows
 from ..errors import OffloadSpecError
@@ -142,6 +143,8 @@ class Footprint:
     head_bytes: int = 0  # the lm_head's tensors (what embeddings="host" copies to the device per call)
     tied_head: bool = False  # the lm_head shares the input embeddings' weight
     ends: str = "device"  # where the input embeddings and the lm_head are: "device" or "host" (see on_host)
+    # prefill chunks can attend through lp_plugin.core.chunk_attention (SDPA, full attention only, no softcapping)
+    chunk_attention: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -183,6 +186,7 @@ def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
         act_size=act_size,
         dequant_bytes=dequant_bytes,
         max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None),
+        chunk_attention=config_supports(cfg),
     )
 
 
@@ -341,8 +345,16 @@ def _layer_activations(fp: Footprint, bt: int) -> int:
     return max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
 
 
-def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> dict:
-    """Bytes alive at each peak candidate of ``work``, split into kv / activations / logits:
+def lower_right_chunks(fp: Footprint, cuda: bool) -> bool:
+    """Whether prefill chunks attend through :mod:`lp_plugin.core.chunk_attention` (no mask, keys and values
+    as cached): on CUDA, for a model whose config supports it, in fp16/bf16 (what
+    :func:`lp_plugin.core.chunk_attention.applies` checks at run time)."""
+    return cuda and fp.chunk_attention and fp.act_size == 2
+
+
+def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> dict:
+    """Bytes alive at each peak candidate of ``work`` (on a CUDA device where ``cuda``), split into
+    kv / activations / logits:
 
     * ``prefill``: inside the last decoder layer. The model keeps its input embeddings and the layer's
       input alive; the layer its residual and normed input; the MLP ``down(act(gate(x)) * up(x))``
@@ -351,8 +363,11 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
       counted; plus RoPE's cos/sin and the integer inputs.
       ``generate``: the cache of every layer is full. ``loglikelihood`` (lp_plugin's lm-eval scoring,
       :mod:`lp_plugin.core.logprobs`): a whole window runs without a cache; with ``prefill_chunk`` the window
-      runs that many tokens at a time through a cache of the whole window, each chunk attending to it
-      through a materialized mask and expanded keys and values, each chunk scored before the next.
+      runs that many tokens at a time through a cache of the whole window, each chunk scored before the
+      next. A chunk attends to the cache through a materialized mask and keys and values expanded to every
+      query head, or, where :func:`lower_right_chunks`, through the flash kernel with neither (its own
+      scratch is in the planner's workspace); then the attention's own peak is the cache's append, one
+      layer's earlier keys and values alive next to their concatenation with the chunk's.
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
@@ -368,7 +383,10 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> 
         if chunk is None:
             prefill = {"kv": 0, "activations": _layer_activations(fp, bt) + rope + inputs + bt * h * s, "logits": 0}
         else:
-            attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
+            if lower_right_chunks(fp, cuda):
+                attend = 2 * b * (t - chunk) * fp.kv_heads * fp.head_dim * s  # one layer's cache before the append
+            else:
+                attend = b * chunk * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s  # mask, expanded keys/values
             prefill = {
                 "kv": kv_bytes(fp, t, b),
                 "activations": _layer_activations(fp, b * chunk) + attend + rope + inputs + b * chunk * h * s,
@@ -404,8 +422,9 @@ def _with_head_buffer(fp: Footprint, phases: dict) -> dict:
     return {name: {**parts, "head_buffer": fp.head_bytes if name == "lm_head" else 0} for name, parts in phases.items()}
 
 
-def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None) -> tuple:
-    """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` that needs the most."""
-    phases = work_phases(fp, work, prefill_chunk)
+def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> tuple:
+    """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` (on CUDA where ``cuda``) that
+    needs the most."""
+    phases = work_phases(fp, work, prefill_chunk, cuda)
     name = max(phases, key=lambda k: sum(phases[k].values()))
     return name, phases[name]
