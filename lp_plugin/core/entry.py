@@ -5,7 +5,7 @@
   while compiling: a compiled forward runs inside the session that ``generate`` opened); the hook also
   ends the forward with each mover's ``end_forward`` (stream mode: the ring's join);
 * ``generate`` is wrapped so one call is one session (not one per decode step);
-* ``_apply`` of the offloaded layers (and of the ends kept in host memory, ``ends.py``) and their
+* ``_apply`` of the offloaded layers (and of the embeddings kept in host memory, ``host_embeddings.py``) and their
   ancestors checks a conversion first: a move to the
   main device is a no-op for layers lp_plugin keeps (so ``model.to(device)``, as lm-eval calls it,
   works), a cast or a move elsewhere of the tensors lp_plugin keeps (offloaded layers and stand-ins) is
@@ -26,17 +26,21 @@ from .group import execution_order, offloaded_dtypes
 
 
 class ModelEntry:
-    def __init__(self, gate, model, base, layers, stand_ins, main_device, ancestors, ends=None):
+    def __init__(self, gate, model, base, layers, stand_ins, main_device, ancestors, host_embeddings=None):
         self.gate = gate  # the session gate (first attribute: a deep copy reaches it first)
         self.model = model
         self.base = base  # the module whose forward runs the decoder layers (model.model for Qwen2/Llama)
         self.units = execution_order(layers, stand_ins)  # every unit on a tier: what a conversion must not change
         self.main_device = main_device
-        # modules whose tensors lp_plugin keeps: the offloaded layers, and the ends kept in host memory
-        offloaded_modules = [layer.module for layer in layers] + ([ends.embed, ends.head] if ends else [])
+        # modules whose tensors lp_plugin keeps: the offloaded layers, and the embeddings kept in host memory
+        offloaded_modules = [layer.module for layer in layers] + (
+            [host_embeddings.embed, host_embeddings.head] if host_embeddings else []
+        )
         self.offloaded = set(map(id, offloaded_modules))
         self.guarded = offloaded_modules + list(ancestors)
-        self.kept_dtypes = ends.dtypes() if ends else set()  # the ends' dtypes: a cast must not change them
+        self.kept_dtypes = (
+            host_embeddings.dtypes() if host_embeddings else set()
+        )  # their dtypes: a cast must not change them
         self._torch_hooks = []
         self._had_generate = False
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import OffloadSpecError
 from . import chunk_attention
-from .ends import resident
+from .host_embeddings import resident
 
 #: logits plus their log_softmax of one head chunk stay under this many bytes (at least one position)
 HEAD_CHUNK_BYTES = 128 * 2**20

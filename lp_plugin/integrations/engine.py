@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from ..core import accel, hooks
 from ..core.devices import map_value
-from ..core.ends import HostEnds, ends_of
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
+from ..core.host_embeddings import HostEmbeddings, embedding_modules
 from ..core.mover import Mover
 from ..core.record import InstallRecord
 from ..core.resident import Residency
@@ -66,7 +66,9 @@ class OffloadHandle:
     record (``record``: every change made to the model and its undo, replayed by ``detach``) and the
     reporter (``report``: ``info()``, ``print(handle)``)."""
 
-    def __init__(self, model, plan: OffloadPlan, layers, stand_ins, dropped, tier, ends: HostEnds | None = None):
+    def __init__(
+        self, model, plan: OffloadPlan, layers, stand_ins, dropped, tier, host_embeddings: HostEmbeddings | None = None
+    ):
         self.model = model
         self.plan = plan
         self.config = plan.config
@@ -74,13 +76,15 @@ class OffloadHandle:
         self.stand_ins = stand_ins  # {index: StandIn}: the skipped layers' stand-ins, by index
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
-        self.ends = ends  # the input embeddings and lm_head in host memory (embeddings="host"), else None
+        self.host_embeddings = (
+            host_embeddings  # the input embeddings and lm_head in host memory (embeddings="host"), else None
+        )
         self.main_device = plan.main_device
         self.stats = {"sessions": 0, "session_load_s": 0.0, "forwards": 0}
         # movers: per device the units compute on, a Ring (stream mode) or a Residency (session mode)
         self.gate = SessionGate([], self.stats)
         self.record = InstallRecord()
-        self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate, ends)
+        self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate, host_embeddings)
         self.entry: ModelEntry | None = None
 
     # ------------------------------------------------------------------ description
@@ -226,7 +230,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     config = plan.config
     _, layer_list = find_decoder_layers(model)
     check_model(model, plan, layer_list)
-    ends_modules = ends_of(model) if config.embeddings == "host" else None
+    embedding_pair = embedding_modules(model) if config.embeddings == "host" else None
 
     pin = any(plan.device_of(i).type == "cuda" for i in range(plan.num_layers)) or plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
@@ -239,10 +243,10 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         key=lambda item: item[0],
     )
     packed = {}
-    ends = None if ends_modules is None else HostEnds(*ends_modules, plan.main_device, pin)
+    host_embeddings = None if embedding_pair is None else HostEmbeddings(*embedding_pair, plan.main_device, pin)
     try:
-        if ends is not None:
-            ends.pack()
+        if host_embeddings is not None:
+            host_embeddings.pack()
         for i, kind, module in tqdm(
             todo,
             desc=f"lp_plugin: packing layers ({config.tier} tier)",
@@ -258,7 +262,9 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     stand_ins = {i: packed[i] for i in sorted(plan.skips.stand_ins)}
 
     # --- from here on the model is changed
-    handle = OffloadHandle(model, plan, layers, stand_ins, [(i, layer_list[i]) for i in plan.dropped], tier, ends)
+    handle = OffloadHandle(
+        model, plan, layers, stand_ins, [(i, layer_list[i]) for i in plan.dropped], tier, host_embeddings
+    )
     try:
         _install(handle, model, layer_list)
     except BaseException:
@@ -273,10 +279,10 @@ def _install(handle, model, layer_list):
     plan, config, record, gate = handle.plan, handle.config, handle.record, handle.gate
     model.__dict__[_ATTR] = handle
     record.did("the handle on the model", lambda: model.__dict__.pop(_ATTR, None))
-    if handle.ends is not None:
-        ends = handle.ends
-        record.did("the input embeddings and lm_head in host memory", ends.restore)
-        ends.install()
+    if handle.host_embeddings is not None:
+        host_embeddings = handle.host_embeddings
+        record.did("the input embeddings and lm_head in host memory", host_embeddings.restore)
+        host_embeddings.install()
     installed: list = []  # layers whose tensors point at the tier (the last one perhaps in part)
     record.did("the layers' tensors on the tier", lambda: _restore(installed))
     for layer in handle.layers:
@@ -321,7 +327,7 @@ def _install(handle, model, layer_list):
     base = model.get_submodule(plan.layer_prefix.rpartition(".")[0])
     ancestors = _ancestors(model, plan.layer_prefix)
     handle.entry = ModelEntry(
-        gate, model, base, handle.layers, handle.stand_ins, plan.main_device, ancestors, handle.ends
+        gate, model, base, handle.layers, handle.stand_ins, plan.main_device, ancestors, handle.host_embeddings
     )
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()

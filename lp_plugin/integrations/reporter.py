@@ -17,7 +17,15 @@ log = logging.getLogger("lp_plugin")
 
 class HandleReport:
     def __init__(
-        self, model, plan: OffloadPlan, layers: list, stand_ins: dict, dropped: list, tier, gate: SessionGate, ends=None
+        self,
+        model,
+        plan: OffloadPlan,
+        layers: list,
+        stand_ins: dict,
+        dropped: list,
+        tier,
+        gate: SessionGate,
+        host_embeddings=None,
     ):
         self.model = model
         self.plan = plan
@@ -27,7 +35,7 @@ class HandleReport:
         self.dropped = dropped  # [(index, module)]
         self.tier = tier
         self.gate = gate
-        self.ends = ends  # HostEnds (embeddings="host"), else None
+        self.host_embeddings = host_embeddings  # HostEmbeddings (embeddings="host"), else None
 
     @property
     def layer_indices(self) -> list[int]:
@@ -64,10 +72,10 @@ class HandleReport:
             "ring_slots": sum(m.nslots for m in self.gate.movers if isinstance(m, Ring)),
             "devices": sorted({str(u.device) for u in units}) or [str(self.plan.main_device)],
             "embeddings": c.embeddings,
-            "embeddings_host_bytes": self.ends.host_bytes if self.ends else 0,
-            "lm_head_bytes_per_call": self.ends.head_bytes if self.ends else 0,
-            "embeddings_tied": self.ends.tied if self.ends else None,
-            "lm_head_copies": self.ends.head_copies if self.ends else 0,
+            "embeddings_host_bytes": self.host_embeddings.host_bytes if self.host_embeddings else 0,
+            "lm_head_bytes_per_call": self.host_embeddings.head_bytes if self.host_embeddings else 0,
+            "embeddings_tied": self.host_embeddings.tied if self.host_embeddings else None,
+            "lm_head_copies": self.host_embeddings.head_copies if self.host_embeddings else 0,
             "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
@@ -98,13 +106,13 @@ class HandleReport:
             ("offloaded", f"layers {layers_text(self.layer_indices)}: {size_text(offloaded)}"),
             ("resident", f"{size_text(max(model_bytes - offloaded, 0))} on {main_device}"),
         ]
-        if self.ends is not None:
+        if self.host_embeddings is not None:
             rows.append(
                 (
-                    "ends",
-                    f"input embeddings and lm_head{' (tied)' if self.ends.tied else ''} in host memory: "
-                    f"{size_text(self.ends.host_bytes)}; lm_head copied to {main_device} per call "
-                    f"({size_text(self.ends.head_bytes)})",
+                    "embeddings",
+                    f"input embeddings and lm_head{' (tied)' if self.host_embeddings.tied else ''} in host memory: "
+                    f"{size_text(self.host_embeddings.host_bytes)}; lm_head copied to {main_device} per call "
+                    f"({size_text(self.host_embeddings.head_bytes)})",
                 )
             )
         if c.mode == "stream":

@@ -269,7 +269,7 @@ class _Option:
     parts: dict  # kv, activations, logits
     chunk: int | None
     overhead: dict
-    ends: str  # "device", or "host": the input embeddings and the lm_head in host memory
+    embeddings: str  # "device", or "host": the input embeddings and the lm_head in host memory
 
 
 def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tuple:
@@ -303,7 +303,7 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
             parts,
             chunk,
             overhead,
-            fp.ends,
+            fp.embeddings,
         )
 
 
@@ -324,12 +324,12 @@ def placements(fp: Footprint, config: OffloadConfig) -> list:
     device, then (where they can move) in host memory; ``embeddings="host"``: only there."""
     if config.embeddings == "host":
         return [fp.on_host()]
-    return [fp, fp.on_host()] if fp.ends_bytes else [fp]
+    return [fp, fp.on_host()] if fp.host_embedding_bytes else [fp]
 
 
 def _options(fp: Footprint, work: Work, card: Card, config: OffloadConfig):
-    """Every plan for ``work``, in the order of preference: the ends on the device before in host memory,
-    the whole window before prefill chunks (exact against the plain model, and faster), the protected
+    """Every plan for ``work``, in the order of preference: the embeddings and lm_head on the device before in
+    host memory, the whole window before prefill chunks (exact against the plain model, and faster), the protected
     layers kept before given up, fewest layers first."""
     n = fp.num_layers
     ranges = [(config.protect_first, n - 1 - config.protect_last)]
@@ -390,15 +390,15 @@ def plan_offload(
     ):
         notes += (
             f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
-            "nothing fits with the ends resident",
+            "nothing fits with the protected ends resident",
         )
     if fit is not None and fit.chunk:
         notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
-    if best.ends == "host":
+    if best.embeddings == "host":
         notes += (_ends_note(fp, config, fit is not None),)
     host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
-    head = fp.head_bytes if best.ends == "host" else 0  # copied to the device for each forward's lm_head
-    if best.ends == "host":
+    head = fp.head_bytes if best.embeddings == "host" else 0  # copied to the device for each forward's lm_head
+    if best.embeddings == "host":
         pin = _pinned if card.cuda else (lambda n: n)
         host += pin(fp.embed_bytes) + (0 if fp.tied_head else pin(fp.head_bytes))
     moved = (sum(fp.packed_bytes[i] for i in best.layers) if best.mode == "stream" else 0) + head
@@ -442,7 +442,7 @@ def plan_offload(
         runtime_source=card.runtime_source,
         prefill_chunk=best.chunk,
         context_source=context_source,
-        embeddings=best.ends,
+        embeddings=best.embeddings,
     )
     if fit is None:
         raise BudgetError(_nothing_fits(plan, card, config, fp), min_bytes=best.peak, smallest=plan, host_bytes=host)
@@ -468,7 +468,7 @@ def _ends_note(fp: Footprint, config: OffloadConfig, fits: bool) -> str:
         why = "the least this needs"
     weights = "their tied weight ({}) leaves" if fp.tied_head else "their weights ({}) leave"
     return (
-        f"embeddings and lm_head stream from host memory: {why}; {weights.format(size_text(fp.ends_bytes))} "
+        f"embeddings and lm_head stream from host memory: {why}; {weights.format(size_text(fp.host_embedding_bytes))} "
         f"the device, the lm_head ({size_text(fp.head_bytes)}) is copied to it for each call"
     )
 
@@ -559,7 +559,7 @@ _CARD_ROWS = {  # breakdown key -> how the card view names it
     "weights": "weights (resident)",
     "ring": "engine ring buffers",
     "session_buffer": "engine session buffer",
-    "head_buffer": "lm_head copy (host ends)",
+    "head_buffer": "lm_head copy (embeddings=host)",
     "kv": "KV cache",
     "activations": "activations",
     "logits": "logits",

@@ -139,10 +139,10 @@ class Footprint:
     act_size: int  # bytes per element of activations, KV cache and logits
     dequant_bytes: int  # nf4: the largest Linear weight dequantized for a multi-token matmul; else 0
     max_positions: int | None  # the context lm-eval's HFLM would use (None: its default, 2048)
-    embed_bytes: int = 0  # the input embeddings' tensors (0: the ends cannot leave the device)
+    embed_bytes: int = 0  # the input embeddings' tensors (0: they cannot leave the device)
     head_bytes: int = 0  # the lm_head's tensors (what embeddings="host" copies to the device per call)
     tied_head: bool = False  # the lm_head shares the input embeddings' weight
-    ends: str = "device"  # where the input embeddings and the lm_head are: "device" or "host" (see on_host)
+    embeddings: str = "device"  # where the input embeddings and the lm_head are: "device" or "host" (see on_host)
     # prefill chunks can attend through lp_plugin.core.chunk_attention (SDPA, full attention only, no softcapping)
     chunk_attention: bool = False
 
@@ -155,16 +155,16 @@ class Footprint:
         return self.base_bytes + sum(self.layer_bytes)
 
     @property
-    def ends_bytes(self) -> int:
+    def host_embedding_bytes(self) -> int:
         """Bytes the input embeddings and the lm_head hold (a tied weight once)."""
         return self.embed_bytes + (0 if self.tied_head else self.head_bytes)
 
     def on_host(self) -> Footprint:
         """This footprint with the input embeddings and the lm_head in host memory (``embeddings="host"``):
         their bytes leave the device's weights; the lm_head phase holds a device copy of the lm_head."""
-        if self.ends == "host":
+        if self.embeddings == "host":
             return self
-        return dataclasses.replace(self, base_bytes=self.base_bytes - self.ends_bytes, ends="host")
+        return dataclasses.replace(self, base_bytes=self.base_bytes - self.host_embedding_bytes, embeddings="host")
 
 
 def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
@@ -371,7 +371,7 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cud
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
-      With the ends in host memory (:meth:`Footprint.on_host`) it also holds the lm_head's device copy
+      With the embeddings in host memory (:meth:`Footprint.on_host`) it also holds the lm_head's device copy
       (``head_buffer``; one copy for all of a scoring pass's head chunks).
     """
     s, b, t = fp.act_size, work.batch, work.context
@@ -416,8 +416,8 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cud
 
 
 def _with_head_buffer(fp: Footprint, phases: dict) -> dict:
-    """With the ends in host memory the lm_head phase holds a device copy of the lm_head (``head_buffer``)."""
-    if fp.ends != "host":
+    """With the embeddings in host memory the lm_head phase holds a device copy of the lm_head (``head_buffer``)."""
+    if fp.embeddings != "host":
         return phases
     return {name: {**parts, "head_buffer": fp.head_bytes if name == "lm_head" else 0} for name, parts in phases.items()}
 

@@ -1,4 +1,4 @@
-"""The model's two ends in host memory (``embeddings="host"``): the input embeddings and the output
+"""The input embeddings and the lm_head in host memory (``embeddings="host"``): the input embeddings and the output
 embedding (lm_head) keep their tensors in pinned host memory instead of on the main device.
 
 * The input embeddings are looked up on the host: the token ids are moved there, the module's own
@@ -6,11 +6,11 @@ embedding (lm_head) keep their tensors in pinned host memory instead of on the m
   its own semantics) and its output goes to the main device.
 * The lm_head's tensors are copied whole into device tensors for each call and freed after (the
   caching allocator reuses the block), so its product is the plain model's own, bit for bit.
-  :meth:`HostEnds.resident` keeps that copy across several calls (one scoring pass's head chunks).
+  :meth:`HostEmbeddings.resident` keeps that copy across several calls (one scoring pass's head chunks).
 * A tied lm_head shares the embeddings' host tensor: host memory holds one copy.
 
 The tensors keep their objects (``.data`` points them at the host copies, as the units' bindings do),
-so a tied pair stays tied; :meth:`HostEnds.restore` (detach) points them at device tensors again, or
+so a tied pair stays tied; :meth:`HostEmbeddings.restore` (detach) points them at device tensors again, or
 gives a module Accelerate had offloaded back to its hooks.
 """
 
@@ -26,12 +26,12 @@ from ..errors import OffloadSpecError
 from . import accel
 from .tiers import allocate_host
 
-ATTR = "_lp_ends"  # on the lm_head module: the HostEnds that owns it (read by resident())
+ATTR = "_lp_host_embeddings"  # on the lm_head module: the HostEmbeddings that owns it (read by resident())
 
 
-def ends_of(model) -> tuple:
+def embedding_modules(model) -> tuple:
     """``(input embedding module, lm_head module)`` of ``model``; :class:`OffloadSpecError` for a model
-    whose ends cannot be kept in host memory (called before anything is read or changed)."""
+    whose embeddings cannot be kept in host memory (called before anything is read or changed)."""
     name = type(model).__name__
     fix = "attach with embeddings='device' (the default)"
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -62,14 +62,14 @@ def _tensors(module) -> list:
 def resident(module):
     """Keep the host lm_head ``module``'s device copy across the calls in the block (one copy for all);
     a no-op for any other module."""
-    ends = module.__dict__.get(ATTR)
-    return contextlib.nullcontext() if ends is None else ends.resident()
+    owner = module.__dict__.get(ATTR)
+    return contextlib.nullcontext() if owner is None else owner.resident()
 
 
 class _Entry:
     """One tensor of the two modules (a tied one once): where it sits, its host copy, the object the model
     holds now. A tensor on the device keeps its object (``.data`` moves); a meta placeholder behind an
-    Accelerate hook is replaced by a tensor over the host copy, and put back by :meth:`HostEnds.restore`."""
+    Accelerate hook is replaced by a tensor over the host copy, and put back by :meth:`HostEmbeddings.restore`."""
 
     def __init__(self, tensor, owner, host):
         self.original = tensor
@@ -102,7 +102,7 @@ class _Entry:
         self.current = tensor
 
 
-class HostEnds:
+class HostEmbeddings:
     """The owner of the input embeddings and the lm_head kept in host memory: their host copies, the
     hooks that run them, and how detach gives them back."""
 

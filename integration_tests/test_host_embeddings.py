@@ -1,4 +1,4 @@
-"""``embeddings="host"`` (``lp_plugin.core.ends``): the input embeddings and the lm_head in host memory give
+"""``embeddings="host"`` (``lp_plugin.core.host_embeddings``): the input embeddings and the lm_head in host memory give
 the plain model's logits bit for bit (forward, and generate's scores at every step), with offloaded layers
 in both modes; the lm_head is copied once per call, once per scoring pass, once per decode step; detach
 puts the weights back as they were (a tied pair still one tensor); what cannot apply is refused before
@@ -72,27 +72,27 @@ def test_host_ends_are_exact(pairs, name, mode):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     handle = lp_plugin.attach(model, offload="even", mode=mode, embeddings="host")
-    ends = handle.ends
-    assert handle.layer_indices and ends.tied == tied and (embed.weight is head.weight) == tied
+    owner = handle.host_embeddings
+    assert handle.layer_indices and owner.tied == tied and (embed.weight is head.weight) == tied
     assert embed.weight.data_ptr() == head.weight.data_ptr() if tied else embed.weight.data_ptr() != head.weight.data_ptr()
     info = handle.info()
     assert info["embeddings"] == "host" and info["embeddings_tied"] == tied
     weight_bytes = embed.weight.numel() * embed.weight.element_size()
-    assert info["embeddings_host_bytes"] == weight_bytes * (1 if tied else 2) == ends.host_bytes
+    assert info["embeddings_host_bytes"] == weight_bytes * (1 if tied else 2) == owner.host_bytes
     assert info["lm_head_bytes_per_call"] == weight_bytes
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
-    assert ends.head_copies == 1
+    assert owner.head_copies == 1
     seq, scores = _generate(model, ids[:1])
     assert torch.equal(seq, ref_seq) and len(scores) == STEPS
     for step, (got, want) in enumerate(zip(scores, ref_scores)):
         assert torch.equal(got, want), step
-    assert ends.head_copies == 1 + STEPS  # one copy per decode step
-    assert not ends._bound and ends._depth == 0  # no device copy outlives its call
+    assert owner.head_copies == 1 + STEPS  # one copy per decode step
+    assert not owner._bound and owner._depth == 0  # no device copy outlives its call
 
     handle.detach()
     assert (embed.weight.data_ptr() == head.weight.data_ptr()) == tied and (embed.weight is head.weight) == tied
-    assert not embed._forward_hooks and not head._forward_pre_hooks and "_lp_ends" not in head.__dict__
+    assert not embed._forward_hooks and not head._forward_pre_hooks and "_lp_host_embeddings" not in head.__dict__
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_score_copies_the_head_once_per_pass(pairs):
     try:
         with torch.no_grad():
             got = logprobs.score(logprobs.head_of(model), hidden, rows, targets, cap=cap)
-        assert handle.ends.head_copies == 1
+        assert handle.host_embeddings.head_copies == 1
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     finally:
         handle.detach()
@@ -140,7 +140,7 @@ def test_gemma3_scaled_embedding_keeps_its_own_forward():
 
 
 def test_accelerate_offloaded_ends_are_taken_over(tmp_path):
-    """A model Accelerate dispatched with its ends on the disk: attach takes their offload over (its hooks
+    """A model Accelerate dispatched with its embeddings and lm_head on the disk: attach takes their offload over (its hooks
     would move them back to the device on every call) and detach gives it back."""
     from accelerate import dispatch_model
 
@@ -223,27 +223,27 @@ def test_planner_moves_the_ends_only_when_nothing_else_fits(name, memory):
 
     fp = _shape_footprint(name)
     hf_bytes = fp.embed_bytes  # vocab x hidden in bf16, left unquantized by NF4
-    assert fp.head_bytes == hf_bytes and fp.ends_bytes == hf_bytes * (1 if fp.tied_head else 2)
+    assert fp.head_bytes == hf_bytes and fp.host_embedding_bytes == hf_bytes * (1 if fp.tied_head else 2)
     assert fp.tied_head == (name == "qwen2.5-3b-shape")
     plan = _shape_plan(name, memory)
     assert plan.embeddings == "host" and plan.peak_bytes <= plan.budget_bytes
     assert any(n.startswith("embeddings and lm_head stream from host memory") for n in plan.notes)
     assert plan.resolved(OffloadConfig(offload="auto")).embeddings == "host"
-    # the weights on the device: everything but the ends and the offloaded layers
+    # the weights on the device: everything but the embeddings, the lm_head and the offloaded layers
     resident = sum(b for i, b in enumerate(fp.layer_bytes) if i not in plan.offloaded)
-    assert plan.breakdown["weights"] == plan.standby_bytes == fp.base_bytes - fp.ends_bytes + resident
+    assert plan.breakdown["weights"] == plan.standby_bytes == fp.base_bytes - fp.host_embedding_bytes + resident
     assert sum(plan.breakdown.values()) == plan.peak_bytes
     head = plan.breakdown["head_buffer"]
     assert head == (fp.head_bytes if plan.phase == "lm_head" else 0)
     layers = sum(_pinned(fp.packed_bytes[i]) for i in plan.offloaded)
     assert plan.host_bytes == layers + _pinned(fp.embed_bytes) + (0 if fp.tied_head else _pinned(fp.head_bytes))
-    # with room to spare the ends stay on the device, and the card shows no lm_head copy
+    # with room to spare the embeddings and lm_head stay on the device, and the card shows no lm_head copy
     roomy = _shape_plan(name, "24GiB")
     assert roomy.embeddings == "device" and "head_buffer" not in roomy.breakdown
     assert not any("embeddings and lm_head" in n for n in roomy.notes)
     # embeddings="host" asks for them there
     asked = _shape_plan(name, "24GiB", embeddings="host")
-    assert asked.embeddings == "host" and asked.standby_bytes == roomy.standby_bytes - fp.ends_bytes
+    assert asked.embeddings == "host" and asked.standby_bytes == roomy.standby_bytes - fp.host_embedding_bytes
 
 
 def test_lm_head_phase_holds_the_head_copy():
@@ -270,7 +270,7 @@ def test_planning_maps_the_host_ends_to_cpu():
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch):
     """On the CPU the budget is host memory: a max_memory just below the least the model needs with its
-    ends on the device makes the planner move them, and the loaded model is the plain one, bit for bit."""
+    embeddings on the device makes the planner move them, and the loaded model is the plain one, bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lp_plugin.planning import budget, footprint
@@ -280,12 +280,12 @@ def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch)
     config = OffloadConfig(offload="auto", max_memory="1GiB", max_context=32, main_device="cpu")
     work = budget.work_of(config, fp)[0]
     card = budget.card_of(config.max_memory, torch.device("cpu"))[0]
-    least = {ends: min(o.peak for o in budget._options(fp, work, card, config) if o.ends == ends)
-             for ends in ("device", "host")}
+    least = {where: min(o.peak for o in budget._options(fp, work, card, config) if o.embeddings == where)
+             for where in ("device", "host")}
     assert least["host"] < least["device"]
     model = lp_plugin.from_pretrained(path, offload="auto", max_memory=least["device"] - 1, max_context=32)
     handle = lp_plugin.get_handle(model)
-    assert handle.plan.budget.embeddings == handle.config.embeddings == "host" and handle.ends is not None
+    assert handle.plan.budget.embeddings == handle.config.embeddings == "host" and handle.host_embeddings is not None
     assert handle.info()["budget"]["embeddings"] == "host"
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(6))
@@ -293,4 +293,4 @@ def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch)
         assert torch.equal(model(ids).logits, plain(ids).logits)
     handle.detach()
     fits = lp_plugin.from_pretrained(path, offload="auto", max_memory=least["device"], max_context=32)
-    assert lp_plugin.get_handle(fits).ends is None and lp_plugin.get_handle(fits).config.embeddings == "device"
+    assert lp_plugin.get_handle(fits).host_embeddings is None and lp_plugin.get_handle(fits).config.embeddings == "device"
