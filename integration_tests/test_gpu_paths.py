@@ -164,3 +164,25 @@ def test_no_recompile_between_per_call_and_nested_sessions(mode):
             assert _generate_static(model, ids) == ref
         assert _generate_static(model, ids) == ref
     handle.detach()
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_generate_with_host_embeddings_equals_the_plain_model(tiny_checkpoints, mode):
+    """embeddings="host" on CUDA through generate(): transformers moves each step's inputs to ``model.device``,
+    which must be the main device (not the host, where the input embeddings' weight is)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    path = tiny_checkpoints["llama"]
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = lp_plugin.from_pretrained(path, offload="even", mode=mode, embeddings="host", dtype=torch.float32,
+                                      main_device=device)
+    assert model.device == device and model.get_input_embeddings().weight.device.type == "cpu"
+    ids = PROMPT.to(device)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    want, got = plain.generate(ids, **kw), model.generate(ids, **kw)
+    assert torch.equal(want.sequences, got.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(want.logits, got.logits))
+    lp_plugin.get_handle(model).detach()
+    assert type(model) is type(plain)

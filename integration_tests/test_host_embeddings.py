@@ -60,7 +60,7 @@ def _generate(model, ids):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("mode", ["session", "stream"])
-def test_host_ends_are_exact(pairs, name, mode):
+def test_host_embeddings_are_exact(pairs, name, mode):
     model, plain = pairs[name]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -73,6 +73,7 @@ def test_host_ends_are_exact(pairs, name, mode):
 
     handle = lp_plugin.attach(model, offload="even", mode=mode, embeddings="host")
     owner = handle.host_embeddings
+    assert model.device == handle.plan.main_device and type(model).__name__ == type(plain).__name__
     assert handle.layer_indices and owner.tied == tied and (embed.weight is head.weight) == tied
     assert embed.weight.data_ptr() == head.weight.data_ptr() if tied else embed.weight.data_ptr() != head.weight.data_ptr()
     info = handle.info()
@@ -91,6 +92,7 @@ def test_host_ends_are_exact(pairs, name, mode):
     assert not owner._bound and owner._depth == 0  # no device copy outlives its call
 
     handle.detach()
+    assert type(model) is type(plain)
     assert (embed.weight.data_ptr() == head.weight.data_ptr()) == tied and (embed.weight is head.weight) == tied
     assert not embed._forward_hooks and not head._forward_pre_hooks and "_lp_host_embeddings" not in head.__dict__
     for n, p in model.named_parameters():
@@ -139,7 +141,7 @@ def test_gemma3_scaled_embedding_keeps_its_own_forward():
     handle.detach()
 
 
-def test_accelerate_offloaded_ends_are_taken_over(tmp_path):
+def test_accelerate_offloaded_embeddings_are_taken_over(tmp_path):
     """A model Accelerate dispatched with its embeddings and lm_head on the disk: attach takes their offload over (its hooks
     would move them back to the device on every call) and detach gives it back."""
     from accelerate import dispatch_model
@@ -218,7 +220,7 @@ def _shape_footprint(name):
 
 
 @pytest.mark.parametrize("name,memory", [("llama-3-8b-shape", "4GiB"), ("qwen2.5-3b-shape", "2GiB")])
-def test_planner_moves_the_ends_only_when_nothing_else_fits(name, memory):
+def test_planner_moves_the_embeddings_only_when_nothing_else_fits(name, memory):
     from lp_plugin.planning.budget import _pinned
 
     fp = _shape_footprint(name)
@@ -256,7 +258,7 @@ def test_lm_head_phase_holds_the_head_copy():
         assert on_host["prefill"] == {**on_device["prefill"], "head_buffer": 0}
 
 
-def test_planning_maps_the_host_ends_to_cpu():
+def test_planning_maps_the_host_embeddings_to_cpu():
     from lp_plugin.planning.plan import OffloadPlan
     from lp_plugin.tools.shapes import shape_config
 
@@ -268,7 +270,7 @@ def test_planning_maps_the_host_ends_to_cpu():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch):
+def test_from_pretrained_auto_moves_the_embeddings_when_needed(tiny_checkpoints, arch):
     """On the CPU the budget is host memory: a max_memory just below the least the model needs with its
     embeddings on the device makes the planner move them, and the loaded model is the plain one, bit for bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -294,3 +296,24 @@ def test_from_pretrained_auto_moves_the_ends_when_needed(tiny_checkpoints, arch)
     handle.detach()
     fits = lp_plugin.from_pretrained(path, offload="auto", max_memory=least["device"], max_context=32)
     assert lp_plugin.get_handle(fits).host_embeddings is None and lp_plugin.get_handle(fits).config.embeddings == "device"
+
+
+def test_report_device_makes_model_device_the_main_device():
+    """transformers' ``model.device`` is the first parameter's (the input embeddings', in host memory with
+    embeddings="host"); generate() moves each step's inputs there. While attached it reports the main device."""
+    from lp_plugin.core.host_embeddings import report_device
+
+    model = build_tiny("llama")
+    cls = type(model)
+    undo = report_device(model, torch.device("meta"))  # any device other than the parameters' own
+    assert model.device == torch.device("meta") and isinstance(model, cls) and type(model) is not cls
+    assert type(model).__name__ == cls.__name__ and type(model).__qualname__ == cls.__qualname__
+    again = build_tiny("llama")
+    undo_again = report_device(again, torch.device("meta"))
+    assert type(again) is type(model)  # one subclass per (class, device)
+    undo()
+    undo_again()
+    assert type(model) is cls and model.device == torch.device("cpu")
+    plain = torch.nn.Linear(2, 2)
+    report_device(plain, torch.device("meta"))()  # a module without a device property: left alone
+    assert type(plain) is torch.nn.Linear

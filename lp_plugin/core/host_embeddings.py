@@ -59,6 +59,36 @@ def _tensors(module) -> list:
     ]
 
 
+_REPORTING: dict = {}  # (model class, device) -> its subclass whose ``device`` is that device
+
+
+def report_device(model, device):
+    """Make ``model.device`` say ``device``, the main device; returns the undo. transformers' ``device`` is the
+    first parameter's device, the input embeddings' (in host memory here), and ``generate()`` moves each step's
+    inputs there, which would leave the position ids on the host. The model's class is swapped for a subclass
+    of the same name with that property only (no other attribute changes); a class without a ``device``
+    property is left alone."""
+    cls = type(model)
+    if not isinstance(getattr(cls, "device", None), property):
+        return lambda: None
+    key = (cls, torch.device(device))
+    sub = _REPORTING.get(key)
+    if sub is None:
+        fixed = torch.device(device)
+        sub = _REPORTING[key] = type(
+            cls.__name__,
+            (cls,),
+            {"device": property(lambda self: fixed), "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+    model.__class__ = sub
+
+    def undo() -> None:
+        if type(model) is sub:
+            model.__class__ = cls
+
+    return undo
+
+
 def resident(module):
     """Keep the host lm_head ``module``'s device copy across the calls in the block (one copy for all);
     a no-op for any other module."""

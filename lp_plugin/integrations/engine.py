@@ -27,7 +27,7 @@ from ..core.devices import map_value
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
-from ..core.host_embeddings import HostEmbeddings, embedding_modules
+from ..core.host_embeddings import HostEmbeddings, embedding_modules, report_device
 from ..core.mover import Mover
 from ..core.record import InstallRecord
 from ..core.resident import Residency
@@ -283,6 +283,7 @@ def _install(handle, model, layer_list):
         host_embeddings = handle.host_embeddings
         record.did("the input embeddings and lm_head in host memory", host_embeddings.restore)
         host_embeddings.install()
+        record.did("model.device reports the main device", report_device(model, plan.main_device))
     installed: list = []  # layers whose tensors point at the tier (the last one perhaps in part)
     record.did("the layers' tensors on the tier", lambda: _restore(installed))
     for layer in handle.layers:
