@@ -429,9 +429,28 @@ def _lm_eval_peak_rss(model: str, args: dict, out_dir, **kw) -> tuple:
                                   "--output_path", str(out_dir), "--limit", str(kw.get("limit", 2))]
     with open(out_dir / "stdout.txt", "w") as so, open(out_dir / "stderr.txt", "w") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=fx.offline_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, (out_dir / "stderr.txt").read_text()[-4000:]
-    return fx.read_results(out_dir), usage.ru_maxrss * 1024
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _high_water_mark(proc.pid))
+            time.sleep(0.01)
+    assert proc.returncode == 0, (out_dir / "stderr.txt").read_text()[-4000:]
+    assert peak > 0, "the child's VmHWM was never read"
+    return fx.read_results(out_dir), peak
+
+
+def _high_water_mark(pid: int) -> int:
+    """Peak resident set size of ``pid``'s own address space in bytes (0 once it has exited).
+
+    Not ``wait4``'s ``ru_maxrss``: a child started from this process inherits this process's high-water
+    mark through fork and exec, so in a long pytest session both children would report pytest's size."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 @pytest.mark.slow
