@@ -122,6 +122,31 @@ def test_score_copies_the_head_once_per_pass(pairs):
         handle.detach()
 
 
+def test_compiled_forward_calls_the_head_copy_eagerly_and_never_recompiles(pairs):
+    """A compiled forward (dynamo, eager backend) with the head in host memory gives the plain model's
+    logits and does not recompile when a scoring block keeps the head resident (nested copies) and when it
+    does not: the copy in and out runs outside the graph, so nothing it counts becomes a guard."""
+    from lp_plugin.core.host_embeddings import resident
+
+    model, plain = pairs["llama-untied"]
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    handle = lp_plugin.attach(model, offload="none", embeddings="host")
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            want = plain(ids).logits
+            assert torch.equal(compiled(ids).logits, want)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                with resident(model.lm_head):
+                    assert torch.equal(compiled(ids).logits, want)
+                assert torch.equal(compiled(ids).logits, want)
+        assert handle.host_embeddings.head_copies == 3
+    finally:
+        handle.detach()
+        torch._dynamo.reset()
+
+
 def test_gemma3_scaled_embedding_keeps_its_own_forward():
     """Gemma 3 scales the lookup inside its embedding module: the module's forward runs on the host whole."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

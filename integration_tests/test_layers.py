@@ -130,6 +130,25 @@ def test_every_import_resolves_and_points_down():
     assert not found, "\n".join(map(str, found))
 
 
+def script_problems(folder: Path, known: dict[str, Module]) -> list[Problem]:
+    """Unresolved lp_plugin imports in the scripts of ``folder`` (benchmarks run on a GPU host import the
+    package lazily, inside functions: a stale name there fails only in the middle of a device run)."""
+    out = []
+    for path in sorted(folder.glob("*.py")):
+        script = Module(f"{folder.name}.{path.stem}", path, False, ast.parse(path.read_text(), str(path)))
+        for line, target, attr in imports_of(script, known):
+            if attr is not None and attr.startswith("__"):  # a module's own dunder (__file__, __version__)
+                continue
+            if target not in known or (attr is not None and attr not in defined_names(known[target])):
+                out.append(Problem(f"{folder.name}/{path.name}:{line}", "unresolved", target + (f".{attr}" if attr else "")))
+    return out
+
+
+def test_benchmark_scripts_import_what_exists():
+    found = script_problems(REPO / "benchmarks", modules(PACKAGE))
+    assert not found, "\n".join(map(str, found))
+
+
 def top_problems(root: Path) -> list[str]:
     """What is wrong with the top of the package: more than 8 entries, or one the layer ranks do not place."""
     entries = sorted(p.name for p in root.iterdir() if p.name != "__pycache__")
@@ -190,3 +209,9 @@ def test_the_check_counts_top_entries(package_copy):
     (package_copy / "extra.py").write_text('"""x"""\n')
     found = top_problems(package_copy)  # the package has 8 entries: a ninth is one too many
     assert len(found) == 2 and found[0].startswith("9 entries") and found[1] == "extra.py has no layer rank"
+
+
+def test_the_script_check_finds_a_stale_import(tmp_path):
+    (tmp_path / "bench.py").write_text("def main():\n    from lp_plugin.bundled import bundled_model_path\n")
+    found = script_problems(tmp_path, modules(PACKAGE))
+    assert [(p.kind, p.target) for p in found] == [("unresolved", "lp_plugin.bundled.bundled_model_path")]

@@ -91,7 +91,7 @@ def config_supports(config) -> bool:
     )
 
 
-def _configs(decoder: nn.Module) -> list:
+def configs_of(decoder: nn.Module) -> list:
     """Every distinct config the decoder's modules read (the decoder's own first)."""
     found: dict[int, object] = {}
     for module in decoder.modules():
@@ -109,7 +109,7 @@ def applies(decoder: nn.Module, device: torch.device) -> bool:
         return False
     get_embeddings = getattr(decoder, "get_input_embeddings", None)
     weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
-    configs = _configs(decoder)
+    configs = configs_of(decoder)
     return (
         isinstance(weight, torch.Tensor)
         and weight.dtype in FLASH_DTYPES
@@ -119,12 +119,13 @@ def applies(decoder: nn.Module, device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def lower_right_attention(decoder: nn.Module):
-    """Run ``decoder``'s forwards inside with :data:`NAME` attention: every config its modules read is
-    switched (transformers' attention modules look ``config._attn_implementation`` up at each call) and
-    restored on the way out, exceptions included."""
+def lower_right_attention(decoder: nn.Module, configs: list | None = None):
+    """Run ``decoder``'s forwards inside with :data:`NAME` attention: every config its modules read
+    (``configs``, :func:`configs_of` the decoder when not given) is switched (transformers' attention modules
+    look ``config._attn_implementation`` up at each call) and restored on the way out, exceptions included."""
     register()
-    configs = _configs(decoder)
+    if configs is None:
+        configs = configs_of(decoder)
     before = [c._attn_implementation for c in configs]
     try:
         for config in configs:

@@ -90,25 +90,22 @@ class ModelEntry:
 
     def check_conversion(self, fn) -> None:
         """Refuse ``fn`` (what ``Module._apply`` is about to run on every tensor) if it would cast an
-        offloaded tensor or move it off the main device. Probed on an empty tensor per dtype."""
-        for device in {unit.device for unit in self.units} or {self.main_device}:
-            for dtype in offloaded_dtypes(self.units):
+        offloaded tensor (or one of the embeddings kept in host memory) or move it off the main device. Probed
+        on an empty tensor per device and dtype."""
+        offloaded = [
+            (device, offloaded_dtypes(self.units), "offloaded layers'", f" on {device}")
+            for device in {unit.device for unit in self.units} or {self.main_device}
+        ]
+        kept = [(self.main_device, self.kept_dtypes, "input embeddings' and lm_head's", " kept in host memory")]
+        for device, dtypes, whose, where in offloaded + kept:
+            for dtype in dtypes:
                 probe = fn(torch.empty(0, dtype=dtype, device=device))
                 if probe.dtype != dtype or probe.device != device:
                     raise AttachError(
-                        f"this conversion would turn the offloaded layers' {dtype} tensors on {device} "
-                        f"into {probe.dtype} "
-                        f"on {probe.device}; lp_plugin keeps those layers itself: lp_plugin.get_handle(model).detach() "
+                        f"this conversion would turn the {whose} {dtype} tensors{where} into {probe.dtype} on "
+                        f"{probe.device}; lp_plugin keeps those tensors itself: lp_plugin.get_handle(model).detach() "
                         "first, convert the model, then attach again"
                     )
-        for dtype in self.kept_dtypes:
-            probe = fn(torch.empty(0, dtype=dtype, device=self.main_device))
-            if probe.dtype != dtype or probe.device != self.main_device:
-                raise AttachError(
-                    f"this conversion would turn the {dtype} input embeddings and lm_head lp_plugin keeps in host "
-                    f"memory into {probe.dtype} on {probe.device}; lp_plugin.get_handle(model).detach() first, "
-                    "convert the model, then attach again"
-                )
 
 
 def _guarded_apply(entry, module, fn, *args, **kwargs):

@@ -239,6 +239,9 @@ class HostEmbeddings:
             return output.to(self.main_device)
         return type(output)(o.to(self.main_device) if isinstance(o, torch.Tensor) else o for o in output)
 
+    # the head's copy in and out runs eagerly: a compiled forward calls these, never traces them (they move
+    # memory and count nested calls, and a traced counter would become a guard)
+    @torch.compiler.disable
     def _enter(self) -> None:
         with self._lock:
             self._depth += 1
@@ -255,6 +258,7 @@ class HostEmbeddings:
                 self._exit()
                 raise
 
+    @torch.compiler.disable
     def _exit(self) -> None:
         with self._lock:
             self._depth -= 1

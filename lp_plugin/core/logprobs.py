@@ -101,8 +101,10 @@ def hidden_chunks(
         lower_right = chunk_attention.applies(decoder, input_ids.device)
     name = _cache_argument(decoder)
     cache = None
+    # switched per chunk, not across the yield: the caller may run other forwards between chunks
+    configs = chunk_attention.configs_of(decoder) if lower_right else None
     for start in range(0, total, prefill_chunk):
-        with chunk_attention.lower_right_attention(decoder) if lower_right else contextlib.nullcontext():
+        with chunk_attention.lower_right_attention(decoder, configs) if lower_right else contextlib.nullcontext():
             out = decoder(input_ids=input_ids[:, start : start + prefill_chunk], use_cache=True, **{name: cache})
         cache = getattr(out, name)
         yield start, out.last_hidden_state

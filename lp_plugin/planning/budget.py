@@ -395,7 +395,7 @@ def plan_offload(
     if fit is not None and fit.chunk:
         notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
     if best.embeddings == "host":
-        notes += (_ends_note(fp, config, fit is not None),)
+        notes += (_host_embeddings_note(fp, config, fit is not None),)
     host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
     head = fp.head_bytes if best.embeddings == "host" else 0  # copied to the device for each forward's lm_head
     if best.embeddings == "host":
@@ -462,7 +462,7 @@ def plan_offload(
     return plan
 
 
-def _ends_note(fp: Footprint, config: OffloadConfig, fits: bool) -> str:
+def _host_embeddings_note(fp: Footprint, config: OffloadConfig, fits: bool) -> str:
     why = "embeddings='host'" if config.embeddings == "host" else "nothing fits with them on the device"
     if not fits and config.embeddings != "host":
         why = "the least this needs"
