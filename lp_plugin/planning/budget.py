@@ -559,7 +559,7 @@ _CARD_ROWS = {  # breakdown key -> how the card view names it
     "weights": "weights (resident)",
     "ring": "engine ring buffers",
     "session_buffer": "engine session buffer",
-    "head_buffer": "lm_head copy (embeddings=host)",
+    "head_buffer": "lm_head copy (host)",
     "kv": "KV cache",
     "activations": "activations",
     "logits": "logits",
