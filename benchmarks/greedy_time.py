@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     import lp_plugin
-    from lp_plugin.bundled import bundled_model_path
+    from lp_plugin.tools.bundled import bundled_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
