@@ -343,8 +343,11 @@ def _reference_greedy(ctx, spec, steps, score):
     """Greedy removal computed the straightforward way: every candidate, fold and window runs the
     whole model from its embeddings, one window at a time, with every replacement in place, and
     every stand-in is fitted anew on hidden states computed from scratch (calibration of at most
-    :data:`metrics.SCORED_WINDOWS` windows: every window is scored)."""
+    :data:`metrics.SCORED_WINDOWS` windows: every window is scored). Each step keeps the
+    :data:`metrics.GREEDY_SHORTLIST` candidates of least loss on the first :data:`metrics.GREEDY_SCREEN`
+    pieces, and of those the one of least total loss (ties: the lower layer)."""
     runner, folds, every = ctx.runner, metrics._folds(ctx, spec), range(len(ctx.calib.windows))
+    screened = [w for _, windows in metrics._chunks(folds, score)[:metrics.GREEDY_SCREEN] for w in windows]
 
     stride = metrics.SCORED_STRIDE if score == "kl" else 1
 
@@ -363,33 +366,40 @@ def _reference_greedy(ctx, spec, steps, score):
 
     pipes, order, scores = [{} for _ in folds], [], {}
     for _ in range(steps):
-        best = None
+        measured = {}  # candidate -> (screen loss, total loss, tokens, its stand-ins per fold)
         for j in range(ctx.num_layers):
             if j in order:
                 continue
-            total, tokens, fns = 0.0, 0, []
+            first, total, tokens, fns = 0.0, 0.0, 0, []
             for f, fold in enumerate(folds):
                 train = [w for w in every if w not in fold] or list(every)
                 inputs = [runner._forward(w, pipes[f], stop=j, record={j})[1][j] for w in every]
                 fns.append(metrics.replacement(ctx, spec, j, inputs, train, alpha=metrics.GREEDY_RIDGE))
                 for w in fold:
-                    total += loss(w, logits(w, {**pipes[f], j: fns[-1]}))
+                    value = loss(w, logits(w, {**pipes[f], j: fns[-1]}))
+                    total += value
+                    first += value if w in screened else 0.0
                     tokens += len(out_positions(w))
-            if best is None or total / tokens < best[0]:
-                best = (total / tokens, j, fns)
-        mean, j, fns = best
+            measured[j] = (first, total, tokens, fns)
+        short = sorted(measured, key=lambda j: (measured[j][0], j))[:metrics.GREEDY_SHORTLIST]
+        j = min(short, key=lambda j: (measured[j][1] / measured[j][2], j))
+        _, total, tokens, fns = measured[j]
         order.append(j)
-        scores[j] = math.exp(mean) if score == "nll" else mean
+        scores[j] = math.exp(total / tokens) if score == "nll" else total / tokens
         for f, fn in enumerate(fns):
             pipes[f][j] = fn
     return order, scores
 
 
+@pytest.mark.parametrize("shortlist", [2, 100])
 @pytest.mark.parametrize("score", ["nll", "kl"])
 @pytest.mark.parametrize("stand_in", ["none", "mean", "linear"])
-def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score):
-    """Stored prefixes, batched windows and kept fits change no choice: the same removal order and
-    scores as running everything from scratch (windows of two lengths, so batches are grouped)."""
+def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score, shortlist, monkeypatch):
+    """Stored prefixes, batched windows, kept fits and candidates dropped once their partial sum
+    shows they cannot win change no choice: the same removal order and scores as running everything
+    from scratch (windows of two lengths, so batches are grouped), with a shortlist shorter than the
+    candidates and one that holds them all."""
+    monkeypatch.setattr(metrics, "GREEDY_SHORTLIST", shortlist)
     model = build_tiny("llama", initializer_range=0.2)
     ctx = metrics.SkipContext(model, _ids(5 * 256 + 70, seed=3), stand_in)
     assert {len(w) for w in ctx.calib.windows} == {256, 70}

@@ -15,7 +15,9 @@ Metrics (lower score = the layer is less needed = skipped first):
   divergence (nats per scored position) from the plain model after it went (``None`` for layers
   never removed within ``steps``). Measured at every :data:`SCORED_STRIDE`-th position of the first
   :data:`SCORED_WINDOWS` calibration windows; with stand-ins it is cross-fitted: those windows are
-  dealt into two folds and each fold is scored with stand-ins fitted on the other.
+  dealt into two folds and each fold is scored with stand-ins fitted on the other. Each step
+  compares in full only the :data:`GREEDY_SHORTLIST` candidates of least KL on the first
+  :data:`GREEDY_SCREEN` scored windows (see :func:`_greedy`).
 
 :func:`importance` caches results by the model's fingerprint (weights and config), the calibration
 tokens and the scoring settings.
@@ -23,6 +25,7 @@ tokens and the scoring settings.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -48,6 +51,8 @@ SCORED_WINDOWS = 8  # greedy measures perplexity on this many calibration window
 GREEDY_FOLDS = 2  # folds of the scored windows when stand-ins are cross-fitted
 GREEDY_RIDGE = 0.1  # ridge strength of greedy's candidate stand-ins (fitted on a few windows; see the docs)
 SCORED_STRIDE = 4  # the kl score reads every 4th position of the scored windows (the head runs there only)
+GREEDY_SCREEN = 2  # pieces (windows; nll: folds) every candidate of a greedy step is measured on
+GREEDY_SHORTLIST = 6  # candidates of least sum on those pieces that a step compares in full
 GREEDY_SCORE = "kl"  # what greedy minimizes: "kl" (divergence from the plain model) or "nll" (calibration loss)
 # what the cached results also depend on: a change here (or in the fit) makes earlier cache files miss
 SETTINGS = {
@@ -56,6 +61,8 @@ SETTINGS = {
     "greedy_score": GREEDY_SCORE,
     "scored_stride": SCORED_STRIDE,
     "greedy_ridge": GREEDY_RIDGE,
+    "greedy_screen": GREEDY_SCREEN,
+    "greedy_shortlist": GREEDY_SHORTLIST,
     **standins.SETTINGS,
 }
 
@@ -103,6 +110,22 @@ class SkipContext:
         """The plain model's hidden states: ``{i: per-window input of layer i}``; index
         ``num_layers`` holds the last layer's output."""
         return self.runner.layer_inputs(desc="calibration (the plain model's hidden states)")
+
+    def plain_states(self, scored, stride: int = 1, head: bool = True) -> tuple[dict, dict]:
+        """``(per-layer hidden states, {window: log-probabilities})`` of the plain model: the hidden
+        states of :attr:`teacher` (of ``scored`` windows only when nothing will fit stand-ins and
+        :attr:`teacher` is not kept), with ``head``, the log-probabilities of ``scored`` windows at
+        every ``stride``-th position, computed in the same pass when the states are computed."""
+        scored = sorted(scored)
+        if "teacher" in self.__dict__:
+            return self.teacher, self.runner.log_probs(scored, stride=stride) if head else {}
+        desc = "calibration (the plain model's hidden states)"
+        if self.stand_in.kind == "none":
+            return self.runner.plain_pass(scored, scored if head else (), stride, desc=desc)
+        self.__dict__["teacher"], log_probs = self.runner.plain_pass(
+            range(len(self.calib.windows)), scored if head else (), stride, desc=desc
+        )
+        return self.teacher, log_probs
 
     def teacher_layers(self, layers) -> dict:
         """:attr:`teacher` for ``layers`` only (run up to the last of them unless it is already kept)."""
@@ -283,18 +306,19 @@ def _folds(ctx, spec) -> list:
 class _Score:
     """What greedy sums over a fold's windows for one candidate: ``nll`` (the calibration tokens'
     negative log-likelihood) or ``kl`` (the KL divergence from the plain model's next-token
-    distribution to the candidate's, summed over tokens)."""
+    distribution to the candidate's, summed over tokens; ``log_probs``: the plain model's, per window)."""
 
-    def __init__(self, ctx, kind: str, windows, stride: int = 1):
-        self.kind, self.runner, self.stride = kind, ctx.runner, stride
-        if kind == "kl":
-            self.log_probs = self.runner.log_probs(windows, stride=stride)
-            self.probs = {w: lp.exp() for w, lp in self.log_probs.items()}
+    def __init__(self, ctx, kind: str, log_probs: dict):
+        self.kind, self.runner = kind, ctx.runner
+        self.log_probs = log_probs
+        self.probs = {w: lp.exp().flatten() for w, lp in log_probs.items()}
 
     def __call__(self, w: int, logits, keep=None) -> float:
         if self.kind == "nll":
             return float(self.runner.nll_loss(w, logits, keep))
-        return float((self.probs[w] * (self.log_probs[w] - F.log_softmax(logits.float(), dim=-1))).sum())
+        diff = F.log_softmax(logits.float(), dim=-1)
+        torch.sub(self.log_probs[w], diff, out=diff)
+        return float(torch.dot(self.probs[w], diff.flatten()))
 
     def value(self, mean: float) -> float:
         """The score reported for a removal: perplexity (``nll``) or mean KL per token (``kl``)."""
@@ -302,7 +326,7 @@ class _Score:
 
 
 def _chunks(folds, score: str) -> list:
-    """``[(fold, windows)]`` in the order a candidate is scored. ``nll``: each fold's windows as one
+    """``[(fold, windows)]``, the pieces a candidate is scored in. ``nll``: each fold's windows as one
     batch. ``kl``: one window at a time, the folds interleaved, so that a candidate can be dropped
     as soon as its partial sum shows it cannot win (every window's KL is >= 0)."""
     if score != "kl":
@@ -313,76 +337,83 @@ def _chunks(folds, score: str) -> list:
     return out
 
 
-def _first_order(base, windows, num_layers: int) -> list:
-    """Layers in the order greedy tries them first: by Block Influence on the scored windows (a cheap
-    guess at which removal costs least, so the bound is tight early; any order chooses the same)."""
-
-    def bi(j):
-        return float((1 - _cos([base[j][w] for w in windows], [base[j + 1][w] for w in windows])).mean())
-
-    return sorted(range(num_layers), key=bi)
-
-
 def _greedy(ctx: SkipContext, n: int, spec: StandInSpec, steps: int, score: str | None = None) -> Importance:
     """Greedy removal, measured as described in the module docstring. Work that does not change
     between candidates is done once: every candidate starts from stored hidden states at its own
-    layer (the plain model's, or those with the layers removed so far in place), windows run in
-    batches, and a candidate's stand-in fit is kept until its inputs change (a removal below it).
-    With the ``kl`` score, candidates are tried best-guess first and one is dropped once its partial
-    KL sum reaches the best total so far (KL is never negative, so it could not win): the choice is
-    the one measuring every candidate in full would make."""
+    layer (the plain model's, or those with the layers removed so far in place), the plain model's
+    states and log-probabilities come from one pass (kept for the stand-in fit that follows), and a
+    candidate's stand-in fit is kept until its inputs change (a removal below it).
+
+    A step scores a candidate in pieces (:func:`_chunks`). It first measures every candidate on the
+    first :data:`GREEDY_SCREEN` pieces and keeps the :data:`GREEDY_SHORTLIST` of least sum there
+    (ties: the lower layer). Among those, the choice is exact with less work: both scores sum
+    non-negative pieces, so a partial sum is a lower bound on the total. The leader is measured in
+    full, the other pieces are ordered by what they cost it (the largest first: partial sums grow
+    fastest), then the next piece of the shortlisted candidate of least partial sum is measured until
+    that candidate is measured in full: every other one's partial sum, so its total, is already at
+    least as large (ties: the lower layer)."""
     score = score or GREEDY_SCORE
     folds = _folds(ctx, spec)
     scored = sorted(w for fold in folds for w in fold)
-    needed = folds[0] if spec.kind == "none" else scored  # windows whose hidden states are read
-    base = ctx.runner.layer_inputs(windows=needed, desc="greedy (the plain model's hidden states)")
     stride = SCORED_STRIDE if score == "kl" else 1
-    loss = _Score(ctx, score, scored, stride)
+    base, plain = ctx.plain_states(scored, stride, head=score == "kl")
+    loss = _Score(ctx, score, plain)
     all_tokens = sum(len(range(stride - 1, ctx.runner.targets[w].numel(), stride)) for w in scored)
     chunks = _chunks(folds, score)
+    screen = min(GREEDY_SCREEN, len(chunks))
     # per fold: layer -> what replaces it, fitted without that fold
     pipes: list[dict[int, Replacement]] = [{} for _ in folds]
     states = [base for _ in folds]  # per fold: hidden states with that fold's replacements
     # per fold: candidate layer -> its stand-in, while its inputs are unchanged
     fits: list[dict[int, Replacement]] = [{} for _ in folds]
-    guess = _first_order(base, folds[0], ctx.num_layers)
     order: list[int] = []
     scores: list[float | None] = [None] * ctx.num_layers
-    total_candidates = sum(ctx.num_layers - s for s in range(steps))
-    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="candidate", total=total_candidates)
-    t_start, done = time.perf_counter(), 0
+    progress = bar(desc=f"greedy importance ({spec}, {score}, {steps} steps)", unit="window")
+    t_start = time.perf_counter()
+
+    def measure(j: int, piece: tuple) -> float:
+        f, windows = piece
+        if j not in fits[f]:
+            # with one calibration window there is nothing to cross-fit on: fitted and scored on it
+            train = [w for w in scored if w not in folds[f]] or scored
+            fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
+        later = {i: g for i, g in pipes[f].items() if i > j}
+        progress.update(len(windows))
+        value, _ = ctx.runner.score_sum(
+            loss, {**later, j: fits[f][j]}, start=j, states=states[f][j], windows=windows, stride=stride
+        )
+        return value
+
     for step in range(steps):
-        best: tuple[float, int] | None = None  # (mean score, layer) of the best candidate measured in full
         t0 = time.perf_counter()
-        estimates: dict[int, float] = {}
-        for j in [j for j in guess if j not in order]:
-            bound: float | None = None if best is None or score != "kl" else best[0] * all_tokens
-            total, tokens = 0.0, 0
-            for f, windows in chunks:
-                if j not in fits[f]:
-                    # with one calibration window there is nothing to cross-fit on: fitted and scored on it
-                    train = [w for w in scored if w not in folds[f]] or scored
-                    fits[f][j] = replacement(ctx, spec, j, states[f][j], train, base, GREEDY_RIDGE)
-                later = {i: g for i, g in pipes[f].items() if i > j}
-                value, count = ctx.runner.score_sum(
-                    loss, {**later, j: fits[f][j]}, start=j, states=states[f][j], windows=windows, stride=stride
-                )
-                total, tokens = total + value, tokens + count
-                if bound is not None and total > bound:
-                    break  # it cannot win: the rest of its windows add KL >= 0
-            estimates[j] = total / tokens
-            if tokens == all_tokens and (best is None or (total / tokens, j) < best):
-                best = (total / tokens, j)  # a tie goes to the lower layer, whatever the order tried
-            progress.update()
-            done += 1
-        assert best is not None  # the first candidate of a step is never cut short: it is measured in full
-        mean, j = best
+        progress.set_postfix_str(f"step {step + 1}/{steps}")
+        candidates = [j for j in range(ctx.num_layers) if j not in order]
+        total = {j: sum(measure(j, piece) for piece in chunks[:screen]) for j in candidates}
+        short = sorted(candidates, key=lambda j: (total[j], j))[:GREEDY_SHORTLIST]
+        runs = screen * len(candidates)
+        leader = short[0]
+        rest = [measure(leader, piece) for piece in chunks[screen:]]
+        total[leader] += sum(rest)
+        runs += len(rest)
+        # the others read the pieces that cost the leader most first
+        ranked = [chunks[screen + k] for k in sorted(range(len(rest)), key=lambda k: -rest[k])]
+        measured = {j: len(ranked) if j == leader else 0 for j in short}  # pieces of ``ranked`` measured
+        heap = [(total[j], j) for j in short]
+        heapq.heapify(heap)
+        while True:
+            _, j = heapq.heappop(heap)
+            if measured[j] == len(ranked):
+                break  # least partial sum, measured in full: no shortlisted candidate can do better
+            total[j] += measure(j, ranked[measured[j]])
+            measured[j] += 1
+            runs += 1
+            heapq.heappush(heap, (total[j], j))
         order.append(j)
-        scores[j] = loss.value(mean)
-        guess = sorted(estimates, key=estimates.__getitem__)  # next step: the candidates that did best first
+        scores[j] = loss.value(total[j] / all_tokens)
         elapsed = time.perf_counter() - t_start
         log.info(
-            "lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s; about %.0f s left)",
+            "lp_plugin: greedy (%s, %s) step %d/%d: layer %d, score %.4f (%.0f s, %d of %d pieces measured; "
+            "about %.0f s left)",
             spec,
             score,
             step + 1,
@@ -390,13 +421,15 @@ def _greedy(ctx: SkipContext, n: int, spec: StandInSpec, steps: int, score: str 
             j,
             scores[j],
             time.perf_counter() - t0,
-            elapsed / done * (total_candidates - done),
+            runs,
+            len(candidates) * len(chunks),
+            elapsed / (step + 1) * (steps - step - 1),
         )
         for f in range(len(folds)):
             pipes[f][j] = fits[f][j]
             if step + 1 == steps:
                 continue  # nothing reads the states after the last removal
-            states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=needed)}
+            states[f] = {**states[f], **ctx.runner.layer_inputs(pipes[f], start=j, states=states[f][j], windows=scored)}
             fits[f] = {i: fn for i, fn in fits[f].items() if i < j}  # a fit above j read states that changed
     progress.close()
     return Importance(

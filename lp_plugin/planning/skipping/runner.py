@@ -141,7 +141,8 @@ class Runner:
         if n in record or stop == n:
             handles.append(self.layers[-1].register_forward_hook(post))
         training = self.model.training
-        self.model.eval()  # dropout would make scores and fits random (and they are cached)
+        if training:
+            self.model.eval()  # dropout would make scores and fits random (and they are cached)
         inputs = torch.cat([self.inputs[w] for w in ws]) if len(ws) > 1 else self.inputs[ws[0]]
         try:
             with swapped_forwards(self.layers, forwards):
@@ -154,7 +155,8 @@ class Runner:
         finally:
             for h in handles:
                 h.remove()
-            self.model.train(training)
+            if training:
+                self.model.train()
         return out.logits, seen
 
     def _forward(self, w: int, replace=None, start=0, states=None, stop=None, record=()):
@@ -237,6 +239,30 @@ class Runner:
         if progress is not None:
             progress.close()
         return out
+
+    @torch.no_grad()
+    def plain_pass(self, windows, scored: Collection[int] = (), stride: int = 1, desc=None) -> tuple[dict, dict]:
+        """``(layer_inputs(windows=windows), log_probs(scored, stride=stride))`` of the plain model in
+        one pass over ``windows``: the head runs only in the batches that hold a ``scored`` window
+        (``scored`` must be among ``windows``)."""
+        layers = tuple(range(self.num_layers + 1))
+        inputs: dict = {i: [None] * len(self.inputs) for i in layers}
+        log_probs = {}
+        progress = bar(total=len(windows), desc=desc or "", unit="window") if desc else None
+        for ws in self.batches(windows):
+            if any(w in scored for w in ws):
+                logits, seen = self._run(ws, record=layers, keep=self.positions(ws[0], stride))
+                log_probs.update({w: F.log_softmax(logits[b].float(), dim=-1) for b, w in enumerate(ws) if w in scored})
+            else:
+                _, seen = self._run(ws, stop=self.num_layers, record=layers)
+            for i in layers:
+                for b, w in enumerate(ws):
+                    inputs[i][w] = seen[i][b]
+            if progress is not None:
+                progress.update(len(ws))
+        if progress is not None:
+            progress.close()
+        return inputs, log_probs
 
     @torch.no_grad()
     def advance(self, states, start: int, stop: int, replace=None) -> list:

@@ -33,10 +33,10 @@ from . import frontier
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
 
 # measured runs: SmolLM2-135M (135M parameters), fp32, 2 shared CPU cores (one torch thread, load average 2-4),
-# default calibration: greedy:20% (6 steps, 165 candidates, kl score) took 711 s of steps; a sweep row
+# default calibration: greedy:20% (6 steps, 165 candidates, kl score) took 474 s of steps; a sweep row
 # (load, fit the stand-ins, score the five slices) took about 57 s (ten rows in 570 s)
 _MEASURED_PARAMS = 135e6
-_GREEDY_S_PER_CANDIDATE = 711 / 165  # per candidate: scoring reads a fixed 8 windows, whatever the calibration size
+_GREEDY_S_PER_CANDIDATE = 474 / 165  # per candidate: scoring reads a fixed 8 windows, whatever the calibration size
 _ROW_S = 57.0  # per sweep row
 
 
