@@ -105,6 +105,11 @@ def imports_of(module: Module, known: dict[str, Module]):
                     yield node.lineno, target, alias.name
 
 
+def unresolved(target: str, attr: str | None, known: dict[str, Module]) -> bool:
+    """Whether an import of ``target`` (``attr`` from it) names no module or top-level name that exists."""
+    return target not in known or (attr is not None and attr not in defined_names(known[target]))
+
+
 def problems(root: Path) -> list[Problem]:
     """Unresolved and upward imports in the ``lp_plugin`` package at ``root``."""
     known = modules(root)
@@ -112,7 +117,7 @@ def problems(root: Path) -> list[Problem]:
     for module in known.values():
         path = module.path.relative_to(root.parent)
         for line, target, attr in imports_of(module, known):
-            if target not in known or (attr is not None and attr not in defined_names(known[target])):
+            if unresolved(target, attr, known):
                 out.append(Problem(f"{path}:{line}", "unresolved", target + (f".{attr}" if attr else "")))
             elif rank(target) > rank(module.name):
                 out.append(Problem(f"{path}:{line}", "upward", target))
@@ -139,7 +144,7 @@ def script_problems(folder: Path, known: dict[str, Module]) -> list[Problem]:
         for line, target, attr in imports_of(script, known):
             if attr is not None and attr.startswith("__"):  # a module's own dunder (__file__, __version__)
                 continue
-            if target not in known or (attr is not None and attr not in defined_names(known[target])):
+            if unresolved(target, attr, known):
                 out.append(Problem(f"{folder.name}/{path.name}:{line}", "unresolved", target + (f".{attr}" if attr else "")))
     return out
 

@@ -227,10 +227,38 @@ class Runner:
         names a progress bar over the windows."""
         layers = tuple(range(start, self.num_layers + 1)) if layers is None else tuple(layers)
         windows = range(len(self.inputs)) if windows is None else windows
-        out = {i: [None] * len(self.inputs) for i in layers}
+        return self._pass(windows, layers, replace, start, states, desc=desc)[0]
+
+    @torch.no_grad()
+    def plain_pass(self, windows, scored: Collection[int] = (), stride: int = 1, desc=None) -> tuple[dict, dict]:
+        """``(layer_inputs(windows=windows), log_probs(scored, stride=stride))`` of the plain model in
+        one pass over ``windows``: the head runs only in the batches that hold a ``scored`` window
+        (``scored`` must be among ``windows``)."""
+        return self._pass(windows, tuple(range(self.num_layers + 1)), scored=scored, stride=stride, desc=desc)
+
+    def _pass(
+        self,
+        windows,
+        layers: tuple,
+        replace=None,
+        start=0,
+        states=None,
+        scored: Collection[int] = (),
+        stride=1,
+        desc=None,
+    ) -> tuple[dict, dict]:
+        """``({i: [per-window input of layer i]}, {scored window: log-probabilities at every ``stride``-th
+        position})`` over ``windows`` in batches; a batch runs the head only when it holds a ``scored`` window."""
+        out: dict = {i: [None] * len(self.inputs) for i in layers}
+        log_probs = {}
+        record = set(layers)
         progress = bar(total=len(windows), desc=desc or "", unit="window") if desc else None
         for ws in self.batches(windows):
-            _, seen = self._run(ws, replace, start, states, stop=max(layers), record=set(layers))
+            if any(w in scored for w in ws):
+                logits, seen = self._run(ws, replace, start, states, record=record, keep=self.positions(ws[0], stride))
+                log_probs.update({w: F.log_softmax(logits[b].float(), dim=-1) for b, w in enumerate(ws) if w in scored})
+            else:
+                _, seen = self._run(ws, replace, start, states, stop=max(layers), record=record)
             for i in layers:
                 for b, w in enumerate(ws):
                     out[i][w] = seen[i][b]
@@ -238,31 +266,7 @@ class Runner:
                 progress.update(len(ws))
         if progress is not None:
             progress.close()
-        return out
-
-    @torch.no_grad()
-    def plain_pass(self, windows, scored: Collection[int] = (), stride: int = 1, desc=None) -> tuple[dict, dict]:
-        """``(layer_inputs(windows=windows), log_probs(scored, stride=stride))`` of the plain model in
-        one pass over ``windows``: the head runs only in the batches that hold a ``scored`` window
-        (``scored`` must be among ``windows``)."""
-        layers = tuple(range(self.num_layers + 1))
-        inputs: dict = {i: [None] * len(self.inputs) for i in layers}
-        log_probs = {}
-        progress = bar(total=len(windows), desc=desc or "", unit="window") if desc else None
-        for ws in self.batches(windows):
-            if any(w in scored for w in ws):
-                logits, seen = self._run(ws, record=layers, keep=self.positions(ws[0], stride))
-                log_probs.update({w: F.log_softmax(logits[b].float(), dim=-1) for b, w in enumerate(ws) if w in scored})
-            else:
-                _, seen = self._run(ws, stop=self.num_layers, record=layers)
-            for i in layers:
-                for b, w in enumerate(ws):
-                    inputs[i][w] = seen[i][b]
-            if progress is not None:
-                progress.update(len(ws))
-        if progress is not None:
-            progress.close()
-        return inputs, log_probs
+        return out, log_probs
 
     @torch.no_grad()
     def advance(self, states, start: int, stop: int, replace=None) -> list:
