@@ -1,7 +1,11 @@
 """Time ``attach(model, skip="greedy:K", stand_in=..., calib=...)`` on a model folder (default: the
-bundled SmolLM2-135M-Instruct), with a fresh skipping cache, and write the timing as JSON.
+bundled SmolLM2-135M-Instruct) or a random-init shape, with a fresh skipping cache, and write the timing as JSON.
 
     PYTHONPATH=. python benchmarks/greedy_time.py --skip greedy:20% --out benchmarks/results/cpu-skipping-greedy-time.json
+    PYTHONPATH=. python benchmarks/greedy_time.py --model qwen2.5-3b-shape --dtype bf16 --tokenizer TOKENIZER_DIR --out X.json
+
+A shape has random weights: its timing is what counts (the chosen layers mean nothing); its calibration text is
+encoded with ``--tokenizer`` (a folder holding a tokenizer, e.g. the bundled model's).
 
 Records the host load (``os.getloadavg``) before and after: the CPU machine is shared.
 """
@@ -20,7 +24,11 @@ import time
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="model folder or shape name (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="weights' dtype (default: fp32 for a folder, bf16 for a shape)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a shape's calibration text")
     p.add_argument("--skip", default="greedy:20%")
     p.add_argument("--stand-in", default="linear")
     p.add_argument("--calib", default=None, help="calib option (default: lp_plugin's default)")
@@ -36,6 +44,11 @@ def main(argv=None) -> int:
 
     import lp_plugin
     from lp_plugin.tools.bundled import bundled_model_path
+    from lp_plugin.tools.shapes import build_shape_model, is_shape, torch_dtype
+
+    shape = bool(args.model) and is_shape(args.model)
+    if shape and not args.tokenizer:
+        p.error(f"--model {args.model} is a random-init shape: pass --tokenizer DIR for its calibration text")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,13 +56,18 @@ def main(argv=None) -> int:
     logging.getLogger("lp_plugin").setLevel(logging.INFO)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = args.model or bundled_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    dtype = args.dtype or ("bf16" if shape else "fp32")
+    if shape:
+        model = build_shape_model(path, dtype, device)
+        model.config.name_or_path = os.path.abspath(args.tokenizer)  # where the calibration's tokenizer loads from
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device).eval()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     handle = lp_plugin.attach(model, offload="none", skip=args.skip, stand_in=args.stand_in, calib=args.calib)
     seconds = time.perf_counter() - t0
     info = handle.info()
-    out = {"model": str(path), "skip": args.skip, "stand_in": args.stand_in, "calib": args.calib or "default",
+    out = {"model": str(path), "dtype": dtype, "skip": args.skip, "stand_in": args.stand_in, "calib": args.calib or "default",
            "calib_source": handle.plan.skips.info.get("calib"), "device": device, "seconds": seconds,
            "skipped_layers": info["skipped_layers"], "skip_info": handle.plan.skips.info,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(),

@@ -127,11 +127,35 @@ def test_speed_ratios_against_the_bound_or_the_plain_model():
       "forced_decode_max_abs_logit_diff": 0.0},
      {"forced_logits_equal": True, "forced_decode_logits_equal": True, "forced_max_abs_logit_diff": 0.0,
       "forced_decode_max_abs_logit_diff": 0.0}, False),
+    # generate's own scores differ: judged against the plain model's repeat of its generate in one process
+    ({"forced_logits_equal": True, "forced_decode_logits_equal": True, "forced_max_abs_logit_diff": 0.0,
+      "forced_decode_max_abs_logit_diff": 0.0, "generate_logits_equal": False, "generate_max_abs_logit_diff": 0.05},
+     None, False),
     ({"outputs_equal": True}, None, True),  # an old reference: greedy tokens only
     ({"outputs_equal": None}, None, False),
 ])
 def test_outputs_exact_uses_teacher_forced_logits_and_the_plain_spread(workload, spread, exact):
     assert card.outputs_exact(workload, spread) is exact
+
+
+def test_outputs_exact_takes_the_largest_decode_spread_the_plain_model_showed():
+    w = {"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+         "forced_decode_max_abs_logit_diff": 0.055, "generate_logits_equal": False, "generate_max_abs_logit_diff": 0.055}
+    second = {"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+              "forced_decode_max_abs_logit_diff": 0.031}
+    assert card.outputs_exact(w, second) is False  # over the second process's 0.031
+    assert card.outputs_exact(w, second, {"repeat_tokens_equal": True, "repeat_max_abs_logit_diff": 0.086}) is True
+    # a repeat that made other tokens measures nothing comparable
+    assert card.outputs_exact(w, second, {"repeat_tokens_equal": False, "repeat_max_abs_logit_diff": 0.086}) is False
+    # one forward must stay within the plain model's one-forward spread (here: exact)
+    assert card.outputs_exact({**w, "forced_logits_equal": False, "forced_max_abs_logit_diff": 0.01}, second,
+                              {"repeat_tokens_equal": True, "repeat_max_abs_logit_diff": 0.086}) is False
+
+
+def test_moved_bytes_count_the_lm_head_copy_of_host_embeddings():
+    assert card.moved_per_token({"bytes_per_forward": 10, "lm_head_bytes_per_call": 5}) == 15
+    assert card.moved_per_token({"bytes_per_forward": 10, "lm_head_bytes_per_call": 0}) == 10
+    assert card.moved_per_token({}) == 0
 
 
 def test_device_peak_and_relative_error():

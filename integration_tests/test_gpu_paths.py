@@ -38,6 +38,25 @@ def test_stable_buffer_keeps_its_address_and_frees_its_memory():
     buf.close()
 
 
+def test_stable_buffer_maps_into_memory_the_caching_allocator_holds_unused():
+    from lp_plugin.core.vmm import StableBuffer
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
+    buf = StableBuffer(512 << 20, device)
+    free = torch.cuda.mem_get_info(device)[0]
+    junk = torch.empty(free - (256 << 20), dtype=torch.uint8, device=device)
+    del junk  # freed, but kept by the caching allocator: the driver has under 512 MiB left
+    assert torch.cuda.memory_reserved(device) >= free - (256 << 20)
+    try:
+        t = buf.map()
+        t.fill_(7)
+        assert int(t[0]) == 7 and buf.reclaims == 1
+    finally:
+        buf.close()
+        torch.cuda.empty_cache()
+
+
 def _generate_static(model, ids):
     out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, cache_implementation="static",
                          pad_token_id=0)

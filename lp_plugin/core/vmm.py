@@ -6,7 +6,9 @@ graph would have to be recorded again. :class:`StableBuffer` reserves a virtual 
 maps physical memory into it for each session (``map``) and out of it after (``unmap``), through the CUDA
 driver's virtual memory API (``cuMemAddressReserve``/``cuMemCreate``/``cuMemMap``): the same address every
 session, no memory between sessions. This memory is not PyTorch's: ``torch.cuda.memory_allocated`` does
-not count it, so :attr:`StableBuffer.mapped_bytes` is reported beside it.
+not count it, so :attr:`StableBuffer.mapped_bytes` is reported beside it. When the driver has no room for a
+mapping, the caching allocator's unused blocks are given back (``torch.cuda.empty_cache``) and the mapping is
+tried once more: memory PyTorch keeps cached but unused is part of the card, not a reason to fail.
 
 Where the driver API is not available (no CUDA, a driver without virtual memory management) the buffer
 is an ordinary PyTorch allocation made per session (:class:`PlainBuffer`): correct, not address-stable.
@@ -23,6 +25,15 @@ _CU_MEM_LOCATION_TYPE_DEVICE = 1
 _CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 _CU_MEM_ALLOC_GRANULARITY_RECOMMENDED = 1
 _CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
+_CUDA_ERROR_OUT_OF_MEMORY = 2
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call that failed; ``code`` is the driver's ``CUresult``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 class _Location(ctypes.Structure):
@@ -63,7 +74,7 @@ class _Driver:
         if err != 0:
             text = ctypes.c_char_p()
             self.lib.cuGetErrorString(err, ctypes.byref(text))
-            raise RuntimeError(f"{name} failed: {text.value.decode() if text.value else err}")
+            raise DriverError(f"{name} failed: {text.value.decode() if text.value else err}", err)
 
 
 _driver = None
@@ -135,6 +146,7 @@ class StableBuffer:
         self.tensor: torch.Tensor | None = (
             None  # made at the first map: the runtime looks the address up, which needs it mapped
         )
+        self.reclaims = 0  # maps that first had to give the caching allocator's unused blocks back
 
     @property
     def mapped_bytes(self) -> int:
@@ -144,13 +156,14 @@ class StableBuffer:
         if self.handle is None:
             handle = ctypes.c_uint64()
             with torch.cuda.device(self.device):
-                self.drv(
-                    "cuMemCreate",
-                    ctypes.byref(handle),
-                    ctypes.c_size_t(self.size),
-                    ctypes.byref(self.prop),
-                    ctypes.c_uint64(0),
-                )
+                try:
+                    self._create(handle)
+                except DriverError as exc:
+                    if exc.code != _CUDA_ERROR_OUT_OF_MEMORY:
+                        raise
+                    torch.cuda.empty_cache()  # cached but unused blocks: the room this mapping was planned in
+                    self.reclaims += 1
+                    self._create(handle)
                 try:
                     self.drv(
                         "cuMemMap",
@@ -178,6 +191,11 @@ class StableBuffer:
         if tensor is None:
             tensor = self.tensor = torch.as_tensor(_Pointer(self.ptr, self.nbytes), device=self.device)
         return tensor
+
+    def _create(self, handle) -> None:
+        self.drv(
+            "cuMemCreate", ctypes.byref(handle), ctypes.c_size_t(self.size), ctypes.byref(self.prop), ctypes.c_uint64(0)
+        )
 
     def unmap(self) -> None:
         """Give the physical memory back (after the device is done with it); the address stays reserved."""
