@@ -265,8 +265,9 @@ def test_pydoc_chunks_cover_the_text_in_similar_sizes():
 def test_long_task_documents_fill_a_32768_token_window():
     """``lp_pydoc_long`` as lm-eval loads it (TaskManager with the include path): the whole pydoc text, and with the
     bundled SmolLM2 tokenizer every document but the last is longer than a 32768-token window."""
-    from lm_eval.tasks import TaskManager
     from pydoc_data.topics import topics
+
+    from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     from lp_plugin.tools.bundled import BundledModelError
