@@ -4,15 +4,19 @@ A ballast process holds all of the GPU but ``--card``; the workload then loads i
 ``lp_plugin.from_pretrained(folder, offload="auto")`` (no other hint), generates, and is timed, while this
 parent samples the device's used memory (NVML, else a monitor process) every ~2 ms. The plain model runs
 first on the whole GPU as the reference for outputs and speed; ``--lm-eval`` adds the stock lm-eval CLI
-(``hf`` on the whole GPU, ``hf-residual-offload`` in the card). Every step runs in its own subprocess
-(``--step``); the parent never initialises CUDA, and kills the ballast on exit and on signals.
+(``hf`` on the whole GPU, ``hf-residual-offload`` in the card, the same task and documents: metrics compared, and
+the offloaded run's evaluation throughput against the plain one's); ``--only-lm-eval`` runs that step alone. Every
+step runs in its own subprocess (``--step``); the parent never initialises CUDA, and kills the ballast on exit and
+on signals.
 
     python benchmarks/card.py --card 6GiB --model qwen2.5-3b-shape --dtype bf16 --context 8192 --out DIR
+    python benchmarks/card.py --card 6GiB --only-lm-eval --lm-eval-task lp_pydoc_long --lm-eval-limit 1 --out DIR
 
-Writes DIR/card-<model>-<dtype>-<card>-<context>.json (everything, lm-eval's results JSONs included, with a
-one-line verdict) and, with ``--lm-eval``, copies of lm-eval's results JSONs flat in DIR (``--no-lm-eval-files``:
-none). ``--max-memory SIZE`` passes a budget to the load instead of the device's free memory. Exit status:
-0 every check passed, 1 a check failed or a step failed, 2 bad arguments or no CUDA GPU.
+Writes DIR/card-<model>-<dtype>-<card>-<context>.json (with ``--only-lm-eval``:
+card-<model>-<dtype>-<card>-lmeval-<task>-<max_length or auto>[-limit<N>].json; everything, lm-eval's results JSONs
+included, with a one-line verdict) and, with ``--lm-eval``, copies of lm-eval's results JSONs flat in DIR
+(``--no-lm-eval-files``: none). ``--max-memory SIZE`` passes a budget to the load instead of the device's free
+memory. Exit status: 0 every check passed, 1 a check failed or a step failed, 2 bad arguments or no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ SAMPLE_S = 0.002
 SPEED_GOAL = 0.9  # decode >= this fraction of the transfer bound (or of the plain model where nothing streams)
 PREDICTION_GOAL = 0.05  # predicted peak within this fraction of the measured device-level peak
 METRIC_RTOL = 1e-6  # lm-eval metrics, relative error against the plain model's
+LM_EVAL_TASK = "lp_pydoc_ppl"  # the lm-eval step's task unless --lm-eval-task names others
 DTYPES = ("bf16", "fp16", "nf4")
 STEPS = ("probe", "checkpoint", "reference", "ballast", "monitor", "workload", "lmeval")
 DECODE_PROMPT = 64  # tokens of context of the bare decode loop
@@ -81,7 +86,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-memory", help="pass max_memory={0: SIZE} to the load (default: none, the card is what the "
                                          "device has free)")
     ap.add_argument("--max-context", type=int, help="pass max_context=N to the load (default: none, the model's own)")
-    ap.add_argument("--lm-eval", action="store_true", help="add the lm-eval step (task lp_pydoc_ppl, batch 1)")
+    ap.add_argument("--lm-eval", action="store_true",
+                    help=f"add the lm-eval step (task {LM_EVAL_TASK} unless --lm-eval-task, batch 1)")
+    ap.add_argument("--only-lm-eval", action="store_true",
+                    help="run the lm-eval step alone: no reference, no generate workload (implies --lm-eval)")
+    ap.add_argument("--lm-eval-task",
+                    help=f"lm-eval task(s) of the lm-eval step, comma-separated: lp_plugin's (e.g. lp_pydoc_long, "
+                         f"documents over 32768 tokens) or lm-eval's own (default: {LM_EVAL_TASK})")
+    ap.add_argument("--lm-eval-throughput-goal", type=float, metavar="RATIO",
+                    help="a check of the verdict: the offloaded lm-eval run's evaluation throughput >= RATIO x the "
+                         "plain run's (default: the ratio is reported, not judged)")
     ap.add_argument("--lm-eval-max-length", type=int, help="lm-eval's max_length for both runs (default: the model's)")
     ap.add_argument("--lm-eval-limit", type=int, help="lm-eval --limit (default: every document)")
     ap.add_argument("--lm-eval-files", action=argparse.BooleanOptionalAction, default=True,
@@ -104,8 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """Everything a run needs from its command line, before any heavy work (:class:`ArgError`)."""
-    from lp_plugin.planning.config import parse_size
     from lp_plugin.errors import OffloadSpecError
+    from lp_plugin.planning.config import parse_size
     from lp_plugin.tools.shapes import is_shape, shape_names
 
     if args.recheck:
@@ -135,6 +149,16 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.only_lm_eval:
+        args.lm_eval = True
+    if not args.lm_eval:
+        for name in ("lm_eval_task", "lm_eval_throughput_goal"):
+            if getattr(args, name) is not None:
+                raise ArgError(f"--{name.replace('_', '-')} applies to the lm-eval step: add --lm-eval (or "
+                               "--only-lm-eval)")
+    if args.lm_eval_throughput_goal is not None and not args.lm_eval_throughput_goal > 0:
+        raise ArgError("--lm-eval-throughput-goal must be > 0, e.g. 0.8")
+    args.lm_eval_tasks = lm_eval_tasks(args.lm_eval_task)
     if not is_shape(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ArgError(f"--model {args.model!r} is neither a shape ({', '.join(shape_names())}) nor a folder with "
                        "a config.json")
@@ -146,12 +170,76 @@ def check_args(args) -> None:
                        "there, or drop --lm-eval")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ArgError(f"--out {args.out!r} is a file; give a folder")
+    if args.lm_eval:  # last: a name that is not lp_plugin's indexes lm-eval's tasks
+        unknown = unknown_lm_eval_tasks(args.lm_eval_tasks)
+        if unknown:
+            raise ArgError(f"--lm-eval-task: no lm-eval task {', '.join(map(repr, unknown))} (lp_plugin's: "
+                           f"{', '.join(sorted(our_lm_eval_tasks()))}; or a task of `lm_eval ls tasks`)")
+
+
+def lm_eval_tasks(value: str | None) -> list:
+    """``--lm-eval-task``'s comma-separated names (:data:`LM_EVAL_TASK` when not given)."""
+    names = [n.strip() for n in (value if value is not None else LM_EVAL_TASK).split(",")]
+    if not all(names):
+        raise ArgError(f"--lm-eval-task {value!r} has an empty name; give names separated by commas, e.g. "
+                       "lp_pydoc_long or lp_pydoc_ppl,lp_pydoc_long")
+    return names
+
+
+def tasks_folder() -> Path:
+    """lp_plugin's lm-eval task folder (lm-eval's ``--include_path``)."""
+    from lp_plugin import __file__ as pkg
+
+    return Path(pkg).resolve().parent / "integrations" / "tasks"
+
+
+def our_lm_eval_tasks() -> set:
+    """The task and group names of lp_plugin's task YAMLs (read as text: no lm-eval indexing)."""
+    names: set = set()
+    for path in tasks_folder().rglob("*.yaml"):
+        names.update(re.findall(r"^(?:task|group):\s*([A-Za-z0-9_.-]+)\s*$", path.read_text(), re.M))
+    return names
+
+
+def unknown_lm_eval_tasks(names: list) -> list:
+    """The names neither lp_plugin's (an ``lp_`` name is ours or nothing) nor lm-eval's own; lm-eval's ~10k task
+    YAMLs are indexed (~20 s) only when a name is not lp_plugin's."""
+    ours = our_lm_eval_tasks()
+    unknown = [n for n in names if n not in ours and n.startswith("lp_")]
+    rest = [n for n in names if n not in ours and not n.startswith("lp_")]
+    if rest:
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError as exc:
+            raise ArgError(f"--lm-eval needs lm-eval installed (pip install lm-eval): {exc}") from None
+        manager = TaskManager(include_path=str(tasks_folder()))
+        unknown += [n for n in rest if not manager.match_tasks([n])]
+    return unknown
 
 
 def card_name(model: str, dtype: str, card: str, context: int) -> str:
     """``card-<model>-<dtype>-<card>-<context>.json`` (a folder's last part as the model)."""
     base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
     return re.sub(r"[^A-Za-z0-9._-]", "_", f"card-{base}-{dtype}-{card}-{context}") + ".json"
+
+
+def lm_eval_card_name(model: str, dtype: str, card: str, tasks: list, max_length: int | None,
+                      limit: int | None = None) -> str:
+    """``--only-lm-eval``'s report: ``card-<model>-<dtype>-<card>-lmeval-<tasks>-<max_length or auto>[-limit<N>].json``
+    (tasks joined by ``+``)."""
+    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    tail = f"lmeval-{'+'.join(tasks)}-{max_length or 'auto'}" + (f"-limit{limit}" if limit else "")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"card-{base}-{dtype}-{card}-{tail}") + ".json"
+
+
+def report_name(report: dict) -> str:
+    """The file name of a card report (:func:`card_name`, or :func:`lm_eval_card_name` for an lm-eval-only one)."""
+    if report.get("only_lm_eval"):
+        options = report.get("lm_eval_options") or {}
+        return lm_eval_card_name(report["model"], report["dtype"], report["card"],
+                                 options.get("tasks") or [LM_EVAL_TASK], options.get("max_length"),
+                                 options.get("limit"))
+    return card_name(report["model"], report["dtype"], report["card"], report["context"])
 
 
 def round_stats(values) -> dict | None:
@@ -251,30 +339,54 @@ def outputs_exact(w: dict, spread: dict | None, repeat: dict | None = None) -> b
 
 def verdict(report: dict) -> tuple:
     """``(passed, {check: ok}, one line)`` from a card report: no OOM, equal outputs, device-level peak within the card,
-    decode >= 0.9 of the bound, prediction within 5% (and, with lm-eval, equal metrics in the card)."""
-    w = report.get("workload") or {}
+    decode >= 0.9 of the bound, prediction within 5%; with lm-eval, equal metrics and the lm-eval peak within the card
+    (and, with a throughput goal in ``goals``, the offloaded run's evaluation throughput >= goal x the plain run's).
+    An lm-eval-only report (``only_lm_eval``) has the lm-eval checks alone. The line states the lm-eval throughput
+    ratio whenever there is one."""
+    only = bool(report.get("only_lm_eval"))
     checks = {}
-    checks["no_oom"] = bool(w.get("ok"))
-    reference = report.get("reference") or {}
-    checks["outputs_equal"] = outputs_exact(w, reference.get("plain_spread"), reference)
-    peak = (report.get("peak") or {}).get("device_bytes")
-    checks["peak_within_card"] = peak is not None and peak <= report["card_bytes"]
-    ratio = (report.get("speed") or {}).get("ratio")
-    checks["speed"] = ratio is not None and ratio["median"] >= SPEED_GOAL
-    err = (report.get("peak") or {}).get("prediction_error")
-    checks["prediction"] = err is not None and abs(err) <= PREDICTION_GOAL
+    if not only:
+        w = report.get("workload") or {}
+        checks["no_oom"] = bool(w.get("ok"))
+        reference = report.get("reference") or {}
+        checks["outputs_equal"] = outputs_exact(w, reference.get("plain_spread"), reference)
+        peak = (report.get("peak") or {}).get("device_bytes")
+        checks["peak_within_card"] = peak is not None and peak <= report["card_bytes"]
+        ratio = (report.get("speed") or {}).get("ratio")
+        checks["speed"] = ratio is not None and ratio["median"] >= SPEED_GOAL
+        err = (report.get("peak") or {}).get("prediction_error")
+        checks["prediction"] = err is not None and abs(err) <= PREDICTION_GOAL
     lm = report.get("lm_eval")
+    if only and lm is None:
+        lm = {}
+    throughput = None
     if lm is not None:
         metrics = lm.get("metrics") or {}
         checks["lm_eval_equal"] = bool(metrics) and all(m["rel_error"] <= METRIC_RTOL for m in metrics.values())
         lm_peak = (lm.get("offload") or {}).get("device_peak_bytes")
         checks["lm_eval_peak_within_card"] = lm_peak is not None and lm_peak <= report["card_bytes"]
+        throughput = lm.get("throughput_vs_plain")
+        goal = (report.get("goals") or {}).get("lm_eval_throughput")
+        if goal is not None:
+            checks["lm_eval_throughput"] = throughput is not None and throughput >= goal
     failed = [k for k, ok in checks.items() if not ok]
-    head = f"{report['model']} {report['dtype']} in a {report['card']} card at {report['context']} tokens"
+    if only:
+        off = (lm or {}).get("offload") or {}
+        options = report.get("lm_eval_options") or {}
+        length = off.get("max_length") or options.get("max_length") or "auto"
+        head = (f"{report['model']} {report['dtype']} in a {report['card']} card, lm-eval "
+                f"{','.join(options.get('tasks') or [LM_EVAL_TASK])} at max_length {length}")
+    else:
+        head = f"{report['model']} {report['dtype']} in a {report['card']} card at {report['context']} tokens"
+    rate = "" if throughput is None else f", lm-eval throughput {throughput:.2f}x plain"
     if not failed:
+        if only:
+            return True, checks, f"PASS {head}: lm-eval equal, lm-eval peak within the card{rate}"
         return True, checks, (f"PASS {head}: no OOM, equal outputs, peak within the card, speed >= {SPEED_GOAL} of "
-                              f"the bound, prediction within {PREDICTION_GOAL:.0%}" + (", lm-eval equal" if lm else ""))
-    return False, checks, f"FAIL {head}: " + ", ".join(_why(k, report) for k in failed)
+                              f"the bound, prediction within {PREDICTION_GOAL:.0%}" + (", lm-eval equal" if lm else "")
+                              + rate)
+    return False, checks, f"FAIL {head}: " + ", ".join(_why(k, report) for k in failed) + (
+        rate if "lm_eval_throughput" not in failed else "")
 
 
 def _why(check: str, report: dict) -> str:
@@ -298,8 +410,19 @@ def _why(check: str, report: dict) -> str:
     if check == "prediction":
         e = peak.get("prediction_error")
         return "no prediction" if e is None else f"prediction off by {e:+.1%}"
+    lm = report.get("lm_eval") or {}
     if check == "lm_eval_equal":
+        failed = [label for label in ("plain", "offload") if not (lm.get(label) or {}).get("ok")]
+        if failed:
+            errors = "; ".join(f"{label}: {str((lm.get(label) or {}).get('error') or 'no result')[:160]}"
+                               for label in failed)
+            return f"lm-eval run failed ({errors})"
         return "lm-eval metrics differ (or missing)"
+    if check == "lm_eval_throughput":
+        ratio, goal = lm.get("throughput_vs_plain"), (report.get("goals") or {}).get("lm_eval_throughput")
+        if ratio is None:
+            return f"no lm-eval throughput ratio ({lm.get('throughput_note') or 'a run has no request time'})"
+        return f"lm-eval throughput {ratio:.2f}x plain, below {goal}"
     return "lm-eval peak over the card (or not measured)"
 
 
@@ -317,11 +440,35 @@ def table(report: dict) -> str:
     """A short text table of one card report."""
     gi = lambda b: "-" if b is None else f"{b / GiB:.2f}"  # noqa: E731
     fl = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    card_row = ("card", f"{report['card']} ({gi(report['card_bytes'])} GiB) on {report.get('env', {}).get('gpu')}")
+    if report.get("only_lm_eval"):
+        rows = [card_row, ("model", f"{report['model']} {report['dtype']} (lm-eval only)")]
+    else:
+        rows = [card_row] + _workload_rows(report, gi, fl)
+    lm = report.get("lm_eval")
+    if lm is not None:
+        errs = [m["rel_error"] for m in (lm.get("metrics") or {}).values()]
+        off, plain = lm.get("offload") or {}, lm.get("plain") or {}
+        tasks = ",".join((report.get("lm_eval_options") or {}).get("tasks") or [LM_EVAL_TASK])
+        rows.append(("lm-eval", f"{tasks}: max rel error {fl(max(errs) if errs else None, '{:.2e}')}, peak "
+                                f"{gi(off.get('device_peak_bytes'))} GiB, max_length {off.get('max_length')} (plain "
+                                f"{plain.get('max_length')}; {off.get('max_length_source')}, prefill chunk "
+                                f"{off.get('prefill_chunk')}), {fl(off.get('tokens_per_second'), '{:.0f}')} tok/s"))
+        rows.append(("lm-eval throughput", f"{fl(lm.get('throughput_vs_plain'), '{:.2f}')}x plain (requests "
+                                           f"{fl(off.get('request_seconds'), '{:.2f}')} s, plain "
+                                           f"{fl(plain.get('request_seconds'), '{:.2f}')} s)"
+                                           + (f"; {lm['throughput_note']}" if lm.get("throughput_note") else "")))
+    rows.append(("verdict", report.get("verdict", "-")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _workload_rows(report: dict, gi, fl) -> list:
+    """The table's rows of the generate workload against the plain model."""
     w, p, s = report.get("workload") or {}, report.get("peak") or {}, report.get("speed") or {}
     plan = report.get("plan") or {}
     r = s.get("ratio")
-    rows = [
-        ("card", f"{report['card']} ({gi(report['card_bytes'])} GiB) on {report.get('env', {}).get('gpu')}"),
+    return [
         ("model", f"{report['model']} {report['dtype']}, context {report['context']}, {report['new_tokens']} new"),
         ("plan", f"mode {plan.get('mode')}, {len(plan.get('offloaded_layers') or [])} layers offloaded "
                  f"({plan.get('offloaded_compact')}), streams {gi(plan.get('bytes_per_forward'))} GiB/forward"),
@@ -342,17 +489,6 @@ def table(report: dict) -> str:
         ("ratio (" + str(s.get("ratio_basis")) + ")",
          "-" if r is None else f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] over {r['n']} rounds"),
     ]
-    lm = report.get("lm_eval")
-    if lm is not None:
-        errs = [m["rel_error"] for m in (lm.get("metrics") or {}).values()]
-        off = lm.get("offload") or {}
-        rows.append(("lm-eval", f"max rel error {fl(max(errs) if errs else None, '{:.2e}')}, peak "
-                                f"{gi(off.get('device_peak_bytes'))} GiB, max_length {off.get('max_length')}, "
-                                f"{fl(off.get('tokens_per_second'), '{:.0f}')} tok/s, throughput "
-                                f"{fl(lm.get('throughput_vs_plain'), '{:.2f}')}x plain"))
-    rows.append(("verdict", report.get("verdict", "-")))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _pct(x):
@@ -967,11 +1103,10 @@ def start_ballast(work: Path, card_bytes: int, timeout: int = 300):
 
 
 def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
-    from lp_plugin import __file__ as pkg
-
     dtype = {"bf16": "bfloat16", "fp16": "float16", "nf4": "bfloat16"}[args.dtype]
     model_args = [f"pretrained={folder}", f"dtype={dtype}"]
-    if args.dtype == "nf4":  # stock hf cannot load 4-bit on transformers 5: the plain NF4 run is offload=none, full_logits
+    # stock hf cannot load 4-bit on transformers 5: the plain NF4 run is offload=none, full_logits
+    if args.dtype == "nf4":
         model_args += ["load_in_4bit=True", "bnb_4bit_quant_type=nf4", "bnb_4bit_compute_dtype=bfloat16",
                        "bnb_4bit_use_double_quant=True"]
     if offload:
@@ -983,8 +1118,8 @@ def _lm_eval_args(args, folder: str, offload: bool, out_path: Path) -> list:
     if args.lm_eval_max_length:
         model_args.append(f"max_length={args.lm_eval_max_length}")
     kind = "hf-residual-offload" if offload or args.dtype == "nf4" else "hf"
-    argv = ["--model", kind, "--model_args", ",".join(model_args), "--tasks", "lp_pydoc_ppl",
-            "--include_path", str(Path(pkg).resolve().parent / "integrations" / "tasks"), "--batch_size", "1", "--device", "cuda:0",
+    argv = ["--model", kind, "--model_args", ",".join(model_args), "--tasks", ",".join(args.lm_eval_tasks),
+            "--include_path", str(tasks_folder()), "--batch_size", "1", "--device", "cuda:0",
             "--output_path", str(out_path)]
     if args.lm_eval_limit:
         argv += ["--limit", str(args.lm_eval_limit)]
@@ -1001,8 +1136,10 @@ def _lm_eval_summary(run: dict, results: dict | None) -> dict:
                                    "request_seconds")}
     if results:
         ro = (results.get("config") or {}).get("residual_offload") or {}
-        out.update(max_length=results.get("max_length"), total_evaluation_time_seconds=results.get(
-            "total_evaluation_time_seconds"), tokens_per_second=ro.get("tokens_per_second"),
+        out.update(max_length=results.get("max_length"), max_length_source=ro.get("max_length_source"),
+                   prefill_chunk=ro.get("prefill_chunk"), n_samples=results.get("n-samples"),
+                   total_evaluation_time_seconds=results.get("total_evaluation_time_seconds"),
+                   tokens_per_second=ro.get("tokens_per_second"),
                    tokens_per_second_eval=ro.get("tokens_per_second_eval"), tokens_processed=ro.get("tokens_processed"),
                    self_peak_bytes=ro.get("peak_inference_vram_bytes"), mode=(ro.get("engine") or {}).get("mode"),
                    offloaded_layers=(ro.get("engine") or {}).get("offloaded_layers"))
@@ -1046,11 +1183,18 @@ def orchestrate(args) -> int:
         return 2
     env["driver"] = _driver_version()
     timeout = args.step_timeout
-    tag = card_name(args.model, args.dtype, args.card, args.context)[5:-5]
+    only = args.only_lm_eval
     report = {"model": args.model, "dtype": args.dtype, "card": args.card, "card_bytes": args.card_bytes,
               "context": args.context, "new_tokens": args.new_tokens, "rounds": args.rounds, "seed": args.seed,
               "max_memory": args.max_memory, "max_context": args.max_context, "env": env,
-              "goals": {"speed": SPEED_GOAL, "prediction": PREDICTION_GOAL, "metric_rtol": METRIC_RTOL}}
+              "goals": {"speed": SPEED_GOAL, "prediction": PREDICTION_GOAL, "metric_rtol": METRIC_RTOL,
+                        "lm_eval_throughput": args.lm_eval_throughput_goal}}
+    if args.lm_eval:
+        report["lm_eval_options"] = {"tasks": args.lm_eval_tasks, "max_length": args.lm_eval_max_length,
+                                     "limit": args.lm_eval_limit}
+    if only:
+        report["only_lm_eval"] = True
+    tag = report_name(report)[5:-5]
     # a. the checkpoint
     if is_shape(args.model):
         dirs = [args.ckpt_dir] if args.ckpt_dir else ["/dev/shm", tempfile.gettempdir()]
@@ -1066,9 +1210,9 @@ def orchestrate(args) -> int:
             "rounds": args.rounds, "seed": args.seed}
     ref_file = str(work / f"reference-{card_name(args.model, args.dtype, 'ref', args.context)[5:-5]}-"
                           f"{args.new_tokens}-seed{args.seed}.pt")
-    # b. the plain model on the whole GPU
+    # b. the plain model on the whole GPU (not for --only-lm-eval: its lm-eval run is the plain model's)
     ref, ref_summary = None, Path(ref_file).with_suffix(".json")
-    if not args.skip_reference:
+    if not only and not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
         report["reference"] = {k: ref.get(k) for k in ("ok", "error", "tokens", "repeat_tokens_equal",
                                                        "repeat_max_abs_logit_diff", "decode_tok_s", "prefill_tok_s",
@@ -1080,7 +1224,7 @@ def orchestrate(args) -> int:
                                  timeout)
                 report["reference"]["plain_spread"] = again.get("vs_first_process") or {"error": again.get("error")}
             _write_json(ref_summary, report["reference"])
-    elif ref_summary.exists():  # an earlier run's plain model (its outputs are read from ref_file by the workload)
+    elif not only and ref_summary.exists():  # an earlier run's plain model (its outputs: ref_file)
         ref = json.loads(ref_summary.read_text())
         report["reference"] = {**ref, "reused": str(ref_summary)}
     lm_plain = None
@@ -1105,7 +1249,7 @@ def orchestrate(args) -> int:
         report["ballast"] = held
         spec = {**base, "reference_file": ref_file, "free_at_start": held["free_bytes"],
                 "max_memory": args.max_memory_bytes, "max_context": args.max_context}
-        w = sampled_step(sampler, "workload", work, f"workload-{tag}", spec, timeout)
+        w = None if only else sampled_step(sampler, "workload", work, f"workload-{tag}", spec, timeout)
         lm_off = None
         if args.lm_eval:
             path = work / f"lmeval-offload-{tag}"
@@ -1122,15 +1266,16 @@ def orchestrate(args) -> int:
     return _finish(report, out)
 
 
-def assemble(report: dict, w: dict, ref: dict | None, source: str, lm_runs, out: Path, tag: str,
+def assemble(report: dict, w: dict | None, ref: dict | None, source: str, lm_runs, out: Path, tag: str,
              copy_lm_eval: bool = True) -> dict:
-    """The card report's sections from the steps' results (``lm_runs``: the plain and the offload lm-eval runs,
-    each ``(step result, lm-eval results JSON or None)``, kept whole in the report and, with ``copy_lm_eval``,
-    also copied flat into ``out``)."""
-    report["workload"] = _workload_summary(w)
-    report["plan"] = w.get("plan")
-    report["peak"] = _peak_summary(w, source)
-    report["speed"] = _speed_summary(w, ref)
+    """The card report's sections from the steps' results (``w``: the workload's, None where it did not run;
+    ``lm_runs``: the plain and the offload lm-eval runs, each ``(step result, lm-eval results JSON or None)``, kept
+    whole in the report and, with ``copy_lm_eval``, also copied flat into ``out``)."""
+    if w is not None:
+        report["workload"] = _workload_summary(w)
+        report["plan"] = w.get("plan")
+        report["peak"] = _peak_summary(w, source)
+        report["speed"] = _speed_summary(w, ref)
     if lm_runs is not None:
         report["lm_eval"] = _lm_eval_section(*lm_runs, out if copy_lm_eval else None, tag)
     return report
@@ -1201,8 +1346,19 @@ def _lm_eval_section(plain, offload, out: Path | None, tag: str) -> dict:
     both = len(results) == 2
     section["metrics"] = compare_metrics(results["plain"], results["offload"]) if both else {}
     p, o = section.get("plain", {}), section.get("offload", {})
-    if p.get("request_seconds") and o.get("request_seconds"):  # same documents, same max_length: same work
+    # evaluation throughput, offloaded over plain: the inverse ratio of the request times, where both runs did the
+    # same work (the same documents of the same tasks at the same max_length)
+    note = None
+    if not (p.get("request_seconds") and o.get("request_seconds")):
+        note = "a run has no request time"
+    elif p.get("max_length") != o.get("max_length"):
+        note = f"max_length differs (plain {p.get('max_length')}, offload {o.get('max_length')}): not the same work"
+    elif p.get("n_samples") != o.get("n_samples"):
+        note = "the runs scored different documents: not the same work"
+    if note is None:
         section["throughput_vs_plain"] = p["request_seconds"] / o["request_seconds"]
+    else:
+        section["throughput_vs_plain"], section["throughput_note"] = None, note
     return section
 
 
@@ -1212,7 +1368,7 @@ def _finish(report: dict, out: Path, failure: str | None = None) -> int:
         report["passed"] = False
     else:
         report["passed"], report["checks"], report["verdict"] = verdict(report)
-    path = out / card_name(report["model"], report["dtype"], report["card"], report["context"])
+    path = out / report_name(report)
     path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     if not failure:
         print(table(report))
@@ -1235,10 +1391,12 @@ def recheck(path: Path) -> int:
     except (OSError, ValueError, AttributeError) as exc:
         print(f"error: {path}: not a card report ({exc})", file=sys.stderr)
         return 2
-    if "workload" not in report or "card_bytes" not in report:
+    if ("workload" not in report and not report.get("only_lm_eval")) or "card_bytes" not in report:
         print(f"error: {path}: not a card report (no workload or card_bytes)", file=sys.stderr)
         return 2
-    if report.get("workload", {}).get("ok"):
+    if report.get("only_lm_eval"):
+        report["passed"], report["checks"], report["verdict"] = verdict(report)
+    elif report.get("workload", {}).get("ok"):
         report["speed"] = _speed_summary(w, report.get("reference"))
         report["passed"], report["checks"], report["verdict"] = verdict(report)
     path.write_text(json.dumps(report, indent=1, default=str) + "\n")

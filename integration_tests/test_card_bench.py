@@ -49,6 +49,10 @@ def test_arguments_parsed_with_sizes_and_defaults(tmp_path):
     ["--card", "6GiB", "--out", "OUT", "--model", "no-such-shape-or-folder"],
     ["--card", "6GiB", "--out", "OUT", "--tokenizer", "no-such-folder"],
     ["--card", "6GiB", "--out", "OUT", "--lm-eval-limit", "0"],
+    ["--card", "6GiB", "--out", "OUT", "--lm-eval-task", "lp_pydoc_long"],  # no lm-eval step to run it
+    ["--card", "6GiB", "--out", "OUT", "--only-lm-eval", "--lm-eval-throughput-goal", "0"],
+    ["--card", "6GiB", "--out", "OUT", "--lm-eval", "--lm-eval-task", "lp_pydoc_ppl,"],
+    ["--card", "6GiB", "--out", "OUT", "--only-lm-eval", "--lm-eval-task", "lp_pydoc_lnog"],
 ])
 def test_bad_arguments_refused_before_any_work(argv, tmp_path, capsys):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -56,6 +60,29 @@ def test_bad_arguments_refused_before_any_work(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_lm_eval_task_and_only_lm_eval_arguments(tmp_path):
+    out = str(tmp_path / "out")
+    args = card.parse_args(["--card", "6GiB", "--out", out, "--lm-eval"])
+    assert args.lm_eval_tasks == ["lp_pydoc_ppl"] and not args.only_lm_eval and args.lm_eval_throughput_goal is None
+    args = card.parse_args(["--card", "6GiB", "--out", out, "--only-lm-eval", "--lm-eval-task",
+                            "lp_pydoc_long, lp_pydoc_ppl", "--lm-eval-throughput-goal", "0.8"])
+    assert args.lm_eval and args.only_lm_eval and args.lm_eval_throughput_goal == 0.8
+    assert args.lm_eval_tasks == ["lp_pydoc_long", "lp_pydoc_ppl"]
+    argv = card._lm_eval_args(args, "/ckpt", True, tmp_path / "lm")
+    assert argv[argv.index("--tasks") + 1] == "lp_pydoc_long,lp_pydoc_ppl"
+    assert Path(argv[argv.index("--include_path") + 1], "lp_pydoc_ppl", "lp_pydoc_long.yaml").is_file()
+    assert "offload=auto" in argv[argv.index("--model_args") + 1] and "--limit" not in argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_lm_eval_task_names_checked_against_ours_and_lm_evals():
+    ours = card.our_lm_eval_tasks()
+    assert {"lp_pydoc_ppl", "lp_pydoc_chunks", "lp_pydoc_long", "lp_heldout_slices"} <= ours
+    assert card.unknown_lm_eval_tasks(["lp_pydoc_long", "lp_no_such_task"]) == ["lp_no_such_task"]
+    # a name that is not lp_plugin's is looked up in lm-eval's own tasks (indexing them: ~20 s)
+    assert card.unknown_lm_eval_tasks(["wikitext", "no_such_task_anywhere", "lp_pydoc_ppl"]) == ["no_such_task_anywhere"]
 
 
 def test_lm_eval_on_a_folder_without_tokenizer_refused(tmp_path):
@@ -215,9 +242,86 @@ def test_verdict_with_lm_eval():
     assert not ok and not checks["lm_eval_equal"] and not checks["lm_eval_peak_within_card"]
 
 
+def test_verdict_lm_eval_throughput_goal_and_lm_eval_only():
+    """The lm-eval throughput ratio is in the verdict line; with a goal it is a check. An lm-eval-only report is
+    judged on its lm-eval checks alone."""
+    lm = {"metrics": {"t/m": {"plain": 1.0, "offload": 1.0, "rel_error": 0.0}},
+          "plain": {"ok": True, "max_length": 8192}, "offload": {"ok": True, "device_peak_bytes": 5 * GIB,
+                                                                 "max_length": 8192},
+          "throughput_vs_plain": 0.85}
+    ok, checks, line = card.verdict(_report(lm_eval=lm))
+    assert ok and "lm_eval_throughput" not in checks and "lm-eval throughput 0.85x plain" in line
+    ok, checks, line = card.verdict(_report(lm_eval=lm, goals={"lm_eval_throughput": 0.8}))
+    assert ok and checks["lm_eval_throughput"]
+    ok, checks, line = card.verdict(_report(lm_eval=lm, goals={"lm_eval_throughput": 0.9}))
+    assert not ok and [k for k, v in checks.items() if not v] == ["lm_eval_throughput"] and "below 0.9" in line
+    no_ratio = {**lm, "throughput_vs_plain": None, "throughput_note": "max_length differs"}
+    ok, checks, line = card.verdict(_report(lm_eval=no_ratio, goals={"lm_eval_throughput": 0.8}))
+    assert not ok and not checks["lm_eval_throughput"] and "max_length differs" in line
+    # lm-eval only: no workload, no reference, no speed; the lm-eval checks decide
+    only = {"model": "qwen2.5-3b-shape", "dtype": "bf16", "card": "6GiB", "card_bytes": 6 * GIB, "context": 8192,
+            "only_lm_eval": True, "lm_eval_options": {"tasks": ["lp_pydoc_long"], "max_length": None, "limit": 1}}
+    ok, checks, line = card.verdict({**only, "lm_eval": lm})
+    assert ok and set(checks) == {"lm_eval_equal", "lm_eval_peak_within_card"}
+    assert line.startswith("PASS") and "lp_pydoc_long at max_length 8192" in line
+    failed = {**lm, "metrics": {}, "offload": {"ok": False, "error": "BudgetError: nothing fits"}}
+    ok, checks, line = card.verdict({**only, "lm_eval": failed})
+    assert not ok and not checks["lm_eval_equal"] and "BudgetError" in line
+    ok, checks, _ = card.verdict(only)  # no lm-eval section at all (a step that never ran)
+    assert not ok and not checks["lm_eval_equal"]
+
+
+def test_lm_eval_throughput_only_for_the_same_work(tmp_path):
+    """Request times compare only where both runs scored the same documents at the same max_length."""
+    def run(seconds):
+        return {"ok": True, "request_seconds": seconds, "device_peak_bytes": GIB}
+
+    def res(max_length, n):
+        return {"results": {"t": {"m,none": 1.0}}, "max_length": max_length, "n-samples": {"t": {"effective": n}}}
+
+    same = card._lm_eval_section((run(2.0), res(8192, 4)), (run(2.5), res(8192, 4)), None, "t")
+    assert same["throughput_vs_plain"] == 0.8 and "throughput_note" not in same
+    shorter = card._lm_eval_section((run(2.0), res(32768, 4)), (run(1.0), res(16384, 4)), None, "t")
+    assert shorter["throughput_vs_plain"] is None and "max_length differs" in shorter["throughput_note"]
+    fewer = card._lm_eval_section((run(2.0), res(8192, 4)), (run(1.0), res(8192, 2)), None, "t")
+    assert fewer["throughput_vs_plain"] is None and fewer["throughput_note"]
+    failed = card._lm_eval_section((run(2.0), res(8192, 4)), ({"ok": False, "error": "x"}, None), None, "t")
+    assert failed["throughput_vs_plain"] is None and failed["metrics"] == {}
+
+
+def test_lm_eval_only_report_written_under_its_own_name(tmp_path):
+    """--only-lm-eval's report: lm-eval sections only, named for the task and max_length, its own table; --recheck
+    reads it back."""
+    lm_json = {"results": {"lp_pydoc_long": {"bits_per_byte,none": 4.3}}, "max_length": 32768,
+               "n-samples": {"lp_pydoc_long": {"original": 3, "effective": 1}},
+               "config": {"residual_offload": {"tokens_per_second": 9000.0, "max_length_source": "model",
+                                               "prefill_chunk": 4096}}}
+    lm_runs = (({"ok": True, "request_seconds": 3.0, "device_peak_bytes": 30 * GIB}, lm_json),
+               ({"ok": True, "request_seconds": 4.0, "device_peak_bytes": int(5.9 * GIB)}, lm_json))
+    report = {"model": "qwen2.5-3b-shape", "dtype": "bf16", "card": "6GiB", "card_bytes": 6 * GIB, "context": 8192,
+              "new_tokens": 32, "env": {"gpu": "test"}, "only_lm_eval": True,
+              "goals": {"lm_eval_throughput": None},
+              "lm_eval_options": {"tasks": ["lp_pydoc_long"], "max_length": None, "limit": 1}}
+    card.assemble(report, None, None, "nvml", lm_runs, tmp_path, "t")
+    assert "workload" not in report and "speed" not in report
+    assert report["lm_eval"]["throughput_vs_plain"] == 0.75
+    assert card._finish(report, tmp_path) == 0 and report["passed"]
+    path = tmp_path / "card-qwen2.5-3b-shape-bf16-6GiB-lmeval-lp_pydoc_long-auto-limit1.json"
+    saved = json.loads(path.read_text())
+    assert saved["verdict"].startswith("PASS") and "0.75x plain" in saved["verdict"]
+    text = card.table(report)
+    assert "lp_pydoc_long" in text and "prefill chunk 4096" in text and "decode tok/s" not in text
+    saved["goals"]["lm_eval_throughput"] = 0.8  # the rules changed: judged again from what was recorded
+    path.write_text(json.dumps(saved))
+    assert card.main(["--recheck", str(path)]) == 1
+    assert json.loads(path.read_text())["checks"]["lm_eval_throughput"] is False
+
+
 def test_names_and_table():
     assert card.card_name("qwen2.5-3b-shape", "bf16", "6GiB", 8192) == "card-qwen2.5-3b-shape-bf16-6GiB-8192.json"
     assert card.card_name("/models/My Model/", "nf4", "2GiB", 2048) == "card-My_Model-nf4-2GiB-2048.json"
+    assert (card.lm_eval_card_name("qwen2.5-3b-shape", "nf4", "3GiB", ["lp_pydoc_ppl", "lp_pydoc_long"], 8192)
+            == "card-qwen2.5-3b-shape-nf4-3GiB-lmeval-lp_pydoc_ppl+lp_pydoc_long-8192.json")
     assert card.compact([2, 3, 4, 7, 9, 10]) == "2-4,7,9-10" and card.compact([]) == "none"
     report = _report(plan={"mode": "stream", "offloaded_layers": [2, 3], "offloaded_compact": "2-3"})
     report["verdict"] = card.verdict(report)[2]

@@ -248,6 +248,7 @@ def test_tasks_path_cli():
     path = Path(fx.tasks_path())
     assert (path / "lp_pydoc_ppl" / "lp_pydoc_ppl.yaml").is_file()
     assert (path / "lp_pydoc_ppl" / "lp_pydoc_chunks.yaml").is_file()
+    assert (path / "lp_pydoc_ppl" / "lp_pydoc_long.yaml").is_file()
 
 
 def test_pydoc_chunks_cover_the_text_in_similar_sizes():
@@ -259,6 +260,29 @@ def test_pydoc_chunks_cover_the_text_in_similar_sizes():
     sizes = sorted(len(c["text"]) for c in chunks)
     assert len(chunks) >= 60 and all(len(c["text"]) >= task_utils.CHUNK_CHARS - 2 for c in chunks[:-1])
     assert sizes[len(sizes) // 2] < 1.5 * task_utils.CHUNK_CHARS
+
+
+def test_long_task_documents_fill_a_32768_token_window():
+    """``lp_pydoc_long`` as lm-eval loads it (TaskManager with the include path): the whole pydoc text, and with the
+    bundled SmolLM2 tokenizer every document but the last is longer than a 32768-token window."""
+    from pydoc_data.topics import topics
+
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from lp_plugin.tools.bundled import BundledModelError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(fx.tokenizer_dir())
+    except BundledModelError as exc:
+        pytest.skip(f"the bundled model is not here: {exc}")
+    loaded = TaskManager(include_path=fx.tasks_path(), include_defaults=False).load(["lp_pydoc_long"])
+    docs = list(loaded["tasks"]["lp_pydoc_long"].test_docs())
+    assert "\n\n".join(d["text"] for d in docs) == "\n\n".join(topics[name] for name in sorted(topics))
+    # lm-eval's rolling windows tokenize a document as HFLM.tok_encode does: no special tokens
+    tokens = [len(tokenizer(d["text"], add_special_tokens=False)["input_ids"]) for d in docs]
+    assert len(docs) >= 2 and all(n > 32768 for n in tokens[:-1]), tokens
+    assert [d["topic"] for d in docs] == [f"chunk-{i:04d}" for i in range(len(docs))]
 
 
 def test_chunks_task_runs_through_lm_eval(tiny_models, tmp_path):

@@ -244,7 +244,7 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
         "tasks-path",
         help="print the lm-eval task folder (for lm_eval --include_path)",
         description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
-        "lp_pydoc_heldout): pass it to lm_eval --include_path.",
+        "lp_pydoc_long, lp_pydoc_heldout): pass it to lm_eval --include_path.",
     )
     cmp = sub.add_parser(
         "compare-lm-eval",

@@ -1,10 +1,12 @@
-"""Dataset and metrics of the ``lp_pydoc_ppl`` and ``lp_pydoc_chunks`` lm-eval tasks (offline, no download).
+"""Dataset and metrics of the ``lp_pydoc_ppl``, ``lp_pydoc_chunks`` and ``lp_pydoc_long`` lm-eval tasks (offline).
 
 Documents of ``lp_pydoc_ppl``: ``pydoc_data.topics.topics`` (topic name -> help text, shipped with
 CPython), sorted by topic name, one document per topic, topics shorter than ``MIN_CHARS`` characters
 dropped. ``lp_pydoc_chunks``: the same topics joined by blank lines, cut at paragraph breaks into
 documents of about ``CHUNK_CHARS`` characters, so documents are of similar length (data-parallel
-ranks, which lm-eval gives an equal number of documents, then get similar work). The text is used
+ranks, which lm-eval gives an equal number of documents, then get similar work). ``lp_pydoc_long``: the
+same cut at ``LONG_CHUNK_CHARS`` characters, documents longer than a 32768-token window (full-context
+perplexity: lm-eval's every rolling window of such a document is a full window). The text is used
 verbatim (no detokenization needed, unlike wikitext). The task classes build their datasets
 themselves (lm-eval's ``custom_dataset`` hook would print a warning on every run).
 """
@@ -18,6 +20,8 @@ from lm_eval.api.task import ConfigurableTask
 
 MIN_CHARS = 500
 CHUNK_CHARS = 4000
+# ~4.1 characters a token with the SmolLM2 tokenizer: 160000 characters are 35k-39k tokens (Python 3.11)
+LONG_CHUNK_CHARS = 160000
 
 
 def pydoc_documents(min_chars: int = MIN_CHARS) -> list:
@@ -73,6 +77,14 @@ class PydocChunksTask(PydocPerplexityTask):
 
     def documents(self) -> list:
         return pydoc_chunks()
+
+
+class PydocLongTask(PydocPerplexityTask):
+    """``lp_pydoc_long``: the pydoc text in documents longer than a 32768-token window (:func:`pydoc_chunks`
+    at ``LONG_CHUNK_CHARS``)."""
+
+    def documents(self) -> list:
+        return pydoc_chunks(LONG_CHUNK_CHARS)
 
 
 def doc_to_target(doc) -> str:
