@@ -4,6 +4,7 @@ the stock lm_eval CLI, and bad specs. Tiny models, token-id calibration: every c
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from lp_plugin.hookspecs import hookimpl
 from lp_plugin.planning import plugins
 from lp_plugin.planning.arch import find_decoder_layers
 from lp_plugin.planning.skipping import cache, calib, metrics, standins
+from lp_plugin.planning.skipping.runner import low_precision_copy
 from lp_plugin.planning.skipping.spec import StandInSpec
 
 IDENTITY = (3, 4)  # layers of the hand-built model whose output is exactly their input
@@ -85,7 +87,8 @@ class LinearLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- metrics
-def test_metrics_find_the_identity_layers(known, sampled):
+def test_metrics_find_the_identity_layers(known, sampled, monkeypatch):
+    monkeypatch.setattr(metrics, "GREEDY_DTYPE", None)  # greedy in float32: an identity layer moves nothing at all
     ids = sampled
     bi = lp_plugin.importance(known, ids, "bi")
     assert set(bi.order[:2]) == set(IDENTITY) and max(bi.scores[i] for i in IDENTITY) < 1e-6
@@ -136,6 +139,19 @@ def test_linear_fit_recovers_a_linear_map(spec, rank):
     assert details["explained"] > 0.999999 and details["ridge_median"] == standins.RIDGE_GRID[0]
     x = torch.randn(5, 16)
     assert torch.allclose(module(x), x + x @ a.T + b, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", [StandInSpec("linear"), StandInSpec("linear", 3), StandInSpec("mean")])
+def test_float32_sums_fit_as_float64_with_a_fixed_ridge(spec):
+    """Greedy's candidates: a fixed ridge strength of 0.1 keeps the system well conditioned, so
+    float32 sums per window give the float64 fit (a map with a few huge-norm inputs, as hidden states have)."""
+    a, b, xs, ts = _linear_data(windows=4, tokens=256)
+    xs = [torch.cat([x[:2] * 300, x[2:]]) for x in xs]
+    ts = [x + x @ a.T + b for x in xs]
+    exact, _ = standins.fit(spec, xs, ts, alpha=0.1)
+    fast, _ = standins.fit(spec, xs, ts, alpha=0.1, dtype=torch.float32)
+    assert exact.keys() == fast.keys() and all(v.dtype == torch.float64 for v in fast.values())
+    assert all(torch.allclose(fast[k], exact[k], rtol=1e-4, atol=1e-5 * exact[k].abs().max()) for k in exact)
 
 
 def test_mean_fit_is_the_mean_update():
@@ -345,21 +361,24 @@ def _reference_greedy(ctx, spec, steps, score):
     every stand-in is fitted anew on hidden states computed from scratch (calibration of at most
     :data:`metrics.SCORED_WINDOWS` windows: every window is scored). Each step keeps the
     :data:`metrics.GREEDY_SHORTLIST` candidates of least loss on the first :data:`metrics.GREEDY_SCREEN`
-    pieces, and of those the one of least total loss (ties: the lower layer)."""
+    pieces (the positions before :data:`metrics.GREEDY_SCREEN_TOKENS`, read from the whole window's
+    logits), and of those the one of least total loss (ties: the lower layer)."""
     runner, folds, every = ctx.runner, metrics._folds(ctx, spec), range(len(ctx.calib.windows))
     screened = [w for _, windows in metrics._chunks(folds, score)[:metrics.GREEDY_SCREEN] for w in windows]
 
     stride = metrics.SCORED_STRIDE if score == "kl" else 1
+    cut = metrics.GREEDY_SCREEN_TOKENS or 10**9
 
     def logits(w, replace):  # the head on every position, then the scored ones picked
         return runner._run([w], replace)[0][0].float()[stride - 1::stride]
 
     plain = {w: torch.log_softmax(logits(w, {}), -1) for fold in folds for w in fold}
 
-    def loss(w, out):
+    def loss(w, out, upto=10**9):  # summed over the positions before token ``upto``
+        n = len(range(stride - 1, min(upto, runner.targets[w].numel()), stride))
         if score == "nll":
-            return float(torch.nn.functional.cross_entropy(out, runner.targets[w], reduction="sum"))
-        return float((plain[w].exp() * (plain[w] - torch.log_softmax(out, -1))).sum())
+            return float(torch.nn.functional.cross_entropy(out[:n], runner.targets[w][:n], reduction="sum"))
+        return float((plain[w].exp() * (plain[w] - torch.log_softmax(out, -1)))[:n].sum())
 
     def out_positions(w):
         return range(stride - 1, runner.targets[w].numel(), stride)
@@ -374,11 +393,12 @@ def _reference_greedy(ctx, spec, steps, score):
             for f, fold in enumerate(folds):
                 train = [w for w in every if w not in fold] or list(every)
                 inputs = [runner._forward(w, pipes[f], stop=j, record={j})[1][j] for w in every]
-                fns.append(metrics.replacement(ctx, spec, j, inputs, train, alpha=metrics.GREEDY_RIDGE))
+                fns.append(metrics.replacement(ctx, spec, j, inputs, train, alpha=metrics.GREEDY_RIDGE,
+                                               dtype=getattr(torch, metrics.GREEDY_FIT_DTYPE)))
                 for w in fold:
-                    value = loss(w, logits(w, {**pipes[f], j: fns[-1]}))
-                    total += value
-                    first += value if w in screened else 0.0
+                    out = logits(w, {**pipes[f], j: fns[-1]})
+                    total += loss(w, out)
+                    first += loss(w, out, cut) if w in screened else 0.0
                     tokens += len(out_positions(w))
             measured[j] = (first, total, tokens, fns)
         short = sorted(measured, key=lambda j: (measured[j][0], j))[:metrics.GREEDY_SHORTLIST]
@@ -391,15 +411,18 @@ def _reference_greedy(ctx, spec, steps, score):
     return order, scores
 
 
-@pytest.mark.parametrize("shortlist", [2, 100])
+@pytest.mark.parametrize("shortlist,cut", [(2, None), (2, 100), (100, 100)])
 @pytest.mark.parametrize("score", ["nll", "kl"])
 @pytest.mark.parametrize("stand_in", ["none", "mean", "linear"])
-def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score, shortlist, monkeypatch):
-    """Stored prefixes, batched windows, kept fits and candidates dropped once their partial sum
-    shows they cannot win change no choice: the same removal order and scores as running everything
-    from scratch (windows of two lengths, so batches are grouped), with a shortlist shorter than the
-    candidates and one that holds them all."""
+def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score, shortlist, cut, monkeypatch):
+    """Stored prefixes, batched windows, kept fits, a screen of the windows' first tokens and
+    candidates dropped once their partial sum shows they cannot win change no choice: the same
+    removal order and scores as running everything from scratch (windows of two lengths, so batches
+    are grouped; the screen cut shorter than one of them), with a shortlist shorter than the
+    candidates and one that holds them all. Both in float32 (bfloat16 scoring: the tests below)."""
     monkeypatch.setattr(metrics, "GREEDY_SHORTLIST", shortlist)
+    monkeypatch.setattr(metrics, "GREEDY_SCREEN_TOKENS", cut)
+    monkeypatch.setattr(metrics, "GREEDY_DTYPE", None)
     model = build_tiny("llama", initializer_range=0.2)
     ctx = metrics.SkipContext(model, _ids(5 * 256 + 70, seed=3), stand_in)
     assert {len(w) for w in ctx.calib.windows} == {256, 70}
@@ -407,6 +430,71 @@ def test_fast_greedy_chooses_as_the_straightforward_computation(stand_in, score,
     order, scores = _reference_greedy(ctx, ctx.stand_in, 4, score)
     assert list(fast.order) == order
     assert all(fast.scores[j] == pytest.approx(scores[j], rel=1e-4, abs=1e-6) for j in order)
+
+
+@pytest.mark.parametrize("stand_in", ["none", "linear"])
+def test_bfloat16_scoring_chooses_as_float32(known, sampled, stand_in, monkeypatch):
+    """Greedy's candidates run on a bfloat16 copy of a float32 model (on a CPU without native
+    bfloat16 too, here): the same removals as in float32, every score within 2e-3 of the float32
+    one, and the scores do differ (the copy really ran)."""
+    monkeypatch.setattr(metrics, "_native_bf16", lambda device: True)
+    ctx = metrics.SkipContext(known, sampled, stand_in)
+    assert metrics.scoring_dtype(known) is torch.bfloat16
+    low = metrics._greedy(ctx, n=1, spec=ctx.stand_in, steps=4)
+    monkeypatch.setattr(metrics, "GREEDY_DTYPE", None)
+    assert metrics.scoring_dtype(known) is None
+    exact = metrics._greedy(ctx, n=1, spec=ctx.stand_in, steps=4)
+    assert low.order == exact.order and set(low.order[:2]) == set(IDENTITY)
+    assert all(low.scores[j] == pytest.approx(exact.scores[j], abs=2e-3) for j in exact.order)
+    assert low.scores != exact.scores and exact.scores[IDENTITY[0]] == 0.0
+    assert all(p.dtype == torch.float32 for p in known.parameters())  # the model itself is left as it was
+
+
+def test_low_precision_copy_leaves_the_model_alone(known):
+    """The copy: bfloat16 parameters (tied ones still tied), buffers as they were, the output of the
+    model with its parameters rounded to bfloat16 (and near the model's); the model keeps its own
+    float32 tensors."""
+    tied = build_tiny("qwen2", initializer_range=0.2)  # tied embeddings
+    for model in (known, tied):
+        before = {n: p for n, p in model.named_parameters()}
+        low = low_precision_copy(model, torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+        assert {b.dtype for b in low.buffers()} == {b.dtype for b in model.buffers()}
+        assert dict(model.named_parameters()) == before and all(p.dtype == torch.float32 for p in before.values())
+        tie = low.get_input_embeddings().weight is low.get_output_embeddings().weight
+        assert tie == model.config.tie_word_embeddings
+        x = torch.tensor([_ids(48, seed=1)])
+        rounded = copy.deepcopy(model)
+        for p in rounded.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        with torch.no_grad():
+            ref, out, want = model(x).logits, low(x).logits, rounded(x).logits
+        assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+        assert float((out - ref).norm() / ref.norm()) < 0.1
+
+
+def test_scoring_dtype_only_for_float32_on_native_bfloat16(known, monkeypatch):
+    monkeypatch.setattr(metrics, "_native_bf16", lambda device: True)
+    assert metrics.scoring_dtype(known) is torch.bfloat16
+    assert metrics.scoring_dtype(build_tiny("llama").to(torch.bfloat16)) is None  # already low precision
+    monkeypatch.setattr(metrics, "_native_bf16", lambda device: False)
+    assert metrics.scoring_dtype(known) is None
+
+
+def test_greedy_scoring_dtype_is_in_the_cache_key(known, monkeypatch):
+    """A greedy result measured in bfloat16 is not reused where greedy measures in float32, and back."""
+    calls = _counting(monkeypatch)
+    monkeypatch.setattr(metrics, "_native_bf16", lambda device: True)
+    ids = _ids()
+    lp_plugin.importance(known, ids, "greedy", steps=2)
+    lp_plugin.importance(known, ids, "bi")
+    monkeypatch.setattr(metrics, "_native_bf16", lambda device: False)  # this device: float32
+    lp_plugin.importance(known, ids, "greedy", steps=2)
+    lp_plugin.importance(known, ids, "bi")  # bi reads the plain model only: its key is the same
+    assert calls == ["greedy", "bi", "greedy"]
+    monkeypatch.setitem(metrics.SETTINGS, "greedy_dtype", None)  # the rule changed: nothing cached is reused
+    lp_plugin.importance(known, ids, "bi")
+    assert calls == ["greedy", "bi", "greedy", "bi"]
 
 
 def test_greedy_with_a_stand_in_on_one_calibration_window(known):

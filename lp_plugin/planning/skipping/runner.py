@@ -9,20 +9,28 @@ and changes it only for the duration of one call:
 * ``start=j, states=...``: the run begins at layer ``j`` from stored hidden states: layers before
   ``j`` are bypassed and layer ``j`` reads the stored states, so a measurement after a change at
   layer ``j`` costs only the layers from ``j`` on;
-* ``stop=s``: the run ends when layer ``s`` is reached (no later layer, no head).
+* ``stop=s``: the run ends when layer ``s`` is reached (no later layer, no head);
+* ``tokens=n`` (scores): only the first ``n`` tokens of each window are run. Attention is causal,
+  so their logits are those of the whole window's first ``n`` positions.
 
 A layer's ``forward`` is swapped for the call and put back after it (also Accelerate's wrapper,
 when the layer carries one). The model must not be attached by lp_plugin: measure the plain model.
+
+:func:`low_precision_copy` makes a copy of the model in a lower precision (bfloat16) for measurements
+that can be approximate; a :class:`Runner` of the copy reads the same windows, and stored hidden
+states given to it are cast to its dtype where it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core import hooks
@@ -63,6 +71,14 @@ def swapped_forwards(layers, forwards: dict):
                 layers[i].__dict__.pop("forward", None)
             else:
                 layers[i].forward = fwd
+
+
+def low_precision_copy(model, dtype: torch.dtype):
+    """A copy of ``model`` whose parameters are ``dtype`` (tied parameters stay tied); buffers (rotary
+    frequencies) are copied as they are, and ``model`` itself is not changed. The float32 parameters
+    are never copied: the copy costs ``dtype``'s bytes only."""
+    memo: dict = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
 
 class Runner:
@@ -110,11 +126,12 @@ class Runner:
         stop: int | None = None,
         record: Collection[int] = (),
         keep: torch.Tensor | None = None,
+        tokens: int | None = None,
     ):
         """Run windows ``ws`` (equal length) as one batch; return ``(logits [B, T, V], or None when
         stopped early; {layer: its input, [B, T, H]})``. ``record`` names the layers whose input is
         kept (``num_layers``: the last layer's output); ``keep`` (positions) limits the logits to
-        those positions (the head runs on them only)."""
+        those positions (the head runs on them only); ``tokens`` runs the first ``tokens`` only."""
         n = self.num_layers
         forwards: dict[int, Callable[..., torch.Tensor]]
         forwards = {i: functools.partial(_replaced, fn) for i, fn in (replace or {}).items() if i >= start}
@@ -123,7 +140,7 @@ class Runner:
 
         def pre(i, module, args, kwargs):
             if i == start and states is not None:
-                args, kwargs = _with_hidden(args, kwargs, torch.stack([states[w] for w in ws]))
+                args, kwargs = _with_hidden(args, kwargs, torch.stack([states[w][:tokens] for w in ws]))
             if i in record:
                 seen[i] = _hidden(args, kwargs)
             if i == stop:
@@ -144,6 +161,8 @@ class Runner:
         if training:
             self.model.eval()  # dropout would make scores and fits random (and they are cached)
         inputs = torch.cat([self.inputs[w] for w in ws]) if len(ws) > 1 else self.inputs[ws[0]]
+        if tokens is not None:
+            inputs = inputs[:, :tokens]
         try:
             with swapped_forwards(self.layers, forwards):
                 if keep is None:
@@ -181,23 +200,27 @@ class Runner:
         total, tokens = self.nll_sum(replace, start, states)
         return total / tokens
 
-    def positions(self, w: int, stride: int = 1):
-        """The positions of window ``w`` that are scored with ``stride``: every ``stride``-th
-        (the last of each group), or None for all."""
+    def positions(self, w: int, stride: int = 1, tokens: int | None = None):
+        """The positions of window ``w`` (of its first ``tokens``) that are scored with ``stride``:
+        every ``stride``-th (the last of each group), or None for all of the window."""
+        n = self.targets[w].numel() if tokens is None else min(tokens, self.targets[w].numel())
         if stride == 1:
-            return None
-        return torch.arange(stride - 1, self.targets[w].numel(), stride, device=self.device)
+            return None if n == self.targets[w].numel() else torch.arange(n, device=self.device)
+        return torch.arange(stride - 1, n, stride, device=self.device)
 
     @torch.no_grad()
-    def score_sum(self, loss, replace=None, start=0, states=None, windows=None, stride: int = 1) -> tuple:
+    def score_sum(
+        self, loss, replace=None, start=0, states=None, windows=None, stride: int = 1, tokens: int | None = None
+    ) -> tuple:
         """``(sum over windows of loss(window, logits [P, V], positions), positions scored)``, the
         windows run in batches (:meth:`batches`), ``replace``/``start``/``states`` as in
-        :meth:`nll_sum`, logits at every ``stride``-th position only (:meth:`positions`)."""
+        :meth:`nll_sum`, logits at every ``stride``-th position only (:meth:`positions`), of the
+        first ``tokens`` of each window only (default all)."""
         windows = range(len(self.inputs)) if windows is None else windows
         total, count = 0.0, 0
         for ws in self.batches(windows):
-            keep = self.positions(ws[0], stride)
-            logits, _ = self._run(ws, replace, start, states, keep=keep)
+            keep = self.positions(ws[0], stride, tokens)
+            logits, _ = self._run(ws, replace, start, states, keep=keep, tokens=tokens)
             total += sum(float(loss(w, logits[b], keep)) for b, w in enumerate(ws))
             count += len(ws) * (self.targets[ws[0]].numel() if keep is None else keep.numel())
         return total, count

@@ -92,13 +92,15 @@ class Stats:
         self.gram, self.cross, self.sq = gram, cross, sq  # sum w a a^T, sum w a r^T, sum w r^2 per output
 
     @classmethod
-    def of(cls, inputs: torch.Tensor, targets: torch.Tensor) -> Stats:
-        x = inputs.detach().to("cpu", torch.float64)
-        t = targets.detach().to("cpu", torch.float64)
+    def of(cls, inputs: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype = torch.float64) -> Stats:
+        """The sums over one window's tokens, computed in ``dtype`` and held in float64."""
+        x = inputs.detach().to("cpu", dtype)
+        t = targets.detach().to("cpu", dtype)
         r = t - x
         w = 1.0 / t.pow(2).sum(-1).clamp_min(1e-12)
         a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        return cls(a.T @ (w[:, None] * a), a.T @ (w[:, None] * r), w @ r.pow(2))
+        sums = (a.T @ (w[:, None] * a), a.T @ (w[:, None] * r), w @ r.pow(2))
+        return cls(*(v.to(torch.float64) for v in sums))
 
     def __add__(self, other: Stats) -> Stats:
         return Stats(self.gram + other.gram, self.cross + other.cross, self.sq + other.sq)
@@ -163,12 +165,18 @@ def _low_rank(total: Stats, coef: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def fit(
-    spec: StandInSpec, inputs: list[torch.Tensor], targets: list[torch.Tensor], alpha: float | None = None
+    spec: StandInSpec,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fit one stand-in: ``inputs``/``targets`` are per-window ``[tokens, hidden]`` tensors (what the
     stand-in sees, what should come out); ``alpha`` fixes the ridge strength of every output instead
-    of choosing it by cross-validation. Returns ``(named tensors, fit details)``."""
-    stats = [Stats.of(x, t) for x, t in zip(inputs, targets)]
+    of choosing it by cross-validation; ``dtype`` is the precision of each window's sums (float32
+    suffices for a strong fixed ``alpha``, which keeps the system well conditioned; the solve is in
+    float64). Returns ``(named tensors, fit details)``."""
+    stats = [Stats.of(x, t, dtype) for x, t in zip(inputs, targets)]
     total = sum(stats[1:], stats[0])
     details: dict[str, float] = {}
     if spec.kind == "mean":
