@@ -217,19 +217,24 @@ def unknown_lm_eval_tasks(names: list) -> list:
     return unknown
 
 
+def _report_file(model: str, dtype: str, card: str, tail: str, keep: str = "._-") -> str:
+    """``card-<model>-<dtype>-<card>-<tail>.json`` (a folder's last part as the model), characters other than
+    letters, digits and ``keep`` replaced by ``_``."""
+    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return re.sub(f"[^A-Za-z0-9{re.escape(keep)}]", "_", f"card-{base}-{dtype}-{card}-{tail}") + ".json"
+
+
 def card_name(model: str, dtype: str, card: str, context: int) -> str:
     """``card-<model>-<dtype>-<card>-<context>.json`` (a folder's last part as the model)."""
-    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"card-{base}-{dtype}-{card}-{context}") + ".json"
+    return _report_file(model, dtype, card, str(context))
 
 
 def lm_eval_card_name(model: str, dtype: str, card: str, tasks: list, max_length: int | None,
                       limit: int | None = None) -> str:
     """``--only-lm-eval``'s report: ``card-<model>-<dtype>-<card>-lmeval-<tasks>-<max_length or auto>[-limit<N>].json``
     (tasks joined by ``+``)."""
-    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
     tail = f"lmeval-{'+'.join(tasks)}-{max_length or 'auto'}" + (f"-limit{limit}" if limit else "")
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"card-{base}-{dtype}-{card}-{tail}") + ".json"
+    return _report_file(model, dtype, card, tail, keep="._+-")
 
 
 def report_name(report: dict) -> str:
@@ -323,7 +328,9 @@ def outputs_exact(w: dict, spread: dict | None, repeat: dict | None = None) -> b
         return w.get("outputs_equal") is True  # a reference without teacher-forced logits: greedy tokens only
     if all(w[k] is True for k in keys) and w.get("generate_logits_equal") is not False:
         return True
-    plain_decode = [spread[k] for k in ("forced_decode_max_abs_logit_diff",) if spread and spread.get(k) is not None]
+    plain_decode = []
+    if spread and spread.get("forced_decode_max_abs_logit_diff") is not None:
+        plain_decode.append(spread["forced_decode_max_abs_logit_diff"])
     if repeat and repeat.get("repeat_tokens_equal") and repeat.get("repeat_max_abs_logit_diff") is not None:
         plain_decode.append(repeat["repeat_max_abs_logit_diff"])
     decode_spread = max(plain_decode, default=0.0)
