@@ -203,5 +203,18 @@ def test_generate_with_host_embeddings_equals_the_plain_model(tiny_checkpoints, 
     want, got = plain.generate(ids, **kw), model.generate(ids, **kw)
     assert torch.equal(want.sequences, got.sequences)
     assert all(torch.equal(a, b) for a, b in zip(want.logits, got.logits))
-    lp_plugin.get_handle(model).detach()
+    handle = lp_plugin.get_handle(model)
+    info = handle.info()
+    # one copy of the lm_head per step; the 7 decode steps' copies started at their input embeddings, carried by
+    # the ring in stream mode
+    assert (info["lm_head_copies"], info["lm_head_copies_ahead"]) == (8, 7)
+    assert sum(getattr(m, "carried", 0) for m in handle.gate.movers) == (7 if mode == "stream" else 0)
+    # a decode step whose head never runs (the base model alone) leaves its copy behind: the next forward drops it
+    # and copies the head at its call
+    step = got.sequences[:, -1:]
+    with torch.no_grad():
+        model.model(input_ids=step)
+        assert torch.equal(model(input_ids=got.sequences).logits, plain(input_ids=got.sequences).logits)
+    assert handle.info()["lm_head_copies_ahead"] == 7
+    handle.detach()
     assert type(model) is type(plain)

@@ -7,6 +7,11 @@ embedding (lm_head) keep their tensors in pinned host memory instead of on the m
 * The lm_head's tensors are copied whole into device tensors for each call and freed after (the
   caching allocator reuses the block), so its product is the plain model's own, bit for bit.
   :meth:`HostEmbeddings.resident` keeps that copy across several calls (one scoring pass's head chunks).
+* In a decode step (one position per sequence) on CUDA, that copy starts as the step's input embeddings are
+  looked up, so it moves while the decoder layers run instead of after them: carried in pieces by stream
+  mode's ring (``carrier``) behind its layers' copies, or on a side stream of its own. Its memory is the
+  head's own, held while the step's layers run (a step's activations are smaller than the logits the head's
+  call makes, so the peak stays the head's call's). docs/card.md says more.
 * A tied lm_head shares the embeddings' host tensor: host memory holds one copy.
 
 The tensors keep their objects (``.data`` points them at the host copies, as the units' bindings do),
@@ -147,6 +152,11 @@ class HostEmbeddings:
         self.suspended: list = []
         self.held: list = []  # [(dict, full key, host copy)]: Accelerate's host copies, freed while attached
         self.head_copies = 0  # device copies of the lm_head made (one per call, or per resident block)
+        self.head_copies_ahead = 0  # of those, copies started at a decode step's input embeddings
+        self._side: torch.cuda.Stream | None = None  # the stream of the copies made ahead (made at the first)
+        self._ahead: tuple | None = None  # (device tensors in head_entries' order, their copy's end event, carrier)
+        self.carrier = None  # the main device's stream-mode Ring, which carries the copy made ahead (set by attach)
+        self.copy_ahead = True  # False: a decode step copies the lm_head at its call, like any other forward
         self._depth = 0
         self._bound: list = []
         self._lock = threading.RLock()
@@ -214,6 +224,7 @@ class HostEmbeddings:
     def restore(self) -> None:
         """Undo :meth:`install`: the tensors on their device again (a tied pair still one tensor), or meta
         behind Accelerate's hooks, as they were before attach."""
+        self._drop_ahead()
         for h in self._torch_hooks:
             h.remove()
         self._torch_hooks = []
@@ -230,6 +241,8 @@ class HostEmbeddings:
 
     # ------------------------------------------------------------------ running
     def _embed_in(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input")
+        self._copy_ahead(isinstance(ids, torch.Tensor) and ids.dim() > 0 and ids.shape[-1] == 1)
         cpu = torch.device("cpu")
         move = lambda v: v.to(cpu) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
@@ -242,15 +255,68 @@ class HostEmbeddings:
     # the head's copy in and out runs eagerly: a compiled forward calls these, never traces them (they move
     # memory and count nested calls, and a traced counter would become a guard)
     @torch.compiler.disable
+    def _copy_ahead(self, decode: bool) -> None:
+        """At a forward's input embeddings: drop a copy made ahead that no call took (a forward cut short, or one
+        without the lm_head), and for a decode step start this forward's (on CUDA, from pinned host memory, with
+        no copy kept by :meth:`resident`). The tensors are allocated on the compute stream, whose queue is past
+        any earlier user of their memory when the copy starts."""
+        with self._lock:
+            self._drop_ahead()
+            if (
+                not (decode and self.copy_ahead)
+                or self._depth
+                or self.main_device.type != "cuda"
+                or not all(e.host.is_pinned() for e in self.head_entries)
+                or torch.cuda.is_current_stream_capturing()
+            ):
+                return
+            tensors = [torch.empty_like(e.host, device=self.main_device) for e in self.head_entries]
+            done = torch.cuda.Event()
+            carrier = self.carrier
+            if carrier is None or not carrier.carry([(t, e.host) for t, e in zip(tensors, self.head_entries)], done):
+                carrier = None
+                side = self._side = self._side or torch.cuda.Stream(self.main_device)
+                side.wait_stream(torch.cuda.current_stream(self.main_device))
+                with torch.cuda.stream(side):
+                    for dev, entry in zip(tensors, self.head_entries):
+                        dev.copy_(entry.host, non_blocking=True)
+                    done.record()
+            self._ahead = (tensors, done, carrier)
+
+    def _await_ahead(self) -> list:
+        """The compute stream waits for the copy made ahead (whatever pieces a carrier still holds are issued
+        first); returns its device tensors."""
+        assert self._ahead is not None
+        tensors, done, carrier = self._ahead
+        self._ahead = None
+        if carrier is not None:
+            carrier.flush()
+        torch.cuda.current_stream(self.main_device).wait_event(done)
+        return tensors
+
+    def _drop_ahead(self) -> None:
+        """Free a copy made ahead that no call took: the compute stream, where its memory may be reused next,
+        waits for the copy first."""
+        if self._ahead is not None:
+            self._await_ahead()
+
+    @torch.compiler.disable
     def _enter(self) -> None:
         with self._lock:
             self._depth += 1
             if self._depth > 1:
                 return
             try:
-                for entry in self.head_entries:
-                    dev = torch.empty_like(entry.host, device=self.main_device)
-                    dev.copy_(entry.host, non_blocking=entry.host.is_pinned())
+                if self._ahead is not None:
+                    tensors = self._await_ahead()
+                    self.head_copies_ahead += 1
+                else:
+                    tensors = []
+                    for entry in self.head_entries:
+                        dev = torch.empty_like(entry.host, device=self.main_device)
+                        dev.copy_(entry.host, non_blocking=entry.host.is_pinned())
+                        tensors.append(dev)
+                for dev, entry in zip(tensors, self.head_entries):
                     entry.point_at(dev)
                     self._bound.append(entry)
                 self.head_copies += 1

@@ -86,6 +86,9 @@ class Ring(Mover):
         # the bound tensors of every unit and their versions at open
         self._watched: list[torch.Tensor] = []
         self._versions: list[int] = []
+        self._riders: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device, pinned host) pieces, last issued first
+        self._riders_done: torch.cuda.Event | None = None  # recorded on the side stream after the last piece
+        self.carried = 0  # copies carried (each cut into pieces)
         self.id = ops.register(self)
 
     @property
@@ -231,8 +234,50 @@ class Ring(Mover):
         self.side.wait_event(fork)
         with torch.cuda.stream(self.side):
             dst.copy_(src, non_blocking=True)
-        self.loaded[slot].record(self.side)
+            self.loaded[slot].record()
+            if self._riders and not capturing:
+                self._ride()  # after the unit's event: the unit does not wait for the piece
         self.event_ok[slot] = not capturing
+
+    # ------------------------------------------------------------------ a copy riding along
+    def carry(self, pairs, done: torch.cuda.Event) -> bool:
+        """Copy ``pairs`` (``[(device tensor, pinned host tensor of the same bytes)]``) on the side stream, cut into
+        about one piece per unit, each issued after the next unit's copy; ``done`` is recorded after the last. The
+        side stream first waits for the compute stream's queue as it is now (where the device tensors were
+        allocated). False where the ring cannot carry them (closed, not CUDA, reading through staging, or carrying
+        already): the caller copies them itself. :meth:`flush` issues what is left at once."""
+        if not (self.cuda and self.is_open) or self.needs_staging or self._riders_done is not None:
+            return False
+        assert self.side is not None  # made with the ring on CUDA
+        pieces = max(1, self.k - 1)
+        total = sum(dst.numel() * dst.element_size() for dst, _ in pairs)
+        step = max(1, -(-total // pieces))
+        riders = []
+        for dst, src in pairs:
+            d, h = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+            riders += [(d[i : i + step], h[i : i + step]) for i in range(0, d.numel(), step)]
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        self._riders, self._riders_done = riders[::-1], done
+        self.carried += 1
+        return True
+
+    def _ride(self) -> None:
+        """Issue the next piece (current stream: the side stream)."""
+        dst, src = self._riders.pop()
+        dst.copy_(src, non_blocking=True)
+        if not self._riders:
+            assert self._riders_done is not None  # set by carry with the pieces
+            self._riders_done.record()
+            self._riders_done = None
+
+    def flush(self) -> None:
+        """Issue every piece still waiting (its ``done`` recorded after them)."""
+        if self._riders_done is None:
+            return
+        assert self.side is not None  # carry only runs on CUDA
+        with torch.cuda.stream(self.side):
+            while self._riders:
+                self._ride()
 
     def _read_and_copy(self, pos, fork):
         """Reader thread (current stream: the side stream): the slot's staging buffer from the tier, then
@@ -249,6 +294,7 @@ class Ring(Mover):
         self._copy(pos, buf, fork, False)
 
     def _drain(self):
+        self.flush()
         for fut in list(self.pending.values()):
             try:
                 fut.result()

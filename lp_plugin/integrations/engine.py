@@ -320,6 +320,9 @@ def _install(handle, model, layer_list):
             mover = Residency(units, device, handle.check_device_room, handle.stats)
         gate.movers.append(mover)
         record.did(f"the mover on {device}", mover.close)
+        main = torch.device(plan.main_device)
+        if isinstance(mover, Ring) and handle.host_embeddings is not None and _same_device(device, main):
+            handle.host_embeddings.carrier = mover  # it carries the lm_head's copy made ahead
         for pos, unit in enumerate(units):
             _hook_unit(gate, record, hooked, unit, mover, pos)
     if 0 < config.alpha < 1:
@@ -332,6 +335,10 @@ def _install(handle, model, layer_list):
     )
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _add_hook(record, hooked: set, module, hook) -> None:

@@ -76,6 +76,7 @@ class HandleReport:
             "lm_head_bytes_per_call": self.host_embeddings.head_bytes if self.host_embeddings else 0,
             "embeddings_tied": self.host_embeddings.tied if self.host_embeddings else None,
             "lm_head_copies": self.host_embeddings.head_copies if self.host_embeddings else 0,
+            "lm_head_copies_ahead": self.host_embeddings.head_copies_ahead if self.host_embeddings else 0,
             "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
         }
 
