@@ -321,8 +321,8 @@ def outputs_exact(w: dict, spread: dict | None, repeat: dict | None = None) -> b
     the plain model parts from itself across processes). Where the plain model already differs from itself, the
     workload may differ by no more than that: in one forward, by its second process's difference; through the decode
     steps (generate's own scores and the teacher-forced steps), by the largest decode-step difference the plain model
-    showed, in its second process or in a repeat of its generate in one process (``repeat``: the reference's
-    ``repeat_tokens_equal`` and ``repeat_max_abs_logit_diff``)."""
+    showed, in its second process or repeated in one process (``repeat``: the reference's ``repeat_tokens_equal`` and
+    ``repeat_max_abs_logit_diff`` for its generate, ``repeat_forced`` for its teacher-forced logits)."""
     keys = ("forced_logits_equal", "forced_decode_logits_equal")
     if any(k not in w for k in keys):
         return w.get("outputs_equal") is True  # a reference without teacher-forced logits: greedy tokens only
@@ -333,10 +333,14 @@ def outputs_exact(w: dict, spread: dict | None, repeat: dict | None = None) -> b
         plain_decode.append(spread["forced_decode_max_abs_logit_diff"])
     if repeat and repeat.get("repeat_tokens_equal") and repeat.get("repeat_max_abs_logit_diff") is not None:
         plain_decode.append(repeat["repeat_max_abs_logit_diff"])
+    repeat_forced = (repeat or {}).get("repeat_forced") or {}
+    if repeat_forced.get("forced_decode_max_abs_logit_diff") is not None:
+        plain_decode.append(repeat_forced["forced_decode_max_abs_logit_diff"])
     decode_spread = max(plain_decode, default=0.0)
     if not decode_spread:  # the plain model repeats itself exactly: any difference fails
         return False
-    forced_spread = (spread or {}).get("forced_max_abs_logit_diff") or 0.0
+    forced_spread = max((spread or {}).get("forced_max_abs_logit_diff") or 0.0,
+                        repeat_forced.get("forced_max_abs_logit_diff") or 0.0)
     if w.get("forced_max_abs_logit_diff", 0.0) > forced_spread:
         return False
     return all(
@@ -733,11 +737,14 @@ def step_reference(spec: dict) -> dict:
     again, last_again = _generate(model, ids, spec["new_tokens"])  # the plain model's own spread, in one process
     first = spec.get("first_reference_file")  # a second plain process: teacher-forced with the first one's tokens
     saved = torch.load(first) if first and os.path.isfile(first) else None
-    forced = _forced_outputs(model, ids, saved["tokens"] if saved else tokens)
+    fed = saved["tokens"] if saved else tokens
+    forced = _forced_outputs(model, ids, fed)
     torch.save({"tokens": tokens, "last_scores": last, "step_scores": torch.stack(steps), **forced, "spec": spec},
                spec["reference_file"])
     result = {"tokens": tokens, "repeat_tokens_equal": again == tokens,
-              "repeat_max_abs_logit_diff": _max_abs_diff(last, last_again)}
+              "repeat_max_abs_logit_diff": _max_abs_diff(last, last_again),
+              # the same tokens fed once more in this process: the plain model's own teacher-forced spread
+              "repeat_forced": _compare_forced(forced, _forced_outputs(model, ids, fed))}
     if saved is not None:
         result["vs_first_process"] = {"tokens_equal": saved["tokens"] == tokens, **_compare_forced(saved, forced)}
         return result
@@ -1222,7 +1229,8 @@ def orchestrate(args) -> int:
     if not only and not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
         report["reference"] = {k: ref.get(k) for k in ("ok", "error", "tokens", "repeat_tokens_equal",
-                                                       "repeat_max_abs_logit_diff", "decode_tok_s", "prefill_tok_s",
+                                                       "repeat_max_abs_logit_diff", "repeat_forced",
+                                                       "decode_tok_s", "prefill_tok_s",
                                                        "max_reserved_bytes", "rounds", "seconds")}
         if ref.get("ok"):
             if not args.plain_once:

@@ -118,6 +118,17 @@ def test_refuses_to_run_without_cuda(tmp_path):
     assert not list((tmp_path / "out").glob("card-*.json"))  # no report from a run that did not happen
 
 
+def test_head_copy_benchmark_refuses_to_run_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "benchmarks/head_copy.py", "--ckpt-dir", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())  # refused before saving a checkpoint
+
+
 # ---------------------------------------------------------------------------------------- arithmetic
 def test_round_stats_and_transfer_bound():
     assert card.round_stats([3.0, 1.0, 2.0, None]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
@@ -177,6 +188,22 @@ def test_outputs_exact_takes_the_largest_decode_spread_the_plain_model_showed():
     # one forward must stay within the plain model's one-forward spread (here: exact)
     assert card.outputs_exact({**w, "forced_logits_equal": False, "forced_max_abs_logit_diff": 0.01}, second,
                               {"repeat_tokens_equal": True, "repeat_max_abs_logit_diff": 0.086}) is False
+
+
+def test_outputs_exact_takes_the_plain_models_teacher_forced_repeat_in_one_process():
+    w = {"forced_logits_equal": True, "forced_decode_logits_equal": False, "forced_max_abs_logit_diff": 0.0,
+         "forced_decode_max_abs_logit_diff": 0.158}
+    # no second plain process (--plain-once), and its generate repeated made other tokens: nothing to compare with
+    generate_parted = {"repeat_tokens_equal": False, "repeat_max_abs_logit_diff": 9.05}
+    assert card.outputs_exact(w, None, generate_parted) is False
+    forced = {"forced_logits_equal": True, "forced_max_abs_logit_diff": 0.0, "forced_decode_logits_equal": False}
+    assert card.outputs_exact(w, None, {**generate_parted, "repeat_forced": {
+        **forced, "forced_decode_max_abs_logit_diff": 0.2}}) is True
+    assert card.outputs_exact(w, None, {**generate_parted, "repeat_forced": {
+        **forced, "forced_decode_max_abs_logit_diff": 0.1}}) is False  # over the plain model's own 0.1
+    # the plain model exact against itself in one forward: the workload's one forward must be exact too
+    assert card.outputs_exact({**w, "forced_logits_equal": False, "forced_max_abs_logit_diff": 0.01}, None, {
+        **generate_parted, "repeat_forced": {**forced, "forced_decode_max_abs_logit_diff": 0.2}}) is False
 
 
 def test_moved_bytes_count_the_lm_head_copy_of_host_embeddings():
