@@ -215,6 +215,12 @@ def test_generate_with_host_embeddings_equals_the_plain_model(tiny_checkpoints, 
     with torch.no_grad():
         model.model(input_ids=step)
         assert torch.equal(model(input_ids=got.sequences).logits, plain(input_ids=got.sequences).logits)
+        # ... and a copy left behind is not used once the lm_head was edited in place since it started
+        hidden = model.model(input_ids=step).last_hidden_state
+        for m in (model, plain):
+            m.lm_head.weight[0] += 1
+        want = plain.lm_head(plain.model(input_ids=step).last_hidden_state)
+        assert torch.equal(model.lm_head(hidden), want)
     assert handle.info()["lm_head_copies_ahead"] == 7
     handle.detach()
     assert type(model) is type(plain)

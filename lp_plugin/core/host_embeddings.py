@@ -10,8 +10,11 @@ embedding (lm_head) keep their tensors in pinned host memory instead of on the m
 * In a decode step (one position per sequence) on CUDA, that copy starts as the step's input embeddings are
   looked up, so it moves while the decoder layers run instead of after them: carried in pieces by stream
   mode's ring (``carrier``) behind its layers' copies, or on a side stream of its own. Its memory is the
-  head's own, held while the step's layers run (a step's activations are smaller than the logits the head's
-  call makes, so the peak stays the head's call's). docs/card.md says more.
+  head's own, held while the step's layers run; what a decode step adds there (one position's activations,
+  and a layer's cache held twice for a moment as it grows) is no more than the planner's lm_head phase holds
+  besides the copy (the final hidden states of the whole window, the logits), so the plan's peak holds.
+  A copy made ahead is used only by an eager call with the lm_head's tensors unchanged since it started.
+  docs/card.md says more.
 * A tied lm_head shares the embeddings' host tensor: host memory holds one copy.
 
 The tensors keep their objects (``.data`` points them at the host copies, as the units' bindings do),
@@ -101,6 +104,14 @@ def resident(module):
     return contextlib.nullcontext() if owner is None else owner.resident()
 
 
+def _capturing(device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 class _Entry:
     """One tensor of the two modules (a tied one once): where it sits, its host copy, the object the model
     holds now. A tensor on the device keeps its object (``.data`` moves); a meta placeholder behind an
@@ -154,7 +165,9 @@ class HostEmbeddings:
         self.head_copies = 0  # device copies of the lm_head made (one per call, or per resident block)
         self.head_copies_ahead = 0  # of those, copies started at a decode step's input embeddings
         self._side: torch.cuda.Stream | None = None  # the stream of the copies made ahead (made at the first)
-        self._ahead: tuple | None = None  # (device tensors in head_entries' order, their copy's end event, carrier)
+        # the copy made ahead: (device tensors in head_entries' order, the copy's end event, the carrier or None,
+        # the stream that allocated the tensors, the head tensors' versions when it started)
+        self._ahead: tuple | None = None
         self.carrier = None  # the main device's stream-mode Ring, which carries the copy made ahead (set by attach)
         self.copy_ahead = True  # False: a decode step copies the lm_head at its call, like any other forward
         self._depth = 0
@@ -260,38 +273,45 @@ class HostEmbeddings:
         without the lm_head), and for a decode step start this forward's (on CUDA, from pinned host memory, with
         no copy kept by :meth:`resident`). The tensors are allocated on the compute stream, whose queue is past
         any earlier user of their memory when the copy starts."""
+        if self.main_device.type != "cuda" or _capturing(self.main_device):
+            return  # (a copy made ahead outside a capture is dropped by the next eager forward)
         with self._lock:
             self._drop_ahead()
-            if (
-                not (decode and self.copy_ahead)
-                or self._depth
-                or self.main_device.type != "cuda"
-                or not all(e.host.is_pinned() for e in self.head_entries)
-                or torch.cuda.is_current_stream_capturing()
-            ):
+            pinned = all(e.host.is_pinned() for e in self.head_entries)
+            if not (decode and self.copy_ahead and pinned) or self._depth:
                 return
+            stream = torch.cuda.current_stream(self.main_device)
             tensors = [torch.empty_like(e.host, device=self.main_device) for e in self.head_entries]
             done = torch.cuda.Event()
             carrier = self.carrier
             if carrier is None or not carrier.carry([(t, e.host) for t, e in zip(tensors, self.head_entries)], done):
                 carrier = None
                 side = self._side = self._side or torch.cuda.Stream(self.main_device)
-                side.wait_stream(torch.cuda.current_stream(self.main_device))
+                side.wait_stream(stream)
                 with torch.cuda.stream(side):
                     for dev, entry in zip(tensors, self.head_entries):
                         dev.copy_(entry.host, non_blocking=True)
                     done.record()
-            self._ahead = (tensors, done, carrier)
+            self._ahead = (tensors, done, carrier, stream, self._versions())
+
+    def _versions(self) -> list:
+        return [e.current._version for e in self.head_entries]
 
     def _await_ahead(self) -> list:
-        """The compute stream waits for the copy made ahead (whatever pieces a carrier still holds are issued
-        first); returns its device tensors."""
+        """The current stream waits for the copy made ahead (whatever pieces a carrier still holds are issued
+        first), and so does the stream that allocated its tensors, where their memory goes back when freed (another
+        thread's stream may take them: they are then recorded as used there too); returns its device tensors."""
         assert self._ahead is not None
-        tensors, done, carrier = self._ahead
+        tensors, done, carrier, stream, _ = self._ahead
         self._ahead = None
         if carrier is not None:
             carrier.flush()
-        torch.cuda.current_stream(self.main_device).wait_event(done)
+        stream.wait_event(done)
+        current = torch.cuda.current_stream(self.main_device)
+        if current != stream:
+            current.wait_event(done)
+            for t in tensors:
+                t.record_stream(current)
         return tensors
 
     def _drop_ahead(self) -> None:
@@ -307,7 +327,12 @@ class HostEmbeddings:
             if self._depth > 1:
                 return
             try:
-                if self._ahead is not None:
+                ahead = self._ahead
+                if ahead is not None and (_capturing(self.main_device) or ahead[4] != self._versions()):
+                    ahead = None  # inside a capture (left for an eager forward to drop), or edited since: copy now
+                    if not _capturing(self.main_device):
+                        self._drop_ahead()
+                if ahead is not None:
                     tensors = self._await_ahead()
                     self.head_copies_ahead += 1
                 else:

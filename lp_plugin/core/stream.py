@@ -249,13 +249,17 @@ class Ring(Mover):
         if not (self.cuda and self.is_open) or self.needs_staging or self._riders_done is not None:
             return False
         assert self.side is not None  # made with the ring on CUDA
-        pieces = max(1, self.k - 1)
+        # the units loaded after this point of a forward: all but the first prefetch ones, which the previous
+        # forward's end loaded (later loads are the next forward's, which wait for this one's last layers)
+        pieces = max(1, self.k - self.prefetch)
         total = sum(dst.numel() * dst.element_size() for dst, _ in pairs)
         step = max(1, -(-total // pieces))
         riders = []
         for dst, src in pairs:
             d, h = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
             riders += [(d[i : i + step], h[i : i + step]) for i in range(0, d.numel(), step)]
+        if not riders:
+            return False
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         self._riders, self._riders_done = riders[::-1], done
         self.carried += 1
