@@ -21,9 +21,7 @@ the pinned copy rate measured each round).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,23 +30,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+sys.path.insert(0, str(HERE))
+
 import lp_plugin  # noqa: E402
+from decode_exactness import _card  # noqa: E402  (benchmarks/card.py as a module)
 from lp_plugin.core.devices import h2d_bandwidth  # noqa: E402
 from lp_plugin.tools.bench.measure import bare_decode  # noqa: E402
 
 CONFIGS = ("plain", "carried", "side_stream", "at_call", "device_embeddings")
-
-
-def _card():
-    spec = importlib.util.spec_from_file_location("card_bench", HERE / "card.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _stats(values) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def main(argv=None) -> int:
@@ -96,7 +85,7 @@ def main(argv=None) -> int:
         return {"plain": plain, "device_embeddings": same}.get(name, model)
 
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(args.seed)).to(dev)
-    moved = (info["bytes_per_forward"] or 0) + (info["lm_head_bytes_per_call"] or 0)
+    moved = card.moved_per_token(info)
     rounds = []
     for r in range(args.rounds + 1):
         row = {}
@@ -106,7 +95,7 @@ def main(argv=None) -> int:
                 row[name] = bare_decode(m, ids, args.new_tokens, dev)["tok_s"]
         gbps = h2d_bandwidth(dev, 64 << 20, pinned=True)["gbps"]
         row["h2d_gbps"] = gbps
-        row["bound_tok_s"] = gbps * 1e9 / moved
+        row["bound_tok_s"] = card.transfer_bound(gbps, moved)
         print(f"round {r}{' (warm-up, dropped)' if r == 0 else ''}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         if r:
@@ -115,10 +104,10 @@ def main(argv=None) -> int:
     summary = {}
     for name in CONFIGS:
         summary[name] = {
-            "tok_s": _stats([r[name] for r in rounds]),
-            "vs_plain": _stats([r[name] / r["plain"] for r in rounds]),
-            "vs_bound": _stats([r[name] / r["bound_tok_s"] for r in rounds]),
-            "vs_ceiling": _stats([r[name] / min(r["plain"], r["bound_tok_s"]) for r in rounds]),
+            "tok_s": card.round_stats([r[name] for r in rounds]),
+            "vs_plain": card.round_stats([r[name] / r["plain"] for r in rounds]),
+            "vs_bound": card.round_stats([r[name] / r["bound_tok_s"] for r in rounds]),
+            "vs_ceiling": card.round_stats([r[name] / min(r["plain"], r["bound_tok_s"]) for r in rounds]),
         }
         s = summary[name]
         print(f"{name:18s} {s['tok_s']['median']:6.2f} tok/s  vs plain {s['vs_plain']['median']:.2f} "

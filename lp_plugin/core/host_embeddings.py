@@ -328,10 +328,11 @@ class HostEmbeddings:
                 return
             try:
                 ahead = self._ahead
-                if ahead is not None and (_capturing(self.main_device) or ahead[4] != self._versions()):
-                    ahead = None  # inside a capture (left for an eager forward to drop), or edited since: copy now
-                    if not _capturing(self.main_device):
-                        self._drop_ahead()
+                if ahead is not None and _capturing(self.main_device):
+                    ahead = None  # inside a capture: copy now (an eager forward drops the copy made ahead)
+                elif ahead is not None and ahead[4] != self._versions():
+                    ahead = None  # the lm_head was edited since the copy started: copy now
+                    self._drop_ahead()
                 if ahead is not None:
                     tensors = self._await_ahead()
                     self.head_copies_ahead += 1

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import accel, hooks
-from ..core.devices import map_value
+from ..core.devices import map_value, normalize_device
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
@@ -320,8 +320,8 @@ def _install(handle, model, layer_list):
             mover = Residency(units, device, handle.check_device_room, handle.stats)
         gate.movers.append(mover)
         record.did(f"the mover on {device}", mover.close)
-        main = torch.device(plan.main_device)
-        if isinstance(mover, Ring) and handle.host_embeddings is not None and _same_device(device, main):
+        on_main = normalize_device(device) == normalize_device(plan.main_device)
+        if isinstance(mover, Ring) and handle.host_embeddings is not None and on_main:
             handle.host_embeddings.carrier = mover  # it carries the lm_head's copy made ahead
         for pos, unit in enumerate(units):
             _hook_unit(gate, record, hooked, unit, mover, pos)
@@ -335,10 +335,6 @@ def _install(handle, model, layer_list):
     )
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _add_hook(record, hooked: set, module, hook) -> None:
