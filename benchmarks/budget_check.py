@@ -3,14 +3,16 @@
 For each case ``DTYPE:BUDGET:CONTEXT`` it plans (``lp_plugin.fit_budget``), loads the model through
 ``lp_plugin.from_pretrained(offload="auto", max_memory={0: BUDGET}, ...)`` from a saved shape
 checkpoint, runs the work the plan assumed, and writes predicted against measured standby VRAM, peak
-VRAM (``torch.cuda.max_memory_allocated`` + the engine's ``peak_mapped_bytes``; the work runs inside a
-session, so the ring or session buffer is mapped throughout, as the plan assumes) and
+VRAM (``torch.cuda.max_memory_allocated`` + the engine's ``peak_mapped_bytes``, against the plan's peak less
+its CUDA-runtime and allocator-slack terms, which ``benchmarks/card.py`` checks at the device level; the work
+runs inside a session, so the ring or session buffer is mapped throughout, as the plan assumes) and
 decode tok/s. For the same budget it also tries a few hand-picked specs on one plain model (attach,
 measure, detach) and keeps the fastest whose measured peak fits, to compare decode speed.
 
     python benchmarks/budget_check.py --model qwen2.5-3b-shape --work generate \\
         --cases bf16:6GiB:8192,nf4:2GiB:512 --out benchmarks/results/h100-budget-generate.json
     python benchmarks/budget_check.py --model PATH --plan-only --out plans.json   # no GPU: the plans
+    python benchmarks/budget_check.py --recheck REPORT.json                       # the checks derived again
 
 Work: ``loglikelihood`` is lm-eval's: one forward of CONTEXT tokens (batch ``--batch``) with every
 position's logits, then ``F.log_softmax(logits, dim=-1)``; ``generate`` is a prompt of CONTEXT - NEW
@@ -89,9 +91,21 @@ def hand_specs(k: int, lo: int, hi: int) -> list:
     return specs
 
 
+# the plan's terms that no allocation counts: the CUDA context and runtime, and the caching allocator's reserve beyond
+# what is allocated (benchmarks/card.py measures them, at the device level, inside an emulated card)
+DEVICE_ONLY_TERMS = ("cuda_runtime", "allocator_slack")
+
+
+def allocated_peak(plan: dict) -> int:
+    """The plan's peak as allocations and the engine's mapped buffers (what :func:`measure` measures): its
+    card-level peak without :data:`DEVICE_ONLY_TERMS`."""
+    breakdown = plan.get("breakdown") or {}
+    return plan["peak_bytes"] - sum(breakdown.get(k, 0) for k in DEVICE_ONLY_TERMS)
+
+
 def verdict(case: Case, predicted: dict, measured: dict) -> dict:
-    """The goal's checks: measured peak within the budget, predicted peak within 5% of measured."""
-    peak_error = (predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
+    """The goal's checks: measured peak within the budget, the plan's allocated peak within 5% of the measured one."""
+    peak_error = (allocated_peak(predicted) - measured["peak_bytes"]) / measured["peak_bytes"]
     return {"peak_within_budget": measured["peak_bytes"] <= case.budget_bytes,
             "peak_error": round(peak_error, 4), "peak_within_5pct": abs(peak_error) <= PEAK_TOLERANCE,
             "standby_error": round((predicted["standby_bytes"] - measured["standby_bytes"]) / measured["standby_bytes"], 4)}
@@ -291,6 +305,21 @@ def run_dtype(dtype: str, cases: list, ckpt: str, hf_config, args) -> list:
     return out
 
 
+def recheck(path: str) -> int:
+    """The checks and summary of a report derived again (after a change of the rules), the file rewritten."""
+    with open(path) as f:
+        report = json.load(f)
+    for entry in report["cases"]:
+        if "measured" in entry:
+            kept = {k: v for k, v in (entry.get("checks") or {}).items() if k == "decode_vs_best_hand"}
+            entry["checks"] = {**verdict(parse_cases(entry["case"])[0], entry["plan"], entry["measured"]), **kept}
+            print(json.dumps({"case": entry["case"], "checks": entry["checks"]}))
+    report["summary"] = summarize(report["cases"])
+    with open(path, "w") as f:
+        f.write(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
 def summarize(entries: list) -> dict:
     checked = [e["checks"] for e in entries if "peak_error" in (e.get("checks") or {})]
     ratios = [c["decode_vs_best_hand"] for c in checked if "decode_vs_best_hand" in c]
@@ -334,8 +363,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hand", action="store_true", help="skip the hand-picked specs")
     ap.add_argument("--rounds", type=int, default=5,
                     help="paired decode rounds of the plan against the best hand-picked spec (0: single measurements)")
+    ap.add_argument("--recheck", metavar="JSON", help="do not run: derive the checks and the summary of this report "
+                                                       "again from its plans and measurements, rewriting the file")
     args = ap.parse_args(argv)
     from lp_plugin.errors import OffloadSpecError
+
+    if args.recheck:
+        return recheck(args.recheck)
 
     try:
         cases = parse_cases(args.cases)

@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plain-once", action="store_true",
                     help="run the plain model in one process only (default: a second process feeds it the first's "
                          "tokens, the plain model's own spread the workload is judged against)")
+    ap.add_argument("--plain-repeats", type=int, default=3,
+                    help="times the plain model's tokens are fed to it again in its first process: the largest "
+                         "difference between any two of these teacher-forced runs is its own spread in one process "
+                         "(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shape's weights and of the prompt")
     ap.add_argument("--step-timeout", type=int, default=1800, help="seconds each step may run (default: %(default)s)")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
@@ -145,7 +149,7 @@ def check_args(args) -> None:
     if args.max_context is not None and args.max_context < args.context:
         raise ArgError(f"--max-context {args.max_context} is below --context {args.context}: the plan would not hold "
                        "the work; drop it or raise it")
-    for name in ("lm_eval_max_length", "lm_eval_limit", "step_timeout"):
+    for name in ("lm_eval_max_length", "lm_eval_limit", "step_timeout", "plain_repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgError(f"--{name.replace('_', '-')} must be >= 1")
@@ -663,6 +667,17 @@ def _compare_forced(saved: dict, got: dict) -> dict:
     return out
 
 
+def _forced_spread(runs: list) -> dict:
+    """:func:`_compare_forced` over every pair of ``runs`` (teacher-forced outputs of one model): equal only where
+    every pair is, the largest difference and the lowest argmax agreement of any pair, and the number of runs."""
+    pairs = [_compare_forced(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    out: dict = {"runs": len(runs)}
+    for key in (pairs[0] if pairs else {}):
+        values = [p[key] for p in pairs]
+        out[key] = all(values) if key.endswith("_equal") else max(values) if "diff" in key else min(values)
+    return out
+
+
 def _decode_rate(model, vocab: int, steps: int, seed: int) -> float:
     """Tokens/s of lp-bench's bare greedy decode loop (``lp_plugin.tools.bench.measure.bare_decode``: a short
     prompt, untimed warm steps, then ``steps`` timed single-token forwards), inside a session."""
@@ -743,10 +758,11 @@ def step_reference(spec: dict) -> dict:
     forced = _forced_outputs(model, ids, fed)
     torch.save({"tokens": tokens, "last_scores": last, "step_scores": torch.stack(steps), **forced, "spec": spec},
                spec["reference_file"])
+    # the same tokens fed again in this process: the plain model's own teacher-forced spread, over every pair of runs
+    again_forced = [_forced_outputs(model, ids, fed) for _ in range(spec.get("plain_repeats", 1))]
     result = {"tokens": tokens, "repeat_tokens_equal": again == tokens,
               "repeat_max_abs_logit_diff": _max_abs_diff(last, last_again),
-              # the same tokens fed once more in this process: the plain model's own teacher-forced spread
-              "repeat_forced": _compare_forced(forced, _forced_outputs(model, ids, fed))}
+              "repeat_forced": _forced_spread([forced, *again_forced])}
     if saved is not None:
         result["vs_first_process"] = {"tokens_equal": saved["tokens"] == tokens, **_compare_forced(saved, forced)}
         return result
@@ -1229,7 +1245,8 @@ def orchestrate(args) -> int:
     # b. the plain model on the whole GPU (not for --only-lm-eval: its lm-eval run is the plain model's)
     ref, ref_summary = None, Path(ref_file).with_suffix(".json")
     if not only and not args.skip_reference:
-        ref = run_step("reference", work, f"reference-{tag}", {**base, "reference_file": ref_file}, timeout)
+        ref = run_step("reference", work, f"reference-{tag}",
+                       {**base, "reference_file": ref_file, "plain_repeats": args.plain_repeats}, timeout)
         report["reference"] = {k: ref.get(k) for k in ("ok", "error", "tokens", "repeat_tokens_equal",
                                                        "repeat_max_abs_logit_diff", "repeat_forced",
                                                        "decode_tok_s", "prefill_tok_s",

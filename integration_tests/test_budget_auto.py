@@ -219,6 +219,11 @@ def test_budget_check_parts():
         assert mode == "stream" and all(2 <= i <= 32 for i in layers)
     check = bc.verdict(cases[0], {"peak_bytes": 105, "standby_bytes": 50}, {"peak_bytes": 100, "standby_bytes": 50})
     assert check == {"peak_within_budget": True, "peak_error": 0.05, "peak_within_5pct": True, "standby_error": 0.0}
+    # the plan's CUDA-runtime and allocator-slack terms are no allocation: measured allocations leave them out
+    card_plan = {"peak_bytes": 135, "standby_bytes": 50, "breakdown": {"cuda_runtime": 20, "allocator_slack": 10,
+                                                                        "weights": 50}}
+    assert bc.allocated_peak(card_plan) == 105
+    assert bc.verdict(cases[0], card_plan, {"peak_bytes": 100, "standby_bytes": 50}) == check
 
 
 def test_budget_check_plan_only(tmp_path):

@@ -206,6 +206,18 @@ def test_outputs_exact_takes_the_plain_models_teacher_forced_repeat_in_one_proce
         **generate_parted, "repeat_forced": {**forced, "forced_decode_max_abs_logit_diff": 0.2}}) is False
 
 
+def test_forced_spread_is_the_widest_pair_of_runs():
+    torch = pytest.importorskip("torch")
+    base = torch.zeros(3, 5)
+    runs = [{"forced_logits": base, "forced_decode_logits": base + d} for d in (0.0, 0.25, -0.5)]
+    spread = card._forced_spread(runs)
+    assert spread["runs"] == 3
+    assert spread["forced_logits_equal"] is True and spread["forced_max_abs_logit_diff"] == 0.0
+    assert spread["forced_decode_logits_equal"] is False
+    assert spread["forced_decode_max_abs_logit_diff"] == pytest.approx(0.75)  # runs 2 and 3, not run 1 against each
+    assert card._forced_spread(runs[:1]) == {"runs": 1}  # one run: no pair, no spread (outputs_exact then has none)
+
+
 def test_moved_bytes_count_the_lm_head_copy_of_host_embeddings():
     assert card.moved_per_token({"bytes_per_forward": 10, "lm_head_bytes_per_call": 5}) == 15
     assert card.moved_per_token({"bytes_per_forward": 10, "lm_head_bytes_per_call": 0}) == 10

@@ -1,14 +1,18 @@
 """Named offline text sources (domains) for calibration and held-out evaluation of layer skipping.
 
-Every domain is text that ships with CPython, read without importing anything it describes, so the
-same Python version gives the same text on every machine; a domain whose files this Python lacks
-raises :class:`MissingDomain` naming the file and the fix. Domains:
+Every domain is text of CPython, read without importing anything it describes, so the same Python
+version gives the same text on every machine; a domain whose files this Python lacks raises
+:class:`MissingDomain` naming the file and the fix. Two texts that Linux distributions often leave out
+of their Python (Debian and Ubuntu ship ``idlelib`` in a separate package and drop ``LICENSE.txt``)
+ship with lp_plugin instead, copied from CPython 3.11.7 (``texts/``, under the PSF license that is one
+of them), so the default calibration runs on any Python and reads the same text on every machine. Domains:
 
 * ``pydoc``: ``pydoc_data.topics`` (every topic, sorted by name, joined by blank lines).
-* ``news``: IDLE's change logs (``idlelib/NEWS.txt`` then ``idlelib/NEWS2x.txt``): English prose.
+* ``news``: IDLE's change logs (``idlelib/NEWS.txt`` then ``idlelib/NEWS2x.txt``; ``texts/idle_news.txt``):
+  English prose.
 * ``code``: the source of the standard library's ``email``, ``json``, ``logging`` and ``http``
   packages (files sorted by path).
-* ``license``: CPython's ``LICENSE.txt`` (legal English).
+* ``license``: CPython's ``LICENSE.txt`` (``texts/cpython_license.txt``): legal English.
 * ``docstrings``: the docstrings of the standard library's top-level modules (files sorted by
   name; module, class and function docstrings in source order, read with :mod:`ast`).
 
@@ -60,13 +64,15 @@ def _pydoc() -> str:
     return pydoc_text()
 
 
+_TEXTS = os.path.join(os.path.dirname(__file__), "texts")
+
+
 def _news() -> str:
-    folder = os.path.join(_stdlib(), "idlelib")
-    return "\n\n".join(_read(os.path.join(folder, name), "news") for name in ("NEWS.txt", "NEWS2x.txt"))
+    return _read(os.path.join(_TEXTS, "idle_news.txt"), "news")
 
 
 def _license() -> str:
-    return _read(os.path.join(_stdlib(), "LICENSE.txt"), "license")
+    return _read(os.path.join(_TEXTS, "cpython_license.txt"), "license")
 
 
 def _py_files(folder: str) -> list:
@@ -96,7 +102,11 @@ def _code() -> str:
 
 def _docstrings() -> str:
     folder = _stdlib()
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+    names = (
+        sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+        if os.path.isdir(folder)
+        else []
+    )
     parts, size = [], 0
     for name in names:
         try:
