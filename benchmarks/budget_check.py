@@ -307,8 +307,14 @@ def run_dtype(dtype: str, cases: list, ckpt: str, hf_config, args) -> list:
 
 def recheck(path: str) -> int:
     """The checks and summary of a report derived again (after a change of the rules), the file rewritten."""
-    with open(path) as f:
-        report = json.load(f)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        if not isinstance(report, dict) or not isinstance(report.get("cases"), list):
+            raise ValueError("it holds no 'cases' list")
+    except (OSError, ValueError) as exc:
+        print(f"error: --recheck {path}: not a budget_check report ({exc}); give the JSON a run wrote", file=sys.stderr)
+        return 2
     for entry in report["cases"]:
         if "measured" in entry:
             kept = {k: v for k, v in (entry.get("checks") or {}).items() if k == "decode_vs_best_hand"}

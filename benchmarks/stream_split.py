@@ -105,6 +105,20 @@ def main(argv=None) -> int:
     if unknown := [c for c in configs if c not in CONFIGS]:
         print(f"error: unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
+    from lp_plugin.errors import OffloadSpecError
+    from lp_plugin.tools.shapes import is_shape, shape_config, shape_names
+
+    if not is_shape(args.shape):
+        print(f"error: --shape {args.shape!r} is not a shape; choose from {', '.join(shape_names())}", file=sys.stderr)
+        return 2
+    try:
+        lp_plugin.resolve_layers(args.layers, shape_config(args.shape).num_hidden_layers)
+    except OffloadSpecError as exc:
+        print(f"error: --layers: {exc}", file=sys.stderr)
+        return 2
+    if args.new < 1 or args.rounds < 1:
+        print("error: --new and --rounds must be >= 1", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: stream_split.py times CUDA decode; run it on a GPU machine", file=sys.stderr)
         return 2
