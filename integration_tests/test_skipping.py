@@ -238,6 +238,10 @@ def test_a_domain_this_python_lacks_is_refused_before_any_work(tmp_path, monkeyp
         # the texts distributions leave out of their Python ship with lp_plugin: the default calibration's
         # domains but code, and the license slice, read the same text without the standard library
         assert "IDLE" in domains.text("news") and "PSF" in domains.text("license")
+        domains.text.cache_clear()
+        monkeypatch.setattr(domains, "_TEXTS", str(tmp_path / "no-texts"))  # a broken install: a clear error too
+        with pytest.raises(domains.MissingDomain):
+            domains.text("news")
         with pytest.raises(OffloadSpecError):
             domains.text("nosuch")
         model = tmp_path / "model"

@@ -46,16 +46,18 @@ def _stdlib() -> str:
     return sysconfig.get_path("stdlib")
 
 
-def _read(path: str, domain: str) -> str:
+def _read(path: str, domain: str, fix: str = "install a CPython that ships it") -> str:
     try:
         with open(path, encoding="utf-8") as fh:
             return fh.read()
     except OSError as exc:
         raise MissingDomain(
             f"text domain {domain!r} reads {path}, which cannot be read on this machine "
-            f"({exc.strerror or exc}); install a CPython that ships it, or leave {domain!r} out "
-            "(lp-prune --domains)"
+            f"({exc.strerror or exc}); {fix}, or leave {domain!r} out (lp-prune --domains)"
         ) from None
+
+
+_SHIPPED_FIX = "reinstall lp_plugin (the file ships with it)"
 
 
 def _pydoc() -> str:
@@ -68,11 +70,11 @@ _TEXTS = os.path.join(os.path.dirname(__file__), "texts")
 
 
 def _news() -> str:
-    return _read(os.path.join(_TEXTS, "idle_news.txt"), "news")
+    return _read(os.path.join(_TEXTS, "idle_news.txt"), "news", _SHIPPED_FIX)
 
 
 def _license() -> str:
-    return _read(os.path.join(_TEXTS, "cpython_license.txt"), "license")
+    return _read(os.path.join(_TEXTS, "cpython_license.txt"), "license", _SHIPPED_FIX)
 
 
 def _py_files(folder: str) -> list:
