@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-import lp_plugin
-from lp_plugin.core import hooks
-from lp_plugin.tools.bench.measure import cache_kwargs, no_gc
-from lp_plugin.tools.shapes import build_shape_model, build_shape_model_nf4
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lp_plugin  # noqa: E402
+from decode_exactness import _card  # noqa: E402  (benchmarks/card.py as a module: its round_stats)
+from lp_plugin.core import hooks  # noqa: E402
+from lp_plugin.tools.bench.measure import cache_kwargs, no_gc  # noqa: E402
+from lp_plugin.tools.shapes import build_shape_model, build_shape_model_nf4  # noqa: E402
 
 CONFIGS = ("plain", "stream", "stream_p2", "stream_dry", "stream_two_hooks")
 
@@ -85,10 +88,6 @@ def setup(model, name: str, layers: str):
     return handle
 
 
-def stats(values) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen2.5-3b-shape")
@@ -143,6 +142,7 @@ def main(argv=None) -> int:
               flush=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
               "dtype": args.dtype, "layers": args.layers, "new": args.new, "rounds": args.rounds, "configs": {}}
+    stats = _card().round_stats
     base = rows.get("plain")
     for name, row in rows.items():
         entry = {"tok_s": stats(row["tok_s"]), "host_ms_per_token": stats(row["host_ms_per_token"])}

@@ -4,6 +4,7 @@ settings that keep a run on a tiny checkpoint to a few seconds."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -13,6 +14,16 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def benchmark_module(filename: str, name: str):
+    """``benchmarks/FILENAME`` imported as module ``name`` (registered in ``sys.modules``: dataclasses look their
+    module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 # a tiny run: one thread (steadier on a shared machine), no tokenizer, no progress bars
 SMALL = ["--prompt", "12", "--new", "8", "--prefill", "24", "--ppl-tokens", "24", "--repeats", "3",

@@ -9,7 +9,6 @@ Without a GPU the main device is the CPU and the budget is its memory (see ``lp_
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import benchmark_module
 from shapes import ARCHS, build_tiny
 
 import lp_plugin
@@ -198,11 +198,7 @@ def test_cli_on_a_model_folder(tiny_checkpoints):
 
 # ---------------------------------------------------------------------------------------- budget_check.py
 def _budget_check():
-    spec = importlib.util.spec_from_file_location("budget_check", ROOT / "benchmarks" / "budget_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("budget_check.py", "budget_check")
 
 
 def test_budget_check_parts():

@@ -3,27 +3,19 @@ summary and verdict, and its refusal to run without a CUDA GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
-def _card():
-    spec = importlib.util.spec_from_file_location("card_bench", ROOT / "benchmarks" / "card.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-card = _card()
+card = benchmark_module("card.py", "card_bench")
 
 
 def test_arguments_parsed_with_sizes_and_defaults(tmp_path):

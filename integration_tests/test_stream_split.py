@@ -4,25 +4,11 @@ Linear module and frees the slot after its last, with no hook between)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_helpers import benchmark_module
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _split():
-    spec = importlib.util.spec_from_file_location("stream_split", ROOT / "benchmarks" / "stream_split.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-split = _split()
+split = benchmark_module("stream_split.py", "stream_split")
 
 
 @pytest.mark.parametrize("argv", [["--layers", "0-99"], ["--shape", "nope"], ["--configs", "plain,bogus"],
