@@ -5,6 +5,7 @@ attach/detach round trips and Accelerate interplay."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import pytest
@@ -343,3 +344,38 @@ def test_nf4_standby_holds_no_tensor_outside_the_tier(tiny_checkpoints, mode):
     with torch.no_grad():
         model(ids)  # still runs from the templates
     handle.detach()
+
+
+@pytest.mark.parametrize("store", ["dict", "loader"])
+def test_attach_frees_the_host_copies_accelerate_held(store):
+    """Accelerate keeps an offloaded module's values in host memory: in a dict (``cpu_offload``) or in the
+    state dict of an ``OffloadedWeightsLoader`` (``dispatch_model`` with modules mapped to "cpu", as
+    ``from_pretrained`` loads them). Attach takes those values over into its tier and drops Accelerate's
+    copies; detach puts them back."""
+    import weakref
+
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+    from conftest import build_tiny
+
+    model = build_tiny("llama")
+    with torch.no_grad():
+        ref = model(PROMPT).logits
+    names = ["model.layers.2", "model.layers.4"]
+    state = extract_submodules_state_dict(model.state_dict(), names)
+    weights = state if store == "dict" else OffloadedWeightsLoader(state_dict=state)
+    for name in names:  # what dispatch_model does for these modules (their weights go to the meta device)
+        attach_align_device_hook_on_blocks(
+            model.get_submodule(name), execution_device="cpu", offload=True, weights_map=weights, module_name=name
+        )
+    assert {p.device.type for p in model.model.layers[2].parameters()} == {"meta"}
+    refs = {k: weakref.ref(v) for k, v in state.items()}
+    handle = lp_plugin.attach(model, offload="2,4")
+    gc.collect()
+    assert not state and all(r() is None for r in refs.values())  # the tier holds the only copy
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref)
+    handle.detach()
+    assert set(state) == set(refs)  # Accelerate's copies are back, and its hooks run the layers again
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref)

@@ -63,12 +63,25 @@ def hooked_values(layer, hooks) -> tuple:
         names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
         if hook.offload_buffers:
             names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+        store = host_store(wm)
         for n in names:
             key = f"{qual}.{n}" if qual else n
             values[key] = wm[n]
-            if isinstance(getattr(wm, "dataset", None), dict):
-                held.append((wm.dataset, wm.prefix + n, key))
+            if store is not None and wm.prefix + n in store:
+                held.append((store, wm.prefix + n, key))
     return values, held
+
+
+def host_store(weights_map) -> dict | None:
+    """The dict in host memory behind an Accelerate hook's ``weights_map`` (a ``PrefixedDataset``): its
+    dataset itself where that is a dict (``cpu_offload``), or the state dict of the
+    ``OffloadedWeightsLoader`` that ``dispatch_model`` makes for modules mapped to ``"cpu"``; None where
+    the values are read from files only."""
+    dataset = getattr(weights_map, "dataset", None)
+    if isinstance(dataset, dict):
+        return dataset
+    state = getattr(dataset, "state_dict", None)
+    return state if isinstance(state, dict) else None
 
 
 def take_over(layer, values: dict) -> list:
