@@ -75,6 +75,10 @@ class Ring(Mover):
         self.host = [u.tier.host_view(u.key) if u.tier.direct(u.key) else None for u in units]
         self.needs_staging = any(h is None for h in self.host)
         self.side = torch.cuda.Stream(device) if self.cuda else None
+        # the stream the model computes on: read as the ring opens and as each forward starts (a forward
+        # runs on one stream), so the calls per unit need not ask for it (a new Stream object, ~6 us)
+        self.compute: torch.cuda.Stream | None = None
+        self.on_current_device = False  # the ring's device is the current device (read with compute)
         self.executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader", initializer=self._reader_init)
             if self.needs_staging
@@ -116,6 +120,7 @@ class Ring(Mover):
         self.pending = {}  # pos -> reader-thread future
         self.holds = [None] * self.nslots  # the unit each slot was last loaded with
         self.calls = [0] * self.k
+        self._read_compute_stream()
         if self.buffer is None:
             self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
         flat = self.buffer.map()
@@ -138,6 +143,11 @@ class Ring(Mover):
             raise
         if self.needs_staging:
             gil_switch.enter()  # left in release
+
+    def _read_compute_stream(self) -> None:
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(self.device)
+            self.on_current_device = self.device.index == torch.cuda.current_device()
 
     def _unbind(self):
         for unit in self.units:
@@ -214,8 +224,9 @@ class Ring(Mover):
         self.holds[pos % self.nslots] = pos
         fork = None
         if self.cuda:
+            assert self.compute is not None  # read as the ring opened
             fork = torch.cuda.Event()
-            torch.cuda.current_stream(self.device).record_event(fork)
+            self.compute.record_event(fork)
         if self.host[pos] is None:
             assert self.executor is not None  # made where a unit reads through staging
             self.pending[pos] = self.executor.submit(self._read_and_copy, pos, fork)
@@ -223,21 +234,39 @@ class Ring(Mover):
             self.units[pos].tier.check(self.units[pos].key)
             self._copy(pos, self.host[pos][: self.units[pos].nbytes], fork, capturing)
 
-    def _copy(self, pos, src, fork, capturing):
+    def _copy(self, pos, src, fork, capturing, reader: bool = False):
+        """Copy ``src`` into unit ``pos``'s slot on the side stream, after ``fork``. The reader thread's
+        current stream is the side stream already; the main thread switches to it and back by
+        ``set_stream`` (the ``torch.cuda.stream`` context costs ~10 us more a load), or by that context
+        where the ring's device is not the current one (``set_stream`` would change the current device)."""
         slot = pos % self.nslots
         assert self.slots is not None  # the ring is open
         dst = self.slots[slot][: src.numel()]
         if not self.cuda:
             dst.copy_(src)
             return
-        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
+        assert self.side is not None and self.compute is not None  # made and read with the ring on CUDA
         self.side.wait_event(fork)
-        with torch.cuda.stream(self.side):
-            dst.copy_(src, non_blocking=True)
-            self.loaded[slot].record()
-            if self._riders and not capturing:
-                self._ride()  # after the unit's event: the unit does not wait for the piece
+        if reader:
+            self._load(dst, src, slot, capturing)
+        elif self.on_current_device:
+            torch.cuda.set_stream(self.side)
+            try:
+                self._load(dst, src, slot, capturing)
+            finally:
+                torch.cuda.set_stream(self.compute)
+        else:
+            with torch.cuda.stream(self.side):
+                self._load(dst, src, slot, capturing)
         self.event_ok[slot] = not capturing
+
+    def _load(self, dst, src, slot, capturing) -> None:
+        """The copy into ``dst`` and its event (current stream: the side stream)."""
+        assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
+        dst.copy_(src, non_blocking=True)
+        self.loaded[slot].record(self.side)
+        if self._riders and not capturing:
+            self._ride()  # after the unit's event: the unit does not wait for the piece
 
     # ------------------------------------------------------------------ a copy riding along
     def carry(self, pairs, done: torch.cuda.Event) -> bool:
@@ -295,7 +324,7 @@ class Ring(Mover):
             assert self.loaded is not None  # made with the ring on CUDA
             self.loaded[slot].synchronize()  # the previous copy out of this staging buffer is done
         unit.tier.read_into(unit.key, buf)
-        self._copy(pos, buf, fork, False)
+        self._copy(pos, buf, fork, False, reader=True)
 
     def _drain(self):
         self.flush()
@@ -331,8 +360,10 @@ class Ring(Mover):
                 f"offloaded layer {self.units[pos].index} was called outside a forward of the model, so no ring "
                 "buffer holds it; call the model itself, or wrap the call in `with lp_plugin.session(model):`"
             )
-        if pos == 0 and not torch.compiler.is_compiling():
-            self.check_unedited()  # before any streamed unit of this forward reads its weights
+        if pos == 0:
+            self._read_compute_stream()
+            if not torch.compiler.is_compiling():
+                self.check_unedited()  # before any streamed unit of this forward reads its weights
         slot = pos % self.nslots
         if self.holds[slot] != pos:
             # the last slot's first unit is loaded as a forward starts (the copy engine then has work at
@@ -344,7 +375,8 @@ class Ring(Mover):
         if not self.cuda:
             return
         assert self.side is not None and self.loaded is not None  # made with the ring on CUDA
-        stream = torch.cuda.current_stream(self.device)
+        stream = self.compute
+        assert stream is not None  # read as the ring opened
         if torch.cuda.is_current_stream_capturing():
             if self.in_capture[pos]:  # (a load issued before the capture was complete when it began)
                 stream.wait_event(self.loaded[slot])
@@ -369,7 +401,8 @@ class Ring(Mover):
         self.calls = [0] * self.k  # (a forward cut short by an exception leaves counts behind)
         if self.slots is None or not self.cuda:
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = self.compute
+        assert stream is not None  # read as the ring opened
         capturing = torch.cuda.is_current_stream_capturing()
         for pos in range(min(self.nslots - 1, self.k)):
             slot = pos % self.nslots
