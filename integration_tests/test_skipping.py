@@ -678,6 +678,10 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     assert [(r["skipped"], r["selection"], r["stand_in"]) for r in result["rows"]] == [
         (0, "plain", "none"), (2, "bi", "none"), (2, "bi", "mean"), (2, "angular", "none"), (2, "angular", "mean")]
     assert all(r["standby_vram_bytes"] is None and r["tokens_per_second"] > 0 for r in result["rows"])
+    # each row against the plain one: forward speed-up (the plain row's is 1) and standby VRAM saved (None on the CPU)
+    assert result["rows"][0]["speedup_vs_plain"] == 1.0 and all(r["speedup_vs_plain"] > 0 for r in result["rows"])
+    assert all(r["standby_saved_bytes"] is None for r in result["rows"])
+    assert "| vs plain | standby VRAM | saved |" in out.with_suffix(".txt").read_text()
     assert result["targets"][0]["met"] is True and "25% (2 layers) <= +1e+06% on every slice: MET" in out.with_suffix(".txt").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
     bad = subprocess.run(cmd[:-2] + ["--targets", "25"], capture_output=True, text=True, env=fx.offline_env())

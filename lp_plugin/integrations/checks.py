@@ -1,9 +1,11 @@
 """What ``attach`` refuses before it changes anything: a layer listed twice, an offloaded layer that
-shares a tensor with a module that stays resident, a resident layer without weights."""
+shares a tensor with a module that stays resident, a resident layer without weights, a skip that would
+run a layer the model does not hold."""
 
 from __future__ import annotations
 
 from ..core import accel
+from ..core.absent import absent_layers
 from ..errors import AttachError
 
 
@@ -48,3 +50,29 @@ def check_not_shared(model, modules, indices):
                 f"offloaded layer {owner[0]} shares its parameter {owner[1]} with {name}; lp_plugin cannot offload a "
                 "tensor another module uses: leave that layer resident, or untie the parameter first"
             )
+
+
+def check_absent(layer_list, config, skips=None) -> None:
+    """Layers that hold no weights (skipped when the model was loaded, ``lp_plugin.core.absent``) can only
+    be skipped again: refuse a skip that leaves one of them to run, and a skip policy or stand-ins, which
+    run every layer on calibration text. ``skips``: the plan's resolved skips, if any."""
+    missing = absent_layers(layer_list)
+    if not missing:
+        return
+    if skips is None:
+        from ..planning.skipping.resolve import known_before_loading
+
+        skips = known_before_loading(config, len(layer_list))
+        if skips is None:
+            raise AttachError(
+                f"layers {missing} of this model hold no weights (skipped when it was loaded), and "
+                f"skip={config.skip!r} with stand_in={config.stand_in!r} runs every layer on calibration text; "
+                f"attach with an explicit skip that lists them (skip={missing}) and no stand-in, or load the "
+                "model again without skip="
+            )
+    left = sorted(set(missing) - set(skips.layers))
+    if left:
+        raise AttachError(
+            f"layers {left} of this model hold no weights (skipped when it was loaded) but this skip runs them; "
+            f"list them in skip= (e.g. skip={missing}), or load the model again without skip="
+        )

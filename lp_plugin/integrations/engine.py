@@ -37,7 +37,7 @@ from ..planning.arch import find_decoder_layers
 from ..planning.config import OffloadConfig
 from ..planning.plan import OffloadPlan
 from ..planning.plugins import tier_class
-from .checks import check_model
+from .checks import check_absent, check_model
 from .reporter import HandleReport
 
 log = logging.getLogger("lp_plugin")
@@ -224,11 +224,15 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         raise AttachError(
             "this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again"
         )
+    _, layer_list = find_decoder_layers(model)
     if plan is None:
-        plan = OffloadPlan.for_model(model, OffloadConfig.from_options(config, **options))
+        config = OffloadConfig.from_options(config, **options)
+        check_absent(layer_list, config)
+        plan = OffloadPlan.for_model(model, config)
+    else:
+        check_absent(layer_list, plan.config, plan.skips)
     plan = plan.with_skips(model)
     config = plan.config
-    _, layer_list = find_decoder_layers(model)
     check_model(model, plan, layer_list)
     embedding_pair = embedding_modules(model) if config.embeddings == "host" else None
 

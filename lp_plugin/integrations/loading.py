@@ -13,8 +13,10 @@ from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
 from ..planning.footprint import checkpoint_dtype, load_format
 from ..planning.plan import OffloadPlan, auto_base_map
+from ..planning.skipping.resolve import known_before_loading
 from .engine import attach
 from .quant import Nf4Load
+from .skipped_load import load_without, release
 
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
 
@@ -46,14 +48,25 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
             hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)
         )
     plan = OffloadPlan.for_config(hf_config, config, base_map=base_map, weights=load_format(hf_config, hf_kwargs))
+    early = known_before_loading(plan.config, plan.num_layers)
+    if early is not None:  # an explicit skip without stand-ins: those layers are never read
+        plan = plan.with_resolved_skips(early)
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
     if plan.budget is not None and plan.main_device.type == "cuda":
         bound_allocator_slack()  # see docs/card.md: the card's allocator slack stays small
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, device_map=nf4.device_map(plan.device_map("cpu")), **nf4.hf_kwargs
-    )
+    device_map = nf4.device_map(plan.device_map("cpu"))
+    if early is not None and early.layers:
+        model = load_without(
+            type(plan.skeleton), name_or_path, plan.layer_prefix, early.layers, device_map=device_map, **nf4.hf_kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **nf4.hf_kwargs)
     model.eval()
     nf4.finish(model)
+    if early is None:
+        # a policy or stand-ins: chosen and fitted on the whole loaded model, then the skipped layers are freed
+        plan = plan.with_skips(model)
+        release(model, plan.skips.layers, plan.main_device)
     attach(model, plan=plan)
     if plan.budget is not None and plan.main_device.type == "cuda":
         import torch

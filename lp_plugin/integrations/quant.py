@@ -15,6 +15,7 @@ import gc
 import logging
 
 from ..core import accel
+from ..core.absent import is_absent
 from ..errors import OffloadSpecError
 from ..planning.arch import find_decoder_layers, text_config
 from ..planning.footprint import checkpoint_dtype
@@ -128,7 +129,7 @@ def _quantize_offloaded_layers(model, plan, qconfig, ckpt_dtype=None):
     _, layer_list = find_decoder_layers(model)
     # transformers keeps host-offloaded layers of a 4-bit model in fp32; a plain 4-bit load quantizes
     # (and keeps norms/biases) in the checkpoint dtype, which a resident layer shows
-    resident = [l for j, l in enumerate(layer_list) if j not in set(layers)]
+    resident = [l for j, l in enumerate(layer_list) if j not in set(layers) and not is_absent(l)]
     ref_dtypes = {n: p.dtype for n, p in resident[0].named_parameters()} if resident else {}
     default_dtype = ckpt_dtype or model.get_input_embeddings().weight.dtype
     for i in layers:

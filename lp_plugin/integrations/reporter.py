@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from ..core.absent import is_absent
 from ..core.gate import SessionGate
 from ..core.group import execution_order
 from ..core.report import layers_text, size_text
@@ -47,6 +48,10 @@ class HandleReport:
         """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
         return sum(l.nbytes for l in self.layers)
 
+    def without_weights(self) -> list[int]:
+        """Skipped layers whose weights the model does not hold (never read, or freed once chosen)."""
+        return [i for i, module in self.dropped if is_absent(module)]
+
     def info(self) -> dict:
         c = self.config
         units = execution_order(self.layers, self.stand_ins)
@@ -57,6 +62,7 @@ class HandleReport:
             "offloaded_layers": self.layer_indices,
             "dropped_layers": [i for i, _ in self.dropped],
             "skipped_layers": list(self.plan.skips.layers),
+            "skipped_without_weights": self.without_weights(),
             "stand_ins": {str(i): type(s.module).__name__ for i, s in self.stand_ins.items()},
             "tier": c.tier,
             "mode": c.mode,
@@ -120,11 +126,13 @@ class HandleReport:
             rows.append(("per forward", f"{size_text(offloaded)} copied to {main_device} (ring of {c.prefetch + 1})"))
         if self.plan.skips.layers:
             stand_ins = {type(s.module).__name__ for s in self.stand_ins.values()}
+            hows = sorted({module._lp_absent_how for _, module in self.dropped if is_absent(module)})
             rows.append(
                 (
                     "skipped",
                     f"layers {layers_text(self.plan.skips.layers)}"
-                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else ""),
+                    + (f" (stand-ins: {', '.join(sorted(stand_ins))})" if stand_ins else "")
+                    + (f"; weights {' / '.join(hows)}" if hows else ""),
                 )
             )
         dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]

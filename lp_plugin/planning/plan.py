@@ -157,7 +157,11 @@ class OffloadPlan:
         stand-ins need its weights): skipped layers are dropped, and no longer offloaded."""
         if self.skips is not None:
             return self
-        skips = resolve_skips(model, self.config, self.num_layers)
+        return self.with_resolved_skips(resolve_skips(model, self.config, self.num_layers))
+
+    def with_resolved_skips(self, skips: SkipPlan) -> OffloadPlan:
+        """This plan with ``skips`` (resolved already, e.g. before loading): skipped layers are dropped, and
+        no longer offloaded."""
         skipped = set(skips.layers)
         return replace(
             self,

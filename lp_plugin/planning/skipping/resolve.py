@@ -91,6 +91,35 @@ def check_skips(config, num_layers: int) -> None:
         _explicit_layers(config.skip, num_layers)
 
 
+def _info(config, layers, stand_in) -> dict:
+    return {
+        "skip": config.skip if isinstance(config.skip, str) else list(config.skip),
+        "layers": list(layers),
+        "stand_in": str(stand_in),
+    }
+
+
+def known_before_loading(config, num_layers: int) -> SkipPlan | None:
+    """The :class:`SkipPlan` of ``config`` where it needs no weights: an explicit layer list (or a
+    policy asking for 0 layers) without stand-ins. None where the model must be loaded first: a
+    policy measures the layers on calibration text, and a stand-in is fitted to a skipped layer's own
+    output (its cache key is a SHA-256 of every weight)."""
+    check_skips(config, num_layers)
+    stand_in = parse_stand_in(config.stand_in)
+    if config.skip is None:
+        return SkipPlan()
+    if stand_in.kind != "none":
+        return None
+    spec = parse_policy(config.skip) if isinstance(config.skip, str) else None
+    if spec is not None:
+        if _checked_policy(spec, num_layers)[1]:
+            return None
+        layers: tuple = ()
+    else:
+        layers = _explicit_layers(config.skip, num_layers)
+    return SkipPlan(layers, {}, _info(config, layers, stand_in))
+
+
 def resolve_skips(model, config, num_layers: int):
     """The :class:`SkipPlan` of ``config`` for ``model``."""
     check_skips(config, num_layers)
@@ -103,11 +132,7 @@ def resolve_skips(model, config, num_layers: int):
         layers, ctx = _policy_layers(spec, model, config, stand_in, num_layers)
     else:
         layers = _explicit_layers(config.skip, num_layers)
-    info = {
-        "skip": config.skip if isinstance(config.skip, str) else list(config.skip),
-        "layers": list(layers),
-        "stand_in": str(stand_in),
-    }
+    info = _info(config, layers, stand_in)
     stand_ins = {}
     if stand_in.kind != "none" and layers:
         ctx = ctx or SkipContext(model, config.calib, stand_in)

@@ -117,10 +117,15 @@ def _ratios(c, out, base, acc) -> dict:
             "peak_budget_bytes": None,
             "peak_vs_budget": None,
             "decode_vs_cpu_tier": None,
+            "decode_vs_unskipped": None,
+            "standby_saved_bytes": None,
+            "peak_saved_bytes": None,
         }
     )
     if cfg["kind"] == "lp":
         r.update(_vs_peers(c, out))
+        if cfg.get("skip"):
+            r.update(_vs_unskipped(c, out))
     if cfg["kind"] == "baseline":
         return r
     dec_base, pre_base = median_of(r["decode_vs_baseline"]), median_of(r["prefill_vs_baseline"])
@@ -145,6 +150,40 @@ def _ratios(c, out, base, acc) -> dict:
         if tier_twin is not None:
             r["decode_vs_cpu_tier"] = paired(c.get("decode_tok_s"), tier_twin.get("decode_tok_s"))
     return r
+
+
+_SAME_BUT_SKIP = ("mode", "spec", "tier", "alpha", "prefetch", "load", "cold", "protect_first", "protect_last")
+
+
+def unskipped(out: dict, c):
+    """The run's config that is ``c`` without its skip (same mode, layers, tier, options and load), or None."""
+    cfg = c["config"]
+    return find(
+        out,
+        lambda o: (
+            o["config"]["kind"] == "lp"
+            and not o["config"].get("skip")
+            and all(o["config"].get(k) == cfg.get(k) for k in _SAME_BUT_SKIP)
+        ),
+    )
+
+
+def _vs_unskipped(c, out) -> dict:
+    """What skipping gains over the same config without it: decode speed (median of per-round ratios) and
+    the standby and peak VRAM it saves (differences of medians, bytes; None on the CPU)."""
+    twin = unskipped(out, c)
+    if twin is None:
+        return {}
+
+    def saved(key):
+        a, b = median_of(twin.get(key)), median_of(c.get(key))
+        return None if a is None or b is None else a - b
+
+    return {
+        "decode_vs_unskipped": paired(c.get("decode_tok_s"), twin.get("decode_tok_s")),
+        "standby_saved_bytes": saved("standby_vram_bytes"),
+        "peak_saved_bytes": saved("peak_vram_bytes"),
+    }
 
 
 def _peer(out: dict, kind: str, cold: bool):
@@ -242,8 +281,10 @@ def goals(out: dict) -> list:
             add(c["name"], "runs without error", None, None, False)
             continue
         cfg, r = c["config"], c.get("ratios") or {}
+        if cfg["kind"] == "lp" and cfg.get("skip"):
+            _skip_goals(c, out, r, add)
         if cfg["kind"] != "lp" or not is_exact(cfg):
-            continue  # the goals are set for exact offloading (alpha 1, nothing skipped)
+            continue  # the other goals are set for exact offloading (alpha 1, nothing skipped)
         _exactness_goals(c, nz, add)
         _speed_goals(c, cfg, r, dtype, add)
     return rows
@@ -325,6 +366,34 @@ def _speed_goals(c, cfg, r, dtype, add) -> None:
                 v >= 0.8,
                 "decode",
             )
+
+
+SKIP_VRAM_SHARE = 0.9  # of the bytes of the skipped layers the config without skipping keeps on the device
+
+
+def _skip_goals(c, out, r, add) -> None:
+    """A skipping config against the same config without skipping: decode at least ``1 + s`` times as
+    fast for a share ``s`` of the layers skipped (a fifth: 1.2x); loaded by ``from_pretrained``, standby
+    VRAM lower by at least :data:`SKIP_VRAM_SHARE` of the skipped layers that config keeps on the device
+    (skipped layers are never loaded; decoder layers are taken to be of one size, the model's largest)."""
+    twin = unskipped(out, c)
+    skipped = (c.get("info") or {}).get("skipped_layers") or []
+    num_layers = (out.get("model") or {}).get("num_layers")
+    if twin is None or not skipped or not num_layers:
+        return
+    name = c["name"]
+    v = median_of(r.get("decode_vs_unskipped"))
+    if v is not None:
+        target = 1 + len(skipped) / num_layers
+        goal = f"decode vs {twin['name']} (skipping {len(skipped)} of {num_layers} layers; median of per-round ratios)"
+        add(name, goal, v, f">= {target:.2f}", v >= target, "decode")
+    saved = r.get("standby_saved_bytes")
+    kept = [i for i in skipped if i not in set((twin.get("info") or {}).get("offloaded_layers") or [])]
+    layer = (out.get("model") or {}).get("layer_bytes") or twin.get("layer_bytes")
+    if saved is not None and c["config"].get("load") == "pretrained" and kept and layer:
+        want = SKIP_VRAM_SHARE * len(kept) * layer
+        goal = f"standby VRAM saved vs {twin['name']} (GiB; skipped layers it keeps on the device: {kept})"
+        add(name, goal, saved / GIB, f">= {want / GIB:.3f}", saved >= want)
 
 
 def speed_runs(c, short) -> list:

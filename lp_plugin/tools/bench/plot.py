@@ -4,8 +4,8 @@ drawn as a line. Labels sit in a column right of the axes, in the order of their
 each joined to its point, so they never overlap however close the points are.
 
 Memory is the measured standby VRAM (with peak inference VRAM above it) on CUDA; on the CPU, where
-nothing is measured on a device, it is the model's bytes minus the offloaded bytes: what would
-stay on the GPU.
+nothing is measured on a device, it is the model's bytes minus the offloaded bytes and the skipped
+layers the model does not hold: what would stay on the GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from lp_plugin.core.report import GIB
 
 from .derive import exact_allowance, usable
+from .report import computed_memory
 from .stats import median_of
 
 
@@ -28,7 +29,7 @@ def _points(out: dict) -> tuple:
         if measured:
             y, peak = median_of(c.get("standby_vram_bytes")), median_of(c.get("peak_vram_bytes"))
         else:
-            y, peak = out["model"]["param_bytes"] - (c.get("offloaded_bytes") or 0), None
+            y, peak = computed_memory(out, c), None
         if y is None:
             continue
         diff, decode = c.get("max_abs_logit_diff"), c.get("max_abs_decode_logit_diff")
@@ -145,8 +146,8 @@ def plot(out: dict, path: str) -> None:
         fig.text(
             0.08,
             0.015,
-            "no CUDA device: memory is the model's bytes minus the offloaded bytes (what would stay "
-            "on a GPU), not a measurement",
+            "no CUDA device: memory is the model's bytes minus the offloaded and skipped bytes (what would "
+            "stay on a GPU), not a measurement",
             fontsize=8,
             color="dimgrey",
         )

@@ -37,6 +37,8 @@ HEAD = [
     "pre/air",
     "peak/budget",
     "disk/cpu",
+    "dec/noskip",
+    "saved GiB",
 ]
 
 
@@ -99,6 +101,8 @@ def _row(c) -> list:
         _fmt(median_of(r.get("prefill_vs_airllm")), "x"),
         _fmt(r.get("peak_vs_budget"), "x"),
         _fmt(median_of(r.get("decode_vs_cpu_tier")), "x"),
+        _fmt(median_of(r.get("decode_vs_unskipped")), "x"),
+        _fmt(r.get("standby_saved_bytes"), "gib"),
     ]
 
 
@@ -111,8 +115,10 @@ COMPACT = [
     "memory",
     "standby GiB",
     "peak GiB",
+    "saved GiB",
     "decode tok/s",
     "dec/base",
+    "dec/noskip",
     "step/base",
     "gen/base",
     "static/base",
@@ -123,7 +129,17 @@ COMPACT = [
     "disk/cpu",
     "dec/air",
 ]
-DROP_FIRST = ["dec logit", "step/base", "static/base", "MiB/fwd", "gen/base", "disk/cpu", "ppl"]
+DROP_FIRST = [
+    "dec logit",
+    "step/base",
+    "static/base",
+    "MiB/fwd",
+    "gen/base",
+    "disk/cpu",
+    "ppl",
+    "saved GiB",
+    "dec/noskip",
+]
 
 
 def _wrap(text: str, indent: str = "  ") -> list:
@@ -148,8 +164,9 @@ def _header_lines(out) -> list:
         f"pageable {_fmt(bw.get('pageable_h2d_gbps'))} GB/s"
         + (f" ({bw['note']})" if bw.get("note") else "")
         + f"; {static_text}",
-        f"median [min-max] of {s['repeats']} interleaved rounds after a warm-up; x/base, dec/accel and disk/cpu are "
-        "medians of per-round ratios",
+        f"median [min-max] of {s['repeats']} interleaved rounds after a warm-up; x/base, dec/accel, disk/cpu and "
+        "dec/noskip (a skipping config against the same config without skipping) are medians of per-round "
+        "ratios; saved GiB: the standby VRAM skipping saves against that config",
     ]
     return [w for line in lines for w in _wrap(line)]
 
@@ -181,9 +198,9 @@ def _measured_memory(out) -> bool:
 
 def computed_memory(out, c):
     """Without a GPU to measure on: the bytes left on the main device, computed as the model's bytes
-    minus the offloaded bytes (what the plot shows too)."""
+    minus the offloaded bytes and the skipped layers it does not hold (what the plot shows too)."""
     total = (out.get("model") or {}).get("param_bytes")
-    return None if total is None else total - (c.get("offloaded_bytes") or 0)
+    return None if total is None else total - (c.get("offloaded_bytes") or 0) - (c.get("skipped_bytes") or 0)
 
 
 def _compact_row(out, c, unit) -> dict:
@@ -196,6 +213,8 @@ def _compact_row(out, c, unit) -> dict:
         "peak GiB": _fmt(median_of(c.get("peak_vram_bytes")), "gib"),
         "decode tok/s": _fmt(median_of(c.get("decode_tok_s"))),
         "dec/base": _fmt(median_of(r.get("decode_vs_baseline")), "x"),
+        "dec/noskip": _fmt(median_of(r.get("decode_vs_unskipped")), "x"),
+        "saved GiB": _fmt(r.get("standby_saved_bytes"), "gib"),
         "step/base": _fmt(median_of(r.get("decode_step_vs_baseline")), "x"),
         "gen/base": _fmt(median_of(r.get("generate_vs_baseline")), "x"),
         "static/base": "failed" if c.get("static_error") else _fmt(median_of(r.get("static_vs_baseline")), "x"),
@@ -240,7 +259,7 @@ def _compact(out) -> list:
     if not measured:
         lines.append(
             f"* computed, not measured (no GPU): the model's {unit[0]} left on the main device, its bytes "
-            "minus the offloaded bytes"
+            "minus those offloaded or skipped"
         )
     return lines
 

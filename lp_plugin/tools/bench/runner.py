@@ -241,6 +241,7 @@ def _empty_result(cfg) -> dict:
         "not_applicable": None,
         "layers": None,
         "offloaded_bytes": None,
+        "skipped_bytes": None,
         "bytes_per_forward": None,
         "layer_bytes": None,
         "info": None,
@@ -366,6 +367,9 @@ def _finish_result(res, run) -> None:
     layers = info.get("layers")
     res["layers"] = list(layers) if layers is not None else None
     res["offloaded_bytes"] = info.get("offloaded_bytes")
+    # the plain model's bytes of the skipped layers the measured model does not hold (never loaded, or freed)
+    absent = [i for i in info.get("skipped_without_weights") or [] if i < len(run.layer_sizes)]
+    res["skipped_bytes"] = sum(run.layer_sizes[i] for i in absent) if absent else None
     bpf = info.get("bytes_per_forward")
     res["bytes_per_forward"] = int(bpf) if isinstance(bpf, (int, float)) else None
     if isinstance(info.get("layer_bytes"), (int, float)) and info["layer_bytes"]:

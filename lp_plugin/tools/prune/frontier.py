@@ -31,7 +31,8 @@ def _slice_names(out: dict) -> list:
 
 def table(out: dict) -> str:
     """Perplexity per share skipped, selection and stand-in on every slice (its rise over the plain
-    model in brackets), the worst rise (the verdict's), and the speed and memory of every row."""
+    model in brackets), the worst rise (the verdict's), and the speed and memory of every row (with
+    the forward speed-up and the standby VRAM saved against the plain row)."""
     rows = out["rows"]
     names = _slice_names(out)
     base = rows[0]
@@ -60,14 +61,16 @@ def table(out: dict) -> str:
         )
     lines += [
         "",
-        "| skipped | selection | stand_in | tok/s | standby VRAM | peak VRAM | bytes moved/token | stand-in bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| skipped | selection | stand_in | tok/s | vs plain | standby VRAM | saved | peak VRAM | bytes moved/token "
+        "| stand-in bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        speedup, saved = r.get("speedup_vs_plain"), r.get("standby_saved_bytes")
         lines.append(
             f"| {r['skipped']} | {r['selection']} | {r['stand_in']} | {_num(r['tokens_per_second'])} | "
-            f"{_gib(r['standby_vram_bytes'])} | {_gib(r['peak_vram_bytes'])} | {r['bytes_moved_per_token']:,.0f} | "
-            f"{r['stand_in_bytes']:,} |"
+            f"{'-' if speedup is None else f'{speedup:.2f}x'} | {_gib(r['standby_vram_bytes'])} | {_gib(saved)} | "
+            f"{_gib(r['peak_vram_bytes'])} | {r['bytes_moved_per_token']:,.0f} | {r['stand_in_bytes']:,} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -237,6 +237,11 @@ def run_sweep(
             r["change"] = r["ppl"] / base["slices"][name]["ppl"] - 1
         row["worst_slice"] = max(row["slices"], key=lambda name: row["slices"][name]["change"])
         row["worst_change"] = row["slices"][row["worst_slice"]]["change"]
+        # what skipping gains over the plain row: forward speed and the standby VRAM it saves (None on the CPU)
+        tps, base_tps = row["tokens_per_second"], base["tokens_per_second"]
+        row["speedup_vs_plain"] = tps / base_tps if tps and base_tps else None
+        standby, base_standby = row["standby_vram_bytes"], base["standby_vram_bytes"]
+        row["standby_saved_bytes"] = None if standby is None or base_standby is None else base_standby - standby
     return {
         "model": str(path),
         "num_layers": num_layers,
