@@ -213,16 +213,20 @@ def test_explicit_layers_with_stand_ins_are_fitted_then_freed(checkpoint, device
         assert torch.equal(model(x).logits, ref(x).logits)
 
 
-def test_accelerate_host_copies_are_freed_too(checkpoint):
-    """A layer Accelerate offloaded keeps its values in the hook's weights map; freeing the layer frees them."""
+@pytest.mark.parametrize("store", ["dict", "loader"])
+def test_accelerate_host_copies_are_freed_too(checkpoint, store):
+    """A layer Accelerate offloaded keeps its values in the hook's weights map (a dict, or the state dict of
+    the OffloadedWeightsLoader that dispatch_model makes); freeing the layer frees them."""
     from accelerate import cpu_offload
+    from accelerate.utils import OffloadedWeightsLoader
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     _, layers = find_decoder_layers(model)
     state = {k: v.clone() for k, v in layers[4].state_dict().items()}
     refs = [weakref.ref(v) for v in state.values()]
-    cpu_offload(layers[4], execution_device=torch.device("cpu"), state_dict=state)
-    del state
+    weights = state if store == "dict" else OffloadedWeightsLoader(state_dict=state)
+    cpu_offload(layers[4], execution_device=torch.device("cpu"), state_dict=weights)
+    del state, weights
     gc.collect()
     assert all(r() is not None for r in refs)  # held by the hook
     assert release(model, [4]) == [4]
@@ -232,13 +236,14 @@ def test_accelerate_host_copies_are_freed_too(checkpoint):
     assert release(model, [4]) == []
 
 
-def test_a_model_without_some_weights_runs_only_with_them_skipped(checkpoint):
-    model = lp_plugin.from_pretrained(checkpoint, dtype=torch.float32, skip=[1, 10])
+def test_a_model_without_some_weights_runs_only_with_them_skipped(checkpoint, device):
+    model = lp_plugin.from_pretrained(checkpoint, dtype=torch.float32, main_device=device, skip=[1, 10])
+    x = IDS.to(device)
     with torch.no_grad():
-        expected = model(IDS).logits
+        expected = model(x).logits
     lp_plugin.get_handle(model).detach()
     with pytest.raises(AttachError), torch.no_grad():
-        model(IDS)
+        model(x)
     ids = list(range(256)) * 2
     for options in (dict(skip=[1]), dict(skip="bi:2", calib=ids), dict(skip=[1, 10], stand_in="mean", calib=ids)):
         with pytest.raises(AttachError):
@@ -246,7 +251,7 @@ def test_a_model_without_some_weights_runs_only_with_them_skipped(checkpoint):
         assert lp_plugin.get_handle(model) is None
     handle = lp_plugin.attach(model, offload="even", skip="1,10")
     with torch.no_grad():
-        assert torch.equal(model(IDS).logits, expected)
+        assert torch.equal(model(x).logits, expected)
     handle.detach()
 
 

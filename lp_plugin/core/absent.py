@@ -72,8 +72,8 @@ def _drop_accelerate_values(layer) -> None:
 
     for _, sub, hook in accel.offload_hooks(layer):
         wm = hook.weights_map
-        store = getattr(wm, "dataset", None)
-        if not isinstance(store, dict):
+        store = accel.host_store(wm)
+        if store is None:
             continue
         names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
         names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
