@@ -379,3 +379,27 @@ def test_attach_frees_the_host_copies_accelerate_held(store):
     assert set(state) == set(refs)  # Accelerate's copies are back, and its hooks run the layers again
     with torch.no_grad():
         assert torch.equal(model(PROMPT).logits, ref)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_a_model_dropped_while_attached_is_freed(tmp_path, device, tier, mode):
+    """A user who drops an attached model (``del model``, no detach) gets its memory back: nothing global
+    (the ring's op registry, the disk tier's reader thread) keeps the model, its ring or its tier alive."""
+    import weakref
+
+    from conftest import build_tiny
+
+    from lp_plugin.core import ops
+
+    model = build_tiny("qwen2").to(device)
+    handle = lp_plugin.attach(model, offload="even", mode=mode, tier=tier, offload_folder=tmp_path)
+    with torch.no_grad():
+        model(PROMPT.to(device))
+    refs = [weakref.ref(model), weakref.ref(handle)]
+    ring_id = handle.ring.id if mode == "stream" else None
+    assert ring_id is None or ring_id in ops._rings
+    del model, handle
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert ring_id not in ops._rings

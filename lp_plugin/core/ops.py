@@ -7,10 +7,11 @@ under the id they carry."""
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 
-_rings: dict = {}
+_rings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # a model dropped unattached takes its ring along
 _ids = itertools.count()
 
 

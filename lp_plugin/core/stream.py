@@ -80,7 +80,12 @@ class Ring(Mover):
         self.compute: torch.cuda.Stream | None = None
         self.on_current_device = False  # the ring's device is the current device (read with compute)
         self.executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lp_plugin-reader", initializer=self._reader_init)
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="lp_plugin-reader",
+                initializer=_reader_init,  # (not a method: the thread would keep the ring alive)
+                initargs=(device, self.side),
+            )
             if self.needs_staging
             else None
         )
@@ -206,12 +211,6 @@ class Ring(Mover):
             self.join()
 
     # ------------------------------------------------------------------ copies
-    def _reader_init(self):
-        if self.cuda:
-            assert self.side is not None  # made with the ring on CUDA
-            torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(self.side)
-
     def _issue(self, pos):
         """Start copying unit ``pos`` into its slot once the compute stream is past its previous user."""
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
@@ -416,6 +415,13 @@ class Ring(Mover):
             else:
                 stream.wait_stream(self.side)
             self.in_capture[pos] = False
+
+
+def _reader_init(device, side) -> None:
+    """The reader thread computes on the ring's device, its current stream the side stream."""
+    if side is not None:
+        torch.cuda.set_device(device)
+        torch.cuda.set_stream(side)
 
 
 def _first_tensor(output):
