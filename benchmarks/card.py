@@ -22,6 +22,7 @@ memory. Exit status: 0 every check passed, 1 a check failed or a step failed, 2 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -297,6 +298,26 @@ def device_peak(max_used: int, baseline: int) -> int:
     return max(max_used - baseline, 0)
 
 
+def host_memory(status_text: str | None = None) -> dict | None:
+    """This process's host memory from ``/proc/self/status`` (Linux; None elsewhere), bytes: ``rss`` (resident
+    now), ``peak_rss`` (the most resident so far), and of ``rss`` the ``anon`` part (private memory: pinned
+    tier copies made by cudaHostAlloc count here or in ``shmem``, by the driver's choice) and ``shmem`` (shared
+    memory, including files in /dev/shm that are mapped, such as a checkpoint read from there)."""
+    if status_text is None:
+        try:
+            with open("/proc/self/status") as f:
+                status_text = f.read()
+        except OSError:
+            return None
+    fields = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "anon", "RssShmem": "shmem"}
+    out = {}
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key in fields and value.strip().endswith("kB"):
+            out[fields[key]] = int(value.split()[0]) * 1024
+    return out or None
+
+
 def relative_error(a, b) -> float:
     if a == b:
         return 0.0
@@ -494,6 +515,7 @@ def _workload_rows(report: dict, gi, fl) -> list:
                                 f"({fl(_pct(p.get('prediction_error')), '{:+.1f}%')})"),
         ("peak (self view)", f"{gi(p.get('self_view_bytes'))} GiB = context {gi(p.get('context_bytes'))} + reserved "
                              f"{gi(p.get('max_reserved_bytes'))} + mapped {gi(p.get('peak_mapped_bytes'))}"),
+        ("host memory", _host_text(w, plan, gi)),
         ("outputs equal", f"{w.get('outputs_equal')} (last-step max |dlogit| "
                           f"{fl(w.get('max_abs_logit_diff'), '{:.3g}')}; plain's tokens fed: logits equal "
                           f"{w.get('forced_logits_equal')} (one forward), {w.get('forced_decode_logits_equal')} "
@@ -506,6 +528,14 @@ def _workload_rows(report: dict, gi, fl) -> list:
         ("ratio (" + str(s.get("ratio_basis")) + ")",
          "-" if r is None else f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] over {r['n']} rounds"),
     ]
+
+
+def _host_text(w: dict, plan: dict, gi) -> str:
+    """The workload's host memory against what the plan keeps in host memory (offloaded layers, embeddings)."""
+    load, end = w.get("host_after_load") or {}, w.get("host_at_end") or {}
+    kept = (plan.get("offloaded_bytes") or 0) + (plan.get("embeddings_host_bytes") or 0)
+    return (f"resident {gi(load.get('rss'))} GiB after load (anon {gi(load.get('anon'))}, shared "
+            f"{gi(load.get('shmem'))}), peak {gi(end.get('peak_rss'))} GiB; the plan keeps {gi(kept)} GiB there")
 
 
 def _pct(x):
@@ -796,6 +826,8 @@ def step_workload(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = lp_plugin.from_pretrained(spec["folder"], **options)
     out["load_s"] = time.perf_counter() - t0
+    gc.collect()
+    out["host_after_load"] = host_memory()
     handle = lp_plugin.get_handle(model)
     info = handle.info()
     out["plan"] = {k: info.get(k) for k in ("mode", "tier", "prefetch", "offloaded_layers", "offloaded_bytes",
@@ -840,7 +872,7 @@ def step_workload(spec: dict) -> dict:
     out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
                max_reserved_bytes=torch.cuda.max_memory_reserved(),
                peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats),
-               lm_head_copies=handle.info().get("lm_head_copies"))
+               lm_head_copies=handle.info().get("lm_head_copies"), host_at_end=host_memory())
     return out
 
 
@@ -1330,7 +1362,8 @@ def _workload_summary(w: dict) -> dict:
             "generate_logits_equal", "generate_max_abs_logit_diff", "diagnostics",
             "tokens", "context_bytes", "free_after_init", "max_allocated_bytes", "max_reserved_bytes",
             "peak_mapped_bytes", "mapped_bytes_in_session", "after_generate", "engine_stats", "samples",
-            "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "log")
+            "device_baseline_bytes", "device_max_used_bytes", "device_peak_bytes", "host_after_load", "host_at_end",
+            "log")
     return {k: w.get(k) for k in keys if k in w}
 
 

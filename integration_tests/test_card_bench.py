@@ -424,3 +424,19 @@ def test_teacher_forced_logits_match_generate_and_each_other():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
     moved = card._compare_forced(forced, card._forced_outputs(model, ids, tokens))
     assert not moved["forced_logits_equal"] and moved["forced_decode_max_abs_logit_diff"] > 0
+
+
+def test_host_memory_read_from_proc_status():
+    text = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nRssAnon:\t   51200 kB\nRssShmem:\t 1024 kB\n"
+    assert card.host_memory(text) == {"peak_rss": 200 * 2**20, "rss": 100 * 2**20, "anon": 50 * 2**20,
+                                      "shmem": 2**20}
+    assert card.host_memory("Name:\tpython\n") is None
+    if sys.platform.startswith("linux"):  # this process: resident memory, at most its peak
+        now = card.host_memory()
+        assert now is not None and 0 < now["rss"] <= now["peak_rss"]
+    report = _report(plan={"mode": "stream", "offloaded_layers": [2], "offloaded_compact": "2", "offloaded_bytes": 2**30})
+    report["workload"].update(host_after_load={"rss": 3 * 2**30, "anon": 2**30, "shmem": 0},
+                              host_at_end={"peak_rss": 4 * 2**30})
+    report["verdict"] = card.verdict(report)[2]
+    row = next(line for line in card.table(report).splitlines() if line.startswith("host memory"))
+    assert "3.00 GiB after load" in row and "peak 4.00 GiB" in row and "keeps 1.00 GiB" in row
