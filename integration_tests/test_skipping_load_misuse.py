@@ -1,9 +1,9 @@
 """``from_pretrained(..., skip=...)`` used wrongly: every bad skip is refused before a weight is read
 (a folder that holds only config.json would fail with OSError once loading starts), and a model
-loaded without some layers stays usable after refused calls. The xfail tests mark what a user can
-still get wrong today (calibration checked only after loading, a checkpoint written without the
-skipped layers, a base-model checkpoint's skipped keys reported, pickling, config overrides,
-output_loading_info); each passes once that is fixed. Tiny hand-built checkpoints."""
+loaded without some layers stays usable after refused calls: calibration is checked before loading,
+saving a checkpoint that would lack the skipped layers is refused, a base-model checkpoint's skipped
+keys go unreported, the model pickles, config overrides are planned for, output_loading_info is
+refused. Tiny hand-built checkpoints."""
 
 from __future__ import annotations
 
@@ -99,27 +99,23 @@ def test_refused_attaches_leave_the_model_usable(checkpoint):
         assert torch.equal(model(IDS).logits, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="the tokenizer calib='mix' needs is looked for only after loading the model")
 def test_calibration_without_a_tokenizer_is_refused_before_loading(config_only):
     with pytest.raises(OffloadSpecError):
         lp_plugin.from_pretrained(config_only, main_device="cpu", skip="bi:2")
 
 
-@pytest.mark.xfail(strict=True, reason="calib ids are checked against the vocabulary only after loading the model")
 @pytest.mark.parametrize("calib", [[], [99999] * 600], ids=["empty", "out-of-vocab"])
 def test_bad_calibration_ids_are_refused_before_loading(config_only, calib):
     with pytest.raises(OffloadSpecError):
         lp_plugin.from_pretrained(config_only, main_device="cpu", skip=[1, 3], stand_in="mean", calib=calib)
 
 
-@pytest.mark.xfail(strict=True, reason="save_pretrained silently writes a checkpoint without the skipped layers")
 def test_saving_a_model_without_some_layers_is_refused(checkpoint, tmp_path):
     model = lp_plugin.from_pretrained(checkpoint, dtype=torch.float32, main_device="cpu", offload="none", skip=[1, 3])
     with pytest.raises((AttachError, OffloadSpecError)):
         model.save_pretrained(str(tmp_path / "saved"))
 
 
-@pytest.mark.xfail(strict=True, reason="a base-model checkpoint's keys (h.1.*) escape the ignore pattern")
 def test_a_base_model_checkpoint_reports_nothing_unused(tmp_path):
     """openai-community/gpt2 stores its keys without the causal LM's prefix (``h.1.attn...``, not
     ``transformer.h.1.attn...``): the skipped layers' keys must stay unreported there too."""
@@ -146,7 +142,6 @@ def test_a_base_model_checkpoint_reports_nothing_unused(tmp_path):
     assert not [m for m in records if "UNEXPECTED" in m]
 
 
-@pytest.mark.xfail(strict=True, reason="the emptied layers' classes are made at run time and cannot be pickled")
 def test_a_detached_model_without_some_layers_pickles(checkpoint):
     model = lp_plugin.from_pretrained(checkpoint, dtype=torch.float32, main_device="cpu", offload="none", skip=[1, 3])
     lp_plugin.get_handle(model).detach()
@@ -157,13 +152,25 @@ def test_a_detached_model_without_some_layers_pickles(checkpoint):
     assert absent.absent_layers(find_decoder_layers(again)[1]) == [1, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="the plan reads the saved config, not num_hidden_layers= given to from_pretrained")
 def test_a_config_override_is_planned_for(checkpoint):
     with pytest.raises(OffloadSpecError):
         lp_plugin.from_pretrained(checkpoint, main_device="cpu", offload="none", skip=[8], num_hidden_layers=6)
 
 
-@pytest.mark.xfail(strict=True, reason="output_loading_info=True returns a tuple that from_pretrained then treats as the model")
 def test_output_loading_info_is_refused(config_only):
     with pytest.raises(OffloadSpecError):
         lp_plugin.from_pretrained(config_only, main_device="cpu", skip=[1, 3], output_loading_info=True)
+
+
+def test_layer_numbers_of_other_integer_types_are_taken(checkpoint):
+    """Layer lists built with numpy or torch (``np.arange``, a tensor's items) hold their own integer types."""
+    import numpy as np
+
+    model = lp_plugin.from_pretrained(
+        checkpoint, dtype=torch.float32, main_device="cpu", offload=[np.int64(2)], skip=[np.int64(1), torch.tensor(3)]
+    )
+    info = lp_plugin.get_handle(model).info()
+    assert info["skipped_without_weights"] == [1, 3] and info["offloaded_layers"] == [2]
+    for bad in ([1.0], [np.float32(1)], [True]):
+        with pytest.raises(OffloadSpecError):
+            lp_plugin.from_pretrained(checkpoint, main_device="cpu", skip=bad)

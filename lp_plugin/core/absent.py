@@ -36,6 +36,17 @@ def _extra_repr(self) -> str:
     return f"skipped layer {self._lp_absent_index}, weights {self._lp_absent_how}"
 
 
+def _reduce_ex(self, protocol):
+    """Pickling (``torch.save``, ``copy.deepcopy``) by the layer's own class, which pickle can find by name:
+    the emptied class is made at run time and is made again when the layer is loaded."""
+    return _rebuild, (type(self).__mro__[1],), self.__dict__.copy()
+
+
+def _rebuild(cls: type):
+    made = _absent_class(cls)
+    return object.__new__(made)
+
+
 def _absent_class(cls: type) -> type:
     """The class an emptied layer of class ``cls`` takes (one per class, made once)."""
     with _lock:
@@ -49,6 +60,7 @@ def _absent_class(cls: type) -> type:
                     "__doc__": f"A skipped {cls.__name__} that holds no weights (lp_plugin.core.absent).",
                     "forward": _absent_forward,
                     "extra_repr": _extra_repr,
+                    "__reduce_ex__": _reduce_ex,
                     "_lp_absent": True,
                 },
             )

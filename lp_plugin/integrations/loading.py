@@ -13,6 +13,7 @@ from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
 from ..planning.footprint import checkpoint_dtype, load_format
 from ..planning.plan import OffloadPlan, auto_base_map
+from ..planning.skipping.calib import check_before_loading as check_calib_before_loading
 from ..planning.skipping.resolve import known_before_loading
 from .engine import attach
 from .quant import Nf4Load
@@ -42,7 +43,13 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
             f"device_map={base_map!r}: lp_plugin keeps a base placement given as 'auto' (with max_memory) "
             "or as a dict {module: device}"
         )
+    if hf_kwargs.get("output_loading_info"):
+        raise OffloadSpecError(
+            "output_loading_info=True is not supported: lp_plugin.from_pretrained returns the model alone; "
+            "for transformers' loading report, call AutoModelForCausalLM.from_pretrained(..., output_loading_info=True)"
+        )
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
+    _apply_config_overrides(hf_config, hf_kwargs)  # (num_hidden_layers=6 and the like: the plan must see them)
     if base_map == "auto":
         base_map = auto_base_map(
             hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)
@@ -51,6 +58,8 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     early = known_before_loading(plan.config, plan.num_layers)
     if early is not None:  # an explicit skip without stand-ins: those layers are never read
         plan = plan.with_resolved_skips(early)
+    else:  # a policy or stand-ins read calibration text once the model is loaded: check it can before loading
+        check_calib_before_loading(hf_config, plan.config.calib)
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
     if plan.budget is not None and plan.main_device.type == "cuda":
         bound_allocator_slack()  # see docs/card.md: the card's allocator slack stays small
@@ -75,6 +84,19 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         # activations cannot reuse; a plan for the card gives them back to the device
         torch.cuda.empty_cache()
     return model
+
+
+# loading arguments of transformers' from_pretrained that are also config attributes: never config overrides
+_NOT_OVERRIDES = frozenset({"dtype", "torch_dtype", "quantization_config", "attn_implementation", "device_map"})
+
+
+def _apply_config_overrides(hf_config, hf_kwargs: dict) -> None:
+    """The config attributes given to ``from_pretrained`` (transformers passes the keywords it does not
+    take itself to the config: ``num_hidden_layers=6``), set on ``hf_config`` so the plan is made for
+    the model that will be built."""
+    for key, value in hf_kwargs.items():
+        if key not in _NOT_OVERRIDES and key not in _CONFIG_KWARGS and hasattr(hf_config, key):
+            setattr(hf_config, key, value)
 
 
 def _accelerate_max_memory(max_memory):

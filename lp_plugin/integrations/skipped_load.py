@@ -19,6 +19,7 @@ import logging
 import re
 
 from ..core import absent
+from ..errors import AttachError
 from ..planning.arch import find_decoder_layers
 
 log = logging.getLogger("lp_plugin")
@@ -27,7 +28,12 @@ log = logging.getLogger("lp_plugin")
 def _skipping_class(base: type, prefix: str, layers: tuple) -> type:
     """A subclass of ``base`` whose instances empty ``layers`` at the end of ``__init__`` and whose loading
     leaves their checkpoint keys unreported."""
-    pattern = rf"(^|\.){re.escape(prefix)}\.({'|'.join(str(i) for i in layers)})\."
+    # a checkpoint saved from the base model has its keys without the base model's prefix (gpt2: "h.1.attn...")
+    base_prefix = getattr(base, "base_model_prefix", "") or ""
+    names = [prefix]
+    if base_prefix and prefix.startswith(base_prefix + "."):
+        names.append(prefix[len(base_prefix) + 1 :])
+    pattern = rf"(^|\.)({'|'.join(re.escape(n) for n in names)})\.({'|'.join(str(i) for i in layers)})\."
     ignored = set(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or ()) | {pattern}
 
     def post_init(self):
@@ -55,6 +61,7 @@ def load_without(base: type, name_or_path, prefix: str, layers: tuple, **hf_kwar
     ``prefix``) never read from the checkpoint. Returns the model, of class ``base``."""
     model = _skipping_class(base, prefix, tuple(sorted(layers))).from_pretrained(name_or_path, **hf_kwargs)
     model.__class__ = base
+    refuse_saving(model)
     _, layer_list = find_decoder_layers(model)
     loaded = [i for i in layers if not absent.is_absent(layer_list[i])]
     if loaded:  # an architecture whose __init__ does not end in post_init(): loaded after all, freed now
@@ -77,9 +84,30 @@ def release(model, layers, device=None) -> list[int]:
     for i in todo:
         absent.empty(layer_list[i], i, absent.RELEASED)
     if todo:
+        refuse_saving(model)
         gc.collect()
         if device is not None and device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()
     return todo
+
+
+class _RefuseSaving:
+    """A model's ``save_pretrained`` while some of its decoder layers hold no weights: a checkpoint saved
+    from it would lack those layers (and load with them randomly initialised), so saving is refused."""
+
+    def __init__(self, model):
+        _, layer_list = find_decoder_layers(model)
+        self.layers = absent.absent_layers(layer_list)
+
+    def __call__(self, *args, **kwargs):
+        raise AttachError(
+            f"this model holds no weights for decoder layers {self.layers} (skipped when it was loaded), so a "
+            "checkpoint saved from it would lack them; load the model again without skip= to save it"
+        )
+
+
+def refuse_saving(model) -> None:
+    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) refuse, naming the layers it lacks."""
+    model.save_pretrained = _RefuseSaving(model)

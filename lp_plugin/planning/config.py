@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union, cast
 
 from ..errors import OffloadSpecError
 from .plugins import tier_names
-from .policies import PROTECT_FIRST, PROTECT_LAST
+from .policies import PROTECT_FIRST, PROTECT_LAST, layer_int
 from .skipping.spec import check_calib, parse_policy, parse_stand_in
 
 if TYPE_CHECKING:
@@ -242,13 +242,10 @@ def _check_offload(value, what: str = "offload"):
             raise OffloadSpecError(f"{what} spec is empty; use {what}='none' to {what} nothing")
         return value.strip()
     if isinstance(value, (Sequence, set, frozenset)):
-        items = list(value)
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise OffloadSpecError(f"{what} layer list must hold ints, got {item!r}")
+        items = [layer_int(item, what) for item in value]
         if not items:
             raise OffloadSpecError(f"{what} layer list is empty; use {what}='none' to {what} nothing")
-        return tuple(int(i) for i in items)
+        return tuple(items)
     raise OffloadSpecError(f"{what} spec must be a str or a list of ints, got {type(value).__name__}")
 
 

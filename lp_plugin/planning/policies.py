@@ -10,6 +10,7 @@ taken as given but must be in range and unique. Pure Python: no torch import, no
 
 from __future__ import annotations
 
+import operator
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -52,19 +53,19 @@ def check_counts(num_layers: int, protect_first: int, protect_last: int) -> None
         )
 
 
-def _parse_explicit(spec: str, num_layers: int) -> list:
+def _parse_explicit(spec: str, num_layers: int, option: str = "offload") -> list:
     layers: list = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
-            raise OffloadSpecError(f"empty item in offload spec {spec!r}; write e.g. '2,4,6' or '2-32:2'")
+            raise OffloadSpecError(f"empty item in {option} spec {spec!r}; write e.g. '2,4,6' or '2-32:2'")
         if _INT.match(part):
             layers.append(int(part))
             continue
         m = _RANGE.match(part)
         if not m:
             raise OffloadSpecError(
-                f"cannot read {part!r} in offload spec {spec!r}; use a policy name, layer numbers "
+                f"cannot read {part!r} in {option} spec {spec!r}; use a policy name, layer numbers "
                 f"'2,4,6' or a range 'START-END[:STEP]' such as '2-32:2'"
             )
         start, end, step = int(m[1]), int(m[2]), int(m[3] or 1)
@@ -83,6 +84,17 @@ def _parse_explicit(spec: str, num_layers: int) -> list:
     return layers
 
 
+def layer_int(item, option: str) -> int:
+    """A layer number of a list: an int or another integer type (numpy's, a one-element integer tensor); not a
+    bool, not a float."""
+    if isinstance(item, bool) or type(item).__name__ in ("bool_", "bool"):
+        raise OffloadSpecError(f"{option} layer list must hold ints, got {item!r}")
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise OffloadSpecError(f"{option} layer list must hold ints, got {item!r}") from None
+
+
 def select_layers(
     spec,
     num_layers: int,
@@ -90,16 +102,18 @@ def select_layers(
     protect_last: int = PROTECT_LAST,
     *,
     policies: dict,
+    option: str = "offload",
 ) -> tuple:
     """Turn an offload spec into a sorted tuple of distinct layer indices in ``[0, num_layers)``.
 
     ``select_layers("even", 36, policies=...) == (2, 4, ..., 32)``; ``"none"`` selects ``()``.
     ``policies`` maps names to :class:`OffloadPolicy` instances (:func:`lp_plugin.planning.plugins.policies`).
-    Raises :class:`OffloadSpecError` with the fix for anything it cannot accept.
+    Raises :class:`OffloadSpecError` with the fix for anything it cannot accept, naming ``option`` (the
+    keyword the spec was given as: ``offload``, or ``skip`` for a list of layers to skip).
     """
     check_counts(num_layers, protect_first, protect_last)
     if spec is None:
-        raise OffloadSpecError("offload spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
+        raise OffloadSpecError(f"{option} spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
     if isinstance(spec, str):
         text = spec.strip()
         if text in policies:
@@ -114,29 +128,28 @@ def select_layers(
                 raise OffloadSpecError(f"policy {text!r} chose a layer twice; fix the policy plugin")
             if not chosen and text != "none":
                 raise OffloadSpecError(
-                    f"offload={text!r} selects no layer of a {num_layers}-layer model with protect_first="
-                    f"{protect_first}, protect_last={protect_last}; lower the protection, or use offload='none' to "
-                    "offload nothing"
+                    f"{option}={text!r} selects no layer of a {num_layers}-layer model with protect_first="
+                    f"{protect_first}, protect_last={protect_last}; lower the protection, or use {option}='none' to "
+                    "select nothing"
                 )
             return tuple(chosen)
         if not text:
-            raise OffloadSpecError("offload spec is empty; use offload='none' to offload nothing")
+            raise OffloadSpecError(f"{option} spec is empty; use {option}='none' to select nothing")
         if text[0].isalpha():
             raise OffloadSpecError(
-                f"unknown offload policy {text!r}; choose one of {sorted(policies)}, 'auto' (fit a memory budget: "
-                "max_memory=...), an explicit list '2,4,6', a range '2-32:2', or install a plugin that registers it"
+                f"unknown {option} policy {text!r}; choose one of {sorted(policies)}"
+                + (", 'auto' (fit a memory budget: max_memory=...)" if option == "offload" else "")
+                + ", an explicit list '2,4,6', a range '2-32:2', or install a plugin that registers it"
             )
-        layers = _parse_explicit(text, num_layers)
+        layers = _parse_explicit(text, num_layers, option)
     elif isinstance(spec, Sequence) or isinstance(spec, (set, frozenset)):
         layers = []
         for item in spec:
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise OffloadSpecError(f"offload layer list must hold ints, got {item!r}")
-            layers.append(int(item))
+            layers.append(layer_int(item, option))
         if not layers:
-            raise OffloadSpecError("offload layer list is empty; use offload='none' to offload nothing")
+            raise OffloadSpecError(f"{option} layer list is empty; use {option}='none' to select nothing")
     else:
-        raise OffloadSpecError(f"offload spec must be a str or a list of ints, got {type(spec).__name__}")
+        raise OffloadSpecError(f"{option} spec must be a str or a list of ints, got {type(spec).__name__}")
     out_of_range = sorted({i for i in layers if not 0 <= i < num_layers})
     if out_of_range:
         raise OffloadSpecError(
@@ -145,7 +158,7 @@ def select_layers(
         )
     dupes = sorted({i for i in layers if layers.count(i) > 1})
     if dupes:
-        raise OffloadSpecError(f"layers {dupes} appear more than once in offload spec {spec!r}; list each layer once")
+        raise OffloadSpecError(f"layers {dupes} appear more than once in {option} spec {spec!r}; list each layer once")
     return tuple(sorted(layers))
 
 

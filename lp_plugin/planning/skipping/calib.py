@@ -31,6 +31,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ...errors import OffloadSpecError
 
@@ -158,24 +159,10 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
     """The calibration data ``calib`` names for ``model`` (see the module docstring for the forms),
     in windows of ``window`` tokens (fewer for a model with a shorter context)."""
     window = min(window, getattr(model.config, "max_position_embeddings", None) or window)
-    if isinstance(calib, (list, tuple)) or type(calib).__name__ == "Tensor":
-        ids = _token_ids(calib)
-        vocab = getattr(model.config, "vocab_size", None)
-        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
-        if len(ids) < 2 or bad:
-            raise OffloadSpecError(
-                f"calib token ids must be at least 2 ids in [0, vocab_size); got {len(ids)} ids, "
-                f"out of range: {bad[:5]}"
-            )
+    if _is_ids(calib):
+        ids = _checked_ids(calib, getattr(model.config, "vocab_size", None))
         return CalibData(split_windows(ids, window), doc_start_token(model), f"{len(ids)} token ids")
-    if calib is None:
-        calib = MIX
-    if not isinstance(calib, (str, os.PathLike)):
-        raise OffloadSpecError(
-            "calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, "
-            f"got {calib!r}"
-        )
-    text = os.fspath(calib)
+    text = _checked_text(calib)
     name, _, count = text.partition(":")
     if name == PYDOC and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
         tokenizer = tokenizer_for(model, f"calib={text!r}")
@@ -198,16 +185,57 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
             f"mix of {', '.join(MIX_DOMAINS)}, {len(ids)} tokens",
         )
     path = os.path.expanduser(text)
-    if not os.path.isfile(path):
-        raise OffloadSpecError(
-            f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
-            "text file; pass one of those or a list of token ids"
-        )
     tokenizer = tokenizer_for(model, f"calib={text!r}")
     ids = file_ids(tokenizer, path)
     if len(ids) < 2:
         raise OffloadSpecError(f"calib file {path!r} holds fewer than 2 tokens; give a file with text to calibrate on")
     return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer), f"{path}, {len(ids)} tokens")
+
+
+def check_before_loading(hf_config, calib) -> None:
+    """Refuse what :func:`calibration` would refuse, from the model's config alone (before a weight is read):
+    token ids outside the vocabulary, a form it does not know, a text form whose tokenizer does not load
+    from ``hf_config.name_or_path``."""
+    if _is_ids(calib):
+        _checked_ids(calib, getattr(hf_config, "vocab_size", None))
+        return
+    text = _checked_text(calib)
+    tokenizer_for(SimpleNamespace(config=hf_config), f"calib={text!r}")
+
+
+def _is_ids(calib) -> bool:
+    return isinstance(calib, (list, tuple)) or type(calib).__name__ == "Tensor"
+
+
+def _checked_ids(calib, vocab) -> list:
+    ids = _token_ids(calib)
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if len(ids) < 2 or bad:
+        raise OffloadSpecError(
+            f"calib token ids must be at least 2 ids in [0, vocab_size); got {len(ids)} ids, out of range: {bad[:5]}"
+        )
+    return ids
+
+
+def _checked_text(calib) -> str:
+    """``calib`` as one of the text forms (the default: 'mix'), or an error naming them."""
+    if calib is None:
+        return MIX
+    if not isinstance(calib, (str, os.PathLike)):
+        raise OffloadSpecError(
+            "calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, "
+            f"got {calib!r}"
+        )
+    text = os.fspath(calib)
+    name, _, count = text.partition(":")
+    if name in (PYDOC, MIX) and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
+        return text
+    if not os.path.isfile(os.path.expanduser(text)):
+        raise OffloadSpecError(
+            f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
+            "text file; pass one of those or a list of token ids"
+        )
+    return text
 
 
 def _token_ids(calib) -> list:

@@ -64,7 +64,7 @@ def _explicit_layers(skip, num_layers: int) -> tuple:
             raise OffloadSpecError(
                 f"skip={name!r} needs a count: '{name}:3' skips 3 layers, '{name}:10%' a tenth of them"
             )
-    layers = select_layers(skip, num_layers, 0, 0, policies=policies())
+    layers = select_layers(skip, num_layers, 0, 0, policies=policies(), option="skip")
     if len(layers) >= num_layers:
         raise OffloadSpecError(
             f"skip={skip!r} names all {num_layers} of the model's layers; leave at least one layer to run"
