@@ -1,0 +1,91 @@
+"""Where layer skipping's loss on another text domain comes from: the layers chosen, or the stand-ins' fit.
+
+For each layer set (default: the frontier's greedy choices at 10% and 20% with the default calibration, and greedy's
+choices calibrated on the ``license`` slice itself), linear stand-ins are fitted on the default calibration
+(``mix``) and on the evaluation slice ``--domain`` itself, and every evaluation slice is scored (documents of 512
+tokens after the document-start token, as lp-prune scores them). ``--oracle`` first runs greedy calibrated on the
+slice itself: the best selection + fitting can do on that text. The bundled SmolLM2-135M on the CPU, float32.
+
+    python benchmarks/skip_fit_domain.py --out benchmarks/results/cpu-skipping-fit-vs-selection.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+SETS = ([14, 15, 25], [14, 15, 28], [4, 5, 14, 15, 25, 28], [5, 7, 14, 15, 21, 28])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--domain", default="license", help="the evaluation slice the stand-ins are also fitted on")
+    ap.add_argument("--sets", default=";".join(",".join(map(str, s)) for s in SETS), help="layer sets, ';'-separated")
+    ap.add_argument("--oracle", default="10,20", help="greedy shares (%%) calibrated on --domain itself ('' for none)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    import lp_plugin
+    from lp_plugin.planning.skipping import domains
+
+    if args.domain not in domains.SLICES:
+        print(f"error: --domain {args.domain!r}; choose from {', '.join(domains.SLICES)}", file=sys.stderr)
+        return 2
+    try:
+        sets = [[int(i) for i in part.split(",")] for part in args.sets.split(";") if part.strip()]
+        shares = [int(x) for x in args.oracle.split(",") if x.strip()]
+    except ValueError:
+        print("error: --sets is 'L,L,...;L,...' and --oracle 'P,P' (integers)", file=sys.stderr)
+        return 2
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lp_plugin.planning.skipping.calib import doc_start_token, document_ids, tokenizer_for
+    from lp_plugin.tools.bundled import bundled_model_path
+    from lp_plugin.tools.prune.sweep import evaluate
+
+    path = bundled_model_path()
+    n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    if bad := [s for s in sets if not s or any(not 0 <= i < n_layers for i in s)]:
+        print(f"error: --sets {bad}: layers are 0..{n_layers - 1}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = tokenizer_for(model, "skip_fit_domain")
+    prefix = doc_start_token(model, tok)
+    docs = {}
+    for piece in domains.EVAL_SLICES:
+        docs[piece.name] = [document_ids(tok, t) for t in domains.slice_documents(tok, piece, domains.WINDOW)]
+    own = [i for d in docs[args.domain] for i in d]
+    plain = {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
+    rows = []
+
+    def score(kind, layers, calib_name, seconds):
+        rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+        rows.append({"kind": kind, "layers": layers, "calib": calib_name, "rise": rise, "seconds": seconds})
+        print(f"{kind:8s} {str(layers):26s} fit on {calib_name:8s} "
+              + "  ".join(f"{n} {r:+.1%}" for n, r in rise.items()), flush=True)
+
+    for share in shares:
+        t0 = time.perf_counter()
+        handle = lp_plugin.attach(model, offload="none", skip=f"greedy:{share}%", stand_in="linear", calib=own)
+        layers = handle.info()["skipped_layers"]
+        score(f"oracle {share}%", layers, args.domain, time.perf_counter() - t0)
+        handle.detach()
+    for layers in sets:
+        for calib_name, calib in (("mix", "mix"), (args.domain, own)):
+            t0 = time.perf_counter()
+            handle = lp_plugin.attach(model, offload="none", skip=layers, stand_in="linear", calib=calib)
+            score("set", layers, calib_name, time.perf_counter() - t0)
+            handle.detach()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": "bundled SmolLM2-135M-Instruct, float32, CPU", "domain": args.domain,
+                       "plain_ppl": plain, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
