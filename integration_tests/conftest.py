@@ -40,3 +40,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SKIP_LAYERS = 12  # layer 1 and layers 10, 11: a prefix without a '.' boundary would take them together
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """lp_plugin's cache (stand-ins, skip choices) in the test's own folder."""
+    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def skip_checkpoint(tmp_path_factory):
+    """A 12-layer tiny Qwen2 in float32 (safetensors, no tokenizer), for loading with skipped layers."""
+    from shapes import save_tiny
+
+    return save_tiny(
+        "qwen2", tmp_path_factory.mktemp("skipload") / "ckpt", num_layers=SKIP_LAYERS, initializer_range=0.2, bos_token_id=0
+    )

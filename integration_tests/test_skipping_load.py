@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from shapes import save_tiny
 from transformers import AutoModelForCausalLM
 
 import lp_plugin
@@ -27,22 +26,14 @@ from lp_plugin.integrations.skipped_load import _skipping_class, release
 from lp_plugin.planning import plugins
 from lp_plugin.planning.arch import find_decoder_layers
 
-LAYERS = 12  # layer 1 and layers 10, 11: a prefix without a '.' boundary would take them together
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 31, 8, 64, 120, 2]])
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A 12-layer tiny Qwen2 in float32 (safetensors)."""
-    return save_tiny("qwen2", tmp_path_factory.mktemp("skipload") / "ckpt", num_layers=LAYERS, initializer_range=0.2, bos_token_id=0
-    )
+def checkpoint(skip_checkpoint):
+    return skip_checkpoint
 
 
 def _without_layers(src: str, dst: Path, layers) -> str:

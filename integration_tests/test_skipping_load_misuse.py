@@ -14,28 +14,21 @@ import shutil
 
 import pytest
 import torch
-from shapes import save_tiny
+from conftest import SKIP_LAYERS as LAYERS
 
 import lp_plugin
 from lp_plugin.core import absent
 from lp_plugin.errors import AttachError, OffloadSpecError
 from lp_plugin.planning.arch import find_decoder_layers
 
-LAYERS = 12
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7]])
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A 12-layer tiny Qwen2 in float32 (safetensors, no tokenizer)."""
-    return save_tiny("qwen2", tmp_path_factory.mktemp("misuse") / "ckpt", num_layers=LAYERS, initializer_range=0.2)
+def checkpoint(skip_checkpoint):
+    return skip_checkpoint
 
 
 @pytest.fixture(scope="module")
