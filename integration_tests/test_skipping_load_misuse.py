@@ -92,9 +92,11 @@ def test_refused_attaches_leave_the_model_usable(checkpoint):
         assert torch.equal(model(IDS).logits, expected)
 
 
-def test_calibration_without_a_tokenizer_is_refused_before_loading(config_only):
+@pytest.mark.parametrize("calib", [None, "pydoc:1", "mix:0", "no/such/file.txt"])
+def test_calibration_text_is_checked_before_loading(config_only, calib):
+    """No tokenizer beside the config (the default and pydoc need one), too few tokens, a file that is not there."""
     with pytest.raises(OffloadSpecError):
-        lp_plugin.from_pretrained(config_only, main_device="cpu", skip="bi:2")
+        lp_plugin.from_pretrained(config_only, main_device="cpu", skip="bi:2", calib=calib)
 
 
 @pytest.mark.parametrize("calib", [[], [99999] * 600], ids=["empty", "out-of-vocab"])

@@ -61,7 +61,6 @@ def load_without(base: type, name_or_path, prefix: str, layers: tuple, **hf_kwar
     ``prefix``) never read from the checkpoint. Returns the model, of class ``base``."""
     model = _skipping_class(base, prefix, tuple(sorted(layers))).from_pretrained(name_or_path, **hf_kwargs)
     model.__class__ = base
-    refuse_saving(model)
     _, layer_list = find_decoder_layers(model)
     loaded = [i for i in layers if not absent.is_absent(layer_list[i])]
     if loaded:  # an architecture whose __init__ does not end in post_init(): loaded after all, freed now
@@ -70,9 +69,8 @@ def load_without(base: type, name_or_path, prefix: str, layers: tuple, **hf_kwar
             base.__name__,
             loaded,
         )
-        for i in loaded:
-            absent.empty(layer_list[i], i, absent.RELEASED)
-        gc.collect()
+        release(model, loaded)
+    refuse_saving(model)
     return model
 
 

@@ -162,22 +162,15 @@ def calibration(model, calib=None, window: int = WINDOW) -> CalibData:
     if _is_ids(calib):
         ids = _checked_ids(calib, getattr(model.config, "vocab_size", None))
         return CalibData(split_windows(ids, window), doc_start_token(model), f"{len(ids)} token ids")
-    text = _checked_text(calib)
-    name, _, count = text.partition(":")
-    if name == PYDOC and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
+    text, name, tokens = _checked_text(calib)
+    if name == PYDOC:
         tokenizer = tokenizer_for(model, f"calib={text!r}")
-        tokens = int(count) if count else CALIB_TOKENS
-        if tokens < 2:
-            raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'pydoc:4096')")
         ids = pydoc_calibration_ids(tokenizer, tokens)
         return CalibData(split_windows(ids, window), doc_start_token(model, tokenizer), f"pydoc, {len(ids)} tokens")
-    if name == MIX and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
+    if name == MIX:
         from .domains import MIX_DOMAINS, mix_ids
 
         tokenizer = tokenizer_for(model, f"calib={text!r}")
-        tokens = int(count) if count else MIX_TOKENS
-        if tokens < 2:
-            raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. 'mix:12288')")
         ids = mix_ids(tokenizer, tokens, window)
         return CalibData(
             split_windows(ids, window),
@@ -199,7 +192,7 @@ def check_before_loading(hf_config, calib) -> None:
     if _is_ids(calib):
         _checked_ids(calib, getattr(hf_config, "vocab_size", None))
         return
-    text = _checked_text(calib)
+    text, _, _ = _checked_text(calib)
     tokenizer_for(SimpleNamespace(config=hf_config), f"calib={text!r}")
 
 
@@ -217,10 +210,11 @@ def _checked_ids(calib, vocab) -> list:
     return ids
 
 
-def _checked_text(calib) -> str:
-    """``calib`` as one of the text forms (the default: 'mix'), or an error naming them."""
+def _checked_text(calib) -> tuple[str, str, int]:
+    """``calib`` as one of the text forms (the default: 'mix'): ``(text, name, tokens)``, ``name`` 'pydoc' or
+    'mix' with the tokens it asks for, or '' (and 0) for a text file; or an error naming the forms."""
     if calib is None:
-        return MIX
+        return MIX, MIX, MIX_TOKENS
     if not isinstance(calib, (str, os.PathLike)):
         raise OffloadSpecError(
             "calib must be 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS', a text file path or a list of token ids, "
@@ -229,13 +223,17 @@ def _checked_text(calib) -> str:
     text = os.fspath(calib)
     name, _, count = text.partition(":")
     if name in (PYDOC, MIX) and (not count or re.fullmatch(r"[0-9]{1,12}", count, flags=re.ASCII)):
-        return text
+        default, example = (CALIB_TOKENS, "pydoc:4096") if name == PYDOC else (MIX_TOKENS, "mix:12288")
+        tokens = int(count) if count else default
+        if tokens < 2:
+            raise OffloadSpecError(f"calib={text!r} asks for {tokens} tokens; ask for at least 2 (e.g. '{example}')")
+        return text, name, tokens
     if not os.path.isfile(os.path.expanduser(text)):
         raise OffloadSpecError(
             f"calib={text!r} is neither 'mix', 'mix:TOKENS', 'pydoc', 'pydoc:TOKENS' nor an existing "
             "text file; pass one of those or a list of token ids"
         )
-    return text
+    return text, "", 0
 
 
 def _token_ids(calib) -> list:
