@@ -9,6 +9,8 @@ attributes are saved and removed, and put back exactly as they were. Neither Acc
 
 from __future__ import annotations
 
+import contextlib
+
 from .devices import normalize_device
 
 _HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")
@@ -64,12 +66,30 @@ def hooked_values(layer, hooks) -> tuple:
         if hook.offload_buffers:
             names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
         store = host_store(wm)
-        for n in names:
-            key = f"{qual}.{n}" if qual else n
-            values[key] = wm[n]
-            if store is not None and wm.prefix + n in store:
-                held.append((store, wm.prefix + n, key))
+        with _reading_to_host(wm):
+            for n in names:
+                key = f"{qual}.{n}" if qual else n
+                values[key] = wm[n]
+                if store is not None and wm.prefix + n in store:
+                    held.append((store, wm.prefix + n, key))
     return values, held
+
+
+@contextlib.contextmanager
+def _reading_to_host(weights_map):
+    """While values are read: an ``OffloadedWeightsLoader`` that reads files onto its execution device (what
+    ``dispatch_model`` makes for modules mapped to "disk") reads them into host memory instead, where lp_plugin
+    packs them (a GPU-sized layer at a time would not fit a small card)."""
+    dataset = getattr(weights_map, "dataset", None)
+    device = getattr(dataset, "device", None)
+    if device is None or not hasattr(dataset, "index"):
+        yield
+        return
+    dataset.device = None  # (the loader's own default: the host)
+    try:
+        yield
+    finally:
+        dataset.device = device
 
 
 def host_store(weights_map) -> dict | None:

@@ -119,13 +119,16 @@ class LayerLayout:
         return [e.to_json() for e in self.entries]
 
     def pack_into(self, flat: torch.Tensor) -> None:
-        """Copy the layer's current values into ``flat`` (a uint8 tensor of ``nbytes``)."""
+        """Copy the layer's current values into ``flat`` (a uint8 tensor of ``nbytes``), once: the references
+        to the source tensors go then (values read from a checkpoint's files for this packing, pages of a
+        mapped file, are freed layer by layer instead of when the whole model is installed)."""
         for e in self.entries:
             src = self._tensors[e.key]
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
             # zero the alignment padding: ``flat`` comes from torch.empty, and its bytes are hashed
             # into the disk tier's fingerprint (garbage there made every file look stale)
             flat[e.offset + e.nbytes : aligned(e.offset + e.nbytes)].zero_()
+        self._tensors = {}
 
     def placeholders(self) -> dict:
         """Tiny host tensors (one element, expanded) standing in for each param/buffer, used to give

@@ -34,6 +34,7 @@ from ..core.resident import Residency
 from ..core.stream import Ring
 from ..errors import AttachError, OffloadResourceError
 from ..planning.arch import find_decoder_layers
+from ..planning.budget import host_budget
 from ..planning.config import OffloadConfig
 from ..planning.plan import OffloadPlan
 from ..planning.plugins import tier_class
@@ -239,6 +240,10 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     pin = any(plan.device_of(i).type == "cuda" for i in range(plan.num_layers)) or plan.main_device.type == "cuda"
     tag = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     tier = tier_class(config.tier)(pin=pin, offload_folder=config.offload_folder, model_tag=tag)
+    # (a planned config no longer carries max_memory: the plan keeps its host budget)
+    tier.host_budget = (
+        plan.budget.host_budget_bytes if plan.budget is not None else host_budget(config.max_memory, plan.main_device)
+    )
     # what moves between tier and device, packed in execution order: the offloaded layers of the model and
     # the skipped layers' stand-ins
     todo = sorted(

@@ -3,7 +3,10 @@
 The model is loaded with the plan's Accelerate device map (resident modules on the main device, the
 offloaded layers in host memory), so peak GPU memory while loading is the resident part, never the
 whole model; then :func:`lp_plugin.attach` takes the offloaded layers over into their tier and takes
-the dispatch hooks off. 4-bit loads go through :class:`lp_plugin.integrations.quant.Nf4Load`.
+the dispatch hooks off. For the disk tier with a safetensors checkpoint, the offloaded layers are mapped
+to Accelerate's "disk" instead: they stay in the checkpoint's files until attach writes each one's layer
+file, so host memory never holds more than one layer. 4-bit loads go through
+:class:`lp_plugin.integrations.quant.Nf4Load`.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     nf4 = Nf4Load(hf_config, plan, hf_kwargs)
     if plan.budget is not None and plan.main_device.type == "cuda":
         bound_allocator_slack()  # see docs/card.md: the card's allocator slack stays small
-    device_map = nf4.device_map(plan.device_map("cpu"))
+    host = "disk" if _layers_stay_on_disk(name_or_path, plan, nf4, hf_kwargs) else "cpu"
+    device_map = nf4.device_map(plan.device_map(host))
     if early is not None and early.layers:
         model = load_without(
             type(plan.skeleton), name_or_path, plan.layer_prefix, early.layers, device_map=device_map, **nf4.hf_kwargs
@@ -97,6 +101,34 @@ def _apply_config_overrides(hf_config, hf_kwargs: dict) -> None:
     for key, value in hf_kwargs.items():
         if key not in _NOT_OVERRIDES and key not in _CONFIG_KWARGS and hasattr(hf_config, key):
             setattr(hf_config, key, value)
+
+
+def _layers_stay_on_disk(name_or_path, plan, nf4: Nf4Load, hf_kwargs: dict) -> bool:
+    """The offloaded layers can load as Accelerate's "disk" (read from the checkpoint's own files when
+    attach packs them): a disk tier, a checkpoint in safetensors, nothing to quantize on the way."""
+    if plan.config.tier != "disk" or not plan.offloaded or nf4.active or hf_kwargs.get("use_safetensors") is False:
+        return False
+    if hf_kwargs.get("quantization_config") is not None or hf_kwargs.get("gguf_file") is not None:
+        return False
+    from transformers.utils import cached_file
+
+    lookup = {
+        k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in hf_kwargs
+    }
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        try:
+            found = cached_file(
+                name_or_path,
+                name,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **lookup,
+            )
+        except OSError:
+            found = None
+        if found is not None:
+            return True
+    return False
 
 
 def _accelerate_max_memory(max_memory):

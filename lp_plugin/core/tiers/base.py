@@ -11,17 +11,39 @@ import torch
 from ...errors import OffloadFileError, OffloadResourceError
 from ..report import GIB
 
+ALIGN = 4096  # host buffers start on a page: direct I/O reads into them (tiers/layerfile.py)
+
 
 def allocate_host(nbytes: int, pin: bool, what: str) -> torch.Tensor:
-    """A flat uint8 host buffer, pinned when ``pin`` (clear error when the OS refuses)."""
+    """A flat uint8 host buffer starting on an :data:`ALIGN` boundary, pinned when ``pin`` (clear error
+    when the OS refuses)."""
     try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if buf.data_ptr() % ALIGN == 0:  # pinned blocks (whole pages) always are
+            return buf
+        del buf
+        buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+        skip = -buf.data_ptr() % ALIGN
+        return buf[skip : skip + nbytes]
     except (RuntimeError, MemoryError) as exc:
         kind = "pinned host memory" if pin else "host memory"
         raise OffloadResourceError(
             f"cannot allocate {nbytes / GIB:.2f} GiB of {kind} for {what}: {exc}. "
             "Free host memory, offload fewer layers, or use tier='disk' (which pins only small staging buffers)"
         ) from exc
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to new work without swapping (``MemAvailable`` in ``/proc/meminfo``:
+    free memory and reclaimable caches), or None where the platform does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def sha256_of(flat) -> str:
@@ -67,6 +89,7 @@ class Tier(ABC):
     needs_folder: bool = False
     keeps_flat: bool = False
     read_only: bool = False
+    host_budget: int | None = None  # max_memory["cpu"] where one is given: host memory the process may hold
 
     def __init__(self, *, pin: bool, offload_folder=None, model_tag: str = ""):
         self.pin = pin
@@ -111,6 +134,11 @@ class Tier(ABC):
     def host_bytes(self) -> int:
         """Host memory this process holds for the tier (not the page cache, nor memory shared with others)."""
         return 0
+
+    def bytes_read(self) -> tuple[int, int]:
+        """``(bytes read from storage, of which with direct I/O past the page cache)`` by transfers since
+        the units were put (0, 0 for a tier that keeps its units in memory)."""
+        return 0, 0
 
     def shared_host_bytes(self) -> int:
         """Host memory this process maps from the copy the ranks of one host share (counted once per host)."""

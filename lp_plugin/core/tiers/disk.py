@@ -1,6 +1,7 @@
 """The ``disk`` tier: one safetensors layer file per offloaded layer in ``offload_folder``, verified at attach
 (reused, written, or rebuilt when lp_plugin can prove the file is its own), mapped copy-on-write, checked
-with one ``fstat`` before each transfer. How and why: docs/architecture.md."""
+with one ``fstat`` before each transfer, read in parallel pieces (from the page cache what it holds, the
+rest with direct I/O). How and why: docs/architecture.md, docs/disk.md."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import re
 import shutil
 import tempfile
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import OffloadFileError, OffloadSpecError
 from . import layerfile
-from .base import Tier, describe
+from .base import Tier, available_host_memory, describe
 from .folder import OffloadFolder
 from .layerfile import Malformed
 from .mapped import MappedFile
@@ -26,6 +28,8 @@ _KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 class DiskTier(Tier):
     name = "disk"
     needs_folder = True
+    readers = min(8, os.cpu_count() or 1)  # threads reading one unit's pieces
+    direct_reads: bool | None = None  # True/False: always/never bypass the page cache; None: see bypasses_cache
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -38,6 +42,32 @@ class DiskTier(Tier):
         self.folder = OffloadFolder(self.offload_folder)
         self.offload_folder = self.folder.path
         self._files: dict = {}  # key -> MappedFile
+        self._pool: ThreadPoolExecutor | None = None  # the reads of one unit's pieces, in parallel
+        self._read = self._direct = 0  # bytes read (and directly) from files no longer held
+        self._bypass: bool | None = None  # see bypasses_cache
+
+    def bypasses_cache(self) -> bool:
+        """Whether reads take what the page cache lacks with direct I/O, leaving the cache as it was: forced by
+        ``direct_reads``, else when this tier's files are larger than ``host_budget`` or than half the memory the
+        host has available (they could not stay cached: reading them through the cache would only evict other
+        files, and each forward would read them from the disk anyway). Decided at the first read."""
+        if self._bypass is None:
+            if self.direct_reads is not None:
+                self._bypass = bool(self.direct_reads)
+            else:
+                total = sum(e.nbytes for e in self._files.values())
+                available = available_host_memory()
+                limits = [x for x in (self.host_budget, available // 2 if available else None) if x is not None]
+                self._bypass = bool(limits) and total > min(limits)
+            log.debug(
+                "lp_plugin: disk tier reads %s", "past the page cache" if self._bypass else "through the page cache"
+            )
+        return self._bypass
+
+    def _readers(self) -> ThreadPoolExecutor | None:
+        if self._pool is None and self.readers > 1:
+            self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="lp_plugin-disk")
+        return self._pool
 
     def put(self, key, flat, layout, sha256):
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -47,6 +77,7 @@ class DiskTier(Tier):
         name, what, nbytes = f"{key}.safetensors", describe(key), flat.numel()
         path = self.folder.entry_path(name)
         self._forget(key)
+        self._bypass = None  # decided again, for all the files, at the next read
         with self.folder.locked():
             owned = self.folder.owned()
             found = self._inspect(name, what, key, layout, sha256, nbytes)
@@ -118,7 +149,16 @@ class DiskTier(Tier):
     def _forget(self, key) -> None:
         entry = self._files.pop(key, None)
         if entry is not None:
-            entry.close()
+            self._close(entry)
+
+    def _close(self, entry: MappedFile) -> None:
+        self._read += entry.read_bytes
+        self._direct += entry.direct_bytes
+        entry.close()
+
+    def bytes_read(self) -> tuple[int, int]:
+        files = list(self._files.values())
+        return self._read + sum(e.read_bytes for e in files), self._direct + sum(e.direct_bytes for e in files)
 
     def host_view(self, key):
         """The mapped payload, after :meth:`check`: whoever reads the file through the mapping (a
@@ -143,7 +183,7 @@ class DiskTier(Tier):
         for _ in range(3):
             entry.check()
             seen = entry.stamp
-            dst.copy_(entry.data)
+            entry.read(dst, self._readers(), self.bypasses_cache())
             if entry.unchanged_since(seen):
                 return
         raise OffloadFileError(
@@ -169,9 +209,7 @@ class DiskTier(Tier):
         (see :mod:`lp_plugin.core.tiers.journal`); then the journal once it records nothing left, and the
         folder if lp_plugin created it and it is empty. Returns the paths removed."""
         names = [f"{key}.safetensors" for key in self._files]
-        for entry in self._files.values():
-            entry.close()
-        self._files.clear()
+        self._close_files()
         if self.folder.fd is None:
             return []
         with self.folder.locked():
@@ -180,10 +218,16 @@ class DiskTier(Tier):
         self.folder.remove_if_created_and_empty()
         return removed
 
-    def close(self):
+    def _close_files(self) -> None:
         for entry in self._files.values():
-            entry.close()
+            self._close(entry)
         self._files.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def close(self):
+        self._close_files()
         self.folder.close()
         if self._temporary is not None:
             self._temporary()  # nobody can reuse a temporary folder: it goes now

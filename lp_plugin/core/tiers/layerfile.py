@@ -4,7 +4,9 @@
 The file holds a single ``uint8`` tensor ``flat`` (the layer's packed bytes) and string metadata:
 ``format`` (:data:`FORMAT`, the mark that the file is lp_plugin's), ``layer`` (the unit key),
 ``model`` (a tag naming the model), ``layout`` (JSON of the layer's tensor layout) and
-``source_sha256`` (the SHA-256 of the payload). ``safetensors`` validates the framing and the
+``source_sha256`` (the SHA-256 of the payload). lp_plugin writes the header padded with spaces (which the
+format allows) so that the payload starts at a multiple of :data:`ALIGN` bytes: the disk tier can then read
+it with direct I/O into aligned buffers. ``safetensors`` validates the framing and the
 header's shape and types (a JSON object of tensor entries, string metadata, offsets that cover the
 file exactly, bounded nesting); :func:`mismatch` then checks every field lp_plugin relies on. Any
 problem is a :class:`Malformed` whose reason is a fixed phrase: nothing read from the file (header
@@ -19,7 +21,8 @@ import re
 from dataclasses import dataclass
 
 import safetensors
-import safetensors.torch
+
+from .base import ALIGN
 
 FORMAT = "lp_plugin.layer/1"
 TENSOR = "flat"
@@ -84,9 +87,16 @@ def metadata_for(key: str, model_tag: str, layout: list, sha256: str) -> dict:
 
 
 def write(path: str, flat, metadata: dict) -> None:
-    """Write ``flat`` and ``metadata`` to ``path`` with ``safetensors`` (which may create and rename
-    its own temporary file next to ``path``: callers pass a path in a folder of their own)."""
-    safetensors.torch.save_file({TENSOR: flat}, path, metadata=metadata)
+    """Write ``flat`` (a host uint8 tensor) and ``metadata`` to ``path`` as a safetensors file whose
+    payload starts at a multiple of :data:`ALIGN` (the JSON header is padded with spaces)."""
+    nbytes = flat.numel()
+    entry = {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}
+    header = json.dumps({"__metadata__": metadata, TENSOR: entry}, separators=(",", ":")).encode()
+    length = -(-(8 + len(header)) // ALIGN) * ALIGN - 8
+    with open(path, "xb") as f:
+        f.write(length.to_bytes(8, "little") + header.ljust(length, b" "))
+        if nbytes:
+            f.write(memoryview(flat.contiguous().numpy()))
 
 
 def fd_path(fd: int, fallback: str | None = None) -> str:

@@ -1,24 +1,31 @@
-"""A verified layer file: opened once, mapped copy-on-write, its payload hashed as mapped, its identity
-and times recorded so that every later use can tell with one ``fstat`` whether the file is still what
-was verified. What is and is not caught: docs/architecture.md."""
+"""A verified layer file: opened once, its payload hashed as read, mapped copy-on-write (what the model's
+tensors point at between uses), its identity and times recorded so that every later use can tell with one
+``fstat`` whether the file is still what was verified. Transfers read the file (never the mapping, whose
+pages would count as the process's memory): what the page cache holds is copied from it, the rest read
+with direct I/O where the file system allows it, so a model larger than host memory streams without
+filling the page cache. What is and is not caught: docs/architecture.md; the reads: docs/disk.md."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
 import os
+import threading
 import time
 
 import torch
 
 from ...errors import OffloadFileError
-from .layerfile import Malformed
+from .layerfile import ALIGN, Malformed, fd_path
 
 log = logging.getLogger("lp_plugin")
 
-_CHUNK = 8 << 20
+_CHUNK = 8 << 20  # bytes per hashing read
+READ_CHUNK = 16 << 20  # bytes per transfer read: the unit of parallel reads (a multiple of ALIGN)
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # a read that takes only what the page cache holds
 
 
 def _tick_ns() -> int:
@@ -37,6 +44,32 @@ def stamp(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _sha256_read(fd: int, start: int, nbytes: int) -> str:
+    """SHA-256 of the file's bytes ``[start, start + nbytes)``, read (not mapped); raises
+    :class:`Malformed` if the file ends first."""
+    h, buf = hashlib.sha256(), bytearray(min(_CHUNK, max(nbytes, 1)))
+    pos, end = start, start + nbytes
+    while pos < end:
+        got = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+        if got <= 0:
+            raise Malformed("truncated or extended (its size does not match its header)")
+        h.update(memoryview(buf)[:got])
+        pos += got
+    return h.hexdigest()
+
+
+def _open_direct(fd: int) -> int | None:
+    """A read-only descriptor of the file behind ``fd`` that bypasses the page cache (``O_DIRECT``), or
+    None where the platform or the file system has none."""
+    flag = getattr(os, "O_DIRECT", None)
+    if flag is None:
+        return None
+    try:
+        return os.open(fd_path(fd), os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
 class MappedFile:
     """The open layer file ``fd`` (owned from here on), its copy-on-write mapping and ``data``: a
     uint8 tensor over the payload. Writes through ``data`` change memory only, never the file.
@@ -46,6 +79,12 @@ class MappedFile:
         self.fd, self.path, self.what = fd, path, what
         self.map, self.start, self.nbytes, self.sha256 = mapping, start, nbytes, sha256
         self.stamp = stamp(st)
+        # a second descriptor reading past the page cache (None: the payload is not block-aligned in the
+        # file, or the file system refuses direct I/O: tmpfs, some network file systems)
+        self.direct_fd: int | None = _open_direct(fd) if start % ALIGN == 0 else None
+        self._lock = threading.Lock()
+        self.read_bytes = 0  # bytes the transfers read from the file
+        self.direct_bytes = 0  # of those, read with direct I/O (from the disk, past the page cache)
         self.data: torch.Tensor | None = (
             torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
             if nbytes
@@ -68,9 +107,7 @@ class MappedFile:
                     f"{what}: cannot map {path} into memory ({exc.strerror}); pass an offload_folder on a local disk"
                 ) from exc
             try:
-                # hashing through the mapping also maps every page: the first forward takes no faults
-                with memoryview(mapping) as whole, whole[start : start + nbytes] as payload:
-                    digest = hashlib.sha256(payload).hexdigest()
+                digest = _sha256_read(fd, start, nbytes)
                 after = os.fstat(fd)
                 if stamp(before) != stamp(after):
                     raise Malformed("changed while lp_plugin was verifying it (another program is writing to it)")
@@ -88,6 +125,77 @@ class MappedFile:
                 continue
             return cls(fd, path, what, mapping, start, nbytes, sha256, after)
         raise AssertionError("unreachable")
+
+    def read(self, dst: torch.Tensor, pool=None, direct: bool = True) -> None:
+        """Copy the payload into the host uint8 tensor ``dst`` (exactly ``nbytes``), in pieces of
+        :data:`READ_CHUNK` on ``pool`` (an executor) when given. With ``direct``, each piece takes what
+        the page cache holds, then reads the rest with direct I/O where ``dst`` is block-aligned; otherwise
+        (and where direct I/O cannot be used) through the page cache, which then keeps the bytes."""
+        view = memoryview(dst.numpy()) if self.nbytes else memoryview(b"")
+        aligned = direct and self.direct_fd is not None and dst.data_ptr() % ALIGN == 0
+        pieces = [(off, min(READ_CHUNK, self.nbytes - off)) for off in range(0, self.nbytes, READ_CHUNK)]
+        if pool is None or len(pieces) < 2:
+            done = [self._read_piece(view, off, n, aligned) for off, n in pieces]
+        else:
+            done = [f.result() for f in [pool.submit(self._read_piece, view, off, n, aligned) for off, n in pieces]]
+        with self._lock:
+            self.read_bytes += self.nbytes
+            self.direct_bytes += sum(done)
+
+    def _read_piece(self, view, off: int, n: int, aligned: bool) -> int:
+        """Read payload bytes ``[off, off + n)`` into ``view[off:]``; returns how many came by direct I/O."""
+        got = 0
+        if aligned and _NOWAIT is not None:
+            got = self._pread(self.fd, view, off, n, _NOWAIT)
+        direct = 0
+        dfd = self.direct_fd
+        if aligned and dfd is not None and got < n:
+            got -= got % ALIGN  # the direct read starts on a block boundary (of the file and of dst)
+            whole = (n - got) - (n - got) % ALIGN  # and covers whole blocks: the file's tail goes through the cache
+            try:
+                direct = self._pread(dfd, view, off + got, whole, 0)
+            except OSError as exc:  # refused after all (EINVAL: a block size above ALIGN): the cache from here on
+                self._give_up_direct(exc)
+            got += direct
+        if got < n:
+            got += self._pread(self.fd, view, off + got, n - got, 0)
+        if got != n:
+            raise OffloadFileError(
+                f"{self.what}: {self.path} ended early while it was read: the file was truncated after attach; "
+                "reload the model (lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds it"
+            )
+        return direct
+
+    def _pread(self, fd: int, view, off: int, n: int, flags: int) -> int:
+        """Read up to ``n`` payload bytes at ``off`` into ``view[off:]``; stops early only at the end of
+        the file or, with ``RWF_NOWAIT``, where the page cache does not hold the next bytes."""
+        got = 0
+        while got < n:
+            dst = view[off + got : off + n]
+            try:
+                k = os.preadv(fd, [dst], self.start + off + got, flags)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if flags and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    break  # this file system cannot say what it holds: read it all the plain way
+                raise
+            if k <= 0:
+                break
+            got += k
+        return got
+
+    def _give_up_direct(self, exc: OSError) -> None:
+        with self._lock:
+            dfd, self.direct_fd = self.direct_fd, None
+        if dfd is not None:
+            log.info(
+                "lp_plugin: %s: direct reads of %s refused (%s); reading through the page cache",
+                self.what,
+                self.path,
+                exc.strerror,
+            )
+            os.close(dfd)
 
     def check(self) -> None:
         """Raise :class:`OffloadFileError` unless the file still holds the verified payload."""
@@ -118,15 +226,11 @@ class MappedFile:
     def _payload_matches(self, st) -> bool:
         """Hash the payload as the file holds it now (read, not mapped: pages of the mapping the
         model wrote to are its own, the others show the file), while its stamp holds still."""
-        h, buf = hashlib.sha256(), bytearray(min(_CHUNK, max(self.nbytes, 1)))
-        pos, end = self.start, self.start + self.nbytes
-        while pos < end:
-            got = os.preadv(self.fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
-            if got <= 0:
-                return False
-            h.update(memoryview(buf)[:got])
-            pos += got
-        return stamp(os.fstat(self.fd)) == stamp(st) and h.hexdigest() == self.sha256
+        try:
+            digest = _sha256_read(self.fd, self.start, self.nbytes)
+        except Malformed:
+            return False
+        return stamp(os.fstat(self.fd)) == stamp(st) and digest == self.sha256
 
     def drop_page_cache(self) -> None:
         """Unmap the file's pages and evict them from the page cache (pages still mapped are never
@@ -138,6 +242,9 @@ class MappedFile:
 
     def close(self) -> None:
         self.data = None
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it goes
             self.map.close()
         os.close(self.fd)
