@@ -223,3 +223,33 @@ def test_a_gpu_budget_may_bound_host_memory_alone():
     assert host_budget(((0, 5), ("cpu", 9)), gpu) == 9
     assert host_budget((("main", 5),), torch.device("cpu")) is None
     assert host_budget(None, gpu) is None
+
+
+def _read_in_child(tier, n, queue):
+    import hashlib
+
+    dst = allocate_host(n, False, "dst")
+    tier.read_into(KEY, dst)
+    queue.put(hashlib.sha256(dst.numpy()).hexdigest())  # (no torch op: its OpenMP threads are not fork-safe)
+
+
+def test_a_forked_child_reads_with_readers_of_its_own(tmp_path):
+    """The parent's reader threads do not exist in a forked child: the child's reads make their own pool
+    instead of waiting on the parent's forever."""
+    import multiprocessing
+
+    n = 3 * (16 << 20)
+    flat = _payload(n, 6)
+    tier = _tier(tmp_path, flat, readers=2)
+    tier.read_into(KEY, allocate_host(n, False, "dst"))  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(tier, n, queue))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert queue.get(timeout=5) == sha256_of(flat)
+    tier.close()

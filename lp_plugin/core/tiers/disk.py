@@ -43,6 +43,7 @@ class DiskTier(Tier):
         self.offload_folder = self.folder.path
         self._files: dict = {}  # key -> MappedFile
         self._pool: ThreadPoolExecutor | None = None  # the reads of one unit's pieces, in parallel
+        self._pool_pid = 0  # the process that made it
         self._read = self._direct = 0  # bytes read (and directly) from files no longer held
         self._bypass: bool | None = None  # see bypasses_cache
 
@@ -65,8 +66,13 @@ class DiskTier(Tier):
         return self._bypass
 
     def _readers(self) -> ThreadPoolExecutor | None:
-        if self._pool is None and self.readers > 1:
+        """The pool reading a unit's pieces (made at the first read, and again in a forked child, where the
+        parent's threads do not exist)."""
+        if self.readers <= 1:
+            return None
+        if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="lp_plugin-disk")
+            self._pool_pid = os.getpid()
         return self._pool
 
     def put(self, key, flat, layout, sha256):

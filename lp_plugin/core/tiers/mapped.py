@@ -83,6 +83,7 @@ class MappedFile:
         # file, or the file system refuses direct I/O: tmpfs, some network file systems)
         self.direct_fd: int | None = _open_direct(fd) if start % ALIGN == 0 else None
         self._lock = threading.Lock()
+        self._retired: list[int] = []  # direct descriptors given up on (closed by close())
         self.read_bytes = 0  # bytes the transfers read from the file
         self.direct_bytes = 0  # of those, read with direct I/O (from the disk, past the page cache)
         self.data: torch.Tensor | None = (
@@ -188,6 +189,8 @@ class MappedFile:
     def _give_up_direct(self, exc: OSError) -> None:
         with self._lock:
             dfd, self.direct_fd = self.direct_fd, None
+            if dfd is not None:  # closed with the file: another piece may be reading through it now
+                self._retired.append(dfd)
         if dfd is not None:
             log.info(
                 "lp_plugin: %s: direct reads of %s refused (%s); reading through the page cache",
@@ -242,9 +245,10 @@ class MappedFile:
 
     def close(self) -> None:
         self.data = None
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
+        for fd in [self.direct_fd, *self._retired]:
+            if fd is not None:
+                os.close(fd)
+        self.direct_fd, self._retired = None, []
         with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it goes
             self.map.close()
         os.close(self.fd)
