@@ -82,7 +82,7 @@ def _reading_to_host(weights_map):
     packs them (a GPU-sized layer at a time would not fit a small card)."""
     dataset = getattr(weights_map, "dataset", None)
     device = getattr(dataset, "device", None)
-    if device is None or not hasattr(dataset, "index"):
+    if dataset is None or device is None or not hasattr(dataset, "index"):
         yield
         return
     dataset.device = None  # (the loader's own default: the host)

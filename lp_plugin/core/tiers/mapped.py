@@ -132,7 +132,7 @@ class MappedFile:
         :data:`READ_CHUNK` on ``pool`` (an executor) when given. With ``direct``, each piece takes what
         the page cache holds, then reads the rest with direct I/O where ``dst`` is block-aligned; otherwise
         (and where direct I/O cannot be used) through the page cache, which then keeps the bytes."""
-        view = memoryview(dst.numpy()) if self.nbytes else memoryview(b"")
+        view = dst.numpy().data if self.nbytes else memoryview(b"")
         aligned = direct and self.direct_fd is not None and dst.data_ptr() % ALIGN == 0
         pieces = [(off, min(READ_CHUNK, self.nbytes - off)) for off in range(0, self.nbytes, READ_CHUNK)]
         if pool is None or len(pieces) < 2:
