@@ -6,8 +6,8 @@ emulated card, as a user with a small GPU and little host memory would run it.
 Steps, each in a fresh process: the shape saved once (bf16, seeded, on the GPU) into ``--ckpt-dir`` (a real disk:
 direct I/O needs one); the plain model on the whole GPU (the prompt's last logits and greedy tokens); then in the
 card (a ballast process holds the rest of the GPU) ``lp_plugin.from_pretrained(ckpt, offload="auto", tier="disk",
-max_memory={"cpu": HOST})`` and, for comparison, the same load with the cpu tier and no host budget. In each: the
-outputs against the plain model's, then paired rounds (a warm-up round dropped) of one prefill of ``--prompt``
+max_memory={0: CARD, "cpu": HOST})`` and, for comparison, the same load with the cpu tier and no host budget. In
+each: the outputs against the plain model's, then paired rounds (a warm-up round dropped) of one prefill of ``--prompt``
 tokens and ``--new`` decode steps, with the layer files cold (evicted from the page cache before each timed part)
 and warm (read into it first); the storage's own direct-read bandwidth of the same files (O_DIRECT, the tier's
 threads and piece size) is measured in the same process. Host memory (VmRSS) is sampled every 5 ms after the load;
@@ -170,8 +170,9 @@ def step_workload(spec: dict) -> dict:
                "max_context": spec["prompt"] + spec["new"] + card.DECODE_PROMPT}
     if spec["tier"] == "disk":
         options["offload_folder"] = spec["offload_folder"]
+    options["max_memory"] = {0: spec["card_bytes"]}  # the card, as its owner writes it
     if spec.get("host_bytes"):
-        options["max_memory"] = {"cpu": spec["host_bytes"]}
+        options["max_memory"]["cpu"] = spec["host_bytes"]
     t0 = time.perf_counter()
     model = lp_plugin.from_pretrained(spec["folder"], **options)
     out = {"load_s": time.perf_counter() - t0}
@@ -350,8 +351,8 @@ def main(argv=None) -> int:
         card._write_json(out / name, report)
         return 1
     folder = ckpt["folder"]
-    spec = {"folder": folder, "prompt": args.prompt, "new": args.new, "seed": 0, "rounds": args.rounds,
-            "reference_file": str(work / "reference.pt")}
+    spec = {"folder": folder, "card_bytes": card_bytes, "prompt": args.prompt, "new": args.new, "seed": 0,
+            "rounds": args.rounds, "reference_file": str(work / "reference.pt")}
     report["reference"] = _run("reference", work, "reference", spec, 600)
     offload_folder = os.path.join(os.path.abspath(args.ckpt_dir), "lp-disk-tier-files")
     sampler = card.Sampler({}, work)

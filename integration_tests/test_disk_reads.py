@@ -21,7 +21,7 @@ from lp_plugin.core import accel
 from lp_plugin.core.tiers import DiskTier, allocate_host, sha256_of
 from lp_plugin.core.tiers.layerfile import ALIGN
 from lp_plugin.errors import OffloadFileError
-from lp_plugin.planning.budget import device_budgets, host_budget
+from lp_plugin.planning.budget import host_budget
 
 KEY = "layer_00003"
 
@@ -84,9 +84,33 @@ def test_cold_reads_are_direct_only_when_the_tier_bypasses_the_cache(tmp_path, d
     read, direct = tier.bytes_read()
     assert read == 2 * n
     if direct_reads:
-        assert n - ALIGN < direct <= n - n % ALIGN
+        assert direct == n - n % ALIGN
+        # and direct reads leave the cache as it was (no readahead behind them): the next read is direct again
+        tier.read_into(KEY, dst)
+        assert tier.bytes_read() == (3 * n, 2 * direct)
     else:
         assert direct == 0
+    tier.close()
+
+
+def test_what_the_page_cache_holds_is_copied_from_it_and_only_the_rest_read_directly(tmp_path):
+    n = 8 * (16 << 20)
+    flat = _payload(n, 7)
+    tier = _tier(tmp_path, flat, direct_reads=True, readers=2)
+    _needs_direct_io(tier)
+    tier.drop_page_cache()
+    path = tmp_path / "off" / f"{KEY}.safetensors"
+    start = os.path.getsize(path) - n
+    with open(path, "rb") as f:  # the first half of the payload into the page cache (and not what readahead adds)
+        f.seek(start)
+        f.read(n // 2)
+        os.posix_fadvise(f.fileno(), start + n // 2, 0, os.POSIX_FADV_DONTNEED)
+    dst = allocate_host(n, False, "dst")
+    tier.read_into(KEY, dst)
+    assert torch.equal(dst, flat)
+    read, direct = tier.bytes_read()
+    # (readahead still in flight when the second half was dropped may have kept a few MiB of it cached)
+    assert read == n and n // 2 - (8 << 20) <= direct <= n // 2
     tier.close()
 
 
@@ -216,10 +240,8 @@ def test_a_loader_reading_onto_a_device_gives_host_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ budgets
-def test_a_gpu_budget_may_bound_host_memory_alone():
+def test_the_host_budget_is_max_memorys_cpu_entry_beside_a_gpu():
     gpu = torch.device("cuda", 0)
-    assert device_budgets((("cpu", 9),), gpu) == (None, 9)
-    assert host_budget((("cpu", 9),), gpu) == 9
     assert host_budget(((0, 5), ("cpu", 9)), gpu) == 9
     assert host_budget((("main", 5),), torch.device("cpu")) is None
     assert host_budget(None, gpu) is None

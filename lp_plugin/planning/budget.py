@@ -59,8 +59,7 @@ def spread(k: int, lo: int, hi: int) -> tuple:
 
 
 def device_budgets(max_memory, main_device) -> tuple:
-    """``(main device bytes, host bytes or None)`` out of a parsed ``max_memory``; the main device's is None
-    when a GPU's ``max_memory`` bounds host memory only (``{"cpu": "4GiB"}``: the card is what is free)."""
+    """``(main device bytes, host bytes or None)`` out of a parsed ``max_memory``."""
     entries = dict(max_memory)
     cuda = main_device.type == "cuda"
     key = main_device.index if cuda else "cpu"
@@ -69,8 +68,6 @@ def device_budgets(max_memory, main_device) -> tuple:
             f"max_memory gives the main device {main_device} twice (a bare size and {key!r}); keep one"
         )
     vram = entries.pop("main" if "main" in entries else key, None)
-    if vram is None and cuda and set(entries) == {"cpu"}:
-        return None, entries["cpu"]
     if vram is None:
         hint = "" if cuda else "; without a GPU the main device is the CPU: max_memory='6GiB' or {'cpu': '6GiB'}"
         raise OffloadSpecError(
@@ -248,8 +245,8 @@ def card_of(max_memory, main_device) -> tuple:
     free at load) and what the CUDA runtime takes of it."""
     cuda = main_device.type == "cuda"
     context, runtime, runtime_source = cuda_runtime(main_device) if cuda else (0, 0, "none: the main device is the CPU")
-    vram, host = device_budgets(max_memory, main_device) if max_memory is not None else (None, None)
-    if vram is not None:
+    if max_memory is not None:
+        vram, host = device_budgets(max_memory, main_device)
         return Card(vram, "max_memory", runtime, runtime_source, cuda), host
     if cuda and not torch.cuda.is_available():
         raise OffloadSpecError(
@@ -264,7 +261,7 @@ def card_of(max_memory, main_device) -> tuple:
             runtime,
             runtime_source,
             True,
-        ), host
+        ), None
     return Card(free, "available host memory at load", 0, runtime_source, False), None
 
 

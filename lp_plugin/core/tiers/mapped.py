@@ -8,14 +8,16 @@ filling the page cache. What is and is not caught: docs/architecture.md; the rea
 from __future__ import annotations
 
 import contextlib
-import errno
+import ctypes
 import hashlib
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 
+import numpy as np
 import torch
 
 from ...errors import OffloadFileError
@@ -25,7 +27,25 @@ log = logging.getLogger("lp_plugin")
 
 _CHUNK = 8 << 20  # bytes per hashing read
 READ_CHUNK = 16 << 20  # bytes per transfer read: the unit of parallel reads (a multiple of ALIGN)
-_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # a read that takes only what the page cache holds
+_PAGE = mmap.PAGESIZE
+
+
+def _load_mincore():
+    """libc's ``mincore`` (which pages of a mapped range the page cache holds), or None where there is none or
+    lp_plugin's blocks are not whole pages. (A read with ``RWF_NOWAIT`` would say it too, but a miss starts the
+    page cache's readahead of the range, which the direct read then reads a second time.)"""
+    if ALIGN % _PAGE or not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MINCORE = _load_mincore()
 
 
 def _tick_ns() -> int:
@@ -129,8 +149,8 @@ class MappedFile:
 
     def read(self, dst: torch.Tensor, pool=None, direct: bool = True) -> None:
         """Copy the payload into the host uint8 tensor ``dst`` (exactly ``nbytes``), in pieces of
-        :data:`READ_CHUNK` on ``pool`` (an executor) when given. With ``direct``, each piece takes what
-        the page cache holds, then reads the rest with direct I/O where ``dst`` is block-aligned; otherwise
+        :data:`READ_CHUNK` on ``pool`` (an executor) when given. With ``direct``, each piece copies what
+        the page cache holds and reads the rest with direct I/O where ``dst`` is block-aligned; otherwise
         (and where direct I/O cannot be used) through the page cache, which then keeps the bytes."""
         view = dst.numpy().data if self.nbytes else memoryview(b"")
         aligned = direct and self.direct_fd is not None and dst.data_ptr() % ALIGN == 0
@@ -145,42 +165,54 @@ class MappedFile:
 
     def _read_piece(self, view, off: int, n: int, aligned: bool) -> int:
         """Read payload bytes ``[off, off + n)`` into ``view[off:]``; returns how many came by direct I/O."""
-        got = 0
-        if aligned and _NOWAIT is not None:
-            got = self._pread(self.fd, view, off, n, _NOWAIT)
-        direct = 0
-        dfd = self.direct_fd
-        if aligned and dfd is not None and got < n:
-            got -= got % ALIGN  # the direct read starts on a block boundary (of the file and of dst)
-            whole = (n - got) - (n - got) % ALIGN  # and covers whole blocks: the file's tail goes through the cache
-            try:
-                direct = self._pread(dfd, view, off + got, whole, 0)
-            except OSError as exc:  # refused after all (EINVAL: a block size above ALIGN): the cache from here on
-                self._give_up_direct(exc)
-            got += direct
-        if got < n:
-            got += self._pread(self.fd, view, off + got, n - got, 0)
-        if got != n:
-            raise OffloadFileError(
-                f"{self.what}: {self.path} ended early while it was read: the file was truncated after attach; "
-                "reload the model (lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds it"
-            )
+        direct, pos, end = 0, off, off + n
+        if aligned and self.direct_fd is not None:
+            blocks_end = end - n % ALIGN  # whole blocks; the file's last, partial one goes through the cache
+            for start, stop, cached in self._runs(off, blocks_end):
+                dfd = None if cached else self.direct_fd
+                k = 0
+                if dfd is not None:
+                    try:
+                        k = self._pread(dfd, view, start, stop - start)
+                        direct += k
+                    except OSError as exc:  # refused after all (EINVAL: a block above ALIGN): the cache from now on
+                        self._give_up_direct(exc)
+                if k < stop - start:
+                    k += self._pread(self.fd, view, start + k, stop - start - k)
+                if k != stop - start:
+                    raise self._ended_early()
+            pos = blocks_end
+        if pos < end and self._pread(self.fd, view, pos, end - pos) != end - pos:
+            raise self._ended_early()
         return direct
 
-    def _pread(self, fd: int, view, off: int, n: int, flags: int) -> int:
-        """Read up to ``n`` payload bytes at ``off`` into ``view[off:]``; stops early only at the end of
-        the file or, with ``RWF_NOWAIT``, where the page cache does not hold the next bytes."""
+    def _ended_early(self) -> OffloadFileError:
+        return OffloadFileError(
+            f"{self.what}: {self.path} ended early while it was read: the file was truncated after attach; "
+            "reload the model (lp_plugin.from_pretrained, or attach a freshly loaded model), which rebuilds it"
+        )
+
+    def _runs(self, start: int, stop: int) -> list:
+        """``[(start, stop, cached)]``: the payload range ``[start, stop)`` (whole pages) cut where the page cache
+        starts or stops holding it, asked with ``mincore`` on the file's mapping (which reports the cache's pages
+        of a file its owner maps, mapped or not); all of it uncached where that cannot be asked."""
+        if stop <= start:
+            return []
+        if _MINCORE is None or self.data is None:
+            return [(start, stop, False)]
+        pages = (stop - start) // _PAGE
+        vec = ctypes.create_string_buffer(pages)
+        if _MINCORE(self.data.data_ptr() + start, stop - start, vec) != 0:
+            return [(start, stop, False)]
+        resident = np.frombuffer(vec.raw, dtype=np.uint8) & 1
+        cuts = [0, *(np.flatnonzero(np.diff(resident)) + 1).tolist(), pages]
+        return [(start + a * _PAGE, start + b * _PAGE, bool(resident[a])) for a, b in zip(cuts, cuts[1:])]
+
+    def _pread(self, fd: int, view, off: int, n: int) -> int:
+        """Read up to ``n`` payload bytes at ``off`` into ``view[off:]`` (fewer only at the end of the file)."""
         got = 0
         while got < n:
-            dst = view[off + got : off + n]
-            try:
-                k = os.preadv(fd, [dst], self.start + off + got, flags)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if flags and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    break  # this file system cannot say what it holds: read it all the plain way
-                raise
+            k = os.preadv(fd, [view[off + got : off + n]], self.start + off + got)
             if k <= 0:
                 break
             got += k
