@@ -77,9 +77,11 @@ class Tier(ABC):
       the unit, including the one :meth:`OffloadHandle.detach` makes.
 
     And for the whole tier: :meth:`close` (detach, failed attach), :meth:`drop_page_cache`
-    (cold-cache benchmarks), :meth:`host_bytes` (host memory it holds), ``keeps_flat`` (True when
-    :meth:`put` keeps the packed buffer itself, which is then allocated pinned), ``read_only`` (True
-    when the host copy the model points at in standby must not be written) and ``report``: key ->
+    (cold-cache benchmarks), :meth:`host_bytes` (host memory it holds), :meth:`bytes_read` (what
+    transfers read from storage), ``host_budget`` (``max_memory["cpu"]`` where given, set by attach),
+    ``keeps_flat`` (True when :meth:`put` keeps the packed buffer itself, which is then allocated
+    pinned), ``read_only`` (True when the host copy the model points at in standby must not be
+    written) and ``report``: key ->
     ``"reused"``, ``"written"`` or ``"rebuilt: <why>"`` for tiers that keep files (empty for the others).
 
     Third-party tiers subclass this class and register through the ``register_tiers`` plugin hook.
