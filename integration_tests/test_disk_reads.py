@@ -275,3 +275,48 @@ def test_a_forked_child_reads_with_readers_of_its_own(tmp_path):
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=5) == sha256_of(flat)
     tier.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_an_edit_made_in_standby_is_kept_by_detach_and_by_the_next_forward(tmp_path, mode):
+    """An edit made in standby lands in the disk tier's mapping, not in its file: transfers read it from there."""
+    model = build_tiny("llama", num_layers=6)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    handle = lp_plugin.attach(model, offload="1,3", tier="disk", mode=mode, offload_folder=str(tmp_path / "off"))
+    weight = model.get_parameter("model.layers.3.mlp.down_proj.weight")
+    expected = weight.detach().clone() * 2
+    with torch.no_grad():
+        weight.mul_(2)
+    handle.detach()
+    assert torch.equal(model.get_parameter("model.layers.3.mlp.down_proj.weight"), expected)
+    with torch.no_grad():
+        ref = model(ids).logits
+    handle = lp_plugin.attach(model, offload="1,3", tier="disk", mode=mode, offload_folder=str(tmp_path / "off"))
+    with torch.no_grad():
+        model.get_parameter("model.layers.1.self_attn.q_proj.weight").mul_(0.5)
+        ref_model_weight = model.get_parameter("model.layers.1.self_attn.q_proj.weight").detach().clone()
+        out = model(ids).logits
+    handle.detach()
+    assert torch.equal(model.get_parameter("model.layers.1.self_attn.q_proj.weight"), ref_model_weight)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, out)
+        assert not torch.equal(out, ref)
+
+
+def test_a_model_whose_weights_are_converted_while_loading_still_loads_with_the_disk_tier(tmp_path):
+    """Fused MoE experts are converted by transformers as they load: offloaded to Accelerate's "disk" they would
+    need a folder of transformers' own, so such a model loads its offloaded layers into host memory instead."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, vocab_size=128)
+    model = MixtralForCausalLM(config).eval()
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    loaded = lp_plugin.from_pretrained(str(tmp_path / "ckpt"), offload="1,2", tier="disk",
+                                       offload_folder=str(tmp_path / "off"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)

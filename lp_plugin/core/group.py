@@ -125,6 +125,7 @@ class OffloadedUnit:
         edited = self.bound_flat is not None and self.edited()
         if edited and not self.tier.read_only:
             self.tier.host_view(self.key).copy_(self.bound_flat)
+            self.tier.mark_written(self.key)
         assert self.standby is not None  # installed
         self.standby.apply()
         self.bound_flat = None
@@ -145,6 +146,12 @@ class OffloadedUnit:
         for module, name, _ in self.layout.buffers:
             yield module._buffers[name]
 
+    def note_standby_edit(self) -> None:
+        """An in-place edit made in standby went into the tier's host view: tell the tier, whose transfers
+        must carry it from now on."""
+        if self.bound_flat is None and self.edited():
+            self.tier.mark_written(self.key)
+
     def edited(self) -> bool:
         """True if a tensor of the unit was changed in place since it was last bound (``with
         torch.no_grad(): p.mul_(2)``, ``load_state_dict``, an optimizer step; not writes through ``.data``)."""
@@ -164,6 +171,7 @@ class OffloadedUnit:
                 f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
                 "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
             )
+        self.note_standby_edit()
         assert self.standby is not None  # installed
         for (module, name, key), (param, view) in zip(self.layout.params, self.standby.pairs):
             now = module._parameters.get(name)

@@ -197,6 +197,7 @@ class OffloadHandle:
                 )
             for unit in self.units:  # every copy on the tier is still the verified one, before anything changes
                 unit.tier.check(unit.key)
+                unit.note_standby_edit()
             self.record.undo()
             if remove_files:
                 removed = self.tier.remove_files()

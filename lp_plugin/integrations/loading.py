@@ -11,6 +11,8 @@ file, so host memory never holds more than one layer. 4-bit loads go through
 
 from __future__ import annotations
 
+import logging
+
 from ..core.devices import bound_allocator_slack
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
@@ -21,6 +23,8 @@ from ..planning.skipping.resolve import known_before_loading
 from .engine import attach
 from .quant import Nf4Load
 from .skipped_load import load_without, release
+
+log = logging.getLogger("lp_plugin")
 
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
 
@@ -68,12 +72,22 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         bound_allocator_slack()  # see docs/card.md: the card's allocator slack stays small
     host = "disk" if _layers_stay_on_disk(name_or_path, plan, nf4, hf_kwargs) else "cpu"
     device_map = nf4.device_map(plan.device_map(host))
-    if early is not None and early.layers:
-        model = load_without(
-            type(plan.skeleton), name_or_path, plan.layer_prefix, early.layers, device_map=device_map, **nf4.hf_kwargs
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **nf4.hf_kwargs)
+
+    def load(device_map):
+        if early is not None and early.layers:
+            kw = {"device_map": device_map, **nf4.hf_kwargs}
+            return load_without(type(plan.skeleton), name_or_path, plan.layer_prefix, early.layers, **kw)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **nf4.hf_kwargs)
+
+    try:
+        model = load(device_map)
+    except ValueError as exc:
+        # weights transformers converts while loading (fused MoE experts) must be saved again to be offloaded to
+        # "disk", in a folder of its own: such a model loads its offloaded layers into host memory instead
+        if host != "disk" or "offload_folder" not in str(exc):
+            raise
+        log.info("lp_plugin: %s: offloaded layers load into host memory (%s)", name_or_path, exc)
+        model = load(nf4.device_map(plan.device_map("cpu")))
     model.eval()
     nf4.finish(model)
     if early is None:
@@ -107,6 +121,8 @@ def _layers_stay_on_disk(name_or_path, plan, nf4: Nf4Load, hf_kwargs: dict) -> b
     """The offloaded layers can load as Accelerate's "disk" (read from the checkpoint's own files when
     attach packs them): a disk tier, a checkpoint in safetensors, nothing to quantize on the way."""
     if plan.config.tier != "disk" or not plan.offloaded or nf4.active or hf_kwargs.get("use_safetensors") is False:
+        return False
+    if hf_kwargs.get("variant") is not None:  # (its files may be .bin beside a safetensors default)
         return False
     if hf_kwargs.get("quantization_config") is not None or hf_kwargs.get("gguf_file") is not None:
         return False

@@ -42,11 +42,13 @@ class OffloadPolicy(ABC):
         protecting the first and last ones. ``num_layers`` is the model's total."""
 
 
-def check_counts(num_layers: int, protect_first: int, protect_last: int) -> None:
+def check_counts(num_layers: int, protect_first: int, protect_last: int, named: bool = True) -> None:
+    """The counts are non-negative ints and, where a named policy chooses (``named``), the protected layers fit
+    the model (an explicit layer list ignores the protection)."""
     for label, value in (("num_layers", num_layers), ("protect_first", protect_first), ("protect_last", protect_last)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise OffloadSpecError(f"{label} must be a non-negative int, got {value!r}")
-    if protect_first + protect_last > num_layers:
+    if named and protect_first + protect_last > num_layers:
         raise OffloadSpecError(
             f"protect_first ({protect_first}) + protect_last ({protect_last}) is larger than the model's "
             f"{num_layers} layers; lower them, or give an explicit layer list such as offload='1,2'"
@@ -111,7 +113,7 @@ def select_layers(
     Raises :class:`OffloadSpecError` with the fix for anything it cannot accept, naming ``option`` (the
     keyword the spec was given as: ``offload``, or ``skip`` for a list of layers to skip).
     """
-    check_counts(num_layers, protect_first, protect_last)
+    check_counts(num_layers, protect_first, protect_last, named=isinstance(spec, str) and spec.strip() in policies)
     if spec is None:
         raise OffloadSpecError(f"{option} spec is None; pass 'even', 'odd', 'none', 'all', '2,4,6' or '2-32:2'")
     if isinstance(spec, str):

@@ -129,6 +129,10 @@ class Tier(ABC):
             )
         dst.copy_(src)
 
+    def mark_written(self, key: str) -> None:  # noqa: B027 - optional, a no-op by default
+        """The unit's :meth:`host_view` was written (an edit kept in standby): later transfers must carry it (a
+        tier whose transfers read something else, such as the disk tier's files, reads the view from now on)."""
+
     def check(self, key: str) -> None:  # noqa: B027 - optional, a no-op by default
         """Raise :class:`OffloadFileError` if what backs ``key`` changed since it was verified
         (nothing can change behind a tier that keeps the bytes in its own memory)."""

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +45,8 @@ class DiskTier(Tier):
         self._files: dict = {}  # key -> MappedFile
         self._pool: ThreadPoolExecutor | None = None  # the reads of one unit's pieces, in parallel
         self._pool_pid = 0  # the process that made it
+        self._pool_lock = threading.Lock()
+        self._written: set = set()  # units whose mapping holds writes (edits kept in standby): read from it
         self._read = self._direct = 0  # bytes read (and directly) from files no longer held
         self._bypass: bool | None = None  # see bypasses_cache
 
@@ -70,10 +73,11 @@ class DiskTier(Tier):
         parent's threads do not exist)."""
         if self.readers <= 1:
             return None
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="lp_plugin-disk")
-            self._pool_pid = os.getpid()
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="lp_plugin-disk")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def put(self, key, flat, layout, sha256):
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -83,6 +87,7 @@ class DiskTier(Tier):
         name, what, nbytes = f"{key}.safetensors", describe(key), flat.numel()
         path = self.folder.entry_path(name)
         self._forget(key)
+        self._written.discard(key)
         self._bypass = None  # decided again, for all the files, at the next read
         with self.folder.locked():
             owned = self.folder.owned()
@@ -177,6 +182,10 @@ class DiskTier(Tier):
     def check(self, key):
         self._entry(key).check()
 
+    def mark_written(self, key):
+        self._entry(key)
+        self._written.add(key)
+
     def read_into(self, key, dst):
         """Copy the unit into ``dst`` between two looks at the file: a change while the bytes are
         copied (which the check before cannot see) makes the copy start over, twice at most."""
@@ -189,7 +198,10 @@ class DiskTier(Tier):
         for _ in range(3):
             entry.check()
             seen = entry.stamp
-            entry.read(dst, self._readers(), self.bypasses_cache())
+            if key in self._written:
+                dst.copy_(entry.data)  # (the mapping: the file's bytes where nobody wrote, the edits elsewhere)
+            else:
+                entry.read(dst, self._readers(), self.bypasses_cache())
             if entry.unchanged_since(seen):
                 return
         raise OffloadFileError(

@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import wait
 
 import numpy as np
 import torch
@@ -102,6 +103,8 @@ class MappedFile:
         # a second descriptor reading past the page cache (None: the payload is not block-aligned in the
         # file, or the file system refuses direct I/O: tmpfs, some network file systems)
         self.direct_fd: int | None = _open_direct(fd) if start % ALIGN == 0 else None
+        # mincore reports the page cache of a file only to its owner or a writer (to others: every page cached)
+        self.probe_cache = st.st_uid == os.geteuid() or os.access(fd_path(fd), os.W_OK)
         self._lock = threading.Lock()
         self._retired: list[int] = []  # direct descriptors given up on (closed by close())
         self.read_bytes = 0  # bytes the transfers read from the file
@@ -158,7 +161,9 @@ class MappedFile:
         if pool is None or len(pieces) < 2:
             done = [self._read_piece(view, off, n, aligned) for off, n in pieces]
         else:
-            done = [f.result() for f in [pool.submit(self._read_piece, view, off, n, aligned) for off, n in pieces]]
+            futures = [pool.submit(self._read_piece, view, off, n, aligned) for off, n in pieces]
+            wait(futures)  # every piece has stopped writing into dst before an error is raised
+            done = [f.result() for f in futures]
         with self._lock:
             self.read_bytes += self.nbytes
             self.direct_bytes += sum(done)
@@ -198,7 +203,7 @@ class MappedFile:
         of a file its owner maps, mapped or not); all of it uncached where that cannot be asked."""
         if stop <= start:
             return []
-        if _MINCORE is None or self.data is None:
+        if _MINCORE is None or self.data is None or not self.probe_cache:
             return [(start, stop, False)]
         pages = (stop - start) // _PAGE
         vec = ctypes.create_string_buffer(pages)
@@ -230,7 +235,6 @@ class MappedFile:
                 self.path,
                 exc.strerror,
             )
-            os.close(dfd)
 
     def check(self) -> None:
         """Raise :class:`OffloadFileError` unless the file still holds the verified payload."""
