@@ -140,11 +140,10 @@ class LayerLayout:
         return out
 
     def release_sources(self) -> None:
-        """Drop references to the source tensors (after they are packed), so their memory can go.
-        The QuantState templates keep their fields but their tensors become meta placeholders: the
-        original absmax/code/offset tensors (about 1.2 MiB per NF4 layer of Qwen2.5-3B, on the GPU)
-        would otherwise stay allocated in standby."""
-        self._tensors = {}
+        """At install (the source tensors went when they were packed, :meth:`pack_into`): the QuantState
+        templates keep their fields but their tensors become meta placeholders: the original
+        absmax/code/offset tensors (about 1.2 MiB per NF4 layer of Qwen2.5-3B, on the GPU) would otherwise
+        stay allocated in standby."""
         self._orig_qs = {key: _meta_quant_state(qs) for key, qs in self._orig_qs.items()}
 
     # ------------------------------------------------------------------ binding

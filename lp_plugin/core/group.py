@@ -146,11 +146,13 @@ class OffloadedUnit:
         for module, name, _ in self.layout.buffers:
             yield module._buffers[name]
 
-    def note_standby_edit(self) -> None:
-        """An in-place edit made in standby went into the tier's host view: tell the tier, whose transfers
-        must carry it from now on."""
-        if self.bound_flat is None and self.edited():
+    def note_standby_edit(self) -> bool:
+        """Whether an in-place edit was made in standby; it went into the tier's host view, so a tier that may be
+        written is told (its transfers must carry the edit from now on)."""
+        edited = self.bound_flat is None and self.edited()
+        if edited and not self.tier.read_only:
             self.tier.mark_written(self.key)
+        return edited
 
     def edited(self) -> bool:
         """True if a tensor of the unit was changed in place since it was last bound (``with
@@ -166,12 +168,11 @@ class OffloadedUnit:
         """Refuse a unit whose tensors were replaced behind lp_plugin's back (a new Parameter
         assigned, ``.data`` rebound): its bytes would no longer be the ones the tier brings back; and,
         where the tier's host copy is shared read-only (data-parallel ranks), one edited in place."""
-        if self.tier.read_only and self.bound_flat is None and self.edited():
+        if self.note_standby_edit() and self.tier.read_only:
             raise AttachError(
                 f"offloaded layer {self.index} was changed in place while its weights were in the host memory that "
                 "the ranks of this host share (read-only); change the weights before attaching, or inside a session"
             )
-        self.note_standby_edit()
         assert self.standby is not None  # installed
         for (module, name, key), (param, view) in zip(self.layout.params, self.standby.pairs):
             now = module._parameters.get(name)

@@ -18,10 +18,11 @@ def allocate_host(nbytes: int, pin: bool, what: str) -> torch.Tensor:
     """A flat uint8 host buffer starting on an :data:`ALIGN` boundary, pinned when ``pin`` (clear error
     when the OS refuses)."""
     try:
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        if buf.data_ptr() % ALIGN == 0:  # pinned blocks (whole pages) always are
-            return buf
-        del buf
+        if pin:  # pinned blocks are whole pages (checked: over-allocating would cross the allocator's size classes)
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            if buf.data_ptr() % ALIGN == 0:
+                return buf
+            del buf
         buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
         skip = -buf.data_ptr() % ALIGN
         return buf[skip : skip + nbytes]
