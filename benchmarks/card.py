@@ -1012,25 +1012,27 @@ def _write_json(path, data) -> None:
 _CHILDREN: list = []
 
 
-def _spawn(step: str, work: Path, label: str, spec: dict, env=None, **popen):
+def _spawn(step: str, work: Path, label: str, spec: dict, env=None, script: Path = HERE, **popen):
+    """``script --step STEP`` in a fresh process (this file's steps, or another benchmark's that takes the same
+    ``--step/--spec/--result`` arguments)."""
     spec_path, result_path = work / f"{label}-spec.json", work / f"{label}-result.json"
     _write_json(spec_path, spec)
     if result_path.exists():
         result_path.unlink()
-    cmd = [sys.executable, str(HERE), "--step", step, "--spec", str(spec_path), "--result", str(result_path)]
+    cmd = [sys.executable, str(script), "--step", step, "--spec", str(spec_path), "--result", str(result_path)]
     base = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env={**os.environ, **base, **(env or {})}, **popen)
     _CHILDREN.append(proc)
     return proc, result_path
 
 
-def run_step(step: str, work: Path, label: str, spec: dict, timeout: int, env=None) -> dict:
+def run_step(step: str, work: Path, label: str, spec: dict, timeout: int, env=None, script: Path = HERE) -> dict:
     """One step in a fresh process, to completion; its result file (plus ``rc``, and the log's tail on failure)."""
     log_path = work / f"{label}.log"
     print(f"[card] {label} ...", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc, result_path = _spawn(step, work, label, spec, env, stdout=log, stderr=subprocess.STDOUT)
+        proc, result_path = _spawn(step, work, label, spec, env, script, stdout=log, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

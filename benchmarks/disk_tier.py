@@ -50,7 +50,7 @@ def _parse(argv=None):
     ap.add_argument("--ckpt-dir", default=".", help="where the shape and the layer files go: a real disk")
     ap.add_argument("--work-dir", help="step specs, results, logs (default: a temporary folder)")
     ap.add_argument("--no-cpu-tier", action="store_true", help="skip the cpu tier's run")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for the report (required)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -244,37 +244,6 @@ def _median(rows, key):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
 
 
-def _run(step, work: Path, label: str, spec: dict, timeout: int) -> dict:
-    """A step of this script in a fresh process (card.run_step runs card.py's own steps)."""
-    import subprocess
-
-    spec_path, result_path, log_path = work / f"{label}-spec.json", work / f"{label}-result.json", work / f"{label}.log"
-    card._write_json(spec_path, spec)
-    result_path.unlink(missing_ok=True)
-    print(f"[disk] {label} ...", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        cmd = [sys.executable, str(HERE), "--out", str(work), "--step", step, "--spec", str(spec_path),
-               "--result", str(result_path)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = "timeout"
-    result = json.loads(result_path.read_text()) if result_path.exists() else {"ok": False}
-    result.update(rc=rc, seconds=round(time.perf_counter() - t0, 1))
-    if rc != 0:
-        result["ok"] = False
-        result["log_tail"] = log_path.read_text(errors="replace")[-2500:]
-        print(f"[disk] {label} FAILED ({rc}):\n{result['log_tail']}", flush=True)
-    else:
-        print(f"[disk] {label} done in {result['seconds']} s", flush=True)
-    return result
-
-
 def _child(args) -> int:
     spec = json.loads(Path(args.spec).read_text())
     try:
@@ -333,6 +302,9 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if args.step:
         return _child(args)
+    if not args.out:
+        print("disk_tier.py: --out DIR is required", file=sys.stderr)
+        return 2
     from lp_plugin.planning.config import parse_size
 
     out = Path(args.out)
@@ -353,7 +325,7 @@ def main(argv=None) -> int:
     folder = ckpt["folder"]
     spec = {"folder": folder, "card_bytes": card_bytes, "prompt": args.prompt, "new": args.new, "seed": 0,
             "rounds": args.rounds, "reference_file": str(work / "reference.pt")}
-    report["reference"] = _run("reference", work, "reference", spec, 600)
+    report["reference"] = card.run_step("reference", work, "reference", spec, 600, script=HERE)
     offload_folder = os.path.join(os.path.abspath(args.ckpt_dir), "lp-disk-tier-files")
     sampler = card.Sampler({}, work)
     ballast = None
@@ -363,7 +335,7 @@ def main(argv=None) -> int:
         if not args.no_cpu_tier:
             runs.append(("cpu", {"tier": "cpu", "host_bytes": None, "offload_folder": None}))
         for label, extra in runs:
-            report[label] = _sampled(sampler, work, label, {**spec, **extra})
+            report[label] = card.sampled_step(sampler, "workload", work, label, {**spec, **extra}, 1200, script=HERE)
             card._write_json(out / name, report)
     finally:
         if ballast is not None:
@@ -378,17 +350,6 @@ def main(argv=None) -> int:
     for c in report["verdict"]:
         print(f"  [{'ok' if c['met'] else 'MISS'}] {c['check']}: {c['value']} (goal {c['goal']})")
     return 0 if all(c["met"] for c in report["verdict"]) else 1
-
-
-def _sampled(sampler, work: Path, label: str, spec: dict) -> dict:
-    baseline = sampler.start()
-    try:
-        result = _run("workload", work, label, spec, 1200)
-    finally:
-        max_used, n = sampler.stop()
-    result.update(device_baseline_bytes=baseline, device_max_used_bytes=max_used, samples=n,
-                  device_peak_bytes=card.device_peak(max_used, baseline))
-    return result
 
 
 if __name__ == "__main__":
