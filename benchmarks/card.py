@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-memory", help="pass max_memory={0: SIZE} to the load (default: none, the card is what the "
                                          "device has free)")
     ap.add_argument("--max-context", type=int, help="pass max_context=N to the load (default: none, the model's own)")
+    ap.add_argument("--decode", default="eager", choices=("eager", "graph"),
+                    help="pass decode=graph to the load: decode steps replayed as CUDA graphs (default: %(default)s, "
+                         "no option passed); the report's name ends in -graph")
     ap.add_argument("--lm-eval", action="store_true",
                     help=f"add the lm-eval step (task {LM_EVAL_TASK} unless --lm-eval-task, batch 1)")
     ap.add_argument("--only-lm-eval", action="store_true",
@@ -249,7 +252,8 @@ def report_name(report: dict) -> str:
         return lm_eval_card_name(report["model"], report["dtype"], report["card"],
                                  options.get("tasks") or [LM_EVAL_TASK], options.get("max_length"),
                                  options.get("limit"))
-    return card_name(report["model"], report["dtype"], report["card"], report["context"])
+    name = card_name(report["model"], report["dtype"], report["card"], report["context"])
+    return name[: -len(".json")] + "-graph.json" if report.get("decode") == "graph" else name
 
 
 def round_stats(values) -> dict | None:
@@ -823,6 +827,8 @@ def step_workload(spec: dict) -> dict:
         options["max_memory"] = {0: spec["max_memory"]}
     if spec.get("max_context") is not None:
         options["max_context"] = spec["max_context"]
+    if spec.get("decode", "eager") != "eager":
+        options["decode"] = spec["decode"]
     t0 = time.perf_counter()
     model = lp_plugin.from_pretrained(spec["folder"], **options)
     out["load_s"] = time.perf_counter() - t0
@@ -832,7 +838,7 @@ def step_workload(spec: dict) -> dict:
     info = handle.info()
     out["plan"] = {k: info.get(k) for k in ("mode", "tier", "prefetch", "offloaded_layers", "offloaded_bytes",
                                             "layer_bytes", "bytes_per_forward", "ring_slots", "embeddings",
-                                            "embeddings_host_bytes", "lm_head_bytes_per_call", "budget")}
+                                            "embeddings_host_bytes", "lm_head_bytes_per_call", "budget", "decode")}
     out["plan"]["offloaded_compact"] = compact(info.get("offloaded_layers"))
     out["num_layers"] = model.config.num_hidden_layers
     vocab = model.config.vocab_size
@@ -872,7 +878,8 @@ def step_workload(spec: dict) -> dict:
     out.update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
                max_reserved_bytes=torch.cuda.max_memory_reserved(),
                peak_mapped_bytes=handle.peak_mapped_bytes, engine_stats=dict(handle.stats),
-               lm_head_copies=handle.info().get("lm_head_copies"), host_at_end=host_memory())
+               lm_head_copies=handle.info().get("lm_head_copies"), decode=handle.info().get("decode"),
+               host_at_end=host_memory())
     return out
 
 
@@ -1252,7 +1259,7 @@ def orchestrate(args) -> int:
     only = args.only_lm_eval
     report = {"model": args.model, "dtype": args.dtype, "card": args.card, "card_bytes": args.card_bytes,
               "context": args.context, "new_tokens": args.new_tokens, "rounds": args.rounds, "seed": args.seed,
-              "max_memory": args.max_memory, "max_context": args.max_context, "env": env,
+              "max_memory": args.max_memory, "max_context": args.max_context, "decode": args.decode, "env": env,
               "goals": {"speed": SPEED_GOAL, "prediction": PREDICTION_GOAL, "metric_rtol": METRIC_RTOL,
                         "lm_eval_throughput": args.lm_eval_throughput_goal}}
     if args.lm_eval:
@@ -1316,7 +1323,7 @@ def orchestrate(args) -> int:
             return _finish(report, out, str(exc))
         report["ballast"] = held
         spec = {**base, "reference_file": ref_file, "free_at_start": held["free_bytes"],
-                "max_memory": args.max_memory_bytes, "max_context": args.max_context}
+                "max_memory": args.max_memory_bytes, "max_context": args.max_context, "decode": args.decode}
         w = None if only else sampled_step(sampler, "workload", work, f"workload-{tag}", spec, timeout)
         lm_off = None
         if args.lm_eval:

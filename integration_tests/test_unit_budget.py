@@ -74,6 +74,33 @@ def test_prefill_chunks_on_cuda_count_no_mask_or_expanded_keys():
     assert work_phases(fp, work, None, True) == work_phases(fp, work, None, False)  # a whole window: no cache
 
 
+def test_a_static_cache_prefill_counts_its_mask_and_expanded_keys():
+    """decode="graph" generates with a static cache, whose prefill attends to the cache's whole length through a
+    mask (64 x 64, bool and bf16) with keys and values expanded to the 4 query heads; the decode steps and the
+    lm_head phase are as with a dynamic cache."""
+    eager, static = Work("generate", 64, 1), Work("generate", 64, 1, static_cache=True)
+    fp = footprint()
+    mask, expanded = 64 * 64 * 3, 2 * 64 * 4 * 16 * 2
+    a, b = work_phases(fp, eager), work_phases(fp, static)
+    assert b["prefill"]["activations"] - a["prefill"]["activations"] == mask + expanded
+    assert b["lm_head"] == a["lm_head"] and b["prefill"]["kv"] == a["prefill"]["kv"]
+
+
+def test_graph_decode_plans_for_its_static_cache():
+    """At the budget an eager plan just fits, decode="graph" (the static cache's prefill mask) streams more."""
+    fp = footprint()
+
+    def plan(budget, **options):
+        return plan_offload(OffloadConfig(offload="auto", max_memory=budget, max_context=1024, **options), fp, CPU)
+
+    eager = plan("3GiB")
+    assert not eager.offloaded and not eager.work.static_cache
+    whole = plan(str(eager.peak_bytes))
+    graph = plan(str(eager.peak_bytes), decode="graph")
+    assert not whole.offloaded and graph.work.static_cache
+    assert len(graph.offloaded) > 0 and graph.peak_bytes <= eager.peak_bytes
+
+
 def test_the_fewest_layers_that_fit_are_streamed():
     """Stream mode with k of the layers 2..8 offloaded (prefetch 1: a ring of 2 slots) holds
     (700 - 50k) MiB of weights and a (2 x 50 + k x 1) MiB ring: k=3 needs 653 MiB, k=4 604 MiB."""

@@ -96,6 +96,7 @@ def plan(args) -> int:
             tier=args.tier,
             offload_folder=args.offload_folder,
             mode=args.mode,
+            decode=args.decode,
             main_device=args.device,
             bandwidth=args.bandwidth,
         )
@@ -175,6 +176,12 @@ def _plan_parser(sub) -> None:
         choices=("session", "stream"),
         default="session",
         help="session (default) lets the planner pick session or stream; stream keeps to stream",
+    )
+    p.add_argument(
+        "--decode",
+        choices=("eager", "graph"),
+        default="eager",
+        help="eager (default) or graph: decode steps replayed as CUDA graphs, generate() with a static cache",
     )
     p.add_argument("--tier", default="cpu", help="cpu (pinned host memory; default) or disk (safetensors files)")
     p.add_argument("--offload-folder", help="the disk tier's folder (default: a temporary one)")

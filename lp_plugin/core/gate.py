@@ -39,6 +39,7 @@ class SessionGate:
         self._in_session = False
         self._epoch = 0  # sessions opened so far: what a backward checks it still runs in
         self._forwards = threading.local()  # per thread: bare forwards whose session is open
+        self.on_close: list = []  # called as the outermost session closes, before the movers release
 
     def __deepcopy__(self, memo):
         raise deepcopy_error()
@@ -95,6 +96,8 @@ class SessionGate:
             self._depth -= 1
             if self._depth == 0:
                 self._in_session = False
+                for callback in list(self.on_close):
+                    callback()
                 refused = []
                 for mover in self.movers:
                     try:

@@ -11,6 +11,9 @@ Mover (ABC)                 one per device the units compute on; opened by the s
 |                           no backward)
 | layer_hooks(pos, gate)    the hooks that run unit ``pos`` through it
 | end_forward(output)       after each forward of the model
+| check_unedited()          before a replayed CUDA graph reads the units (graphs.py): refuse an edit it
+|                           could not keep
+| forget_loads()            after a failed CUDA graph capture: loads issued inside it never ran
 |
 +-- Residency  (resident.py)  session mode: every unit in one device buffer for the whole session
 +-- Ring       (stream.py)    stream mode: each forward pulls the units through prefetch + 1 buffers
@@ -63,4 +66,14 @@ class Mover(ABC):
     def end_forward(self, output) -> None:
         """After a forward of the model (also when it raised; ``output`` is None then). Nothing, unless
         the mover's buffers change hands within a forward."""
+        return None
+
+    def check_unedited(self) -> None:
+        """Before a CUDA graph replays a forward (``graphs.py``), which runs none of the hooks: refuse an edit of
+        a unit this mover could not keep. Nothing, unless edits inside a session are refused."""
+        return None
+
+    def forget_loads(self) -> None:
+        """After a CUDA graph capture failed: the copies issued inside it never ran, so nothing may count on
+        them. Nothing, unless the mover copies within a forward."""
         return None

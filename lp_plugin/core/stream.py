@@ -173,6 +173,19 @@ class Ring(Mover):
         if [t._version for t in self._watched] != self._versions:
             raise edit_error(self.edited_units())
 
+    def forget_loads(self) -> None:
+        """A CUDA graph capture failed: the loads it issued never ran, so every slot is loaded again when its
+        unit next needs it (after the loads issued outside it are done)."""
+        if self.slots is None:
+            return
+        if self.cuda:
+            assert self.side is not None  # made with the ring on CUDA
+            self.side.synchronize()
+        self.holds = [None] * self.nslots
+        self.in_capture = [False] * self.k
+        self.event_ok = [False] * self.nslots
+        self.calls = [0] * self.k
+
     def release(self):
         """End of the session: units back on standby (an edit made inside it is refused: the tier's
         copy is left as it was), the ring's memory given back."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..core import accel
 from ..core.absent import absent_layers
-from ..errors import AttachError
+from ..errors import AttachError, OffloadSpecError
 
 
 def check_model(model, plan, layer_list):
@@ -75,4 +75,26 @@ def check_absent(layer_list, config, skips=None) -> None:
         raise AttachError(
             f"layers {left} of this model hold no weights (skipped when it was loaded) but this skip runs them; "
             f"list them in skip= (e.g. skip={missing}), or load the model again without skip="
+        )
+
+
+def check_graph_decode(plan, config) -> None:
+    """Refuse ``decode="graph"`` where no graph can run, before anything is loaded or changed."""
+    if config.decode != "graph":
+        return
+    if plan.main_device.type != "cuda":
+        raise OffloadSpecError(
+            f"decode='graph' replays CUDA graphs, but the model runs on {plan.main_device}; "
+            "use decode='eager' (the default) off CUDA"
+        )
+    if not plan.single_device:
+        raise OffloadSpecError(
+            "decode='graph' captures a decode step on one GPU, and this plan runs layers on several devices; "
+            "use decode='eager', or place every layer on one GPU"
+        )
+    if config.mode == "stream" and plan.offloaded and config.tier == "disk":
+        raise OffloadSpecError(
+            "decode='graph' with mode='stream' needs the offloaded layers in pinned host memory (tier='cpu'): "
+            "a CUDA graph cannot replay the disk tier's file reads; use tier='cpu', mode='session', or "
+            "decode='eager'"
         )

@@ -26,6 +26,7 @@ from ..core import accel, hooks
 from ..core.devices import map_value, normalize_device
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
+from ..core.graphs import DecodeGraphs
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
 from ..core.host_embeddings import HostEmbeddings, embedding_modules, report_device
 from ..core.mover import Mover
@@ -38,7 +39,7 @@ from ..planning.budget import host_budget
 from ..planning.config import OffloadConfig
 from ..planning.plan import OffloadPlan
 from ..planning.plugins import tier_class
-from .checks import check_absent, check_model
+from .checks import check_absent, check_graph_decode, check_model
 from .reporter import HandleReport
 
 log = logging.getLogger("lp_plugin")
@@ -87,6 +88,7 @@ class OffloadHandle:
         self.record = InstallRecord()
         self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate, host_embeddings)
         self.entry: ModelEntry | None = None
+        self.graphs: DecodeGraphs | None = None  # decode="graph": the captured decode steps
 
     # ------------------------------------------------------------------ description
     mode = property(lambda self: self.config.mode)
@@ -236,6 +238,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     plan = plan.with_skips(model)
     config = plan.config
     check_model(model, plan, layer_list)
+    check_graph_decode(plan, config)
     embedding_pair = embedding_modules(model) if config.embeddings == "host" else None
 
     pin = any(plan.device_of(i).type == "cuda" for i in range(plan.num_layers)) or plan.main_device.type == "cuda"
@@ -345,6 +348,11 @@ def _install(handle, model, layer_list):
     )
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()
+    if config.decode == "graph":
+        handle.graphs = DecodeGraphs(gate, model, plan.main_device, handle.host_embeddings)
+        record.did("decode steps replayed as CUDA graphs", handle.graphs.remove)
+        handle.graphs.install()
+        handle.report.graphs = handle.graphs
 
 
 def _add_hook(record, hooked: set, module, hook) -> None:

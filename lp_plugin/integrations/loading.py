@@ -20,6 +20,7 @@ from ..planning.footprint import checkpoint_dtype, load_format
 from ..planning.plan import OffloadPlan, auto_base_map
 from ..planning.skipping.calib import check_before_loading as check_calib_before_loading
 from ..planning.skipping.resolve import known_before_loading
+from .checks import check_graph_decode
 from .engine import attach
 from .quant import Nf4Load
 from .skipped_load import load_without, release
@@ -62,6 +63,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
             hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)
         )
     plan = OffloadPlan.for_config(hf_config, config, base_map=base_map, weights=load_format(hf_config, hf_kwargs))
+    check_graph_decode(plan, plan.config)
     early = known_before_loading(plan.config, plan.num_layers)
     if early is not None:  # an explicit skip without stand-ins: those layers are never read
         plan = plan.with_resolved_skips(early)

@@ -31,6 +31,7 @@ class HandleReport:
         self.model = model
         self.plan = plan
         self.config = plan.config
+        self.graphs = None  # decode="graph": the DecodeGraphs whose counts info() shows (set once installed)
         self.layers = layers  # [OffloadedLayer]: the model's offloaded layers, execution order
         self.stand_ins = stand_ins  # {index: StandIn}
         self.dropped = dropped  # [(index, module)]
@@ -84,6 +85,7 @@ class HandleReport:
             "lm_head_copies": self.host_embeddings.head_copies if self.host_embeddings else 0,
             "lm_head_copies_ahead": self.host_embeddings.head_copies_ahead if self.host_embeddings else 0,
             "budget": self.plan.budget.summary() if self.plan.budget is not None else None,
+            "decode": {"mode": c.decode, **(self.graphs.stats.as_dict() if self.graphs is not None else {})},
         }
 
     def repr(self) -> str:

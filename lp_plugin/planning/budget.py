@@ -219,7 +219,8 @@ def work_of(config: OffloadConfig, fp: Footprint, context: int | None = None) ->
         notes.append("batch_size=1: the default")
     if config.work is None:
         notes.append("work=generate: the default; lm-eval's loglikelihood tasks need work=loglikelihood")
-    return Work(config.work or "generate", context, config.batch_size or 1), tuple(notes)
+    static = config.decode == "graph" and (config.work or "generate") == "generate"
+    return Work(config.work or "generate", context, config.batch_size or 1, static_cache=static), tuple(notes)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ DeviceSpec: TypeAlias = Union[str, int, "torch.device"]  # "cuda:0", a GPU index
 CalibSpec: TypeAlias = Union[str, os.PathLike, Sequence[int], "torch.Tensor"]  # a corpus name, a file, token ids
 
 MODES = ("session", "stream")
+DECODES = ("eager", "graph")  # how a decode step runs: its forward as called, or a replayed CUDA graph
 EMBEDDINGS = ("device", "host")  # where the input embeddings and the lm_head keep their weights
 WORKS = ("generate", "loglikelihood")
 BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
@@ -76,6 +77,8 @@ class OffloadConfig:
     """Sequences per forward the budget must hold (default 1)."""
     work: str | None = None
     """What the budget plans for: ``generate`` (the default) or ``loglikelihood`` (lm-eval's scoring)."""
+    decode: str = "eager"
+    """Decode steps: ``eager`` (as called) or ``graph`` (captured once per session and replayed as a CUDA graph)."""
 
     def __post_init__(self):
         for name, check in _CHECKS.items():
@@ -294,6 +297,15 @@ def _check_embeddings(value):
     return value
 
 
+def _check_decode(value):
+    if value not in DECODES:
+        raise OffloadSpecError(
+            f"decode must be 'eager' (each decode step runs as called) or 'graph' (a decode step captured once "
+            f"per session and replayed as a CUDA graph), got {value!r}"
+        )
+    return value
+
+
 def _check_alpha(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OffloadSpecError(f"alpha must be a number in [0, 1], got {value!r}")
@@ -378,6 +390,7 @@ _CHECKS = {
     "max_context": _check_max_context,
     "batch_size": _optional_positive_int("batch_size", "sequences per forward the budget must hold"),
     "work": _check_work,
+    "decode": _check_decode,
 }
 
 

@@ -321,11 +321,13 @@ def from_config(hf_config, fmt=None, skeleton=None) -> Footprint:
 class Work:
     """What runs on the model: ``generate`` (a prefill of ``context`` tokens, then decoding with logits
     of the last token) or ``loglikelihood`` (lm-eval through lp_plugin's model type: windows of ``context``
-    tokens scored position by position), ``batch`` sequences at a time."""
+    tokens scored position by position), ``batch`` sequences at a time. ``static_cache``: ``generate`` runs with a
+    static cache (``decode="graph"``), whose prefill attends through a materialized mask."""
 
     kind: str
     context: int
     batch: int
+    static_cache: bool = False
 
 
 def kv_bytes(fp: Footprint, context: int, batch: int) -> int:
@@ -406,10 +408,13 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cud
             },
         )
     kv = kv_bytes(fp, t, b)
+    # a static cache's prefill attends to the whole cache's length: transformers builds the boolean mask, SDPA its
+    # additive copy, and with a mask the keys and values are expanded to every query head
+    attend = b * t * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s if work.static_cache else 0
     return _with_head_buffer(
         fp,
         {
-            "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + rope + inputs, "logits": 0},
+            "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + attend + rope + inputs, "logits": 0},
             "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
         },
     )

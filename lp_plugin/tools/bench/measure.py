@@ -55,15 +55,24 @@ def no_gc():
             gc.enable()
 
 
-def cache_kwargs(model) -> dict:
-    """A fresh DynamicCache under the keyword this transformers version reads (``cache``; older
-    releases: ``past_key_values``, which newer ones still take with a FutureWarning)."""
-    from transformers import DynamicCache
+def cache_kwargs(model, max_len: int | None = None) -> dict:
+    """A fresh KV cache under the keyword this transformers version reads (``cache``; older
+    releases: ``past_key_values``, which newer ones still take with a FutureWarning): a DynamicCache, or for a
+    model attached with ``decode="graph"`` (given ``max_len``, the tokens it will hold) a StaticCache, as its
+    ``generate()`` uses."""
+    from transformers import DynamicCache, StaticCache
 
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - releases without the config argument
-        cache = DynamicCache()
+    import lp_plugin
+
+    handle = lp_plugin.get_handle(model)
+    cache: DynamicCache | StaticCache
+    if max_len is not None and handle is not None and handle.config.decode == "graph":
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+    else:
+        try:
+            cache = DynamicCache(config=model.config)
+        except TypeError:  # pragma: no cover - releases without the config argument
+            cache = DynamicCache()
     name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     return {name: cache, "use_cache": True}
 
@@ -99,7 +108,7 @@ def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WA
 
     steps = []
     with torch.no_grad():
-        kw = cache_kwargs(model)
+        kw = cache_kwargs(model, max_len=prompt_ids.shape[1] + warm_steps + new + 1)
         tok = model(input_ids=prompt_ids, logits_to_keep=1, **kw).logits[:, -1:].argmax(-1)
         toks = [tok]
         for _ in range(warm_steps):
