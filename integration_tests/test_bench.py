@@ -310,7 +310,9 @@ def test_lp_config_holds_the_offload_config_attach_gets():
     assert c.to_dict() == {
         "name": c.name, "kind": "lp", "mode": "stream", "spec": "2-32:2", "tier": "disk", "alpha": 1.0, "prefetch": 2,
         "new": None, "cold": True, "load": "attach", "twin": False, "skip": "greedy:20%", "stand_in": "linear:64",
-        "calib": "pydoc:512", "protect_first": 0, "protect_last": OffloadConfig().protect_last}
+        "calib": "pydoc:512", "protect_first": 0, "protect_last": OffloadConfig().protect_last, "decode": "eager"}
+    assert parse_config("stream:all:cpu:decode=graph").options == OffloadConfig(offload="all", mode="stream",
+                                                                                 decode="graph")
     # a peer holds its layers and tier only; the plain model none; both record the lp-only keys as before
     peer = parse_config("accelerate_disk:2,4")
     assert peer.options == OffloadConfig(offload="2,4", tier="disk")
@@ -330,6 +332,7 @@ def test_lp_config_holds_the_offload_config_attach_gets():
     ("stream:even:cpu:skip=bi:x", "skip", {"skip": "bi:x"}),
     ("stream:even:cpu:calib=no-such-corpus", "calib", {"calib": "no-such-corpus"}),
     ("stream:auto:cpu:alpha=0", "alpha", {"offload": "auto", "alpha": 0.0}),
+    ("stream:even:cpu:decode=graphs", "decode", {"decode": "graphs"}),
 ])
 def test_offload_option_refused_as_offload_config_refuses_it(text, option, options):
     """A value OffloadConfig refuses is a ConfigError naming the config and the option, caused by the very

@@ -177,7 +177,8 @@ def test_graphs_go_with_the_session_and_bare_forwards_stay_eager(tiny_checkpoint
         model(input_ids=ids, past_key_values=cache)
         for _ in range(3):  # outside a session each forward is a session of its own: nothing to replay
             model(input_ids=ids[:, :1], past_key_values=cache)
-    assert handle.info()["decode"]["captured"] == 0
+    stats = handle.info()["decode"]
+    assert stats["captured"] == 0 and sum(n for why, n in stats["not_graphed"].items() if "session" in why) == 3
     free = torch.cuda.mem_get_info(device)[0]
     with torch.no_grad(), lp_plugin.session(model):
         cache = StaticCache(config=model.config, max_cache_len=32)
@@ -188,3 +189,116 @@ def test_graphs_go_with_the_session_and_bare_forwards_stay_eager(tiny_checkpoint
         assert out.logits.shape == (1, 1, model.config.vocab_size)
     assert handle.graphs._steps == {} and handle.info()["decode"]["replayed"] == 3
     assert torch.cuda.mem_get_info(device)[0] >= free - (64 << 20)  # the graph's memory went with the session
+
+
+# ---------------------------------------------------------------------------------- what a step reads (any machine)
+def _cache_kw(model, cache):
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _prefilled(arch="llama", **config):
+    from shapes import build_tiny
+    from transformers import StaticCache
+
+    model = build_tiny(arch, **config)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        model(input_ids=ids, **_cache_kw(model, cache))
+    return model, cache, ids
+
+
+def test_a_decode_step_with_a_static_cache_is_read_into_leaves():
+    from lp_plugin.core.graphs import step_inputs
+
+    model, cache, ids = _prefilled()
+    cpu = torch.device("cpu")
+    for name in ("past_key_values", "cache"):  # (transformers renamed the keyword)
+        kwargs = {"input_ids": ids[:, -1:], name: cache, "attention_mask": torch.ones(1, 13, dtype=torch.long),
+                  "position_ids": torch.tensor([[12]]), "use_cache": True, "logits_to_keep": 1}
+        signature, leaves, rest = step_inputs((), kwargs, cpu, embed_ids=False)
+        assert set(leaves) == {("input_ids",), ("attention_mask",), ("position_ids",)}
+        mask = leaves[("attention_mask",)]
+        assert mask.shape == (1, 32) and mask[0, :13].eq(1).all() and mask[0, 13:].eq(0).all()  # padded as transformers pads
+        assert rest["attention_mask"] is mask and rest[name] is cache
+        again, _, _ = step_inputs((ids[:, :1],), {k: v for k, v in kwargs.items() if k != "input_ids"}, cpu, False)
+        assert again == signature  # positional ids, the same shapes: the same graph
+    # with host embeddings the ids are looked up outside the graph: not a leaf
+    _, leaves, _ = step_inputs((), {"input_ids": ids[:, -1:], "past_key_values": cache}, cpu, embed_ids=True)
+    assert ("input_ids",) not in leaves
+    # a prefill is not a decode step
+    assert step_inputs((), {"input_ids": ids, "past_key_values": cache}, cpu, False) is None
+
+
+def test_decode_steps_no_graph_can_replay_say_why():
+    from transformers import DynamicCache, StaticCache
+
+    from lp_plugin.core.graphs import static_layers, step_inputs
+
+    model, cache, ids = _prefilled()
+    cpu, step = torch.device("cpu"), ids[:, -1:]
+    reasons = [
+        step_inputs((), {"input_ids": step}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": DynamicCache(config=model.config)}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": cache, "output_hidden_states": True}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": cache, "labels": step}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": cache, "return_dict": False}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": cache, "extra": object()}, cpu, False),
+        step_inputs((), {"input_ids": step, "past_key_values": cache}, torch.device("meta"), False),
+    ]
+    assert all(isinstance(r, str) and r for r in reasons), reasons
+    # a sliding-window layer keeps its position in a Python int, which a replay would not advance
+    sliding, _, _ = _prefilled("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    windowed = StaticCache(config=sliding.config, max_cache_len=32)
+    assert static_layers(windowed) is None and static_layers(cache) is not None
+    assert isinstance(step_inputs((), {"input_ids": step, "past_key_values": windowed}, cpu, False), str)
+
+
+def test_a_reordered_cache_is_another_graph():
+    """Beam search replaces the cache's tensors each step: a graph captured on the old ones must not replay."""
+    from lp_plugin.core.graphs import step_inputs
+
+    model, cache, ids = _prefilled()
+    kwargs = {"input_ids": ids[:, -1:], "past_key_values": cache}
+    before = step_inputs((), kwargs, torch.device("cpu"), False)[0]
+    cache.reorder_cache(torch.tensor([0]))
+    assert step_inputs((), kwargs, torch.device("cpu"), False)[0] != before
+
+
+def _graphs(model):
+    from lp_plugin.core.gate import SessionGate
+    from lp_plugin.core.graphs import DecodeGraphs
+
+    return DecodeGraphs(SessionGate([], {"forwards": 0}), model, "cuda:0")
+
+
+def test_generate_gets_a_static_cache_where_nothing_else_was_asked_for():
+    from shapes import build_tiny
+    from transformers import GenerationConfig
+
+    model = build_tiny("llama")
+    graphs = _graphs(model)
+    assert graphs.generate_options((PROMPT,), {}) == ((PROMPT,), {"cache_implementation": "static",
+                                                                  "disable_compile": True})
+    # what the caller chose stays: a cache, another implementation, no cache, decoding that reorders or
+    # replaces the cache, compilation
+    for kwargs in ({"past_key_values": object()}, {"cache": object()}, {"cache_implementation": "dynamic"},
+                   {"use_cache": False}, {"num_beams": 3}, {"assistant_model": object()},
+                   {"prompt_lookup_num_tokens": 3}, {"penalty_alpha": 0.6}):
+        assert "cache_implementation" not in graphs.generate_options((), kwargs)[1] or kwargs.get(
+            "cache_implementation") == "dynamic", kwargs
+    assert graphs.generate_options((), {"disable_compile": False})[1]["disable_compile"] is False
+    # a generation config passed in (positionally or by name) is copied and changed, never the caller's own
+    for position in (True, False):
+        config = GenerationConfig(cache_implementation="dynamic", max_new_tokens=4)
+        args, kwargs = graphs.generate_options((PROMPT, config) if position else (PROMPT,),
+                                               {} if position else {"generation_config": config})
+        got = args[1] if position else kwargs["generation_config"]
+        assert got is not config and got.cache_implementation == "dynamic" and got.disable_compile is True
+        assert config.disable_compile is not True and set(kwargs) <= {"generation_config"}
+    # a model with sliding-window layers keeps its cache: a static sliding window cannot be replayed
+    sliding = build_tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert "cache_implementation" not in _graphs(sliding).generate_options((), {})[1]

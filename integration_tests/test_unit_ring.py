@@ -114,6 +114,31 @@ def test_a_forward_cut_short_is_recovered_by_the_next(tier_name):
         ring.close()
 
 
+def test_ready_for_replay_only_where_a_complete_forward_left_the_slots():
+    """A captured forward (decode="graph") starts with the first prefetch layers in their slots, as every complete
+    forward leaves them; a forward cut short, or the loads of a failed capture forgotten, are not that."""
+    blocks, states, layers, _ = build("cpu")
+    ring = Ring(layers, prefetch=2, device=CPU, room_check=Room())
+    assert not ring.ready_for_replay()  # closed
+    ring.open()
+    try:
+        assert ring.ready_for_replay()
+        ring.wait(0)
+        ring.done(0)
+        ring.wait(1)  # cut short
+        ring.join()
+        assert not ring.ready_for_replay()
+        forward(ring, blocks, states)
+        assert ring.ready_for_replay()
+        ring.forget_loads()
+        assert not ring.ready_for_replay()
+        forward(ring, blocks, states)  # every layer loaded again
+        assert ring.ready_for_replay()
+    finally:
+        ring.release()
+        ring.close()
+
+
 def test_a_layer_called_outside_a_forward_is_refused():
     _, _, layers, _ = build("cpu", n=2)
     ring = Ring(layers, prefetch=1, device=CPU, room_check=Room())

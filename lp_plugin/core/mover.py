@@ -14,6 +14,7 @@ Mover (ABC)                 one per device the units compute on; opened by the s
 | check_unedited()          before a replayed CUDA graph reads the units (graphs.py): refuse an edit it
 |                           could not keep
 | forget_loads()            after a failed CUDA graph capture: loads issued inside it never ran
+| ready_for_replay()        its buffers hold what a captured forward expects at its start
 |
 +-- Residency  (resident.py)  session mode: every unit in one device buffer for the whole session
 +-- Ring       (stream.py)    stream mode: each forward pulls the units through prefetch + 1 buffers
@@ -77,3 +78,8 @@ class Mover(ABC):
         """After a CUDA graph capture failed: the copies issued inside it never ran, so nothing may count on
         them. Nothing, unless the mover copies within a forward."""
         return None
+
+    def ready_for_replay(self) -> bool:
+        """Whether the device buffers hold what a captured forward expects as it starts (a forward cut short by an
+        exception may have left them out of step). True, unless the mover copies within a forward."""
+        return True

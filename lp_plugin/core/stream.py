@@ -173,6 +173,15 @@ class Ring(Mover):
         if [t._version for t in self._watched] != self._versions:
             raise edit_error(self.edited_units())
 
+    def ready_for_replay(self) -> bool:
+        """A captured forward starts with the first ``prefetch`` units in their slots, loaded by the forward before it
+        (as every completed forward leaves them), and no reader-thread load pending."""
+        return (
+            self.is_open
+            and not self.pending
+            and all(self.holds[pos] == pos for pos in range(min(self.prefetch, self.k)))
+        )
+
     def forget_loads(self) -> None:
         """A CUDA graph capture failed: the loads it issued never ran, so every slot is loaded again when its
         unit next needs it (after the loads issued outside it are done)."""

@@ -8,12 +8,13 @@
     airllm[:new=N][:cold]                     AirLLM (PyPI ``airllm``, optional): every module streamed from
                                               its per-layer shards on disk through transformers' forward
     MODE:SPEC:TIER[:alpha=A][:prefetch=N][:new=N][:cold][:load=attach|pretrained]
-                  [:skip=SKIP][:stand_in=KIND][:calib=CALIB]
+                  [:skip=SKIP][:stand_in=KIND][:calib=CALIB][:decode=graph]
                                               an offloaded model: lp_plugin.attach on the loaded plain model
                                               (load=attach, the default) or lp_plugin.from_pretrained from
                                               the checkpoint (load=pretrained, as users and lm-eval load);
                                               skip/stand_in/calib: training-free layer skipping, as the
-                                              options of the same names (``skip=greedy:20%``)
+                                              options of the same names (``skip=greedy:20%``); decode=graph:
+                                              decode steps replayed as CUDA graphs (docs/graphs.md)
 
 MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
 ``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
@@ -46,10 +47,10 @@ TWIN = "baseline:twin"
 FLAGS = ("cold", "twin")  # options written without a value
 # the OffloadConfig options an lp config takes after TIER (MODE, SPEC and TIER are its mode, offload and tier;
 # lp-bench sets offload_folder and main_device itself)
-OFFLOAD_OPTIONS = ("alpha", "prefetch", "protect_first", "protect_last", "skip", "stand_in", "calib")
+OFFLOAD_OPTIONS = ("alpha", "prefetch", "protect_first", "protect_last", "skip", "stand_in", "calib", "decode")
 _LP_OPTIONS = (
     "alpha=A, prefetch=N, new=N, cold, load=attach|pretrained, protect_first=N, protect_last=N, skip=SKIP, "
-    "stand_in=KIND, calib=CALIB"
+    "stand_in=KIND, calib=CALIB, decode=eager|graph"
 )
 _COLON_OPTIONS = ("skip", "stand_in", "calib")  # values that may hold a colon themselves
 # what results JSON records of a config without offload options (baseline; a peer's lp-only keys)
@@ -64,6 +65,7 @@ _NO_OPTIONS = {
     "calib": None,
     "protect_first": None,
     "protect_last": None,
+    "decode": "eager",
 }
 _FIELD = {"spec": "offload"}  # a word of the grammar and results JSON: the OffloadConfig field it names
 _WORD = {v: k for k, v in _FIELD.items()}
@@ -136,7 +138,7 @@ class BenchConfig:
             "cold": self.cold,
             "load": self.load,
             "twin": self.twin,
-            **{key: values[key] for key in ("skip", "stand_in", "calib", "protect_first", "protect_last")},
+            **{key: values[key] for key in ("skip", "stand_in", "calib", "protect_first", "protect_last", "decode")},
         }
 
     @property
@@ -240,8 +242,8 @@ def _check_options(kind: str, opts: _Written, text: str) -> None:
         )
     if kind != "lp" and (opts.offload or opts.load is not None):
         raise ConfigError(
-            f"config {text!r}: alpha, prefetch, load, protect_first, protect_last, skip, stand_in and calib apply "
-            "to session/stream configs only",
+            f"config {text!r}: alpha, prefetch, load, protect_first, protect_last, skip, stand_in, calib and decode "
+            "apply to session/stream configs only",
             text,
             next(iter(opts.offload), "load"),
         )
