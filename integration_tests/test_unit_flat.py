@@ -115,3 +115,39 @@ def test_source_values_stand_in_for_placeholders():
     layout.pack_into(flat)
     for e in layout.entries:
         assert torch.equal(view(flat, e), real.state_dict()[e.key])
+
+
+def _misaligned(block, shift: int):
+    """``block`` with every parameter moved to an address ``shift`` bytes past a 64-byte boundary (as tensors mapped
+    from a checkpoint's file sit)."""
+    for p in list(block.parameters()):
+        nbytes = p.numel() * p.element_size()
+        raw = torch.empty(nbytes + 128, dtype=torch.uint8)
+        start = (shift - raw.data_ptr()) % 64
+        t = raw[start : start + nbytes].view(p.dtype).view(p.shape)
+        t.copy_(p.detach())
+        p.data = t
+    return block
+
+
+def test_a_cpu_layout_keeps_its_tensors_alignment(block):
+    """MKL's matrix-vector kernels on AVX-512 round by the weight's alignment: a layer computing on the CPU keeps its
+    tensors' addresses modulo RESIDUE in the flat buffer, in a copy binding, and its padding zeroed."""
+    from lp_plugin.core.flat import RESIDUE, aligned_like, residue
+
+    _misaligned(block, 8)
+    kept, plain = LayerLayout(block, keep_alignment=True), LayerLayout(block)
+    assert all(e.offset % ALIGN == 0 for e in plain.entries)
+    flat = torch.full((kept.nbytes + ALIGN,), 0xAB, dtype=torch.uint8)
+    flat = flat[-flat.data_ptr() % ALIGN :][: kept.nbytes]  # a buffer on a boundary, as every tier's
+    kept.pack_into(flat)
+    used = torch.zeros(kept.nbytes, dtype=torch.bool)
+    for e in kept.entries:
+        t = block.get_parameter(e.key) if "." in e.key else block.get_buffer(e.key)
+        assert view(flat, e).data_ptr() % RESIDUE == residue(t) and torch.equal(view(flat, e), t)
+        used[e.offset : e.offset + e.nbytes] = True
+    assert int(flat[~used].count_nonzero()) == 0
+    copies = kept.binding(flat, torch.device("cpu"), copy=True).views
+    assert all(copies[e.key].data_ptr() % RESIDUE == view(flat, e).data_ptr() % RESIDUE for e in kept.entries)
+    w = block.get_parameter("up.weight")
+    assert residue(w) == 8 and aligned_like(w).data_ptr() % RESIDUE == 8 and residue(aligned_like(w, "meta")) == 0

@@ -3,9 +3,13 @@
 A layer's *layout* (:class:`LayerLayout`) lists every tensor its forward reads (parameters, buffers and,
 for bitsandbytes 4-bit weights, the tensors inside each ``QuantState``: absmax, code, offset, nested
 state2) and gives each an offset in one flat ``uint8`` buffer (256-byte aligned), so a layer moves
-host<->device as one contiguous copy. A *binding* points every tensor at views of one such buffer
-(pinned host, a stream ring's slot, a session buffer, or the meta device) by swapping ``.data`` and
-quant states in place: the module objects never change.
+host<->device as one contiguous copy. For a layer that computes on the CPU each offset keeps its source
+tensor's address modulo :data:`RESIDUE` (a checkpoint's memory-mapped tensors often sit 8 bytes off a
+16-byte boundary): on CPUs with AVX-512, MKL's matrix-vector kernels round differently for differently
+aligned weights, and the plain model's own alignment is what makes a decode step equal it bit for bit.
+A *binding* points every tensor at views of one such buffer (pinned host, a stream ring's slot, a session
+buffer, or the meta device) by swapping ``.data`` and quant states in place: the module objects never
+change.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 ALIGN = 256
+RESIDUE = 64  # an entry keeps its source's address modulo this (CPU layers, ``keep_alignment``)
 
 _QS_TENSORS = ("absmax", "code", "offset")
 
@@ -42,6 +47,25 @@ def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def residue(t: torch.Tensor) -> int:
+    """``t``'s address modulo :data:`RESIDUE` (0 for a tensor without storage: meta, empty)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return 0
+    return t.data_ptr() % RESIDUE
+
+
+def aligned_like(t: torch.Tensor, device=None) -> torch.Tensor:
+    """An empty tensor shaped like ``t`` on ``device`` (default: ``t``'s) whose address has ``t``'s residue modulo
+    :data:`RESIDUE` (a fresh allocation is aligned to it)."""
+    device = t.device if device is None else torch.device(device)
+    shift = residue(t) if device.type == "cpu" else 0
+    if shift == 0 or shift % t.element_size():
+        return torch.empty_like(t, device=device)
+    raw = torch.empty(t.numel() * t.element_size() + RESIDUE, dtype=torch.uint8, device=device)
+    start = (shift - raw.data_ptr()) % RESIDUE
+    return raw[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
+
 def _quant_state(param):
     return getattr(param, "quant_state", None)
 
@@ -64,7 +88,7 @@ class LayerLayout:
     module's own are placeholders (an Accelerate-offloaded layer keeps its params on ``meta`` and
     the values in the hook's ``weights_map``)."""
 
-    def __init__(self, layer: torch.nn.Module, source=None):
+    def __init__(self, layer: torch.nn.Module, source=None, keep_alignment: bool = False):
         self.layer = layer
         self.params = []  # (module, name, key)
         self.buffers = []  # (module, name, key)
@@ -75,9 +99,10 @@ class LayerLayout:
         def add(key, t):
             nonlocal offset
             nbytes = t.numel() * t.element_size()
-            entries.append(Entry(key, t.dtype, tuple(t.shape), offset, nbytes))
+            shift = residue(t) if keep_alignment else 0
+            entries.append(Entry(key, t.dtype, tuple(t.shape), offset + shift, nbytes))
             self._tensors[key] = t
-            offset += aligned(nbytes)
+            offset += aligned(shift + nbytes)
 
         for mod_name, module in layer.named_modules():
             for name, p in module.named_parameters(recurse=False):
@@ -127,6 +152,7 @@ class LayerLayout:
             view(flat, e).copy_(src.reshape(e.shape) if src.shape != e.shape else src)
             # zero the alignment padding: ``flat`` comes from torch.empty, and its bytes are hashed
             # into the disk tier's fingerprint (garbage there made every file look stale)
+            flat[e.offset - e.offset % ALIGN : e.offset].zero_()
             flat[e.offset + e.nbytes : aligned(e.offset + e.nbytes)].zero_()
         self._tensors = {}
 
@@ -157,7 +183,8 @@ class LayerLayout:
             if flat is None:
                 views[e.key] = torch.zeros((), dtype=e.dtype, device=device).expand(e.shape)
             elif copy:
-                views[e.key] = view(flat, e).to(device=device, copy=True)
+                source = view(flat, e)  # (an independent tensor keeps the offset's residue: see the module's opening)
+                views[e.key] = aligned_like(source, device).copy_(source)
             else:
                 views[e.key] = view(flat, e)
         qstates = {}

@@ -66,10 +66,11 @@ class OffloadedUnit:
 
     # ------------------------------------------------------------------ attach
     @classmethod
-    def _store(cls, index, module, tier, pin, values=None) -> tuple[str, LayerLayout]:
+    def _store(cls, index, module, tier, pin, device, values=None) -> tuple[str, LayerLayout]:
         """Pack ``module`` (with ``values`` for the tensors it does not hold itself) into a flat host
-        buffer and hand it to ``tier``: its key and layout. Reads the module only."""
-        layout = LayerLayout(module, values)
+        buffer and hand it to ``tier``: its key and layout. Reads the module only. A unit computing on the CPU
+        keeps its tensors' alignment (``lp_plugin.core.flat``)."""
+        layout = LayerLayout(module, values, keep_alignment=torch.device(device).type == "cpu")
         key = f"{cls.key_prefix}_{index:05d}"
         flat = allocate_host(layout.nbytes, pin and tier.keeps_flat, f"layer {index}")  # pinned only if it is kept
         layout.pack_into(flat)
@@ -209,7 +210,7 @@ class OffloadedLayer(OffloadedUnit):
                 f"layer {index} has parameters on the meta device ({meta[:3]}...) and no Accelerate hook holding "
                 "their values; load the model's weights before attaching"
             )
-        key, layout = cls._store(index, module, tier, pin, values)
+        key, layout = cls._store(index, module, tier, pin, device, values)
         return cls(index, module, key, layout, tier, device, hooks, held, values or ())
 
     def install(self) -> None:
@@ -244,7 +245,7 @@ class StandIn(OffloadedUnit):
     @classmethod
     def pack(cls, index, module, tier, device, pin) -> StandIn:
         """Pack the stand-in ``module`` of layer ``index`` into a flat host buffer and hand it to ``tier``."""
-        key, layout = cls._store(index, module, tier, pin)
+        key, layout = cls._store(index, module, tier, pin, device)
         return cls(index, module, key, layout, tier, device)
 
 

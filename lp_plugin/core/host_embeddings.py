@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..errors import OffloadSpecError
 from . import accel
+from .flat import aligned_like, residue
 from .tiers import allocate_host
 
 ATTR = "_lp_host_embeddings"  # on the lm_head module: the HostEmbeddings that owns it (read by resident())
@@ -140,7 +141,7 @@ class _Entry:
         if self.device.type == "meta":
             self._assign(self.original)
         else:
-            self.original.data = self.host.to(self.device, copy=True)
+            self.original.data = aligned_like(self.host, self.device).copy_(self.host)
 
     def _assign(self, tensor) -> None:
         for module, kind, name in self.owners:
@@ -197,7 +198,10 @@ class HostEmbeddings:
                 if entry is not None:  # tied: one host copy
                     entry.owners.append((sub, kind, name))
                 else:
-                    host = allocate_host(value.numel() * value.element_size(), self.pin, f"the model's {key}")
+                    # on a CPU main device the copy keeps the tensor's alignment (``lp_plugin.core.flat``)
+                    shift = residue(value) if self.main_device.type == "cpu" else 0
+                    nbytes = value.numel() * value.element_size()
+                    host = allocate_host(nbytes + shift, self.pin, f"the model's {key}")[shift : shift + nbytes]
                     host = host.view(value.dtype).view(value.shape)
                     host.copy_(value)
                     entry = seen[id(tensor)] = _Entry(tensor, (sub, kind, name), host)
@@ -339,7 +343,7 @@ class HostEmbeddings:
                 else:
                     tensors = []
                     for entry in self.head_entries:
-                        dev = torch.empty_like(entry.host, device=self.main_device)
+                        dev = aligned_like(entry.host, self.main_device)
                         dev.copy_(entry.host, non_blocking=entry.host.is_pinned())
                         tensors.append(dev)
                 for dev, entry in zip(tensors, self.head_entries):
