@@ -21,6 +21,7 @@ from bench_helpers import benchmark_module
 from shapes import ARCHS, build_tiny
 
 import lp_plugin
+from lp_plugin.core import flat
 from lp_plugin.errors import BudgetError, OffloadSpecError
 from lp_plugin.integrations.quant import nf4_config
 from lp_plugin.planning import footprint
@@ -93,7 +94,11 @@ def test_from_pretrained_auto_predicts_the_loaded_model(tiny_checkpoints, fmt):
     # resident now: everything but the offloaded layers, whose tensors point at the tier's host copy
     real = footprint.from_model(model)
     assert plan.standby_bytes == real.base_bytes + sum(b for i, b in enumerate(real.layer_bytes) if i not in plan.offloaded)
-    assert handle.info()["offloaded_bytes"] == plan.offloaded_bytes
+    # on a CPU main device each tensor keeps its checkpoint alignment in the layer's buffer (lp_plugin.core.flat),
+    # which a plan made from the config cannot see: up to one alignment block more per tensor
+    extra = handle.info()["offloaded_bytes"] - plan.offloaded_bytes
+    blocks = sum(len(layer.layout.entries) for layer in handle.layers)
+    assert 0 <= extra <= flat.ALIGN * blocks, (extra, blocks)
     handle.detach()
 
 
