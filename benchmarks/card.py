@@ -632,6 +632,12 @@ def step_checkpoint(spec: dict) -> dict:
     return {"folder": folder, "reused": reused, "tokenizer": tokenizer}
 
 
+def shape_folder(model: str, seed: int, ckpt_dir: str) -> str:
+    """The folder of a saved shape (:func:`step_checkpoint` in this process, no tokenizer): what the one-process
+    benchmarks beside this one load."""
+    return step_checkpoint({"model": model, "seed": seed, "dirs": [ckpt_dir], "tokenizer": None})["folder"]
+
+
 def _room(folder: str) -> int:
     try:
         os.makedirs(folder, exist_ok=True)

@@ -107,9 +107,7 @@ def main(argv=None) -> int:
         print("graph_decode.py: needs a CUDA GPU (it replays CUDA graphs)", file=sys.stderr)
         return 2
     card = _card()
-    folder = card.step_checkpoint({"model": args.model, "seed": args.seed, "dirs": [args.ckpt_dir], "tokenizer": None})[
-        "folder"
-    ]
+    folder = card.shape_folder(args.model, args.seed, args.ckpt_dir)
     kw = card._load_kwargs(args.dtype)
     dev = torch.device("cuda", torch.cuda.current_device())
     from transformers import AutoModelForCausalLM

@@ -56,9 +56,7 @@ def main(argv=None) -> int:
         print("head_copy.py: needs a CUDA GPU (it times copies to the device)", file=sys.stderr)
         return 2
     card = _card()
-    folder = card.step_checkpoint({"model": args.model, "seed": args.seed, "dirs": [args.ckpt_dir], "tokenizer": None})[
-        "folder"
-    ]
+    folder = card.shape_folder(args.model, args.seed, args.ckpt_dir)
     kw = card._load_kwargs(args.dtype)
     dev = torch.device("cuda", torch.cuda.current_device())
     model = lp_plugin.from_pretrained(

@@ -19,6 +19,7 @@ docs/graphs.md says more.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -332,7 +333,7 @@ class DecodeGraphs:
                 call[path[0]] = dict(call[path[0]])
                 call[path[0]][path[1]] = tensor
         graph = torch.cuda.CUDAGraph()
-        head = self.host_embeddings.resident() if self.host_embeddings is not None else _no_head()
+        head = self.host_embeddings.resident() if self.host_embeddings is not None else contextlib.nullcontext()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 with head:  # a host lm_head is copied as the step starts
@@ -360,12 +361,6 @@ class DecodeGraphs:
         step.graph.replay()
         self.stats.replayed += 1
         return _fresh(step.output)
-
-
-def _no_head():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _fresh(output):
