@@ -7,7 +7,8 @@ with configs interleaved round by round:
 * ``stream_eager`` / ``stream_graph``: every layer streamed from pinned host memory (``offload="all"``,
   ``protect_first=0``, ``protect_last=0``, stream mode);
 * ``card_eager`` / ``card_graph``: the plan ``offload="auto", max_memory={0: CARD}, max_context=CONTEXT`` makes
-  (no ballast here: the card's plan, its speed).
+  (no ballast here: the card's plan, its speed); ``card_graph`` at ``--graph-context`` where given. A config whose
+  plan the planner refuses is recorded under ``refused`` with the planner's message, and not run.
 
     python benchmarks/graph_decode.py --model qwen2.5-3b-shape --dtype nf4 --out r.json
 
@@ -52,7 +53,8 @@ def _options(name: str, args, dev) -> dict | None:
         return {"offload": "even", "mode": "session", "decode": decode}
     if name.startswith("stream_"):
         return {"offload": "all", "protect_first": 0, "protect_last": 0, "mode": "stream", "decode": decode}
-    return {"offload": "auto", "max_memory": {dev.index: args.card}, "max_context": args.context, "decode": decode}
+    context = args.graph_context if decode == "graph" and args.graph_context else args.context
+    return {"offload": "auto", "max_memory": {dev.index: args.card}, "max_context": context, "decode": decode}
 
 
 def static_decode(model, ids, new: int, dev) -> float:
@@ -90,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--card", default="2GiB", help="max_memory of the card_* configs' plan")
     ap.add_argument("--context", type=int, default=8192, help="max_context of the card_* configs' plan")
+    ap.add_argument("--graph-context", type=int, default=None,
+                    help="max_context of card_graph's plan (default: --context; a static cache's prefill needs more "
+                         "memory, so a card may hold a shorter context with decode='graph')")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (plus one warm-up round, dropped)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=64)
@@ -112,16 +117,23 @@ def main(argv=None) -> int:
     dev = torch.device("cuda", torch.cuda.current_device())
     from transformers import AutoModelForCausalLM
 
-    models, plans = {}, {}
+    models, plans, refused = {}, {}, {}
     for name in names:
         options = _options(name, args, dev)
         if options is None:
             models[name] = AutoModelForCausalLM.from_pretrained(folder, device_map={"": dev}, **kw).eval()
             continue
-        models[name] = lp_plugin.from_pretrained(folder, main_device=dev, **options, **kw)
+        try:
+            models[name] = lp_plugin.from_pretrained(folder, main_device=dev, **options, **kw)
+        except lp_plugin.BudgetError as exc:  # the card's plan refuses this config: recorded, not run
+            refused[name] = {"max_context": options.get("max_context"), "error": str(exc)}
+            print(f"{name}: refused by the planner: {str(exc)[:300]}", flush=True)
+            continue
         info = lp_plugin.get_handle(models[name]).info()
         plans[name] = {k: info.get(k) for k in ("mode", "prefetch", "offloaded_layers", "bytes_per_forward",
                                                 "embeddings", "lm_head_bytes_per_call")}
+        plans[name]["max_context"] = options.get("max_context")
+    names = [n for n in names if n in models]
     vocab = models["plain_eager"].config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed)).to(dev)
 
@@ -167,7 +179,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     report = {"model": args.model, "dtype": args.dtype, "card": args.card, "context": args.context,
-              "new_tokens": args.new_tokens, "prompt": args.prompt, "env": env, "plans": plans, "rounds": rounds,
+              "graph_context": args.graph_context or args.context, "new_tokens": args.new_tokens,
+              "prompt": args.prompt, "env": env, "plans": plans, "refused": refused, "rounds": rounds,
               "summary": summary}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -238,8 +238,9 @@ class Ring(Mover):
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         if capturing and self.host[pos] is None:
             raise AttachError(
-                "stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph; "
-                "use tier='cpu' for compiled decoding, or pass disable_compile=True to generate()"
+                "stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph: "
+                "use tier='cpu' for captured or compiled decoding (decode='graph', torch.compile with CUDA graphs), "
+                "or decode eagerly (decode='eager'; generate(disable_compile=True) for transformers' own compile)"
             )
         self.in_capture[pos] = capturing
         self.holds[pos % self.nslots] = pos
