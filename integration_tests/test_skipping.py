@@ -154,6 +154,24 @@ def test_float32_sums_fit_as_float64_with_a_fixed_ridge(spec):
     assert all(torch.allclose(fast[k], exact[k], rtol=1e-4, atol=1e-5 * exact[k].abs().max()) for k in exact)
 
 
+def test_held_out_errors_fit_on_the_other_folds_and_score_each_fold():
+    """Each fold's windows are scored by a fit on the other folds' windows (here: 3 folds of 2 windows)."""
+    a, b, xs, ts = _linear_data(windows=6)
+    ts = [t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(ts)]
+    stats = [standins.Stats.of(x, t) for x, t in zip(xs, ts)]
+    fold_of = [0, 1, 2, 0, 1, 2]
+    grid = (1e-3, 10.0)
+    got = standins.held_out_errors(stats, fold_of, grid)
+    want = torch.zeros(len(grid), 16, dtype=torch.float64)
+    for k in range(3):
+        train, test = [s for i, s in enumerate(stats) if i % 3 != k], [s for i, s in enumerate(stats) if i % 3 == k]
+        train, test = sum(train[1:], train[0]), sum(test[1:], test[0])
+        for j, alpha in enumerate(grid):
+            want[j] += test.errors(train.solve(alpha))
+    assert got.shape == (2, 16) and torch.allclose(got, want)
+    assert bool((got[0] < got[1]).all())  # a weak ridge predicts held-out windows of a truly linear map better
+
+
 def test_mean_fit_is_the_mean_update():
     xs = [torch.randn(30, 8) for _ in range(3)]
     shift = torch.arange(8.0)

@@ -136,17 +136,23 @@ def ridge_fit(stats: list) -> tuple:
     if folds < 2:
         alpha = RIDGE_GRID[len(RIDGE_GRID) // 2]
         return total.solve(alpha), torch.full((total.cross.shape[1],), alpha, dtype=torch.float64)
-    errors = torch.zeros(len(RIDGE_GRID), total.cross.shape[1], dtype=torch.float64)
-    for k in range(folds):
-        train = [s for i, s in enumerate(stats) if i % folds != k]
-        test = [s for i, s in enumerate(stats) if i % folds == k]
-        train, test = sum(train[1:], train[0]), sum(test[1:], test[0])
-        for j, alpha in enumerate(RIDGE_GRID):
-            errors[j] += test.errors(train.solve(alpha))
-    best = errors.argmin(0)
+    best = held_out_errors(stats, [i % folds for i in range(len(stats))], RIDGE_GRID).argmin(0)
     solutions = torch.stack([total.solve(alpha) for alpha in RIDGE_GRID])  # [grid, in + 1, out]
     columns = torch.arange(total.cross.shape[1])
     return solutions[best, :, columns].T, torch.tensor(RIDGE_GRID, dtype=torch.float64)[best]
+
+
+def held_out_errors(stats: list, fold_of: list, grid) -> torch.Tensor:
+    """``[len(grid), outputs]``: each strength's error per output on every fold's windows, fitted on the
+    other folds' windows (``fold_of[i]`` is window ``i``'s fold), summed over the folds."""
+    errors = torch.zeros(len(grid), stats[0].cross.shape[1], dtype=torch.float64)
+    for k in sorted(set(fold_of)):
+        train = [s for s, f in zip(stats, fold_of) if f != k]
+        test = [s for s, f in zip(stats, fold_of) if f == k]
+        train, test = sum(train[1:], train[0]), sum(test[1:], test[0])
+        for j, alpha in enumerate(grid):
+            errors[j] += test.errors(train.solve(alpha))
+    return errors
 
 
 def _low_rank(total: Stats, coef: torch.Tensor, rank: int) -> torch.Tensor:
