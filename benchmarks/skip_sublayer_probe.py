@@ -1,0 +1,122 @@
+"""Which half of a skipped layer the other domains miss: its attention or its MLP (the bundled model, CPU).
+
+For the same layer sets as ``skip_ridge_domains.py`` one half of each layer is replaced and the other kept:
+``mlp`` replaces each layer's MLP by a linear map of its normed input (the attention still runs), ``attention``
+replaces the attention by a linear map of its normed input (the MLP still runs). The maps are fitted in layer order by
+:func:`lp_plugin.planning.skipping.standins.fit` (``x -> x + W x + b`` with each output's ridge strength by window
+cross-validation) on the default calibration, from the half's own input to its input plus its output, each with the
+earlier halves already replaced. Every evaluation slice is scored. A probe: lp_plugin's ``skip`` drops whole layers.
+
+    python benchmarks/skip_sublayer_probe.py --sets 10%,20% --halves mlp,attention --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+SETS = {"10%": [14, 15, 25], "20%": [4, 5, 14, 15, 25, 28]}
+
+
+class LinearHalf(nn.Module):
+    """``W n + b``: what the replaced half adds to the residual stream, from its normed input ``n``."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(weight.float()), nn.Parameter(bias.float())
+
+    def forward(self, n):
+        return n @ self.weight.T + self.bias
+
+
+class AttentionStandIn(nn.Module):
+    """In place of a layer's attention module: the linear half and no attention weights."""
+
+    def __init__(self, half):
+        super().__init__()
+        self.linear = half
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.linear(hidden_states), None
+
+
+def _collect(model, windows, prefix, module):
+    """(input, output) of ``module`` on every calibration window (float32, per window)."""
+    got = []
+
+    def hook(mod, args, kwargs, output):
+        n = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        got.append((n[0].detach().float(), out[0].detach().float()))
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(torch.tensor([[prefix, *w[:-1]]]), use_cache=False)
+    finally:
+        handle.remove()
+    return got
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default="10%,20%", help="shares of " + ", ".join(SETS).replace("%", "%%"))
+    ap.add_argument("--halves", default="mlp,attention", help="mlp | attention, comma-separated")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    from lp_plugin.planning.skipping import domains, standins
+    from lp_plugin.planning.skipping.calib import calibration, doc_start_token, document_ids, tokenizer_for
+    from lp_plugin.planning.skipping.spec import StandInSpec
+    from lp_plugin.tools.bundled import bundled_model_path
+    from lp_plugin.tools.prune.sweep import evaluate
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
+    tok = tokenizer_for(model, "skip_sublayer_probe")
+    prefix = doc_start_token(model, tok)
+    docs = {
+        p.name: [document_ids(tok, t) for t in domains.slice_documents(tok, p, domains.WINDOW)]
+        for p in domains.EVAL_SLICES
+    }
+    plain = {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
+    windows = calibration(model, "mix").windows
+    layers_of = model.model.layers
+    rows = []
+    for share in args.sets.split(","):
+        for half in args.halves.split(","):
+            t0 = time.perf_counter()
+            saved = []
+            for i in SETS[share]:
+                layer = layers_of[i]
+                module = layer.mlp if half == "mlp" else layer.self_attn  # each reads its normed input
+                pairs = _collect(model, windows, prefix, module)
+                tensors, _ = standins.fit(StandInSpec("linear"), [n for n, _ in pairs], [n + o for n, o in pairs])
+                linear = LinearHalf(tensors["weight"], tensors["bias"])
+                name = "mlp" if half == "mlp" else "self_attn"
+                saved.append((layer, name, getattr(layer, name)))
+                setattr(layer, name, linear if half == "mlp" else AttentionStandIn(linear))
+            rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+            for layer, name, original in reversed(saved):
+                setattr(layer, name, original)
+            worst = max(rise, key=rise.get)
+            rows.append({"share": share, "layers": SETS[share], "half": half, "rise": rise, "worst": worst,
+                         "seconds": time.perf_counter() - t0})
+            print(f"{share:4s} {half:10s} worst {rise[worst]:+.1%} ({worst})  "
+                  + "  ".join(f"{n} {r:+.1%}" for n, r in rise.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": "bundled SmolLM2-135M-Instruct, float32, CPU, 1 torch thread", "calib": "mix",
+                       "plain_ppl": plain, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
