@@ -43,6 +43,14 @@ def domain_ridge_fit(stats: list, grid, per_output: bool):
     return solutions[best, :, columns].T, torch.tensor(grid, dtype=torch.float64)[best]
 
 
+def _number(text: str) -> bool:
+    """Whether ``text`` is a positive number."""
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -56,8 +64,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     fits = [f for f in args.fits.split(",") if f]
+    named = ("window", "domain", "domain-global", "mean")
+    bad = [f for f in fits if f not in named and not _number(f) and not (f.startswith("rank") and f[4:].isdigit())]
+    if bad or not fits:
+        print(
+            f"error: --fits {bad or args.fits!r}: each is window, domain, domain-global, mean, rankR (R a number) "
+            "or a positive ridge strength",
+            file=sys.stderr,
+        )
+        return 2
+    if not all(_number(x) for x in args.grid.split(",")) or not all(k in SETS for k in args.sets.split(",")):
+        print(f"error: --grid is numbers and --sets a list of {', '.join(SETS)} (comma-separated)", file=sys.stderr)
+        return 2
     grid = tuple(float(x) for x in args.grid.split(","))
     sets = {k: SETS[k] for k in args.sets.split(",")}
+    if args.calib != "mix" and not (args.calib.startswith("mix:") and args.calib[4:].isdigit()):
+        print(f"error: --calib {args.calib!r}: use mix or mix:TOKENS", file=sys.stderr)
+        return 2
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        print(f"error: --out {args.out!r}: {folder} is not a folder you can write to", file=sys.stderr)
+        return 2
     os.environ["LP_PLUGIN_CACHE"] = tempfile.mkdtemp(prefix="lp-ridge-")  # every fit computed here
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -70,6 +71,14 @@ def main(argv=None) -> int:
     ap.add_argument("--halves", default="mlp,attention", help="mlp | attention, comma-separated")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    halves = args.halves.split(",")
+    if not all(k in SETS for k in args.sets.split(",")) or not all(h in ("mlp", "attention") for h in halves):
+        print(f"error: --sets is a list of {', '.join(SETS)} and --halves of mlp, attention", file=sys.stderr)
+        return 2
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        print(f"error: --out {args.out!r}: {folder} is not a folder you can write to", file=sys.stderr)
+        return 2
     from transformers import AutoModelForCausalLM
 
     from lp_plugin.planning.skipping import domains, standins
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
     layers_of = model.model.layers
     rows = []
     for share in args.sets.split(","):
-        for half in args.halves.split(","):
+        for half in halves:
             t0 = time.perf_counter()
             saved = []
             for i in SETS[share]:
