@@ -51,6 +51,35 @@ def _number(text: str) -> bool:
         return False
 
 
+def out_error(out: str | None) -> str | None:
+    """Why ``--out`` cannot be written (checked before any work), else None."""
+    folder = os.path.dirname(os.path.abspath(out)) if out else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        return f"error: --out {out!r}: {folder} is not a folder you can write to"
+    return None
+
+
+def bundled_slices(why: str) -> tuple:
+    """``(model, prefix, docs, plain)``: the bundled model in float32 on one torch thread, the document-start token,
+    every evaluation slice's documents and the plain model's perplexity on each."""
+    from transformers import AutoModelForCausalLM
+
+    from lp_plugin.planning.skipping import domains
+    from lp_plugin.planning.skipping.calib import doc_start_token, document_ids, tokenizer_for
+    from lp_plugin.tools.bundled import bundled_model_path
+    from lp_plugin.tools.prune.sweep import evaluate
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
+    tok = tokenizer_for(model, why)
+    prefix = doc_start_token(model, tok)
+    docs = {
+        p.name: [document_ids(tok, t) for t in domains.slice_documents(tok, p, domains.WINDOW)]
+        for p in domains.EVAL_SLICES
+    }
+    return model, prefix, docs, {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -81,26 +110,15 @@ def main(argv=None) -> int:
     if args.calib != "mix" and not (args.calib.startswith("mix:") and args.calib[4:].isdigit()):
         print(f"error: --calib {args.calib!r}: use mix or mix:TOKENS", file=sys.stderr)
         return 2
-    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        print(f"error: --out {args.out!r}: {folder} is not a folder you can write to", file=sys.stderr)
+    if why := out_error(args.out):
+        print(why, file=sys.stderr)
         return 2
     os.environ["LP_PLUGIN_CACHE"] = tempfile.mkdtemp(prefix="lp-ridge-")  # every fit computed here
-    from transformers import AutoModelForCausalLM
-
     import lp_plugin
-    from lp_plugin.planning.skipping import domains, metrics, standins
-    from lp_plugin.planning.skipping.calib import doc_start_token, document_ids, tokenizer_for
-    from lp_plugin.tools.bundled import bundled_model_path
+    from lp_plugin.planning.skipping import metrics, standins
     from lp_plugin.tools.prune.sweep import evaluate
 
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
-    tok = tokenizer_for(model, "skip_ridge_domains")
-    prefix = doc_start_token(model, tok)
-    docs = {p.name: [document_ids(tok, t) for t in domains.slice_documents(tok, p, domains.WINDOW)]
-            for p in domains.EVAL_SLICES}
-    plain = {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
+    model, prefix, docs, plain = bundled_slices("skip_ridge_domains")
     print("plain", {k: round(v, 3) for k, v in plain.items()}, flush=True)
     original = standins.ridge_fit
     rows = []

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn as nn
+from skip_ridge_domains import bundled_slices, out_error
 
 SETS = {"10%": [14, 15, 25], "20%": [4, 5, 14, 15, 25, 28]}
 
@@ -75,27 +75,15 @@ def main(argv=None) -> int:
     if not all(k in SETS for k in args.sets.split(",")) or not all(h in ("mlp", "attention") for h in halves):
         print(f"error: --sets is a list of {', '.join(SETS)} and --halves of mlp, attention", file=sys.stderr)
         return 2
-    folder = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        print(f"error: --out {args.out!r}: {folder} is not a folder you can write to", file=sys.stderr)
+    if why := out_error(args.out):
+        print(why, file=sys.stderr)
         return 2
-    from transformers import AutoModelForCausalLM
-
-    from lp_plugin.planning.skipping import domains, standins
-    from lp_plugin.planning.skipping.calib import calibration, doc_start_token, document_ids, tokenizer_for
+    from lp_plugin.planning.skipping import standins
+    from lp_plugin.planning.skipping.calib import calibration
     from lp_plugin.planning.skipping.spec import StandInSpec
-    from lp_plugin.tools.bundled import bundled_model_path
     from lp_plugin.tools.prune.sweep import evaluate
 
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
-    tok = tokenizer_for(model, "skip_sublayer_probe")
-    prefix = doc_start_token(model, tok)
-    docs = {
-        p.name: [document_ids(tok, t) for t in domains.slice_documents(tok, p, domains.WINDOW)]
-        for p in domains.EVAL_SLICES
-    }
-    plain = {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
+    model, prefix, docs, plain = bundled_slices("skip_sublayer_probe")
     windows = calibration(model, "mix").windows
     layers_of = model.model.layers
     rows = []
