@@ -30,17 +30,14 @@ def domain_ridge_fit(stats: list, grid, per_output: bool):
     """Ridge with the strength chosen by leave-one-domain-out error: window ``i`` of the mix is domain
     ``i % 3`` (dealt in turn); each domain is predicted by a fit on the other two."""
     from lp_plugin.planning.skipping.domains import MIX_DOMAINS
-    from lp_plugin.planning.skipping.standins import held_out_errors
+    from lp_plugin.planning.skipping.standins import best_per_output, held_out_errors
 
     total = sum(stats[1:], stats[0])
     errors = held_out_errors(stats, [i % len(MIX_DOMAINS) for i in range(len(stats))], grid)
     if not per_output:
         best = int(errors.sum(1).argmin())
         return total.solve(grid[best]), torch.full((total.cross.shape[1],), grid[best], dtype=torch.float64)
-    best = errors.argmin(0)
-    solutions = torch.stack([total.solve(alpha) for alpha in grid])
-    columns = torch.arange(total.cross.shape[1])
-    return solutions[best, :, columns].T, torch.tensor(grid, dtype=torch.float64)[best]
+    return best_per_output(total, errors, grid)
 
 
 def _number(text: str) -> bool:

@@ -93,11 +93,10 @@ def main(argv=None) -> int:
             saved = []
             for i in SETS[share]:
                 layer = layers_of[i]
-                module = layer.mlp if half == "mlp" else layer.self_attn  # each reads its normed input
-                pairs = _collect(model, windows, prefix, module)
+                name = "mlp" if half == "mlp" else "self_attn"
+                pairs = _collect(model, windows, prefix, getattr(layer, name))  # each half reads its normed input
                 tensors, _ = standins.fit(StandInSpec("linear"), [n for n, _ in pairs], [n + o for n, o in pairs])
                 linear = LinearHalf(tensors["weight"], tensors["bias"])
-                name = "mlp" if half == "mlp" else "self_attn"
                 saved.append((layer, name, getattr(layer, name)))
                 setattr(layer, name, linear if half == "mlp" else AttentionStandIn(linear))
             rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}

@@ -136,10 +136,18 @@ def ridge_fit(stats: list) -> tuple:
     if folds < 2:
         alpha = RIDGE_GRID[len(RIDGE_GRID) // 2]
         return total.solve(alpha), torch.full((total.cross.shape[1],), alpha, dtype=torch.float64)
-    best = held_out_errors(stats, [i % folds for i in range(len(stats))], RIDGE_GRID).argmin(0)
-    solutions = torch.stack([total.solve(alpha) for alpha in RIDGE_GRID])  # [grid, in + 1, out]
+    return best_per_output(
+        total, held_out_errors(stats, [i % folds for i in range(len(stats))], RIDGE_GRID), RIDGE_GRID
+    )
+
+
+def best_per_output(total: Stats, errors: torch.Tensor, grid) -> tuple:
+    """``(coefficients, strength per output)``: each output fitted on ``total`` with the strength of ``grid`` whose
+    held-out error (``errors``, ``[len(grid), outputs]``) is least."""
+    best = errors.argmin(0)
+    solutions = torch.stack([total.solve(alpha) for alpha in grid])  # [grid, in + 1, out]
     columns = torch.arange(total.cross.shape[1])
-    return solutions[best, :, columns].T, torch.tensor(RIDGE_GRID, dtype=torch.float64)[best]
+    return solutions[best, :, columns].T, torch.tensor(grid, dtype=torch.float64)[best]
 
 
 def held_out_errors(stats: list, fold_of: list, grid) -> torch.Tensor:
