@@ -143,8 +143,8 @@ def ckpt(tmp_path_factory):
 def reference(ckpt, tmp_path_factory):
     """One small run's results: the reference every small run below is gated against."""
     out = tmp_path_factory.mktemp("gate-ref") / "ref.json"
-    rc, stdout = bench([*_small(ckpt), "--out", out])
-    assert rc == 0, stdout
+    proc = bench_process([*_small(ckpt), "--out", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
@@ -153,11 +153,14 @@ def _small(ckpt, *extra):
 
 
 def test_passes_against_its_own_result_20_of_20(ckpt, reference):
+    """Each run is its own lp-bench process, as in CI: inside the pytest process the offloaded configs'
+    generate() ratio sits ~10% lower than in a fresh interpreter, and not always from the first run on."""
     failures = []
     for i in range(20):
-        rc, stdout = bench(_small(ckpt, "--compare", reference))
-        if rc != 0:
-            failures.append(f"run {i}: exit {rc}\n" + "\n".join(l for l in stdout.splitlines() if "REGRESSION" in l or l.startswith("  ")))
+        proc = bench_process(_small(ckpt, "--compare", reference))
+        if proc.returncode != 0:
+            lines = [l for l in proc.stdout.splitlines() if "REGRESSION" in l or l.startswith("  ")]
+            failures.append(f"run {i}: exit {proc.returncode}\n" + "\n".join(lines))
     assert failures == []
 
 
@@ -201,7 +204,7 @@ def test_fails_when_stream_mode_is_really_slowed_down(ckpt, tmp_path):
     split hairs; whether a 20% drop is significant at a given noise is the arithmetic tested below."""
     args = ["--model", ckpt, *SMALL, "--configs", "baseline,stream:even:cpu", "--repeats", "15", "--new", "32"]
     ref = tmp_path / "ref.json"
-    assert bench([*args, "--out", ref])[0] == 0
+    assert bench_process([*args, "--out", ref]).returncode == 0
     step_s = 1.0 / config(read(ref), "stream:even:cpu")["decode_step_tok_s"]["median"]
     delay = 1.0 * step_s / 2
     slow = bench_process([*args, "--compare", ref, "--out", tmp_path / "slow.json"], SLOW_SITE, tmp_path,
