@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-import torch
+from skip_ridge_domains import bundled_slices, out_error
 
 SETS = ([14, 15, 25], [14, 15, 28], [4, 5, 14, 15, 25, 28], [5, 7, 14, 15, 21, 28])
 
@@ -40,26 +40,20 @@ def main(argv=None) -> int:
     except ValueError:
         print("error: --sets is 'L,L,...;L,...' and --oracle 'P,P' (integers)", file=sys.stderr)
         return 2
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from lp_plugin.planning.skipping.calib import doc_start_token, document_ids, tokenizer_for
     from lp_plugin.tools.bundled import bundled_model_path
     from lp_plugin.tools.prune.sweep import evaluate
 
-    path = bundled_model_path()
-    n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    n_layers = AutoConfig.from_pretrained(bundled_model_path()).num_hidden_layers
     if bad := [s for s in sets if not s or any(not 0 <= i < n_layers for i in s)]:
         print(f"error: --sets {bad}: layers are 0..{n_layers - 1}", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = tokenizer_for(model, "skip_fit_domain")
-    prefix = doc_start_token(model, tok)
-    docs = {}
-    for piece in domains.EVAL_SLICES:
-        docs[piece.name] = [document_ids(tok, t) for t in domains.slice_documents(tok, piece, domains.WINDOW)]
+    if why := out_error(args.out):
+        print(why, file=sys.stderr)
+        return 2
+    model, prefix, docs, plain = bundled_slices("skip_fit_domain")
     own = [i for d in docs[args.domain] for i in d]
-    plain = {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
     rows = []
 
     def score(kind, layers, calib_name, seconds):

@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def benchmark_module(filename: str, name: str):
     """``benchmarks/FILENAME`` imported as module ``name`` (registered in ``sys.modules``: dataclasses look their
-    module up there)."""
+    module up there), with ``benchmarks/`` on ``sys.path`` as when it runs as a script (benchmarks import each
+    other by name)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
