@@ -12,7 +12,8 @@ CASES = {
                         ["--out", NO_FOLDER]],
     "skip_ridge_domains": [["--fits", "ridge"], ["--fits", ""], ["--fits", "-1"], ["--sets", "15%"],
                            ["--grid", "a,1"], ["--calib", "pydoc"], ["--out", NO_FOLDER]],
-    "skip_sublayer_probe": [["--sets", "15%"], ["--halves", "norm"], ["--out", NO_FOLDER]],
+    "skip_sublayer_probe": [["--sets", "15%"], ["--halves", "norm"], ["--halves", "cut"], ["--halves", "cut0"],
+                            ["--halves", "xyz12"], ["--out", NO_FOLDER]],
 }
 
 
