@@ -29,6 +29,7 @@ from ..core.gate import SessionGate, deepcopy_error
 from ..core.graphs import DecodeGraphs
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
 from ..core.host_embeddings import HostEmbeddings, embedding_modules, report_device
+from ..core.mlp_chunks import MlpChunks, dense_mlp
 from ..core.mover import Mover
 from ..core.record import InstallRecord
 from ..core.resident import Residency
@@ -89,6 +90,7 @@ class OffloadHandle:
         self.report = HandleReport(model, plan, layers, stand_ins, dropped, tier, self.gate, host_embeddings)
         self.entry: ModelEntry | None = None
         self.graphs: DecodeGraphs | None = None  # decode="graph": the captured decode steps
+        self.mlp_chunks: MlpChunks | None = None  # the plan's mlp_chunk: prefill MLPs run in chunks of positions
 
     # ------------------------------------------------------------------ description
     mode = property(lambda self: self.config.mode)
@@ -348,6 +350,11 @@ def _install(handle, model, layer_list):
     )
     record.did("the model entry", handle.entry.remove)
     handle.entry.install()
+    mlp_chunk = plan.budget.mlp_chunk if plan.budget is not None else None
+    if mlp_chunk:
+        handle.mlp_chunks = MlpChunks([m for m in map(dense_mlp, layer_list) if m is not None], mlp_chunk)
+        record.did("prefill MLPs in chunks of positions", handle.mlp_chunks.remove)
+        handle.mlp_chunks.install()
     if config.decode == "graph":
         handle.graphs = DecodeGraphs(gate, model, plan.main_device, handle.host_embeddings)
         record.did("decode steps replayed as CUDA graphs", handle.graphs.remove)

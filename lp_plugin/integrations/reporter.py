@@ -150,6 +150,14 @@ class HandleReport:
             rows.append(("files", f"{folder} ({how})"))
         if self.plan.budget is not None:
             rows.append(("budget", "planned by offload='auto': handle.plan.budget"))
+            if self.plan.budget.mlp_chunk:
+                rows.append(
+                    (
+                        "prefill",
+                        f"MLPs in chunks of {self.plan.budget.mlp_chunk:,} positions (the plan's: the whole "
+                        "prefill's do not fit; same values)",
+                    )
+                )
         width = max(len(k) for k, _ in rows)
         return "\n".join(lines + [f"  {k.ljust(width)}  {v}" for k, v in rows])
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.devices import cuda_runtime, free_bytes, h2d_bandwidth
+from ..core.mlp_chunks import MIN_MLP_CHUNK
 from ..core.report import GIB, jsonable, size_text
 from ..errors import BudgetError, OffloadSpecError
 from .config import OffloadConfig
@@ -147,6 +148,7 @@ class BudgetPlan:
     budget_source: str = "max_memory"  # or the free memory the device had at load
     runtime_source: str = ""  # where the CUDA runtime figure comes from
     prefill_chunk: int | None = None  # loglikelihood: tokens a window is prefilled in (None: whole)
+    mlp_chunk: int | None = None  # generate: positions a prefill's MLPs run at a time (None: all)
     context_source: str = "given"  # where work.context comes from
     embeddings: str = "device"  # where the input embeddings and the lm_head are: "device" or "host"
 
@@ -196,6 +198,7 @@ class BudgetPlan:
             "prefill_tok_s",
             "speed_basis",
             "prefill_chunk",
+            "mlp_chunk",
             "context_source",
             "embeddings",
             "notes",
@@ -294,7 +297,10 @@ def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tupl
 
 def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: int, hi: int, chunk=None):
     """:class:`_Option` for 0, 1, ... offloaded layers among ``lo..hi`` (fewest first)."""
-    phase, parts = work_peak(fp, work, chunk, card.cuda)
+    if work.kind == "loglikelihood":
+        phase, parts = work_peak(fp, work, chunk, card.cuda)
+    else:
+        phase, parts = work_peak(fp, work, cuda=card.cuda, mlp_chunk=chunk)
     work_bytes = sum(parts.values())
     for k in range(max(hi - lo + 1, 0) + 1):
         layers = spread(k, lo, hi)
@@ -315,13 +321,20 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
         )
 
 
-def _chunks(work: Work) -> list:
-    """Prefill chunks to try for ``work``, longest first: the whole window, then halves down to
-    :data:`MIN_PREFILL_CHUNK` (loglikelihood only: generate's prefill is the caller's)."""
+def _chunks(work: Work, fp: Footprint, cuda: bool) -> list:
+    """Chunks to try for ``work``, longest first, after the whole window: loglikelihood, its window's prefill in
+    halves down to :data:`MIN_PREFILL_CHUNK`; generate (on CUDA, dense MLPs), the prefill's MLPs in halves down to
+    :data:`~lp_plugin.core.mlp_chunks.MIN_MLP_CHUNK` positions (generate's prefill is the caller's)."""
     out: list[int | None] = [None]
-    if work.kind == "loglikelihood" and work.context > MIN_PREFILL_CHUNK:
+    if work.kind == "loglikelihood":
+        least = MIN_PREFILL_CHUNK
+    elif cuda and fp.mlp_chunks:
+        least = MIN_MLP_CHUNK
+    else:
+        return out
+    if work.context > least:
         c = 1 << ((work.context - 1).bit_length() - 1)  # the largest power of two below the context
-        while c >= MIN_PREFILL_CHUNK:
+        while c >= least:
             out.append(c)
             c //= 2
     return out
@@ -344,7 +357,7 @@ def _options(fp: Footprint, work: Work, card: Card, config: OffloadConfig):
     if config.protect_first or config.protect_last:
         ranges.append((0, n - 1))
     for placed in placements(fp, config):
-        for chunk in _chunks(work):
+        for chunk in _chunks(work, placed, card.cuda):
             for lo, hi in ranges:
                 yield from _scan(placed, work, card, config.mode, config.prefetch, lo, hi, chunk)
 
@@ -400,8 +413,13 @@ def plan_offload(
             f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
             "nothing fits with the protected ends resident",
         )
-    if fit is not None and fit.chunk:
+    if fit is not None and fit.chunk and work.kind == "loglikelihood":
         notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
+    elif fit is not None and fit.chunk:
+        notes += (
+            f"the prefill's MLPs run {fit.chunk} positions at a time: the whole {work.context}-token prefill's do not "
+            "fit (the same values: lp_plugin.core.mlp_chunks)",
+        )
     if best.embeddings == "host":
         notes += (_host_embeddings_note(fp, config, fit is not None),)
     host, disk = _host_need(fp, best.layers, best.mode, config.tier, config.prefetch, card.cuda)
@@ -448,7 +466,8 @@ def plan_offload(
         speed_basis=basis,
         budget_source=card.budget_source,
         runtime_source=card.runtime_source,
-        prefill_chunk=best.chunk,
+        prefill_chunk=best.chunk if work.kind == "loglikelihood" else None,
+        mlp_chunk=best.chunk if work.kind != "loglikelihood" else None,
         context_source=context_source,
         embeddings=best.embeddings,
     )
@@ -582,6 +601,7 @@ def describe(plan: BudgetPlan) -> str:
     host = f"; host (cpu) {size_text(plan.host_budget_bytes)}" if plan.host_budget_bytes is not None else ""
     place = {"cpu": "cpu (pinned host memory)", "disk": "disk (files)"}.get(plan.tier, plan.tier)
     chunk = f", prefill in chunks of {plan.prefill_chunk:,}" if plan.prefill_chunk else ""
+    chunk += f", prefill MLPs in chunks of {plan.mlp_chunk:,} positions" if plan.mlp_chunk else ""
     lines = [
         f"model {plan.model}: {plan.num_layers} decoder layers, {plan.format}, sizes from the {plan.source}",
         f"card: {plan.main_device} {size_text(plan.budget_bytes)} ({plan.budget_source}){host}",

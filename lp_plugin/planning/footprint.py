@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..core.chunk_attention import config_supports
 from ..core.flat import LayerLayout, aligned, quant_state_tensors
 from ..core.logprobs import head_rows
+from ..core.mlp_chunks import dense_mlp
 from ..errors import OffloadSpecError
 from . import arch
 
@@ -145,6 +146,8 @@ class Footprint:
     embeddings: str = "device"  # where the input embeddings and the lm_head are: "device" or "host" (see on_host)
     # prefill chunks can attend through lp_plugin.core.chunk_attention (SDPA, full attention only, no softcapping)
     chunk_attention: bool = False
+    # every decoder layer's MLP is dense and position-wise: a prefill can run it in chunks (lp_plugin.core.mlp_chunks)
+    mlp_chunks: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -187,6 +190,7 @@ def _shape_fields(hf_config, act_size, dequant_bytes, layer_list) -> dict:
         dequant_bytes=dequant_bytes,
         max_positions=next((int(getattr(cfg, a)) for a in SEQLEN_ATTRS if getattr(cfg, a, None) is not None), None),
         chunk_attention=config_supports(cfg),
+        mlp_chunks=bool(layer_list) and all(dense_mlp(layer) is not None for layer in layer_list),
     )
 
 
@@ -337,12 +341,17 @@ def kv_bytes(fp: Footprint, context: int, batch: int) -> int:
     )
 
 
-def _layer_activations(fp: Footprint, bt: int) -> int:
-    """Bytes alive inside one decoder layer over ``bt`` tokens (its peak: the MLP's product, or attention)."""
+def _layer_activations(fp: Footprint, bt: int, mlp_rows: int | None = None) -> int:
+    """Bytes alive inside one decoder layer over ``bt`` tokens (its peak: the MLP's product, or attention); with
+    ``mlp_rows`` (fewer than ``bt``) the MLP runs that many rows at a time (:mod:`lp_plugin.core.mlp_chunks`): one
+    chunk's products, and its output beside the whole output it is written into."""
     s, h = fp.act_size, fp.hidden
-    mlp = 3 * bt * fp.intermediate * s
-    if fp.dequant_bytes and bt > 1:
-        mlp = max(mlp, 2 * bt * fp.intermediate * s + fp.dequant_bytes)
+    rows = mlp_rows if mlp_rows and mlp_rows < bt else bt
+    mlp = 3 * rows * fp.intermediate * s
+    if fp.dequant_bytes and rows > 1:
+        mlp = max(mlp, 2 * rows * fp.intermediate * s + fp.dequant_bytes)
+    if rows < bt:
+        mlp += rows * h * s
     attn = bt * fp.head_dim * (4 * fp.heads + 3 * fp.kv_heads) * s
     return max(4 * bt * h * s + mlp, 3 * bt * h * s + attn, 3 * bt * h * s + 8 * bt * h)
 
@@ -354,7 +363,9 @@ def lower_right_chunks(fp: Footprint, cuda: bool) -> bool:
     return cuda and fp.chunk_attention and fp.act_size == 2
 
 
-def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> dict:
+def work_phases(
+    fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False, mlp_chunk: int | None = None
+) -> dict:
     """Bytes alive at each peak candidate of ``work`` (on a CUDA device where ``cuda``), split into
     kv / activations / logits:
 
@@ -408,13 +419,18 @@ def work_phases(fp: Footprint, work: Work, prefill_chunk: int | None = None, cud
             },
         )
     kv = kv_bytes(fp, t, b)
+    mlp_rows = b * mlp_chunk if mlp_chunk and mlp_chunk < t else None
     # a static cache's prefill attends to the whole cache's length: transformers builds the boolean mask, SDPA its
     # additive copy, and with a mask the keys and values are expanded to every query head
     attend = b * t * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s if work.static_cache else 0
     return _with_head_buffer(
         fp,
         {
-            "prefill": {"kv": kv, "activations": _layer_activations(fp, bt) + attend + rope + inputs, "logits": 0},
+            "prefill": {
+                "kv": kv,
+                "activations": _layer_activations(fp, bt, mlp_rows) + attend + rope + inputs,
+                "logits": 0,
+            },
             "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
         },
     )
@@ -427,9 +443,11 @@ def _with_head_buffer(fp: Footprint, phases: dict) -> dict:
     return {name: {**parts, "head_buffer": fp.head_bytes if name == "lm_head" else 0} for name, parts in phases.items()}
 
 
-def work_peak(fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False) -> tuple:
+def work_peak(
+    fp: Footprint, work: Work, prefill_chunk: int | None = None, cuda: bool = False, mlp_chunk: int | None = None
+) -> tuple:
     """``(phase, {"kv", "activations", "logits"})`` of the phase of ``work`` (on CUDA where ``cuda``) that
     needs the most."""
-    phases = work_phases(fp, work, prefill_chunk, cuda)
+    phases = work_phases(fp, work, prefill_chunk, cuda, mlp_chunk)
     name = max(phases, key=lambda k: sum(phases[k].values()))
     return name, phases[name]
