@@ -1,4 +1,4 @@
-"""Probe: (A) are SDPA calls without expanded keys/values bit-equal to transformers' repeat_kv path on this GPU?
+"""Probe (GPU): (A) are SDPA calls without expanded keys/values bit-equal to transformers' repeat_kv path?
 (B) the memory timeline of the NF4 2 GiB graph plan at 8192 tokens (no ballast): per forward and per module."""
 import json, sys, time
 import torch
