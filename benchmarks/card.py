@@ -996,20 +996,61 @@ def run_child(args) -> int:
     with open(args.spec) as f:
         spec = json.load(f)
     fn = globals()[f"step_{args.step}"]
+    if os.environ.get("LP_CARD_MEMORY_HISTORY") == "1":  # where each block was allocated, reported at an OOM
+        import torch
+
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)
     try:
         result = fn(spec)
     except Exception as exc:  # noqa: BLE001 - the parent reads the failure from the result file
         import traceback
 
         traceback.print_exc()
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                  "oom": type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError") and "out of memory" in str(exc)}
+        oom = type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError") and "out of memory" in str(exc)
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "oom": oom}
+        if oom:
+            try:
+                result["allocator_at_oom"] = _allocator_state()
+            except Exception as why:  # noqa: BLE001 - the failure itself must still reach the parent
+                result["allocator_at_oom"] = f"not read: {type(why).__name__}: {why}"
         _write_json(args.result, result)
         return 1
     if args.result and result is not None:
         result.setdefault("ok", True)
         _write_json(args.result, result)
     return 0
+
+
+def _allocator_state() -> dict | None:
+    """What PyTorch's caching allocator held when a step ran out of memory, per pool (the general one, CUDA graphs'
+    private ones): segments, bytes reserved and allocated, the largest free block, the ten largest allocated blocks,
+    and with LP_CARD_MEMORY_HISTORY=1 the allocated bytes by the innermost frame of lp_plugin, transformers or
+    bitsandbytes that allocated them."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    pools: dict = {}
+    for seg in torch.cuda.memory_snapshot():
+        pool = "general" if tuple(seg.get("segment_pool_id") or (0, 0)) == (0, 0) else "private"
+        p = pools.setdefault(pool, {"segments": 0, "reserved": 0, "allocated": 0, "largest_free": 0, "blocks": [],
+                                    "by_origin": {}})
+        p["segments"] += 1
+        p["reserved"] += seg["total_size"]
+        p["allocated"] += seg["allocated_size"]
+        for block in seg["blocks"]:
+            if block["state"] == "inactive":
+                p["largest_free"] = max(p["largest_free"], block["size"])
+            elif block["state"] == "active_allocated":
+                p["blocks"].append(block["size"])
+                origin = next((f"{f['filename'].rsplit('site-packages/', 1)[-1]}:{f['line']} {f['name']}"
+                               for f in block.get("frames", ())
+                               if re.search(r"lp_plugin|transformers|bitsandbytes", f["filename"])), "unknown")
+                p["by_origin"][origin] = p["by_origin"].get(origin, 0) + block["size"]
+    for p in pools.values():
+        p["blocks"] = sorted(p["blocks"], reverse=True)[:10]
+        p["by_origin"] = dict(sorted(p["by_origin"].items(), key=lambda kv: -kv[1])[:20])
+    return pools
 
 
 def _write_json(path, data) -> None:
@@ -1371,7 +1412,8 @@ def _driver_version():
 
 
 def _workload_summary(w: dict) -> dict:
-    keys = ("ok", "error", "oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch", "max_abs_logit_diff",
+    keys = ("ok", "error", "oom", "allocator_at_oom", "rc", "seconds", "load_s", "outputs_equal", "first_mismatch",
+            "max_abs_logit_diff",
             "forced_logits_equal", "forced_max_abs_logit_diff", "forced_argmax_agreement",
             "forced_decode_logits_equal", "forced_decode_max_abs_logit_diff", "forced_decode_argmax_agreement",
             "generate_logits_equal", "generate_max_abs_logit_diff", "diagnostics",
