@@ -115,17 +115,17 @@ def _plan(card: str, context: int, **options):
     return fit_budget(shape_config("qwen2.5-3b-shape"), config, weights="nf4", bandwidth=54.0)
 
 
-def test_a_graph_decode_card_that_fits_only_with_chunked_mlps_gets_them():
-    """The Qwen2.5-3B shape in NF4 on a 2 GiB card at 8192 tokens: with decode='graph' (a static cache's prefill
-    needs more) the whole prefill's MLPs do not fit, chunks of them do; eager decode fits whole and gets none."""
-    graph = _plan("2GiB", 8192, decode="graph")
-    assert graph.mlp_chunk is not None and graph.mlp_chunk >= MIN_MLP_CHUNK
-    assert graph.prefill_chunk is None and graph.peak_bytes <= 2 * GIB
-    assert any("MLPs run" in note for note in graph.notes)
-    assert "prefill MLPs in chunks of" in str(graph)
-    assert graph.summary()["mlp_chunk"] == graph.mlp_chunk
-    eager = _plan("2GiB", 8192)
-    assert eager.mlp_chunk is None
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_a_card_that_fits_only_with_chunked_mlps_gets_them(decode):
+    """The Qwen2.5-3B shape in NF4 on a 2.5 GiB card at 12288 tokens: the whole prefill's MLPs do not fit, chunks of
+    them do; at 8192 tokens the whole prefill fits and gets none."""
+    plan = _plan("2.5GiB", 12288, decode=decode)
+    assert plan.mlp_chunk is not None and plan.mlp_chunk >= MIN_MLP_CHUNK
+    assert plan.prefill_chunk is None and plan.peak_bytes <= 2.5 * GIB
+    assert any("MLPs run" in note for note in plan.notes)
+    assert "prefill MLPs in chunks of" in str(plan)
+    assert plan.summary()["mlp_chunk"] == plan.mlp_chunk
+    assert _plan("2.5GiB", 8192, decode=decode).mlp_chunk is None
 
 
 def test_chunked_mlps_need_less_than_the_whole_prefill():

@@ -74,31 +74,66 @@ def test_prefill_chunks_on_cuda_count_no_mask_or_expanded_keys():
     assert work_phases(fp, work, None, True) == work_phases(fp, work, None, False)  # a whole window: no cache
 
 
-def test_a_static_cache_prefill_counts_its_mask_and_expanded_keys():
-    """decode="graph" generates with a static cache, whose prefill attends to the cache's whole length through a
-    mask (64 x 64, bool and bf16) with keys and values expanded to the 4 query heads; the decode steps and the
-    lm_head phase are as with a dynamic cache."""
-    eager, static = Work("generate", 64, 1), Work("generate", 64, 1, static_cache=True)
+def test_a_static_cache_prefill_counts_a_mask_and_expanded_keys_only_for_several_sequences():
+    """decode="graph" generates with a static cache. One sequence's prefill attends causally to the keys cut to the
+    prompt (no mask, nothing expanded), as a dynamic cache's; two sequences' attends to the cache's whole length
+    through a mask (64 x 64 per sequence, bool and bf16) with keys and values expanded to the 4 query heads."""
     fp = footprint()
-    mask, expanded = 64 * 64 * 3, 2 * 64 * 4 * 16 * 2
-    a, b = work_phases(fp, eager), work_phases(fp, static)
-    assert b["prefill"]["activations"] - a["prefill"]["activations"] == mask + expanded
-    assert b["lm_head"] == a["lm_head"] and b["prefill"]["kv"] == a["prefill"]["kv"]
+    one = work_phases(fp, Work("generate", 64, 1)), work_phases(fp, Work("generate", 64, 1, static_cache=True))
+    assert one[0]["prefill"] == one[1]["prefill"] and one[0]["lm_head"] == one[1]["lm_head"]
+    two = work_phases(fp, Work("generate", 64, 2)), work_phases(fp, Work("generate", 64, 2, static_cache=True))
+    mask, expanded = 2 * 64 * 64 * 3, 2 * 2 * 64 * 4 * 16 * 2
+    assert two[1]["prefill"]["activations"] - two[0]["prefill"]["activations"] == mask + expanded
+    assert two[1]["lm_head"] == two[0]["lm_head"] and two[1]["prefill"]["kv"] == two[0]["prefill"]["kv"]
 
 
-def test_graph_decode_plans_for_its_static_cache():
-    """At the budget an eager plan just fits, decode="graph" (the static cache's prefill mask) streams more."""
+@pytest.mark.parametrize("expands", [True, False])
+def test_a_decode_step_counts_its_attention_over_the_full_cache(monkeypatch, expands):
+    """A dynamic cache's decode step holds a layer's keys and values twice as they grow (2 x 2 kv heads x 16 dims
+    x 64 tokens x 2 bytes); a static cache's, or a padded batch's, reads them through a 64-token mask (bool and
+    bf16), and where the installed transformers expands masked keys and values, both at the 4 query heads."""
+    from lp_plugin.planning import footprint as fp_module
+
+    monkeypatch.setattr(fp_module, "sdpa_expands_masked_decode", lambda: expands)
     fp = footprint()
+    dynamic = work_phases(fp, Work("generate", 64, 1))["decode"]
+    static = work_phases(fp, Work("generate", 64, 1, static_cache=True))["decode"]
+    assert dynamic == {"kv": kv_bytes(fp, 64, 1), "activations": 2 * 2 * 16 * 64 * 2, "logits": 1000 * 6}
+    if expands:
+        assert static == {**dynamic, "activations": 2 * 4 * 16 * 64 * 2 + 64 * 3}
+    else:
+        assert static == dynamic
+    padded = work_phases(fp, Work("generate", 64, 3))["decode"]  # three sequences: a padding mask
+    assert padded["activations"] == 3 * (static["activations"] if expands else dynamic["activations"])
+    windowed = footprint(kv_windows=(8,) * LAYERS)  # every layer keeps 8 tokens: the step reads 8
+    assert work_phases(windowed, Work("generate", 64, 1))["decode"]["activations"] == 2 * 2 * 16 * 8 * 2
 
-    def plan(budget, **options):
-        return plan_offload(OffloadConfig(offload="auto", max_memory=budget, max_context=1024, **options), fp, CPU)
 
-    eager = plan("3GiB")
-    assert not eager.offloaded and not eager.work.static_cache
-    whole = plan(str(eager.peak_bytes))
-    graph = plan(str(eager.peak_bytes), decode="graph")
-    assert not whole.offloaded and graph.work.static_cache
-    assert len(graph.offloaded) > 0 and graph.peak_bytes <= eager.peak_bytes
+def test_sdpa_expands_masked_decode_says_what_the_installed_transformers_does(monkeypatch):
+    """A masked one-token query through transformers' own SDPA attention: repeat_kv is called exactly where
+    sdpa_expands_masked_decode says so, and the output is the same either way."""
+    from transformers.integrations import sdpa_attention
+
+    from lp_plugin.planning.footprint import sdpa_expands_masked_decode
+
+    calls = []
+    original = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: calls.append(n) or original(x, n))
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = 2
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 8, generator=g) for heads, length in ((4, 1), (2, 6), (2, 6)))
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    mask[..., 4:] = False
+    out, _ = sdpa_attention.sdpa_attention_forward(Attention(), q, k, v, mask)
+    assert bool(calls) == sdpa_expands_masked_decode()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, original(k, 2), original(v, 2), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
 
 
 def test_the_fewest_layers_that_fit_are_streamed():

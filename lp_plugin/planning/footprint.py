@@ -326,7 +326,8 @@ class Work:
     """What runs on the model: ``generate`` (a prefill of ``context`` tokens, then decoding with logits
     of the last token) or ``loglikelihood`` (lm-eval through lp_plugin's model type: windows of ``context``
     tokens scored position by position), ``batch`` sequences at a time. ``static_cache``: ``generate`` runs with a
-    static cache (``decode="graph"``), whose prefill attends through a materialized mask."""
+    static cache (``decode="graph"``), of the context's length from the start, read by every decode step through a
+    mask."""
 
     kind: str
     context: int
@@ -381,11 +382,13 @@ def work_phases(
       query head, or, where :func:`lower_right_chunks`, through the flash kernel with neither (its own
       scratch is in the planner's workspace); then the attention's own peak is the cache's append, one
       layer's earlier keys and values alive next to their concatenation with the chunk's.
+    * ``decode`` (``generate``): a decode step's attention over the full cache (:func:`decode_attention_bytes`), and
+      its logits.
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
       With the embeddings in host memory (:meth:`Footprint.on_host`) it also holds the lm_head's device copy
-      (``head_buffer``; one copy for all of a scoring pass's head chunks).
+      (``head_buffer``; one copy for all of a scoring pass's head chunks), and so does a decode step.
     """
     s, b, t = fp.act_size, work.batch, work.context
     bt, h = b * t, fp.hidden
@@ -420,9 +423,10 @@ def work_phases(
         )
     kv = kv_bytes(fp, t, b)
     mlp_rows = b * mlp_chunk if mlp_chunk and mlp_chunk < t else None
-    # a static cache's prefill attends to the whole cache's length: transformers builds the boolean mask, SDPA its
-    # additive copy, and with a mask the keys and values are expanded to every query head
-    attend = b * t * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s if work.static_cache else 0
+    # a static cache's prefill of several sequences attends to the whole cache's length: transformers builds the
+    # boolean mask, SDPA its additive copy, and with a mask the keys and values are expanded to every query head (one
+    # sequence needs no mask: SDPA runs causal on the keys cut to the prompt)
+    attend = b * t * t * (1 + s) + 2 * bt * fp.heads * fp.head_dim * s if work.static_cache and b > 1 else 0
     return _with_head_buffer(
         fp,
         {
@@ -431,16 +435,39 @@ def work_phases(
                 "activations": _layer_activations(fp, bt, mlp_rows) + attend + rope + inputs,
                 "logits": 0,
             },
+            "decode": {"kv": kv, "activations": decode_attention_bytes(fp, work), "logits": b * fp.vocab * (s + 4)},
             "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
         },
     )
 
 
+def decode_attention_bytes(fp: Footprint, work: Work) -> int:
+    """What one decode step's attention adds to the full cache, at its longest layer: a static cache is read through a
+    mask of the cache's length, and so is a batch of several sequences (padded), and where the installed transformers
+    expands masked keys and values to every query head (:func:`sdpa_expands_masked_decode`) both are copied at that
+    size; else a dynamic cache grows by concatenation, a layer's keys and values held twice for a moment."""
+    b, s = work.batch, fp.act_size
+    longest = max((min(work.context, w) if w else work.context) for w in fp.kv_windows) if fp.kv_windows else 0
+    if (work.static_cache or b > 1) and sdpa_expands_masked_decode():
+        return 2 * b * fp.heads * fp.head_dim * longest * s + b * longest * (1 + s)
+    return 2 * b * fp.kv_heads * fp.head_dim * longest * s
+
+
+def sdpa_expands_masked_decode() -> bool:
+    """Whether transformers' SDPA attention expands a masked one-token query's keys and values to every query head
+    (``repeat_kv``), as releases before ``pack_gqa`` do; later ones reshape the query onto the key/value heads."""
+    from transformers.integrations import sdpa_attention
+
+    return not hasattr(sdpa_attention, "pack_gqa")
+
+
 def _with_head_buffer(fp: Footprint, phases: dict) -> dict:
-    """With the embeddings in host memory the lm_head phase holds a device copy of the lm_head (``head_buffer``)."""
+    """With the embeddings in host memory the lm_head phase holds a device copy of the lm_head (``head_buffer``), and
+    so does a decode step from its input embeddings on (:mod:`lp_plugin.core.host_embeddings` copies it ahead)."""
     if fp.embeddings != "host":
         return phases
-    return {name: {**parts, "head_buffer": fp.head_bytes if name == "lm_head" else 0} for name, parts in phases.items()}
+    held = ("lm_head", "decode")
+    return {name: {**parts, "head_buffer": fp.head_bytes if name in held else 0} for name, parts in phases.items()}
 
 
 def work_peak(
