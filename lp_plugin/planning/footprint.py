@@ -435,10 +435,21 @@ def work_phases(
                 "activations": _layer_activations(fp, bt, mlp_rows) + attend + rope + inputs,
                 "logits": 0,
             },
-            "decode": {"kv": kv, "activations": decode_attention_bytes(fp, work), "logits": b * fp.vocab * (s + 4)},
+            "decode": {
+                "kv": kv,
+                "activations": decode_attention_bytes(fp, work) + _graph_pool_apart(fp, work, mlp_rows or bt),
+                "logits": b * fp.vocab * (s + 4),
+            },
             "lm_head": {"kv": kv, "activations": bt * h * s + inputs, "logits": b * fp.vocab * (s + 4)},
         },
     )
+
+
+def _graph_pool_apart(fp: Footprint, work: Work, mlp_rows: int) -> int:
+    """With a static cache (``decode="graph"``) the captured step allocates from the graph's own pool, which cannot
+    use what the caching allocator keeps free in the segments the prefill left partly in use: about one of the
+    prefill's largest blocks (an MLP intermediate over the rows it runs at once) beside the pool."""
+    return mlp_rows * fp.intermediate * fp.act_size if work.static_cache else 0
 
 
 def decode_attention_bytes(fp: Footprint, work: Work) -> int:
