@@ -286,20 +286,24 @@ def test_lm_head_phase_holds_the_head_copy():
 def test_a_decode_step_holds_the_head_copy_and_on_a_static_cache_the_expanded_keys(monkeypatch):
     """The lm_head's copy is made as a decode step starts, so the step's attention runs beside it: where transformers
     expands a static cache's masked keys and values (2 x 16 heads x 8192 x 128 x 2 bytes for the Qwen2.5-3B shape),
-    the 2 GiB NF4 decode="graph" plan at 8192 tokens keeps fewer layers on the device than the eager one; where it
-    reads them at their own heads, the two plans are the same."""
+    the step holds them too. The 2 GiB NF4 decode="graph" plan at 8192 tokens keeps no layer on the device (the
+    eager one keeps three) and runs the prefill's MLPs in chunks, whose smaller blocks are what the graph's pool
+    cannot reuse."""
     from lp_plugin.planning import footprint
 
     fp = _shape_footprint("qwen2.5-3b-shape").on_host()
     work = footprint.Work("generate", 8192, 1, static_cache=True)
+    phases = {}
+    for expands in (True, False):
+        monkeypatch.setattr(footprint, "sdpa_expands_masked_decode", lambda expands=expands: expands)
+        phases[expands] = footprint.work_phases(fp, work)["decode"]
+    assert phases[True]["head_buffer"] == fp.head_bytes
+    expanded = 2 * 16 * 8192 * 128 * 2 + 8192 * 3 - 2 * 2 * 8192 * 128 * 2  # the mask, less a layer's growth
+    assert phases[True]["activations"] - phases[False]["activations"] == expanded
     monkeypatch.setattr(footprint, "sdpa_expands_masked_decode", lambda: True)
-    decode = footprint.work_phases(fp, work)["decode"]
-    assert decode["head_buffer"] == fp.head_bytes and decode["activations"] >= 2 * 16 * 8192 * 128 * 2
     graph, eager = (_shape_plan("qwen2.5-3b-shape", "2GiB", decode=d) for d in ("graph", "eager"))
-    assert graph.phase == "decode" and len(graph.offloaded) > len(eager.offloaded)
-    monkeypatch.setattr(footprint, "sdpa_expands_masked_decode", lambda: False)
-    graph = _shape_plan("qwen2.5-3b-shape", "2GiB", decode="graph")
-    assert graph.offloaded == eager.offloaded
+    assert graph.phase == "decode" and len(graph.offloaded) == 36 and graph.mlp_chunk
+    assert len(eager.offloaded) == 33 and eager.mlp_chunk is None
 
 
 def test_planning_maps_the_host_embeddings_to_cpu():

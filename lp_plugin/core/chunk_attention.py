@@ -13,7 +13,6 @@ kernel for a whole window, cuDNN's on an H200: then they differ by rounding, as 
 
 :func:`lower_right_attention` switches a decoder to it (registered with transformers' attention and mask
 interfaces as :data:`NAME`) for the forwards run inside it; :func:`applies` says where that is done.
-:func:`switched_attention` is the switch (:mod:`lp_plugin.core.static_attention` uses it too).
 """
 
 from __future__ import annotations
@@ -119,23 +118,18 @@ def applies(decoder: nn.Module, device: torch.device) -> bool:
     )
 
 
-def lower_right_attention(decoder: nn.Module, configs: list | None = None):
-    """Run ``decoder``'s forwards inside with :data:`NAME` attention (:func:`switched_attention`)."""
-    register()
-    return switched_attention(decoder, NAME, configs)
-
-
 @contextlib.contextmanager
-def switched_attention(decoder: nn.Module, name: str, configs: list | None = None):
-    """Run ``decoder``'s forwards inside with the attention implementation registered as ``name``: every config its
-    modules read (``configs``, :func:`configs_of` the decoder when not given) is switched (transformers' attention
-    modules look ``config._attn_implementation`` up at each call) and restored on the way out, exceptions included."""
+def lower_right_attention(decoder: nn.Module, configs: list | None = None):
+    """Run ``decoder``'s forwards inside with :data:`NAME` attention: every config its modules read
+    (``configs``, :func:`configs_of` the decoder when not given) is switched (transformers' attention modules
+    look ``config._attn_implementation`` up at each call) and restored on the way out, exceptions included."""
+    register()
     if configs is None:
         configs = configs_of(decoder)
     before = [c._attn_implementation for c in configs]
     try:
         for config in configs:
-            config._attn_implementation = name
+            config._attn_implementation = NAME
         yield
     finally:
         for config, impl in zip(configs, before):
