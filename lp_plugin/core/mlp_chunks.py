@@ -9,7 +9,8 @@ one tensor of the whole sequence's shape, so the layer gets what the whole MLP w
 
 Bit for bit where the matmul kernel computes a row the same way whatever the number of rows, as cuBLAS does for
 chunks of 512 rows and more on an H200 (bf16 and NF4, measured: ``benchmarks/results/h200-mlp-chunks.json``);
-the planner offers chunks of :data:`MIN_MLP_CHUNK` positions and more, on CUDA only. docs/card.md says more.
+the planner offers chunks of :data:`MIN_MLP_CHUNK` positions and more, on CUDA only. docs/graphs.md (Memory) says
+when.
 """
 
 from __future__ import annotations
@@ -81,5 +82,4 @@ class MlpChunks:
                 del part
             return out
 
-        forward.mlp_chunks = self  # type: ignore[attr-defined]
         return forward

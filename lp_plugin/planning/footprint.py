@@ -383,7 +383,8 @@ def work_phases(
       scratch is in the planner's workspace); then the attention's own peak is the cache's append, one
       layer's earlier keys and values alive next to their concatenation with the chunk's.
     * ``decode`` (``generate``): a decode step's attention over the full cache (:func:`decode_attention_bytes`), and
-      its logits.
+      its logits; with a static cache, also the prefill's block kept beside the graph's pool
+      (:func:`_graph_pool_apart`).
     * ``lm_head``: ``generate``: the cache, the final hidden states and the last position's logits (and
       generate's float32 copy). ``loglikelihood``: the final hidden states and one head chunk's logits
       and log_softmax (:func:`lp_plugin.core.logprobs.head_rows` positions), never the full vocabulary's.
