@@ -278,7 +278,8 @@ class _Option:
     buffer: int
     phase: str
     parts: dict  # kv, activations, logits
-    chunk: int | None
+    prefill_chunk: int | None  # loglikelihood: tokens a window is prefilled in (None: whole)
+    mlp_chunk: int | None  # generate: positions a prefill's MLPs run at a time (None: all)
     overhead: dict
     embeddings: str  # "device", or "host": the input embeddings and the lm_head in host memory
 
@@ -295,12 +296,11 @@ def _layout(fp: Footprint, layers, mode: str, prefetch: int, cuda: bool) -> tupl
     return standby, _round_up(buffer, GRANULE) if cuda else buffer
 
 
-def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: int, hi: int, chunk=None):
-    """:class:`_Option` for 0, 1, ... offloaded layers among ``lo..hi`` (fewest first)."""
-    if work.kind == "loglikelihood":
-        phase, parts = work_peak(fp, work, chunk, card.cuda)
-    else:
-        phase, parts = work_peak(fp, work, cuda=card.cuda, mlp_chunk=chunk)
+def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: int, hi: int, chunks: tuple):
+    """:class:`_Option` for 0, 1, ... offloaded layers among ``lo..hi`` (fewest first), with ``chunks``
+    ``(prefill chunk, MLP chunk)``."""
+    prefill_chunk, mlp_chunk = chunks
+    phase, parts = work_peak(fp, work, prefill_chunk, card.cuda, mlp_chunk)
     work_bytes = sum(parts.values())
     for k in range(max(hi - lo + 1, 0) + 1):
         layers = spread(k, lo, hi)
@@ -315,27 +315,29 @@ def _scan(fp: Footprint, work: Work, card: Card, mode: str, prefetch: int, lo: i
             buffer,
             phase,
             parts,
-            chunk,
+            prefill_chunk,
+            mlp_chunk,
             overhead,
             fp.embeddings,
         )
 
 
 def _chunks(work: Work, fp: Footprint, cuda: bool) -> list:
-    """Chunks to try for ``work``, longest first, after the whole window: loglikelihood, its window's prefill in
-    halves down to :data:`MIN_PREFILL_CHUNK`; generate (on CUDA, dense MLPs), the prefill's MLPs in halves down to
-    :data:`~lp_plugin.core.mlp_chunks.MIN_MLP_CHUNK` positions (generate's prefill is the caller's)."""
-    out: list[int | None] = [None]
+    """``(prefill chunk, MLP chunk)`` pairs to try for ``work``, longest first, after none: loglikelihood, its
+    window's prefill in halves down to :data:`MIN_PREFILL_CHUNK`; generate (on CUDA, dense MLPs), the prefill's
+    MLPs in halves down to :data:`~lp_plugin.core.mlp_chunks.MIN_MLP_CHUNK` positions (generate's prefill is the
+    caller's)."""
+    out: list[tuple[int | None, int | None]] = [(None, None)]
     if work.kind == "loglikelihood":
-        least = MIN_PREFILL_CHUNK
+        least, pair = MIN_PREFILL_CHUNK, lambda c: (c, None)
     elif cuda and fp.mlp_chunks:
-        least = MIN_MLP_CHUNK
+        least, pair = MIN_MLP_CHUNK, lambda c: (None, c)
     else:
         return out
     if work.context > least:
         c = 1 << ((work.context - 1).bit_length() - 1)  # the largest power of two below the context
         while c >= least:
-            out.append(c)
+            out.append(pair(c))
             c //= 2
     return out
 
@@ -357,9 +359,9 @@ def _options(fp: Footprint, work: Work, card: Card, config: OffloadConfig):
     if config.protect_first or config.protect_last:
         ranges.append((0, n - 1))
     for placed in placements(fp, config):
-        for chunk in _chunks(work, placed, card.cuda):
+        for chunks in _chunks(work, placed, card.cuda):
             for lo, hi in ranges:
-                yield from _scan(placed, work, card, config.mode, config.prefetch, lo, hi, chunk)
+                yield from _scan(placed, work, card, config.mode, config.prefetch, lo, hi, chunks)
 
 
 def _first_fit(fp, work, card, config):
@@ -413,12 +415,12 @@ def plan_offload(
             f"protect_first={config.protect_first}, protect_last={config.protect_last} given up: "
             "nothing fits with the protected ends resident",
         )
-    if fit is not None and fit.chunk and work.kind == "loglikelihood":
-        notes += (f"prefill in chunks of {fit.chunk} tokens: a whole {work.context}-token window does not fit",)
-    elif fit is not None and fit.chunk:
+    if fit is not None and fit.prefill_chunk:
+        notes += (f"prefill in chunks of {fit.prefill_chunk} tokens: a whole {work.context}-token window does not fit",)
+    if fit is not None and fit.mlp_chunk:
         notes += (
-            f"the prefill's MLPs run {fit.chunk} positions at a time: the whole {work.context}-token prefill's do not "
-            "fit (the same values: lp_plugin.core.mlp_chunks)",
+            f"the prefill's MLPs run {fit.mlp_chunk} positions at a time: the whole {work.context}-token prefill's "
+            "do not fit (the same values: lp_plugin.core.mlp_chunks)",
         )
     if best.embeddings == "host":
         notes += (_host_embeddings_note(fp, config, fit is not None),)
@@ -466,8 +468,8 @@ def plan_offload(
         speed_basis=basis,
         budget_source=card.budget_source,
         runtime_source=card.runtime_source,
-        prefill_chunk=best.chunk if work.kind == "loglikelihood" else None,
-        mlp_chunk=best.chunk if work.kind != "loglikelihood" else None,
+        prefill_chunk=best.prefill_chunk,
+        mlp_chunk=best.mlp_chunk,
         context_source=context_source,
         embeddings=best.embeddings,
     )
