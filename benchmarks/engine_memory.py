@@ -125,8 +125,8 @@ def main():
             folder = os.path.join(work, f"off-{dtype}")
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            m = lp_plugin.from_pretrained(ckpt, offload=args.offload, tier=tier, mode=mode, offload_folder=folder,
-                                          **_qconfig(dtype))
+            where = {"offload_folder": folder} if tier == "disk" else {}  # (a cpu tier keeps no files)
+            m = lp_plugin.from_pretrained(ckpt, offload=args.offload, tier=tier, mode=mode, **where, **_qconfig(dtype))
             load_peak = torch.cuda.max_memory_allocated() / GiB
             load_s = time.perf_counter() - t0
             res, _ = _measure(m, ids, ref)

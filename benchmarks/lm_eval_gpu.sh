@@ -40,7 +40,8 @@ for dtype in ${DTYPES:-bf16 nf4}; do
   else runs="plain:hf: offload:hf-residual-offload:offload=even"; fi
   for run in $runs; do
     IFS=: read -r label model spec <<<"$run"
-    extra=""; [ -n "$spec" ] && extra=",$spec,tier=${TIER:-cpu},mode=${MODE:-stream},alpha=1.0,prefetch=1,offload_folder=/tmp/lp-off-$dtype"
+    extra=""; [ -n "$spec" ] && extra=",$spec,tier=${TIER:-cpu},mode=${MODE:-stream},alpha=1.0,prefetch=1"
+    [ -n "$spec" ] && [ "${TIER:-cpu}" = disk ] && extra="$extra,offload_folder=/tmp/lp-off-$dtype"
     echo "=== $dtype $label ($model$extra)"
     "${LM_EVAL[@]}" --model "$model" --model_args "pretrained=$CKPT,dtype=bfloat16$q$extra" \
       --tasks lp_pydoc_ppl --include_path "$TASKS" --limit "$LIMIT" --device cuda:0 --batch_size 1 \

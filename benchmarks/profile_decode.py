@@ -40,7 +40,8 @@ def main():
     ids = torch.randint(0, 1000, (1, 100), device="cuda")
     runs = [("baseline", None)] + [(c, c.split(":")) for c in args.configs.split(",")]
     for name, cfg in runs:
-        h = lp_plugin.attach(model, offload="even", mode=cfg[0], tier=cfg[1], offload_folder="/tmp/lp_prof") if cfg else None
+        where = {"offload_folder": "/tmp/lp_prof"} if cfg and cfg[1] == "disk" else {}  # (a cpu tier keeps no files)
+        h = lp_plugin.attach(model, offload="even", mode=cfg[0], tier=cfg[1], **where) if cfg else None
         with lp_plugin.session(model):
             loop(model, ids, 8)
             speeds = [loop(model, ids, args.tokens) for _ in range(3)]

@@ -35,6 +35,12 @@ def tiny_config(arch: str, num_layers: int = LAYERS, vocab_size: int = VOCAB, ma
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
+def on_tier(tier: str, folder) -> dict:
+    """``tier=`` with ``offload_folder=folder`` for a tier that keeps files there (lp_plugin refuses a folder that a
+    tier would ignore)."""
+    return {"tier": tier, "offload_folder": folder} if tier == "disk" else {"tier": tier}
+
+
 def build_tiny(arch: str, num_layers: int = LAYERS, seed: int = 0, **config_kw):
     """A seeded random tiny model (fp32, CPU, eval mode)."""
     import torch

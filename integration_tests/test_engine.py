@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from shapes import on_tier
 
 import lp_plugin
 
@@ -54,7 +55,7 @@ def test_alpha1_is_bit_identical_through_generate(tiny_checkpoints, tmp_path, de
     ref_seq, ref_gen = _generate(plain, ids)
     del plain
 
-    model = lp_plugin.from_pretrained(path, offload="even", tier=tier, mode=mode, offload_folder=tmp_path / "off",
+    model = lp_plugin.from_pretrained(path, offload="even", mode=mode, **on_tier(tier, tmp_path / "off"),
                                       main_device=device, **DTYPES[dtype]())
     handle = lp_plugin.get_handle(model)
     assert handle.info()["offloaded_layers"] == [2, 4]
@@ -130,7 +131,7 @@ def test_attach_detach_round_trip(tmp_path, device, tier, mode):
     with torch.no_grad():
         ref = model(ids).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = lp_plugin.attach(model, offload="3-5", tier=tier, mode=mode, offload_folder=tmp_path)
+    handle = lp_plugin.attach(model, offload="3-5", mode=mode, **on_tier(tier, tmp_path))
     assert lp_plugin.get_handle(model) is handle
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
@@ -259,7 +260,7 @@ def test_disk_stream_lowers_the_gil_switch_interval_only_while_open(tmp_path, de
     from conftest import build_tiny
 
     model = build_tiny("qwen2").to(device)
-    handle = lp_plugin.attach(model, offload="even", tier=tier, mode="stream", offload_folder=tmp_path)
+    handle = lp_plugin.attach(model, offload="even", mode="stream", **on_tier(tier, tmp_path))
     orig = sys.getswitchinterval()
     try:
         with lp_plugin.session(model):
@@ -294,8 +295,8 @@ def test_stream_ring_exact_for_any_layer_count_and_prefetch(tmp_path, device, ti
     model = build_tiny("llama").to(device)
     ids = PROMPT.to(device)
     ref = _generate(model, ids)
-    handle = lp_plugin.attach(model, offload=spec, tier=tier, mode="stream", prefetch=prefetch,
-                              offload_folder=tmp_path, protect_first=0, protect_last=0)
+    handle = lp_plugin.attach(model, offload=spec, mode="stream", prefetch=prefetch,
+                              **on_tier(tier, tmp_path), protect_first=0, protect_last=0)
     with lp_plugin.session(model):
         for _ in range(2):
             got = _generate(model, ids)
@@ -393,7 +394,7 @@ def test_a_model_dropped_while_attached_is_freed(tmp_path, device, tier, mode):
     from lp_plugin.core import ops
 
     model = build_tiny("qwen2").to(device)
-    handle = lp_plugin.attach(model, offload="even", mode=mode, tier=tier, offload_folder=tmp_path)
+    handle = lp_plugin.attach(model, offload="even", mode=mode, **on_tier(tier, tmp_path))
     with torch.no_grad():
         model(PROMPT.to(device))
     refs = [weakref.ref(model), weakref.ref(handle)]

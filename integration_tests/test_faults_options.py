@@ -4,14 +4,18 @@ logits, no handle, no hooks, and it can be attached again)."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pathlib
 import tracemalloc
 
 import pytest
+import torch
 from fault_parts import Tiny, assert_unchanged
 
 import lp_plugin
-from lp_plugin.errors import OffloadFileError, OffloadSpecError
+from lp_plugin.errors import AttachError, OffloadFileError, OffloadSpecError
+from lp_plugin.planning.plan import OffloadPlan
 
 
 @pytest.fixture
@@ -73,6 +77,13 @@ BAD_INPUTS = [
     ("unknown-mode", dict(mode="fast"), OffloadSpecError, ["'fast'", "'session'", "'stream'"]),
     ("folder-is-a-file", dict(tier="disk", offload_folder=_a_file), OffloadFileError, ["not_a_folder"]),
     ("folder-under-a-file", dict(tier="disk", offload_folder=_under_a_file), OffloadFileError, ["not_a_folder/sub"]),
+    ("folder-without-disk-tier", dict(offload_folder=lambda tmp: tmp / "layers"), OffloadSpecError,
+     ["offload_folder", "tier='cpu'", "tier='disk'"]),
+    ("layers-as-bytes", dict(offload=b"\x02\x04"), OffloadSpecError, ["bytes"]),
+    ("stand-in-without-skip", dict(stand_in="linear"), OffloadSpecError, ["stand_in='linear'", "skip="]),
+    ("calib-without-skip", dict(calib="pydoc"), OffloadSpecError, ["calib='pydoc'", "skip="]),
+    ("main-device-meta", dict(main_device="meta"), OffloadSpecError, ["'meta'", "'cpu'"]),
+    ("main-device-unseen-gpu", dict(main_device="cuda:99"), OffloadSpecError, ["cuda:99", "GPU"]),
 ]
 
 
@@ -99,3 +110,76 @@ def test_from_pretrained_refuses_bad_options_before_loading(tiny_checkpoints, tm
     with pytest.raises(OffloadSpecError) as refused:
         lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], alpha=2)
     assert "alpha" in str(refused.value)
+
+
+@pytest.mark.parametrize("thing", [None, "Qwen/Qwen2.5-3B", torch.zeros(2)])
+def test_attach_refuses_what_is_not_a_model(thing):
+    with pytest.raises(AttachError) as refused:
+        lp_plugin.attach(thing)
+    assert "from_pretrained" in str(refused.value)
+
+
+def test_a_plan_runs_on_a_model_of_its_own_shape_and_with_its_own_options(tiny, tmp_path):
+    config = copy.deepcopy(tiny.model.config)
+    config.num_hidden_layers = 6
+    other = OffloadPlan.for_config(config, lp_plugin.OffloadConfig(offload="2,4", main_device="cpu"))
+    with pytest.raises(AttachError) as refused:
+        lp_plugin.attach(tiny.model, plan=other)
+    assert "6 decoder layers" in str(refused.value) and "has 8" in str(refused.value)
+    own = OffloadPlan.for_config(tiny.model.config, lp_plugin.OffloadConfig(offload="2,4", main_device="cpu"))
+    with pytest.raises(OffloadSpecError) as refused:
+        lp_plugin.attach(tiny.model, plan=own, offload="6")
+    assert "not both" in str(refused.value)
+    assert_unchanged(tiny.model, tiny.ref, tiny.state, tmp_path)
+    lp_plugin.attach(tiny.model, plan=own).detach()  # the plan alone runs
+
+
+@pytest.mark.parametrize(
+    "kwargs,quoted",
+    [
+        pytest.param(dict(protect_frist=0), ["protect_frist", "protect_first"], id="typo"),
+        pytest.param(dict(offload_foldr="x", tier="disk"), ["offload_foldr", "offload_folder"], id="typo-folder"),
+        pytest.param(dict(stand_ins="linear", skip="3"), ["stand_ins", "stand_in"], id="typo-stand-in"),
+    ],
+)
+def test_from_pretrained_names_the_option_a_misspelt_keyword_meant(tiny_checkpoints, kwargs, quoted):
+    """A keyword transformers would pass to the model's constructor, spelt nearly like an lp_plugin option: refused
+    naming the option, after reading the config (its attributes are keywords too) and before the weights."""
+    with pytest.raises(OffloadSpecError) as refused:
+        lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], offload="even", **kwargs)
+    assert [q for q in quoted if q not in str(refused.value)] == []
+    model = lp_plugin.from_pretrained(tiny_checkpoints["qwen2"], offload="even", num_hidden_layers=6)  # a config attribute
+    assert len(model.model.layers) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,quoted",
+    [
+        pytest.param(dict(main_device="cuda:99"), OffloadSpecError, ["cuda:99"], id="unseen-gpu"),
+        pytest.param(dict(offload_folder="layers"), OffloadSpecError, ["tier='disk'"], id="folder-without-disk"),
+        pytest.param(dict(tier="disk", offload_folder=_a_file), OffloadFileError, ["not_a_folder"], id="folder-a-file"),
+    ],
+)
+def test_from_pretrained_refuses_before_reading_the_checkpoint(tiny_checkpoints, tmp_path, kwargs, exc, quoted):
+    """Refused before a file of the checkpoint is read: the same error for a folder that holds no checkpoint."""
+    kwargs = {k: (v(tmp_path) if callable(v) else v) for k, v in kwargs.items()}
+    for where in (tiny_checkpoints["qwen2"], tmp_path / "no-model-here"):
+        with pytest.raises(exc) as refused:
+            lp_plugin.from_pretrained(where, offload="even", **kwargs)
+        assert [q for q in quoted if q not in str(refused.value)] == []
+
+
+def test_the_offload_folder_is_not_the_checkpoints_nor_lp_plugins_own(tiny_checkpoints, tmp_path, monkeypatch):
+    ckpt = pathlib.Path(tiny_checkpoints["qwen2"])
+    before = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(OffloadFileError) as refused:
+        lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=ckpt)
+    assert "checkpoint" in str(refused.value)
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    model = lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=ckpt / "layers")
+    lp_plugin.get_handle(model).detach()  # a folder inside the checkpoint's is the user's choice
+    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    for managed in ("smollm2-135m-instruct", "skipping/sub"):
+        with pytest.raises(OffloadFileError) as refused:
+            lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=tmp_path / "cache" / managed)
+        assert "rebuilds" in str(refused.value)

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from fault_parts import PROMPT, Tiny, assert_unchanged, layer_file, logits, temp_files, tmpfs, verify_layer_file
+from shapes import on_tier
 
 import lp_plugin
 from lp_plugin.errors import OffloadFileError, OffloadResourceError
@@ -83,7 +84,7 @@ def test_host_memory_allocation_fails(tiny, tmp_path, monkeypatch, tier):
 
     monkeypatch.setattr(tiers_base, "torch", _FailingAlloc(fail_at=2))  # the second layer's buffer
     with pytest.raises(OffloadResourceError, match=r"\(injected\)"):
-        lp_plugin.attach(tiny.model, offload="even", tier=tier, offload_folder=tmp_path / "off")
+        lp_plugin.attach(tiny.model, offload="even", **on_tier(tier, tmp_path / "off"))
     monkeypatch.undo()
     if tier == "disk":
         assert temp_files(tmp_path / "off") == []

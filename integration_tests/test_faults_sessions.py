@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from fault_parts import PROMPT, Tiny, assert_unchanged, logits
+from shapes import on_tier
 
 import lp_plugin
 
@@ -20,7 +21,7 @@ def tiny():
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 @pytest.mark.parametrize("mode", ["session", "stream"])
 def test_exception_inside_session_returns_to_standby(tiny, tmp_path, tier, mode):
-    h = lp_plugin.attach(tiny.model, offload="even", tier=tier, mode=mode, offload_folder=tmp_path / "off")
+    h = lp_plugin.attach(tiny.model, offload="even", mode=mode, **on_tier(tier, tmp_path / "off"))
     w = tiny.model.model.layers[2].mlp.up_proj.weight
     standby_ptr = w.data_ptr()
     with pytest.raises(KeyError, match="boom"):
@@ -67,7 +68,7 @@ def test_two_threads_generate_concurrently(tiny, tmp_path, tier, mode):
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         expected = [tiny.model.generate(p, **gen) for p in prompts]
-    h = lp_plugin.attach(tiny.model, offload="even", tier=tier, mode=mode, offload_folder=tmp_path / "off")
+    h = lp_plugin.attach(tiny.model, offload="even", mode=mode, **on_tier(tier, tmp_path / "off"))
     barrier = threading.Barrier(2)
     results, errors = {}, []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 
@@ -30,7 +31,13 @@ def test_defaults_are_valid_and_every_field_is_an_option():
     ],
 )
 def test_sizes(text, expected):
-    assert parse_size(text) == expected
+    if text == "8Gb":
+        with pytest.warns(UserWarning, match="gigabits"):
+            assert parse_size(text) == expected
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "six", "-1GiB", "nanGiB", "infMB", -5, True, 1.5, "6 parsecs"])
@@ -54,7 +61,10 @@ def test_max_memory_forms(value, expected):
     assert parse_max_memory(parse_max_memory(value)) == expected  # a parsed value reads the same
 
 
-@pytest.mark.parametrize("value", [{}, {"disk": "1GiB"}, {"gpu0": "1GiB"}, {0: "1GiB", "cuda:0": "2GiB"}, "0:1GiB;0:2GiB"])
+@pytest.mark.parametrize(
+    "value",
+    [{}, {"disk": "1GiB"}, {"gpu0": "1GiB"}, {0: "1GiB", "cuda:0": "2GiB"}, "0:1GiB;0:2GiB", "6GiB;cpu", "6GiB;7GiB"],
+)
 def test_bad_max_memory_is_refused(value):
     with pytest.raises(OffloadSpecError):
         parse_max_memory(value)

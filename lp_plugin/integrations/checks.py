@@ -1,12 +1,36 @@
-"""What ``attach`` refuses before it changes anything: a layer listed twice, an offloaded layer that
-shares a tensor with a module that stays resident, a resident layer without weights, a skip that would
-run a layer the model does not hold."""
+"""What ``attach`` and ``from_pretrained`` refuse before they load or change anything: a main device nothing can
+compute on, an offload folder the tier would not use or cannot write, a layer listed twice, an offloaded layer that
+shares a tensor with a module that stays resident, a resident layer without weights, a skip that would run a layer
+the model does not hold, a CUDA graph where none can run."""
 
 from __future__ import annotations
 
+import os
+
 from ..core import accel
 from ..core.absent import absent_layers
+from ..core.devices import check_usable, normalize_device
+from ..core.tiers.folder import check_usable as check_folder_usable
 from ..errors import AttachError, OffloadSpecError
+from ..planning.plan import check_graph_device
+from ..planning.plugins import tier_class
+
+
+def check_options(config, checkpoint=None) -> None:
+    """Refuse what ``config`` asks of this machine and its folders: a ``main_device`` nothing can compute on here,
+    an ``offload_folder`` its tier does not use or that cannot hold the layer files (``checkpoint``: the local
+    folder the model is loaded from, if any, which the folder must not be)."""
+    if config.main_device is not None:
+        check_usable(normalize_device(config.main_device))
+    if config.offload_folder is None:
+        return
+    if not tier_class(config.tier).needs_folder:
+        raise OffloadSpecError(
+            f"offload_folder is where the disk tier keeps its layer files; with tier={config.tier!r} nothing is "
+            "written there: pass tier='disk' to use it, or drop offload_folder"
+        )
+    local = checkpoint if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint) else None
+    check_folder_usable(config.offload_folder, local)
 
 
 def check_model(model, plan, layer_list):
@@ -80,13 +104,9 @@ def check_absent(layer_list, config, skips=None) -> None:
 
 def check_graph_decode(plan, config) -> None:
     """Refuse ``decode="graph"`` where no graph can run, before anything is loaded or changed."""
+    check_graph_device(config.decode, plan.main_device)
     if config.decode != "graph":
         return
-    if plan.main_device.type != "cuda":
-        raise OffloadSpecError(
-            f"decode='graph' replays CUDA graphs, but the model runs on {plan.main_device}; "
-            "use decode='eager' (the default) off CUDA"
-        )
     if not plan.single_device:
         raise OffloadSpecError(
             "decode='graph' captures a decode step on one GPU, and this plan runs layers on several devices; "

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import accel, hooks
-from ..core.devices import map_value, normalize_device
+from ..core.devices import check_usable, map_value, normalize_device
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, deepcopy_error
 from ..core.graphs import DecodeGraphs
@@ -34,13 +34,13 @@ from ..core.mover import Mover
 from ..core.record import InstallRecord
 from ..core.resident import Residency
 from ..core.stream import Ring
-from ..errors import AttachError, OffloadResourceError
+from ..errors import AttachError, OffloadResourceError, OffloadSpecError
 from ..planning.arch import find_decoder_layers
 from ..planning.budget import host_budget
 from ..planning.config import OffloadConfig
 from ..planning.plan import OffloadPlan
 from ..planning.plugins import tier_class
-from .checks import check_absent, check_graph_decode, check_model
+from .checks import check_absent, check_graph_decode, check_model, check_options
 from .reporter import HandleReport
 
 log = logging.getLogger("lp_plugin")
@@ -226,6 +226,11 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     Nothing is changed on the model until every offloaded layer is safely stored on its tier: a failure
     (bad option, full disk, too little pinned memory) leaves the model as it was.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise AttachError(
+            f"attach takes a loaded model (a torch.nn.Module such as a transformers model), got "
+            f"{type(model).__name__}; to load one from a folder or a Hub id, use lp_plugin.from_pretrained(...)"
+        )
     if get_handle(model) is not None:
         raise AttachError(
             "this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again"
@@ -233,9 +238,21 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     _, layer_list = find_decoder_layers(model)
     if plan is None:
         config = OffloadConfig.from_options(config, **options)
+        check_options(config, getattr(getattr(model, "config", None), "_name_or_path", None))
         check_absent(layer_list, config)
         plan = OffloadPlan.for_model(model, config)
     else:
+        if config is not None or options:
+            raise OffloadSpecError(
+                "attach(plan=...) runs the plan with the options it was made with; pass a plan or options "
+                "(config=, offload=, ...), not both"
+            )
+        if plan.num_layers != len(layer_list):
+            raise AttachError(
+                f"this plan was made for a model of {plan.num_layers} decoder layers, and this model has "
+                f"{len(layer_list)}; make the plan from this model's config (OffloadPlan.for_config) or pass options"
+            )
+        check_usable(plan.main_device)
         check_absent(layer_list, plan.config, plan.skips)
     plan = plan.with_skips(model)
     config = plan.config

@@ -20,7 +20,7 @@ from ..planning.footprint import checkpoint_dtype, load_format
 from ..planning.plan import OffloadPlan, auto_base_map
 from ..planning.skipping.calib import check_before_loading as check_calib_before_loading
 from ..planning.skipping.resolve import known_before_loading
-from .checks import check_graph_decode
+from .checks import check_graph_decode, check_options
 from .engine import attach
 from .quant import Nf4Load
 from .skipped_load import load_without, release
@@ -45,6 +45,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
 
     options, hf_kwargs = OffloadConfig.split(kwargs)
     config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read
+    check_options(config, name_or_path)
     base_map = hf_kwargs.pop("device_map", None)  # (max_memory is an OffloadConfig option: config.max_memory)
     if not (base_map is None or base_map == "auto" or isinstance(base_map, dict)):
         raise OffloadSpecError(
@@ -57,6 +58,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
             "for transformers' loading report, call AutoModelForCausalLM.from_pretrained(..., output_loading_info=True)"
         )
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
+    _check_near_misses(hf_config, hf_kwargs)
     _apply_config_overrides(hf_config, hf_kwargs)  # (num_hidden_layers=6 and the like: the plan must see them)
     if base_map == "auto":
         base_map = auto_base_map(
@@ -104,6 +106,53 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         # activations cannot reuse; a plan for the card gives them back to the device
         torch.cuda.empty_cache()
     return model
+
+
+# transformers' own loading arguments (never a misspelt lp_plugin option)
+_HF_LOADING = frozenset(
+    {
+        *_CONFIG_KWARGS,
+        "config",
+        "state_dict",
+        "device_map",
+        "max_memory",
+        "offload_state_dict",
+        "offload_buffers",
+        "low_cpu_mem_usage",
+        "variant",
+        "use_safetensors",
+        "weights_only",
+        "key_mapping",
+        "tp_plan",
+        "tp_size",
+        "device_mesh",
+        "adapter_name",
+        "adapter_kwargs",
+        "generation_config",
+        "force_download",
+        "proxies",
+        "output_loading_info",
+        "ignore_mismatched_sizes",
+        "distributed_config",
+    }
+)
+
+
+def _check_near_misses(hf_config, hf_kwargs: dict) -> None:
+    """A keyword that is neither transformers' nor a config attribute, and is spelt nearly like one of lp_plugin's
+    options (``protect_frist``), is refused naming the option: transformers would refuse it later, without saying
+    which lp_plugin option was meant."""
+    import difflib
+
+    for key in hf_kwargs:
+        if key in _HF_LOADING or key in _NOT_OVERRIDES or hasattr(hf_config, key):
+            continue
+        close = difflib.get_close_matches(key, OffloadConfig.names(), n=1, cutoff=0.8)
+        if close:
+            raise OffloadSpecError(
+                f"from_pretrained got {key}=..., which is neither lp_plugin's nor transformers'; did you mean "
+                f"lp_plugin's {close[0]}=? (lp_plugin's options: {list(OffloadConfig.names())})"
+            )
 
 
 # loading arguments of transformers' from_pretrained that are also config attributes: never config overrides

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, TypeAlias, Union, cast
@@ -33,6 +34,7 @@ DECODES = ("eager", "graph")  # how a decode step runs: its forward as called, o
 EMBEDDINGS = ("device", "host")  # where the input embeddings and the lm_head keep their weights
 WORKS = ("generate", "loglikelihood")
 BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
+_BITS = {"GB": "gigabits", "MB": "megabits", "KB": "kilobits"}
 _UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
@@ -84,6 +86,16 @@ class OffloadConfig:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
         self._check_budget()
+        self._check_skip_options()
+
+    def _check_skip_options(self):
+        given = [f"{name}={getattr(self, name)!r}" for name, unset in _UNSET.items() if getattr(self, name) != unset]
+        if self.skip is None and given:
+            raise OffloadSpecError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to skipped layers: without "
+                f"skip= {'they' if len(given) > 1 else 'it'} would be ignored; pass skip= (e.g. skip='greedy:10%'), "
+                f"or drop {'them' if len(given) > 1 else 'it'}"
+            )
 
     def _check_budget(self):
         given = [name for name in BUDGET_OPTIONS if getattr(self, name) is not None]
@@ -157,6 +169,9 @@ class OffloadConfig:
         return d
 
 
+_UNSET = {"stand_in": "none", "calib": None}  # the skip options' values when not given
+
+
 # ---------------------------------------------------------------------------------- memory sizes
 def parse_size(value, what: str = "max_memory") -> int:
     """Bytes of ``value``: an int, a digit string, or a number with a unit, read like Accelerate's
@@ -178,6 +193,13 @@ def parse_size(value, what: str = "max_memory") -> int:
                     break
                 size = int(number * factor)
                 bits = not unit.endswith("IB") and text.endswith("b")  # "5Gb": gigabits, as Accelerate reads it
+                if bits:
+                    warnings.warn(
+                        f"{what}: {value!r} is read as {_BITS[unit]}, as Accelerate reads a lower-case 'b': "
+                        f"{size // 8:,} bytes; for bytes write '{text[: -len(unit)]}{unit}' or use GiB/MiB",
+                        UserWarning,
+                        stacklevel=2,
+                    )
                 return size // 8 if bits else size
     raise OffloadSpecError(
         f"{what}: cannot read {value!r} as a memory size; write bytes as an int or a number with a unit such as "
@@ -218,7 +240,16 @@ def parse_max_memory(value):
                 continue
             sep = "=" if "=" in part else ":"
             key, found, size = part.rpartition(sep)
+            if not found and _names_a_device(part):
+                raise OffloadSpecError(
+                    f"max_memory entry {part!r} in {value!r} has no size; write it as {part}:SIZE (e.g. {part}:30GiB)"
+                )
             key = key if found else "main"
+            if key in items and key == "main":
+                raise OffloadSpecError(
+                    f"max_memory {value!r} gives two sizes without a device; name each one's device, e.g. "
+                    "'0:6GiB;cpu:30GiB'"
+                )
             if key in items:
                 raise OffloadSpecError(f"max_memory names {key!r} twice in {value!r}")
             items[key] = size
@@ -236,6 +267,12 @@ def parse_max_memory(value):
     return tuple(sorted(out.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]))))
 
 
+def _names_a_device(text: str) -> bool:
+    """``text`` is a device key of ``max_memory`` (``cpu``, ``disk``, ``cuda``/``cuda:N``), not a size."""
+    text = text.strip().lower()
+    return text in ("cpu", "disk", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
+
+
 # ---------------------------------------------------------------------------------- one check per option
 def _check_offload(value, what: str = "offload"):
     if value is None:
@@ -244,7 +281,7 @@ def _check_offload(value, what: str = "offload"):
         if not value.strip():
             raise OffloadSpecError(f"{what} spec is empty; use {what}='none' to {what} nothing")
         return value.strip()
-    if isinstance(value, (Sequence, set, frozenset)):
+    if isinstance(value, (Sequence, set, frozenset)) and not isinstance(value, (bytes, bytearray)):
         items = [layer_int(item, what) for item in value]
         if not items:
             raise OffloadSpecError(f"{what} layer list is empty; use {what}='none' to {what} nothing")

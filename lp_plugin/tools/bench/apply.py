@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from lp_plugin.planning.config import OffloadConfig
+from lp_plugin.planning.plugins import tier_class
 
 from .setup import decoder_layers, has_tokenizer, layer_bytes
 
@@ -108,7 +109,7 @@ class Placement:
         """The config's OffloadConfig, with this config's folder for a tier that keeps files."""
         options = self.cfg.options
         assert options is not None  # (an lp config always has them)
-        if options.tier == "cpu":
+        if not tier_class(options.tier).needs_folder:
             return options
         os.makedirs(self.folder, exist_ok=True)
         return replace(options, offload_folder=self.folder)

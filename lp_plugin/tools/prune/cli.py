@@ -82,6 +82,7 @@ def _engine(args) -> dict:
     greedy pass)."""
     from transformers import AutoConfig
 
+    from ...integrations.checks import check_options
     from ...planning.config import OffloadConfig
     from ...planning.plan import OffloadPlan
 
@@ -92,7 +93,9 @@ def _engine(args) -> dict:
         "offload_folder": args.offload_folder,
         "main_device": args.device,
     }
-    OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), OffloadConfig(**engine))
+    config = OffloadConfig(**engine)
+    check_options(config, args.model)
+    OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), config)
     return engine
 
 

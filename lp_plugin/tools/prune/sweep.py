@@ -217,7 +217,8 @@ def run_sweep(
         for si in (greedy_stand_ins if sel == "greedy" else stand_ins)
     ]
     for k, selection, stand_in in bar(plan, desc="sweep", unit="row", leave=True):
-        options = dict(engine, skip=None if not k else f"{selection}:{k}", stand_in=stand_in, calib=calib)
+        skips = {"skip": f"{selection}:{k}", "stand_in": stand_in, "calib": calib} if k else {}
+        options = dict(engine, **skips)
         row = {
             "fraction": round(100 * k / num_layers, 1),
             "selection": selection or "plain",
