@@ -47,7 +47,8 @@ def _logits(model):
 
 
 def _attach(model, mode, tier, folder, prefetch=1):
-    return lp_plugin.attach(model, offload="even", mode=mode, tier=tier, prefetch=prefetch,
+    ahead = {"prefetch": prefetch} if mode == "stream" else {}  # (session mode copies nothing ahead)
+    return lp_plugin.attach(model, offload="even", mode=mode, tier=tier, **ahead,
                             offload_folder=folder if tier == "disk" else None)
 
 

@@ -399,3 +399,51 @@ def test_special_files_are_refused_without_blocking(reference, tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("key,base,cand", [
+    ("n-shot", {"lp_pydoc_ppl": 0}, {"lp_pydoc_ppl": 5}),
+    ("versions", {"lp_pydoc_ppl": 1.0}, {"lp_pydoc_ppl": 2.0}),
+    ("task_hashes", {"lp_pydoc_ppl": "ab12"}, {"lp_pydoc_ppl": "cd34"}),
+])
+def test_lm_eval_tasks_run_differently_cannot_compare(tmp_path, key, base, cand):
+    rc, _, err = _lm_gate(tmp_path, _results(**{key: base}), _results(**{key: cand}))
+    assert rc == 2 and len(err) == 1 and "lp_pydoc_ppl" in err[0]
+    assert _lm_gate(tmp_path, _results(**{key: base}), _results(**{key: base}))[0] == 0
+    assert _lm_gate(tmp_path, _results(**{key: base}), _results())[0] == 0  # recorded by one file only
+
+
+@pytest.mark.parametrize("side", ["base", "cand"])
+def test_lm_eval_without_sample_counts_cannot_compare(tmp_path, side):
+    bare = _results()
+    del bare["n-samples"]
+    base, cand = (bare, _results()) if side == "base" else (_results(), bare)
+    rc, _, err = _lm_gate(tmp_path, base, cand)
+    assert rc == 2 and "n-samples" in err[0]
+
+
+def test_lm_eval_tolerance_for_a_metric_base_lacks_is_refused(tmp_path):
+    rc, _, err = _lm_gate(tmp_path, _results(), _results(), "--tolerance", "1e-6,word_perplexty=0.5")
+    assert rc == 2 and "word_perplexty" in err[0]
+
+
+@pytest.mark.parametrize("value", ["0.5", True, None])
+def test_lm_eval_metric_of_another_type_is_a_regression_saying_so(tmp_path, value):
+    cand = _results()
+    cand["results"]["lp_pydoc_ppl"]["word_perplexity,none"] = value
+    rc, out, _ = _lm_gate(tmp_path, _results(), cand)
+    assert rc == 1 and any("word_perplexity,none" in line and "not a number" in line for line in out)
+
+
+def test_lm_eval_missing_task_is_one_regression(tmp_path):
+    cand = _results()
+    cand["results"] = {"other": {"acc,none": 0.5}}
+    rc, out, _ = _lm_gate(tmp_path, _results(), cand)
+    assert rc == 1 and "REGRESSION (1):" in out
+
+
+def test_lm_eval_different_batch_sizes_are_noted(tmp_path):
+    base, cand = _results(), _results()
+    base["config"]["batch_size"], cand["config"]["batch_size"] = 1, 4
+    rc, out, _ = _lm_gate(tmp_path, base, cand)
+    assert rc == 0 and any("--batch_size 1" in line and "CANDIDATE 4" in line for line in out)

@@ -183,3 +183,11 @@ def test_the_offload_folder_is_not_the_checkpoints_nor_lp_plugins_own(tiny_check
         with pytest.raises(OffloadFileError) as refused:
             lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=tmp_path / "cache" / managed)
         assert "rebuilds" in str(refused.value)
+
+
+@pytest.mark.parametrize("how", ["str", "path", "relative"])
+def test_a_local_folder_that_does_not_exist_is_named(tmp_path, how):
+    where = {"str": str(tmp_path / "nope"), "path": tmp_path / "nope", "relative": "./no-such-model-here"}[how]
+    with pytest.raises(OffloadSpecError) as refused:
+        lp_plugin.from_pretrained(where, offload="even")
+    assert "no such folder" in str(refused.value)

@@ -55,6 +55,12 @@ BAD_ARGS = {
     "bad-layer": ({"offload": 99}, "out of range"),
     "tensor-parallel": ({"tp_plan": "auto"}, "tp_plan='auto' is not supported"),
     "bnb-without-4bit": ({"bnb_4bit_use_double_quant": True}, "only apply with load_in_4bit=True"),
+    "batch-size-in-model-args": ({"batch_size": 2}, "pass --batch_size on the command line"),
+    "max-length-word": ({"max_length": "abc"}, "max_length must be a whole number of tokens >= 1"),
+    "max-length-zero": ({"max_length": 0}, "max_length must be a whole number of tokens >= 1"),
+    "dtype-typo": ({"dtype": "float33"}, "dtype='float33' is not a torch dtype"),
+    "calib-without-skip": ({"calib": "mix"}, "without skip="),
+    "prefetch-in-session-mode": ({"mode": "session", "prefetch": 5}, "with mode='session' it would be ignored"),
 }
 CLI_BAD = ["unknown-arg", "bad-spec"]  # the rest are checked in-process (same constructor, no indexing)
 
@@ -374,6 +380,52 @@ for name, args in {[(k, fx.model_args_string(v[0])) for k, v in BAD_ARGS.items()
     for name, (_, message) in BAD_ARGS.items():
         assert name in lines, proc.stdout
         assert message in lines[name] and " True " in lines[name], lines[name]
+
+
+def test_lm_evals_own_options_and_a_missing_folder_are_refused_before_loading(tmp_path):
+    """``--batch_size`` values lm-eval would take as a batch of everything or fail on after loading, and a local
+    path that does not exist: refused in the constructor lm_eval uses, before any file is read (an empty folder
+    stands in for the model: reading it would fail otherwise)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(str(empty), "big"), (str(empty), 0), (str(empty), -2), (str(empty), "auto:x"), ("/no/such/model", 1)]
+    code = f"""
+from lm_eval.api.registry import get_model
+cls = get_model("hf-residual-offload")
+for where, batch in {cases!r}:
+    try:
+        cls.create_from_arg_string("pretrained=" + where, {{"device": "cpu", "batch_size": batch}})
+    except Exception as exc:
+        print("CASE", type(exc).__name__, str(exc).replace(chr(10), " "))
+    else:
+        print("CASE NO ERROR")
+"""
+    proc = _py(code)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
+    assert len(lines) == len(cases), proc.stdout + proc.stderr[-3000:]
+    assert all(line.startswith("CASE OffloadSpecError") for line in lines), lines
+    assert "--batch_size" in lines[0] and "no such folder" in lines[-1]
+
+
+def test_generated_tokens_count_as_evaluation_work(tiny_models):
+    """A generate call (what ``generate_until`` runs) counts its prompts' tokens and every position it generated,
+    one forward per step, in the throughput the offload table reports."""
+    code = f"""
+import torch
+from lm_eval.api.registry import get_model
+lm = get_model("hf-residual-offload").create_from_arg_string(
+    "pretrained={tiny_models['qwen2']},offload=even", {{"device": "cpu", "batch_size": 2}})
+context = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
+mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+out = lm._model_generate(context, max_length=10, stop=[], attention_mask=mask, do_sample=False)
+info = lm.residual_offload_info()
+print("RESULT", out.shape[1] - 4, info["tokens_processed"], info["forward_calls"], info["tokens_per_second_eval"] > 0)
+"""
+    proc = _py(code)
+    result = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, proc.stdout + proc.stderr[-3000:]
+    steps, tokens, forwards, timed = result[0]
+    assert int(steps) > 0 and int(tokens) == 7 + 2 * int(steps) and int(forwards) == int(steps) and timed == "True"
 
 
 # ---------------------------------------------------------------------------- Python API, accelerate

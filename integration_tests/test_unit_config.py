@@ -109,7 +109,7 @@ def test_auto_refuses_what_it_cannot_plan(options):
 
 
 def test_from_options_applies_options_and_refuses_unknown_ones():
-    base = OffloadConfig(offload="odd")
+    base = OffloadConfig(offload="odd", mode="stream")
     assert OffloadConfig.from_options(base) is base
     assert OffloadConfig.from_options(base, prefetch=3) == dataclasses.replace(base, prefetch=3)
     with pytest.raises(OffloadSpecError):

@@ -94,9 +94,22 @@ def _card_rows(info: dict) -> list:
 
 def offload_table(info: dict) -> str:
     """The offload summary of one run (``config.residual_offload`` of lm-eval's results JSON)."""
-    layers = info.get("layers") or []
+    layers = info.get("offloaded_layers")
+    layers = (info.get("layers") or []) if layers is None else layers
+    skipped = info.get("skipped_layers") or []
+    kinds = sorted(set((info.get("stand_ins") or {}).values()))
     rows = [
         ("layers", f"{layers_text(layers)} ({len(layers)}; offload={info.get('offload')})"),
+        *(
+            [
+                (
+                    "skipped",
+                    f"{layers_text(skipped)} ({len(skipped)}; stand-ins: {', '.join(kinds) or 'none'}): not exact",
+                )
+            ]
+            if skipped
+            else []
+        ),
         (
             "tier / mode",
             f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})",

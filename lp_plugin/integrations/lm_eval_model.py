@@ -39,6 +39,7 @@ from ..core.devices import cuda_runtime, normalize_device
 from ..core.report import jsonable, offload_table
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
+from .loading import check_model_path
 from .quant import nf4_config
 
 eval_logger = logging.getLogger(__name__)
@@ -142,6 +143,28 @@ def _positive_int_arg(name: str, value):
     return int(text)
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: lm_eval's own options, passed to every model type beside ``--model_args``
+CLI_ARGS = {"batch_size": "--batch_size", "max_batch_size": "--max_batch_size", "device": "--device"}
+
+
+def _check_dtype(value) -> None:
+    """A ``dtype`` model_arg lm-eval's ``get_dtype`` turns into a torch float dtype (or ``auto``)."""
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return
+    if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+        raise OffloadSpecError(f"dtype={value!r} is not a torch dtype; use one of {list(_DTYPES)}")
+
+
+def _check_batch_size(value) -> None:
+    """lm-eval's batch sizes: a whole number >= 1, ``auto`` or ``auto:N`` (N >= 1 re-detections)."""
+    text = str(value).strip()
+    number = text.removeprefix("auto:") if text.startswith("auto:") else text
+    if text == "auto" or (number.isascii() and number.isdigit() and int(number) >= 1):
+        return
+    raise OffloadSpecError(f"--batch_size {value!r}: write a whole number >= 1, 'auto' or 'auto:N'")
+
+
 def _as_bool(name, value) -> bool:
     if isinstance(value, bool):
         return value
@@ -182,8 +205,33 @@ class ResidualOffloadLM(HFLM):
     """HFLM whose model comes from :func:`lp_plugin.from_pretrained` (or, for an already built
     ``PreTrainedModel`` passed as ``pretrained``, :func:`lp_plugin.attach`)."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm_eval's ``--model_args`` with its own options (``--batch_size``, ``--max_batch_size``, ``--device``):
+        a model_arg that names one of them is refused naming the option to use."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        given = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        clash = sorted(set(arg_dict) & set(given))
+        if clash:
+            raise OffloadSpecError(
+                f"{MODEL_NAME}: model_args {clash} are lm_eval's own options: pass "
+                f"{' and '.join(CLI_ARGS.get(k, k) for k in clash)} on the command line instead"
+            )
+        return cls(**arg_dict, **given)
+
     def __init__(self, pretrained, **kwargs) -> None:
         _check_args(kwargs)
+        check_model_path(pretrained)
+        _check_dtype(kwargs.get("dtype"))
+        if kwargs.get("batch_size") is not None:
+            _check_batch_size(kwargs["batch_size"])
+        if kwargs.get("max_length") is not None:
+            kwargs["max_length"] = _positive_int_arg("max_length", kwargs["max_length"])
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
         self._lp_prefill_chunk = _positive_int_arg("prefill_chunk", kwargs.pop("prefill_chunk", None))
@@ -311,6 +359,18 @@ class ResidualOffloadLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self._lp_request(super().generate_until, requests, disable_tqdm)
 
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        """HFLM's generate, counted as evaluation work: the prompts' tokens and every position generated, one
+        forward per decode step."""
+        mask = generation_kwargs.get("attention_mask")
+        prompt = int(mask.sum()) if isinstance(mask, torch.Tensor) else context.numel()
+        with self._lp_timed(prompt, forwards=0) as work:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            steps = out.shape[1] - context.shape[1]
+            work["tokens"] += steps * out.shape[0]
+            work["forwards"] += steps
+        return out
+
     def _lp_request(self, method, requests, disable_tqdm):
         with self._lp_block():
             out = method(requests, disable_tqdm=disable_tqdm)
@@ -346,20 +406,22 @@ class ResidualOffloadLM(HFLM):
             return head(hidden.reshape(-1, hidden.shape[-1])[:rows]).unsqueeze(0)
 
     @contextlib.contextmanager
-    def _lp_timed(self, tokens: int):
-        """Count ``tokens`` of evaluation work and the time it takes (synchronized); not while probing."""
+    def _lp_timed(self, tokens: int, forwards: int = 1):
+        """Count ``tokens`` of evaluation work in ``forwards`` forwards and the time they take (synchronized);
+        not while probing. Yields the counts, which the caller may raise (a generate call's new tokens)."""
+        work = {"tokens": int(tokens), "forwards": forwards}
         if self._lp_probing:
-            yield
+            yield work
             return
         dev = self._lp_cuda()
         t0 = time.perf_counter()
         with self._lp_block():
-            yield
+            yield work
         if dev is not None:
             torch.cuda.synchronize(dev)
         self._lp_stats["forward_s"] += time.perf_counter() - t0
-        self._lp_stats["tokens"] += int(tokens)
-        self._lp_stats["forwards"] += 1
+        self._lp_stats["tokens"] += work["tokens"]
+        self._lp_stats["forwards"] += work["forwards"]
 
     def _lp_scoring_context(self):
         stack = contextlib.ExitStack()
@@ -521,6 +583,9 @@ class ResidualOffloadLM(HFLM):
             for key in (
                 "offload",
                 "layers",
+                "offloaded_layers",
+                "skipped_layers",
+                "stand_ins",
                 "tier",
                 "mode",
                 "alpha",

@@ -30,6 +30,7 @@ DeviceSpec: TypeAlias = Union[str, int, "torch.device"]  # "cuda:0", a GPU index
 CalibSpec: TypeAlias = Union[str, os.PathLike, Sequence[int], "torch.Tensor"]  # a corpus name, a file, token ids
 
 MODES = ("session", "stream")
+PREFETCH = 1  # stream mode's layers copied ahead, by default
 DECODES = ("eager", "graph")  # how a decode step runs: its forward as called, or a replayed CUDA graph
 EMBEDDINGS = ("device", "host")  # where the input embeddings and the lm_head keep their weights
 WORKS = ("generate", "loglikelihood")
@@ -55,7 +56,7 @@ class OffloadConfig:
     """``x + alpha * (L(x) - x)`` per offloaded layer: 1 is exact, 0 drops the layers."""
     offload_folder: str | None = None
     """The disk tier's folder, ``~`` expanded (default: a temporary folder, removed at detach or exit)."""
-    prefetch: int = 1
+    prefetch: int = PREFETCH
     """Stream mode: layers copied ahead (a ring of ``prefetch + 1`` buffers)."""
     protect_first: int = PROTECT_FIRST
     """Leading layers a named policy never offloads."""
@@ -87,6 +88,14 @@ class OffloadConfig:
             object.__setattr__(self, name, check(getattr(self, name)))
         self._check_budget()
         self._check_skip_options()
+        self._check_prefetch()
+
+    def _check_prefetch(self):
+        if self.mode == "session" and self.offload != "auto" and self.prefetch != PREFETCH:
+            raise OffloadSpecError(
+                f"prefetch={self.prefetch} sets how many layers stream mode copies ahead; with mode='session' it "
+                "would be ignored: pass mode='stream', or drop prefetch"
+            )
 
     def _check_skip_options(self):
         given = [f"{name}={getattr(self, name)!r}" for name, unset in _UNSET.items() if getattr(self, name) != unset]

@@ -11,8 +11,9 @@ it (``--min-throughput-ratio R`` makes a ratio below R fail).
 Exit status: 0 equal within tolerance, 1 a metric moved past it (or a task or metric is missing, or
 is not a finite number in CANDIDATE, or the throughput ratio is below ``--min-throughput-ratio``),
 2 bad arguments or files that cannot be compared (unreadable, not lm-eval results, wrong-typed
-sections, different sample counts, a metric of BASE that is not a finite number); each finding is
-one line.
+sections, no sample counts, a task run differently: other sample counts, few-shot count, task version or
+task data; a metric of BASE that is not a finite number; a ``--tolerance`` for a metric BASE does not have);
+each finding is one line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 from pathlib import Path
 
 _NOT_METRICS = ("alias", "name", "sample_len", " ")
+_MISSING = object()
 
 
 class NotComparable(ValueError):
@@ -49,7 +51,7 @@ def load_results(path) -> dict:
     for task, row in data["results"].items():
         if not isinstance(row, dict):
             raise NotComparable(f"{p}: results[{task!r}] is a {type(row).__name__}, not a table of metrics")
-    for key in ("n-samples", "config"):
+    for key in ("n-samples", "config", "n-shot", "versions", "task_hashes"):
         if not isinstance(data.get(key) or {}, dict):
             raise NotComparable(f"{p}: {key!r} is a {type(data[key]).__name__}, not a table")
     for task, row in (data.get("n-samples") or {}).items():
@@ -110,6 +112,51 @@ def _sample_counts(data: dict) -> dict:
     return {task: (row or {}).get("effective") for task, row in (data.get("n-samples") or {}).items()}
 
 
+# what must be the same for a task of both files: (results key, what differs when it is not)
+_SETUP = (
+    ("n-shot", "few-shot examples", "run both with the same --num_fewshot"),
+    ("versions", "task version", "run both with the same task definition"),
+    ("task_hashes", "task data (its hash)", "run both on the same documents"),
+)
+
+
+def _check_same_setup(base: dict, cand: dict) -> None:
+    """:class:`NotComparable` unless every task of BASE that CANDIDATE also ran was run the same way: as many
+    samples (both files must say), the same few-shot count, task version and task data, where both record them."""
+    counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
+    for data, counts in ((base, counts_b), (cand, counts_c)):
+        if not counts:
+            raise NotComparable(
+                f"{data['_path']}: no n-samples table, so the sample counts cannot be checked (lm_eval writes one)"
+            )
+    for task, n in counts_b.items():
+        if task in counts_c and n != counts_c[task]:
+            raise NotComparable(
+                f"task {task}: BASE evaluated {n} samples, CANDIDATE {counts_c[task]} (run both with the same --limit)"
+            )
+    for key, what, fix in _SETUP:
+        b, c = base.get(key) or {}, cand.get(key) or {}
+        for task in sorted(set(b) & set(c)):
+            if b[task] != c[task]:
+                raise NotComparable(f"task {task}: {what} {b[task]!r} in BASE, {c[task]!r} in CANDIDATE ({fix})")
+
+
+def _check_tolerance_names(base: dict, per_metric: dict) -> None:
+    names = {key.split(",", 1)[0] for _, key in metrics(base)}
+    unknown = sorted(set(per_metric) - names)
+    if unknown:
+        raise NotComparable(f"--tolerance names {unknown}, which BASE does not have; its metrics are {sorted(names)}")
+
+
+def _setup_notes(base: dict, cand: dict) -> list:
+    """Lines on how the two runs' batching differed: a padded batch may round a score differently from one
+    sequence at a time, so equal metrics across batch sizes are not a per-sample check."""
+    b, c = (str((d.get("config") or {}).get("batch_size")) for d in (base, cand))
+    if b == c:
+        return []
+    return [f"note: BASE ran --batch_size {b}, CANDIDATE {c}; scores of padded batches may differ in the last digits"]
+
+
 def throughput(data: dict) -> float | None:
     """``config.residual_offload.tokens_per_second`` of an ``hf-residual-offload`` run, else None."""
     value = ((data.get("config") or {}).get("residual_offload") or {}).get("tokens_per_second")
@@ -121,26 +168,27 @@ def throughput(data: dict) -> float | None:
 def compare(base: dict, cand: dict, tolerance: tuple) -> tuple:
     """``(report lines, regression lines, cannot-compare lines)`` of CANDIDATE against BASE."""
     default, per_metric = tolerance
-    counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
-    for task, n in counts_b.items():
-        if task in counts_c and n != counts_c[task]:
-            raise NotComparable(
-                f"task {task}: BASE evaluated {n} samples, CANDIDATE {counts_c[task]} (run both with the same --limit)"
-            )
+    _check_same_setup(base, cand)
     mb, mc = metrics(base), metrics(cand)
     if not mb:
         raise NotComparable(f"{base['_path']}: no numeric metric to compare")
+    _check_tolerance_names(base, per_metric)
     report, regressions, incomparable = [], [], []
+    for task in sorted({task for task, _ in mb} - set(cand["results"])):
+        regressions.append(f"{task}: task missing from CANDIDATE")
     for (task, key), b in sorted(mb.items()):
         name = key.split(",", 1)[0]
         if not _finite(b):
             incomparable.append(f"{task} {key}: BASE value {b!r} is not a finite number")
             continue
+        if task not in cand["results"]:
+            continue  # (said once per task above)
         if (task, key) not in mc:
+            value = cand["results"][task].get(key, _MISSING)
             regressions.append(
                 f"{task} {key}: missing from CANDIDATE"
-                if task in cand["results"]
-                else f"{task}: task missing from CANDIDATE"
+                if value is _MISSING
+                else f"{task} {key}: {b!r} -> {value!r}: not a number"
             )
             continue
         c, tol = mc[(task, key)], per_metric.get(name, default)
@@ -217,7 +265,7 @@ def run(args, out=print, err=print) -> int:
         )
         return 2
     out(f"compare-lm-eval: BASE {base['_path']}, CANDIDATE {cand['_path']}")
-    for line in report + lines:
+    for line in report + lines + _setup_notes(base, cand):
         out(f"  {line}")
     regressions += failed
     if regressions:
