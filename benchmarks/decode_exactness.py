@@ -110,11 +110,13 @@ def main(argv=None) -> int:
             def matches(key, value, outcomes=outcomes):
                 return any(torch.equal(value, seen) for seen in outcomes[key])
 
-            for spec, mode, prefetch in itertools.product(args.specs.split(","), args.modes.split(","),
-                                                          (int(p) for p in args.prefetch.split(","))):
+            # session mode copies nothing ahead: one run per spec there, prefetch None
+            combos = dict.fromkeys((spec, mode, p if mode == "stream" else None) for spec, mode, p in itertools.product(
+                args.specs.split(","), args.modes.split(","), (int(p) for p in args.prefetch.split(","))))
+            for spec, mode, prefetch in combos:
                 t0 = time.perf_counter()
-                handle = lp_plugin.attach(model, offload=spec.replace(":", ","), mode=mode, prefetch=prefetch,
-                                          tier=args.tier)
+                ahead = {} if prefetch is None else {"prefetch": prefetch}
+                handle = lp_plugin.attach(model, offload=spec.replace(":", ","), mode=mode, **ahead, tier=args.tier)
                 try:
                     got = card._forced_outputs(model, ids, tokens)
                     with lp_plugin.session(model):

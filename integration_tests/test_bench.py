@@ -297,6 +297,9 @@ def test_config_grammar():
         "2-32:2", "greedy:20%", "linear:64", "pydoc:32768", 8, False)
     assert parse_config("session:even:cpu").exact and not parse_config("session:even:cpu:alpha=0.5").exact
     assert [c.options.skip for c in parse_configs("session:even:cpu:skip=3,5,stream:even:cpu")[1:-1]] == ["3,5", None]
+    # options that apply to others go with them in any written order
+    late = parse_config("stream:even:cpu:stand_in=linear:calib=pydoc:512:skip=bi:2")
+    assert (late.options.skip, late.options.stand_in, late.options.calib) == ("bi:2", "linear", "pydoc:512")
 
 
 def test_lp_config_holds_the_offload_config_attach_gets():

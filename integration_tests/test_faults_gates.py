@@ -404,7 +404,6 @@ def test_special_files_are_refused_without_blocking(reference, tmp_path):
 @pytest.mark.parametrize("key,base,cand", [
     ("n-shot", {"lp_pydoc_ppl": 0}, {"lp_pydoc_ppl": 5}),
     ("versions", {"lp_pydoc_ppl": 1.0}, {"lp_pydoc_ppl": 2.0}),
-    ("task_hashes", {"lp_pydoc_ppl": "ab12"}, {"lp_pydoc_ppl": "cd34"}),
 ])
 def test_lm_eval_tasks_run_differently_cannot_compare(tmp_path, key, base, cand):
     rc, _, err = _lm_gate(tmp_path, _results(**{key: base}), _results(**{key: cand}))
@@ -447,3 +446,10 @@ def test_lm_eval_different_batch_sizes_are_noted(tmp_path):
     base["config"]["batch_size"], cand["config"]["batch_size"] = 1, 4
     rc, out, _ = _lm_gate(tmp_path, base, cand)
     assert rc == 0 and any("--batch_size 1" in line and "CANDIDATE 4" in line for line in out)
+
+
+def test_lm_eval_task_hashes_are_not_compared(tmp_path):
+    """lm-eval hashes the logged samples in the order the ranks gathered them: a data-parallel run of the same
+    documents hashes differently, and still compares."""
+    base, cand = _results(task_hashes={"lp_pydoc_ppl": "ab12"}), _results(task_hashes={"lp_pydoc_ppl": "cd34"})
+    assert _lm_gate(tmp_path, base, cand)[0] == 0

@@ -177,7 +177,7 @@ def test_the_offload_folder_is_not_the_checkpoints_nor_lp_plugins_own(tiny_check
     assert "checkpoint" in str(refused.value)
     assert sorted(p.name for p in ckpt.iterdir()) == before
     model = lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=ckpt / "layers")
-    lp_plugin.get_handle(model).detach()  # a folder inside the checkpoint's is the user's choice
+    lp_plugin.get_handle(model).detach(remove_files=True)  # a folder inside the checkpoint's is the user's choice
     monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
     for managed in ("smollm2-135m-instruct", "skipping/sub"):
         with pytest.raises(OffloadFileError) as refused:
@@ -191,3 +191,15 @@ def test_a_local_folder_that_does_not_exist_is_named(tmp_path, how):
     with pytest.raises(OffloadSpecError) as refused:
         lp_plugin.from_pretrained(where, offload="even")
     assert "no such folder" in str(refused.value)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_auto_with_prefetch_plans_session_mode_where_it_fits(prefetch):
+    """prefetch is stream mode's; offload='auto' may still plan session mode, where it does not apply."""
+    from lp_plugin.tools.shapes import shape_config
+
+    plan = OffloadPlan.for_config(
+        shape_config("smollm2-135m-shape"),
+        lp_plugin.OffloadConfig(offload="auto", max_memory="200GiB", prefetch=prefetch, main_device="cuda:0"),
+    )
+    assert plan.config.mode == "session" and plan.offloaded == ()

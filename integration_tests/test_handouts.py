@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from shapes import build_tiny
+from shapes import build_tiny, on_tier
 
 import lp_plugin
 from lp_plugin.errors import AttachError
@@ -36,7 +36,7 @@ def plain():
 
 
 def _attach(model, tmp_path, mode, tier):
-    return lp_plugin.attach(model, offload="even", mode=mode, tier=tier, offload_folder=tmp_path / "off")
+    return lp_plugin.attach(model, offload="even", mode=mode, **on_tier(tier, tmp_path / "off"))
 
 
 def _place(model, place):

@@ -145,10 +145,11 @@ def test_no_chunked_mlps_off_cuda_without_dense_mlps_or_for_scoring():
 
     fp = from_config(shape_config("qwen2.5-3b-shape"), "nf4")
     work = Work("generate", 8192, 1)
-    assert _chunks(work, fp, cuda=True) == [None, 4096, 2048, 1024]
-    assert _chunks(work, fp, cuda=False) == [None]  # measured bit for bit on CUDA only
-    assert _chunks(work, dataclasses.replace(fp, mlp_chunks=False), cuda=True) == [None]
-    assert _chunks(Work("generate", MIN_MLP_CHUNK, 1), fp, cuda=True) == [None]
+    # (prefill chunk, MLP chunk) pairs: generate work chunks its prefill's MLPs only
+    assert _chunks(work, fp, cuda=True) == [(None, None), (None, 4096), (None, 2048), (None, 1024)]
+    assert _chunks(work, fp, cuda=False) == [(None, None)]  # measured bit for bit on CUDA only
+    assert _chunks(work, dataclasses.replace(fp, mlp_chunks=False), cuda=True) == [(None, None)]
+    assert _chunks(Work("generate", MIN_MLP_CHUNK, 1), fp, cuda=True) == [(None, None)]
     scoring = _plan("3GiB", 32768, work="loglikelihood")
     assert scoring.mlp_chunk is None and scoring.prefill_chunk is not None
 

@@ -606,7 +606,7 @@ def test_a_plugin_contributes_a_skip_policy(known):
     (dict(skip="bi:2", stand_in="cubic"), OffloadSpecError, "unknown stand_in 'cubic'"),
     (dict(skip="bi:2", stand_in="linear:0"), OffloadSpecError, "RANK an int >= 1"),
     (dict(skip="bi:2", stand_in="mean:4"), OffloadSpecError, "is not valid"),
-    (dict(stand_in="linear"), OffloadSpecError, "skip is not set"),
+    (dict(stand_in="linear"), OffloadSpecError, "without skip="),
     (dict(skip="bi:2", calib=3.5), OffloadSpecError, "calib must be"),
     (dict(skip="bi:2", calib="/no/such/file.txt"), OffloadSpecError, "neither 'mix'"),
     (dict(skip="bi:2", calib=[5]), OffloadSpecError, "at least 2 ids"),

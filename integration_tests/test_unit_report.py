@@ -22,3 +22,10 @@ def test_no_skipped_row_without_skipping():
     rows = _rows(offload_table({"offload": "even", "layers": [2, 4, 6], "offloaded_layers": [2, 4, 6], "skipped_layers": []}))
     assert rows["layers"] == "2-6:2 (3; offload=even)"
     assert "skipped" not in rows
+
+
+def test_layers_dropped_at_alpha_0_have_their_row():
+    info = {"offload": "3", "layers": [3], "offloaded_layers": [], "dropped_layers": [3], "skipped_layers": []}
+    rows = _rows(offload_table(info))
+    assert rows["layers"] == "none (0; offload=3)"
+    assert rows["dropped"] == "3 (1; alpha=0): not exact"

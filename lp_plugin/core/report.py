@@ -97,6 +97,7 @@ def offload_table(info: dict) -> str:
     layers = info.get("offloaded_layers")
     layers = (info.get("layers") or []) if layers is None else layers
     skipped = info.get("skipped_layers") or []
+    dropped = sorted(set(info.get("dropped_layers") or []) - set(skipped))  # alpha=0 drops them
     kinds = sorted(set((info.get("stand_ins") or {}).values()))
     rows = [
         ("layers", f"{layers_text(layers)} ({len(layers)}; offload={info.get('offload')})"),
@@ -110,6 +111,7 @@ def offload_table(info: dict) -> str:
             if skipped
             else []
         ),
+        *([("dropped", f"{layers_text(dropped)} ({len(dropped)}; alpha=0): not exact")] if dropped else []),
         (
             "tier / mode",
             f"{info.get('tier')} / {info.get('mode')} (alpha={info.get('alpha')}, prefetch={info.get('prefetch')})",

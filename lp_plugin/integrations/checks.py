@@ -26,10 +26,12 @@ def check_options(config, checkpoint=None) -> None:
         return
     if not tier_class(config.tier).needs_folder:
         raise OffloadSpecError(
-            f"offload_folder is where the disk tier keeps its layer files; with tier={config.tier!r} nothing is "
-            "written there: pass tier='disk' to use it, or drop offload_folder"
+            f"offload_folder is where a tier that keeps files writes them; tier={config.tier!r} keeps none (its "
+            "class does not set needs_folder), so it would be ignored: pass tier='disk' to keep the layers in "
+            "files there, or drop offload_folder"
         )
-    local = checkpoint if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint) else None
+    local = os.path.expanduser(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    local = local if local is not None and os.path.isdir(local) else None
     check_folder_usable(config.offload_folder, local)
 
 

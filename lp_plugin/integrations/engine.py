@@ -220,8 +220,9 @@ def _free_bytes(device):
 def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | None = None, **options) -> OffloadHandle:
     """Offload the layers chosen by ``offload`` of an already loaded (or Accelerate-dispatched) model.
     Options are those of :class:`OffloadConfig` (``offload``, ``tier``, ``mode``, ``alpha``,
-    ``offload_folder``, ``prefetch``, ...). Returns an :class:`OffloadHandle`; ``handle.detach()``
-    restores the plain model.
+    ``offload_folder``, ``prefetch``, ...), or ``plan`` (an :class:`OffloadPlan` made for a model of this
+    shape, which carries its own options: not with ``config`` or options). Returns an :class:`OffloadHandle`;
+    ``handle.detach()`` restores the plain model.
 
     Nothing is changed on the model until every offloaded layer is safely stored on its tier: a failure
     (bad option, full disk, too little pinned memory) leaves the model as it was.
@@ -236,11 +237,13 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
             "this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again"
         )
     _, layer_list = find_decoder_layers(model)
+    checkpoint = getattr(getattr(model, "config", None), "_name_or_path", None)
     if plan is None:
         config = OffloadConfig.from_options(config, **options)
-        check_options(config, getattr(getattr(model, "config", None), "_name_or_path", None))
+        check_options(config, checkpoint)
         check_absent(layer_list, config)
         plan = OffloadPlan.for_model(model, config)
+        check_usable(plan.main_device)
     else:
         if config is not None or options:
             raise OffloadSpecError(
@@ -252,6 +255,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
                 f"this plan was made for a model of {plan.num_layers} decoder layers, and this model has "
                 f"{len(layer_list)}; make the plan from this model's config (OffloadPlan.for_config) or pass options"
             )
+        check_options(plan.config, checkpoint)
         check_usable(plan.main_device)
         check_absent(layer_list, plan.config, plan.skips)
     plan = plan.with_skips(model)

@@ -8,10 +8,11 @@
 Every :class:`lp_plugin.OffloadConfig` option is a ``model_arg`` (explicit layer lists use ``;``:
 ``offload=2;4;6``, because ``,`` separates model_args); ``load_in_4bit=True`` (with the
 ``bnb_4bit_*`` options) loads NF4; everything else is HFLM's own. Overridden: ``__init__`` (our
-options out of the model_args), ``_create_model`` (build through lp_plugin), ``_model_call``
-(count evaluation tokens and time, not batch-size probing), the request methods (one offload session
-per request type) and ``get_model_info`` (offload details, VRAM and throughput in the results JSON
-under ``config.residual_offload``, and the same as a table at the end of the run).
+options out of the model_args, checked before loading), ``create_from_arg_string``/``create_from_arg_obj``
+(a model_arg that is one of lm_eval's own options is refused), ``_create_model`` (build through lp_plugin),
+``_model_call`` and ``_model_generate`` (count evaluation tokens and time, not batch-size probing), the request
+methods (one offload session per request type) and ``get_model_info`` (offload details, VRAM and throughput in
+the results JSON under ``config.residual_offload``, and the same as a table at the end of the run).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..core.devices import cuda_runtime, normalize_device
 from ..core.report import jsonable, offload_table
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
-from .loading import check_model_path
+from .loading import model_path
 from .quant import nf4_config
 
 eval_logger = logging.getLogger(__name__)
@@ -207,8 +208,8 @@ class ResidualOffloadLM(HFLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """lm_eval's ``--model_args`` with its own options (``--batch_size``, ``--max_batch_size``, ``--device``):
-        a model_arg that names one of them is refused naming the option to use."""
+        """lm_eval's ``--model_args`` beside its own options (``--batch_size``, ``--max_batch_size``, ``--device``,
+        those given): a model_arg that names one of them is refused naming the option to use."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
@@ -220,13 +221,14 @@ class ResidualOffloadLM(HFLM):
         if clash:
             raise OffloadSpecError(
                 f"{MODEL_NAME}: model_args {clash} are lm_eval's own options: pass "
-                f"{' and '.join(CLI_ARGS.get(k, k) for k in clash)} on the command line instead"
+                f"{' and '.join(CLI_ARGS.get(k, k) for k in clash)} on the command line instead (in Python, "
+                f"{', '.join(f'{k}=' for k in clash)} of simple_evaluate)"
             )
         return cls(**arg_dict, **given)
 
     def __init__(self, pretrained, **kwargs) -> None:
         _check_args(kwargs)
-        check_model_path(pretrained)
+        pretrained = model_path(pretrained)
         _check_dtype(kwargs.get("dtype"))
         if kwargs.get("batch_size") is not None:
             _check_batch_size(kwargs["batch_size"])
@@ -584,6 +586,7 @@ class ResidualOffloadLM(HFLM):
                 "offload",
                 "layers",
                 "offloaded_layers",
+                "dropped_layers",
                 "skipped_layers",
                 "stand_ins",
                 "tier",

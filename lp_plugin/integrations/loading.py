@@ -31,18 +31,20 @@ log = logging.getLogger("lp_plugin")
 _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
 
 
-def check_model_path(name_or_path) -> None:
-    """Refuse a model given as a local path (absolute, ``./``, ``../``, ``~``, or a path object) that does not
-    exist, before transformers reads it as a Hub id and says so."""
-    if isinstance(name_or_path, os.PathLike) or (
-        isinstance(name_or_path, str) and name_or_path.startswith(("/", "./", "../", "~", "."))
-    ):
-        path = os.path.expanduser(os.fspath(name_or_path))
+def model_path(name_or_path):
+    """``name_or_path`` with a leading ``~`` expanded (transformers would read ``~/m`` as a Hub id); a model given
+    as a local path (a path object, or a string starting with ``/``, ``.`` or ``~``: no Hub id does) that does
+    not exist is refused, before transformers reads it as a Hub id and says so."""
+    if isinstance(name_or_path, str) and name_or_path.startswith("~"):
+        name_or_path = os.path.expanduser(name_or_path)
+    if isinstance(name_or_path, os.PathLike) or (isinstance(name_or_path, str) and name_or_path.startswith(("/", "."))):
+        path = os.fspath(name_or_path)
         if not os.path.exists(path):
             raise OffloadSpecError(
                 f"model {os.fspath(name_or_path)!r}: no such folder; pass a folder that holds the model's config.json, "
                 "or a Hub id such as owner/name"
             )
+    return name_or_path
 
 
 def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs):
@@ -61,7 +63,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     options, hf_kwargs = OffloadConfig.split(kwargs)
     config = OffloadConfig.from_options(config, **options)  # fail fast, before any weight is read
     check_options(config, name_or_path)
-    check_model_path(name_or_path)
+    name_or_path = model_path(name_or_path)
     base_map = hf_kwargs.pop("device_map", None)  # (max_memory is an OffloadConfig option: config.max_memory)
     if not (base_map is None or base_map == "auto" or isinstance(base_map, dict)):
         raise OffloadSpecError(

@@ -25,7 +25,7 @@ from ..core.devices import cuda_runtime, free_bytes, h2d_bandwidth
 from ..core.mlp_chunks import MIN_MLP_CHUNK
 from ..core.report import GIB, jsonable, size_text
 from ..errors import BudgetError, OffloadSpecError
-from .config import OffloadConfig
+from .config import PREFETCH, OffloadConfig
 from .footprint import Footprint, Work, work_peak
 from .policies import check_counts
 
@@ -169,6 +169,7 @@ class BudgetPlan:
             config,
             offload=self.offloaded or "none",
             mode=self.mode,
+            prefetch=config.prefetch if self.mode == "stream" else PREFETCH,  # (session mode copies nothing ahead)
             embeddings=self.embeddings,
             max_memory=None,
             max_context=None,

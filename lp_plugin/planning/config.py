@@ -97,8 +97,12 @@ class OffloadConfig:
                 "would be ignored: pass mode='stream', or drop prefetch"
             )
 
+    def _given(self, name: str) -> bool:
+        value, unset = getattr(self, name), _UNSET[name]
+        return value is not None if unset is None else value != unset
+
     def _check_skip_options(self):
-        given = [f"{name}={getattr(self, name)!r}" for name, unset in _UNSET.items() if getattr(self, name) != unset]
+        given = [f"{name}={_short(getattr(self, name))}" for name in _UNSET if self._given(name)]
         if self.skip is None and given:
             raise OffloadSpecError(
                 f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to skipped layers: without "
@@ -181,6 +185,12 @@ class OffloadConfig:
 _UNSET = {"stand_in": "none", "calib": None}  # the skip options' values when not given
 
 
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a calibration given as token ids can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ---------------------------------------------------------------------------------- memory sizes
 def parse_size(value, what: str = "max_memory") -> int:
     """Bytes of ``value``: an int, a digit string, or a number with a unit, read like Accelerate's
@@ -247,12 +257,10 @@ def parse_max_memory(value):
         for part in (p.strip() for p in value.replace(",", ";").split(";")):
             if not part:
                 continue
+            if _names_a_device(part):
+                raise OffloadSpecError(f"max_memory entry {part!r} in {value!r} has no size; {_entry_hint(part)}")
             sep = "=" if "=" in part else ":"
             key, found, size = part.rpartition(sep)
-            if not found and _names_a_device(part):
-                raise OffloadSpecError(
-                    f"max_memory entry {part!r} in {value!r} has no size; write it as {part}:SIZE (e.g. {part}:30GiB)"
-                )
             key = key if found else "main"
             if key in items and key == "main":
                 raise OffloadSpecError(
@@ -277,9 +285,20 @@ def parse_max_memory(value):
 
 
 def _names_a_device(text: str) -> bool:
-    """``text`` is a device key of ``max_memory`` (``cpu``, ``disk``, ``cuda``/``cuda:N``), not a size."""
+    """``text`` names a device (``cpu``, ``disk``, ``cuda``, ``cuda:N``) and gives no size."""
     text = text.strip().lower()
     return text in ("cpu", "disk", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
+
+
+def _entry_hint(device: str) -> str:
+    """How to write a ``max_memory`` entry for ``device``."""
+    device = device.strip().lower()
+    if device == "disk":
+        return "max_memory has no 'disk' entry: the disk tier is chosen with tier='disk' (host memory: cpu:SIZE)"
+    if device == "cpu":
+        return "write cpu:SIZE, e.g. cpu:30GiB"
+    index = device.removeprefix("cuda").lstrip(":") or "0"
+    return f"write the GPU's index and its size, e.g. {index}:6GiB"
 
 
 # ---------------------------------------------------------------------------------- one check per option

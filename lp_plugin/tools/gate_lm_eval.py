@@ -11,8 +11,8 @@ it (``--min-throughput-ratio R`` makes a ratio below R fail).
 Exit status: 0 equal within tolerance, 1 a metric moved past it (or a task or metric is missing, or
 is not a finite number in CANDIDATE, or the throughput ratio is below ``--min-throughput-ratio``),
 2 bad arguments or files that cannot be compared (unreadable, not lm-eval results, wrong-typed
-sections, no sample counts, a task run differently: other sample counts, few-shot count, task version or
-task data; a metric of BASE that is not a finite number; a ``--tolerance`` for a metric BASE does not have);
+sections, no sample counts, a task run differently: other sample counts, few-shot count or task version;
+a metric of BASE that is not a finite number; a ``--tolerance`` for a metric BASE does not have);
 each finding is one line.
 """
 
@@ -51,7 +51,7 @@ def load_results(path) -> dict:
     for task, row in data["results"].items():
         if not isinstance(row, dict):
             raise NotComparable(f"{p}: results[{task!r}] is a {type(row).__name__}, not a table of metrics")
-    for key in ("n-samples", "config", "n-shot", "versions", "task_hashes"):
+    for key in ("n-samples", "config", "n-shot", "versions"):
         if not isinstance(data.get(key) or {}, dict):
             raise NotComparable(f"{p}: {key!r} is a {type(data[key]).__name__}, not a table")
     for task, row in (data.get("n-samples") or {}).items():
@@ -112,17 +112,18 @@ def _sample_counts(data: dict) -> dict:
     return {task: (row or {}).get("effective") for task, row in (data.get("n-samples") or {}).items()}
 
 
-# what must be the same for a task of both files: (results key, what differs when it is not)
+# what must be the same for a task of both files: (results key, what it is, how to make it the same). Not
+# task_hashes: lm-eval hashes the logged samples in the order the ranks gathered them, so a data-parallel
+# run of the same documents hashes differently
 _SETUP = (
     ("n-shot", "few-shot examples", "run both with the same --num_fewshot"),
     ("versions", "task version", "run both with the same task definition"),
-    ("task_hashes", "task data (its hash)", "run both on the same documents"),
 )
 
 
 def _check_same_setup(base: dict, cand: dict) -> None:
     """:class:`NotComparable` unless every task of BASE that CANDIDATE also ran was run the same way: as many
-    samples (both files must say), the same few-shot count, task version and task data, where both record them."""
+    samples (both files must say), the same few-shot count and task version, where both record them."""
     counts_b, counts_c = _sample_counts(base), _sample_counts(cand)
     for data, counts in ((base, counts_b), (cand, counts_c)):
         if not counts:

@@ -64,8 +64,8 @@ class Tier(ABC):
 
     Construction: ``Tier(pin=bool, offload_folder=str | None, model_tag=str)``; ``pin`` says whether
     host buffers should be pinned (there is a GPU), ``offload_folder`` is the folder of a tier whose
-    class sets ``needs_folder = True`` (None: the tier picks one; ``offload_folder`` given for a tier without
-    ``needs_folder`` is refused up front), and
+    class sets ``needs_folder = True`` (None: the tier's choice, the disk tier a temporary folder; a tier whose class
+    leaves ``needs_folder`` False is refused an ``offload_folder`` up front), and
     ``model_tag`` names the model in anything the tier records.
 
     Per unit (``key`` such as ``"layer_00004"``):

@@ -68,8 +68,8 @@ def check_usable(path, checkpoint=None) -> None:
         folder_path = os.path.realpath(folder)
         if os.path.commonpath([path, folder_path]) == folder_path:
             raise OffloadFileError(
-                f"offload_folder {path!r} is inside {folder_path}, which lp_plugin rebuilds (and then removes what "
-                "else is there); pass a folder outside it"
+                f"offload_folder {path!r} is inside {folder_path}, which lp_plugin manages (it rebuilds what is "
+                "there); pass a folder outside it"
             )
     if os.path.lexists(path):
         return  # (a read-only folder of valid layer files is reused; attach says so when it must write one)

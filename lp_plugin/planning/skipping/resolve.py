@@ -74,15 +74,9 @@ def _explicit_layers(skip, num_layers: int) -> tuple:
 
 def check_skips(config, num_layers: int) -> None:
     """Refuse what :func:`resolve_skips` would refuse for a model of ``num_layers`` layers before it
-    touches the model (skip spec, layer range, count, stand_in without skip): tools call it before
-    loading weights."""
-    stand_in = parse_stand_in(config.stand_in)
+    touches the model (skip spec, layer range, count; a stand_in without skip is refused by the config
+    itself): tools call it before loading weights."""
     if config.skip is None:
-        if stand_in.kind != "none":
-            raise OffloadSpecError(
-                f"stand_in={config.stand_in!r} replaces skipped layers, but skip is not set; "
-                "pass skip=... (e.g. skip='greedy:10%') or drop stand_in"
-            )
         return
     spec = parse_policy(config.skip) if isinstance(config.skip, str) else None
     if spec is not None:

@@ -219,11 +219,16 @@ def _read_options(options: list, text: str) -> _Written:
     return out
 
 
+_FIRST = ("offload", "tier", "mode", "skip")  # options that others apply to (prefetch to mode, stand_in to skip)
+
+
 def _offload_config(text: str, given: dict) -> OffloadConfig:
-    """``OffloadConfig.from_strings`` on the options one at a time, in the order written, so that a refusal
-    names the option that brought it (a bad value, or one that does not go with those before it)."""
+    """``OffloadConfig.from_strings`` on the options one at a time, those others apply to first and then in the
+    order written, so that a refusal names the option that brought it (a bad value, or one that does not go
+    with those before it)."""
     so_far: dict = {}
-    for key, value in given.items():
+    order = [k for k in _FIRST if k in given] + [k for k in given if k not in _FIRST]
+    for key, value in ((k, given[k]) for k in order):
         so_far[key] = value
         try:
             config = OffloadConfig.from_strings(so_far)
