@@ -12,7 +12,9 @@ points are in ``test_budget_auto.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -226,8 +228,12 @@ BAD = [
 
 @pytest.mark.parametrize("value,expected", GOOD)
 def test_max_memory_good_forms(value, expected):
-    assert parse_max_memory(value) == expected
-    assert OffloadConfig(offload="auto", max_memory=value).max_memory == expected
+    bits = isinstance(value, str) and value.endswith("b") and not value.lower().endswith("ib")  # bits: a warning
+    with pytest.warns(UserWarning, match="bits") if bits else warnings.catch_warnings():
+        if not bits:
+            warnings.simplefilter("error")
+        assert parse_max_memory(value) == expected
+        assert OffloadConfig(offload="auto", max_memory=value).max_memory == expected
 
 
 @pytest.mark.parametrize("value,message", BAD)
@@ -240,7 +246,9 @@ def test_max_memory_bad_forms(value, message):
 def test_sizes_read_like_accelerate(text):
     from accelerate.utils import convert_file_size_to_int
 
-    assert parse_size(text) == convert_file_size_to_int(text)
+    bits = text.endswith("b") and not text.lower().endswith("ib")  # "5Gb": bits, said in a warning
+    with pytest.warns(UserWarning, match="bits") if bits else contextlib.nullcontext():
+        assert parse_size(text) == convert_file_size_to_int(text)
 
 
 @pytest.mark.parametrize("max_memory,device,expected", [

@@ -32,8 +32,12 @@ def test_defaults_are_valid_and_every_field_is_an_option():
 )
 def test_sizes(text, expected):
     if text == "8Gb":
-        with pytest.warns(UserWarning, match="gigabits"):
+        with pytest.warns(UserWarning, match="gigabits") as record:
             assert parse_size(text) == expected
+        assert record[0].filename == __file__  # the caller's line, not lp_plugin's
+        with pytest.warns(UserWarning) as record:
+            OffloadConfig(offload="auto", max_memory=text)
+        assert record[0].filename == __file__  # however deep the parse
         return
     with warnings.catch_warnings():
         warnings.simplefilter("error")

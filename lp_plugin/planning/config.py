@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -217,7 +218,7 @@ def parse_size(value, what: str = "max_memory") -> int:
                         f"{what}: {value!r} is read as {_BITS[unit]}, as Accelerate reads a lower-case 'b': "
                         f"{size // 8:,} bytes; for bytes write '{text[: -len(unit)]}{unit}' or use GiB/MiB",
                         UserWarning,
-                        stacklevel=2,
+                        stacklevel=_outside_level(),
                     )
                 return size // 8 if bits else size
     raise OffloadSpecError(
@@ -282,6 +283,15 @@ def parse_max_memory(value):
             raise OffloadSpecError(f"max_memory names device {norm!r} twice ({list(value)})")
         out[norm] = parse_size(size, f"max_memory[{key!r}]")
     return tuple(sorted(out.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]))))
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` that points a warning raised by this module's caller at the first frame outside
+    lp_plugin (the user's line), however deep the call that parsed the option."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "lp_plugin":
+        frame, level = frame.f_back, level + 1  # (a dataclass's generated __init__ has its module's globals)
+    return level
 
 
 def _names_a_device(text: str) -> bool:
