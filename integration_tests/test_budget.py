@@ -280,3 +280,7 @@ def test_device_budgets(max_memory, device, expected):
 def test_bad_budget_options(options, message):
     with pytest.raises(OffloadSpecError, match=message):
         OffloadConfig(**options)
+
+
+def test_max_memory_keys_may_be_torch_devices():
+    assert parse_max_memory({torch.device("cuda", 1): "1GiB", torch.device("cpu"): 2}) == ((1, 2**30), ("cpu", 2))

@@ -203,3 +203,36 @@ def test_auto_with_prefetch_plans_session_mode_where_it_fits(prefetch):
         lp_plugin.OffloadConfig(offload="auto", max_memory="200GiB", prefetch=prefetch, main_device="cuda:0"),
     )
     assert plan.config.mode == "session" and plan.offloaded == ()
+
+
+def test_a_checkpoint_inside_lp_plugins_cache_gets_one_fix_that_works(tiny_checkpoints, tmp_path, monkeypatch):
+    """The bundled model lives in a folder lp_plugin manages: neither it nor a subfolder may hold layer files, and
+    the refusal says to pass a folder outside it (not a subfolder)."""
+    import shutil
+
+    monkeypatch.setenv("LP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    ckpt = shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "cache" / "smollm2-135m-instruct")
+    for folder in (ckpt, ckpt / "offload"):
+        with pytest.raises(OffloadFileError) as refused:
+            lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=folder)
+        assert "outside it" in str(refused.value)
+    model = lp_plugin.from_pretrained(ckpt, offload="even", tier="disk", offload_folder=tmp_path / "elsewhere")
+    lp_plugin.get_handle(model).detach()
+
+
+def test_a_path_object_with_a_tilde_is_expanded(tiny_checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "model")
+    model = lp_plugin.from_pretrained(pathlib.Path("~/model"), offload="even")
+    lp_plugin.get_handle(model).detach()
+
+
+def test_attach_compares_no_folder_with_a_checkpoint_named_relatively(tiny, tmp_path, monkeypatch):
+    """A model loaded from a relative path may be attached from another working directory: a folder of the same
+    relative name there is not the checkpoint's."""
+    tiny.model.config._name_or_path = "copy"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "copy").mkdir()
+    lp_plugin.attach(tiny.model, offload="even", tier="disk", offload_folder="copy").detach(remove_files=True)

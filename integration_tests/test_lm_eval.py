@@ -389,12 +389,13 @@ def test_lm_evals_own_options_and_a_missing_folder_are_refused_before_loading(tm
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [(str(empty), "big"), (str(empty), 0), (str(empty), -2), (str(empty), "auto:x"), ("/no/such/model", 1)]
+    unseen = [(str(empty), 1)]  # with --device cuda:99, a GPU no machine here has
     code = f"""
 from lm_eval.api.registry import get_model
 cls = get_model("hf-residual-offload")
-for where, batch in {cases!r}:
+for where, batch, device in {[(w, b, "cpu") for w, b in cases] + [(w, b, "cuda:99") for w, b in unseen]!r}:
     try:
-        cls.create_from_arg_string("pretrained=" + where, {{"device": "cpu", "batch_size": batch}})
+        cls.create_from_arg_string("pretrained=" + where, {{"device": device, "batch_size": batch}})
     except Exception as exc:
         print("CASE", type(exc).__name__, str(exc).replace(chr(10), " "))
     else:
@@ -402,9 +403,9 @@ for where, batch in {cases!r}:
 """
     proc = _py(code)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
-    assert len(lines) == len(cases), proc.stdout + proc.stderr[-3000:]
+    assert len(lines) == len(cases) + len(unseen), proc.stdout + proc.stderr[-3000:]
     assert all(line.startswith("CASE OffloadSpecError") for line in lines), lines
-    assert "--batch_size" in lines[0] and "no such folder" in lines[-1]
+    assert "--batch_size" in lines[0] and "no such folder" in lines[len(cases) - 1] and "--device" in lines[-1]
 
 
 def test_generated_tokens_count_as_evaluation_work(tiny_models):

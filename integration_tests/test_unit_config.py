@@ -67,7 +67,7 @@ def test_max_memory_forms(value, expected):
 
 @pytest.mark.parametrize(
     "value",
-    [{}, {"disk": "1GiB"}, {"gpu0": "1GiB"}, {0: "1GiB", "cuda:0": "2GiB"}, "0:1GiB;0:2GiB", "6GiB;cpu", "6GiB;7GiB"],
+    [{}, {"disk": "1GiB"}, {"gpu0": "1GiB"}, {0: "1GiB", "cuda:0": "2GiB"}, "0:1GiB;0:2GiB", "6GiB;cpu", "6GiB;7GiB", "cpu", "disk"],
 )
 def test_bad_max_memory_is_refused(value):
     with pytest.raises(OffloadSpecError):

@@ -45,27 +45,28 @@ def normalize_device(device=None):
     return device
 
 
-def check_usable(device) -> None:
+def check_usable(device, option: str = "main_device", cpu: str = "main_device='cpu'") -> None:
     """Refuse ``device`` (a ``torch.device``) as the device a model computes on where nothing can compute: the meta
-    device, or a GPU this process does not see. Planning for a GPU from a config alone does not call this."""
+    device, or a GPU this process does not see; the message names ``option`` and the fix ``cpu``. Planning for a
+    GPU from a config alone does not call this."""
     import torch
 
     from ..errors import OffloadSpecError
 
     if device.type == "meta":
         raise OffloadSpecError(
-            "main_device='meta' holds no values to compute with; pass the GPU ('cuda:0') or 'cpu' the model runs on"
+            f"{option} 'meta' holds no values to compute with; pass the GPU ('cuda:0') or 'cpu' the model runs on"
         )
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
             raise OffloadSpecError(
-                f"main_device {str(device)!r}: this process sees no CUDA GPU (torch {torch.__version__}); pass "
-                "main_device='cpu', or run where a GPU is visible"
+                f"{option} {str(device)!r}: this process sees no CUDA GPU (torch {torch.__version__}); pass "
+                f"{cpu}, or run where a GPU is visible"
             )
         if device.index is not None and device.index >= count:
             raise OffloadSpecError(
-                f"main_device {str(device)!r}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}; pass "
+                f"{option} {str(device)!r}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}; pass "
                 "one of those (CUDA_VISIBLE_DEVICES renumbers them)"
             )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 
 import torch
@@ -238,6 +239,8 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         )
     _, layer_list = find_decoder_layers(model)
     checkpoint = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not (isinstance(checkpoint, str) and os.path.isabs(os.path.expanduser(checkpoint))):
+        checkpoint = None  # (a relative one was relative to where the model was loaded from, perhaps not here)
     if plan is None:
         config = OffloadConfig.from_options(config, **options)
         check_options(config, checkpoint)

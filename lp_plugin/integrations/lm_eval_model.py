@@ -36,7 +36,7 @@ from tqdm import tqdm
 import lp_plugin
 
 from ..core import logprobs
-from ..core.devices import cuda_runtime, normalize_device
+from ..core.devices import check_usable, cuda_runtime, normalize_device, parse_device
 from ..core.report import jsonable, offload_table
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
@@ -234,6 +234,10 @@ class ResidualOffloadLM(HFLM):
             _check_batch_size(kwargs["batch_size"])
         if kwargs.get("max_length") is not None:
             kwargs["max_length"] = _positive_int_arg("max_length", kwargs["max_length"])
+        if kwargs.get("device") is not None:  # (HFLM's device is where lp_plugin runs the resident part)
+            check_usable(
+                parse_device(kwargs["device"]), "--device", "--device cpu (in Python, device='cpu' of simple_evaluate)"
+            )
         for name in _FALSY_OK:
             kwargs.pop(name, None)  # refused above unless false
         self._lp_prefill_chunk = _positive_int_arg("prefill_chunk", kwargs.pop("prefill_chunk", None))

@@ -32,18 +32,21 @@ _CONFIG_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_
 
 
 def model_path(name_or_path):
-    """``name_or_path`` with a leading ``~`` expanded (transformers would read ``~/m`` as a Hub id); a model given
-    as a local path (a path object, or a string starting with ``/``, ``.`` or ``~``: no Hub id does) that does
-    not exist is refused, before transformers reads it as a Hub id and says so."""
-    if isinstance(name_or_path, str) and name_or_path.startswith("~"):
+    """``name_or_path`` as a string with a leading ``~`` expanded (transformers would read ``~/m`` as a Hub id); a
+    model given as a local path (a path object, or a string starting with ``/``, ``.`` or ``~``: no Hub id does)
+    that does not exist is refused, before transformers reads it as a Hub id and says so."""
+    local = isinstance(name_or_path, os.PathLike)
+    if local:
+        name_or_path = os.fspath(name_or_path)  # (lm-eval takes anything but a str for a built model)
+    if not isinstance(name_or_path, str):
+        return name_or_path
+    if name_or_path.startswith("~"):
         name_or_path = os.path.expanduser(name_or_path)
-    if isinstance(name_or_path, os.PathLike) or (isinstance(name_or_path, str) and name_or_path.startswith(("/", "."))):
-        path = os.fspath(name_or_path)
-        if not os.path.exists(path):
-            raise OffloadSpecError(
-                f"model {os.fspath(name_or_path)!r}: no such folder; pass a folder that holds the model's config.json, "
-                "or a Hub id such as owner/name"
-            )
+    if (local or name_or_path.startswith(("/", "."))) and not os.path.exists(name_or_path):
+        raise OffloadSpecError(
+            f"model {name_or_path!r}: no such folder; pass a folder that holds the model's config.json, "
+            "or a Hub id such as owner/name"
+        )
     return name_or_path
 
 

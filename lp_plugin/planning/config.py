@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from types import FrameType
 from typing import TYPE_CHECKING, TypeAlias, Union, cast
 
 from ..errors import OffloadSpecError
@@ -231,6 +232,8 @@ def _memory_key(key):
     """Accelerate's device keys: a GPU index (``0``, ``"0"``, ``"cuda:0"``) or ``"cpu"``."""
     if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
         return key
+    if type(key).__name__ == "device" and getattr(key, "type", None) in ("cuda", "cpu"):  # a torch.device
+        return "cpu" if key.type == "cpu" else (key.index or 0)
     if isinstance(key, str):
         text = key.strip().lower()
         if text == "cpu":
@@ -240,7 +243,8 @@ def _memory_key(key):
             return int(index)
     if key == "disk":
         raise OffloadSpecError(
-            "max_memory has no 'disk' entry here: the disk tier is chosen with tier='disk' and offload_folder=DIR"
+            "max_memory has no 'disk' entry here: the disk tier is chosen with tier='disk' (offload_folder=DIR "
+            "picks its folder)"
         )
     raise OffloadSpecError(f"max_memory key {key!r} is not a device; use a GPU index (0, 'cuda:0') or 'cpu'")
 
@@ -273,6 +277,8 @@ def parse_max_memory(value):
             items[key] = size
         value = items
     if not isinstance(value, dict):
+        if isinstance(value, str) and _names_a_device(value):
+            raise OffloadSpecError(f"max_memory {value!r} names a device and no size; {_entry_hint(value)}")
         return (("main", parse_size(value)),)
     if not value:
         raise OffloadSpecError("max_memory is empty; give at least the main device's budget, e.g. max_memory='6GiB'")
@@ -288,7 +294,8 @@ def parse_max_memory(value):
 def _outside_level() -> int:
     """The ``stacklevel`` that points a warning raised by this module's caller at the first frame outside
     lp_plugin (the user's line), however deep the call that parsed the option."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "lp_plugin":
         frame, level = frame.f_back, level + 1  # (a dataclass's generated __init__ has its module's globals)
     return level
@@ -304,7 +311,7 @@ def _entry_hint(device: str) -> str:
     """How to write a ``max_memory`` entry for ``device``."""
     device = device.strip().lower()
     if device == "disk":
-        return "max_memory has no 'disk' entry: the disk tier is chosen with tier='disk' (host memory: cpu:SIZE)"
+        return "max_memory has no 'disk' entry: the disk tier is chosen with tier='disk' (its host memory: cpu:SIZE)"
     if device == "cpu":
         return "write cpu:SIZE, e.g. cpu:30GiB"
     index = device.removeprefix("cuda").lstrip(":") or "0"

@@ -59,11 +59,6 @@ def check_usable(path, checkpoint=None) -> None:
     path = os.path.realpath(os.fsdecode(os.fspath(path)))
     if os.path.exists(path) and not os.path.isdir(path):
         raise OffloadFileError(f"offload_folder {path!r} is a file, not a folder; pass a folder path")
-    if checkpoint is not None and os.path.isdir(checkpoint) and os.path.realpath(checkpoint) == path:
-        raise OffloadFileError(
-            f"offload_folder {path!r} is the folder of the checkpoint being loaded; lp_plugin's layer files do not "
-            "belong beside the model's own: pass another folder (a subfolder of it will do)"
-        )
     for folder in managed_folders():
         folder_path = os.path.realpath(folder)
         if os.path.commonpath([path, folder_path]) == folder_path:
@@ -71,6 +66,11 @@ def check_usable(path, checkpoint=None) -> None:
                 f"offload_folder {path!r} is inside {folder_path}, which lp_plugin manages (it rebuilds what is "
                 "there); pass a folder outside it"
             )
+    if checkpoint is not None and os.path.isdir(checkpoint) and os.path.realpath(checkpoint) == path:
+        raise OffloadFileError(
+            f"offload_folder {path!r} is the folder of the checkpoint being loaded; lp_plugin's layer files do not "
+            "belong beside the model's own: pass another folder (a subfolder of it will do)"
+        )
     if os.path.lexists(path):
         return  # (a read-only folder of valid layer files is reused; attach says so when it must write one)
     existing = path
