@@ -455,3 +455,24 @@ def test_nf4_checkpoint_runs_on_cpu(tmp_path):
     # a 4-bit layer moves far fewer bytes than its bf16 size (hidden 64, intermediate 128)
     bf16_layer = 2 * (4 * 64 * 64 // 2 + 64 * 64 + 3 * 64 * 128)
     assert 0 < config(data, "stream:even:cpu")["layer_bytes"] < bf16_layer
+
+
+def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
+    """A results file that is a folder, or the reference it is compared with (which the run would overwrite), an
+    offload folder that is a file, --out with --results (nothing runs to write): exit 2 before any model loads."""
+    reference = tmp_path / "ref.json"
+    reference.write_text("{}")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--out", str(reference), "--compare", str(reference)], "would overwrite it"),
+        (["--offload-dir", str(afile)], "is a file"),
+    ]
+    for extra, message in cases:
+        rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "baseline,stream:even:disk", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (extra, err)
+    assert reference.read_text() == "{}"
+    rc, _ = bench(["--results", str(reference), "--out", str(tmp_path / "new.json")])
+    assert rc == 2 and "drop --out" in capsys.readouterr().err

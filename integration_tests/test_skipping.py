@@ -713,6 +713,7 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     (["--stand-ins", "cubic"], "unknown stand_in 'cubic'"),
     (["--greedy-stand-ins", "linear:0"], "RANK an int >= 1"),
     (["--targets", "10"], "cannot read target '10'"),
+    (["--fractions", "0,10", "--targets", "50:10"], "--fractions does not sweep"),  # a target nothing would judge
     ([], "is neither a model folder nor a Hub id"),
 ])
 def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):

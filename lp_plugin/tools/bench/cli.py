@@ -144,7 +144,22 @@ def _check_args(parser, args) -> dict:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    _check_paths(parser, args)
     return tol
+
+
+def _check_paths(parser, args) -> None:
+    """Files and folders the run writes, checked before anything runs: the results file is not the reference it
+    is compared with, nor a folder; the offload folder is not a file."""
+    if args.out and args.results is not None:
+        parser.error("--out writes a new run's results; with --results nothing runs: drop --out")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a folder; pass the path of the results file to write")
+    if args.out and args.compare and os.path.exists(args.out) and os.path.samefile(args.out, args.compare):
+        parser.error(f"--out {args.out!r} is the --compare reference: the run would overwrite it; write elsewhere")
+    folder = getattr(args, "offload_dir", None)
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"--offload-dir {folder!r} is a file; pass a folder (created if missing)")
 
 
 def _load(parser, flag, path):

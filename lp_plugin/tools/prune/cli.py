@@ -47,6 +47,9 @@ def _list(text: str) -> list:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+TARGETS = ",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items())  # --targets' default
+
+
 def _fractions(text: str) -> list:
     out = []
     for item in _list(text):
@@ -236,7 +239,7 @@ def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets",
-        default=",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items()),
+        default=TARGETS,
         help="SHARE:RISE pairs in %%: the best row at each share must raise perplexity by at most RISE "
         "(default %(default)s)",
     )
@@ -249,6 +252,12 @@ def main(argv=None, prog: str = "lp-prune") -> int:
     try:
         targets = frontier.parse_targets(args.targets)
         fractions = _fractions(args.fractions)
+        unswept = sorted(share for share in targets if float(share) not in fractions)
+        if unswept and args.targets != TARGETS:  # (the default targets are judged where the sweep reaches them)
+            raise ValueError(
+                f"--targets names shares {unswept} that --fractions does not sweep ({args.fractions}); add them "
+                "to --fractions, or drop those targets"
+            )
         selections = _selections(args.selections)
         stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
         greedy_stand_ins = (
