@@ -28,14 +28,14 @@ HUGE = int("9" * 400)  # a 400-digit integer: valid JSON, too large for a float
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One real lp-bench run of a tiny checkpoint (one timed round)."""
+    """One real lp-bench run of a tiny checkpoint (two timed rounds: the fewest the speed gate judges)."""
     from shapes import save_tiny
 
     root = tmp_path_factory.mktemp("gates")
     ckpt = save_tiny("qwen2", root / "tiny-qwen2")
     out = root / "ref.json"
     rc, stdout = bench(["--model", ckpt, *SMALL, "--configs", "baseline,session:even:cpu,stream:even:cpu",
-                        "--repeats", "1", "--out", out])
+                        "--repeats", "2", "--out", out])
     assert rc == 0, stdout
     return read(out)
 
@@ -453,3 +453,23 @@ def test_lm_eval_task_hashes_are_not_compared(tmp_path):
     documents hashes differently, and still compares."""
     base, cand = _results(task_hashes={"lp_pydoc_ppl": "ab12"}), _results(task_hashes={"lp_pydoc_ppl": "cd34"})
     assert _lm_gate(tmp_path, base, cand)[0] == 0
+
+
+def test_bench_speed_from_one_round_cannot_be_judged(tmp_path):
+    """A round is a ratio without a spread: t for 0 degrees of freedom would let a 2.5x slowdown pass."""
+    from shapes import save_tiny
+
+    ckpt = save_tiny("qwen2", tmp_path / "tiny-qwen2")
+    out = tmp_path / "one.json"
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "baseline,stream:even:cpu", "--repeats", "1", "--out", out])
+    assert rc == 0
+    one = read(out)
+    rc, stdout = _gate(tmp_path, one, one)
+    assert rc == 2 and "too few to judge a speed" in stdout
+
+
+def test_bench_gate_that_compared_no_config_cannot_pass(tmp_path, reference):
+    only_plain = copy.deepcopy(reference)
+    only_plain["configs"] = [c for c in only_plain["configs"] if c["config"]["kind"] == "baseline"]
+    rc, stdout = _gate(tmp_path, reference, only_plain)
+    assert rc == 2 and "nothing was gated" in stdout

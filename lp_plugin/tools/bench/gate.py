@@ -125,6 +125,14 @@ def _speed(name, nc, oc, new, old, tol, out) -> None:
             if b and not a:
                 out.regress(name, f"{short} vs baseline", "measured in the reference run only")
             continue
+        if min(len(a), len(b)) < 2:  # one round says nothing of its spread: t for 0 degrees of freedom is 318
+            out.cannot(
+                name,
+                f"{short} vs baseline",
+                f"{len(b)} timed round(s) in the reference, {len(a)} now: too few to judge a speed "
+                "(run both with --repeats 3 or more)",
+            )
+            continue
         v = slower(a, b, _sigma(new.get("noise"), short, a), _sigma(old.get("noise"), short, b), tol["speed"])
         if v["regressed"]:
             out.regress(
@@ -356,6 +364,7 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
     if out.incomparable or out.regressions:
         return out  # every figure of the run depends on it (ratios are taken against the plain model)
     new_by = {c["name"]: c for c in new.get("configs", [])}
+    gated = 0  # configs besides the plain model measured in both runs
     for oc in old.get("configs", []):
         name, nc = oc["name"], new_by.get(oc["name"])
         if nc is None:
@@ -376,11 +385,14 @@ def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:
             if bad_old or bad_new:
                 continue  # ratios and medians of such figures mean nothing
             if oc["config"]["kind"] != "baseline":
+                gated += 1
                 _speed(name, nc, oc, new, old, tol, out)
                 _exactness(name, nc, oc, new, old, tol, out)
                 _memory(name, nc, oc, new, old, tol, out)
             if absolute:
                 _absolute(name, nc, oc, tol, out)
+    if not gated and not out.regressions:
+        out.cannot("run", "configs", "no config besides the plain model was measured in both runs: nothing was gated")
     return out
 
 
