@@ -286,13 +286,14 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
     try:
         if host_embeddings is not None:
             host_embeddings.pack()
-        for i, kind, module in tqdm(
-            todo,
-            desc=f"lp_plugin: packing layers ({config.tier} tier)",
-            unit="layer",
-            leave=False,
-            disable=not sys.stderr.isatty(),
-        ):
+        # no tqdm object unless it draws: tqdm takes a lock shared with its monitor thread even when disabled, and a
+        # process forked while that thread held it would block here
+        bar = (
+            tqdm(todo, desc=f"lp_plugin: packing layers ({config.tier} tier)", unit="layer", leave=False)
+            if sys.stderr.isatty()
+            else todo
+        )
+        for i, kind, module in bar:
             packed[i] = kind.pack(i, module, tier, plan.device_of(i), pin)
     except BaseException:
         tier.close()
