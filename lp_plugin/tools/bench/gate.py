@@ -37,8 +37,8 @@ nothing: one ulp fails, in one forward or in a decode step (a config that was bi
 decode steps in the reference and is not now fails). For a nondeterministic one (some GPU kernels)
 the max abs logit difference (a maximum over many logits, which varies little from draw to draw) may
 reach ``NOISE_MARGIN`` times the plain model's largest drift on the same path; perplexity (one
-number) may move as far as a t-test on the plain model's own deviations allows; argmax and token
-agreement may drop by ``NOISE_MARGIN`` times the plain model's own drop. The ``--tolerance`` values
+number) may move as far as a t-test on the plain model's own spread allows (``_ppl_allowance``);
+argmax and token agreement may drop by ``NOISE_MARGIN`` times the plain model's own drop. The ``--tolerance`` values
 add fixed slack. A reference without the decode-step figure (a run from before the check) is not
 compared on it.
 """
@@ -162,15 +162,27 @@ def _drift(new, old, key) -> float:
 
 
 def _ppl_allowance(new, old) -> float:
-    """How far a config's perplexity (relative to its run's plain reference) may move between runs:
-    the plain model's own deviations from its reference in both runs give the spread ``sigma`` of
-    one such deviation; a move is the difference of two, so ``sqrt(2) * sigma``, and it may reach
-    Student's one-sided 0.1% critical value times that (0 when the plain model repeats exactly)."""
-    devs = [d for run in (new, old) for d in (run.get("noise") or {}).get("perplexity_runs") or []]
-    if not devs:
+    """How far a config's perplexity (relative to its run's plain reference) may move between runs.
+
+    A run computes the plain model's perplexity ``k + 1`` times (its reference, then ``baseline`` and
+    ``baseline:twin``) and records the ``k`` later ones relative to the first: with that first one
+    taken as 0, the ``k + 1`` values are the plain model's draws, and their sample variance (``k``
+    degrees of freedom, pooled over both runs) estimates the variance ``sigma**2`` of one draw. A
+    config's relative perplexity is its draw minus its run's reference draw, so the move between two
+    runs is a difference of four draws with standard deviation ``2 * sigma``; it may reach Student's
+    one-sided 0.1% critical value for the pooled degrees of freedom times that (0 when the plain model
+    repeats exactly)."""
+    squares, dof = 0.0, 0
+    for run in (new, old):
+        devs = [float(d) for d in (run.get("noise") or {}).get("perplexity_runs") or []]
+        if devs:
+            values = [0.0, *devs]
+            mean = sum(values) / len(values)
+            squares += sum((v - mean) ** 2 for v in values)
+            dof += len(devs)
+    if not dof or not squares:
         return 0.0
-    sigma = math.sqrt(sum(d * d for d in devs) / len(devs))
-    return t_critical(len(devs)) * math.sqrt(2) * sigma
+    return t_critical(dof) * 2.0 * math.sqrt(squares / dof)
 
 
 def _relative_ppl(run, c):
