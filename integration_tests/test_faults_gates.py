@@ -209,14 +209,19 @@ def test_bench_empty_reference_cannot_compare(reference, tmp_path):
     assert _gate(tmp_path, reference, old)[0] == 2
 
 
-@pytest.mark.parametrize("where,value", [("model", {"name": "another-model"}), ("settings", "dtype")])
-def test_bench_mismatched_reference_cannot_compare(reference, tmp_path, where, value):
+@pytest.mark.parametrize("section,key,value", [
+    ("model", "name", "another-model"),
+    ("model", "architecture", "LlamaForCausalLM"),
+    ("model", "num_layers", 7),            # the same folder saved again with another config
+    ("model", "param_bytes", 1),
+    ("settings", "dtype", "bf16"),
+    ("settings", "device", "cuda:0"),      # ratios against transfer bounds, not the cpu's
+])
+def test_bench_mismatched_reference_cannot_compare(reference, tmp_path, section, key, value):
     old = copy.deepcopy(reference)
-    if where == "settings":
-        old["settings"]["dtype"] = "bf16"
-    else:
-        old["model"]["name"] = value["name"]
-    assert _gate(tmp_path, reference, old)[0] == 2
+    old[section][key] = value
+    rc, stdout = _gate(tmp_path, reference, old)[:2]
+    assert rc == 2 and "REGRESSION" not in stdout
 
 
 def test_bench_config_that_stopped_running_is_a_regression(reference, tmp_path):

@@ -335,14 +335,25 @@ def _not_measurements(c: dict) -> list:
     return bad
 
 
+def _device_kind(run) -> str | None:
+    device = (run.get("settings") or {}).get("device")
+    return str(device).split(":", 1)[0] if device else None
+
+
 def _context(new, old, out) -> None:
-    """Notes on what differs between the runs; a different model or dtype cannot be compared."""
+    """Notes on what differs between the runs; a different model (name, architecture, layer count or
+    size), dtype or kind of device cannot be compared."""
+    om, nm = old.get("model") or {}, new.get("model") or {}
     for what, a, b in (
-        ("model", old.get("model", {}).get("name"), new.get("model", {}).get("name")),
+        ("model", om.get("name"), nm.get("name")),
+        ("architecture", om.get("architecture"), nm.get("architecture")),
+        ("layer count", om.get("num_layers"), nm.get("num_layers")),
+        ("parameter bytes", om.get("param_bytes"), nm.get("param_bytes")),
         ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype")),
+        ("device kind", _device_kind(old), _device_kind(new)),
     ):
         if a != b:
-            out.cannot("run", what, f"reference {a!r}, new {b!r}: gate runs of the same model and dtype")
+            out.cannot("run", what, f"reference {a!r}, new {b!r}: gate runs of one model, dtype and kind of device")
     a = old.get("env", {}).get("gpu_name") or old.get("env", {}).get("cpu")
     b = new.get("env", {}).get("gpu_name") or new.get("env", {}).get("cpu")
     if a != b:
