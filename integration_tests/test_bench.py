@@ -459,7 +459,8 @@ def test_nf4_checkpoint_runs_on_cpu(tmp_path):
 
 def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
     """A results file that is a folder, or the reference it is compared with (which the run would overwrite), an
-    offload folder that is a file, --out with --results (nothing runs to write): exit 2 before any model loads."""
+    offload folder that is a file, a tokenizer path that is no folder, --out with --results (nothing runs to write):
+    exit 2 before any model loads."""
     reference = tmp_path / "ref.json"
     reference.write_text("{}")
     afile = tmp_path / "afile"
@@ -468,6 +469,8 @@ def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
         (["--out", str(tmp_path)], "is a folder"),
         (["--out", str(reference), "--compare", str(reference)], "would overwrite it"),
         (["--offload-dir", str(afile)], "is a file"),
+        (["--tokenizer", str(tmp_path / "no-such-tokenizer")], "--tokenizer"),
+        (["--tokenizer", str(afile)], "--tokenizer"),
     ]
     for extra, message in cases:
         rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "baseline,stream:even:disk", *extra])

@@ -30,8 +30,10 @@ import lp_plugin
 from lp_plugin.core.report import size_text
 from lp_plugin.errors import OffloadSpecError
 from lp_plugin.planning.config import OffloadConfig, parse_max_memory, parse_size
+from lp_plugin.planning.plan import fit_budget
 from lp_plugin.planning.skipping import calib as calib_mod
 from lp_plugin.planning.skipping.spec import check_calib, parse_policy, parse_stand_in
+from lp_plugin.tools.shapes import shape_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +100,17 @@ def test_plan_bad_device_exit_2(device):
     rc, _, err = _main(["plan", "--model", "smollm2-135m-shape", "--max-memory", "1GiB", "--device", device])
     assert rc == 2
     assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1
+
+
+def test_plan_offload_folder_for_a_tier_without_files_exit_2(tmp_path):
+    """The folder would be ignored (the cpu tier keeps no files): refused as from_pretrained refuses it; with the
+    disk tier the same folder plans."""
+    argv = ["plan", "--model", "smollm2-135m-shape", "--max-memory", "2GiB", "--offload-folder", str(tmp_path)]
+    rc, _, err = _main([*argv, "--tier", "cpu"])
+    assert rc == 2 and "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1
+    assert _main([*argv, "--tier", "disk"])[0] == 0
+    with pytest.raises(OffloadSpecError):
+        fit_budget(shape_config("smollm2-135m-shape"), max_memory="2GiB", offload_folder=str(tmp_path), tier="cpu")
 
 
 @pytest.mark.parametrize("device", ["banana", "cuda:x", -1, 1.5])

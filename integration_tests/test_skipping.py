@@ -714,6 +714,11 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     (["--greedy-stand-ins", "linear:0"], "RANK an int >= 1"),
     (["--targets", "10"], "cannot read target '10'"),
     (["--fractions", "0,10", "--targets", "50:10"], "--fractions does not sweep"),  # a target nothing would judge
+    (["--fractions", "0,10,10.0"], "--fractions"),                # the same row swept twice
+    (["--selections", "bi,bi"], "--selections"),
+    (["--stand-ins", "linear,none,linear"], "--stand-ins"),
+    (["--greedy-stand-ins", "none,none"], "--greedy-stand-ins"),
+    (["--domains", "license,license"], "--domains"),
     ([], "is neither a model folder nor a Hub id"),
 ])
 def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):
@@ -722,6 +727,17 @@ def test_lp_prune_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_lp_prune_refuses_a_window_beyond_the_models_positions(tmp_path, capsys):
+    from shapes import save_tiny
+
+    from lp_plugin.tools.prune import cli
+
+    model = save_tiny("llama", tmp_path / "tiny")
+    assert cli.main(["--model", model, "--out", str(tmp_path / "out" / "o.json"), "--heldout-window", "10000000"]) == 2
+    assert "--heldout-window" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_lp_prune_refuses_a_folder_without_a_model(tmp_path, capsys):

@@ -13,7 +13,7 @@ from ..core.devices import check_usable, normalize_device
 from ..core.tiers.folder import check_usable as check_folder_usable
 from ..errors import AttachError, OffloadSpecError
 from ..planning.plan import check_graph_device
-from ..planning.plugins import tier_class
+from ..planning.plugins import check_folder_tier
 
 
 def check_options(config, checkpoint=None) -> None:
@@ -24,12 +24,7 @@ def check_options(config, checkpoint=None) -> None:
         check_usable(normalize_device(config.main_device))
     if config.offload_folder is None:
         return
-    if not tier_class(config.tier).needs_folder:
-        raise OffloadSpecError(
-            f"offload_folder is where a tier that keeps files writes them; tier={config.tier!r} keeps none (its "
-            "class does not set needs_folder), so it would be ignored: pass tier='disk' to keep the layers in "
-            "files there, or drop offload_folder"
-        )
+    check_folder_tier(config.tier, config.offload_folder)
     local = os.path.expanduser(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     local = local if local is not None and os.path.isdir(local) else None
     check_folder_usable(config.offload_folder, local)

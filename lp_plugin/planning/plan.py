@@ -18,7 +18,7 @@ from ..errors import OffloadSpecError
 from . import arch, footprint
 from .budget import BudgetPlan, plan_offload
 from .config import OffloadConfig
-from .plugins import policies
+from .plugins import check_folder_tier, policies
 from .policies import PROTECT_FIRST, PROTECT_LAST, select_layers
 from .skipping import resolve_skips
 
@@ -252,6 +252,7 @@ def fit_budget(
     else:
         main = normalize_device(config.main_device)
     check_graph_device(config.decode, main)
+    check_folder_tier(config.tier, config.offload_folder)
     return _budget(model_or_config, config, main, weights, bandwidth=bandwidth, compute_tok_s=compute_tok_s)
 
 

@@ -132,6 +132,16 @@ def tier_class(name: str):
     return _resolve(tiers[name])
 
 
+def check_folder_tier(tier: str, offload_folder) -> None:
+    """Refuse an ``offload_folder`` for a tier that keeps no files (it would be silently ignored)."""
+    if offload_folder is not None and not tier_class(tier).needs_folder:
+        raise OffloadSpecError(
+            f"offload_folder is where a tier that keeps files writes them; tier={tier!r} keeps none (its "
+            "class does not set needs_folder), so it would be ignored: pass tier='disk' to keep the layers in "
+            "files there, or drop offload_folder"
+        )
+
+
 def reset_for_tests() -> None:
     """Unregister every plugin so the next call loads the entry points again (tests that install plugins)."""
     global _loaded

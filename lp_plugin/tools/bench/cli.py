@@ -160,6 +160,15 @@ def _check_paths(parser, args) -> None:
     folder = getattr(args, "offload_dir", None)
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         parser.error(f"--offload-dir {folder!r} is a file; pass a folder (created if missing)")
+    tok = getattr(args, "tokenizer", None)
+    if tok not in (None, "auto", "none") and not os.path.isdir(os.path.expanduser(tok)) and not _hub_id(tok):
+        parser.error(f"--tokenizer {tok!r} is no folder; pass a tokenizer folder, a Hub id, auto or none")
+
+
+def _hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repository id (``owner/name``) rather than a path."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not os.path.exists(text)
 
 
 def _load(parser, flag, path):

@@ -50,6 +50,16 @@ def _list(text: str) -> list:
 TARGETS = ",".join(f"{k:g}:{v:g}" for k, v in frontier.DEFAULT_TARGETS.items())  # --targets' default
 
 
+def _once(flag: str, items: list) -> list:
+    """``items`` when each appears once; a repeat would sweep (and time) the same row twice."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{flag} names {item!r} twice; list each once")
+        seen.add(item)
+    return items
+
+
 def _fractions(text: str) -> list:
     out = []
     for item in _list(text):
@@ -64,7 +74,7 @@ def _fractions(text: str) -> list:
         out.append(value)
     if not out:
         raise ValueError("--fractions is empty; e.g. 0,10,20,30")
-    return out
+    return _once("--fractions", out)
 
 
 def _selections(text: str) -> list:
@@ -77,7 +87,7 @@ def _selections(text: str) -> list:
             f"--selections: unknown skip policy {unknown[0] if unknown else '(none)'!r}; choose from "
             f"{skip_policy_names()} (or install a plugin that registers one)"
         )
-    return names
+    return _once("--selections", names)
 
 
 def _engine(args) -> dict:
@@ -100,6 +110,18 @@ def _engine(args) -> dict:
     check_options(config, args.model)
     OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), config)
     return engine
+
+
+def _check_window(args) -> None:
+    """A held-out window the model's positions cannot hold is refused before the sweep."""
+    from transformers import AutoConfig
+
+    positions = getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings", None)
+    if isinstance(positions, int) and args.heldout_window > positions:
+        raise ValueError(
+            f"--heldout-window {args.heldout_window} is longer than the model's {positions} positions; "
+            f"use at most {positions} (default {WINDOW})"
+        )
 
 
 def _need_matplotlib() -> None:
@@ -151,7 +173,7 @@ def _slices(text: str) -> list:
         raise ValueError(f"--domains: unknown slice {unknown[0]!r}; choose from {list(SLICES)}")
     for name in names:
         domains.text(SLICES[name].domain)
-    return names
+    return _once("--domains", names)
 
 
 def estimate_seconds(num_layers: int, params: float, calib, counts, selections, stand_ins, greedy_stand_ins) -> float:
@@ -259,18 +281,21 @@ def main(argv=None, prog: str = "lp-prune") -> int:
                 "to --fractions, or drop those targets"
             )
         selections = _selections(args.selections)
-        stand_ins = [str(parse_stand_in(s)) for s in _list(args.stand_ins)]
+        stand_ins = _once("--stand-ins", [str(parse_stand_in(s)) for s in _list(args.stand_ins)])
         greedy_stand_ins = (
-            None if args.greedy_stand_ins is None else [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)]
+            None
+            if args.greedy_stand_ins is None
+            else _once("--greedy-stand-ins", [str(parse_stand_in(s)) for s in _list(args.greedy_stand_ins)])
         )
+        slices = _slices(args.domains)
         _check_model(args.model)
         check_calib(args.calib)
-        slices = _slices(args.domains)
         if args.heldout_window < 2:
             raise ValueError(
                 f"--heldout-window {args.heldout_window} is too short; use at least 2 tokens (default {WINDOW})"
             )
         engine = _engine(args)
+        _check_window(args)
         if not args.no_plot:
             _need_matplotlib()
         _out_folder(args.out)
