@@ -213,7 +213,8 @@ def test_bench_empty_reference_cannot_compare(reference, tmp_path):
     ("model", "name", "another-model"),
     ("model", "architecture", "LlamaForCausalLM"),
     ("model", "num_layers", 7),            # the same folder saved again with another config
-    ("model", "param_bytes", 1),
+    ("model", "hidden_size", 48),
+    ("model", "vocab_size", 7),
     ("settings", "dtype", "bf16"),
     ("settings", "device", "cuda:0"),      # ratios against transfer bounds, not the cpu's
 ])
@@ -222,6 +223,14 @@ def test_bench_mismatched_reference_cannot_compare(reference, tmp_path, section,
     old[section][key] = value
     rc, stdout = _gate(tmp_path, reference, old)[:2]
     assert rc == 2 and "REGRESSION" not in stdout
+
+
+def test_bench_reference_from_another_device_of_the_same_type_is_a_note(reference, tmp_path):
+    old = copy.deepcopy(reference)
+    old["settings"]["device"] = "cpu:1"
+    old["env"]["cpu"] = "another processor"
+    rc, stdout = _gate(tmp_path, reference, old)[:2]
+    assert rc == 0 and "note: device differs" in stdout
 
 
 def test_bench_config_that_stopped_running_is_a_regression(reference, tmp_path):

@@ -281,7 +281,7 @@ def test_tolerates_the_plain_models_own_nondeterminism(ckpt, tmp_path):
     """Both runs in processes whose plain model's logits really vary from call to call: the offloaded
     configs differ from the plain reference (a zero-tolerance gate would fail), the gate measures that
     drift in each run and passes. The noise is seeded (a different seed per run): the gate's own false
-    alarms (0.1% per config by design) would otherwise make the test fail now and then."""
+    alarms (about 0.1% per config) would otherwise make the test fail now and then."""
     ref, new = tmp_path / "noisy-ref.json", tmp_path / "noisy-new.json"
     first = bench_process(_small(ckpt, "--out", ref), NOISY_SITE, tmp_path, env={"LP_TEST_NOISE_SEED": "1"})
     assert first.returncode == 0, first.stdout + first.stderr

@@ -714,7 +714,6 @@ def test_lp_prune_cli_writes_json_table_and_plot(tmp_path):
     (["--greedy-stand-ins", "linear:0"], "RANK an int >= 1"),
     (["--targets", "10"], "cannot read target '10'"),
     (["--fractions", "0,10", "--targets", "50:10"], "--fractions does not sweep"),  # a target nothing would judge
-    (["--fractions", "0,10,10.0"], "--fractions"),                # the same row swept twice
     (["--selections", "bi,bi"], "--selections"),
     (["--stand-ins", "linear,none,linear"], "--stand-ins"),
     (["--greedy-stand-ins", "none,none"], "--greedy-stand-ins"),

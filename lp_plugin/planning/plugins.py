@@ -137,8 +137,8 @@ def check_folder_tier(tier: str, offload_folder) -> None:
     if offload_folder is not None and not tier_class(tier).needs_folder:
         raise OffloadSpecError(
             f"offload_folder is where a tier that keeps files writes them; tier={tier!r} keeps none (its "
-            "class does not set needs_folder), so it would be ignored: pass tier='disk' to keep the layers in "
-            "files there, or drop offload_folder"
+            "class does not set needs_folder), so it would be ignored: pass tier='disk' (--tier disk) to keep the "
+            "layers in files there, or drop offload_folder (--offload-folder)"
         )
 
 

@@ -90,7 +90,7 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default="auto",
-        help="auto (the model's; for shapes the bundled model's), none (UTF-8 bytes as ids), or a folder",
+        help="auto (the model's; for shapes the bundled model's), none (UTF-8 bytes as ids), a folder or a Hub id",
     )
     p.add_argument(
         "--offload-dir", default=None, help="folder for disk-tier files (default: a temporary folder, removed after)"
@@ -149,8 +149,9 @@ def _check_args(parser, args) -> dict:
 
 
 def _check_paths(parser, args) -> None:
-    """Files and folders the run writes, checked before anything runs: the results file is not the reference it
-    is compared with, nor a folder; the offload folder is not a file."""
+    """Paths the run reads and writes, checked before anything runs: the results file is not the reference it
+    is compared with, nor a folder; the offload folder is not a file; a tokenizer path is a folder (a name that
+    is no path is taken as a Hub id)."""
     if args.out and args.results is not None:
         parser.error("--out writes a new run's results; with --results nothing runs: drop --out")
     if args.out and os.path.isdir(args.out):
@@ -161,14 +162,12 @@ def _check_paths(parser, args) -> None:
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         parser.error(f"--offload-dir {folder!r} is a file; pass a folder (created if missing)")
     tok = getattr(args, "tokenizer", None)
-    if tok not in (None, "auto", "none") and not os.path.isdir(os.path.expanduser(tok)) and not _hub_id(tok):
-        parser.error(f"--tokenizer {tok!r} is no folder; pass a tokenizer folder, a Hub id, auto or none")
-
-
-def _hub_id(text: str) -> bool:
-    """Whether ``text`` reads as a Hub repository id (``owner/name``) rather than a path."""
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not os.path.exists(text)
+    if tok not in (None, "auto", "none"):
+        args.tokenizer = tok = os.path.expanduser(tok)
+        if os.path.exists(tok) and not os.path.isdir(tok):
+            parser.error(f"--tokenizer {tok!r} is a file; pass the tokenizer's folder, a Hub id, auto or none")
+        if not os.path.exists(tok) and (tok.startswith(("/", ".")) or tok.count("/") > 1):
+            parser.error(f"--tokenizer {tok!r}: no such folder; pass a tokenizer folder, a Hub id, auto or none")
 
 
 def _load(parser, flag, path):

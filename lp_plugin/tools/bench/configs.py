@@ -294,11 +294,10 @@ def parse_config(text: str) -> BenchConfig:
         tiers = _tier_names()
         tier_at = next((i for i in range(2, len(tokens)) if tokens[i] in tiers), None)
         if tier_at is None:
-            words = [t for t in tokens[2:] if t and "=" not in t and t != "cold"]
+            words = [t for t in tokens[2:] if t.isidentifier() and t not in FLAGS]
             what = f"{words[-1]!r} is not a tier" if words else "names no tier"
             raise ConfigError(
-                f"config {text!r}: {what}; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], "
-                f"TIER one of {', '.join(tiers)}",
+                f"config {text!r}: {what}; write MODE:SPEC:TIER[:alpha=A][:prefetch=N], TIER one of {', '.join(tiers)}",
                 text,
             )
         spec = ":".join(tokens[1:tier_at]).strip()

@@ -169,9 +169,10 @@ def _ppl_allowance(new, old) -> float:
     taken as 0, the ``k + 1`` values are the plain model's draws, and their sample variance (``k``
     degrees of freedom, pooled over both runs) estimates the variance ``sigma**2`` of one draw. A
     config's relative perplexity is its draw minus its run's reference draw, so the move between two
-    runs is a difference of four draws with standard deviation ``2 * sigma``; it may reach Student's
-    one-sided 0.1% critical value for the pooled degrees of freedom times that (0 when the plain model
-    repeats exactly)."""
+    runs is a difference of four draws with standard deviation ``2 * sigma``; its size may reach
+    Student's one-sided 0.1% critical value for the pooled degrees of freedom times that (0 when the
+    plain model repeats exactly). The test is two-sided and the reference draws enter both the move
+    and the variance, so it is approximate: simulated false alarms are 0.10-0.15% per config."""
     squares, dof = 0.0, 0
     for run in (new, old):
         devs = [float(d) for d in (run.get("noise") or {}).get("perplexity_runs") or []]
@@ -341,14 +342,15 @@ def _device_kind(run) -> str | None:
 
 
 def _context(new, old, out) -> None:
-    """Notes on what differs between the runs; a different model (name, architecture, layer count or
-    size), dtype or kind of device cannot be compared."""
+    """Notes on what differs between the runs; a different model (name, architecture, layer count, hidden
+    or vocabulary size), dtype or kind of device (cpu, cuda) cannot be compared."""
     om, nm = old.get("model") or {}, new.get("model") or {}
     for what, a, b in (
         ("model", om.get("name"), nm.get("name")),
         ("architecture", om.get("architecture"), nm.get("architecture")),
         ("layer count", om.get("num_layers"), nm.get("num_layers")),
-        ("parameter bytes", om.get("param_bytes"), nm.get("param_bytes")),
+        ("hidden size", om.get("hidden_size"), nm.get("hidden_size")),
+        ("vocabulary size", om.get("vocab_size"), nm.get("vocab_size")),
         ("dtype", old.get("settings", {}).get("dtype"), new.get("settings", {}).get("dtype")),
         ("device kind", _device_kind(old), _device_kind(new)),
     ):

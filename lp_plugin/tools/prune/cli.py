@@ -74,7 +74,7 @@ def _fractions(text: str) -> list:
         out.append(value)
     if not out:
         raise ValueError("--fractions is empty; e.g. 0,10,20,30")
-    return _once("--fractions", out)
+    return out
 
 
 def _selections(text: str) -> list:
@@ -167,13 +167,13 @@ def _slices(text: str) -> list:
     lacks is refused before any work)."""
     from ...planning.skipping import domains
 
-    names = _list(text)
+    names = _once("--domains", _list(text))
     unknown = [n for n in names if n not in SLICES]
     if unknown:
         raise ValueError(f"--domains: unknown slice {unknown[0]!r}; choose from {list(SLICES)}")
     for name in names:
         domains.text(SLICES[name].domain)
-    return _once("--domains", names)
+    return names
 
 
 def estimate_seconds(num_layers: int, params: float, calib, counts, selections, stand_ins, greedy_stand_ins) -> float:
