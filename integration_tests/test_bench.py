@@ -479,3 +479,12 @@ def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
     assert reference.read_text() == "{}"
     rc, _ = bench(["--results", str(reference), "--out", str(tmp_path / "new.json")])
     assert rc == 2 and "drop --out" in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(ckpt, capsys):
+    """A --tokenizer that looks like a Hub id (no such folder here, nothing in the Hub cache) exits 2 naming the
+    flag, and the plain model was never built."""
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:cpu", "--tokenizer", "no-such-org/no-such-tok"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tokenizer" in err, err
+    assert "building" not in err, err

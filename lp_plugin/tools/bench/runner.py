@@ -25,6 +25,7 @@ import traceback
 
 from lp_plugin.core.devices import h2d_bandwidth
 from lp_plugin.core.report import jsonable
+from lp_plugin.tools.shapes import is_shape
 
 from . import measure
 from .apply import Placement, broken
@@ -70,6 +71,8 @@ class Run:
         self.device = resolve_device(settings.device)
         self.static = static_enabled(settings.static, self.device)
         self.env = environment(self.device)
+        # the tokenizer first: a --tokenizer that cannot load is refused before any weights are built
+        self.tokenizer, self.tok_info = make_tokenizer(settings.tokenizer, settings.model, is_shape(settings.model))
         log(f"lp-bench: building {settings.model} ({settings.dtype}) on {self.device}")
         t0 = time.perf_counter()
         need_ckpt = any((c.kind == "lp" and c.load == "pretrained") or c.kind == "airllm" for c in configs)
@@ -94,7 +97,7 @@ class Run:
 
         s = self.settings
         self.vocab = int(text_config(self.base.model.config).vocab_size)
-        tok, self.tok_info = make_tokenizer(s.tokenizer, s.model, self.base.kind == "shape")
+        tok = self.tokenizer
         if self.tok_info.get("note"):
             self.log(f"lp-bench: {self.tok_info['note']}")
         if tok is not None:
