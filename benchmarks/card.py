@@ -652,9 +652,12 @@ def _prompt(vocab: int, length: int, seed: int):
     return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, ids, new_tokens: int, steps: list | None = None):
+def _generate(model, ids, new_tokens: int, steps: list | None = None, static_cache: bool = False):
     """Greedy ``new_tokens`` tokens and the last step's scores (copied to the host at every step, so no logits
-    stay on the device). With ``steps`` (a list), every step's scores are appended to it (float32, host)."""
+    stay on the device). With ``steps`` (a list), every step's scores are appended to it (float32, host).
+    ``static_cache``: generate with a static cache, not compiled: the cache ``decode="graph"`` generates with, so a
+    plain model's tokens and scores are what a graph's replayed steps must equal (attention over a static cache's
+    whole length sums in another order than over a dynamic cache's, and greedy tokens can part at a near tie)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -667,10 +670,11 @@ def _generate(model, ids, new_tokens: int, steps: list | None = None):
                 steps.append(StepScores.last)
             return scores
 
+    cache = {"cache_implementation": "static", "disable_compile": True} if static_cache else {}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([StepScores()]))
+                             logits_processor=LogitsProcessorList([StepScores()]), **cache)
     return out[0, ids.shape[1]:].tolist(), StepScores.last
 
 
@@ -790,8 +794,9 @@ def step_reference(spec: dict) -> dict:
     vocab = model.config.vocab_size
     ids = _prompt(vocab, spec["context"] - spec["new_tokens"], spec["seed"]).to(DEVICE)
     steps: list = []
-    tokens, last = _generate(model, ids, spec["new_tokens"], steps)
-    again, last_again = _generate(model, ids, spec["new_tokens"])  # the plain model's own spread, in one process
+    static = bool(spec.get("static_cache"))
+    tokens, last = _generate(model, ids, spec["new_tokens"], steps, static)
+    again, last_again = _generate(model, ids, spec["new_tokens"], None, static)  # its own spread, in one process
     first = spec.get("first_reference_file")  # a second plain process: teacher-forced with the first one's tokens
     saved = torch.load(first) if first and os.path.isfile(first) else None
     fed = saved["tokens"] if saved else tokens
@@ -1328,21 +1333,25 @@ def orchestrate(args) -> int:
     report["checkpoint"] = folder
     base = {"folder": folder, "dtype": args.dtype, "context": args.context, "new_tokens": args.new_tokens,
             "rounds": args.rounds, "seed": args.seed}
+    # with --decode graph the plain model generates with the static cache the graph's steps use (eager, no compile)
+    static = args.decode == "graph"
     ref_file = str(work / f"reference-{card_name(args.model, args.dtype, 'ref', args.context)[5:-5]}-"
-                          f"{args.new_tokens}-seed{args.seed}.pt")
+                          f"{args.new_tokens}-seed{args.seed}{'-static' if static else ''}.pt")
+    base_ref = {**base, "static_cache": static}
     # b. the plain model on the whole GPU (not for --only-lm-eval: its lm-eval run is the plain model's)
     ref, ref_summary = None, Path(ref_file).with_suffix(".json")
     if not only and not args.skip_reference:
         ref = run_step("reference", work, f"reference-{tag}",
-                       {**base, "reference_file": ref_file, "plain_repeats": args.plain_repeats}, timeout)
+                       {**base_ref, "reference_file": ref_file, "plain_repeats": args.plain_repeats}, timeout)
         report["reference"] = {k: ref.get(k) for k in ("ok", "error", "tokens", "repeat_tokens_equal",
                                                        "repeat_max_abs_logit_diff", "repeat_forced",
                                                        "decode_tok_s", "prefill_tok_s",
                                                        "max_reserved_bytes", "rounds", "seconds")}
+        report["reference"]["generate_cache"] = "static" if static else "dynamic"
         if ref.get("ok"):
             if not args.plain_once:
                 again = run_step("reference", work, f"reference-again-{tag}",
-                                 {**base, "reference_file": ref_file + ".again", "first_reference_file": ref_file},
+                                 {**base_ref, "reference_file": ref_file + ".again", "first_reference_file": ref_file},
                                  timeout)
                 report["reference"]["plain_spread"] = again.get("vs_first_process") or {"error": again.get("error")}
             _write_json(ref_summary, report["reference"])

@@ -426,6 +426,24 @@ def test_teacher_forced_logits_match_generate_and_each_other():
     assert not moved["forced_logits_equal"] and moved["forced_decode_max_abs_logit_diff"] > 0
 
 
+def test_static_cache_reference_generates_with_the_cache_a_graph_decode_uses(monkeypatch):
+    """With --decode graph the plain model's reference generates with a static cache, not compiled: what
+    generate() is asked for, and the same greedy tokens as a dynamic cache on the CPU."""
+    import torch
+    from shapes import build_tiny
+
+    model = build_tiny("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    asked = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    dynamic, _ = card._generate(model, ids, 5)
+    static, _ = card._generate(model, ids, 5, None, static_cache=True)
+    assert "cache_implementation" not in asked[0]
+    assert asked[1]["cache_implementation"] == "static" and asked[1]["disable_compile"] is True
+    assert static == dynamic
+
+
 def test_host_memory_read_from_proc_status():
     text = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nRssAnon:\t   51200 kB\nRssShmem:\t 1024 kB\n"
     assert card.host_memory(text) == {"peak_rss": 200 * 2**20, "rss": 100 * 2**20, "anon": 50 * 2**20,
