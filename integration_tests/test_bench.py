@@ -483,8 +483,13 @@ def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
 
 def test_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(ckpt, capsys):
     """A --tokenizer that looks like a Hub id (no such folder here, nothing in the Hub cache) exits 2 naming the
-    flag, and the plain model was never built."""
-    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:cpu", "--tokenizer", "no-such-org/no-such-tok"])
+    flag; the plain model was never built and the caller's thread count is as it was."""
+    import torch
+
+    threads = torch.get_num_threads()
+    args = ["--model", ckpt, *SMALL, "--threads", str(threads + 1), "--configs", "stream:even:cpu"]
+    rc, _ = bench([*args, "--tokenizer", "no-such-org/no-such-tok"])
     err = capsys.readouterr().err
     assert rc == 2 and "--tokenizer" in err, err
     assert "building" not in err, err
+    assert torch.get_num_threads() == threads

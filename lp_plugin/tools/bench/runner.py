@@ -65,18 +65,22 @@ class Run:
         import torch
 
         self.settings, self.configs, self.log = settings, configs, log
+        # the tokenizer first: a --tokenizer that cannot load is refused before any weights are built
+        self.tokenizer, self.tok_info = make_tokenizer(settings.tokenizer, settings.model, is_shape(settings.model))
         self.threads_before = torch.get_num_threads()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = resolve_device(settings.device)
         self.static = static_enabled(settings.static, self.device)
         self.env = environment(self.device)
-        # the tokenizer first: a --tokenizer that cannot load is refused before any weights are built
-        self.tokenizer, self.tok_info = make_tokenizer(settings.tokenizer, settings.model, is_shape(settings.model))
         log(f"lp-bench: building {settings.model} ({settings.dtype}) on {self.device}")
         t0 = time.perf_counter()
         need_ckpt = any((c.kind == "lp" and c.load == "pretrained") or c.kind == "airllm" for c in configs)
-        self.base = BaseModel(settings, self.device, need_ckpt)
+        try:
+            self.base = BaseModel(settings, self.device, need_ckpt)
+        except BaseException:
+            torch.set_num_threads(self.threads_before)  # the caller's thread count, as close() gives it back
+            raise
         self.build_s = time.perf_counter() - t0
         self.offload_root = settings.offload_dir or tempfile.mkdtemp(prefix="lp-bench-offload-")
         try:
