@@ -105,11 +105,11 @@ def test_goals_inside_the_noise_say_so():
              {"config": "s", "goal": "session decode", "met": False, "within_noise": True},
              {"config": "s", "goal": "stream decode", "met": False, "within_noise": False}]
     line = verdict({"goals": goals, "configs": []}, None)
-    assert "exact (1 of 1" in line and "goals: 0 met, 1 missed, 1 in noise" in line and len(line) <= 120
+    assert "exact (1 of 1" in line and "speed goals: 0 met, 1 missed, 1 in noise" in line and len(line) <= 120
     goals[1]["met"] = False  # equal in one forward, not through the decode steps
     line = verdict({"goals": goals, "configs": []}, None)
     assert "NOT EXACT (1 of 1 configs differ from the plain model, 1 in the decode steps only)" in line
-    assert "goals: 0 met, 1 missed, 1 in noise" in line  # the exactness goals are not counted among the goals
+    assert "speed goals: 0 met, 1 missed, 1 in noise" in line  # the exactness goals are not counted among the goals
 
 
 def test_decode_loop_emits_no_warning(bench_run):
@@ -291,6 +291,10 @@ def test_config_grammar():
     assert parse_config("accelerate_cpu:odd:new=4").spec == "odd"
     assert parse_config(TWIN).twin is True and parse_config(TWIN).options is None
     assert split_configs("baseline,stream:2,4,6:cpu,session:even:disk") == ["baseline", "stream:2,4,6:cpu", "session:even:disk"]
+    assert split_configs("stream:2,-1:cpu,sesion:even:cpu") == ["stream:2,-1:cpu", "sesion:even:cpu"]  # a typo stands alone
+    with pytest.raises(ConfigError) as exc:
+        parse_configs("baseline,sesion:even:cpu")
+    assert exc.value.config == "sesion:even:cpu"
     assert [c.spec for c in parse_configs("stream:2,4,6:cpu,accelerate_cpu:2,4")[1:-1]] == ["2,4,6", "2,4"]
     c = parse_config("stream:2-32:2:cpu:skip=greedy:20%:stand_in=linear:64:calib=pydoc:32768:new=8")
     assert (c.spec, c.options.skip, c.options.stand_in, c.options.calib, c.new, c.exact) == (
@@ -458,7 +462,7 @@ def test_nf4_checkpoint_runs_on_cpu(tmp_path):
 
 
 def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
-    """A results file that is a folder, or the reference it is compared with (which the run would overwrite), an
+    """A results file (or plot) that is a folder or cannot be made, or the reference it is compared with (which the run would overwrite), an
     offload folder that is a file, a tokenizer path that is no folder, --out with --results (nothing runs to write):
     exit 2 before any model loads."""
     reference = tmp_path / "ref.json"
@@ -467,6 +471,8 @@ def test_what_the_run_writes_is_checked_before_it_runs(ckpt, tmp_path, capsys):
     afile.write_text("x")
     cases = [
         (["--out", str(tmp_path)], "is a folder"),
+        (["--out", str(afile / "run.json")], "--out"),  # a file where its folder would go
+        (["--plot", str(afile / "run.png")], "--plot"),
         (["--out", str(reference), "--compare", str(reference)], "would overwrite it"),
         (["--offload-dir", str(afile)], "is a file"),
         (["--tokenizer", str(tmp_path / "no-such-tokenizer")], "--tokenizer"),

@@ -4,6 +4,7 @@ before any loading, the disk tier's files (a temporary folder, ``detach(remove_f
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -73,6 +74,28 @@ def test_bench_and_prune_are_subcommands(tool, prog, capsys):
     assert exc.value.code == 0 and out.startswith(f"usage: {prog} ")
     if tool == "prune":
         assert "time: on the CPU" in out and "minutes" in out  # how long the sweep takes, before it starts
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.values()
+
+
+def test_an_option_is_never_taken_for_a_longer_one_it_begins():
+    # '--offload auto' must be refused as unknown, not read as '--offload-folder auto'
+    from lp_plugin.tools.bench.cli import build_parser as bench_parser
+    from lp_plugin.tools.prune.cli import build_parser as prune_parser
+
+    parsers = [build_parser(), bench_parser(), prune_parser()]
+    for parser in [*parsers, *_subparsers(parsers[0])]:
+        assert parser.allow_abbrev is False, parser.prog
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "qwen2.5-3b-shape", "--offload", "fast"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        bench_parser().parse_args(["--offload", "/tmp/x"])  # (--offload-dir)
+    assert exc.value.code == 2
 
 
 def test_subcommands_run(capsys):
@@ -236,3 +259,30 @@ def test_progress_bars_are_drawn_in_a_terminal_or_a_notebook(setup, env, drawn):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(drawn)
+
+
+def test_a_tools_output_path_is_checked_before_its_run(tmp_path):
+    from lp_plugin.tools import check_writable
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad in (afile / "out.json", tmp_path):  # a file where the folder goes; a folder where the file goes
+        with pytest.raises(ValueError, match="--out"):
+            check_writable("--out", str(bad))
+    check_writable("--out", str(tmp_path / "new" / "deeper" / "out.json"))  # a missing folder is made
+    assert (tmp_path / "new" / "deeper").is_dir() and afile.read_text() == "x"
+
+
+def test_command_line_errors_name_the_flag_not_the_python_option(tiny_checkpoints, tmp_path, capsys):
+    for size in ("6", "0=6"):  # a size without its unit: bytes, as Accelerate reads it, but never what was meant
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "--model", "qwen2.5-3b-shape", "--max-memory", size])
+        assert exc.value.code == 2 and f"{size}GiB" in capsys.readouterr().err
+    assert main(["plan", "--model", "qwen2.5-3b-shape", "--max-memory", "6GiB", "--context", "0"]) == 2
+    assert "--context" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        from lp_plugin.tools.prune import cli
+
+        rc = cli.main(["--model", tiny_checkpoints["llama"], "--device", "cuda", "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--device cpu" in err and "main_device" not in err

@@ -384,7 +384,7 @@ for name, args in {[(k, fx.model_args_string(v[0])) for k, v in BAD_ARGS.items()
 
 def test_lm_evals_own_options_and_a_missing_folder_are_refused_before_loading(tmp_path):
     """``--batch_size`` values lm-eval would take as a batch of everything or fail on after loading, and a local
-    path that does not exist: refused in the constructor lm_eval uses, before any file is read (an empty folder
+    path that does not exist, no ``pretrained`` at all: refused in the constructor lm_eval uses, before any file is read (an empty folder
     stands in for the model: reading it would fail otherwise)."""
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -400,12 +400,17 @@ for where, batch, device in {[(w, b, "cpu") for w, b in cases] + [(w, b, "cuda:9
         print("CASE", type(exc).__name__, str(exc).replace(chr(10), " "))
     else:
         print("CASE NO ERROR")
+try:  # no pretrained= at all
+    cls.create_from_arg_string("offload=even", {{"device": "cpu"}})
+except Exception as exc:
+    print("CASE", type(exc).__name__, str(exc).replace(chr(10), " "))
 """
     proc = _py(code)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
-    assert len(lines) == len(cases) + len(unseen), proc.stdout + proc.stderr[-3000:]
+    assert len(lines) == len(cases) + len(unseen) + 1, proc.stdout + proc.stderr[-3000:]
     assert all(line.startswith("CASE OffloadSpecError") for line in lines), lines
-    assert "--batch_size" in lines[0] and "no such folder" in lines[len(cases) - 1] and "--device" in lines[-1]
+    assert "--batch_size" in lines[0] and "no such folder" in lines[len(cases) - 1] and "--device" in lines[-2]
+    assert "pretrained=" in lines[-1]
 
 
 def test_generated_tokens_count_as_evaluation_work(tiny_models):

@@ -26,6 +26,8 @@ def test_defaults_are_valid_and_every_field_is_an_option():
         ("6144MiB", 6144 * 2**20),
         ("1.5KiB", 1536),
         ("6.5GB", 6_500_000_000),
+        ("1TiB", 2**40),
+        ("2TB", 2 * 10**12),
         ("2mB", 2_000_000),  # case-insensitive units, powers of 10
         ("8Gb", 10**9),  # a unit ending in a lower-case b counts bits, as Accelerate reads it
     ],

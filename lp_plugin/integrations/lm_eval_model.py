@@ -226,7 +226,12 @@ class ResidualOffloadLM(HFLM):
             )
         return cls(**arg_dict, **given)
 
-    def __init__(self, pretrained, **kwargs) -> None:
+    def __init__(self, pretrained=None, **kwargs) -> None:
+        if pretrained is None:
+            raise OffloadSpecError(
+                "hf-residual-offload needs the model: --model_args pretrained=PATH_OR_HUB_ID,... (in Python, "
+                "pretrained=... among simple_evaluate's model_args)"
+            )
         _check_args(kwargs)
         pretrained = model_path(pretrained)
         _check_dtype(kwargs.get("dtype"))

@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from types import FrameType
 from typing import TYPE_CHECKING, TypeAlias, Union, cast
 
-from ..errors import OffloadSpecError
+from ..errors import OffloadSpecError, outside_stacklevel
 from .plugins import tier_names
 from .policies import PROTECT_FIRST, PROTECT_LAST, layer_int
 from .skipping.spec import check_calib, parse_policy, parse_stand_in
@@ -37,8 +35,17 @@ DECODES = ("eager", "graph")  # how a decode step runs: its forward as called, o
 EMBEDDINGS = ("device", "host")  # where the input embeddings and the lm_head keep their weights
 WORKS = ("generate", "loglikelihood")
 BUDGET_OPTIONS = ("max_context", "batch_size", "work")  # what offload="auto" plans for, and nothing else reads
-_BITS = {"GB": "gigabits", "MB": "megabits", "KB": "kilobits"}
-_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+_BITS = {"TB": "terabits", "GB": "gigabits", "MB": "megabits", "KB": "kilobits"}
+_UNITS = (
+    ("TIB", 2**40),
+    ("GIB", 2**30),
+    ("MIB", 2**20),
+    ("KIB", 2**10),
+    ("TB", 10**12),
+    ("GB", 10**9),
+    ("MB", 10**6),
+    ("KB", 10**3),
+)
 
 
 @dataclass(frozen=True)
@@ -196,8 +203,8 @@ def _short(value, limit: int = 60) -> str:
 # ---------------------------------------------------------------------------------- memory sizes
 def parse_size(value, what: str = "max_memory") -> int:
     """Bytes of ``value``: an int, a digit string, or a number with a unit, read like Accelerate's
-    ``convert_file_size_to_int``: ``GiB``/``MiB``/``KiB`` are powers of 2, ``GB``/``MB``/``KB`` powers
-    of 10 (case-insensitive), and a unit ending in a lower-case ``b`` (``"5Gb"``) counts bits."""
+    ``convert_file_size_to_int``: ``TiB``/``GiB``/``MiB``/``KiB`` are powers of 2, ``TB``/``GB``/``MB``/``KB``
+    powers of 10 (case-insensitive), and a unit ending in a lower-case ``b`` (``"5Gb"``) counts bits."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     text = value.strip() if isinstance(value, str) else None
@@ -219,7 +226,7 @@ def parse_size(value, what: str = "max_memory") -> int:
                         f"{what}: {value!r} is read as {_BITS[unit]}, as Accelerate reads a lower-case 'b': "
                         f"{size // 8:,} bytes; for bytes write '{text[: -len(unit)]}{unit}' or use GiB/MiB",
                         UserWarning,
-                        stacklevel=_outside_level(),
+                        stacklevel=outside_stacklevel(),
                     )
                 return size // 8 if bits else size
     raise OffloadSpecError(
@@ -289,16 +296,6 @@ def parse_max_memory(value):
             raise OffloadSpecError(f"max_memory names device {norm!r} twice ({list(value)})")
         out[norm] = parse_size(size, f"max_memory[{key!r}]")
     return tuple(sorted(out.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]))))
-
-
-def _outside_level() -> int:
-    """The ``stacklevel`` that points a warning raised by this module's caller at the first frame outside
-    lp_plugin (the user's line), however deep the call that parsed the option."""
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "lp_plugin":
-        frame, level = frame.f_back, level + 1  # (a dataclass's generated __init__ has its module's globals)
-    return level
 
 
 def _names_a_device(text: str) -> bool:

@@ -18,6 +18,7 @@ import traceback
 
 from lp_plugin.core.report import GIB
 
+from .. import check_writable
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
 from .report import FORM_ERRORS, format_table, load_results, verdict, write_json
@@ -71,6 +72,7 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) "
         "and gate on it.",
+        allow_abbrev=False,
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
@@ -154,8 +156,12 @@ def _check_paths(parser, args) -> None:
     is no path is taken as a Hub id)."""
     if args.out and args.results is not None:
         parser.error("--out writes a new run's results; with --results nothing runs: drop --out")
-    if args.out and os.path.isdir(args.out):
-        parser.error(f"--out {args.out!r} is a folder; pass the path of the results file to write")
+    for flag, path in (("--out", args.out), ("--plot", getattr(args, "plot", None))):
+        if path:
+            try:
+                check_writable(flag, path)  # (made before the run: a bad path must not lose its results)
+            except ValueError as exc:
+                parser.error(str(exc))
     if args.out and args.compare and os.path.exists(args.out) and os.path.samefile(args.out, args.compare):
         parser.error(f"--out {args.out!r} is the --compare reference: the run would overwrite it; write elsewhere")
     folder = getattr(args, "offload_dir", None)

@@ -34,6 +34,7 @@ config and the option, its cause the :class:`lp_plugin.OffloadSpecError`.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field, replace
 
@@ -161,12 +162,13 @@ def _tier_names() -> tuple:
 
 
 def split_configs(text: str) -> list:
-    """Split a ``--configs`` value on commas, gluing back commas that sit inside a layer list."""
+    """Split a ``--configs`` value on commas, gluing back commas that sit inside a layer list (a piece that
+    starts with a digit or a minus: ``stream:2,4:cpu``); any other piece is a config of its own."""
     out: list = []
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        if piece.split(":", 1)[0] in HEADS or not out:
+        if not (piece[0].isdigit() or piece[0] == "-") or not out:
             out.append(piece)
         else:
             out[-1] = out[-1] + "," + piece
@@ -307,8 +309,10 @@ def parse_config(text: str) -> BenchConfig:
             )
         layers = {"mode": head, "offload": spec, "tier": tokens[tier_at]}
         return _config(text, "lp", tokens[tier_at + 1 :], layers)
+    near = difflib.get_close_matches(head, HEADS, n=1)
     raise ConfigError(
-        f"unknown config {text!r}; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "
+        (f"unknown config {text!r} (did you mean {near[0]!r}?)" if near else f"unknown config {text!r}")
+        + "; use baseline, accelerate_cpu[:SPEC], accelerate_disk[:SPEC], airllm, or "
         "MODE:SPEC:TIER[:alpha=A][:prefetch=N] "
         "with MODE session or stream (e.g. stream:even:cpu)",
         text,

@@ -28,6 +28,7 @@ from ...errors import LPPluginError
 from ...planning.skipping.calib import HELDOUT, WINDOW
 from ...planning.skipping.domains import SLICES
 from ...planning.skipping.spec import check_calib, parse_stand_in
+from .. import check_writable
 from ..shapes import _HUB_ID
 from . import frontier
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
@@ -95,6 +96,7 @@ def _engine(args) -> dict:
     greedy pass)."""
     from transformers import AutoConfig
 
+    from ...core.devices import check_usable, normalize_device
     from ...integrations.checks import check_options
     from ...planning.config import OffloadConfig
     from ...planning.plan import OffloadPlan
@@ -107,6 +109,8 @@ def _engine(args) -> dict:
         "main_device": args.device,
     }
     config = OffloadConfig(**engine)
+    if args.device is not None:  # named as this command spells it
+        check_usable(normalize_device(config.main_device), "--device", "--device cpu")
     check_options(config, args.model)
     OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), config)
     return engine
@@ -131,18 +135,6 @@ def _need_matplotlib() -> None:
         raise ValueError(
             "the frontier plot needs matplotlib: pip install 'lp_plugin[plot]', or pass --no-plot"
         ) from None
-
-
-def _out_folder(out: str) -> None:
-    folder = os.path.dirname(os.path.abspath(out)) or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"--out {out!r}: cannot create its folder {folder!r} ({exc.strerror}); pass a path in a writable folder"
-        ) from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {out!r}: its folder {folder!r} is not writable; pass a path in a writable folder")
 
 
 def _write(path: str, text: str) -> None:
@@ -209,7 +201,9 @@ def _time_help() -> str:
 def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     from ...__main__ import plain_text
 
-    p = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__.split("\n\n")[0]), epilog=_time_help())
+    p = argparse.ArgumentParser(
+        prog=prog, description=plain_text(__doc__.split("\n\n")[0]), epilog=_time_help(), allow_abbrev=False
+    )
     p.add_argument(
         "--model", required=True, help="a transformers folder or Hub id owner/name (its tokenizer is needed)"
     )
@@ -298,7 +292,7 @@ def main(argv=None, prog: str = "lp-prune") -> int:
         _check_window(args)
         if not args.no_plot:
             _need_matplotlib()
-        _out_folder(args.out)
+        check_writable("--out", f"{args.out}.json")
     except (ValueError, OSError, LPPluginError) as exc:
         print(f"lp-prune: error: {exc}", file=sys.stderr)
         return 2
