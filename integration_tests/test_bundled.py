@@ -331,8 +331,8 @@ def test_damaged_cache_is_rebuilt(cache, shared):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, trigger, reason", [
-    ("reinstalled-identical", f"{GGUF_FILE} is not the file last checked", None),
-    ("one-byte-changed", f"{GGUF_FILE} is not the file last checked",
+    ("reinstalled-identical", f"{GGUF_FILE} is not the copy checked last time (reinstalled or touched)", None),
+    ("one-byte-changed", f"{GGUF_FILE} is not the copy checked last time (reinstalled or touched)",
      f"{GGUF_FILE}: the source changed since the conversion (its package was upgraded or reinstalled)"),
     ("resized", None, f"{GGUF_FILE}: the source changed since the conversion (its package was upgraded or reinstalled)"),
 ], ids=["reinstalled-identical", "one-byte-changed", "resized"])

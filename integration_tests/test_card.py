@@ -5,6 +5,8 @@ configs, on the CPU (no GPU needed: the documented runtime figure stands in for 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from shapes import tiny_config
@@ -94,6 +96,14 @@ def test_the_longest_context_that_fits():
     assert f"a context of at most {longest} tokens fits" in str(info.value)
     card, _ = card_of(config.max_memory, GPU0)
     assert longest_context(fp, config, card, 32768) == longest
+    # a context past the model's own, in a card too small: what fits is offered up to the model's context only
+    with pytest.raises(BudgetError) as info:
+        _plan(fp, "1GiB", "loglikelihood", 10**8)
+    offered = re.search(r"a context of at most (\d+) tokens fits", str(info.value))
+    assert offered is None or int(offered[1]) <= fp.max_positions
+    with pytest.raises(BudgetError) as info:
+        _plan(fp, "40GiB", "loglikelihood", 10**8)
+    assert f"a context of at most {fp.max_positions} tokens fits (the model's own context)" in str(info.value)
     roomy = plan_offload(OffloadConfig(offload="auto", max_memory=8 * GIB, max_context="auto", work="loglikelihood"),
                          fp, GPU0, bandwidth=50.0)
     assert roomy.work.context == 32768 and roomy.context_source == "the model's"

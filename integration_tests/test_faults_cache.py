@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,27 @@ def test_private_folder_warns_once_and_caches_within_the_process(model, calls):
         lp_plugin.importance(model, _ids(), "bi")
     lp_plugin.importance(model, _ids(), "bi")  # from the private folder now
     assert calls == ["bi", "bi"]
+
+
+def test_private_folder_goes_with_the_process_and_the_warning_names_the_callers_line(tmp_path):
+    code = """
+import os, warnings
+from lp_plugin.planning.skipping import cache
+(cache.cache_root() / "skipping").mkdir(parents=True)
+os.chmod(cache.cache_root() / "skipping", 0o777)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    private = cache.folder()
+(private / "kept-until-exit").write_text("x")
+print(private)
+print(caught[0].filename)
+"""
+    env = {**os.environ, "LP_PLUGIN_CACHE": str(tmp_path / "root")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    private, where = proc.stdout.split()
+    assert where == "<string>"  # the caller's code, not lp_plugin's
+    assert private != str(tmp_path / "root" / "skipping") and not os.path.exists(private)
 
 
 def test_cache_file_that_is_a_link_is_not_followed(model, calls):

@@ -115,6 +115,9 @@ def test_policies_through_attach_skip_the_identity_layers_exactly(known, sampled
     handle = lp_plugin.attach(known, offload="even", skip=skip, calib=sampled)
     assert handle.info()["skipped_layers"] == list(layers)
     assert torch.equal(known(x).logits, ref)  # identity layers: skipping them changes nothing
+    first = str(handle).splitlines()[0]
+    # print(handle) calls a model exact only when no layer is skipped (here the skipped ones happen to be identities)
+    assert first.endswith("(exact)") == (not layers) and (f"{len(layers)} layers skipped" in first) == bool(layers)
     handle.detach()
 
 

@@ -105,6 +105,9 @@ class HandleReport:
         what = (
             "exact" if c.alpha == 1 else "drops the layers" if c.alpha == 0 else f"scaled residual, alpha {c.alpha:g}"
         )
+        skipped = len(self.plan.skips.layers)
+        if skipped:  # the offloaded layers may run exactly; the model does not
+            what = f"{skipped} layers skipped: not the plain model" if c.alpha == 1 else f"{what}; {skipped} skipped"
         lines = [
             f"lp_plugin: {len(self.layer_indices)} of {total} layers offloaded to the {c.tier} tier, {c.mode} mode "
             f"({what})"

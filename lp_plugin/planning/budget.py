@@ -552,9 +552,11 @@ def _nothing_fits(plan: BudgetPlan, card: Card, config, fp) -> str:
     parts_text = ", ".join(f"{k.replace('_', ' ')} {size_text(v)}" for k, v in b.items())
     fixes = [f"raise max_memory to at least {size_text(plan.peak_bytes, up=True)}"]
     if w.context > 1 or w.batch > 1:
-        longest = longest_context(fp, config, card, w.context - 1) if w.context > 1 else 0
+        upper = min(w.context - 1, fp.max_positions) if fp.max_positions else w.context - 1
+        longest = longest_context(fp, config, card, upper) if upper >= 1 else 0
         if longest:
-            fixes.append(f"a context of at most {longest} tokens fits")
+            own = " (the model's own context)" if longest == fp.max_positions else ""
+            fixes.append(f"a context of at most {longest} tokens fits{own}")
         elif w.batch > 1:
             fixes.append("plan for a smaller batch_size")
     if config.prefetch > 0:

@@ -214,7 +214,7 @@ def _changed_since_last_check(folder: Path, ids: dict):
     if not isinstance(rec, dict) or rec.get("marker") != ids["marker"] or not isinstance(rec.get("files"), dict):
         return "no record of an earlier full check"
     if rec.get("source") != ids["source"]:
-        return f"{Path(ids['source'][0]).name} is not the file last checked"
+        return f"{Path(ids['source'][0]).name} is not the copy checked last time (reinstalled or touched)"
     for name, ident in ids["files"].items():
         if rec["files"].get(name) != ident:
             return f"{name} changed since the last full check"

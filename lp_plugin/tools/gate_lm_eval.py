@@ -2,7 +2,7 @@
 
 For teams whose CI already runs lm-eval: evaluate the plain model (``--model hf``) and the offloaded
 one (``--model hf-residual-offload``), or one commit against the next, then compare the two results
-files. Every metric of every task in BASE must be in CANDIDATE and equal to it, or within the
+files. Every metric of every task in BASE must be in CANDIDATE and equal to it (the default), or within a
 relative tolerance (``--tolerance 1e-6``, per metric ``--tolerance 1e-6,acc=0.01``); each line
 says which metric moved and by how much. When a file comes from ``hf-residual-offload``, its
 ``config.residual_offload.tokens_per_second`` is shown, and the throughput ratio when both have

@@ -23,10 +23,12 @@ anyway. No pickle: JSON for scores, safetensors for tensors.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -41,6 +43,7 @@ from safetensors.torch import save_file
 
 from ...core import accel
 from ...core.paths import SKIPPING, cache_root
+from ...errors import outside_stacklevel
 from ..arch import find_decoder_layers
 
 FORMAT = "lp_plugin.skipping/1"
@@ -84,11 +87,12 @@ def folder() -> Path:
     with _private_lock:
         if path not in _private:
             _private[path] = Path(tempfile.mkdtemp(prefix="lp_plugin-skipping-"))  # mode 0700, this user's
+            atexit.register(shutil.rmtree, _private[path], ignore_errors=True)  # for this process only
             warnings.warn(
                 f"lp_plugin: the skipping cache is not used: {reason}; results are cached in "
                 f"{_private[path]} for this process only: fix the folder or point LP_PLUGIN_CACHE at a "
                 "folder of your own",
-                stacklevel=3,
+                stacklevel=outside_stacklevel(),
             )
         return _private[path]
 
@@ -174,7 +178,7 @@ def _atomic_write(path: Path, write) -> Path | None:
         warnings.warn(
             f"lp_plugin: cannot write the skipping cache in {path.parent} ({exc}); the result is used but "
             "not cached: point LP_PLUGIN_CACHE at a writable folder",
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
         return None
     finally:
@@ -184,7 +188,9 @@ def _atomic_write(path: Path, write) -> Path | None:
 
 
 def _stale(what: str, path: Path, reason: str) -> None:
-    warnings.warn(f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=4)
+    warnings.warn(
+        f"lp_plugin: cached {what} {path} is not usable ({reason}); computing it again", stacklevel=outside_stacklevel()
+    )
 
 
 _NOT_USABLE = (

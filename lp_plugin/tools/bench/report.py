@@ -287,7 +287,11 @@ def _goal_lines(out) -> list:
         note = ""
         if g.get("within_noise"):
             tag = "~"
-            note = f"; within this run's noise (±{100 * (math.exp(g['noise_band']) - 1):.0f}%): could go either way"
+            side = "on the target's side" if g["met"] else "short of it"
+            note = (
+                f"; {side}, but within this run's noise (±{100 * (math.exp(g['noise_band']) - 1):.0f}%): "
+                "could go either way"
+            )
         lines += _wrap(f"  [{tag}] {g['config']}: {g['goal']} = {val} (target {g['target'] or '-'}{note})", "       ")
     return lines
 
@@ -367,7 +371,11 @@ def verdict(out: dict, gate: str | None) -> str:
     noisy = sum(bool(g.get("within_noise")) for g in speed)
     met = sum(bool(g["met"]) and not g.get("within_noise") for g in speed)
     missed = len(speed) - met - noisy
-    parts = [exact, gate or "gate: not run (--compare REF)", f"goals: {met} met, {missed} missed, {noisy} in noise"]
+    parts = [
+        exact,
+        gate or "gate: not run (--compare REF)",
+        f"speed goals: {met} met, {missed} missed, {noisy} in noise",
+    ]
     if failed:
         parts.insert(0, f"FAILED: {', '.join(failed)}")
     return "verdict: " + "; ".join(parts)
