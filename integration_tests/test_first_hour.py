@@ -98,6 +98,13 @@ def test_an_option_is_never_taken_for_a_longer_one_it_begins():
     assert exc.value.code == 2
 
 
+def test_an_unknown_option_gets_its_commands_usage_and_the_option_it_was_likely_meant_to_be(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "qwen2.5-3b-shape", "--max_memory", "6GiB"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: lp-plugin plan") and "did you mean --max-memory?" in err
+
+
 def test_subcommands_run(capsys):
     assert main(["tasks-path"]) == 0
     assert Path(capsys.readouterr().out.strip(), "lp_pydoc_ppl").is_dir()

@@ -15,6 +15,7 @@ installed as commands of their own). ``lp-plugin COMMAND --help`` describes ever
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -286,13 +287,32 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unknown(parser, command: str, unknown: list) -> None:
+    """Exit 2 through ``command``'s own parser (its usage, not the top level's), naming the option each unknown
+    one was likely meant to be (``--max_memory``: ``--max-memory``)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            flag = word.split("=", 1)[0]
+            near = difflib.get_close_matches(flag.replace("_", "-"), known, n=1)
+            # (not an option this one begins, '--offload' for '--offload-folder': a word of it may be all it shares)
+            if near and not near[0].startswith(flag + "-"):
+                hints.append(f"{flag}: did you mean {near[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:  # the rest of the line belongs to the tool, --help included
         import importlib
 
         return importlib.import_module(TOOLS[argv[0]][1]).main(argv[1:], prog=f"lp-plugin {argv[0]}")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args.command, unknown)
     if args.command == "tasks-path":
         print(tasks_path())
         return 0
