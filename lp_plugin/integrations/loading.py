@@ -11,6 +11,7 @@ file, so host memory never holds more than one layer. 4-bit loads go through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -105,14 +106,16 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         return AutoModelForCausalLM.from_pretrained(name_or_path, device_map=device_map, **nf4.hf_kwargs)
 
     try:
-        model = load(device_map)
+        with _without_meta_note():
+            model = load(device_map)
     except ValueError as exc:
         # weights transformers converts while loading (fused MoE experts) must be saved again to be offloaded to
         # "disk", in a folder of its own: such a model loads its offloaded layers into host memory instead
         if host != "disk" or "offload_folder" not in str(exc):
             raise
         log.info("lp_plugin: %s: offloaded layers load into host memory (%s)", name_or_path, exc)
-        model = load(nf4.device_map(plan.device_map("cpu")))
+        with _without_meta_note():
+            model = load(nf4.device_map(plan.device_map("cpu")))
     model.eval()
     nf4.finish(model)
     if early is None:
@@ -127,6 +130,24 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
         # activations cannot reuse; a plan for the card gives them back to the device
         torch.cuda.empty_cache()
     return model
+
+
+class _MetaNote(logging.Filter):
+    """Accelerate's warning that offloaded parameters are on the meta device: true while it loads, not once
+    attach has given every layer its tier (what lp_plugin's own log line then says)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Some parameters are on the meta device")
+
+
+@contextlib.contextmanager
+def _without_meta_note():
+    logger, note = logging.getLogger("accelerate.big_modeling"), _MetaNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 # transformers' own loading arguments (never a misspelt lp_plugin option)
