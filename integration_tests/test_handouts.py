@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 
 import pytest
 import torch
@@ -80,14 +81,17 @@ def test_save_pretrained_saves_the_real_weights(plain, tmp_path, mode, tier, pla
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_deepcopy_is_refused_clearly(plain, tmp_path, mode):
+def test_deepcopy_and_pickle_are_refused_clearly(plain, tmp_path, mode):
     model, ref, _ = plain
     handle = _attach(model, tmp_path, mode, "cpu")
-    with pytest.raises(AttachError, match="deepcopy of a model with lp_plugin attached is not supported.*detach"):
-        copy.deepcopy(model)
+    for copy_it in (copy.deepcopy, pickle.dumps, lambda m: torch.save(m, tmp_path / "model.pt")):
+        with pytest.raises(AttachError, match="detach"):
+            copy_it(model)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")  # the weights themselves save
     assert torch.equal(_logits(model), ref)
     handle.detach()
     assert torch.equal(_logits(copy.deepcopy(model)), ref)
+    assert torch.equal(_logits(pickle.loads(pickle.dumps(model))), ref)
 
 
 def test_detach_inside_a_session_is_refused(plain, tmp_path):

@@ -21,11 +21,18 @@ from .mover import Mover
 
 
 def deepcopy_error() -> AttachError:
+    """What copying an attached model raises: ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` alike."""
     return AttachError(
-        "copy.deepcopy of a model with lp_plugin attached is not supported: the offloaded layers' weights live in "
-        "lp_plugin's tier. Deep-copy the plain model (lp_plugin.get_handle(model).detach() first) and attach "
-        "each copy"
+        "copy.deepcopy, pickle and torch.save(model) of a model with lp_plugin attached are not supported: the "
+        "offloaded layers' weights live in lp_plugin's tier. Save the weights (model.save_pretrained(...) or "
+        "torch.save(model.state_dict(), ...) give the real ones), or copy the plain model "
+        "(lp_plugin.get_handle(model).detach() first) and attach each copy"
     )
+
+
+def refuse_copy(protocol=None):
+    """An attached model's ``__reduce_ex__`` (set on the instance, where ``pickle`` and ``copy`` look first)."""
+    raise deepcopy_error()
 
 
 class SessionGate:

@@ -66,7 +66,8 @@ def _backward_check(gate, token, index, grad):
         raise AttachError(
             f"backward reached offloaded layer {index} after its weights left the device, so its gradients would be "
             "wrong; in mode='session' run forward and backward inside one `with lp_plugin.session(model):` block "
-            "(stream mode does not support gradients), or detach() before training"
+            "(stream mode does not support gradients), or detach() before training. The layers after it already hold "
+            "this backward's gradients: zero them (model.zero_grad()) before the next"
         )
     return grad
 

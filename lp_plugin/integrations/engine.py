@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core import accel, hooks
 from ..core.devices import check_usable, map_value, normalize_device
 from ..core.entry import ModelEntry
-from ..core.gate import SessionGate, deepcopy_error
+from ..core.gate import SessionGate, deepcopy_error, refuse_copy
 from ..core.graphs import DecodeGraphs
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
 from ..core.host_embeddings import HostEmbeddings, embedding_modules, report_device
@@ -319,6 +319,8 @@ def _install(handle, model, layer_list):
     plan, config, record, gate = handle.plan, handle.config, handle.record, handle.gate
     model.__dict__[_ATTR] = handle
     record.did("the handle on the model", lambda: model.__dict__.pop(_ATTR, None))
+    model.__dict__["__reduce_ex__"] = refuse_copy  # before pickle meets a hook it cannot name
+    record.did("copies refused", lambda: model.__dict__.pop("__reduce_ex__", None))
     if handle.host_embeddings is not None:
         host_embeddings = handle.host_embeddings
         record.did("the input embeddings and lm_head in host memory", host_embeddings.restore)
