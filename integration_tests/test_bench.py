@@ -63,7 +63,7 @@ def test_run_succeeds_and_prints_table(bench_run):
         assert col in header
     assert "standby GiB" not in header and "bound tok/s" not in header
     assert any(line.startswith("* computed, not measured") for line in lines)
-    assert lines[-1].startswith("verdict: exact (4 of 4 configs equal the plain model); gate: not run")
+    assert lines[-1].startswith("verdict: exact (4 of 4 configs equal the plain model); no gate (--compare REF)")
     for name in NAMES:
         assert any(line.startswith(name + " ") for line in lines), name
     assert any(line.startswith(TWIN + " (noise)") for line in lines)

@@ -373,7 +373,7 @@ def verdict(out: dict, gate: str | None) -> str:
     missed = len(speed) - met - noisy
     parts = [
         exact,
-        gate or "gate: not run (--compare REF)",
+        gate or "no gate (--compare REF)",
         f"speed goals: {met} met, {missed} missed, {noisy} in noise",
     ]
     if failed:
