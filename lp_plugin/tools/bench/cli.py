@@ -18,7 +18,7 @@ import traceback
 
 from lp_plugin.core.report import GIB
 
-from .. import check_writable
+from .. import Parser, check_writable
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
 from .report import FORM_ERRORS, format_table, load_results, verdict, write_json
@@ -66,13 +66,12 @@ examples:
 
 
 def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure offloaded configs against the plain model in one run (VRAM, speed, exactness) "
         "and gate on it.",
-        allow_abbrev=False,
     )
     p.add_argument("--model", help="checkpoint folder, hub id, or shape name (see below)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma separated configs (default: {DEFAULT_CONFIGS})")
@@ -315,8 +314,7 @@ def main(argv=None, prog: str = "lp-bench") -> int:
     if args.plot:
         from .plot import plot
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        plot(out, args.plot)
+        plot(out, args.plot)  # (its folder made by check_writable before the run)
         print(f"plot: {args.plot}")
     failed = [c for c in out["configs"] if c.get("error")]
     for c in failed:

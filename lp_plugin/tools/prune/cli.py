@@ -28,7 +28,7 @@ from ...errors import LPPluginError
 from ...planning.skipping.calib import HELDOUT, WINDOW
 from ...planning.skipping.domains import SLICES
 from ...planning.skipping.spec import check_calib, parse_stand_in
-from .. import check_writable
+from .. import Parser, check_writable
 from ..shapes import _HUB_ID
 from . import frontier
 from .sweep import FRACTIONS, SELECTIONS, STAND_INS
@@ -96,7 +96,6 @@ def _engine(args) -> dict:
     greedy pass)."""
     from transformers import AutoConfig
 
-    from ...core.devices import check_usable, normalize_device
     from ...integrations.checks import check_options
     from ...planning.config import OffloadConfig
     from ...planning.plan import OffloadPlan
@@ -109,9 +108,7 @@ def _engine(args) -> dict:
         "main_device": args.device,
     }
     config = OffloadConfig(**engine)
-    if args.device is not None:  # named as this command spells it
-        check_usable(normalize_device(config.main_device), "--device", "--device cpu")
-    check_options(config, args.model)
+    check_options(config, args.model, device_option=("--device", "--device cpu"))
     OffloadPlan.for_config(AutoConfig.from_pretrained(args.model), config)
     return engine
 
@@ -201,9 +198,7 @@ def _time_help() -> str:
 def build_parser(prog: str = "lp-prune") -> argparse.ArgumentParser:
     from ...__main__ import plain_text
 
-    p = argparse.ArgumentParser(
-        prog=prog, description=plain_text(__doc__.split("\n\n")[0]), epilog=_time_help(), allow_abbrev=False
-    )
+    p = Parser(prog=prog, description=plain_text(__doc__.split("\n\n")[0]), epilog=_time_help())
     p.add_argument(
         "--model", required=True, help="a transformers folder or Hub id owner/name (its tokenizer is needed)"
     )
