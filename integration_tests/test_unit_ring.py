@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from unit_parts import Block, MemoryTier
+from unit_parts import Block, LendingTier, MemoryTier
 
 from lp_plugin import AttachError
 from lp_plugin.core import ops
@@ -18,7 +18,7 @@ from lp_plugin.core.stream import Ring
 from lp_plugin.core.tiers import CpuTier
 
 CPU = torch.device("cpu")
-TIERS = {"cpu": lambda: CpuTier(pin=False), "staged": MemoryTier}
+TIERS = {"cpu": lambda: CpuTier(pin=False), "staged": MemoryTier, "lending": LendingTier}
 
 
 class Room:
@@ -60,9 +60,9 @@ def test_each_layer_holds_its_own_weights_when_it_runs(tier_name):
     room = Room()
     ring = Ring(layers, prefetch=1, device=CPU, room_check=room)
     assert (ring.nslots, ring.slot_bytes, ring.is_open) == (2, max(l.nbytes for l in layers), False)
-    assert ring.needs_staging is (tier_name == "staged")
     ring.open()
     try:
+        assert ring.needs_staging is (tier_name == "staged")
         assert room.asked == [(2 * ring.slot_bytes, CPU)]
         for _ in range(3):
             forward(ring, blocks, states)
@@ -74,6 +74,56 @@ def test_each_layer_holds_its_own_weights_when_it_runs(tier_name):
         assert block.up.weight.data_ptr() >= tier.host_view(layer.key).data_ptr()
     ring.close()
     assert ring.id not in ops._rings
+
+
+def test_a_unit_whose_tier_stops_lending_is_read_through_staging_from_then_on():
+    blocks, states, layers, tier = build("lending")
+    ring = Ring(layers, prefetch=1, device=CPU, room_check=Room())
+    ring.open()
+    try:
+        forward(ring, blocks, states)
+        assert not ring.needs_staging and ring.executor is None
+        tier.stop_lending(layers[3].key)
+        with torch.no_grad():  # the tier's own copy changes: only a read through staging carries it
+            tier.units[layers[3].key].zero_()
+        ring.wait(0)
+        ring.done(0)
+        ring.wait(1)
+        ring.done(1)
+        ring.wait(2)
+        ring.done(2)  # issues unit 3's load: the tier no longer lends it
+        ring.wait(3)
+        linears = [blocks[3].up.weight, blocks[3].up.bias, blocks[3].down.weight]  # (the norm stays from open)
+        assert all(not torch.any(t != 0) for t in linears)
+        ring.done(3)
+        ring.wait(4)
+        assert blocks[4].matches(states[4])
+        ring.done(4)
+        ring.join()
+        assert ring.needs_staging and ring.host[3] is None and ring.host[4] is not None
+    finally:
+        ring.release()
+        ring.close()
+
+
+def test_an_open_that_fails_after_staging_started_puts_the_gil_switch_interval_back():
+    import sys
+
+    from lp_plugin.core.stream import gil_switch
+
+    _, _, layers, _ = build("staged")
+    ring = Ring(layers, prefetch=1, device=CPU, room_check=Room())
+    before = sys.getswitchinterval()
+
+    def fail(pos):
+        raise RuntimeError("a copy could not be issued")
+
+    ring._issue = fail
+    with pytest.raises(RuntimeError):
+        ring.open()
+    assert sys.getswitchinterval() == before and gil_switch._users == 0 and not ring.is_open
+    ring.close()
+    assert sys.getswitchinterval() == before and gil_switch._users == 0
 
 
 def test_layers_take_turns_in_the_slots(tier_name):

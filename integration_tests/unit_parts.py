@@ -1,5 +1,7 @@
-"""Small real parts for the unit tests: a layer-like module with mixed dtypes, and a minimal in-memory tier
-without a pinned host copy (so the ring reads it through staging buffers, as it reads the disk tier)."""
+"""Small real parts for the unit tests: a layer-like module with mixed dtypes, a minimal in-memory tier
+without a pinned host copy (so the ring reads it through staging buffers, as it reads the disk tier), and one
+that lends its copies until told to stop (as the disk tier lends cached pages until an edit or a cold-cache
+benchmark takes them back)."""
 
 from __future__ import annotations
 
@@ -48,3 +50,28 @@ class MemoryTier(Tier):
 
     def host_view(self, key):
         return self.units[key]
+
+
+class LendingTier(MemoryTier):
+    """Lends a copy of each unit's bytes, made at put, as the transfers' source until :meth:`stop_lending` for
+    that unit; reads through staging (``read_into``) copy its own tensor, which may have changed since."""
+
+    name = "lending"
+
+    def __init__(self):
+        super().__init__()
+        self.lent: dict[str, torch.Tensor] = {}
+        self.withdrawn: set[str] = set()
+
+    def put(self, key, flat, layout, sha256):
+        super().put(key, flat, layout, sha256)
+        self.lent[key] = flat.clone()
+
+    def direct(self, key):
+        return key not in self.withdrawn
+
+    def transfer_view(self, key):
+        return self.lent[key]
+
+    def stop_lending(self, key):
+        self.withdrawn.add(key)

@@ -20,7 +20,7 @@ from ..errors import AttachError
 from .mover import Mover
 
 
-def deepcopy_error() -> AttachError:
+def copy_error() -> AttachError:
     """What copying an attached model raises: ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` alike."""
     return AttachError(
         "copy.deepcopy, pickle and torch.save(model) of a model with lp_plugin attached are not supported: the "
@@ -32,7 +32,7 @@ def deepcopy_error() -> AttachError:
 
 def refuse_copy(protocol=None):
     """An attached model's ``__reduce_ex__`` (set on the instance, where ``pickle`` and ``copy`` look first)."""
-    raise deepcopy_error()
+    raise copy_error()
 
 
 class SessionGate:
@@ -49,7 +49,7 @@ class SessionGate:
         self.on_close: list = []  # called as the outermost session closes, before the movers release
 
     def __deepcopy__(self, memo):
-        raise deepcopy_error()
+        raise copy_error()
 
     @property
     def in_session(self) -> bool:

@@ -250,8 +250,8 @@ class StandIn(OffloadedUnit):
 
 
 class Stager:
-    """Host-side source of a unit's bytes for one-off copies (session load, detach): the tier's own
-    pinned copy, or a pinned staging buffer filled from the tier (one buffer, reused)."""
+    """Host-side source of a unit's bytes for one-off copies (session load, detach): the pinned host memory
+    the tier lends, or a pinned staging buffer filled from the tier (one buffer, reused)."""
 
     def __init__(self, units, pin: bool, device):
         self.units = units
@@ -272,8 +272,7 @@ class Stager:
 
     def source(self, unit) -> torch.Tensor:
         if unit.tier.direct(unit.key):
-            unit.tier.check(unit.key)
-            return unit.tier.host_view(unit.key)
+            return unit.tier.transfer_view(unit.key)
         self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
         if self.buf is None:
             self.buf = allocate_host(max(u.nbytes for u in self.units), self.pin, "a staging buffer")

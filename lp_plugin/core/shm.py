@@ -22,8 +22,9 @@ import os
 
 import torch
 
+from . import pinning
+
 SHM = "/dev/shm"
-_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 
 
 def local_ranks() -> int:
@@ -81,12 +82,11 @@ class SharedBuffer:
         self.tensor: torch.Tensor | None = tensor
         self.pinned = False
         if pin and self.nbytes:
-            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), self.nbytes, _READ_ONLY)
-            self.pinned = int(err) == 0
+            self.pinned = pinning.register(tensor.data_ptr(), self.nbytes)
 
     def close(self) -> None:
         if self.pinned and self.tensor is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            pinning.unregister(self.tensor.data_ptr())
             self.pinned = False
         self.tensor = None
         with contextlib.suppress(BufferError):

@@ -71,24 +71,16 @@ class Ring(Mover):
         self.other_bytes = [u.layout.other_nbytes for u in units]
         self.nlinear = [len(u.stream_modules) for u in units]
         self.calls = [0] * self.k  # Linear modules of each unit run so far in this forward
-        # a direct copy source per unit (the tier's pinned host copy), or None: read through staging
-        self.host = [u.tier.host_view(u.key) if u.tier.direct(u.key) else None for u in units]
-        self.needs_staging = any(h is None for h in self.host)
+        # per unit, the pinned host tensor its tier lends as a copy source, or None: read through staging (set at open)
+        self.host: list[torch.Tensor | None] = [None] * self.k
+        self.needs_staging = False  # a unit of this session reads through staging
+        self._gil_lowered = False  # this session lowered the GIL switch interval (gil_switch)
         self.side = torch.cuda.Stream(device) if self.cuda else None
         # the stream the model computes on: read as the ring opens and as each forward starts (a forward
         # runs on one stream), so the calls per unit need not ask for it (a new Stream object, ~6 us)
         self.compute: torch.cuda.Stream | None = None
         self.on_current_device = False  # the ring's device is the current device (read with compute)
-        self.executor = (
-            ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="lp_plugin-reader",
-                initializer=_reader_init,  # (not a method: the thread would keep the ring alive)
-                initargs=(device, self.side),
-            )
-            if self.needs_staging
-            else None
-        )
+        self.executor: ThreadPoolExecutor | None = None  # the reader thread (made when a unit first reads via staging)
         self.buffer: StableBuffer | PlainBuffer | None = None  # every slot, at a fixed address across sessions
         self.staging: list[torch.Tensor] | None = None
         self.slots: list[torch.Tensor] | None = None
@@ -109,16 +101,13 @@ class Ring(Mover):
         for unit in self.units:
             unit.check_intact()
         sources = [unit.tier.host_view(unit.key) for unit in self.units]  # (each checked against its file)
+        self.host = [u.tier.transfer_view(u.key) if u.tier.direct(u.key) else None for u in self.units]
         self.room_check(
             self.nslots * self.slot_bytes,
             self.device,
             f"stream mode's ring of {self.nslots} layer buffers",
             "lower prefetch, or offload fewer/smaller layers",
         )
-        if self.needs_staging and self.staging is None:
-            self.staging = [
-                allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)
-            ]
         self.loaded = [torch.cuda.Event() for _ in range(self.nslots)] if self.cuda else None
         self.event_ok = [False] * self.nslots  # loaded[slot] was recorded outside a graph capture
         self.in_capture = [False] * self.k  # the load of unit pos was issued inside the current capture
@@ -130,6 +119,9 @@ class Ring(Mover):
             self.buffer = device_buffer(self.nslots * self.slot_bytes + sum(self.other_bytes), self.device)
         flat = self.buffer.map()
         try:
+            self.needs_staging = False
+            if any(h is None for h in self.host):
+                self._start_staging()
             self.slots = [flat[i * self.slot_bytes : (i + 1) * self.slot_bytes] for i in range(self.nslots)]
             offset = self.nslots * self.slot_bytes
             for pos, (unit, nbytes) in enumerate(zip(self.units, self.other_bytes)):
@@ -145,9 +137,34 @@ class Ring(Mover):
         except BaseException:
             self._drain()
             self._unbind()
+            self._restore_gil()
             raise
-        if self.needs_staging:
-            gil_switch.enter()  # left in release
+
+    def _start_staging(self) -> None:
+        """From now on in this session a unit reads through staging: the pinned staging buffers (kept across
+        sessions), the reader thread, and the GIL switch interval lowered until release. Riders still waiting are
+        issued first: from here on the reader thread issues copies on the side stream, and carry refuses."""
+        self.flush()
+        if self.staging is None:
+            self.staging = [
+                allocate_host(self.slot_bytes, self.cuda, "stream staging buffers") for _ in range(self.nslots)
+            ]
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="lp_plugin-reader",
+                initializer=_reader_init,  # (not a method: the thread would keep the ring alive)
+                initargs=(self.device, self.side),
+            )
+        if not self._gil_lowered:
+            gil_switch.enter()
+            self._gil_lowered = True
+        self.needs_staging = True
+
+    def _restore_gil(self) -> None:
+        if self._gil_lowered:
+            gil_switch.leave()
+            self._gil_lowered = False
 
     def _read_compute_stream(self) -> None:
         if self.cuda:
@@ -201,14 +218,15 @@ class Ring(Mover):
         edited = self.edited_units()
         self._drain()
         self._unbind()
-        if self.needs_staging:
-            gil_switch.leave()
+        self._restore_gil()
+        self.host = [None] * self.k  # (what the tiers lent is asked for again at the next open)
         if edited:
             raise edit_error(edited)
 
     def close(self):
         if self.is_open:
             self.release()
+        self._restore_gil()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         if self.buffer is not None:
@@ -236,12 +254,16 @@ class Ring(Mover):
     def _issue(self, pos):
         """Start copying unit ``pos`` into its slot once the compute stream is past its previous user."""
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
-        if capturing and self.host[pos] is None:
+        unit = self.units[pos]
+        if capturing and (self.host[pos] is None or unit.tier.checks_files):
             raise AttachError(
                 "stream mode on a tier without a pinned host copy (disk) cannot run inside a CUDA graph: "
                 "use tier='cpu' for captured or compiled decoding (decode='graph', torch.compile with CUDA graphs), "
                 "or decode eagerly (decode='eager'; generate(disable_compile=True) for transformers' own compile)"
             )
+        if self.host[pos] is not None and not unit.tier.direct(unit.key):
+            self._start_staging()  # the tier took its copy source back (an edit, a cold-cache benchmark)
+            self.host[pos] = None
         self.in_capture[pos] = capturing
         self.holds[pos % self.nslots] = pos
         fork = None
@@ -249,12 +271,13 @@ class Ring(Mover):
             assert self.compute is not None  # read as the ring opened
             fork = torch.cuda.Event()
             self.compute.record_event(fork)
-        if self.host[pos] is None:
+        src = self.host[pos]
+        if src is None:
             assert self.executor is not None  # made where a unit reads through staging
             self.pending[pos] = self.executor.submit(self._read_and_copy, pos, fork)
         else:
-            self.units[pos].tier.check(self.units[pos].key)
-            self._copy(pos, self.host[pos][: self.units[pos].nbytes], fork, capturing)
+            unit.tier.check(unit.key)
+            self._copy(pos, src[: unit.nbytes], fork, capturing)
 
     def _copy(self, pos, src, fork, capturing, reader: bool = False):
         """Copy ``src`` into unit ``pos``'s slot on the side stream, after ``fork``. The reader thread's

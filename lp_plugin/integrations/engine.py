@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core import accel, hooks
 from ..core.devices import check_usable, map_value, normalize_device
 from ..core.entry import ModelEntry
-from ..core.gate import SessionGate, deepcopy_error, refuse_copy
+from ..core.gate import SessionGate, copy_error, refuse_copy
 from ..core.graphs import DecodeGraphs
 from ..core.group import OffloadedLayer, Stager, StandIn, execution_order, offloaded_dtypes
 from ..core.host_embeddings import HostEmbeddings, embedding_modules, report_device
@@ -124,7 +124,7 @@ class OffloadHandle:
         self.report.log_attached()
 
     def __deepcopy__(self, memo):
-        raise deepcopy_error()
+        raise copy_error()
 
     @property
     def movers(self) -> list:

@@ -49,6 +49,10 @@ class HandleReport:
         """Bytes of the offloaded layers (not the stand-ins) held by the tier."""
         return sum(l.nbytes for l in self.layers)
 
+    def _pinned_cache_bytes(self) -> int:
+        pinned = getattr(self.tier, "pinned_cache_bytes", None)
+        return pinned() if pinned is not None else 0
+
     def without_weights(self) -> list[int]:
         """Skipped layers whose weights the model does not hold (never read, or freed once chosen)."""
         return [i for i, module in self.dropped if is_absent(module)]
@@ -57,6 +61,7 @@ class HandleReport:
         c = self.config
         units = execution_order(self.layers, self.stand_ins)
         offloaded = sum(u.nbytes for u in units)  # what the tier holds and a stream-mode forward moves
+        read, read_direct = self.tier.bytes_read()
         return {
             "offload": c.offload if isinstance(c.offload, str) else ",".join(map(str, c.offload)),
             "layers": list(self.plan.selected),
@@ -76,6 +81,9 @@ class HandleReport:
             "offloaded_bytes": offloaded,
             "layer_bytes": max((u.nbytes for u in units), default=0),
             "bytes_per_forward": offloaded if c.mode == "stream" else 0,
+            "bytes_read": read,  # from the tier's files by transfers so far (disk tier)
+            "bytes_read_direct": read_direct,  # of those, past the page cache
+            "pinned_cache_bytes": self._pinned_cache_bytes(),  # the files' cached pages transfers copy from
             "ring_slots": sum(m.nslots for m in self.gate.movers if isinstance(m, Ring)),
             "devices": sorted({str(u.device) for u in units}) or [str(self.plan.main_device)],
             "embeddings": c.embeddings,
@@ -143,6 +151,13 @@ class HandleReport:
         dropped = [i for i, _ in self.dropped if i not in self.plan.skips.layers]
         if dropped:
             rows.append(("dropped", f"layers {layers_text(dropped)} (alpha 0: never run)"))
+        read, direct = self.tier.bytes_read()
+        pinned = self._pinned_cache_bytes()
+        moves = [f"from the files' cached pages, lent to CUDA ({size_text(pinned)} pinned)"] if pinned else []
+        if read:
+            moves.append(f"{size_text(read)} read from the files so far ({size_text(direct)} past the page cache)")
+        if moves:
+            rows.append(("transfers", "; ".join(moves)))
         folder = getattr(self.tier, "offload_folder", None)
         if folder:
             how = (

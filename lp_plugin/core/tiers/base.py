@@ -72,8 +72,9 @@ class Tier(ABC):
 
     * :meth:`put` stores the unit once at attach (verify what is already there, or write it);
     * :meth:`host_view` is the host uint8 tensor the model's tensors point at between uses;
-    * :meth:`direct` says whether that view is itself the source of transfers, or whether they go
-      through a pinned staging buffer filled by :meth:`read_into`;
+    * :meth:`direct` says whether transfers copy straight from pinned host memory the tier lends,
+      :meth:`transfer_view` (by default the host view itself), or go through a pinned staging
+      buffer filled by :meth:`read_into`;
     * :meth:`check` raises :class:`OffloadFileError` if what backs the unit changed since it was
       verified; the engine calls it (directly or through :meth:`read_into`) before every copy of
       the unit, including the one :meth:`OffloadHandle.detach` makes.
@@ -81,10 +82,11 @@ class Tier(ABC):
     And for the whole tier: :meth:`close` (detach, failed attach), :meth:`drop_page_cache`
     (cold-cache benchmarks), :meth:`host_bytes` (host memory it holds), :meth:`bytes_read` (what
     transfers read from storage), ``host_budget`` (``max_memory["cpu"]`` where given, set by attach),
-    ``keeps_flat`` (True when :meth:`put` keeps the packed buffer itself, which is then allocated
-    pinned), ``read_only`` (True when the host copy the model points at in standby must not be
-    written) and ``report``: key ->
-    ``"reused"``, ``"written"`` or ``"rebuilt: <why>"`` for tiers that keep files (empty for the others).
+    ``checks_files`` (True when :meth:`check` guards bytes that can change behind the tier: a copy
+    captured in a CUDA graph would replay without it), ``keeps_flat`` (True when :meth:`put` keeps
+    the packed buffer itself, which is then allocated pinned), ``read_only`` (True when the host copy
+    the model points at in standby must not be written) and ``report``: key -> ``"reused"``,
+    ``"written"`` or ``"rebuilt: <why>"`` for tiers that keep files (empty for the others).
 
     Third-party tiers subclass this class and register through the ``register_tiers`` plugin hook.
     """
@@ -93,6 +95,7 @@ class Tier(ABC):
     needs_folder: bool = False
     keeps_flat: bool = False
     read_only: bool = False
+    checks_files: bool = False
     host_budget: int | None = None  # max_memory["cpu"] where one is given: host memory the process may hold
 
     def __init__(self, *, pin: bool, offload_folder=None, model_tag: str = ""):
@@ -116,9 +119,17 @@ class Tier(ABC):
         A tier whose bytes can change behind it (files) runs :meth:`check` here too."""
 
     def direct(self, key: str) -> bool:
-        """True when :meth:`host_view` is itself the source of transfers (the cpu tier: pinned when
-        there is a GPU); else they go through a pinned staging buffer filled by :meth:`read_into`."""
+        """True when transfers copy straight from :meth:`transfer_view` (the cpu tier's host copy, pinned when
+        there is a GPU); else they go through a pinned staging buffer filled by :meth:`read_into`. It may turn
+        False during the tier's life (an edit written to the host view, a cold-cache benchmark), never True
+        again for that unit."""
         return False
+
+    def transfer_view(self, key: str) -> torch.Tensor:
+        """Where :meth:`direct` is True: the host uint8 tensor transfers copy the unit from, after
+        :meth:`check` (by default the :meth:`host_view` itself); valid while :meth:`direct` stays True."""
+        self.check(key)
+        return self.host_view(key)
 
     def read_into(self, key: str, dst: torch.Tensor) -> None:
         """:meth:`check` the unit, then copy its bytes into the host uint8 tensor ``dst``."""

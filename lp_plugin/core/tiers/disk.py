@@ -1,10 +1,12 @@
 """The ``disk`` tier: one safetensors layer file per offloaded layer in ``offload_folder``, verified at attach
 (reused, written, or rebuilt when lp_plugin can prove the file is its own), mapped copy-on-write, checked
 with one ``fstat`` before each transfer, read in parallel pieces (from the page cache what it holds, the
-rest with direct I/O). How and why: docs/architecture.md, docs/disk.md."""
+rest with direct I/O); where the files stay in the page cache and there is a GPU, their cached pages are lent
+to CUDA once and transfers copy from them directly. How and why: docs/architecture.md, docs/disk.md."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -15,6 +17,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import OffloadFileError, OffloadSpecError
+from .. import pinning
 from . import layerfile
 from .base import Tier, available_host_memory, describe
 from .folder import OffloadFolder
@@ -31,6 +34,8 @@ class DiskTier(Tier):
     needs_folder = True
     readers = min(8, os.cpu_count() or 1)  # threads reading one unit's pieces
     direct_reads: bool | None = None  # True/False: always/never bypass the page cache; None: see bypasses_cache
+    pin_cached: bool | None = None  # True/False: always/never lend cached files to CUDA (with a GPU); None: see pins
+    checks_files = True
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -49,24 +54,82 @@ class DiskTier(Tier):
         self._written: set = set()  # units whose mapping holds writes (edits kept in standby): read from it
         self._read = self._direct = 0  # bytes read (and directly) from files no longer held
         self._bypass: bool | None = None  # see bypasses_cache
+        self._pins: bool | None = None  # see pins
+        self._pins_off = False  # drop_page_cache took the pages back for good
 
     def bypasses_cache(self) -> bool:
         """Whether reads take what the page cache lacks with direct I/O, leaving the cache as it was: forced by
-        ``direct_reads``, else when this tier's files are larger than ``host_budget`` or than half the memory the
-        host has available (they could not stay cached: reading them through the cache would only evict other
-        files, and each forward would read them from the disk anyway). Decided at the first read."""
+        ``direct_reads``, else when this tier's files do not fit (:meth:`files_fit`: they could not stay cached,
+        so reading them through the cache would only evict other files, and each forward would read them from the
+        disk anyway). Decided at the first read."""
         if self._bypass is None:
-            if self.direct_reads is not None:
-                self._bypass = bool(self.direct_reads)
-            else:
-                total = sum(e.nbytes for e in self._files.values())
-                available = available_host_memory()
-                limits = [x for x in (self.host_budget, available // 2 if available else None) if x is not None]
-                self._bypass = bool(limits) and total > min(limits)
+            self._bypass = bool(self.direct_reads) if self.direct_reads is not None else not self.files_fit()
             log.debug(
                 "lp_plugin: disk tier reads %s", "past the page cache" if self._bypass else "through the page cache"
             )
         return self._bypass
+
+    def files_fit(self) -> bool:
+        """Whether this tier's files fit in ``host_budget`` and in half the memory the host has available now."""
+        total = sum(e.nbytes for e in self._files.values())
+        available = available_host_memory()
+        limits = [x for x in (self.host_budget, available // 2 if available else None) if x is not None]
+        return not limits or total <= min(limits)
+
+    def pins(self) -> bool:
+        """Whether transfers copy straight from the files' cached pages, lent to CUDA (``cudaHostRegister``) once
+        for the tier's life: forced by ``pin_cached``, else where there is a GPU, reads go through the page cache
+        and the files fit (:meth:`files_fit`). Lent pages stay in host memory, as the cpu tier's copy would (shared
+        with the page cache, not a second copy). Decided, and the files pinned, at the first ask after the units
+        were put; a file CUDA refuses is read as before. Never again after :meth:`drop_page_cache`."""
+        if self._pins is None:
+            auto = not self.bypasses_cache() and self.files_fit()
+            wanted = self.pin and not self._pins_off and (self.pin_cached if self.pin_cached is not None else auto)
+            self._pins = bool(wanted) and self._pin_files()
+            if not self._pins:
+                self._unpin(self._files.values())
+        return self._pins
+
+    def _pin_files(self) -> bool:
+        entries = [(k, e) for k, e in self._files.items() if k not in self._written and e.pinned is None]
+        for _, entry in entries:  # the kernel reads what is not cached in the background while the first pins
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(entry.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        for key, entry in entries:
+            entry.check()
+            if not entry.pin():
+                log.info("lp_plugin: %s: transfers read %s (CUDA did not take its pages)", describe(key), entry.path)
+        pinned = [e for e in self._files.values() if e.pinned is not None]
+        log.debug(
+            "lp_plugin: disk tier lends %d of %d files (%d bytes of cached pages) to CUDA",
+            len(pinned),
+            len(self._files),
+            sum(e.nbytes for e in pinned),
+        )
+        return bool(pinned)
+
+    @staticmethod
+    def _unpin(entries) -> None:
+        """Take pages back from CUDA once no copy from them can be in flight on any GPU."""
+        entries = [e for e in entries if e.pinned is not None]
+        if entries:
+            pinning.synchronize_devices()
+            for entry in entries:
+                entry.unpin()
+
+    def direct(self, key):
+        return key not in self._written and self.pins() and self._entry(key).pinned is not None
+
+    def transfer_view(self, key):
+        entry = self._entry(key)
+        entry.check()
+        if entry.pinned is None or key in self._written:
+            raise OffloadFileError(f"{describe(key)} is not lent to CUDA: read it with read_into")
+        return entry.pinned
+
+    def pinned_cache_bytes(self) -> int:
+        """Bytes of the files' cached pages lent to CUDA (held in host memory while the tier lives)."""
+        return sum(e.nbytes for e in self._files.values() if e.pinned is not None)
 
     def _readers(self) -> ThreadPoolExecutor | None:
         """The pool reading a unit's pieces (made at the first read, and again in a forked child, where the
@@ -88,7 +151,7 @@ class DiskTier(Tier):
         path = self.folder.entry_path(name)
         self._forget(key)
         self._written.discard(key)
-        self._bypass = None  # decided again, for all the files, at the next read
+        self._bypass = self._pins = None  # decided again, for all the files, at the next read
         with self.folder.locked():
             owned = self.folder.owned()
             found = self._inspect(name, what, key, layout, sha256, nbytes)
@@ -163,6 +226,7 @@ class DiskTier(Tier):
             self._close(entry)
 
     def _close(self, entry: MappedFile) -> None:
+        self._unpin([entry])
         self._read += entry.read_bytes
         self._direct += entry.direct_bytes
         entry.close()
@@ -183,8 +247,9 @@ class DiskTier(Tier):
         self._entry(key).check()
 
     def mark_written(self, key):
-        self._entry(key)
+        entry = self._entry(key)
         self._written.add(key)
+        self._unpin([entry])  # the edits are in the copy-on-write mapping: transfers read that from now on
 
     def read_into(self, key, dst):
         """Copy the unit into ``dst`` between two looks at the file: a change while the bytes are
@@ -213,7 +278,10 @@ class DiskTier(Tier):
     def drop_page_cache(self) -> None:
         """Unmap this tier's file pages and evict them from the page cache, so that the next read
         of each layer comes from the disk (cold-cache benchmarks). Discards edits written back into
-        the mapping: for benchmarks only."""
+        the mapping, and lent pages go back for good (transfers read the files from then on): for benchmarks
+        only."""
+        self._unpin(self._files.values())
+        self._pins, self._pins_off = False, True
         for entry in self._files.values():
             entry.drop_page_cache()
 
@@ -237,6 +305,7 @@ class DiskTier(Tier):
         return removed
 
     def _close_files(self) -> None:
+        self._unpin(self._files.values())
         for entry in self._files.values():
             self._close(entry)
         self._files.clear()

@@ -3,7 +3,9 @@ tensors point at between uses), its identity and times recorded so that every la
 ``fstat`` whether the file is still what was verified. Transfers read the file (never the mapping, whose
 pages would count as the process's memory): what the page cache holds is copied from it, the rest read
 with direct I/O where the file system allows it, so a model larger than host memory streams without
-filling the page cache. What is and is not caught: docs/architecture.md; the reads: docs/disk.md."""
+filling the page cache. Where the files stay cached, a second, read-only mapping can be lent to CUDA
+(:meth:`MappedFile.pin`): the GPU then copies the cached pages themselves. What is and is not caught:
+docs/architecture.md; the reads: docs/disk.md."""
 
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import os
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import wait
 
 import numpy as np
 import torch
 
 from ...errors import OffloadFileError
+from .. import pinning
 from .layerfile import ALIGN, Malformed, fd_path
 
 log = logging.getLogger("lp_plugin")
@@ -114,6 +118,10 @@ class MappedFile:
             if nbytes
             else torch.empty(0, dtype=torch.uint8)
         )
+        # the payload in the file's pages, lent to CUDA (pin): a copy source for transfers, never written
+        self.pinned: torch.Tensor | None = None
+        self._pin_map: mmap.mmap | None = None
+        self._pin_base: torch.Tensor | None = None
 
     @classmethod
     def verify(cls, fd, path, what, start, nbytes, sha256, since) -> MappedFile:
@@ -271,6 +279,44 @@ class MappedFile:
             return False
         return stamp(os.fstat(self.fd)) == stamp(st) and digest == self.sha256
 
+    def pin(self) -> bool:
+        """Map the file a second time, shared and read-only, and register that mapping with CUDA (read-only):
+        :attr:`pinned`, its payload, is then the page cache's own pages, a copy source at the link's full speed,
+        and they stay in host memory until :meth:`unpin`. Registering reads what the page cache lacks. Writes
+        to the file show there (the engine :meth:`check`s the file before each copy); edits of :attr:`data`
+        do not. False, holding nothing, where CUDA refuses (an empty payload needs nothing lent)."""
+        if self.pinned is not None:
+            return True
+        if not self.nbytes:
+            self.pinned = torch.empty(0, dtype=torch.uint8)
+            return True
+        try:
+            mapping = mmap.mmap(self.fd, self.start + self.nbytes, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return False
+        with warnings.catch_warnings():  # (a read-only buffer: nothing writes through this tensor)
+            warnings.simplefilter("ignore", UserWarning)
+            base = torch.frombuffer(mapping, dtype=torch.uint8)
+        if not pinning.register(base.data_ptr(), base.numel()):
+            del base
+            mapping.close()
+            return False
+        self._pin_map, self._pin_base = mapping, base
+        self.pinned = base[self.start :]
+        return True
+
+    def unpin(self) -> None:
+        """Give the pinned mapping back (its pages stay in the page cache, evictable again). The caller makes
+        sure no copy from it is in flight; views of it handed out before are not to be used after (the mapping
+        goes, so that its pages can leave the page cache)."""
+        if self._pin_base is not None:
+            pinning.unregister(self._pin_base.data_ptr())
+        self.pinned = self._pin_base = None
+        mapping, self._pin_map = self._pin_map, None
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it goes
+                mapping.close()
+
     def drop_page_cache(self) -> None:
         """Unmap the file's pages and evict them from the page cache (pages still mapped are never
         evicted by ``posix_fadvise`` alone)."""
@@ -280,6 +326,7 @@ class MappedFile:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        self.unpin()
         self.data = None
         for fd in [self.direct_fd, *self._retired]:
             if fd is not None:
