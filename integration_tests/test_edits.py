@@ -157,3 +157,29 @@ def test_stream_refusal_leaves_the_model_usable(tmp_path):
     handle.detach()
     _attach(model, "stream", "cpu", None).detach()
     assert torch.equal(_logits(model), _logits(plain))
+
+
+@pytest.mark.parametrize("mode,place", [("stream", "standby"), ("session", "session-then-forward")])
+def test_an_edit_survives_detach_behind_accelerates_disk_offload(tiny_checkpoints, tmp_path, mode, place):
+    """``from_pretrained(tier="disk")`` loads the offloaded layers as Accelerate's "disk" (read from the checkpoint's
+    files); detach gives them back behind its hooks. An edited layer must come back edited, not as the file holds
+    it; an unedited one is still read from the file (nothing of it stays in host memory)."""
+    from transformers import AutoModelForCausalLM
+
+    path, key = tiny_checkpoints["qwen2"], "model.layers.4.mlp.down_proj.weight"
+    edited = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    _edit(edited, key, "mul")
+    model = lp_plugin.from_pretrained(path, dtype=torch.bfloat16, offload="even", mode=mode, tier="disk",
+                                      offload_folder=str(tmp_path / "off"), main_device="cpu")
+    handle = lp_plugin.get_handle(model)
+    assert 4 in handle.layer_indices and any(layer.from_files for layer in handle.layers)
+    if place == "standby":
+        _edit(model, key, "mul")
+    else:
+        with lp_plugin.session(model):
+            _edit(model, key, "mul")
+    assert torch.equal(_logits(model), _logits(edited))
+    handle.detach()
+    assert torch.equal(_logits(model), _logits(edited))
+    for layer in handle.layers:  # the edited layer's values are in the loader's state dict; the others are not
+        assert all((full in store) == (layer.index == 4) for store, full, _ in layer.from_files), layer.index

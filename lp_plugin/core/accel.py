@@ -119,11 +119,30 @@ def take_over(layer, values: dict) -> list:
     return suspended
 
 
-def give_back(layer, suspended, held, meta_values: dict, host_values: dict) -> None:
+def read_from_files(layer, hooks) -> list:
+    """``[(dict, full key, key)]`` for the values of an Accelerate-offloaded layer that its weights maps read from
+    files (``dispatch_model``'s "disk"): the dict is the loader's state dict, which its reads look in first, so a
+    value put there replaces the file's (how an edit made while lp_plugin held the layer is given back)."""
+    found = []
+    for qual, sub, hook in hooks:
+        wm = hook.weights_map
+        state = getattr(getattr(wm, "dataset", None), "state_dict", None)
+        if not isinstance(state, dict) or not hasattr(wm.dataset, "index"):
+            continue
+        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
+        if hook.offload_buffers:
+            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+        found += [(state, wm.prefix + n, f"{qual}.{n}" if qual else n) for n in names if wm.prefix + n not in state]
+    return found
+
+
+def give_back(layer, suspended, held, meta_values: dict, host_values: dict, replace_files=()) -> None:
     """Undo :func:`take_over`: meta placeholders for the taken-over tensors, Accelerate's host copies
-    (``host_values``, keyed like ``held``) back in its weights maps, and its hooks as they were."""
+    (``host_values``, keyed like ``held``) back in its weights maps, the values in ``replace_files`` (entries of
+    :func:`read_from_files`: the layer was edited) put where its reads find them before the files, and its hooks
+    as they were."""
     _assign(layer, meta_values)
-    for store, full_key, key in held:
+    for store, full_key, key in [*held, *replace_files]:
         store[full_key] = host_values[key]
     for s in suspended:
         s.restore()

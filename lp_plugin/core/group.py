@@ -61,6 +61,7 @@ class OffloadedUnit:
         self.binding: Binding | None = None  # the binding to bound_flat
         self.bound_flat: torch.Tensor | None = None  # the buffer the tensors point at when it is not the standby one
         self.streamed = False  # bound to a stream ring's slot (which holds other units' bytes between uses)
+        self.written = False  # an edit was written to the tier's copy: the bytes differ from those attach stored
         self._watched: list[torch.Tensor] = []
         self._versions: list[int] = []
 
@@ -127,6 +128,7 @@ class OffloadedUnit:
         if edited and not self.tier.read_only:
             self.tier.host_view(self.key).copy_(self.bound_flat)
             self.tier.mark_written(self.key)
+            self.written = True
         assert self.standby is not None  # installed
         self.standby.apply()
         self.bound_flat = None
@@ -153,6 +155,7 @@ class OffloadedUnit:
         edited = self.bound_flat is None and self.edited()
         if edited and not self.tier.read_only:
             self.tier.mark_written(self.key)
+            self.written = True
         return edited
 
     def edited(self) -> bool:
@@ -195,6 +198,7 @@ class OffloadedLayer(OffloadedUnit):
         self.accel_hooks = hooks  # Accelerate offload hooks found inside the layer (taken over by install)
         self.held = held  # [(dict, full key, key)]: Accelerate's host copies of the values
         self.accel_keys = frozenset(accel_keys)  # tensors Accelerate held (the module kept meta placeholders)
+        self.from_files = accel.read_from_files(module, hooks) if hooks else []  # values Accelerate reads from files
         self.suspended: list = []
 
     @classmethod
@@ -231,7 +235,12 @@ class OffloadedLayer(OffloadedUnit):
         if self.accel_hooks:
             meta = self.layout.binding(None, "meta").views
             accel.give_back(
-                self.module, self.suspended, self.held, {k: meta[k] for k in self.accel_keys}, restored.views
+                self.module,
+                self.suspended,
+                self.held,
+                {k: meta[k] for k in self.accel_keys},
+                restored.views,
+                replace_files=self.from_files if self.written else (),  # (else the files hold these bytes)
             )
         self.bound_flat = None
 
