@@ -47,29 +47,25 @@ def synchronize_devices() -> None:
 def _clear_error() -> None:
     """Reset the calling thread's last CUDA error: PyTorch checks it after each kernel launch, and a refused
     registration (handled here) would surface there as that kernel's failure."""
-    get_last = _get_last_error()
-    if get_last is not None:
+    for get_last in _get_last_error():
         get_last()
 
 
 @functools.cache
-def _get_last_error():
-    """``cudaGetLastError`` of the CUDA runtime this process loaded (PyTorch's bindings do not expose it)."""
+def _get_last_error() -> tuple:
+    """``cudaGetLastError`` of each CUDA runtime this process loaded (PyTorch's bindings do not expose it; which
+    runtime PyTorch's own calls went through is not known here, and asking one that was not used changes nothing)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart" in line}
+            paths = sorted({line.split()[-1] for line in f if "libcudart" in line})
     except OSError:
-        paths = set()
-    for path in sorted(paths):
+        paths = []
+    found = []
+    for path in [*paths, None]:  # None: a runtime linked into PyTorch itself
         try:
             fn = ctypes.CDLL(path).cudaGetLastError
         except (OSError, AttributeError):
             continue
         fn.restype = ctypes.c_int
-        return fn
-    try:  # a runtime linked into PyTorch itself
-        fn = ctypes.CDLL(None).cudaGetLastError
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_int
-    return fn
+        found.append(fn)
+    return tuple(found)
