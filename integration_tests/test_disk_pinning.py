@@ -73,15 +73,22 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _setup(tiny_checkpoints, folder, edit=None, **kw):
+    """The plain tiny Llama's logits (edited by ``edit`` first, when given) and the model offloaded to the disk tier:
+    ``(model, handle, ids, want)``."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    path = tiny_checkpoints["llama"]
+    ids = torch.tensor([PROMPT], device=device)
+    want = _plain_logits(path, device, ids, edit)
+    model, handle = _offloaded(path, device, folder, **kw)
+    return model, handle, ids, want
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("mode", ["stream", "session"])
 def test_cached_files_are_lent_to_cuda_and_copied_exactly(tiny_checkpoints, tmp_path, mode):
-    device = torch.device("cuda", torch.cuda.current_device())
-    path = tiny_checkpoints["llama"]
-    ids = torch.tensor([PROMPT], device=device)
-    want = _plain_logits(path, device, ids)
-    model, handle = _offloaded(path, device, tmp_path, mode=mode)
+    model, handle, ids, want = _setup(tiny_checkpoints, tmp_path, mode=mode)
     tier = handle.tier
     read_before = tier.bytes_read()
     for _ in range(2):
@@ -99,11 +106,7 @@ def test_cached_files_are_lent_to_cuda_and_copied_exactly(tiny_checkpoints, tmp_
 @pytest.mark.gpu
 @cuda
 def test_pin_cached_false_reads_the_files_and_stays_exact(tiny_checkpoints, tmp_path):
-    device = torch.device("cuda", torch.cuda.current_device())
-    path = tiny_checkpoints["llama"]
-    ids = torch.tensor([PROMPT], device=device)
-    want = _plain_logits(path, device, ids)
-    model, handle = _offloaded(path, device, tmp_path)
+    model, handle, ids, want = _setup(tiny_checkpoints, tmp_path)
     handle.tier.pin_cached = False  # before the first transfer decides
     assert torch.equal(_logits(model, ids), want)
     assert not handle.tier.pins() and handle.movers[0].needs_staging
@@ -114,16 +117,12 @@ def test_pin_cached_false_reads_the_files_and_stays_exact(tiny_checkpoints, tmp_
 @pytest.mark.gpu
 @cuda
 def test_an_edit_in_standby_takes_the_units_pages_back_and_is_carried(tiny_checkpoints, tmp_path):
-    device = torch.device("cuda", torch.cuda.current_device())
-    path = tiny_checkpoints["llama"]
-    ids = torch.tensor([PROMPT], device=device)
 
     def edit(m):
         with torch.no_grad():
             m.model.layers[1].mlp.down_proj.weight.mul_(2)
 
-    want = _plain_logits(path, device, ids, edit)
-    model, handle = _offloaded(path, device, tmp_path)
+    model, handle, ids, want = _setup(tiny_checkpoints, tmp_path, edit)
     assert not torch.equal(_logits(model, ids), want)  # (the edit changes the logits)
     edit(model)  # in standby: into the tier's copy-on-write mapping
     assert torch.equal(_logits(model, ids), want)
@@ -138,11 +137,7 @@ def test_an_edit_in_standby_takes_the_units_pages_back_and_is_carried(tiny_check
 @pytest.mark.gpu
 @cuda
 def test_dropping_the_page_cache_inside_a_session_switches_the_ring_to_reads(tiny_checkpoints, tmp_path):
-    device = torch.device("cuda", torch.cuda.current_device())
-    path = tiny_checkpoints["llama"]
-    ids = torch.tensor([PROMPT], device=device)
-    want = _plain_logits(path, device, ids)
-    model, handle = _offloaded(path, device, tmp_path)
+    model, handle, ids, want = _setup(tiny_checkpoints, tmp_path)
     with lp_plugin.session(model):
         assert torch.equal(_logits(model, ids), want)
         assert handle.tier.pinned_cache_bytes() > 0 and not handle.movers[0].needs_staging
