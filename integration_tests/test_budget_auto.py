@@ -160,6 +160,14 @@ def test_cli_prints_the_plan():
         assert text in out, (text, out)
 
 
+@pytest.mark.parametrize("device,note", [("cuda:0", True), ("cpu", False)])
+def test_cli_says_a_disk_tier_on_a_gpu_may_pin_its_cached_files(device, note):
+    proc = _cli("--model", "qwen2.5-3b-shape", "--max-memory", "4GiB", "--tier", "disk", "--device", device)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("host memory:"))
+    assert "of files" in line and ("cached pages are pinned" in line) is note, line
+
+
 def test_cli_json_and_the_smallest_budget(tmp_path):
     proc = _cli("--model", "qwen2.5-3b-shape", "--max-memory", "0=1GiB", "--max-memory", "cpu=30GiB", "--context", "8192",
                 "--dtype", "nf4", "--json")

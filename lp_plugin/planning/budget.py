@@ -634,6 +634,11 @@ def describe(plan: BudgetPlan) -> str:
         lines.append(
             f"host memory: {size_text(plan.host_bytes)} pinned"
             + (f", {size_text(plan.disk_bytes)} of files" if plan.disk_bytes else "")
+            + (
+                " (where they fit the host budget and half the available memory, their cached pages are pinned instead)"
+                if plan.disk_bytes and plan.main_device.startswith("cuda")
+                else ""
+            )
         )
     if "upper bound" in plan.speed_basis:  # transfers alone: the model's compute is not in the figure
         lines.append(
