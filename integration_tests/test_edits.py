@@ -183,3 +183,24 @@ def test_an_edit_survives_detach_behind_accelerates_disk_offload(tiny_checkpoint
     assert torch.equal(_logits(model), _logits(edited))
     for layer in handle.layers:  # the edited layer's values are in the loader's state dict; the others are not
         assert all((full in store) == (layer.index == 4) for store, full, _ in layer.from_files), layer.index
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_an_edit_survives_detach_over_accelerates_own_disk_offload(tmp_path, tier):
+    """attach over a model that Accelerate offloaded to "disk" itself (``device_map`` with an ``offload_folder``): an
+    edited layer goes back behind Accelerate's hooks edited."""
+    from shapes import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    path, key = save_tiny("qwen2", tmp_path / "ckpt"), "model.layers.4.mlp.down_proj.weight"
+    edited = AutoModelForCausalLM.from_pretrained(path).eval()
+    _edit(edited, key, "mul")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i in (3, 4) else "cpu" for i in range(8)}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "acc"))
+    folder = {"offload_folder": str(tmp_path / "off")} if tier == "disk" else {}
+    handle = lp_plugin.attach(model.eval(), offload="3,4", tier=tier, **folder)
+    _edit(model, key, "mul")
+    assert torch.equal(_logits(model), _logits(edited))
+    handle.detach()
+    assert torch.equal(_logits(model), _logits(edited))
