@@ -60,19 +60,26 @@ def hooked_values(layer, hooks) -> tuple:
     hooks' ``weights_map``; and ``[(dict, full key, key)]`` for the entries Accelerate holds in host
     memory (freed while we hold the layer, put back by :func:`give_back`)."""
     values, held = {}, []
-    for qual, sub, hook in hooks:
-        wm = hook.weights_map
-        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
-        if hook.offload_buffers:
-            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+    for wm, names in _hooked_names(hooks):
         store = host_store(wm)
         with _reading_to_host(wm):
-            for n in names:
-                key = f"{qual}.{n}" if qual else n
+            for n, key in names:
                 values[key] = wm[n]
                 if store is not None and wm.prefix + n in store:
                     held.append((store, wm.prefix + n, key))
     return values, held
+
+
+def _hooked_names(hooks) -> list:
+    """``[(weights_map, [(name in the map, key in the layer)])]``: what each offload hook of a layer reads from its
+    weights map (its submodule's parameters, and buffers where the hook offloads them)."""
+    out = []
+    for qual, sub, hook in hooks:
+        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
+        if hook.offload_buffers:
+            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
+        out.append((hook.weights_map, [(n, f"{qual}.{n}" if qual else n) for n in names]))
+    return out
 
 
 @contextlib.contextmanager
@@ -124,15 +131,10 @@ def read_from_files(layer, hooks) -> list:
     files (``dispatch_model``'s "disk"): the dict is the loader's state dict, which its reads look in first, so a
     value put there replaces the file's (how an edit made while lp_plugin held the layer is given back)."""
     found = []
-    for qual, sub, hook in hooks:
-        wm = hook.weights_map
+    for wm, names in _hooked_names(hooks):
         state = getattr(getattr(wm, "dataset", None), "state_dict", None)
-        if not isinstance(state, dict) or not hasattr(wm.dataset, "index"):
-            continue
-        names = [n for n, _ in sub.named_parameters(recurse=hook.place_submodules)]
-        if hook.offload_buffers:
-            names += [n for n, _ in sub.named_buffers(recurse=hook.place_submodules)]
-        found += [(state, wm.prefix + n, f"{qual}.{n}" if qual else n) for n in names if wm.prefix + n not in state]
+        if isinstance(state, dict) and hasattr(wm.dataset, "index"):
+            found += [(state, wm.prefix + n, key) for n, key in names if wm.prefix + n not in state]
     return found
 
 
