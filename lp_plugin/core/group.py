@@ -281,6 +281,7 @@ class Stager:
 
     def source(self, unit) -> torch.Tensor:
         if unit.tier.direct(unit.key):
+            unit.tier.check(unit.key)
             return unit.tier.transfer_view(unit.key)
         self._wait()  # the previous copy out of the staging buffer must finish before it is refilled
         if self.buf is None:

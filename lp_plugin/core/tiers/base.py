@@ -126,9 +126,9 @@ class Tier(ABC):
         return False
 
     def transfer_view(self, key: str) -> torch.Tensor:
-        """Where :meth:`direct` is True: the host uint8 tensor transfers copy the unit from, after
-        :meth:`check` (by default the :meth:`host_view` itself); valid while :meth:`direct` stays True."""
-        self.check(key)
+        """Where :meth:`direct` is True: the host uint8 tensor transfers copy the unit from (by default the
+        :meth:`host_view` itself), valid while :meth:`direct` stays True; the engine runs :meth:`check` before
+        each copy out of it."""
         return self.host_view(key)
 
     def read_into(self, key: str, dst: torch.Tensor) -> None:

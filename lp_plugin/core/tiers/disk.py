@@ -122,7 +122,6 @@ class DiskTier(Tier):
 
     def transfer_view(self, key):
         entry = self._entry(key)
-        entry.check()
         if entry.pinned is None or key in self._written:
             raise OffloadFileError(f"{describe(key)} is not lent to CUDA: read it with read_into")
         return entry.pinned
