@@ -84,11 +84,9 @@ def plan(args) -> int:
                 ) from None
         weights = args.dtype or ("bf16" if getattr(hf_config, "dtype", None) is None else None)
         if args.offload_folder is not None:  # refused here as from_pretrained would refuse it
-            from .core.tiers.folder import check_usable as check_folder_usable
-            from .planning.plugins import check_folder_tier
+            from .integrations.checks import check_offload_folder
 
-            check_folder_tier(args.tier, args.offload_folder)
-            check_folder_usable(args.offload_folder, os.path.expanduser(args.model))
+            check_offload_folder(args.tier, args.offload_folder, args.model)
         result = fit_budget(
             hf_config,
             weights=weights,

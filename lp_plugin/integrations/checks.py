@@ -23,12 +23,17 @@ def check_options(config, checkpoint=None, device_option: tuple = ("main_device"
     spells the device option and its CPU fix (a command line: ``("--device", "--device cpu")``)."""
     if config.main_device is not None:
         check_usable(normalize_device(config.main_device), *device_option)
-    if config.offload_folder is None:
-        return
-    check_folder_tier(config.tier, config.offload_folder)
+    if config.offload_folder is not None:
+        check_offload_folder(config.tier, config.offload_folder, checkpoint)
+
+
+def check_offload_folder(tier: str, folder, checkpoint=None) -> None:
+    """Refuse ``folder`` as ``tier``'s offload folder: a tier that keeps no files, or a folder that cannot hold the
+    layer files (``checkpoint``: the model's folder or Hub id, which the folder must not be where it is local)."""
+    check_folder_tier(tier, folder)
     local = os.path.expanduser(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     local = local if local is not None and os.path.isdir(local) else None
-    check_folder_usable(config.offload_folder, local)
+    check_folder_usable(folder, local)
 
 
 def check_model(model, plan, layer_list):
