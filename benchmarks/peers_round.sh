@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # lp-bench's peers on the GPU host: lp_plugin streaming every layer from the disk tier (and, warm, from the cpu
 # tier) against AirLLM 4.0.0 (unpacked into .gpu/site) on the random-init Qwen2.5-3B shape in bf16, files in
-# /dev/shm, results flat under $OUT. COLD=1 adds the cold-cache pair (page cache dropped before every timed part), COLD=only runs that pair
-# alone (COLD_NEW decode steps, default 4). tmpfs keeps no other copy to drop to: the cold pair reads from
-# PEERS_DIR (default /dev/shm/lp-peers warm, /var/tmp/lp-peers cold), which must be a disk. PEERS_REPEATS (default 5)
-# sets the rounds.
+# /dev/shm, results flat under $OUT (also after every round). COLD=1 adds the cold-cache pair (page cache dropped
+# before every timed part and every decode step, judged against the storage read speed lp-bench measures there),
+# COLD=only runs that pair alone (COLD_NEW decode steps, default 4). tmpfs keeps no other copy to drop to: the cold
+# pair reads from PEERS_DIR (default /dev/shm/lp-peers warm, /var/tmp/lp-peers cold), which must be a disk.
+# PEERS_REPEATS (default 5) sets the rounds.
 export PYTHONPATH=$PWD/.gpu/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LP=stream:all:disk:protect_first=0:protect_last=0
 CONFIGS="$LP,stream:all:cpu:protect_first=0:protect_last=0,airllm:new=1"

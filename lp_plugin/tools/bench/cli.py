@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import traceback
 
 from lp_plugin.core.report import GIB
@@ -42,7 +43,8 @@ configs (comma separated; baseline is measured first and baseline:twin last in e
                                              TIER cpu|disk; load=attach: lp_plugin.attach on the loaded plain
                                              model; load=pretrained: lp_plugin.from_pretrained from the checkpoint
                                              (a shape is saved once to a temporary folder); new=N overrides --new;
-                                             cold evicts the offload files from the page cache before each timed part;
+                                             cold evicts the offload files from the page cache before each timed part
+                                             and every decode step, judged against the storage's read speed;
                                              protect_first/protect_last: layers kept on the device at the ends
                                              (default 2 and 3; all:protect_first=0:protect_last=0 streams every layer)
 models: a checkpoint folder or hub id, or a shape with seeded random weights: qwen2.5-3b-shape, llama-3-8b-shape,
@@ -97,7 +99,10 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
         "--offload-dir", default=None, help="folder for disk-tier files (default: a temporary folder, removed after)"
     )
     p.add_argument(
-        "--bandwidth-mib", type=int, default=1024, help="size of the H2D bandwidth copy in MiB (default 1024)"
+        "--bandwidth-mib",
+        type=int,
+        default=1024,
+        help="size of the H2D bandwidth copy, and of the storage read with cold configs, in MiB (default 1024)",
     )
     p.add_argument(
         "--static",
@@ -109,7 +114,7 @@ def build_parser(prog: str = "lp-bench") -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies CPU timings"
     )
-    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--out", help="write the results JSON here (also after every round, so a stopped run keeps them)")
     p.add_argument("--plot", help="write the frontier PNG (memory against decode tokens/s) here")
     p.add_argument("--compare", metavar="REF_JSON", help="gate against this reference run (exit 1 on a regression)")
     p.add_argument("--tolerance", default="", help=f"any subset of {tolerance_text(DEFAULT_TOLERANCE)}")
@@ -220,6 +225,22 @@ def _engine_problem(configs, model: str, longest: int = 0) -> str | None:
     return None
 
 
+def _check_cold(parser, configs, offload_dir) -> None:
+    """Cold-cache configs read their files back from the storage after evicting them: a folder in memory
+    (tmpfs) keeps no other copy, so its figures would be warm ones. Refused before anything runs."""
+    from .storage import IN_MEMORY, fs_type
+
+    cold = [c.name for c in configs if c.cold]
+    folder = offload_dir or tempfile.gettempdir()
+    kind = fs_type(folder) if cold else None
+    if kind in IN_MEMORY:
+        where = f"--offload-dir {offload_dir!r}" if offload_dir else f"the default offload folder (under {folder!r})"
+        parser.error(
+            f"cold configs ({', '.join(cold)}) read their files back from a disk, but {where} is on {kind}, "
+            "whose pages are the only copy: pass --offload-dir on a disk (e.g. /var/tmp/lp-bench)"
+        )
+
+
 def _run(parser, args) -> dict | None:
     from .runner import run_bench
     from .setup import BenchSettings, SetupError
@@ -230,6 +251,7 @@ def _run(parser, args) -> dict | None:
         parser.error(str(exc))
     from .measure import DECODE_WARM_STEPS
 
+    _check_cold(parser, configs, args.offload_dir)
     most_new = max([args.new, *(c.new for c in configs if c.new)])
     why = _engine_problem(configs, args.model, args.prompt + DECODE_WARM_STEPS + most_new)
     if why is not None:
@@ -251,8 +273,10 @@ def _run(parser, args) -> dict | None:
         threads=args.threads,
         progress=not args.no_progress,
     )
+    # the results so far are written after every round: a run stopped early keeps what it measured
+    on_round = (lambda partial: write_json(partial, args.out)) if args.out else None
     try:
-        out = run_bench(settings, configs)
+        out = run_bench(settings, configs, on_round=on_round)
     except SetupError as exc:
         parser.error(str(exc))
     except Exception:  # noqa: BLE001 - the run itself broke: exit 3 (failed), never 1 (a regression)

@@ -19,7 +19,8 @@
 MODE is ``session`` or ``stream``; SPEC any offload spec (``even``, ``odd``, ``all``, ``2-32:2``,
 ``2,4,6``, a plugin policy); TIER a registered tier (``cpu``, ``disk``). ``new=N`` overrides
 ``--new`` for that config (slow peers); ``cold`` drops the page cache of the files a config reads
-before every timed part (disk tier, ``accelerate_disk``, ``airllm``: cold-cache figures). Configs
+before every timed part and every timed decode step (disk tier, ``accelerate_disk``, ``airllm``: cold-cache
+figures, judged against the storage's read speed: :mod:`lp_plugin.tools.bench.storage`). Configs
 are separated by commas; a comma inside a layer list is fine (``stream:2,4,6:cpu``), and so is a
 colon inside a skip, stand_in or calib value (``skip=greedy:20%``, ``stand_in=linear:64``,
 ``calib=pydoc:32768``). Numbers are written in ASCII digits. A config with ``skip`` is not exact, like

@@ -50,6 +50,7 @@ import re
 import statistics
 
 from .derive import NOISE_MARGIN, SPEEDS, exact_allowance, plain, speed_runs, usable
+from .report import rounds_text
 from .stats import log_sd, mann_whitney_can_reject, mann_whitney_p, median_se, runs_of, t_critical
 
 DECODE_LOGITS = "max abs decode-step logit diff vs the plain model"
@@ -364,6 +365,9 @@ def _context(new, old, out) -> None:
         out.notes.append("note: the perplexity text tokenizes differently (other tokenizer or Python)")
     if plain(new) is None:
         out.notes.append("note: the new run has no usable plain model: no ratio can be compared")
+    for label, run in (("reference", old), ("new run", new)):
+        if run.get("complete") is False:
+            out.cannot("run", label, f"stopped after {rounds_text(run)}: gate against a run that finished")
     for label, run, record in (("reference", old, out.cannot), ("new run", new, out.regress)):
         ref_ppl = (run.get("reference") or {}).get("perplexity")
         if ref_ppl is not None and not (_finite(ref_ppl) and ref_ppl > 0):

@@ -92,11 +92,12 @@ def prefill_run(model, ids, device) -> float:
     return ids.shape[1] / dt
 
 
-def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WARM_STEPS) -> dict:
+def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WARM_STEPS, before_step=None) -> dict:
     """The one bare greedy loop used for every config: prefill the prompt into a DynamicCache and
     run ``warm_steps`` single-token steps (not timed: on a GPU the first steps after other work run
     slow while clocks and caches settle), then ``new`` single-token forwards with argmax, timed
-    between two synchronizes with the garbage collector off.
+    between two synchronizes with the garbage collector off. ``before_step`` (a cold-cache config's
+    page-cache drop) runs before every timed step, after a synchronize, outside the time.
 
     Returns ``tok_s`` (new tokens / time), ``tokens`` (generated ids, the warm-up ones first) and,
     on the CPU, ``step_tok_s``: 1 / the mean of the fastest quarter of the step times, what a step
@@ -117,14 +118,21 @@ def bare_decode(model, prompt_ids, new: int, device, warm_steps: int = DECODE_WA
         with no_gc():
             sync(device)
             t0 = t = time.perf_counter()
+            paused = 0.0
             for _ in range(new):
+                if before_step is not None:
+                    sync(device)
+                    mark = time.perf_counter()
+                    before_step()
+                    t = time.perf_counter()
+                    paused += t - mark
                 tok = model(input_ids=tok, **kw).logits[:, -1:].argmax(-1)
                 toks.append(tok)
                 now = time.perf_counter()
                 steps.append(now - t)
                 t = now
             sync(device)
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0 - paused
     fastest = sorted(steps)[: max(1, len(steps) // 4)]
     step = None if device.type == "cuda" else len(fastest) / sum(fastest)
     return {"tok_s": new / dt, "step_tok_s": step, "tokens": torch.cat(toks, dim=1)[0].tolist()}

@@ -164,11 +164,25 @@ def _header_lines(out) -> list:
         f"pageable {_fmt(bw.get('pageable_h2d_gbps'))} GB/s"
         + (f" ({bw['note']})" if bw.get("note") else "")
         + f"; {static_text}",
-        f"median [min-max] of {s['repeats']} interleaved rounds after a warm-up; x/base, dec/accel, disk/cpu and "
+        *_storage_line(bw.get("storage_read")),
+        f"median [min-max] of {rounds_text(out)} (interleaved) after a warm-up; x/base, dec/accel, disk/cpu and "
         "dec/noskip (a skipping config against the same config without skipping) are medians of per-round "
         "ratios; saved GiB: the standby VRAM skipping saves against that config",
     ]
     return [w for line in lines for w in _wrap(line)]
+
+
+def _storage_line(storage) -> list:
+    """The storage's read speed under the offload folder (measured for cold-cache configs: their bound)."""
+    if not storage:
+        return []
+    how = f"{'O_DIRECT' if storage.get('direct') else 'buffered, after an eviction'}, {storage.get('threads')} threads"
+    speed = "-"
+    if storage.get("gbps"):
+        speed = f"{_fmt(storage['gbps'])} GB/s [{_fmt(storage['min'])}-{_fmt(storage['max'])}]"
+    note = f" ({storage['note']})" if storage.get("note") else ""
+    where = f"storage read under the offload folder ({storage.get('fs')})"
+    return [f"{where}: {speed} ({how}){note}: the bound of the cold configs"]
 
 
 def _noise_line(out) -> str:
@@ -378,7 +392,16 @@ def verdict(out: dict, gate: str | None) -> str:
     ]
     if failed:
         parts.insert(0, f"FAILED: {', '.join(failed)}")
+    if out.get("complete") is False:
+        parts.insert(0, f"STOPPED after {rounds_text(out)}")
     return "verdict: " + "; ".join(parts)
+
+
+def rounds_text(out: dict) -> str:
+    """``"3 of 5 rounds"`` for a run that stopped early (results written after each round), else ``"5 rounds"``."""
+    repeats = (out.get("settings") or {}).get("repeats")
+    done = out.get("rounds_done", repeats)
+    return f"{done} of {repeats} rounds" if done != repeats else f"{repeats} rounds"
 
 
 def _exactness_text(logit: list) -> str:

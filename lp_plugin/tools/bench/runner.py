@@ -15,6 +15,7 @@ derives its tolerances from those.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -41,6 +42,7 @@ from .setup import (
     static_enabled,
 )
 from .stats import stat
+from .storage import storage_read
 
 SCHEMA = "lp-bench/2"
 DECODE_CHECK_TOKENS = 8  # the plain model's greedy tokens fed through the decode steps of every config
@@ -89,6 +91,7 @@ class Run:
             self.layer_sizes = [layer_bytes(layer) for layer in self.layers]
             self._make_inputs()
             self.bandwidth = self._bandwidth()
+            self.storage = self._storage()
             self._reference()
         except BaseException:
             self.close()  # no temporary checkpoint or offload folder is left behind
@@ -121,6 +124,14 @@ class Run:
                 out[kind] = h2d_bandwidth(self.device, s.bandwidth_bytes, kind == "pinned", s.bandwidth_iters)
         return out
 
+    def _storage(self) -> dict | None:
+        """The read speed of the storage under the offload folder, where a cold-cache config will be judged
+        against it."""
+        if not any(c.cold for c in self.configs):
+            return None
+        self.log(f"lp-bench: measuring the storage's read speed under {self.offload_root}")
+        return storage_read(self.offload_root, self.settings.bandwidth_bytes, self.settings.bandwidth_iters)
+
     def _reference(self):
         """The plain model's figures before any config touches it (also a global warm-up)."""
         self.log("lp-bench: reference logits, perplexity and greedy tokens of the plain model")
@@ -147,11 +158,13 @@ class Run:
         torch.set_num_threads(self.threads_before)
 
 
-def run_bench(settings, configs: list, log=None) -> dict:
-    """Measure every config; return the results dict (the JSON lp-bench writes)."""
+def run_bench(settings, configs: list, log=None, on_round=None) -> dict:
+    """Measure every config; return the results dict (the JSON lp-bench writes). ``on_round`` is given the
+    results so far after every timed round but the last (``complete`` False, ``rounds_done``): a run stopped
+    early keeps what it measured."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     with _hf_progress(settings.progress):
-        return _run_bench(settings, configs, log)
+        return _run_bench(settings, configs, log, on_round)
 
 
 @contextlib.contextmanager
@@ -169,7 +182,7 @@ def _hf_progress(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def _run_bench(settings, configs, log) -> dict:
+def _run_bench(settings, configs, log, on_round=None) -> dict:
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -196,12 +209,20 @@ def _run_bench(settings, configs, log) -> dict:
             if not settings.progress:  # no bar: one line a round, so a log shows the run is alive
                 what = "warm-up" if r == 0 else f"round {r}/{settings.repeats}"
                 log(f"lp-bench: {what} done ({time.time() - started:.0f} s)")
+            if on_round is not None and 0 < r < settings.repeats:
+                on_round(_results(run, configs, copy.deepcopy(results), started, r))
     finally:
         bar.close()
         run.close()
+    return _results(run, configs, results, started, settings.repeats)
+
+
+def _results(run, configs, results, started, rounds_done) -> dict:
+    """The results dict of ``rounds_done`` timed rounds (``results`` is turned into its summary)."""
     for cfg in configs:
         _finish_result(results[cfg.name], run)
     out = _output(run, configs, results)
+    out["rounds_done"], out["complete"] = rounds_done, rounds_done == run.settings.repeats
     derive(out)
     out["wall_s"] = time.time() - started
     return out
@@ -293,10 +314,11 @@ def _timed(run, place, res, new, phase) -> dict:
         place.drop_page_cache()
         got["prefill_tok_s"] = measure.prefill_run(model, ids["prefill"], device)
         phase("decode")
-        place.drop_page_cache()
-        # a cold-cache config times its first (cold) steps: no warm-up steps there
+        # a cold-cache config has no warm-up steps, and every timed step reads its layers from the storage:
+        # the page cache is dropped before each step (untimed; the prompt before them reads what is cached)
         warm = 0 if place.cfg.cold or place.cfg.bare_only else measure.DECODE_WARM_STEPS
-        dec = measure.bare_decode(model, ids["prompt"], new, device, warm)
+        drop = place.drop_page_cache if place.cfg.cold else None
+        dec = measure.bare_decode(model, ids["prompt"], new, device, warm, before_step=drop)
         got.update(decode_tok_s=dec["tok_s"], decode_step_tok_s=dec["step_tok_s"], decode_tokens=dec["tokens"])
     if place.cfg.bare_only:
         return got
@@ -390,6 +412,13 @@ def _finish_result(res, run) -> None:
     if pinned and res["bytes_per_forward"]:
         res["transfer_bound_tok_s"] = pinned["gbps"] * 1e9 / res["bytes_per_forward"]
         res["prefill_transfer_bound_tok_s"] = run.settings.prefill * res["transfer_bound_tok_s"]
+    # a cold-cache config reads its bytes from the storage: the bound is its read speed (or the PCIe bound, if lower)
+    res["storage_bound_tok_s"] = res["prefill_storage_bound_tok_s"] = None
+    storage = (run.storage or {}).get("gbps")
+    if res["config"].get("cold") and storage and res["bytes_per_forward"]:
+        gbps = min(storage, pinned["gbps"]) if pinned else storage
+        res["storage_bound_tok_s"] = gbps * 1e9 / res["bytes_per_forward"]
+        res["prefill_storage_bound_tok_s"] = run.settings.prefill * res["storage_bound_tok_s"]
     if res["perplexity"] is not None and not math.isfinite(res["perplexity"]):
         res["perplexity"] = None
     if res["max_abs_decode_logit_diff"] is not None and not math.isfinite(res["max_abs_decode_logit_diff"]):
@@ -415,7 +444,8 @@ def _output(run, configs, results) -> dict:
             interleaved=True,
             decode_loop=(
                 "model(input_ids, cache=DynamicCache, use_cache=True) + argmax, timed between synchronizes "
-                f"with gc off, after {measure.DECODE_WARM_STEPS} untimed steps (none for cold-cache configs)"
+                f"with gc off, after {measure.DECODE_WARM_STEPS} untimed steps (cold-cache configs: none, and the "
+                "page cache dropped before every step, untimed)"
             ),
             decode_check=(
                 f"teacher forcing: the logits that predict the plain model's first {len(run.forced_tokens)} "
@@ -466,6 +496,7 @@ def _output(run, configs, results) -> dict:
             "pageable_h2d_gbps": run.bandwidth["pageable"]["gbps"] if run.bandwidth["pageable"] else None,
             **run.bandwidth,
             "note": None if run.device.type == "cuda" else "no CUDA device: bandwidth and transfer bounds skipped",
+            "storage_read": run.storage,
         },
         "configs": [results[c.name] for c in configs],
     }

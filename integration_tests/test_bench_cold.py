@@ -1,0 +1,197 @@
+"""lp-bench's cold-cache figures and what they are judged against: the storage's own read speed under the
+offload folder (lp_plugin.tools.bench.storage), a page-cache drop before every timed decode step, the goals
+of a cold config, the refusal of a folder in memory, and the results written after every round."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from bench_helpers import ROOT, SMALL, bench, config, read
+
+from lp_plugin.tools.bench import storage
+from lp_plugin.tools.bench.configs import parse_config
+
+MIB = 2**20
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A folder on a disk (the cold figures need one): the test's own folder unless that is in memory."""
+    if storage.fs_type(str(tmp_path)) not in storage.IN_MEMORY:
+        return tmp_path
+    pytest.skip(f"{tmp_path} is in memory ({storage.fs_type(str(tmp_path))}) and no disk folder was given")
+
+
+# ----------------------------------------------------------------------------- the storage's read speed
+def test_storage_read_measures_the_folder_and_leaves_nothing_behind(disk_dir):
+    got = storage.storage_read(str(disk_dir), 20 * MIB, iters=2, threads=2)
+    assert got["bytes"] == 2 * storage.CHUNK  # whole chunks, rounded up
+    assert 0 < got["min"] <= got["gbps"] <= got["max"] and got["threads"] == 2
+    assert got["fs"] == storage.fs_type(str(disk_dir))
+    assert got["note"] is None if got["direct"] else "O_DIRECT" in got["note"]
+    assert list(disk_dir.iterdir()) == []  # the scratch file is gone
+
+
+def test_without_direct_io_the_read_is_buffered_after_an_eviction(disk_dir, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    got = storage.storage_read(str(disk_dir), MIB, iters=1, threads=1)
+    assert got["direct"] is False and got["gbps"] > 0 and "O_DIRECT" in got["note"]
+    assert list(disk_dir.iterdir()) == []
+
+
+def test_a_folder_in_memory_has_no_storage_to_measure(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "fs_type", lambda folder: "tmpfs")
+    got = storage.storage_read(str(tmp_path), MIB)
+    assert got["gbps"] is None and got["fs"] == "tmpfs" and "tmpfs" in got["note"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_fs_type_takes_the_innermost_mount_point(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/a / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\n/dev/b /data xfs rw 0 0\n"
+                      "/dev/c /data/my\\040disk btrfs rw 0 0\n")
+    assert storage.fs_type("/dev/shm/x/y", str(mounts)) == "tmpfs"
+    assert storage.fs_type("/data/my disk/f", str(mounts)) == "btrfs"
+    assert storage.fs_type("/database", str(mounts)) == "ext4"  # /data is no prefix of /database's parts
+    assert storage.fs_type("/data", str(mounts)) == "xfs"
+    assert storage.fs_type("/x", str(tmp_path / "missing")) is None
+
+
+# ----------------------------------------------------------------------------- the decode loop
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from shapes import save_tiny
+
+    return save_tiny("qwen2", tmp_path_factory.mktemp("cold") / "tiny-qwen2")
+
+
+def test_the_step_preparation_runs_before_every_step_outside_the_time(ckpt):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lp_plugin.tools.bench import measure
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    prompt = torch.arange(3, 15).unsqueeze(0)
+    calls = []
+
+    def prepare():
+        calls.append(len(calls))
+        time.sleep(0.25)
+
+    got = measure.bare_decode(model, prompt, 3, torch.device("cpu"), 0, before_step=prepare)
+    plain = measure.bare_decode(model, prompt, 3, torch.device("cpu"), 0)
+    assert calls == [0, 1, 2] and got["tokens"] == plain["tokens"]
+    assert got["tok_s"] > 3 / 0.75  # the 0.75 s of preparation is not in the time (3 tiny steps are milliseconds)
+
+
+# ----------------------------------------------------------------------------- goals of a cold config
+def _speeds(prefill, decode):
+    return {"prefill_tok_s": {"median": prefill, "runs": [prefill] * 3},
+            "decode_tok_s": {"median": decode, "runs": [decode] * 3}}
+
+
+def _cold_out(storage_bound):
+    def cfg(name, **extra):
+        return {"name": name, "config": parse_config(name).to_dict(), "info": {}, **extra}
+
+    lp = cfg("stream:all:disk:protect_first=0:protect_last=0:cold", **_speeds(150.0, 0.29), bytes_per_forward=5e9,
+             transfer_bound_tok_s=10.0, prefill_transfer_bound_tok_s=5120.0, storage_bound_tok_s=storage_bound,
+             prefill_storage_bound_tok_s=storage_bound and 512 * storage_bound, max_abs_logit_diff=0.0)
+    air = cfg("airllm:new=1:cold", **_speeds(40.0, 0.08))
+    base = cfg("baseline", **_speeds(18000.0, 44.0))
+    return {"configs": [base, lp, air], "settings": {"repeats": 3, "dtype": "bf16"}, "bandwidth": {},
+            "model": {"num_layers": 36}}
+
+
+def test_a_cold_config_is_judged_against_the_storage_not_the_pcie_bound():
+    from lp_plugin.tools.bench.derive import COLD_GOAL, derive
+
+    out = derive(_cold_out(storage_bound=0.32))  # 1.6 GB/s for 5 GB a forward
+    name = out["configs"][1]["name"]
+    goals = {g["goal"]: g for g in out["goals"] if g["config"] == name}
+    assert not [g for g in goals if "transfer bound" in g]  # PCIe bounds do not apply to reads from the storage
+    dec = goals["cold decode vs the storage's read speed (bytes a forward streams, read cold)"]
+    pre = goals["cold prefill vs the storage's read speed (bytes a forward streams, read cold)"]
+    assert dec["value"] == pytest.approx(0.29 / 0.32) and dec["met"] is (0.29 / 0.32 >= COLD_GOAL)
+    assert pre["value"] == pytest.approx(150.0 / (512 * 0.32)) and pre["met"] is True
+    air = next(g for g in goals.values() if g["goal"].startswith("stream decode vs airllm (cold vs cold"))
+    r = out["configs"][1]["ratios"]
+    assert r["decode_vs_airllm_ceiling"] == pytest.approx(0.32 / 0.08)  # the storage allows no more than this
+    assert "at most 4x" in air["goal"] and air["value"] == pytest.approx(0.29 / 0.08) and air["met"] is False
+
+
+def test_a_cold_goal_without_the_storage_speed_misses():
+    from lp_plugin.tools.bench.derive import derive
+
+    out = derive(_cold_out(storage_bound=None))
+    cold = [g for g in out["goals"] if g["goal"].startswith("cold ")]
+    assert len(cold) == 2 and all(g["met"] is False and g["value"] is None for g in cold)
+    assert all("not measured" in g["target"] for g in cold)
+
+
+# ----------------------------------------------------------------------------- a real cold run
+def test_a_cold_run_measures_the_storage_and_drops_the_cache_before_every_step(ckpt, disk_dir, monkeypatch):
+    from lp_plugin.core.tiers.disk import DiskTier
+
+    drops = []
+    real = DiskTier.drop_page_cache
+    monkeypatch.setattr(DiskTier, "drop_page_cache", lambda self: (drops.append(1), real(self))[1])
+    out = disk_dir / "r.json"
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--repeats", "2", "--bandwidth-mib", "16", "--configs",
+                        "stream:even:disk:cold", "--offload-dir", disk_dir / "offload", "--out", out])
+    assert rc == 0, stdout
+    data = read(out)
+    assert data["complete"] is True and data["rounds_done"] == 2
+    measured = data["bandwidth"]["storage_read"]
+    assert measured["gbps"] > 0 and measured["bytes"] == storage.CHUNK
+    c = config(data, "stream:even:disk:cold")
+    assert c["storage_bound_tok_s"] == pytest.approx(measured["gbps"] * 1e9 / c["bytes_per_forward"])
+    new = int(SMALL[SMALL.index("--new") + 1])
+    static = int(data["settings"]["static"]["measured"])
+    # warm-up and 2 rounds: before the prefill, every decode step, generate (and the static-cache generate)
+    assert len(drops) == 3 * (1 + new + 1 + static)
+    assert "storage read under the offload folder" in stdout
+    assert [f for f in os.listdir(disk_dir / "offload") if f.startswith(".lp-bench-read-")] == []
+
+
+def test_cold_configs_are_refused_on_a_folder_in_memory(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(storage, "fs_type", lambda folder: "tmpfs")
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:disk:cold", "--offload-dir", tmp_path / "off",
+                   "--out", tmp_path / "r.json"])
+    assert rc == 2 and "--offload-dir" in capsys.readouterr().err
+    assert not (tmp_path / "off").exists() and not (tmp_path / "r.json").exists()  # refused before anything ran
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:disk", "--offload-dir", tmp_path / "off",
+                   "--repeats", "1"])
+    assert rc == 0  # warm configs may read from memory
+
+
+# ----------------------------------------------------------------------------- a run stopped early
+def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--model", ckpt, *SMALL, "--repeats", "500", "--configs", "stream:even:cpu", "--out", out]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "lp_plugin.tools.bench.cli", *map(str, args)], cwd=str(ROOT),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not out.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no results after 240 s"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what `timeout` sends
+        proc.wait(60)
+    data = read(out)
+    assert data["complete"] is False and 1 <= data["rounds_done"] < 500
+    c = config(data, "stream:even:cpu")
+    assert len(c["decode_tok_s"]["runs"]) == data["rounds_done"] and c["logits_equal"] is True
+    rc, stdout = bench(["--results", out])
+    assert rc == 0 and f"verdict: STOPPED after {data['rounds_done']} of 500 rounds" in stdout
+    assert f"median [min-max] of {data['rounds_done']} of 500 rounds" in stdout
+    rc, stdout = bench(["--results", out, "--compare", out])
+    assert rc == 2 and "CANNOT COMPARE" in stdout and "stopped after" in stdout

@@ -1,0 +1,131 @@
+"""The read bandwidth of the storage under lp-bench's offload folder, the bound a cold-cache config is judged
+against: a scratch file written there, evicted from the page cache, and read back past it (``O_DIRECT``) in
+large aligned chunks on as many threads as the disk tier reads with. Where the file system refuses direct
+I/O the read is buffered after an eviction; a folder in memory (tmpfs) has no storage below it and gives no
+bound."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+CHUNK = 16 * 1024 * 1024  # bytes a read asks for (aligned for O_DIRECT)
+IN_MEMORY = ("tmpfs", "ramfs")  # file systems whose pages are the only copy: eviction reads nothing from a disk
+
+
+def fs_type(folder: str, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the file system ``folder`` lives on (the longest mount point holding it, from the table
+    ``mounts``; None without one)."""
+    try:
+        with open(mounts) as f:
+            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path, best = os.path.realpath(folder), None
+    for point, kind in table:
+        point = point.replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, kind)
+    return best[1] if best else None
+
+
+def _write_scratch(folder: str, nbytes: int) -> str:
+    fd, path = tempfile.mkstemp(prefix=".lp-bench-read-", dir=folder)
+    try:
+        block = os.urandom(min(CHUNK, nbytes))  # incompressible, in case the storage compresses
+        done = 0
+        while done < nbytes:
+            done += os.write(fd, block[: nbytes - done])
+        os.fsync(fd)  # on the disk, so that eviction drops every page
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, nbytes: int, threads: int) -> float:
+    """Seconds to read ``[0, nbytes)`` of ``fd`` in :data:`CHUNK` pieces on ``threads`` threads."""
+    buffers = [mmap.mmap(-1, CHUNK) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
+    offsets = list(range(0, nbytes, CHUNK))
+
+    def work(i: int) -> None:
+        view = memoryview(buffers[i])
+        for pos in offsets[i::threads]:
+            if os.preadv(fd, [view[: min(CHUNK, nbytes - pos)]], pos) <= 0:
+                raise OSError(f"short read at {pos} of the scratch file")
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(work, range(threads)))
+            return time.perf_counter() - t0
+    finally:
+        for b in buffers:
+            b.close()
+
+
+def _timed_reads(path: str, nbytes: int, iters: int, threads: int, direct: bool) -> list | None:
+    """GB/s of ``iters`` reads of the file, each after an eviction; None where direct I/O is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except OSError:
+        if direct:
+            return None
+        raise
+    try:
+        rates: list[float] = []
+        for _ in range(iters):
+            _evict(path)
+            try:
+                seconds = _read_all(fd, nbytes, threads)
+            except OSError:
+                if direct and not rates:  # opened, but the file system refuses the reads (EINVAL)
+                    return None
+                raise
+            rates.append(nbytes / seconds / 1e9)
+        return rates
+    finally:
+        os.close(fd)
+
+
+def storage_read(folder: str, nbytes: int, iters: int = 3, threads: int | None = None) -> dict:
+    """GB/s (1e9 bytes/s) reading ``nbytes`` (rounded up to whole chunks) of a file in ``folder`` from the storage
+    itself, median of ``iters`` reads, each from a cold page cache. Keys: ``gbps`` (None for a folder in memory),
+    ``min``, ``max``, ``bytes``, ``threads``, ``direct`` (read with O_DIRECT), ``fs`` and ``note``."""
+    from lp_plugin.core.tiers.disk import DiskTier
+
+    if not hasattr(os, "posix_fadvise"):
+        raise RuntimeError("measuring the storage's read speed needs posix_fadvise (Linux)")
+    threads = threads or DiskTier.readers
+    nbytes = max(CHUNK, -(-nbytes // CHUNK) * CHUNK)
+    kind = fs_type(folder)
+    out = {"gbps": None, "min": None, "max": None, "bytes": nbytes, "threads": threads, "direct": False, "fs": kind}
+    if kind in IN_MEMORY:
+        out["note"] = f"{folder} is on {kind}: its pages are the only copy, there is no storage to read from"
+        return out
+    path = _write_scratch(folder, nbytes)
+    try:
+        rates = _timed_reads(path, nbytes, iters, threads, direct=True) if hasattr(os, "O_DIRECT") else None
+        out["direct"] = rates is not None
+        if rates is None:  # a file system without direct I/O: buffered reads after an eviction
+            rates = _timed_reads(path, nbytes, iters, threads, direct=False) or []
+    finally:
+        os.unlink(path)
+    out.update(gbps=statistics.median(rates), min=min(rates), max=max(rates))
+    out["note"] = None if out["direct"] else "the file system refuses O_DIRECT: buffered reads after an eviction"
+    return out
