@@ -171,11 +171,21 @@ def test_cold_configs_are_refused_on_a_folder_in_memory(ckpt, tmp_path, monkeypa
     assert rc == 0  # warm configs may read from memory
 
 
+def test_cold_configs_are_refused_where_the_scratch_file_cannot_fit(ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * MIB, 9 * MIB, MIB))
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:disk:cold", "--offload-dir", tmp_path / "off",
+                   "--bandwidth-mib", "64"])
+    assert rc == 2 and "--bandwidth-mib" in capsys.readouterr().err and not (tmp_path / "off").exists()
+
+
 # ----------------------------------------------------------------------------- a run stopped early
 def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, tmp_path):
-    out = tmp_path / "r.json"
-    args = ["--model", ckpt, *SMALL, "--repeats", "500", "--configs", "stream:even:cpu", "--out", out]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out, tmp = tmp_path / "r.json", tmp_path / "tmp"
+    tmp.mkdir()
+    args = ["--model", ckpt, *SMALL, "--repeats", "500", "--configs", "stream:even:disk", "--out", out]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmp))
     proc = subprocess.Popen([sys.executable, "-m", "lp_plugin.tools.bench.cli", *map(str, args)], cwd=str(ROOT),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -185,10 +195,13 @@ def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, 
         assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no results after 240 s"
     finally:
         proc.send_signal(signal.SIGTERM)  # what `timeout` sends
-        proc.wait(60)
+        rc = proc.wait(60)
+    assert rc == 128 + signal.SIGTERM
+    assert list(tmp.iterdir()) == []  # the temporary offload folder went with the run
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("r.json")] == ["r.json"]  # no half-written copy
     data = read(out)
     assert data["complete"] is False and 1 <= data["rounds_done"] < 500
-    c = config(data, "stream:even:cpu")
+    c = config(data, "stream:even:disk")
     assert len(c["decode_tok_s"]["runs"]) == data["rounds_done"] and c["logits_equal"] is True
     rc, stdout = bench(["--results", out])
     assert rc == 0 and f"verdict: STOPPED after {data['rounds_done']} of 500 rounds" in stdout

@@ -12,17 +12,21 @@ stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-
-from lp_plugin.core.report import GIB
 
 from .. import Parser, check_writable
 from .configs import ConfigError, parse_configs
 from .gate import DEFAULT_TOLERANCE, TOLERANCE_HELP, compare, missed_goals, parse_tolerance, tolerance_text
 from .report import FORM_ERRORS, format_table, load_results, verdict, write_json
+
+MIB = 1024**2
 
 DEFAULT_CONFIGS = (
     "baseline,session:even:cpu,session:even:cpu:load=pretrained,stream:even:cpu,stream:even:disk,accelerate_cpu:even"
@@ -225,19 +229,30 @@ def _engine_problem(configs, model: str, longest: int = 0) -> str | None:
     return None
 
 
-def _check_cold(parser, configs, offload_dir) -> None:
+def _check_cold(parser, configs, offload_dir, bandwidth_bytes: int) -> None:
     """Cold-cache configs read their files back from the storage after evicting them: a folder in memory
     (tmpfs) keeps no other copy, so its figures would be warm ones. Refused before anything runs."""
-    from .storage import IN_MEMORY, fs_type
+    from .storage import IN_MEMORY, fs_type, scratch_bytes
 
     cold = [c.name for c in configs if c.cold]
+    if not cold:
+        return
     folder = offload_dir or tempfile.gettempdir()
-    kind = fs_type(folder) if cold else None
+    kind = fs_type(folder)
+    where = f"--offload-dir {offload_dir!r}" if offload_dir else f"the default offload folder (under {folder!r})"
     if kind in IN_MEMORY:
-        where = f"--offload-dir {offload_dir!r}" if offload_dir else f"the default offload folder (under {folder!r})"
         parser.error(
             f"cold configs ({', '.join(cold)}) read their files back from a disk, but {where} is on {kind}, "
             "whose pages are the only copy: pass --offload-dir on a disk (e.g. /var/tmp/lp-bench)"
+        )
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    need, free = scratch_bytes(bandwidth_bytes), shutil.disk_usage(existing).free
+    if need > free:
+        parser.error(
+            f"cold configs: measuring the storage's read speed writes a {need // MIB} MiB scratch file under {where}, "
+            f"which has {free // MIB} MiB free: lower --bandwidth-mib or free space there"
         )
 
 
@@ -251,7 +266,7 @@ def _run(parser, args) -> dict | None:
         parser.error(str(exc))
     from .measure import DECODE_WARM_STEPS
 
-    _check_cold(parser, configs, args.offload_dir)
+    _check_cold(parser, configs, args.offload_dir, args.bandwidth_mib * MIB)
     most_new = max([args.new, *(c.new for c in configs if c.new)])
     why = _engine_problem(configs, args.model, args.prompt + DECODE_WARM_STEPS + most_new)
     if why is not None:
@@ -268,7 +283,7 @@ def _run(parser, args) -> dict | None:
         seed=args.seed,
         tokenizer=args.tokenizer,
         offload_dir=args.offload_dir,
-        bandwidth_bytes=args.bandwidth_mib * GIB // 1024,
+        bandwidth_bytes=args.bandwidth_mib * MIB,
         static=args.static,
         threads=args.threads,
         progress=not args.no_progress,
@@ -324,12 +339,31 @@ def _gate(args, out, old, tol) -> tuple:
     return (1 if lines else 2 if incomparable else 0), summary
 
 
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """SIGTERM (what ``timeout`` and job schedulers send) ends the run as Ctrl-C does, through its clean-ups: the
+    temporary offload folder and checkpoint are removed, and the results of the rounds done stay written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv=None, prog: str = "lp-bench") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     tol = _check_args(parser, args)
     old = _load(parser, "--compare", args.compare) if args.compare else None
-    out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
+    with _terminate_cleanly():
+        out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
     if out is None:
         return 3
     print(format_table(out, wide=args.wide))

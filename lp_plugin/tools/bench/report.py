@@ -3,6 +3,7 @@ plotted on any machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -445,7 +446,12 @@ def write_json(out: dict, path: str) -> None:
     """Write ``out`` atomically (strict JSON: no NaN or Infinity)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1, allow_nan=False, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(out, fh, indent=1, allow_nan=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # the file as it was, and no half-written copy beside it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

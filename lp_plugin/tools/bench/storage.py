@@ -34,6 +34,11 @@ def fs_type(folder: str, mounts: str = "/proc/mounts") -> str | None:
     return best[1] if best else None
 
 
+def scratch_bytes(nbytes: int) -> int:
+    """The size of the scratch file :func:`storage_read` writes for ``nbytes``: whole chunks, at least one."""
+    return max(CHUNK, -(-nbytes // CHUNK) * CHUNK)
+
+
 def _write_scratch(folder: str, nbytes: int) -> str:
     fd, path = tempfile.mkstemp(prefix=".lp-bench-read-", dir=folder)
     try:
@@ -112,7 +117,7 @@ def storage_read(folder: str, nbytes: int, iters: int = 3, threads: int | None =
     if not hasattr(os, "posix_fadvise"):
         raise RuntimeError("measuring the storage's read speed needs posix_fadvise (Linux)")
     threads = threads or DiskTier.readers
-    nbytes = max(CHUNK, -(-nbytes // CHUNK) * CHUNK)
+    nbytes = scratch_bytes(nbytes)
     kind = fs_type(folder)
     out = {"gbps": None, "min": None, "max": None, "bytes": nbytes, "threads": threads, "direct": False, "fs": kind}
     if kind in IN_MEMORY:
