@@ -121,7 +121,7 @@ def test_decode_loop_emits_no_warning(bench_run):
 
 def test_json_schema(bench_run):
     data = bench_run["data"]
-    assert data["schema"] == "lp-bench/2"
+    assert data["schema"] == "lp-bench/3"
     for key in ("created", "wall_s", "settings", "env", "model", "inputs", "reference", "bandwidth", "configs",
                 "goals", "noise"):
         assert key in data, key

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from bench_helpers import ROOT, SMALL, bench, config, read
@@ -54,11 +55,12 @@ def test_a_folder_in_memory_has_no_storage_to_measure(tmp_path, monkeypatch):
 def test_fs_type_takes_the_innermost_mount_point(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("/dev/a / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\n/dev/b /data xfs rw 0 0\n"
-                      "/dev/c /data/my\\040disk btrfs rw 0 0\n")
+                      "/dev/c /data/my\\040disk btrfs rw 0 0\ntmpfs /run/a\\011b\\134c tmpfs rw 0 0\n")
     assert storage.fs_type("/dev/shm/x/y", str(mounts)) == "tmpfs"
     assert storage.fs_type("/data/my disk/f", str(mounts)) == "btrfs"
     assert storage.fs_type("/database", str(mounts)) == "ext4"  # /data is no prefix of /database's parts
     assert storage.fs_type("/data", str(mounts)) == "xfs"
+    assert storage.fs_type("/run/a\tb\\c/x", str(mounts)) == "tmpfs"  # a tab and a backslash, escaped in the table
     assert storage.fs_type("/x", str(tmp_path / "missing")) is None
 
 
@@ -114,16 +116,26 @@ def test_a_cold_config_is_judged_against_the_storage_not_the_pcie_bound():
 
     out = derive(_cold_out(storage_bound=0.32))  # 1.6 GB/s for 5 GB a forward
     name = out["configs"][1]["name"]
-    goals = {g["goal"]: g for g in out["goals"] if g["config"] == name}
-    assert not [g for g in goals if "transfer bound" in g]  # PCIe bounds do not apply to reads from the storage
-    dec = goals["cold decode vs the storage's read speed (bytes a forward streams, read cold)"]
-    pre = goals["cold prefill vs the storage's read speed (bytes a forward streams, read cold)"]
+    goals = {g["goal"].split(" (")[0].split(" vs ")[0]: g for g in out["goals"] if g["config"] == name}
+    assert not [g for g in out["goals"] if g["config"] == name and "transfer bound" in g["goal"]]  # no PCIe goals
+    dec, pre = goals["cold decode"], goals["cold prefill"]
     assert dec["value"] == pytest.approx(0.29 / 0.32) and dec["met"] is (0.29 / 0.32 >= COLD_GOAL)
     assert pre["value"] == pytest.approx(150.0 / (512 * 0.32)) and pre["met"] is True
-    air = next(g for g in goals.values() if g["goal"].startswith("stream decode vs airllm (cold vs cold"))
+    air = next(g for g in out["goals"] if g["config"] == name and g["goal"].startswith("stream decode vs airllm (cold"))
     r = out["configs"][1]["ratios"]
     assert r["decode_vs_airllm_ceiling"] == pytest.approx(0.32 / 0.08)  # the storage allows no more than this
     assert "at most 4x" in air["goal"] and air["value"] == pytest.approx(0.29 / 0.08) and air["met"] is False
+
+
+def test_where_compute_is_slower_than_the_storage_the_plain_model_bounds_a_cold_config():
+    from lp_plugin.tools.bench.derive import derive
+
+    out = derive(_cold_out(storage_bound=400.0))  # a storage far faster than the plain model's 44 tok/s
+    name = out["configs"][1]["name"]
+    dec = next(g for g in out["goals"] if g["config"] == name and g["goal"].startswith("cold decode"))
+    assert dec["value"] == pytest.approx(0.29 / 44.0)  # against the plain model, as a warm stream config is
+    r = out["configs"][1]["ratios"]
+    assert r["decode_vs_airllm_ceiling"] == pytest.approx(44.0 / 0.08)  # nothing decodes faster than the plain model
 
 
 def test_a_cold_goal_without_the_storage_speed_misses():
@@ -133,6 +145,14 @@ def test_a_cold_goal_without_the_storage_speed_misses():
     cold = [g for g in out["goals"] if g["goal"].startswith("cold ")]
     assert len(cold) == 2 and all(g["met"] is False and g["value"] is None for g in cold)
     assert all("not measured" in g["target"] for g in cold)
+
+
+def test_cold_applies_to_tiers_that_read_files():
+    from lp_plugin.tools.bench.configs import ConfigError, parse_configs
+
+    assert parse_config("stream:even:disk:cold").cold
+    with pytest.raises(ConfigError):
+        parse_configs("stream:even:cpu:cold")
 
 
 # ----------------------------------------------------------------------------- a real cold run
@@ -158,6 +178,12 @@ def test_a_cold_run_measures_the_storage_and_drops_the_cache_before_every_step(c
     assert len(drops) == 3 * (1 + new + 1 + static)
     assert "storage read under the offload folder" in stdout
     assert [f for f in os.listdir(disk_dir / "offload") if f.startswith(".lp-bench-read-")] == []
+    from lp_plugin.tools.bench.gate import DEFAULT_TOLERANCE, compare
+
+    older = dict(read(out), schema="lp-bench/2")  # cold decode steps then read the page cache the prompt filled
+    verdict = compare(read(out), older, DEFAULT_TOLERANCE)
+    assert [line for line in verdict.incomparable if line.startswith("stream:even:disk:cold: cold figures")]
+    assert not compare(read(out), read(out), DEFAULT_TOLERANCE).incomparable
 
 
 def test_cold_configs_are_refused_on_a_folder_in_memory(ckpt, tmp_path, monkeypatch, capsys):
@@ -190,9 +216,9 @@ def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, 
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
-        while not out.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no results after 240 s"
+        while not (out.exists() and read(out)["rounds_done"] >= 1) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # (the file is replaced whole: a read never sees half of one)
+        assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no round written after 240 s"
     finally:
         proc.send_signal(signal.SIGTERM)  # what `timeout` sends
         rc = proc.wait(60)
@@ -208,3 +234,71 @@ def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, 
     assert f"median [min-max] of {data['rounds_done']} of 500 rounds" in stdout
     rc, stdout = bench(["--results", out, "--compare", out])
     assert rc == 2 and "CANNOT COMPARE" in stdout and "stopped after" in stdout
+
+
+def test_the_results_file_is_this_runs_from_the_start_and_after_every_round(ckpt, tmp_path, monkeypatch):
+    from lp_plugin.tools.bench import cli
+
+    written = []
+    monkeypatch.setattr(cli, "write_json", lambda out, path: written.append((out["complete"], out["rounds_done"])))
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--repeats", "2", "--configs", "stream:even:cpu",
+                        "--out", tmp_path / "r.json"])
+    assert rc == 0, stdout
+    # a stub once the run is set up (an older file at --out never passes for this run's), round 1, the end
+    assert written == [(False, 0), (False, 1), (True, 2)]
+
+
+def test_a_results_file_that_cannot_be_written_is_said_and_the_run_goes_on(ckpt, tmp_path, monkeypatch, capsys):
+    from lp_plugin.tools.bench import cli
+
+    def refuse(out, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_json", refuse)
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--repeats", "2", "--configs", "stream:even:cpu",
+                        "--out", tmp_path / "r.json"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "stream:even:cpu" in stdout and "verdict:" in stdout  # every round ran; the table is printed
+    assert err.count("cannot write the results so far") == 1 and "cannot write the results to" in err
+
+
+def test_ctrl_c_exits_130_through_the_clean_ups(ckpt, tmp_path, monkeypatch, capsys):
+    from lp_plugin.tools.bench import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_bench", interrupted)
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:cpu", "--out", tmp_path / "r.json"])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_a_shape_checkpoint_is_removed_when_its_saving_is_interrupted(tmp_path, monkeypatch):
+    import torch
+
+    from lp_plugin.tools import shapes
+    from lp_plugin.tools.bench.setup import BaseModel, BenchSettings
+
+    def save(name, folder, *args):
+        (Path(folder) / "model.safetensors").write_bytes(b"x" * 1024)  # half a checkpoint, then SIGTERM or Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, "scratch_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(shapes, "save_shape_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        BaseModel(BenchSettings(model="smollm2-135m-shape", dtype="fp32"), torch.device("cpu"), need_checkpoint=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit", [{"complete": "false"}, {"complete": None}, {"rounds_done": 99},
+                                  {"rounds_done": -1}, {"rounds_done": "x"}, {"complete": True, "rounds_done": 1}])
+def test_a_results_file_whose_rounds_do_not_add_up_is_refused(ckpt, tmp_path, edit):
+    out = tmp_path / "r.json"
+    rc, stdout = bench(["--model", ckpt, *SMALL, "--repeats", "2", "--configs", "stream:even:cpu", "--out", out])
+    assert rc == 0, stdout
+    data = read(out)
+    assert (data["complete"], data["rounds_done"]) == (True, 2)
+    data.update(edit)
+    out.write_text(__import__("json").dumps(data))
+    rc, _ = bench(["--results", out])
+    assert rc == 2

@@ -5,8 +5,9 @@ goal): every line printed under REGRESSION names the config, the figure and by h
 arguments (also ``--device cuda`` on a machine without CUDA, or config options lp_plugin refuses for
 the model, checked before any weights load), a results file that is not one, or runs the gate cannot
 compare (lines under CANNOT COMPARE: a figure in the reference that is no measurement, a reference
-without configs, another model or dtype); 3 a config failed to run (its error is in the JSON and on
-stderr).
+without configs, another model or dtype, a run that stopped early); 3 a config failed to run (its error is in
+the JSON and on stderr), or the results could not be written; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM):
+both end through the clean-ups, and the rounds done stay in ``--out``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ gate (--compare REF.json): compares each config's ratios to the plain model (not
   plain model's own spread; with 7+ rounds also a Mann-Whitney U test, as asv does).
   tolerances (defaults): {tolerance_text(DEFAULT_TOLERANCE)}
 {chr(10).join(f"    {k}: {v}" for k, v in TOLERANCE_HELP.items())}
-exit status: 0 clean, 1 regression (or missed goal with --fail-on-miss), 2 bad arguments, 3 a config failed
+exit status: 0 clean, 1 regression (or missed goal with --fail-on-miss), 2 bad arguments or CANNOT COMPARE,
+  3 a config failed (or the results could not be written), 130/143 interrupted/terminated (rounds done kept in --out)
 examples:
   lp-bench --model qwen2.5-3b-shape --dtype bf16 --out r.json --plot r.png
   lp-bench --model ./ckpt --dtype fp32 --configs session:even:cpu,stream:even:cpu --threads 1 \\
@@ -288,8 +290,7 @@ def _run(parser, args) -> dict | None:
         threads=args.threads,
         progress=not args.no_progress,
     )
-    # the results so far are written after every round: a run stopped early keeps what it measured
-    on_round = (lambda partial: write_json(partial, args.out)) if args.out else None
+    on_round = _partial_writer(args.out) if args.out else None
     try:
         out = run_bench(settings, configs, on_round=on_round)
     except SetupError as exc:
@@ -298,9 +299,23 @@ def _run(parser, args) -> dict | None:
         traceback.print_exc()
         print("lp-bench: the run failed before any config could be measured", file=sys.stderr)
         return None
-    if args.out:
-        write_json(out, args.out)
     return out
+
+
+def _partial_writer(path: str):
+    """Writes the results so far after every round (a run stopped early keeps what it measured); a write that
+    fails is said once and the run goes on (the final write is tried again at the end)."""
+    failed: list[OSError] = []
+
+    def write(partial: dict) -> None:
+        try:
+            write_json(partial, path)
+        except OSError as exc:
+            if not failed:
+                print(f"lp-bench: cannot write the results so far to {path} ({exc}); the run goes on", file=sys.stderr)
+            failed.append(exc)
+
+    return write
 
 
 def _gate(args, out, old, tol) -> tuple:
@@ -348,6 +363,7 @@ def _terminate_cleanly():
         return
 
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-ups short
         raise SystemExit(128 + signum)
 
     before = signal.signal(signal.SIGTERM, stop)
@@ -362,13 +378,23 @@ def main(argv=None, prog: str = "lp-bench") -> int:
     args = parser.parse_args(argv)
     tol = _check_args(parser, args)
     old = _load(parser, "--compare", args.compare) if args.compare else None
-    with _terminate_cleanly():
-        out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
+    try:
+        with _terminate_cleanly():
+            out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
+    except KeyboardInterrupt:
+        print("lp-bench: interrupted" + (f" (rounds done so far: {args.out})" if args.out else ""), file=sys.stderr)
+        return 130
     if out is None:
         return 3
     print(format_table(out, wide=args.wide))
+    unwritten = None
     if args.out and not args.results:
-        print(f"results: {args.out}")
+        try:
+            write_json(out, args.out)
+            print(f"results: {args.out}")
+        except OSError as exc:
+            unwritten = exc
+            print(f"lp-bench: cannot write the results to {args.out} ({exc}): the table above is all", file=sys.stderr)
     if args.plot:
         from .plot import plot
 
@@ -381,7 +407,7 @@ def main(argv=None, prog: str = "lp-bench") -> int:
             print(c["traceback"], file=sys.stderr)
     status, gate_text = _gate(args, out, old, tol)
     print(verdict(out, gate_text))
-    return 3 if failed else status
+    return 3 if failed or unwritten else status
 
 
 if __name__ == "__main__":

@@ -267,9 +267,23 @@ def _config(text: str, kind: str, options: list, layers: dict | None = None) -> 
     opts = _read_options(options, text)
     _check_options(kind, opts, text)
     offload = None if layers is None else _offload_config(text, {**layers, **opts.offload})
+    if opts.cold and kind == "lp" and offload is not None and not _reads_files(offload.tier):
+        raise ConfigError(
+            f"config {text!r}: cold applies to tiers that read files (disk); the {offload.tier!r} tier reads none",
+            text,
+            "cold",
+        )
     return BenchConfig(
         name=text, kind=kind, options=offload, new=opts.new, cold=opts.cold, load=opts.load or "attach", twin=opts.twin
     )
+
+
+def _reads_files(tier: str) -> bool:
+    """Whether tier ``tier`` reads its units from files it can evict from the page cache (``drop_page_cache``)."""
+    from lp_plugin.core.tiers import Tier
+    from lp_plugin.planning.plugins import tier_class
+
+    return tier_class(tier).drop_page_cache is not Tier.drop_page_cache
 
 
 def parse_config(text: str) -> BenchConfig:

@@ -365,6 +365,16 @@ def _context(new, old, out) -> None:
         out.notes.append("note: the perplexity text tokenizes differently (other tokenizer or Python)")
     if plain(new) is None:
         out.notes.append("note: the new run has no usable plain model: no ratio can be compared")
+    if _cold_meaning(old) != _cold_meaning(new):
+        both = {c["name"] for c in old.get("configs", [])} & {c["name"] for c in new.get("configs", [])}
+        for c in old.get("configs", []):
+            if c["name"] in both and c["config"].get("cold"):
+                out.cannot(
+                    c["name"],
+                    "cold figures",
+                    "lp-bench/2 timed a cold config's decode steps from the page cache, later versions read every "
+                    "step from the storage: measure both runs with one version",
+                )
     for label, run in (("reference", old), ("new run", new)):
         if run.get("complete") is False:
             out.cannot("run", label, f"stopped after {rounds_text(run)}: gate against a run that finished")
@@ -376,6 +386,12 @@ def _context(new, old, out) -> None:
                 "the plain model's reference perplexity",
                 f"{ref_ppl!r} in the {label} is not a finite number > 0",
             )
+
+
+def _cold_meaning(run: dict) -> bool:
+    """Whether a run's cold configs read every decode step from the storage (lp-bench/3 on) or, before, only the
+    prompt (the steps then read the page cache the prompt filled)."""
+    return str(run.get("schema")) not in ("lp-bench/1", "lp-bench/2")
 
 
 def compare(new: dict, old: dict, tol: dict, absolute: bool = False) -> Verdict:

@@ -373,6 +373,22 @@ def _check_shape(data, path) -> None:
     for key in ("model", "settings", "env", "inputs", "reference"):
         if not isinstance(data.get(key, {}), dict):
             raise ResultsError(f"{path}: {key!r} is a {type(data[key]).__name__}, not a table")
+    _check_rounds(data, path)
+
+
+def _check_rounds(data, path) -> None:
+    """``complete`` and ``rounds_done`` (files from before them have neither: complete) agree with each other and
+    with the rounds the run was set to."""
+    if "complete" not in data and "rounds_done" not in data:
+        return
+    repeats, done, complete = (data.get("settings") or {}).get("repeats"), data.get("rounds_done"), data.get("complete")
+    if not isinstance(complete, bool):
+        raise ResultsError(f"{path}: 'complete' is {complete!r}, not true or false")
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (repeats, done))
+    if not ints or not 0 <= done <= repeats or complete != (done == repeats):
+        raise ResultsError(
+            f"{path}: 'rounds_done' {done!r} does not fit 'complete' {complete!r} of settings.repeats {repeats!r}"
+        )
 
 
 def verdict(out: dict, gate: str | None) -> str:

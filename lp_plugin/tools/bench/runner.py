@@ -44,7 +44,7 @@ from .setup import (
 from .stats import stat
 from .storage import storage_read
 
-SCHEMA = "lp-bench/2"
+SCHEMA = "lp-bench/3"  # 3: cold configs read every decode step from the storage; 2 read them from the page cache
 DECODE_CHECK_TOKENS = 8  # the plain model's greedy tokens fed through the decode steps of every config
 TIMED = (
     "setup_s",
@@ -160,8 +160,8 @@ class Run:
 
 def run_bench(settings, configs: list, log=None, on_round=None) -> dict:
     """Measure every config; return the results dict (the JSON lp-bench writes). ``on_round`` is given the
-    results so far after every timed round but the last (``complete`` False, ``rounds_done``): a run stopped
-    early keeps what it measured."""
+    results so far (``complete`` False, ``rounds_done``) once the run is set up and after every timed round but
+    the last: a run stopped early keeps what it measured, and never leaves an older run's file looking like its own."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     with _hf_progress(settings.progress):
         return _run_bench(settings, configs, log, on_round)
@@ -187,20 +187,23 @@ def _run_bench(settings, configs, log, on_round=None) -> dict:
 
     started = time.time()
     run = Run(settings, configs, log)
-    results = {c.name: _empty_result(c) for c in configs}
-    places = {c.name: Placement(run.base, c, run.offload_root, settings.dtype) for c in configs}
-    for c in configs:
-        results[c.name]["not_applicable"] = places[c.name].not_applicable()
-    rounds = settings.repeats + 1
-    bar = tqdm(
-        total=rounds * len(configs),
-        desc="lp-bench",
-        unit="run",
-        disable=not settings.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    bar = None
     try:
+        results = {c.name: _empty_result(c) for c in configs}
+        places = {c.name: Placement(run.base, c, run.offload_root, settings.dtype) for c in configs}
+        for c in configs:
+            results[c.name]["not_applicable"] = places[c.name].not_applicable()
+        rounds = settings.repeats + 1
+        bar = tqdm(
+            total=rounds * len(configs),
+            desc="lp-bench",
+            unit="run",
+            disable=not settings.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        if on_round is not None:  # from here on the results file is this run's, even if it stops before a round ends
+            on_round(_results(run, configs, copy.deepcopy(results), started, 0))
         for r in range(rounds):
             for cfg in configs:
                 bar.set_description(f"{'warm-up' if r == 0 else f'round {r}/{settings.repeats}'} {cfg.name}")
@@ -212,7 +215,8 @@ def _run_bench(settings, configs, log, on_round=None) -> dict:
             if on_round is not None and 0 < r < settings.repeats:
                 on_round(_results(run, configs, copy.deepcopy(results), started, r))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         run.close()
     return _results(run, configs, results, started, settings.repeats)
 

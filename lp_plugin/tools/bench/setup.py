@@ -104,7 +104,11 @@ class BaseModel:
         if why is not None:
             raise SetupError(f"--model {why}")
         before = allocated(device)
-        self.model = self._load(settings, shapes, need_checkpoint)
+        try:
+            self.model = self._load(settings, shapes, need_checkpoint)
+        except BaseException:  # also SIGTERM or Ctrl-C while a shape is saved: no temporary checkpoint is left
+            self.close()
+            raise
         after = allocated(device)
         # what the plain model holds on the device: a config that loads its own model sits beside it
         self.device_bytes = after - before if after is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -27,7 +28,7 @@ def fs_type(folder: str, mounts: str = "/proc/mounts") -> str | None:
         return None
     path, best = os.path.realpath(folder), None
     for point, kind in table:
-        point = point.replace("\\040", " ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)  # the table escapes " \t\n\\"
         inside = path == point or path.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(best[0])):
             best = (point, kind)
