@@ -320,7 +320,7 @@ def _bench_before_work(monkeypatch, argv) -> tuple:
 
     started = []
 
-    def no_work(settings, configs):
+    def no_work(settings, configs, **kwargs):
         started.append(configs)
         raise SystemExit(0)
 
