@@ -99,42 +99,19 @@ def _warm(paths: list) -> None:
 
 
 def _evict(paths: list) -> None:
+    from lp_plugin.tools.bench.storage import evict
+
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
 
 
 def direct_read_gbps(paths: list, threads: int, piece: int) -> dict:
     """The storage's own bandwidth for these files: O_DIRECT reads of ``piece`` bytes from ``threads`` threads
     into aligned buffers, the files evicted first (GB/s, 1e9 bytes/s)."""
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
+    from lp_plugin.tools.bench.storage import read_files
 
     _evict(paths)
-    jobs = []
-    for path in paths:
-        size = os.path.getsize(path) // 4096 * 4096
-        jobs += [(path, off, min(piece, size - off)) for off in range(0, size, piece)]
-    local = threading.local()
-
-    def read(job):
-        path, off, n = job
-        if not hasattr(local, "buf"):
-            local.buf = mmap.mmap(-1, piece)  # page-aligned
-            local.fds = {}
-        fd = local.fds.get(path)
-        if fd is None:
-            fd = local.fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        return os.preadv(fd, [memoryview(local.buf)[:n]], off)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, jobs))
-    seconds = time.perf_counter() - t0
+    total, seconds = read_files(paths, threads, piece)
     return {"gbps": total / seconds / 1e9, "bytes": total, "seconds": seconds, "threads": threads, "piece": piece}
 
 

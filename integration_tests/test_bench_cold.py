@@ -52,6 +52,49 @@ def test_a_folder_in_memory_has_no_storage_to_measure(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_files_reads_every_file_whole_and_closes_what_it_opened(disk_dir, direct):
+    sizes = [3 * MIB + 4096, 5 * 4096, 4096 + 100]  # several pieces, one piece, a tail short of a block
+    paths = []
+    for i, size in enumerate(sizes):
+        (disk_dir / f"f{i}").write_bytes(os.urandom(size))
+        paths.append(str(disk_dir / f"f{i}"))
+    open_before = len(os.listdir("/proc/self/fd"))
+    try:
+        got, seconds = storage.read_files(paths, threads=3, piece=MIB, direct=direct)
+    except OSError:
+        if not direct:
+            raise
+        pytest.skip(f"{disk_dir} refuses O_DIRECT")
+    assert got == (sum(s // 4096 * 4096 for s in sizes) if direct else sum(sizes)) and seconds > 0
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_a_read_that_comes_back_short_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, pos: 10)
+    with pytest.raises(OSError):
+        storage.read_files([str(tmp_path / "f")], threads=1, piece=4096, direct=False)
+
+
+def test_evict_flushes_then_drops_the_file(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(("fadvise", off, n, advice)))
+    (tmp_path / "f").write_bytes(b"x")
+    storage.evict(str(tmp_path / "f"))
+    assert calls == ["fsync", ("fadvise", 0, 0, os.POSIX_FADV_DONTNEED)]
+
+
+def test_nearest_existing_walks_up_to_what_is_there(tmp_path):
+    from lp_plugin.core.tiers.folder import nearest_existing
+
+    assert nearest_existing(str(tmp_path / "a" / "b")) == str(tmp_path)
+    assert nearest_existing(str(tmp_path)) == str(tmp_path)
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    assert nearest_existing(str(tmp_path / "dangling" / "c")) == str(tmp_path / "dangling")  # a link is something
+
+
 def test_fs_type_takes_the_innermost_mount_point(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("/dev/a / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\n/dev/b /data xfs rw 0 0\n"
@@ -207,6 +250,13 @@ def test_cold_configs_are_refused_where_the_scratch_file_cannot_fit(ckpt, tmp_pa
 
 
 # ----------------------------------------------------------------------------- a run stopped early
+def test_cold_configs_are_refused_where_the_offload_folder_is_a_link_to_nothing(ckpt, tmp_path, capsys):
+    os.symlink(tmp_path / "gone", tmp_path / "off")
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:disk:cold", "--offload-dir", tmp_path / "off"])
+    assert rc == 2 and "Traceback" not in capsys.readouterr().err  # a usage error, before anything ran
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, tmp_path):
     out, tmp = tmp_path / "r.json", tmp_path / "tmp"
     tmp.mkdir()

@@ -50,6 +50,14 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` itself if something is there (a dangling link counts), else its closest ancestor that exists."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_usable(path, checkpoint=None) -> None:
     """Refuse ``path`` as an offload folder before anything is loaded: a file, a folder this process cannot create,
     the folder of the checkpoint being loaded (``checkpoint``, a local folder or None), or a folder
@@ -73,9 +81,7 @@ def check_usable(path, checkpoint=None) -> None:
         )
     if os.path.lexists(path):
         return  # (a read-only folder of valid layer files is reused; attach says so when it must write one)
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         raise OffloadFileError(f"cannot create offload_folder {path!r}: {existing!r} is a file; pass a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -247,17 +247,14 @@ class Placement:
 def evict_folder(folder: str) -> int:
     """Ask the kernel to drop every file under ``folder`` from the page cache (flushed, then
     ``posix_fadvise`` DONTNEED; pages a live mapping holds stay). Returns how many files were asked."""
+    from .storage import evict
+
     if not hasattr(os, "posix_fadvise"):
         raise RuntimeError("cold configs need posix_fadvise to drop the page cache (Linux)")
     n = 0
     for root, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)  # written pages are dropped only once they are on disk
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(os.path.join(root, name))
             n += 1
     return n
 

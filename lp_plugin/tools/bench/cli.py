@@ -234,6 +234,7 @@ def _engine_problem(configs, model: str, longest: int = 0) -> str | None:
 def _check_cold(parser, configs, offload_dir, bandwidth_bytes: int) -> None:
     """Cold-cache configs read their files back from the storage after evicting them: a folder in memory
     (tmpfs) keeps no other copy, so its figures would be warm ones. Refused before anything runs."""
+    from ...core.tiers.folder import nearest_existing
     from .storage import IN_MEMORY, fs_type, scratch_bytes
 
     cold = [c.name for c in configs if c.cold]
@@ -247,9 +248,9 @@ def _check_cold(parser, configs, offload_dir, bandwidth_bytes: int) -> None:
             f"cold configs ({', '.join(cold)}) read their files back from a disk, but {where} is on {kind}, "
             "whose pages are the only copy: pass --offload-dir on a disk (e.g. /var/tmp/lp-bench)"
         )
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
+    if not os.path.exists(existing):
+        parser.error(f"{where}: {existing!r} is a link to nothing; pass a folder on a disk")
     need, free = scratch_bytes(bandwidth_bytes), shutil.disk_usage(existing).free
     if need > free:
         parser.error(

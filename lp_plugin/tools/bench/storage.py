@@ -11,6 +11,7 @@ import os
 import re
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,57 +57,68 @@ def _write_scratch(folder: str, nbytes: int) -> str:
     return path
 
 
-def _evict(path: str) -> None:
+def evict(path: str) -> None:
+    """Ask the kernel to drop ``path``'s pages from the page cache: flushed first (written pages are dropped only
+    once they are on the disk), then ``posix_fadvise`` DONTNEED. Pages a live mapping holds stay."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
 
-def _read_all(fd: int, nbytes: int, threads: int) -> float:
-    """Seconds to read ``[0, nbytes)`` of ``fd`` in :data:`CHUNK` pieces on ``threads`` threads."""
-    buffers = [mmap.mmap(-1, CHUNK) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
-    offsets = list(range(0, nbytes, CHUNK))
+def read_files(paths: list, threads: int, piece: int = CHUNK, direct: bool = True) -> tuple[int, float]:
+    """Read every file in ``paths`` whole, in ``piece``-byte reads spread over ``threads`` threads, each into its
+    own page-aligned buffer; with ``direct``, past the page cache (``O_DIRECT``: a file's tail short of a 4 KiB
+    block is left out). Returns (bytes read, seconds). Raises OSError where the file system refuses direct I/O."""
+    jobs = []
+    for path in paths:
+        size = os.path.getsize(path) // 4096 * 4096 if direct else os.path.getsize(path)
+        jobs += [(path, pos, min(piece, size - pos)) for pos in range(0, size, piece)]
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds: dict[tuple, int] = {}  # one descriptor per (thread, file), all closed at the end
+    lock = threading.Lock()
+    local = threading.local()
 
-    def work(i: int) -> None:
-        view = memoryview(buffers[i])
-        for pos in offsets[i::threads]:
-            if os.preadv(fd, [view[: min(CHUNK, nbytes - pos)]], pos) <= 0:
-                raise OSError(f"short read at {pos} of the scratch file")
+    def work(job: tuple) -> int:
+        path, pos, n = job
+        if not hasattr(local, "buf"):
+            local.buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
+        key = (threading.get_ident(), path)
+        fd = fds.get(key)
+        if fd is None:
+            fd = os.open(path, flags)
+            with lock:
+                fds[key] = fd
+        got = os.preadv(fd, [memoryview(local.buf)[:n]], pos)
+        if got < n:
+            raise OSError(f"short read at {pos} of {path}: {got} of {n} bytes")
+        return got
 
     try:
         with ThreadPoolExecutor(threads) as pool:
             t0 = time.perf_counter()
-            list(pool.map(work, range(threads)))
-            return time.perf_counter() - t0
+            total = sum(pool.map(work, jobs))
+            return total, time.perf_counter() - t0
     finally:
-        for b in buffers:
-            b.close()
+        for fd in fds.values():
+            os.close(fd)
 
 
-def _timed_reads(path: str, nbytes: int, iters: int, threads: int, direct: bool) -> list | None:
+def _timed_reads(path: str, iters: int, threads: int, direct: bool) -> list | None:
     """GB/s of ``iters`` reads of the file, each after an eviction; None where direct I/O is refused."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    except OSError:
-        if direct:
-            return None
-        raise
-    try:
-        rates: list[float] = []
-        for _ in range(iters):
-            _evict(path)
-            try:
-                seconds = _read_all(fd, nbytes, threads)
-            except OSError:
-                if direct and not rates:  # opened, but the file system refuses the reads (EINVAL)
-                    return None
-                raise
-            rates.append(nbytes / seconds / 1e9)
-        return rates
-    finally:
-        os.close(fd)
+    rates: list[float] = []
+    for _ in range(iters):
+        evict(path)
+        try:
+            nbytes, seconds = read_files([path], threads, direct=direct)
+        except OSError:
+            if direct and not rates:  # the file system refuses direct I/O (at the open, or EINVAL on the read)
+                return None
+            raise
+        rates.append(nbytes / seconds / 1e9)
+    return rates
 
 
 def storage_read(folder: str, nbytes: int, iters: int = 3, threads: int | None = None) -> dict:
@@ -126,10 +138,10 @@ def storage_read(folder: str, nbytes: int, iters: int = 3, threads: int | None =
         return out
     path = _write_scratch(folder, nbytes)
     try:
-        rates = _timed_reads(path, nbytes, iters, threads, direct=True) if hasattr(os, "O_DIRECT") else None
+        rates = _timed_reads(path, iters, threads, direct=True) if hasattr(os, "O_DIRECT") else None
         out["direct"] = rates is not None
         if rates is None:  # a file system without direct I/O: buffered reads after an eviction
-            rates = _timed_reads(path, nbytes, iters, threads, direct=False) or []
+            rates = _timed_reads(path, iters, threads, direct=False) or []
     finally:
         os.unlink(path)
     out.update(gbps=statistics.median(rates), min=min(rates), max=max(rates))
