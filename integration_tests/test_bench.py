@@ -499,3 +499,16 @@ def test_a_tokenizer_that_cannot_load_is_refused_before_the_model_is_built(ckpt,
     assert rc == 2 and "--tokenizer" in err, err
     assert "building" not in err, err
     assert torch.get_num_threads() == threads
+
+
+def test_a_model_folder_without_tokenizer_files_falls_back_to_bytes(tmp_path):
+    from shapes import save_tiny
+
+    from lp_plugin.tools.bench.setup import SetupError, make_inputs, make_tokenizer
+
+    folder = save_tiny("qwen2", tmp_path / "tiny")  # config and weights only: transformers loads an empty tokenizer
+    tok, info = make_tokenizer("auto", str(folder), is_shape=False)
+    assert tok is None and info["note"]
+    assert make_inputs(tok, 256, 12, 24, 24)["prompt"]
+    with pytest.raises(SetupError):  # named explicitly, the same folder is an error
+        make_tokenizer(str(folder), str(folder), is_shape=False)

@@ -105,6 +105,29 @@ def test_cached_files_are_lent_to_cuda_and_copied_exactly(tiny_checkpoints, tmp_
 
 @pytest.mark.gpu
 @cuda
+def test_a_model_deleted_without_detach_gives_every_lent_page_back(tiny_checkpoints, tmp_path):
+    """Deleted as users delete a model (no ``detach``), its lent pages are unregistered before their mappings can go:
+    an address range CUDA still counted as registered, mapped again by the process, made the next copy or pinned
+    allocation there fail ("resource already mapped")."""
+    import gc
+
+    from lp_plugin.core import pinning
+
+    model, handle, ids, want = _setup(tiny_checkpoints, tmp_path)
+    assert torch.equal(_logits(model, ids), want)
+    views = [e.pinned for e in handle.tier._files.values() if e.pinned is not None and e.pinned.numel()]
+    assert views and handle.tier.pins()
+    del model, handle
+    gc.collect()
+    for view in views:  # still mapped (the view holds it) and no longer lent: CUDA takes it again
+        assert pinning.register(view.data_ptr(), view.numel())
+        pinning.unregister(view.data_ptr())
+    host = torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    assert float(host.fill_(1).to("cuda").sum()) == 1 << 20
+
+
+@pytest.mark.gpu
+@cuda
 def test_pin_cached_false_reads_the_files_and_stays_exact(tiny_checkpoints, tmp_path):
     model, handle, ids, want = _setup(tiny_checkpoints, tmp_path)
     handle.tier.pin_cached = False  # before the first transfer decides

@@ -78,17 +78,18 @@ class SharedBuffer:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                     os.unlink(path + ".lock")
-        tensor = torch.frombuffer(self.map, dtype=torch.uint8)
-        self.tensor: torch.Tensor | None = tensor
-        self.pinned = False
-        if pin and self.nbytes:
-            self.pinned = pinning.register(tensor.data_ptr(), self.nbytes)
+        lent = pinning.Lent(self.map) if pin and self.nbytes else None
+        self._lent = lent if lent is not None and lent.ok else None  # given back when closed or collected
+        self.pinned = self._lent is not None
+        self.tensor: torch.Tensor | None = (
+            self._lent.tensor if self._lent is not None else torch.frombuffer(self.map, dtype=torch.uint8)
+        )
 
     def close(self) -> None:
-        if self.pinned and self.tensor is not None:
-            pinning.unregister(self.tensor.data_ptr())
-            self.pinned = False
         self.tensor = None
+        if self._lent is not None:
+            self._lent.release()
+        self.pinned = False
         with contextlib.suppress(BufferError):
             self.map.close()
 

@@ -18,7 +18,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import wait
 
 import numpy as np
@@ -120,8 +119,7 @@ class MappedFile:
         )
         # the payload in the file's pages, lent to CUDA (pin): a copy source for transfers, never written
         self.pinned: torch.Tensor | None = None
-        self._pin_map: mmap.mmap | None = None
-        self._pin_base: torch.Tensor | None = None
+        self._lent: pinning.Lent | None = None  # the mapping registered with CUDA, while pinned
 
     @classmethod
     def verify(cls, fd, path, what, start, nbytes, sha256, since) -> MappedFile:
@@ -294,28 +292,23 @@ class MappedFile:
             mapping = mmap.mmap(self.fd, self.start + self.nbytes, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             return False
-        with warnings.catch_warnings():  # (a read-only buffer: nothing writes through this tensor)
-            warnings.simplefilter("ignore", UserWarning)
-            base = torch.frombuffer(mapping, dtype=torch.uint8)
-        if not pinning.register(base.data_ptr(), base.numel()):
-            del base
+        lent = pinning.Lent(mapping)
+        if lent.tensor is None:  # refused
             mapping.close()
             return False
-        self._pin_map, self._pin_base = mapping, base
-        self.pinned = base[self.start :]
+        del mapping
+        self._lent = lent
+        self.pinned = lent.tensor[self.start :]
         return True
 
     def unpin(self) -> None:
         """Give the pinned mapping back (its pages stay in the page cache, evictable again). The caller makes
         sure no copy from it is in flight; views of it handed out before are not to be used after (the mapping
         goes, so that its pages can leave the page cache)."""
-        if self._pin_base is not None:
-            pinning.unregister(self._pin_base.data_ptr())
-        self.pinned = self._pin_base = None
-        mapping, self._pin_map = self._pin_map, None
-        if mapping is not None:
-            with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it goes
-                mapping.close()
+        self.pinned = None
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            lent.release()  # (a view still alive elsewhere: unmapped when it goes)
 
     def drop_page_cache(self) -> None:
         """Unmap the file's pages and evict them from the page cache (pages still mapped are never

@@ -204,11 +204,14 @@ def make_tokenizer(choice: str, model_name: str, is_shape: bool):
         source = model_name
     try:
         tok = AutoTokenizer.from_pretrained(source)
+        if not tok("The text.", add_special_tokens=False)["input_ids"]:  # a folder without tokenizer files loads empty
+            raise ValueError("it has no vocabulary (it gives no tokens for text)")
     except Exception as exc:  # noqa: BLE001 - any failure means: no tokenizer
         if choice != "auto":
             raise SetupError(f"--tokenizer {choice!r} cannot be loaded ({type(exc).__name__}: {exc})") from None
         info["note"] = (
-            f"tokenizer of {source!r} not loadable ({type(exc).__name__}): token ids are the UTF-8 bytes of the text"
+            f"tokenizer of {source!r} not usable ({type(exc).__name__}: {exc}): token ids are the UTF-8 bytes of "
+            "the text"
         )
         return None, info
     info["source"] = source
