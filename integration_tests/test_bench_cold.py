@@ -273,6 +273,7 @@ def test_a_run_stopped_early_keeps_its_rounds_and_cannot_be_gated_against(ckpt, 
         proc.send_signal(signal.SIGTERM)  # what `timeout` sends
         rc = proc.wait(60)
     assert rc == 128 + signal.SIGTERM
+    assert str(out) in proc.stderr.read()  # where the rounds done are
     assert list(tmp.iterdir()) == []  # the temporary offload folder went with the run
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("r.json")] == ["r.json"]  # no half-written copy
     data = read(out)

@@ -374,6 +374,13 @@ def _terminate_cleanly():
         signal.signal(signal.SIGTERM, before)
 
 
+def _kept(args) -> str:
+    """Where the rounds done before a stop are, and how to read them."""
+    if not args.out or args.results:
+        return ""
+    return f" (rounds done so far: {args.out}; `lp-bench --results {args.out}` prints their table)"
+
+
 def main(argv=None, prog: str = "lp-bench") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -383,8 +390,12 @@ def main(argv=None, prog: str = "lp-bench") -> int:
         with _terminate_cleanly():
             out = _load(parser, "--results", args.results) if args.results else _run(parser, args)
     except KeyboardInterrupt:
-        print("lp-bench: interrupted" + (f" (rounds done so far: {args.out})" if args.out else ""), file=sys.stderr)
+        print(f"lp-bench: interrupted{_kept(args)}", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print(f"lp-bench: terminated{_kept(args)}", file=sys.stderr)
+        raise
     if out is None:
         return 3
     print(format_table(out, wide=args.wide))
