@@ -209,8 +209,8 @@ def step_workload(spec: dict) -> dict:
 
         try:
             out["direct_read"] = direct_read_gbps(files, DiskTier.readers, READ_CHUNK)
-        except OSError as exc:
-            out["direct_read"] = {"error": f"{exc.strerror} (direct I/O refused by this file system?)"}
+        except OSError as exc:  # (DirectIORefused where the file system has no direct I/O)
+            out["direct_read"] = {"error": f"{type(exc).__name__}: {exc}"}
         out["files_bytes"] = sum(os.path.getsize(p) for p in files)
     out["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["peak_mapped_bytes"] = handle.peak_mapped_bytes

@@ -62,12 +62,54 @@ def test_read_files_reads_every_file_whole_and_closes_what_it_opened(disk_dir, d
     open_before = len(os.listdir("/proc/self/fd"))
     try:
         got, seconds = storage.read_files(paths, threads=3, piece=MIB, direct=direct)
-    except OSError:
-        if not direct:
-            raise
+    except storage.DirectIORefused:
         pytest.skip(f"{disk_dir} refuses O_DIRECT")
     assert got == (sum(s // 4096 * 4096 for s in sizes) if direct else sum(sizes)) and seconds > 0
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_read_files_opens_each_file_once_whatever_the_threads(tmp_path, monkeypatch):
+    import resource
+
+    for i in range(40):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 3 * 4096)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 48, hard))  # 40 files on 8 threads: not 320 descriptors
+    try:
+        got, _ = storage.read_files(sorted(str(p) for p in tmp_path.iterdir()), 8, piece=4096, direct=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert got == 40 * 3 * 4096
+
+
+def test_only_a_refusal_of_direct_io_falls_back_to_buffered_reads(tmp_path, monkeypatch):
+    import errno
+
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    assert storage._timed_reads(str(tmp_path / "f"), 1, 1, direct=True) is None
+
+    def failing(path, flags, *args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", failing)
+    with pytest.raises(OSError) as caught:  # not mistaken for a file system without direct I/O
+        storage.read_files([str(tmp_path / "f")], 1, direct=True)
+    assert not isinstance(caught.value, storage.DirectIORefused)
+
+
+def test_read_files_refuses_nothing_to_read(tmp_path):
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError):
+        storage.read_files([str(tmp_path / "small")], 1, direct=True)
 
 
 def test_a_read_that_comes_back_short_is_an_error(tmp_path, monkeypatch):
@@ -320,8 +362,18 @@ def test_ctrl_c_exits_130_through_the_clean_ups(ckpt, tmp_path, monkeypatch, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "run_bench", interrupted)
+    (tmp_path / "r.json").write_text("{}")  # an older run's file: not offered as this run's rounds
     rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:cpu", "--out", tmp_path / "r.json"])
-    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted" in err and "--results" not in err
+
+    def one_round_then_interrupted(settings, configs, on_round=None):
+        on_round({"rounds_done": 1})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_bench", one_round_then_interrupted)
+    rc, _ = bench(["--model", ckpt, *SMALL, "--configs", "stream:even:cpu", "--out", tmp_path / "r.json"])
+    assert rc == 130 and f"--results {tmp_path / 'r.json'}" in capsys.readouterr().err
 
 
 def test_a_shape_checkpoint_is_removed_when_its_saving_is_interrupted(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from ..core import accel, hooks
+from ..core import accel, hooks, pinning
 from ..core.devices import check_usable, map_value, normalize_device
 from ..core.entry import ModelEntry
 from ..core.gate import SessionGate, copy_error, refuse_copy
@@ -166,6 +166,7 @@ class OffloadHandle:
         """Offloaded layers resident (session mode) or the ring allocated (stream mode) for the block;
         re-entrant and thread-safe. Leaving the outermost block, also by an exception, returns to
         standby: the device memory is freed."""
+        pinning.give_back_collected()  # what a model dropped without detach had lent
         with self.gate.session():
             yield self
 
@@ -237,6 +238,7 @@ def attach(model, config: OffloadConfig | None = None, *, plan: OffloadPlan | No
         raise AttachError(
             "this model is already attached; call lp_plugin.get_handle(model).detach() before attaching again"
         )
+    pinning.give_back_collected()  # what a model dropped without detach had lent
     _, layer_list = find_decoder_layers(model)
     checkpoint = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not (isinstance(checkpoint, str) and os.path.isabs(os.path.expanduser(checkpoint))):

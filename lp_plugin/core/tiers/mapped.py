@@ -325,6 +325,6 @@ class MappedFile:
             if fd is not None:
                 os.close(fd)
         self.direct_fd, self._retired = None, []
-        with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it goes
+        with contextlib.suppress(BufferError):  # (only a buffer export refuses: torch views hold none, go first)
             self.map.close()
         os.close(self.fd)

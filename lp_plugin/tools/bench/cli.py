@@ -291,7 +291,7 @@ def _run(parser, args) -> dict | None:
         threads=args.threads,
         progress=not args.no_progress,
     )
-    on_round = _partial_writer(args.out) if args.out else None
+    on_round = _partial_writer(args) if args.out else None
     try:
         out = run_bench(settings, configs, on_round=on_round)
     except SetupError as exc:
@@ -303,14 +303,17 @@ def _run(parser, args) -> dict | None:
     return out
 
 
-def _partial_writer(path: str):
-    """Writes the results so far after every round (a run stopped early keeps what it measured); a write that
-    fails is said once and the run goes on (the final write is tried again at the end)."""
+def _partial_writer(args):
+    """Writes the results so far after every round (a run stopped early keeps what it measured) to ``args.out``,
+    noting the rounds written in ``args.rounds_written``; a write that fails is said once and the run goes on (the
+    final write is tried again at the end)."""
     failed: list[OSError] = []
+    path = args.out
 
     def write(partial: dict) -> None:
         try:
             write_json(partial, path)
+            args.rounds_written = partial.get("rounds_done")
         except OSError as exc:
             if not failed:
                 print(f"lp-bench: cannot write the results so far to {path} ({exc}); the run goes on", file=sys.stderr)
@@ -375,10 +378,15 @@ def _terminate_cleanly():
 
 
 def _kept(args) -> str:
-    """Where the rounds done before a stop are, and how to read them."""
+    """What of the run a stop leaves in ``--out``, and how to read it."""
     if not args.out or args.results:
         return ""
-    return f" (rounds done so far: {args.out}; `lp-bench --results {args.out}` prints their table)"
+    written = getattr(args, "rounds_written", None)
+    if written is None:
+        return f" before it was set up: nothing of this run is in {args.out}"
+    if not written:
+        return f" before its first round ended: {args.out} holds no figures"
+    return f" after {written} round(s): `lp-bench --results {args.out}` prints their table"
 
 
 def main(argv=None, prog: str = "lp-bench") -> int:

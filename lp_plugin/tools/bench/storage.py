@@ -6,6 +6,7 @@ bound."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -68,41 +69,55 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+class DirectIORefused(OSError):
+    """The file system refuses direct I/O (``O_DIRECT``) on this file."""
+
+
+_REFUSALS = (errno.EINVAL, errno.EOPNOTSUPP)  # what open or read answer where O_DIRECT is not supported
+
+
 def read_files(paths: list, threads: int, piece: int = CHUNK, direct: bool = True) -> tuple[int, float]:
     """Read every file in ``paths`` whole, in ``piece``-byte reads spread over ``threads`` threads, each into its
     own page-aligned buffer; with ``direct``, past the page cache (``O_DIRECT``: a file's tail short of a 4 KiB
-    block is left out). Returns (bytes read, seconds). Raises OSError where the file system refuses direct I/O."""
-    jobs = []
-    for path in paths:
-        size = os.path.getsize(path) // 4096 * 4096 if direct else os.path.getsize(path)
-        jobs += [(path, pos, min(piece, size - pos)) for pos in range(0, size, piece)]
+    block is left out). Each file is opened once, before the clock starts, and read at positions by every thread.
+    Returns (bytes read, seconds). Raises :class:`DirectIORefused` where the file system refuses direct I/O,
+    ValueError when there is nothing to read."""
+    sizes = [os.path.getsize(p) // 4096 * 4096 if direct else os.path.getsize(p) for p in paths]
+    if not any(sizes):
+        raise ValueError(f"nothing to read in {len(paths)} file(s)" + (" of a 4 KiB block or more" if direct else ""))
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
-    fds: dict[tuple, int] = {}  # one descriptor per (thread, file), all closed at the end
-    lock = threading.Lock()
+    fds: list[int] = []
     local = threading.local()
 
     def work(job: tuple) -> int:
-        path, pos, n = job
+        fd, pos, n = job
         if not hasattr(local, "buf"):
             local.buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
-        key = (threading.get_ident(), path)
-        fd = fds.get(key)
-        if fd is None:
-            fd = os.open(path, flags)
-            with lock:
-                fds[key] = fd
-        got = os.preadv(fd, [memoryview(local.buf)[:n]], pos)
+        try:
+            got = os.preadv(fd, [memoryview(local.buf)[:n]], pos)
+        except OSError as exc:
+            if direct and exc.errno in _REFUSALS:
+                raise DirectIORefused(exc.errno, f"direct reads refused: {exc.strerror}") from exc
+            raise
         if got < n:
-            raise OSError(f"short read at {pos} of {path}: {got} of {n} bytes")
+            raise OSError(f"short read at {pos}: {got} of {n} bytes")
         return got
 
     try:
+        for path in paths:
+            try:
+                fds.append(os.open(path, flags))
+            except OSError as exc:
+                if direct and exc.errno in _REFUSALS:
+                    raise DirectIORefused(exc.errno, f"direct I/O refused on {path}: {exc.strerror}") from exc
+                raise
+        jobs = [(fd, pos, min(piece, size - pos)) for fd, size in zip(fds, sizes) for pos in range(0, size, piece)]
         with ThreadPoolExecutor(threads) as pool:
             t0 = time.perf_counter()
             total = sum(pool.map(work, jobs))
             return total, time.perf_counter() - t0
     finally:
-        for fd in fds.values():
+        for fd in fds:
             os.close(fd)
 
 
@@ -113,10 +128,8 @@ def _timed_reads(path: str, iters: int, threads: int, direct: bool) -> list | No
         evict(path)
         try:
             nbytes, seconds = read_files([path], threads, direct=direct)
-        except OSError:
-            if direct and not rates:  # the file system refuses direct I/O (at the open, or EINVAL on the read)
-                return None
-            raise
+        except DirectIORefused:
+            return None
         rates.append(nbytes / seconds / 1e9)
     return rates
 
