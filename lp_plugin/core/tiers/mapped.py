@@ -308,7 +308,7 @@ class MappedFile:
         self.pinned = None
         lent, self._lent = self._lent, None
         if lent is not None:
-            lent.release()  # (a view still alive elsewhere: unmapped when it goes)
+            lent.release()
 
     def drop_page_cache(self) -> None:
         """Unmap the file's pages and evict them from the page cache (pages still mapped are never
