@@ -384,12 +384,16 @@ def test_committed_results_still_load_and_compare(path):
     """A results file written by an earlier lp-bench still loads and gates against itself, and what lp-bench
     records of each of its configs now holds every key that file has, with the same value: derived
     ratios and goals come out the same from either record. A file of one timed round cannot be judged
-    on speed (the gate says so, exit 2), and nothing else in it fails."""
+    on speed, nor a run stopped before its last round (the gate says so, exit 2), and nothing else in it fails."""
     rc, text = bench(["--results", path, "--compare", path])[:2]
     derived = read(path)
     derive(derived)
     rounds = {len(speed_runs(c, short)) for c in derived["configs"] if usable(c) for short in SPEEDS}
-    if min(rounds - {0}, default=2) >= 2:
+    if derived.get("complete") is False:
+        assert rc == 2 and "REGRESSION" not in text, text
+        cannot = [line for line in text.split("CANNOT COMPARE against", 1)[1].splitlines()[1:] if line.startswith("  ")]
+        assert cannot and all("stopped after" in line for line in cannot), cannot
+    elif min(rounds - {0}, default=2) >= 2:
         assert rc == 0, text
     else:
         assert rc == 2 and "REGRESSION" not in text, text
