@@ -92,3 +92,53 @@ def test_two_threads_generate_concurrently(tiny, tmp_path, tier, mode):
     assert not h.in_session
     h.detach()
     assert_unchanged(tiny.model, tiny.ref, tiny.state)
+
+
+def _interrupt_once(layer):
+    """A Ctrl-C landing inside the next forward (PyTorch runs an always-called forward hook on an Exception
+    only, so the hook that closes a bare forward's session never sees it)."""
+    calls = {"n": 0}
+
+    def interrupt(module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    return layer.register_forward_pre_hook(interrupt)
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_a_ctrl_c_inside_generate_returns_to_standby(tiny, tmp_path, mode):
+    h = lp_plugin.attach(tiny.model, offload="even", tier="disk", mode=mode, offload_folder=tmp_path / "off")
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hook = _interrupt_once(tiny.model.model.layers[3])
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        tiny.model.generate(PROMPT, **gen)
+    hook.remove()
+    assert not h.in_session and h.gate.depth == 0
+    done = []  # another thread is not kept waiting by the interrupted one
+    t = threading.Thread(target=lambda: done.append(logits(tiny.model)))
+    t.start()
+    t.join(60)
+    assert done and torch.equal(done[0], tiny.ref)
+    h.detach()
+    assert_unchanged(tiny.model, tiny.ref, tiny.state)
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_a_ctrl_c_inside_a_bare_forward_is_closed_by_what_the_thread_does_next(tiny, tmp_path, mode):
+    h = lp_plugin.attach(tiny.model, offload="even", tier="cpu", mode=mode)
+    for then in ("forward", "session", "detach"):
+        hook = _interrupt_once(tiny.model.model.layers[3])
+        with pytest.raises(KeyboardInterrupt):
+            logits(tiny.model)
+        hook.remove()
+        if then == "forward":
+            assert torch.equal(logits(tiny.model), tiny.ref) and h.gate.depth == 0
+        elif then == "session":
+            with lp_plugin.session(tiny.model):
+                assert h.gate.depth == 1
+            assert not h.in_session
+        else:
+            h.detach()  # not refused as "inside an open session"
+    assert_unchanged(tiny.model, tiny.ref, tiny.state)

@@ -3,7 +3,9 @@
 * a forward pre-hook and an always-called forward hook on the module that runs the decoder layers
   open and close a session around a bare forward through the session gate (exception-safe, and a no-op
   while compiling: a compiled forward runs inside the session that ``generate`` opened); the hook also
-  ends the forward with each mover's ``end_forward`` (stream mode: the ring's join);
+  ends the forward with each mover's ``end_forward`` (stream mode: the ring's join). PyTorch skips that
+  hook on a KeyboardInterrupt: the gate closes such a forward as the interrupt leaves ``generate``, or
+  before the thread's next forward, session or ``detach`` (``SessionGate.close_interrupted``);
 * ``generate`` is wrapped so one call is one session (not one per decode step);
 * ``_apply`` of the offloaded layers (and of the embeddings kept in host memory, ``host_embeddings.py``) and their
   ancestors checks a conversion first: a move to the
@@ -69,8 +71,12 @@ class ModelEntry:
 
             @functools.wraps(original)
             def generate(*args, **kwargs):
-                with gate.session():
-                    return original(*args, **kwargs)
+                try:
+                    with gate.session():
+                        return original(*args, **kwargs)
+                except BaseException:
+                    gate.close_interrupted()  # a Ctrl-C inside a forward skipped the hook that closes it
+                    raise
 
             self.model.generate = generate
         for module in self.guarded:

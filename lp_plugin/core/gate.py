@@ -73,6 +73,7 @@ class SessionGate:
     # ------------------------------------------------------------------ sessions
     @contextlib.contextmanager
     def session(self):
+        self.close_interrupted()
         self.open()
         try:
             yield
@@ -119,6 +120,7 @@ class SessionGate:
     # ------------------------------------------------------------------ what the model entry calls
     def enter_forward(self) -> None:
         """A bare forward of the model: a session of its own; one forward at a time through reused buffers."""
+        self.close_interrupted()  # (the module the hooks are on never runs inside its own forward)
         serial = self._reuses_buffers()
         if serial:
             self.lock.acquire()
@@ -141,6 +143,19 @@ class SessionGate:
         finally:
             if self._reuses_buffers():
                 self.lock.release()
+
+    def close_interrupted(self) -> int:
+        """Close the bare forwards this thread left open when interrupted (KeyboardInterrupt, SystemExit: PyTorch
+        calls an always-called forward hook on an ``Exception`` only), as that hook would have: the end of the
+        forward, then its session. Called where no forward of the model runs on this thread: before the next
+        forward, session, ``generate`` or ``detach``, and as an interrupt leaves ``generate``. Returns how many."""
+        closed = 0
+        while getattr(self._forwards, "depth", 0):
+            with contextlib.suppress(Exception):  # (what the interrupted forward left half done)
+                self.end_forward(None)
+            closed += 1
+            self.exit_forward()
+        return closed
 
     def end_forward(self, output) -> None:
         """After every forward of the model, compiled or not: each mover's end of a forward."""

@@ -196,6 +196,7 @@ class OffloadHandle:
         (only those lp_plugin provably wrote; a temporary folder goes in any case)."""
         if not self.gate.attached:
             raise AttachError("detach() called twice: this model is no longer attached")
+        self.gate.close_interrupted()
         with self.gate.lock:
             if self.gate.depth:
                 raise AttachError(
