@@ -252,3 +252,74 @@ def test_disk_tier_reads_return_every_byte(tmp_path, threads):
     fds = os.listdir("/proc/self/fd")
     assert not any(os.path.realpath(f"/proc/self/fd/{fd}") == str(path) for fd in fds)
     assert str(path) not in pathlib.Path("/proc/self/maps").read_text()
+
+
+def _open_files() -> list:
+    return sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if fd.isdigit()
+                  and os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("folder", ["named", "temporary"])
+def test_a_model_dropped_without_detach_closes_its_files(tmp_path, monkeypatch, folder):
+    """``del model`` as in a notebook, no detach: once collected, its layer files and folder are closed (an open
+    descriptor of a removed temporary folder's file would hold its disk space for the process's life)."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    where = {"offload_folder": tmp_path / "off"} if folder == "named" else {}
+    gc.collect()
+    before = _open_files()
+    for _ in range(2):
+        model = build_tiny("qwen2")
+        lp_plugin.attach(model, offload="even", tier="disk", mode="stream", **where)
+        logits(model)
+        del model
+        gc.collect()
+    assert _open_files() == before
+    if folder == "temporary":
+        assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # the temporary folders went too
+
+
+def test_from_pretrained_frees_a_model_dropped_without_detach_before_loading(tmp_path):
+    """The model and its handle refer to each other: only a collection frees one dropped without detach.
+    ``from_pretrained`` collects before it plans and loads, so a reload loop keeps one model alive, not many."""
+    import gc
+    import weakref
+
+    from shapes import save_tiny
+
+    path = save_tiny("qwen2", tmp_path / "tiny")
+    gc.disable()  # (no automatic collection to hide what from_pretrained does)
+    try:
+        old = lp_plugin.from_pretrained(path, offload="even", tier="cpu", main_device="cpu")
+        gone = weakref.ref(old)
+        del old
+        assert gone() is not None  # the cycle keeps it
+        new = lp_plugin.from_pretrained(path, offload="even", tier="cpu", main_device="cpu")
+        assert gone() is None and lp_plugin.get_handle(new) is not None
+    finally:
+        gc.enable()
+
+
+def test_the_same_weights_elsewhere_in_memory_are_rebuilt_and_said_plainly(tiny, tmp_path, caplog):
+    """A CPU layer file keeps each tensor's address modulo 64 (for results equal to the plain model's): the same
+    weights held at other alignments (a copy, a state dict from elsewhere) rebuild it, said as such at INFO, not
+    as a file from another model."""
+    import logging
+
+    folder = tmp_path / "off"
+    lp_plugin.attach(tiny.model, offload="even", tier="disk", offload_folder=folder).detach()
+    with torch.no_grad():
+        for p in tiny.model.model.layers[2].parameters():  # the same values, 4 bytes further into a buffer
+            buf = torch.empty(p.numel() + 16, dtype=p.dtype)
+            moved = buf[1 : 1 + p.numel()].view(p.shape).copy_(p)
+            p.data = moved
+    with caplog.at_level(logging.INFO, logger="lp_plugin"):
+        h = lp_plugin.attach(tiny.model, offload="even", tier="disk", offload_folder=folder)
+    rebuilt = {k: v for k, v in h.tier.report.items() if v != "reused"}
+    assert rebuilt and all("other memory alignments" in v for v in rebuilt.values()), h.tier.report
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "rebuilding" in r.getMessage()]
+    assert torch.equal(logits(tiny.model), tiny.ref)
+    h.detach()

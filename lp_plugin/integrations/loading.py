@@ -12,6 +12,7 @@ file, so host memory never holds more than one layer. 4-bit loads go through
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 
@@ -82,6 +83,9 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     hf_config = AutoConfig.from_pretrained(name_or_path, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
     _check_near_misses(hf_config, hf_kwargs)
     _apply_config_overrides(hf_config, hf_kwargs)  # (num_hidden_layers=6 and the like: the plan must see them)
+    # a model dropped without detach is a reference cycle (model, handle, hooks) that only a collection frees:
+    # collected now, before the budget reads free memory and before this model takes the place it held
+    gc.collect()
     if base_map == "auto":
         base_map = auto_base_map(
             hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)

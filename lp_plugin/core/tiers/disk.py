@@ -162,8 +162,12 @@ class DiskTier(Tier):
                 why, ours, st = found
                 if not (ours or owned.owns(name, st)):
                     raise self.folder.refuse(name, what, f"is not a file lp_plugin wrote ({why})")
-                log.warning(
-                    "lp_plugin: %s: offload file %s is %s; rebuilding it from the source weights", what, path, why
+                log.log(
+                    logging.INFO if why.startswith(layerfile.REALIGNED) else logging.WARNING,
+                    "lp_plugin: %s: offload file %s is %s; rebuilding it from the source weights",
+                    what,
+                    path,
+                    why,
                 )
             meta = layerfile.metadata_for(key, self.model_tag, layout, sha256)
             fd = self.folder.replace(name, key, what, nbytes, lambda target: layerfile.write(target, flat, meta))

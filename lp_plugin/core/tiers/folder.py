@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import stat
+import weakref
 from typing import NamedTuple
 
 import safetensors
@@ -107,10 +108,12 @@ class OffloadFolder:
             ) from exc
         self.path = path
         self.journal = Journal(self.fd, path)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)  # also when collected unclosed
+        self._close_fd.atexit = False
 
     def close(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            self._close_fd()
             self.fd = None
 
     def entry_path(self, name: str) -> str:

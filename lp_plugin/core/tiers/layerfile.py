@@ -128,6 +128,16 @@ def read_header(fd: int, size: int) -> Header:
     return Header(metadata, shape[0], size - shape[0])
 
 
+REALIGNED = "laid out for the same tensors at other memory alignments"
+
+
+def _without_offsets(layout) -> list | None:
+    """A layout's tensors (key, dtype, shape, size) without where each one starts; None if it is not a layout."""
+    if not isinstance(layout, list) or not all(isinstance(e, dict) for e in layout):
+        return None
+    return [{k: v for k, v in e.items() if k != "offset"} for e in layout]
+
+
 def mismatch(header: Header, key: str, layout: list, sha256: str, nbytes: int) -> str | None:
     """Why the file described by ``header`` is not unit ``key`` with this layout and fingerprint
     (None when it is, as far as its header says; its payload is verified separately)."""
@@ -140,7 +150,13 @@ def mismatch(header: Header, key: str, layout: list, sha256: str, nbytes: int) -
         recorded = json.loads(meta.get("layout", ""))
     except (ValueError, RecursionError):
         return "unreadable (its recorded layout is not valid JSON)"
-    if recorded != json.loads(json.dumps(layout)):  # compared as JSON (tuples read back as lists)
+    wanted = json.loads(json.dumps(layout))  # compared as JSON (tuples read back as lists)
+    if recorded != wanted:
+        if _without_offsets(recorded) == _without_offsets(wanted):
+            return (
+                f"{REALIGNED} (this layer's weights sit elsewhere in memory than when it was written; the file "
+                "keeps each tensor's alignment, for exact results)"
+            )
         return "foreign (made from a different model or layer)"
     recorded_sha = meta.get("source_sha256")
     if not (isinstance(recorded_sha, str) and _SHA256.fullmatch(recorded_sha)):

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import wait
 
 import numpy as np
@@ -94,6 +95,12 @@ def _open_direct(fd: int) -> int | None:
         return None
 
 
+def _close_fds(fds: list) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
 class MappedFile:
     """The open layer file ``fd`` (owned from here on), its copy-on-write mapping and ``data``: a
     uint8 tensor over the payload. Writes through ``data`` change memory only, never the file.
@@ -109,7 +116,6 @@ class MappedFile:
         # mincore reports the page cache of a file only to its owner or a writer (to others: every page cached)
         self.probe_cache = st.st_uid == os.geteuid() or os.access(fd_path(fd), os.W_OK)
         self._lock = threading.Lock()
-        self._retired: list[int] = []  # direct descriptors given up on (closed by close())
         self.read_bytes = 0  # bytes the transfers read from the file
         self.direct_bytes = 0  # of those, read with direct I/O (from the disk, past the page cache)
         self.data: torch.Tensor | None = (
@@ -120,6 +126,11 @@ class MappedFile:
         # the payload in the file's pages, lent to CUDA (pin): a copy source for transfers, never written
         self.pinned: torch.Tensor | None = None
         self._lent: pinning.Lent | None = None  # the mapping registered with CUDA, while pinned
+        # last (a failure before leaves ``fd`` to the caller): both descriptors close with close(), or when the
+        # file is collected unclosed (a model dropped without detach), since an open descriptor would keep a
+        # deleted file's disk space for the process's life
+        self._close_fds = weakref.finalize(self, _close_fds, [fd, self.direct_fd])
+        self._close_fds.atexit = False
 
     @classmethod
     def verify(cls, fd, path, what, start, nbytes, sha256, since) -> MappedFile:
@@ -230,10 +241,8 @@ class MappedFile:
         return got
 
     def _give_up_direct(self, exc: OSError) -> None:
-        with self._lock:
+        with self._lock:  # (the descriptor closes with the file: another piece may be reading through it now)
             dfd, self.direct_fd = self.direct_fd, None
-            if dfd is not None:  # closed with the file: another piece may be reading through it now
-                self._retired.append(dfd)
         if dfd is not None:
             log.info(
                 "lp_plugin: %s: direct reads of %s refused (%s); reading through the page cache",
@@ -321,10 +330,7 @@ class MappedFile:
     def close(self) -> None:
         self.unpin()
         self.data = None
-        for fd in [self.direct_fd, *self._retired]:
-            if fd is not None:
-                os.close(fd)
-        self.direct_fd, self._retired = None, []
+        self.direct_fd = None
         with contextlib.suppress(BufferError):  # (only a buffer export refuses: torch views hold none, go first)
             self.map.close()
-        os.close(self.fd)
+        self._close_fds()  # (once)
