@@ -142,3 +142,25 @@ def test_a_ctrl_c_inside_a_bare_forward_is_closed_by_what_the_thread_does_next(t
         else:
             h.detach()  # not refused as "inside an open session"
     assert_unchanged(tiny.model, tiny.ref, tiny.state)
+
+
+@pytest.mark.parametrize("mode", ["session", "stream"])
+def test_a_session_opened_inside_a_running_forward_leaves_that_forward_open(tiny, mode):
+    """Only forwards an interrupt left are closed: one still running (a session opened from a layer's hook) stays,
+    and detach from inside it is still refused."""
+    from lp_plugin.errors import AttachError
+
+    h = lp_plugin.attach(tiny.model, offload="even", tier="cpu", mode=mode)
+    seen = []
+
+    def nested(module, args):
+        with lp_plugin.session(tiny.model):
+            seen.append(h.gate.depth)
+        with pytest.raises(AttachError):
+            h.detach()
+
+    hook = tiny.model.model.layers[0].register_forward_pre_hook(nested)
+    assert torch.equal(logits(tiny.model), tiny.ref)
+    hook.remove()
+    assert seen == [2] and h.gate.depth == 0
+    h.detach()

@@ -18,7 +18,9 @@ Everything here is undone by :meth:`ModelEntry.remove`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import types
 
 import torch
@@ -51,7 +53,7 @@ class ModelEntry:
 
         def pre(module, args):
             if not torch.compiler.is_compiling():
-                gate.enter_forward()
+                gate.enter_forward(sys._getframe(1))  # (the module call running this forward)
 
         def post(module, args, output):
             try:
@@ -74,8 +76,10 @@ class ModelEntry:
                 try:
                     with gate.session():
                         return original(*args, **kwargs)
-                except BaseException:
-                    gate.close_interrupted()  # a Ctrl-C inside a forward skipped the hook that closes it
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # a Ctrl-C inside a forward skipped the hook that closes it
+                        with contextlib.suppress(Exception):  # (the interrupt, not a refusal it met, goes on)
+                            gate.close_interrupted()
                     raise
 
             self.model.generate = generate

@@ -12,7 +12,9 @@ or to check a backward).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+import types
 
 import torch
 
@@ -45,7 +47,7 @@ class SessionGate:
         self._depth = 0
         self._in_session = False
         self._epoch = 0  # sessions opened so far: what a backward checks it still runs in
-        self._forwards = threading.local()  # per thread: bare forwards whose session is open
+        self._forwards = threading.local()  # per thread: bare forwards whose session is open (``stack``)
         self.on_close: list = []  # called as the outermost session closes, before the movers release
 
     def __deepcopy__(self, memo):
@@ -118,39 +120,59 @@ class SessionGate:
                     raise refused[0]
 
     # ------------------------------------------------------------------ what the model entry calls
-    def enter_forward(self) -> None:
-        """A bare forward of the model: a session of its own; one forward at a time through reused buffers."""
-        self.close_interrupted()  # (the module the hooks are on never runs inside its own forward)
+    def enter_forward(self, frame=None) -> None:
+        """A bare forward of the model (run by ``frame``, the module call that runs the hooks): a session of its
+        own; one forward at a time through reused buffers."""
+        self.close_interrupted()
+        forwards = self._thread_forwards()
         serial = self._reuses_buffers()
         if serial:
             self.lock.acquire()
+        forwards.append(frame)  # (before the session opens: closed with it; held, so its id stays its own)
         try:
             self.open()
         except BaseException:
+            forwards.pop()
             if serial:
                 self.lock.release()
             raise
-        self._forwards.depth = getattr(self._forwards, "depth", 0) + 1
         self.stats["forwards"] += 1
 
     def exit_forward(self) -> None:
         """After a bare forward (also when it, or :meth:`enter_forward`, raised)."""
-        if not getattr(self._forwards, "depth", 0):
+        forwards = self._thread_forwards()
+        if not forwards:
             return  # enter_forward failed: nothing to close
-        self._forwards.depth -= 1
+        forwards.pop()
         try:
             self.close()
         finally:
             if self._reuses_buffers():
                 self.lock.release()
 
+    def _thread_forwards(self) -> list:
+        """This thread's open bare forwards, innermost last: the frame running each (None: not known)."""
+        stack = getattr(self._forwards, "stack", None)
+        if stack is None:
+            stack = self._forwards.stack = []
+        return stack
+
     def close_interrupted(self) -> int:
         """Close the bare forwards this thread left open when interrupted (KeyboardInterrupt, SystemExit: PyTorch
         calls an always-called forward hook on an ``Exception`` only), as that hook would have: the end of the
-        forward, then its session. Called where no forward of the model runs on this thread: before the next
-        forward, session, ``generate`` or ``detach``, and as an interrupt leaves ``generate``. Returns how many."""
+        forward, then its session. A forward whose frame is still on this thread's stack is running (a session
+        opened from inside it): it stays. Called before the thread's next forward, session or ``detach``, and
+        as an interrupt leaves ``generate``. Returns how many were closed."""
+        forwards = getattr(self._forwards, "stack", None)
+        if not forwards:
+            return 0
+        running: set[int] = set()
+        frame: types.FrameType | None = sys._getframe(1)
+        while frame is not None:
+            running.add(id(frame))
+            frame = frame.f_back
         closed = 0
-        while getattr(self._forwards, "depth", 0):
+        while forwards and id(forwards[-1]) not in running:
             with contextlib.suppress(Exception):  # (what the interrupted forward left half done)
                 self.end_forward(None)
             closed += 1

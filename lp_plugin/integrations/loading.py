@@ -17,6 +17,7 @@ import logging
 import os
 
 from ..core.devices import bound_allocator_slack
+from ..core.pinning import give_back_collected
 from ..errors import OffloadSpecError
 from ..planning.config import OffloadConfig
 from ..planning.footprint import checkpoint_dtype, load_format
@@ -86,6 +87,7 @@ def from_pretrained(name_or_path, config: OffloadConfig | None = None, **kwargs)
     # a model dropped without detach is a reference cycle (model, handle, hooks) that only a collection frees:
     # collected now, before the budget reads free memory and before this model takes the place it held
     gc.collect()
+    give_back_collected()  # (the pages such a model had lent to CUDA)
     if base_map == "auto":
         base_map = auto_base_map(
             hf_config, _accelerate_max_memory(config.max_memory), checkpoint_dtype(hf_config, hf_kwargs)

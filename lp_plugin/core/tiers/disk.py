@@ -206,7 +206,7 @@ class DiskTier(Tier):
         fd, st, header = opened.fd, opened.st, None
         try:
             header = layerfile.read_header(fd, st.st_size)
-            why = layerfile.mismatch(header, key, layout, sha256, nbytes)
+            why = layerfile.mismatch(header, key, layout, sha256, nbytes, self.model_tag)
             if why is None:
                 return MappedFile.verify(fd, self.folder.entry_path(name), what, header.start, nbytes, sha256, since=st)
         except Malformed as exc:

@@ -138,7 +138,7 @@ def _without_offsets(layout) -> list | None:
     return [{k: v for k, v in e.items() if k != "offset"} for e in layout]
 
 
-def mismatch(header: Header, key: str, layout: list, sha256: str, nbytes: int) -> str | None:
+def mismatch(header: Header, key: str, layout: list, sha256: str, nbytes: int, model_tag=None) -> str | None:
     """Why the file described by ``header`` is not unit ``key`` with this layout and fingerprint
     (None when it is, as far as its header says; its payload is verified separately)."""
     meta = header.metadata
@@ -152,7 +152,8 @@ def mismatch(header: Header, key: str, layout: list, sha256: str, nbytes: int) -
         return "unreadable (its recorded layout is not valid JSON)"
     wanted = json.loads(json.dumps(layout))  # compared as JSON (tuples read back as lists)
     if recorded != wanted:
-        if _without_offsets(recorded) == _without_offsets(wanted):
+        same_model = model_tag is None or meta.get("model") == str(model_tag)
+        if same_model and _without_offsets(recorded) == _without_offsets(wanted):
             return (
                 f"{REALIGNED} (this layer's weights sit elsewhere in memory than when it was written; the file "
                 "keeps each tensor's alignment, for exact results)"

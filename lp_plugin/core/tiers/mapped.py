@@ -98,7 +98,8 @@ def _open_direct(fd: int) -> int | None:
 def _close_fds(fds: list) -> None:
     for fd in fds:
         if fd is not None:
-            os.close(fd)
+            with contextlib.suppress(OSError):  # (each one, whatever became of another)
+                os.close(fd)
 
 
 class MappedFile:
