@@ -1,5 +1,5 @@
-"""The layer-skipping benchmarks (``skip_fit_domain.py``, ``skip_ridge_domains.py``, ``skip_sublayer_probe.py``)
-refuse bad arguments, and an ``--out`` they could not write, before they load the model."""
+"""The layer-skipping benchmarks (``skip_fit_domain.py``, ``skip_ridge_domains.py``, ``skip_sublayer_probe.py``,
+``skip_e2e_probe.py``) refuse bad arguments, and an ``--out`` they could not write, before they load the model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ CASES = {
                            ["--grid", "a,1"], ["--calib", "pydoc"], ["--out", NO_FOLDER]],
     "skip_sublayer_probe": [["--sets", "15%"], ["--halves", "norm"], ["--halves", "cut"], ["--halves", "cut0"],
                             ["--halves", "xyz12"], ["--out", NO_FOLDER]],
+    "skip_e2e_probe": [["--sets", "15%"], ["--epochs", "0"], ["--lr", "0"], ["--tokens", "100"], ["--threads", "0"],
+                       ["--out", NO_FOLDER]],
 }
 
 
