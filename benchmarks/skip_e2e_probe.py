@@ -7,7 +7,8 @@ the skipped model's, over every position of the calibration windows, with every 
 the stand-ins' ``W`` and ``b`` trained. Every evaluation slice is scored after each epoch. The bundled SmolLM2-135M
 on the CPU, float32.
 
-    python benchmarks/skip_e2e_probe.py --sets 10%,20% --epochs 4 --threads 2 --out benchmarks/results/cpu-skipping-e2e-fit.json
+    python benchmarks/skip_e2e_probe.py --sets 10%,20% --epochs 4 --threads 2 \\
+        --out benchmarks/results/cpu-skipping-e2e-fit.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import tempfile
 import time
 
 import torch
-
 from skip_ridge_domains import SETS, bundled_slices, out_error
 
 
