@@ -352,7 +352,8 @@ def test_bad_model_args_fail_clearly_cli(plan, bad_case):
     proc = plan.get("bad", bad_case)["proc"]
     _, message = BAD_ARGS[bad_case]
     assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]  # once, with no traceback above it
+    assert "Traceback" not in proc.stderr and "LP_PLUGIN_TRACEBACK=1" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_unknown_arg_message_lists_valid_ones(plan):
@@ -380,6 +381,29 @@ for name, args in {[(k, fx.model_args_string(v[0])) for k, v in BAD_ARGS.items()
     for name, (_, message) in BAD_ARGS.items():
         assert name in lines, proc.stdout
         assert message in lines[name] and " True " in lines[name], lines[name]
+
+
+@pytest.mark.parametrize("case", ["lp-error", "lp-error-traceback", "other-error", "python-api"])
+def test_only_lm_evals_command_shortens_lp_plugin_errors(tiny_models, case):
+    """In a process that runs lm_eval's command, an lp_plugin error raised out of the constructor prints its message
+    alone; with LP_PLUGIN_TRACEBACK=1, or any other exception, the traceback stays; a plain Python process (the
+    simple_evaluate path) keeps Python's own handling."""
+    command = "import lm_eval.__main__\n" if case != "python-api" else ""
+    raise_other = "raise KeyError('not ours')\n" if case == "other-error" else ""
+    code = command + f"""
+from lm_eval.api.registry import get_model
+cls = get_model("hf-residual-offload")
+try:
+    cls.create_from_arg_string("pretrained={tiny_models['qwen2']},offload=everything", {{"device": "cpu", "batch_size": 1}})
+finally:
+    {raise_other or "pass"}
+"""
+    proc = _py(code, **({"LP_PLUGIN_TRACEBACK": "1"} if case == "lp-error-traceback" else {}))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    short = "Traceback" not in proc.stderr
+    assert short == (case == "lp-error"), proc.stderr[-3000:]
+    assert "unknown offload policy 'everything'" in proc.stderr, proc.stderr[-3000:]  # the other error's context
+    assert ("KeyError: 'not ours'" in proc.stderr) == (case == "other-error"), proc.stderr[-3000:]
 
 
 def test_lm_evals_own_options_and_a_missing_folder_are_refused_before_loading(tmp_path):

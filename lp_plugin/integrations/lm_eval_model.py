@@ -9,7 +9,8 @@ Every :class:`lp_plugin.OffloadConfig` option is a ``model_arg`` (explicit layer
 ``offload=2;4;6``, because ``,`` separates model_args); ``load_in_4bit=True`` (with the
 ``bnb_4bit_*`` options) loads NF4; everything else is HFLM's own. Overridden: ``__init__`` (our
 options out of the model_args, checked before loading), ``create_from_arg_string``/``create_from_arg_obj``
-(a model_arg that is one of lm_eval's own options is refused), ``_create_model`` (build through lp_plugin),
+(a model_arg that is one of lm_eval's own options is refused; in the ``lm_eval`` command an lp_plugin error ends the
+run with its message alone, see :func:`short_errors_in_cli`), ``_create_model`` (build through lp_plugin),
 ``_model_call`` and ``_model_generate`` (count evaluation tokens and time, not batch-size probing), the request
 methods (one offload session per request type) and ``get_model_info`` (offload details, VRAM and throughput in
 the results JSON under ``config.residual_offload``, and the same as a table at the end of the run).
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import socket
 import sys
 import time
@@ -38,7 +40,7 @@ import lp_plugin
 from ..core import logprobs
 from ..core.devices import check_usable, cuda_runtime, normalize_device, parse_device
 from ..core.report import jsonable, offload_table
-from ..errors import OffloadSpecError
+from ..errors import LPPluginError, OffloadSpecError
 from ..planning.config import OffloadConfig
 from .loading import model_path
 from .quant import nf4_config
@@ -147,6 +149,36 @@ def _positive_int_arg(name: str, value):
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: lm_eval's own options, passed to every model type beside ``--model_args``
 CLI_ARGS = {"batch_size": "--batch_size", "max_batch_size": "--max_batch_size", "device": "--device"}
+TRACEBACK_ENV = "LP_PLUGIN_TRACEBACK"  # set to 1: the lm_eval command shows lp_plugin errors with their traceback
+
+
+def _in_lm_eval_command() -> bool:
+    """Whether this process is the ``lm_eval`` command (its console script, or ``python -m lm_eval``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "lm_eval.__main__" in sys.modules or getattr(spec, "name", None) == "lm_eval.__main__"
+
+
+def short_errors_in_cli() -> None:
+    """In the ``lm_eval`` command, an :class:`~lp_plugin.errors.LPPluginError` that ends the run prints its message
+    (which names the fix) alone, not under lm_eval's traceback of some fifty lines; any other exception, and every
+    error with ``LP_PLUGIN_TRACEBACK=1``, keeps the traceback. Installed once, as the process's ``sys.excepthook``
+    (the process is lm_eval's own); in Python (``simple_evaluate``) nothing changes."""
+    if not _in_lm_eval_command() or getattr(sys.excepthook, "lp_plugin_short_errors", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if isinstance(value, LPPluginError) and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
+            print(
+                f"lm_eval --model {MODEL_NAME}: {kind.__name__}: {value}\n"
+                f"(the traceback: run again with {TRACEBACK_ENV}=1)",
+                file=sys.stderr,
+            )
+        else:
+            previous(kind, value, tb)
+
+    hook.lp_plugin_short_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _check_dtype(value) -> None:
@@ -216,6 +248,7 @@ class ResidualOffloadLM(HFLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        short_errors_in_cli()
         given = {k: v for k, v in (additional_config or {}).items() if v is not None}
         clash = sorted(set(arg_dict) & set(given))
         if clash:
