@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import torch
-from skip_ridge_domains import SETS, bundled_slices, out_error
+from skip_ridge_domains import SETS, bundled_slices, out_error, rises
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     import lp_plugin
     from lp_plugin.planning.skipping import domains
     from lp_plugin.planning.skipping.calib import split_windows, tokenizer_for
-    from lp_plugin.tools.prune.sweep import evaluate
 
     model, prefix, docs, plain = bundled_slices("skip_e2e_probe")
     torch.set_num_threads(args.threads)
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
 
     def score(share, layers, epoch, loss, t0):
         with torch.no_grad():
-            rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+            rise = rises(model, prefix, docs, plain)
         worst = max(rise, key=rise.get)
         rows.append({"share": share, "layers": layers, "epoch": epoch, "train_kl": loss, "rise": rise,
                      "worst": worst, "seconds": time.perf_counter() - t0})

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from skip_ridge_domains import bundled_slices, out_error
+from skip_ridge_domains import bundled_slices, out_error, rises
 
 SETS = ([14, 15, 25], [14, 15, 28], [4, 5, 14, 15, 25, 28], [5, 7, 14, 15, 21, 28])
 
@@ -43,7 +43,6 @@ def main(argv=None) -> int:
     from transformers import AutoConfig
 
     from lp_plugin.tools.bundled import bundled_model_path
-    from lp_plugin.tools.prune.sweep import evaluate
 
     n_layers = AutoConfig.from_pretrained(bundled_model_path()).num_hidden_layers
     if bad := [s for s in sets if not s or any(not 0 <= i < n_layers for i in s)]:
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     rows = []
 
     def score(kind, layers, calib_name, seconds):
-        rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+        rise = rises(model, prefix, docs, plain)
         rows.append({"kind": kind, "layers": layers, "calib": calib_name, "rise": rise, "seconds": seconds})
         print(f"{kind:8s} {str(layers):26s} fit on {calib_name:8s} "
               + "  ".join(f"{n} {r:+.1%}" for n, r in rise.items()), flush=True)

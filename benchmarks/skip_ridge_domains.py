@@ -77,6 +77,13 @@ def bundled_slices(why: str) -> tuple:
     return model, prefix, docs, {name: evaluate(model, prefix, d)["ppl"] for name, d in docs.items()}
 
 
+def rises(model, prefix: int, docs: dict, plain: dict) -> dict:
+    """Each evaluation slice's perplexity under ``model`` over the plain model's, minus 1."""
+    from lp_plugin.tools.prune.sweep import evaluate
+
+    return {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -113,7 +120,6 @@ def main(argv=None) -> int:
     os.environ["LP_PLUGIN_CACHE"] = tempfile.mkdtemp(prefix="lp-ridge-")  # every fit computed here
     import lp_plugin
     from lp_plugin.planning.skipping import metrics, standins
-    from lp_plugin.tools.prune.sweep import evaluate
 
     model, prefix, docs, plain = bundled_slices("skip_ridge_domains")
     print("plain", {k: round(v, 3) for k, v in plain.items()}, flush=True)
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
             metrics.SETTINGS["experiment"] = how  # a cache key of its own
             t0 = time.perf_counter()
             handle = lp_plugin.attach(model, offload="none", skip=layers, stand_in=kind, calib=args.calib)
-            rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+            rise = rises(model, prefix, docs, plain)
             handle.detach()
             worst = max(rise, key=rise.get)
             rows.append(

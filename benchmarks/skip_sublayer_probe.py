@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.nn as nn
-from skip_ridge_domains import bundled_slices, out_error
+from skip_ridge_domains import bundled_slices, out_error, rises
 
 SETS = {"10%": [14, 15, 25], "20%": [4, 5, 14, 15, 25, 28]}
 
@@ -115,7 +115,6 @@ def main(argv=None) -> int:
     from lp_plugin.planning.skipping import standins
     from lp_plugin.planning.skipping.calib import calibration
     from lp_plugin.planning.skipping.spec import StandInSpec
-    from lp_plugin.tools.prune.sweep import evaluate
 
     model, prefix, docs, plain = bundled_slices("skip_sublayer_probe")
     windows = calibration(model, "mix").windows
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
                     inputs = [n for n, _ in _collect(model, windows, prefix, layer.mlp)]
                     saved.append((layer, "mlp", layer.mlp))
                     layer.mlp = cut_mlp(layer.mlp, inputs, int(half[3:]))
-            rise = {name: evaluate(model, prefix, d)["ppl"] / plain[name] - 1 for name, d in docs.items()}
+            rise = rises(model, prefix, docs, plain)
             for layer, name, original in reversed(saved):
                 setattr(layer, name, original)
             worst = max(rise, key=rise.get)
